@@ -1,0 +1,448 @@
+//! A pipeline: every policy in one declaration, applied in the documented
+//! order, outermost first:
+//!
+//! fallback → deadline → retry (+budget) → circuit breaker → adaptive
+//! throttle → rate limit → bulkhead → per-attempt timeout → the call.
+//!
+//! Errors stay flat (`Error<E>`, never `Error<Error<E>>`), and a call on the
+//! happy path allocates nothing.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tidegate_resilience::{breaker::CircuitBreaker, retry::Retry, Pipeline};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let pipeline = Pipeline::builder()
+//!     .deadline(Duration::from_secs(5))
+//!     .retry(Retry::default())
+//!     .circuit_breaker(CircuitBreaker::default())
+//!     .timeout(Duration::from_secs(1))
+//!     .fallback_when(|e| e.is_circuit_open(), |_| async { Ok("fallback".to_string()) })
+//!     .build();
+//!
+//! let answer = pipeline
+//!     .call(|attempt| async move {
+//!         assert!(attempt.remaining().unwrap() <= Duration::from_secs(5));
+//!         if attempt.number() == 1 { Err("connection reset") } else { Ok("fresh".to_string()) }
+//!     })
+//!     .await;
+//! assert_eq!(answer.unwrap(), "fresh");
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{timeout_at, Instant};
+
+use crate::breaker::{CircuitBreaker, Outcome};
+use crate::bulkhead::Bulkhead;
+use crate::config::{ConfigError, PolicyConfig};
+use crate::ratelimit::RateLimiter;
+use crate::retry::{Attempt, Next, Retry, RetryAction, RetryTransient, ShouldRetry};
+use crate::throttle::AdaptiveThrottle;
+use crate::{BoxFuture, Error};
+
+type ClassifyFn<T, E> = Box<dyn Fn(&Result<T, E>) -> Outcome + Send + Sync>;
+type RetryFn<T, E> = Box<dyn Fn(&Result<T, Error<E>>) -> RetryAction + Send + Sync>;
+type WhenFn<E> = Box<dyn Fn(&Error<E>) -> bool + Send + Sync>;
+type HandlerFn<T, E> = Box<dyn Fn(Error<E>) -> BoxFuture<Result<T, Error<E>>> + Send + Sync>;
+
+struct Policies<T, E> {
+    deadline: Option<Duration>,
+    retry: Option<Retry>,
+    breaker: Option<CircuitBreaker>,
+    throttle: Option<Arc<AdaptiveThrottle>>,
+    limiter: Option<Arc<RateLimiter>>,
+    bulkhead: Option<Bulkhead>,
+    timeout: Option<Duration>,
+    classify: Option<ClassifyFn<T, E>>,
+    retry_on: Option<RetryFn<T, E>>,
+    fallback: Option<(WhenFn<E>, HandlerFn<T, E>)>,
+}
+
+/// Policies composed in the documented order; clones share their state.
+pub struct Pipeline<T, E> {
+    policies: Arc<Policies<T, E>>,
+}
+
+impl<T, E> Clone for Pipeline<T, E> {
+    fn clone(&self) -> Self {
+        Pipeline {
+            policies: self.policies.clone(),
+        }
+    }
+}
+
+impl<T, E> fmt::Debug for Pipeline<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &*self.policies;
+        f.debug_struct("Pipeline")
+            .field("deadline", &p.deadline)
+            .field("retry", &p.retry)
+            .field("breaker", &p.breaker)
+            .field("throttle", &p.throttle.is_some())
+            .field("limiter", &p.limiter.is_some())
+            .field("bulkhead", &p.bulkhead)
+            .field("timeout", &p.timeout)
+            .field("fallback", &p.fallback.is_some())
+            .finish()
+    }
+}
+
+/// Builds a [`Pipeline`]; every policy is optional.
+#[must_use = "call build() to get the pipeline"]
+pub struct PipelineBuilder<T, E> {
+    policies: Policies<T, E>,
+}
+
+impl<T, E> fmt::Debug for PipelineBuilder<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PipelineBuilder").finish_non_exhaustive()
+    }
+}
+
+impl<T, E> Default for PipelineBuilder<T, E> {
+    fn default() -> Self {
+        PipelineBuilder {
+            policies: Policies {
+                deadline: None,
+                retry: None,
+                breaker: None,
+                throttle: None,
+                limiter: None,
+                bulkhead: None,
+                timeout: None,
+                classify: None,
+                retry_on: None,
+                fallback: None,
+            },
+        }
+    }
+}
+
+impl<T, E> PipelineBuilder<T, E> {
+    /// The whole call, retries included, must end within `deadline`.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.policies.deadline = Some(deadline);
+        self
+    }
+
+    /// Retries with this policy (and its budget).
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.policies.retry = Some(retry);
+        self
+    }
+
+    /// Guards every attempt with this breaker.
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.policies.breaker = Some(breaker);
+        self
+    }
+
+    /// Throttles attempts adaptively.
+    pub fn adaptive_throttle(mut self, throttle: Arc<AdaptiveThrottle>) -> Self {
+        self.policies.throttle = Some(throttle);
+        self
+    }
+
+    /// Rate-limits attempts.
+    pub fn rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.policies.limiter = Some(limiter);
+        self
+    }
+
+    /// Runs attempts in this bulkhead.
+    pub fn bulkhead(mut self, bulkhead: Bulkhead) -> Self {
+        self.policies.bulkhead = Some(bulkhead);
+        self
+    }
+
+    /// Cuts off each attempt after `timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.policies.timeout = Some(timeout);
+        self
+    }
+
+    /// How results count for the breaker and throttle (default: `Err` fails).
+    /// Timeouts always count as failures.
+    pub fn classify(
+        mut self,
+        classify: impl Fn(&Result<T, E>) -> Outcome + Send + Sync + 'static,
+    ) -> Self {
+        self.policies.classify = Some(Box::new(classify));
+        self
+    }
+
+    /// Which results are retried (default [`RetryTransient`]: errors and
+    /// attempt timeouts, never local rejections nor a passed deadline).
+    pub fn retry_on(
+        mut self,
+        retry_on: impl Fn(&Result<T, Error<E>>) -> RetryAction + Send + Sync + 'static,
+    ) -> Self {
+        self.policies.retry_on = Some(Box::new(retry_on));
+        self
+    }
+
+    /// Answers errors for which `when` holds with `handler`, outside everything else.
+    pub fn fallback_when<W, H, Fut>(mut self, when: W, handler: H) -> Self
+    where
+        W: Fn(&Error<E>) -> bool + Send + Sync + 'static,
+        H: Fn(Error<E>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, Error<E>>> + Send + 'static,
+    {
+        self.policies.fallback = Some((
+            Box::new(when),
+            Box::new(move |err| Box::pin(handler(err)) as BoxFuture<_>),
+        ));
+        self
+    }
+
+    /// The pipeline.
+    pub fn build(self) -> Pipeline<T, E> {
+        Pipeline {
+            policies: Arc::new(self.policies),
+        }
+    }
+}
+
+impl<T, E> Pipeline<T, E> {
+    /// An empty builder.
+    pub fn builder() -> PipelineBuilder<T, E> {
+        PipelineBuilder::default()
+    }
+
+    /// A builder with the policies of `config` (validated first): timeout,
+    /// deadline, retry, breaker and bulkhead, plus adaptive throttling and a
+    /// rate limit when configured.
+    pub fn from_config(config: &PolicyConfig) -> Result<PipelineBuilder<T, E>, ConfigError> {
+        config.validate()?;
+        let mut builder = Pipeline::builder()
+            .retry(Retry::new(config.retry))
+            .circuit_breaker(CircuitBreaker::new(config.circuit_breaker))
+            .bulkhead(Bulkhead::new(config.bulkhead));
+        if let Some(deadline) = config.deadline {
+            builder = builder.deadline(deadline);
+        }
+        if let Some(timeout) = config.timeout {
+            builder = builder.timeout(timeout);
+        }
+        if let Some(throttle) = config.adaptive_throttle {
+            builder = builder.adaptive_throttle(Arc::new(AdaptiveThrottle::new(throttle)));
+        }
+        if let Some(limit) = config.rate_limit {
+            builder = builder.rate_limiter(Arc::new(RateLimiter::new(limit)));
+        }
+        Ok(builder)
+    }
+
+    /// The breaker, for its state and events.
+    pub fn circuit_breaker(&self) -> Option<&CircuitBreaker> {
+        self.policies.breaker.as_ref()
+    }
+
+    /// The bulkhead, for its use.
+    pub fn bulkhead(&self) -> Option<&Bulkhead> {
+        self.policies.bulkhead.as_ref()
+    }
+
+    /// The retry policy, for its budget.
+    pub fn retry(&self) -> Option<&Retry> {
+        self.policies.retry.as_ref()
+    }
+
+    /// The rate limiter.
+    pub fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.policies.limiter.as_deref()
+    }
+
+    /// The adaptive throttle.
+    pub fn adaptive_throttle(&self) -> Option<&AdaptiveThrottle> {
+        self.policies.throttle.as_deref()
+    }
+
+    /// Runs `op` through every policy. `op` is called once per attempt and
+    /// learns the attempt number and the remaining deadline from [`Attempt`].
+    pub async fn call<F, Fut>(&self, op: F) -> Result<T, Error<E>>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let result = self.run(op).await;
+        match (&self.policies.fallback, result) {
+            (Some((when, handler)), Err(err)) if when(&err) => handler(err).await,
+            (_, result) => result,
+        }
+    }
+
+    async fn run<F, Fut>(&self, mut op: F) -> Result<T, Error<E>>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let p = &*self.policies;
+        let deadline = p.deadline.map(|d| Instant::now() + d);
+        let Some(retry) = &p.retry else {
+            return self
+                .attempt(&mut op, Attempt::new(1, 1, deadline), deadline)
+                .await;
+        };
+        let mut schedule = retry.start();
+        loop {
+            let result = self
+                .attempt(&mut op, schedule.attempt(deadline), deadline)
+                .await;
+            let action = match &p.retry_on {
+                Some(retry_on) => retry_on(&result),
+                None => RetryTransient.should_retry(&result),
+            };
+            match schedule.next(action, deadline) {
+                Next::After(delay) => tokio::time::sleep(delay).await,
+                Next::Stop { exhausted } => return schedule.finish(result, exhausted),
+            }
+        }
+    }
+
+    async fn attempt<F, Fut>(
+        &self,
+        op: &mut F,
+        attempt: Attempt,
+        deadline: Option<Instant>,
+    ) -> Result<T, Error<E>>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let p = &*self.policies;
+        let passed = || Error::deadline_exceeded(p.deadline.unwrap_or_default());
+        let breaker = p.breaker.as_ref().map(|b| b.try_acquire()).transpose()?;
+        let throttle = p.throttle.as_ref().map(|t| t.try_acquire()).transpose()?;
+        if let Some(limiter) = &p.limiter {
+            limiter.try_acquire()?;
+        }
+        let _slot = match (&p.bulkhead, deadline) {
+            (None, _) => None,
+            (Some(b), None) => Some(b.acquire().await?),
+            (Some(b), Some(at)) => Some(timeout_at(at, b.acquire()).await.map_err(|_| passed())??),
+        };
+
+        let now = Instant::now();
+        let attempt_end = p.timeout.map(|t| now + t);
+        let cut = match (attempt_end, deadline) {
+            (Some(a), Some(d)) => Some((a.min(d), d <= a)),
+            (Some(a), None) => Some((a, false)),
+            (None, Some(d)) => Some((d, true)),
+            (None, None) => None,
+        };
+        let timed: Result<Result<T, E>, Error<E>> = match cut {
+            None => Ok(op(attempt).await),
+            Some((at, is_deadline)) => match timeout_at(at, op(attempt)).await {
+                Ok(result) => Ok(result),
+                Err(_) if is_deadline => Err(passed()),
+                Err(_) => Err(Error::timeout(p.timeout.unwrap_or_default())),
+            },
+        };
+        let outcome = match (&timed, &p.classify) {
+            (Err(_), _) => Outcome::Failure,
+            (Ok(result), Some(classify)) => classify(result),
+            (Ok(Ok(_)), None) => Outcome::Success,
+            (Ok(Err(_)), None) => Outcome::Failure,
+        };
+        if let Some(permit) = breaker {
+            permit.record(outcome);
+        }
+        if let Some(permit) = throttle {
+            permit.record(outcome);
+        }
+        timed.and_then(|result| result.map_err(Error::inner_error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::{CircuitState, Config as BreakerConfig};
+    use crate::retry::{Config as RetryConfig, Jitter};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn retry() -> Retry {
+        Retry::new(RetryConfig {
+            jitter: Jitter::None,
+            ..RetryConfig::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempt_timeouts_are_retried_and_count_against_the_breaker() {
+        let breaker = CircuitBreaker::new(BreakerConfig {
+            consecutive_failures: 3,
+            ..BreakerConfig::default()
+        });
+        let pipeline: Pipeline<(), ()> = Pipeline::builder()
+            .retry(retry())
+            .circuit_breaker(breaker.clone())
+            .timeout(Duration::from_millis(50))
+            .build();
+        let err = pipeline
+            .call(|_| std::future::pending::<Result<(), ()>>())
+            .await
+            .unwrap_err();
+        assert_eq!(err.attempts(), Some(3));
+        assert!(err.last_error().unwrap().is_timeout());
+        assert_eq!(breaker.state(), CircuitState::Open);
+        let rejected = pipeline.call(|_| async { Ok(()) }).await.unwrap_err();
+        assert!(rejected.is_circuit_open(), "open breaker is not retried");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_bounds_retries_and_attempts() {
+        let pipeline: Pipeline<(), &str> = Pipeline::builder()
+            .deadline(Duration::from_millis(250))
+            .retry(retry())
+            .timeout(Duration::from_secs(10))
+            .build();
+        let calls = AtomicU32::new(0);
+        let start = Instant::now();
+        let err = pipeline
+            .call(|a| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if a.number() == 1 {
+                        Err("reset")
+                    } else {
+                        std::future::pending().await
+                    }
+                }
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.is_deadline_exceeded(),
+            "a passed deadline is not retried: {err:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(250));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn from_config_builds_every_configured_policy() {
+        let config = PolicyConfig::default();
+        let pipeline: Pipeline<u8, ()> = Pipeline::from_config(&config).unwrap().build();
+        assert!(pipeline.circuit_breaker().is_some());
+        assert!(pipeline.bulkhead().is_some());
+        assert!(pipeline.retry().is_some());
+        assert!(pipeline.rate_limiter().is_none());
+        assert_eq!(pipeline.call(|_| async { Ok(7) }).await.unwrap(), 7);
+
+        let bad = PolicyConfig {
+            timeout: Some(Duration::ZERO),
+            ..PolicyConfig::default()
+        };
+        assert_eq!(
+            Pipeline::<u8, ()>::from_config(&bad).unwrap_err().field(),
+            "timeout"
+        );
+    }
+}

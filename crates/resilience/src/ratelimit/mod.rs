@@ -1,0 +1,300 @@
+//! Rate limiters: fixed window, sliding window (weighted counter), sliding
+//! log (exact), token bucket and GCRA; single or keyed with bounded memory.
+//!
+//! Every decision reports the limit, what remains, when the quota is whole
+//! again and, when denied, how long to wait: what `X-RateLimit-*` and
+//! `Retry-After` headers need. The quota can change at runtime; the counts
+//! are kept.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tidegate_resilience::ratelimit::{Algorithm, Limit, Quota, RateLimiter};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let limiter = RateLimiter::new(Limit::new(Algorithm::Gcra, Quota::per_second(2)));
+//! assert!(limiter.check().allowed);
+//! assert!(limiter.check().allowed);
+//! let denied = limiter.check();
+//! assert!(!denied.allowed);
+//! assert_eq!(denied.retry_after, Some(Duration::from_millis(500)));
+//!
+//! limiter.set_quota(Quota::per_second(4));
+//! assert!(limiter.check().allowed, "a larger quota applies at once");
+//! # }
+//! ```
+
+mod algorithm;
+mod keyed;
+mod layer;
+mod store;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use self::algorithm::LimiterState;
+pub use self::keyed::{KeyedConfig, KeyedRateLimiter, LocalStore};
+pub use self::layer::{
+    KeyedRateLimitLayer, KeyedRateLimitService, RateLimitLayer, RateLimitService, ResponseFuture,
+};
+pub use self::store::{Store, StoreError};
+use crate::config::{check, ConfigError};
+use crate::Error;
+
+/// Which algorithm a limiter runs.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Algorithm {
+    /// `limit` per aligned window of `period`; cheap, bursty at edges.
+    FixedWindow,
+    /// Weighted count of this and the previous window (Cloudflare style).
+    #[default]
+    SlidingWindow,
+    /// Exact: remembers every admission of the last period.
+    SlidingLog,
+    /// A bucket of `burst` tokens refilled at `limit / period`.
+    TokenBucket,
+    /// GCRA: the token bucket as one timestamp (as `governor`, and Redis-friendly).
+    Gcra,
+}
+
+impl Algorithm {
+    /// Every algorithm.
+    pub const ALL: [Algorithm; 5] = [
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+        Algorithm::SlidingLog,
+        Algorithm::TokenBucket,
+        Algorithm::Gcra,
+    ];
+
+    /// The config name: `fixed_window`, `sliding_window`, `sliding_log`, `token_bucket`, `gcra`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::FixedWindow => "fixed_window",
+            Algorithm::SlidingWindow => "sliding_window",
+            Algorithm::SlidingLog => "sliding_log",
+            Algorithm::TokenBucket => "token_bucket",
+            Algorithm::Gcra => "gcra",
+        }
+    }
+}
+
+/// `limit` requests per `period`, with bursts up to `burst` for the bucket algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    /// Requests per period.
+    pub limit: u32,
+    /// The period.
+    pub period: Duration,
+    /// Largest burst (token bucket, GCRA); `None` means `limit`.
+    pub burst: Option<u32>,
+}
+
+impl Quota {
+    /// `limit` per `period`.
+    pub fn new(limit: u32, period: Duration) -> Self {
+        Quota {
+            limit,
+            period,
+            burst: None,
+        }
+    }
+
+    /// `limit` per second.
+    pub fn per_second(limit: u32) -> Self {
+        Quota::new(limit, Duration::from_secs(1))
+    }
+
+    /// `limit` per minute.
+    pub fn per_minute(limit: u32) -> Self {
+        Quota::new(limit, Duration::from_secs(60))
+    }
+
+    /// `limit` per hour.
+    pub fn per_hour(limit: u32) -> Self {
+        Quota::new(limit, Duration::from_secs(3600))
+    }
+
+    /// Allows bursts of `burst` (token bucket and GCRA).
+    pub fn with_burst(mut self, burst: u32) -> Self {
+        self.burst = Some(burst);
+        self
+    }
+
+    /// The largest burst.
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.limit).max(1)
+    }
+
+    pub(crate) fn period_nanos(&self) -> u64 {
+        u64::try_from(self.period.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Nanoseconds between requests at the steady rate.
+    pub(crate) fn emission_interval_nanos(&self) -> u64 {
+        (self.period_nanos() / u64::from(self.limit.max(1))).max(1)
+    }
+
+    /// Checks the quota; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(self.limit >= 1, "limit", "must be at least 1")?;
+        check(!self.period.is_zero(), "per", "must be greater than 0")?;
+        check(self.burst != Some(0), "burst", "must be at least 1")
+    }
+}
+
+/// An algorithm and its quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(try_from = "crate::config::RawLimit"))]
+pub struct Limit {
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// The quota.
+    pub quota: Quota,
+}
+
+impl Limit {
+    /// `quota` enforced by `algorithm`.
+    pub fn new(algorithm: Algorithm, quota: Quota) -> Self {
+        Limit { algorithm, quota }
+    }
+}
+
+/// One limiter decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request is admitted (and counted).
+    pub allowed: bool,
+    /// The quota's limit (`X-RateLimit-Limit`).
+    pub limit: u32,
+    /// Requests left now (`X-RateLimit-Remaining`).
+    pub remaining: u32,
+    /// Time until the whole quota is available again (`X-RateLimit-Reset`).
+    pub reset: Duration,
+    /// When denied: time until a request of this cost would be admitted
+    /// (`Retry-After`); `None` if it never can (cost above capacity).
+    pub retry_after: Option<Duration>,
+}
+
+/// A rate limiter refused the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    decision: Decision,
+}
+
+impl RateLimited {
+    /// A refusal carrying its decision.
+    pub fn new(decision: Decision) -> Self {
+        RateLimited { decision }
+    }
+
+    /// The decision, for headers.
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    /// Time until a retry could be admitted.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.decision.retry_after
+    }
+}
+
+impl fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("rate limit exceeded")
+    }
+}
+
+impl std::error::Error for RateLimited {}
+
+impl Decision {
+    /// `Ok(self)` if allowed, else the [`RateLimited`] error.
+    pub fn into_result(self) -> Result<Decision, RateLimited> {
+        if self.allowed {
+            Ok(self)
+        } else {
+            Err(RateLimited::new(self))
+        }
+    }
+}
+
+/// Nanoseconds since `origin`: the time base of limiter state.
+pub(crate) fn nanos_since(origin: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[derive(Debug)]
+struct Cell {
+    limit: Limit,
+    state: LimiterState,
+}
+
+/// One limiter shared by every caller (see [`KeyedRateLimiter`] for one per key).
+#[derive(Debug)]
+pub struct RateLimiter {
+    origin: Instant,
+    cell: Mutex<Cell>,
+}
+
+impl RateLimiter {
+    /// A limiter with its whole quota available.
+    pub fn new(limit: Limit) -> Self {
+        RateLimiter {
+            origin: Instant::now(),
+            cell: Mutex::new(Cell {
+                state: LimiterState::new(limit.algorithm, &limit.quota, 0),
+                limit,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cell> {
+        self.cell.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides on one request and counts it if admitted.
+    pub fn check(&self) -> Decision {
+        self.check_n(1)
+    }
+
+    /// Decides on a request of `cost` units.
+    pub fn check_n(&self, cost: u32) -> Decision {
+        let now = nanos_since(self.origin, Instant::now());
+        let cell = &mut *self.lock();
+        cell.state.check(&cell.limit.quota, now, cost)
+    }
+
+    /// The decision as a result: `Err` when denied.
+    pub fn try_acquire(&self) -> Result<Decision, RateLimited> {
+        self.check().into_result()
+    }
+
+    /// Runs `f` if the limiter admits it.
+    pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, Error<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.try_acquire()?;
+        f().await.map_err(Error::inner_error)
+    }
+
+    /// The limit in force.
+    pub fn limit(&self) -> Limit {
+        self.lock().limit
+    }
+
+    /// Changes the quota; what was counted so far stays counted.
+    pub fn set_quota(&self, quota: Quota) {
+        self.lock().limit.quota = quota;
+    }
+}
