@@ -1,0 +1,222 @@
+//! Property tests: the breaker against a reference model, backoff and jitter
+//! bounds, and every limiter against its quota.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tidegate_resilience::breaker::{CircuitBreaker, CircuitState, Config, Outcome};
+use tidegate_resilience::ratelimit::{Algorithm, LimiterState, Quota};
+use tidegate_resilience::retry::{Backoff, BackoffKind, Jitter};
+
+/// The breaker as the DESIGN.md text says it, written as plainly as possible.
+#[derive(Debug)]
+enum Model {
+    Closed { window: VecDeque<bool>, consecutive: u32 },
+    Open { until: u64 },
+    HalfOpen { successes: u32 },
+}
+
+fn closed() -> Model {
+    Model::Closed {
+        window: VecDeque::new(),
+        consecutive: 0,
+    }
+}
+
+impl Model {
+    fn state(&self) -> CircuitState {
+        match self {
+            Model::Closed { .. } => CircuitState::Closed,
+            Model::Open { .. } => CircuitState::Open,
+            Model::HalfOpen { .. } => CircuitState::HalfOpen,
+        }
+    }
+
+    /// One call at `now` (ms); returns whether it was admitted.
+    fn call(&mut self, cfg: &Config, now: u64, outcome: Outcome) -> bool {
+        let open_ms = cfg.open_duration.as_millis() as u64;
+        if let Model::Open { until } = self {
+            if now < *until {
+                return false;
+            }
+            *self = Model::HalfOpen { successes: 0 };
+        }
+        match self {
+            Model::Open { .. } => unreachable!(),
+            Model::HalfOpen { successes } => match outcome {
+                Outcome::Ignore => {}
+                Outcome::Failure => *self = Model::Open { until: now + open_ms },
+                Outcome::Success => {
+                    *successes += 1;
+                    if *successes >= cfg.half_open_probes {
+                        *self = closed();
+                    }
+                }
+            },
+            Model::Closed {
+                window,
+                consecutive,
+            } => {
+                let failed = match outcome {
+                    Outcome::Ignore => return true,
+                    Outcome::Success => false,
+                    Outcome::Failure => true,
+                };
+                *consecutive = if failed { *consecutive + 1 } else { 0 };
+                window.push_back(failed);
+                if window.len() > cfg.window_size as usize {
+                    window.pop_front();
+                }
+                let failures = window.iter().filter(|f| **f).count() as f64;
+                let calls = window.len() as f64;
+                let trip = (cfg.consecutive_failures > 0
+                    && *consecutive >= cfg.consecutive_failures)
+                    || (window.len() >= cfg.minimum_calls as usize
+                        && failures > 0.0
+                        && failures / calls >= cfg.failure_rate);
+                if trip {
+                    *self = Model::Open { until: now + open_ms };
+                }
+            }
+        }
+        true
+    }
+}
+
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        6 => Just(Outcome::Success),
+        3 => Just(Outcome::Failure),
+        1 => Just(Outcome::Ignore),
+    ]
+}
+
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn breaker_matches_the_model(
+        consecutive in 0u32..6,
+        minimum_calls in 1u32..8,
+        window_size in 8u32..16,
+        failure_rate in 0.2f64..1.0,
+        probes in 1u32..4,
+        calls in prop::collection::vec((outcome(), 0u64..400), 1..300),
+    ) {
+        let cfg = Config {
+            consecutive_failures: consecutive,
+            minimum_calls,
+            window_size,
+            failure_rate,
+            half_open_probes: probes,
+            open_duration: Duration::from_millis(1000),
+            ..Config::default()
+        };
+        paused_runtime().block_on(async {
+            let breaker = CircuitBreaker::new(cfg);
+            let mut model = closed();
+            let mut now = 0;
+            for (i, (outcome, wait)) in calls.into_iter().enumerate() {
+                tokio::time::advance(Duration::from_millis(wait)).await;
+                now += wait;
+                let expected = model.call(&cfg, now, outcome);
+                match breaker.try_acquire() {
+                    Ok(permit) => {
+                        prop_assert!(expected, "call {i}: admitted, model rejects");
+                        permit.record(outcome);
+                    }
+                    Err(_) => prop_assert!(!expected, "call {i}: rejected, model admits"),
+                }
+                prop_assert_eq!(breaker.state(), model.state(), "after call {}", i);
+            }
+            Ok(())
+        })?;
+    }
+
+    #[test]
+    fn backoff_stays_within_bounds(
+        kind in prop_oneof![Just(BackoffKind::Constant), Just(BackoffKind::Exponential)],
+        jitter in prop_oneof![Just(Jitter::None), Just(Jitter::Full), Just(Jitter::Equal), Just(Jitter::Decorrelated)],
+        base_ms in 1u64..2_000,
+        max_ms in 1u64..60_000,
+        multiplier in 1.0f64..10.0,
+        retry in 1u32..200,
+        previous_ms in 0u64..120_000,
+        unit in 0.0f64..1.0,
+    ) {
+        let backoff = Backoff {
+            kind,
+            base: Duration::from_millis(base_ms),
+            multiplier,
+            max: Duration::from_millis(max_ms),
+            jitter,
+        };
+        let delay = backoff.delay(retry, Duration::from_millis(previous_ms), unit);
+        prop_assert!(delay <= backoff.max, "{delay:?} > max");
+        let raw = Backoff { jitter: Jitter::None, ..backoff }.delay(retry, Duration::ZERO, 0.0);
+        let base = backoff.base.min(backoff.max);
+        let tolerance = Duration::from_micros(1);
+        match jitter {
+            Jitter::None => prop_assert_eq!(delay, raw),
+            Jitter::Full => prop_assert!(delay <= raw + tolerance),
+            Jitter::Equal => prop_assert!(delay + tolerance >= raw / 2 && delay <= raw + tolerance),
+            Jitter::Decorrelated => prop_assert!(delay + tolerance >= base),
+        }
+    }
+
+    #[test]
+    fn no_limiter_admits_more_than_its_quota(
+        limit in prop_oneof![Just(1u32), Just(2), Just(4), Just(5), Just(10), Just(20), Just(50)],
+        burst in prop::option::of(1u32..20),
+        requests in prop::collection::vec((0u64..300_000_000, 1u32..4), 1..400),
+    ) {
+        let period: u64 = 1_000_000_000;
+        let quota = Quota { limit, period: Duration::from_nanos(period), burst };
+        for algorithm in Algorithm::ALL {
+            let mut state = LimiterState::new(algorithm, &quota, 0);
+            let mut now = 0u64;
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            for &(wait, cost) in &requests {
+                now += wait;
+                let decision = state.check(&quota, now, cost);
+                prop_assert!(decision.remaining <= limit.max(quota.burst()));
+                if decision.allowed {
+                    admitted.push((now, u64::from(cost)));
+                } else if let Some(after) = decision.retry_after {
+                    prop_assert!(after > Duration::ZERO, "{algorithm:?}: denied with retry_after 0");
+                }
+            }
+            let sum = |from: u64, to: u64| -> u64 {
+                admitted.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, c)| c).sum()
+            };
+            for &(start, _) in &admitted {
+                match algorithm {
+                    Algorithm::FixedWindow | Algorithm::SlidingWindow => {
+                        let window = start / period * period;
+                        prop_assert!(sum(window, window + period) <= u64::from(limit), "{algorithm:?} aligned window at {window}");
+                    }
+                    Algorithm::SlidingLog => {
+                        prop_assert!(sum(start, start + period) <= u64::from(limit), "{algorithm:?} window from {start}");
+                    }
+                    Algorithm::TokenBucket | Algorithm::Gcra => {
+                        for &(end, _) in admitted.iter().filter(|(t, _)| *t >= start) {
+                            let span = end - start;
+                            let cap = u64::from(quota.burst()) + span * u64::from(limit) / period;
+                            prop_assert!(sum(start, end + 1) <= cap, "{algorithm:?} from {start} to {end}");
+                        }
+                    }
+                    _ => unreachable!(),
+                }
+            }
+        }
+    }
+}
