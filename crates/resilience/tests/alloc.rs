@@ -68,5 +68,9 @@ fn full_pipeline_happy_path_does_not_allocate() {
         }
         COUNTING.store(false, Ordering::SeqCst);
     });
-    assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), 0, "allocations on the happy path");
+    assert_eq!(
+        ALLOCATIONS.load(Ordering::SeqCst),
+        0,
+        "allocations on the happy path"
+    );
 }

@@ -57,7 +57,11 @@ fn exactly_n_probes_among_64_threads_and_drops_give_them_back() {
         })
         .collect();
     let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    assert_eq!(total, rounds * PROBES as usize, "exactly {PROBES} probes per round");
+    assert_eq!(
+        total,
+        rounds * PROBES as usize,
+        "exactly {PROBES} probes per round"
+    );
     assert_eq!(admitted.load(Ordering::SeqCst), total);
     assert_eq!(breaker.state(), CircuitState::HalfOpen);
 }
@@ -74,7 +78,8 @@ async fn cancelled_tasks_never_leak_probes_or_slots() {
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(CALLERS);
         let tasks: Vec<_> = (0..CALLERS)
             .map(|_| {
-                let (breaker, bulkhead, ready) = (breaker.clone(), bulkhead.clone(), ready_tx.clone());
+                let (breaker, bulkhead, ready) =
+                    (breaker.clone(), bulkhead.clone(), ready_tx.clone());
                 tokio::spawn(async move {
                     let probe = breaker.try_acquire().ok();
                     let _ = ready.send(()).await;
@@ -95,7 +100,9 @@ async fn cancelled_tasks_never_leak_probes_or_slots() {
         }
         assert_eq!(bulkhead.in_flight(), 0, "slots leaked");
         assert_eq!(bulkhead.queued(), 0, "queue places leaked");
-        let probes: Vec<_> = std::iter::from_fn(|| breaker.try_acquire().ok()).take(10).collect();
+        let probes: Vec<_> = std::iter::from_fn(|| breaker.try_acquire().ok())
+            .take(10)
+            .collect();
         assert_eq!(probes.len(), PROBES as usize, "probe slots leaked");
     }
 }

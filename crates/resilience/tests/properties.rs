@@ -12,9 +12,16 @@ use tidegate_resilience::retry::{Backoff, BackoffKind, Jitter};
 /// The breaker as the DESIGN.md text says it, written as plainly as possible.
 #[derive(Debug)]
 enum Model {
-    Closed { window: VecDeque<bool>, consecutive: u32 },
-    Open { until: u64 },
-    HalfOpen { successes: u32 },
+    Closed {
+        window: VecDeque<bool>,
+        consecutive: u32,
+    },
+    Open {
+        until: u64,
+    },
+    HalfOpen {
+        successes: u32,
+    },
 }
 
 fn closed() -> Model {
@@ -46,7 +53,11 @@ impl Model {
             Model::Open { .. } => unreachable!(),
             Model::HalfOpen { successes } => match outcome {
                 Outcome::Ignore => {}
-                Outcome::Failure => *self = Model::Open { until: now + open_ms },
+                Outcome::Failure => {
+                    *self = Model::Open {
+                        until: now + open_ms,
+                    }
+                }
                 Outcome::Success => {
                     *successes += 1;
                     if *successes >= cfg.half_open_probes {
@@ -76,7 +87,9 @@ impl Model {
                         && failures > 0.0
                         && failures / calls >= cfg.failure_rate);
                 if trip {
-                    *self = Model::Open { until: now + open_ms };
+                    *self = Model::Open {
+                        until: now + open_ms,
+                    };
                 }
             }
         }

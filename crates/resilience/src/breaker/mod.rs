@@ -401,7 +401,12 @@ impl CircuitBreaker {
     /// Asks to make one call. On success, record the outcome on the permit;
     /// dropping it unrecorded gives back a half-open probe slot.
     pub fn try_acquire(&self) -> Result<Permit<'_>, CircuitOpen> {
-        let now = Instant::now();
+        self.try_acquire_at(Instant::now())
+    }
+
+    /// As [`try_acquire`](Self::try_acquire), at a `now` the caller already read
+    /// (one clock read can serve every policy of a request).
+    pub fn try_acquire_at(&self, now: Instant) -> Result<Permit<'_>, CircuitOpen> {
         let gate = self.shared.gate.load(Ordering::Acquire);
         let ticket = match gate & 3 {
             CLOSED | DISABLED => Ticket {
@@ -549,12 +554,22 @@ impl Permit<'_> {
     }
 
     /// Records how the call went; its duration is measured from acquiring.
-    pub fn record(mut self, outcome: Outcome) {
+    pub fn record(self, outcome: Outcome) {
+        // Nothing is counted when disabled, so no clock is read.
+        let now = if self.disabled {
+            self.start
+        } else {
+            Instant::now()
+        };
+        self.record_at(outcome, now);
+    }
+
+    /// As [`record`](Self::record), with the call's end time already read.
+    pub fn record_at(mut self, outcome: Outcome, now: Instant) {
         self.recorded = true;
         if self.disabled {
             return;
         }
-        let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
         let mut machine = self.breaker.lock();
         let change = machine.record(self.ticket, outcome, elapsed, now);

@@ -49,7 +49,10 @@ impl CountWindow {
             self.counts.slow -= u32::from((old & SLOW) >> 1);
         }
         self.ring[self.next] = bits;
-        self.next = (self.next + 1) % size;
+        self.next += 1;
+        if self.next == size {
+            self.next = 0;
+        }
         self.counts.calls += 1;
         self.counts.failures += u32::from(bits & FAILED);
         self.counts.slow += u32::from((bits & SLOW) >> 1);

@@ -317,10 +317,16 @@ impl<T, E> Pipeline<T, E> {
     {
         let p = &*self.policies;
         let passed = || Error::deadline_exceeded(p.deadline.unwrap_or_default());
-        let breaker = p.breaker.as_ref().map(|b| b.try_acquire()).transpose()?;
+        // One clock read serves every policy on the way in, one on the way out.
+        let now = Instant::now();
+        let breaker = p
+            .breaker
+            .as_ref()
+            .map(|b| b.try_acquire_at(now))
+            .transpose()?;
         let throttle = p.throttle.as_ref().map(|t| t.try_acquire()).transpose()?;
         if let Some(limiter) = &p.limiter {
-            limiter.try_acquire()?;
+            limiter.check_at(now, 1).into_result()?;
         }
         let _slot = match (&p.bulkhead, deadline) {
             (None, _) => None,
@@ -328,7 +334,10 @@ impl<T, E> Pipeline<T, E> {
             (Some(b), Some(at)) => Some(timeout_at(at, b.acquire()).await.map_err(|_| passed())??),
         };
 
-        let now = Instant::now();
+        let now = match p.bulkhead {
+            Some(_) => Instant::now(), // the wait for a slot may have taken a while
+            None => now,
+        };
         let attempt_end = p.timeout.map(|t| now + t);
         let cut = match (attempt_end, deadline) {
             (Some(a), Some(d)) => Some((a.min(d), d <= a)),
@@ -351,7 +360,7 @@ impl<T, E> Pipeline<T, E> {
             (Ok(Err(_)), None) => Outcome::Failure,
         };
         if let Some(permit) = breaker {
-            permit.record(outcome);
+            permit.record_at(outcome, Instant::now());
         }
         if let Some(permit) = throttle {
             permit.record(outcome);

@@ -98,6 +98,8 @@ impl LimiterState {
         let limit = u64::from(quota.limit);
         let period = quota.period_nanos();
         let cost = u64::from(cost);
+        let interval = quota.emission_interval_nanos();
+        self.rescale(interval, now);
         match self {
             LimiterState::FixedWindow { window, count } => {
                 let w = now / period;
@@ -220,19 +222,7 @@ impl LimiterState {
                     retry_after: (!allowed && cost <= capacity).then(|| nanos_for(cost - *tokens)),
                 }
             }
-            LimiterState::Gcra {
-                tat,
-                interval: used,
-            } => {
-                let interval = quota.emission_interval_nanos();
-                if *used != interval {
-                    if *tat > now {
-                        let ahead =
-                            u128::from(*tat - now) * u128::from(interval) / u128::from(*used);
-                        *tat = now + u64::try_from(ahead).unwrap_or(u64::MAX - now);
-                    }
-                    *used = interval;
-                }
+            LimiterState::Gcra { tat, .. } => {
                 let window = u64::from(quota.burst()) * interval;
                 let start = (*tat).max(now);
                 let next = start + cost * interval;
@@ -249,6 +239,24 @@ impl LimiterState {
                     retry_after: (!allowed && cost * interval <= window)
                         .then(|| dur(next - now - window)),
                 }
+            }
+        }
+    }
+
+    /// GCRA: re-expresses what was consumed under a new emission interval,
+    /// so a quota change keeps the count of requests rather than their time.
+    pub(crate) fn rescale(&mut self, interval: u64, now: u64) {
+        if let LimiterState::Gcra {
+            tat,
+            interval: used,
+        } = self
+        {
+            if *used != interval {
+                if *tat > now {
+                    let ahead = u128::from(*tat - now) * u128::from(interval) / u128::from(*used);
+                    *tat = now + u64::try_from(ahead).unwrap_or(u64::MAX - now);
+                }
+                *used = interval;
             }
         }
     }

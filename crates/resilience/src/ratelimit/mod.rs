@@ -30,6 +30,7 @@ mod store;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -238,39 +239,133 @@ struct Cell {
     state: LimiterState,
 }
 
+/// GCRA's whole state is one timestamp, so it needs no lock: a
+/// compare-and-swap on the TAT, with the quota in atomics beside it.
+#[derive(Debug)]
+struct GcraCell {
+    tat: AtomicU64,
+    limit: AtomicU32,
+    period: AtomicU64,
+    /// 0 when the quota names no burst.
+    burst: AtomicU32,
+}
+
+impl GcraCell {
+    fn quota(&self) -> Quota {
+        let burst = self.burst.load(Ordering::Relaxed);
+        Quota {
+            limit: self.limit.load(Ordering::Relaxed),
+            period: Duration::from_nanos(self.period.load(Ordering::Relaxed)),
+            burst: (burst != 0).then_some(burst),
+        }
+    }
+
+    fn check(&self, now: u64, cost: u32) -> Decision {
+        let quota = self.quota();
+        let interval = quota.emission_interval_nanos();
+        let mut current = self.tat.load(Ordering::Acquire);
+        loop {
+            let mut state = LimiterState::Gcra {
+                tat: current,
+                interval,
+            };
+            let decision = state.check(&quota, now, cost);
+            let LimiterState::Gcra { tat: next, .. } = state else {
+                return decision;
+            };
+            if !decision.allowed || next == current {
+                return decision;
+            }
+            match self
+                .tat
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return decision,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Rescales what was consumed to the new quota (as `LimiterState` does), then swaps it in.
+    fn set_quota(&self, quota: Quota, now: u64) {
+        let old = self.quota().emission_interval_nanos();
+        let new = quota.emission_interval_nanos();
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                let mut state = LimiterState::Gcra { tat, interval: old };
+                state.rescale(new, now);
+                match state {
+                    LimiterState::Gcra { tat, .. } => Some(tat),
+                    _ => None,
+                }
+            });
+        self.limit.store(quota.limit, Ordering::Relaxed);
+        self.period.store(quota.period_nanos(), Ordering::Relaxed);
+        self.burst
+            .store(quota.burst.unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+enum Engine {
+    Locked(Mutex<Cell>),
+    Gcra(GcraCell),
+}
+
 /// One limiter shared by every caller (see [`KeyedRateLimiter`] for one per key).
+///
+/// GCRA runs lock-free; the other algorithms hold a short lock.
 #[derive(Debug)]
 pub struct RateLimiter {
     origin: Instant,
-    cell: Mutex<Cell>,
+    engine: Engine,
+    /// Serialises quota changes (and holds the algorithm).
+    limit: Mutex<Limit>,
 }
 
 impl RateLimiter {
     /// A limiter with its whole quota available.
     pub fn new(limit: Limit) -> Self {
+        let engine = match limit.algorithm {
+            Algorithm::Gcra => Engine::Gcra(GcraCell {
+                tat: AtomicU64::new(0),
+                limit: AtomicU32::new(limit.quota.limit),
+                period: AtomicU64::new(limit.quota.period_nanos()),
+                burst: AtomicU32::new(limit.quota.burst.unwrap_or(0)),
+            }),
+            algorithm => Engine::Locked(Mutex::new(Cell {
+                state: LimiterState::new(algorithm, &limit.quota, 0),
+                limit,
+            })),
+        };
         RateLimiter {
             origin: Instant::now(),
-            cell: Mutex::new(Cell {
-                state: LimiterState::new(limit.algorithm, &limit.quota, 0),
-                limit,
-            }),
+            engine,
+            limit: Mutex::new(limit),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cell> {
-        self.cell.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Decides on one request and counts it if admitted.
     pub fn check(&self) -> Decision {
-        self.check_n(1)
+        self.check_at(Instant::now(), 1)
     }
 
     /// Decides on a request of `cost` units.
     pub fn check_n(&self, cost: u32) -> Decision {
-        let now = nanos_since(self.origin, Instant::now());
-        let cell = &mut *self.lock();
-        cell.state.check(&cell.limit.quota, now, cost)
+        self.check_at(Instant::now(), cost)
+    }
+
+    /// Decides on a request of `cost` units at a `now` the caller already read.
+    pub fn check_at(&self, now: Instant, cost: u32) -> Decision {
+        let now = nanos_since(self.origin, now);
+        match &self.engine {
+            Engine::Gcra(cell) => cell.check(now, cost),
+            Engine::Locked(cell) => {
+                let cell = &mut *cell.lock().unwrap_or_else(|p| p.into_inner());
+                cell.state.check(&cell.limit.quota, now, cost)
+            }
+        }
     }
 
     /// The decision as a result: `Err` when denied.
@@ -290,11 +385,18 @@ impl RateLimiter {
 
     /// The limit in force.
     pub fn limit(&self) -> Limit {
-        self.lock().limit
+        *self.limit.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Changes the quota; what was counted so far stays counted.
     pub fn set_quota(&self, quota: Quota) {
-        self.lock().limit.quota = quota;
+        let mut limit = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        limit.quota = quota;
+        match &self.engine {
+            Engine::Gcra(cell) => cell.set_quota(quota, nanos_since(self.origin, Instant::now())),
+            Engine::Locked(cell) => {
+                cell.lock().unwrap_or_else(|p| p.into_inner()).limit.quota = quota;
+            }
+        }
     }
 }
