@@ -148,6 +148,21 @@ fn benches(c: &mut Criterion) {
     g.bench_function("governor/direct", |b| {
         b.iter(|| black_box(governor.check()))
     });
+    let mut tick = 0u64;
+    g.bench_function("tidegate/gcra_at", |b| {
+        b.iter(|| {
+            tick += 1;
+            black_box(gcra.check_at(t0 + Duration::from_nanos(tick), 1))
+        })
+    });
+    let fake = governor::clock::FakeRelativeClock::default();
+    let governor_fake = governor::RateLimiter::direct_with_clock(gov_quota(), fake.clone());
+    g.bench_function("governor/direct_fake_clock", |b| {
+        b.iter(|| {
+            fake.advance(Duration::from_nanos(1));
+            black_box(governor_fake.check())
+        })
+    });
     for algorithm in [
         Algorithm::FixedWindow,
         Algorithm::SlidingWindow,

@@ -16,7 +16,8 @@ pub(crate) trait Counts: Copy + Default {
 #[derive(Debug)]
 pub(crate) struct Rolling<C> {
     origin: Instant,
-    width: Duration,
+    /// Bucket width in nanoseconds (u64 division is much cheaper than u128).
+    width: u64,
     buckets: Box<[C]>,
     /// Index (since `origin`) of the newest bucket.
     head: u64,
@@ -27,7 +28,9 @@ impl<C: Counts> Rolling<C> {
     /// A window of `window` split into `buckets` buckets (at least one).
     pub(crate) fn new(origin: Instant, window: Duration, buckets: usize) -> Self {
         let buckets = buckets.max(1);
-        let width = (window / buckets as u32).max(Duration::from_nanos(1));
+        let width = u64::try_from((window / buckets as u32).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
         Rolling {
             origin,
             width,
@@ -38,7 +41,8 @@ impl<C: Counts> Rolling<C> {
     }
 
     fn slot(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.origin).as_nanos() / self.width.as_nanos()) as u64
+        let elapsed = now.saturating_duration_since(self.origin);
+        u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX) / self.width
     }
 
     /// Drops the buckets that have fallen out of the window at `now`.

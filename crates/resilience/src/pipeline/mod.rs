@@ -283,16 +283,18 @@ impl<T, E> Pipeline<T, E> {
         Fut: Future<Output = Result<T, E>>,
     {
         let p = &*self.policies;
-        let deadline = p.deadline.map(|d| Instant::now() + d);
+        let start = Instant::now();
+        let deadline = p.deadline.map(|d| start + d);
         let Some(retry) = &p.retry else {
             return self
-                .attempt(&mut op, Attempt::new(1, 1, deadline), deadline)
+                .attempt(&mut op, Attempt::new(1, 1, deadline), deadline, start)
                 .await;
         };
-        let mut schedule = retry.start();
+        let mut schedule = retry.start(start);
+        let mut now = start;
         loop {
             let result = self
-                .attempt(&mut op, schedule.attempt(deadline), deadline)
+                .attempt(&mut op, schedule.attempt(deadline), deadline, now)
                 .await;
             let action = match &p.retry_on {
                 Some(retry_on) => retry_on(&result),
@@ -302,6 +304,7 @@ impl<T, E> Pipeline<T, E> {
                 Next::After(delay) => tokio::time::sleep(delay).await,
                 Next::Stop { exhausted } => return schedule.finish(result, exhausted),
             }
+            now = Instant::now();
         }
     }
 
@@ -310,6 +313,7 @@ impl<T, E> Pipeline<T, E> {
         op: &mut F,
         attempt: Attempt,
         deadline: Option<Instant>,
+        now: Instant,
     ) -> Result<T, Error<E>>
     where
         F: FnMut(Attempt) -> Fut,
@@ -318,7 +322,6 @@ impl<T, E> Pipeline<T, E> {
         let p = &*self.policies;
         let passed = || Error::deadline_exceeded(p.deadline.unwrap_or_default());
         // One clock read serves every policy on the way in, one on the way out.
-        let now = Instant::now();
         let breaker = p
             .breaker
             .as_ref()
@@ -328,16 +331,21 @@ impl<T, E> Pipeline<T, E> {
         if let Some(limiter) = &p.limiter {
             limiter.check_at(now, 1).into_result()?;
         }
-        let _slot = match (&p.bulkhead, deadline) {
-            (None, _) => None,
-            (Some(b), None) => Some(b.acquire().await?),
-            (Some(b), Some(at)) => Some(timeout_at(at, b.acquire()).await.map_err(|_| passed())??),
+        // A free slot is taken at once; only a wait in the queue moves the clock on.
+        let (_slot, now) = match &p.bulkhead {
+            None => (None, now),
+            Some(b) => match b.try_acquire() {
+                Ok(slot) => (Some(slot), now),
+                Err(_) => {
+                    let slot = match deadline {
+                        None => b.acquire().await?,
+                        Some(at) => timeout_at(at, b.acquire()).await.map_err(|_| passed())??,
+                    };
+                    (Some(slot), Instant::now())
+                }
+            },
         };
 
-        let now = match p.bulkhead {
-            Some(_) => Instant::now(), // the wait for a slot may have taken a while
-            None => now,
-        };
         let attempt_end = p.timeout.map(|t| now + t);
         let cut = match (attempt_end, deadline) {
             (Some(a), Some(d)) => Some((a.min(d), d <= a)),

@@ -71,7 +71,11 @@ impl RetryBudget {
 
     /// Counts one original request.
     pub fn deposit(&self) {
-        let now = Instant::now();
+        self.deposit_at(Instant::now());
+    }
+
+    /// As [`deposit`](Self::deposit), at a `now` the caller already read.
+    pub fn deposit_at(&self, now: Instant) {
         self.with(|w| {
             w.add(
                 now,

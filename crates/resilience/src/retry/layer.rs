@@ -98,7 +98,7 @@ where
         let retry = self.retry.clone();
         let policy = self.policy.clone();
         Box::pin(async move {
-            let mut schedule = retry.start();
+            let mut schedule = retry.start(tokio::time::Instant::now());
             let mut result = svc.call(req.clone()).await;
             loop {
                 match schedule.next(policy.should_retry(&result), None) {

@@ -326,14 +326,14 @@ impl Retry {
         self.budget.as_ref()
     }
 
-    /// Starts a retry loop: counts the request in the budget.
-    pub(crate) fn start(&self) -> Schedule<'_> {
+    /// Starts a retry loop at `now`: counts the request in the budget.
+    pub(crate) fn start(&self, now: Instant) -> Schedule<'_> {
         if let Some(budget) = &self.budget {
-            budget.deposit();
+            budget.deposit_at(now);
         }
         Schedule {
             retry: self,
-            started: Instant::now(),
+            started: now,
             attempts: 1,
             previous: self.config.base_delay,
         }
@@ -358,7 +358,7 @@ impl Retry {
         Fut: Future<Output = Result<T, E>>,
         P: ShouldRetry<T, E>,
     {
-        let mut schedule = self.start();
+        let mut schedule = self.start(Instant::now());
         loop {
             let result = op(schedule.attempt(None)).await;
             match schedule.next(policy.should_retry(&result), None) {
