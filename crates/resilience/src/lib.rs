@@ -47,5 +47,10 @@ pub use crate::error::{BoxError, Error, ErrorKind};
 pub use crate::pipeline::{Pipeline, PipelineBuilder};
 pub use crate::retry::Attempt;
 
+/// `d` in nanoseconds, saturating at `u64::MAX` (585 years).
+pub(crate) fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The boxed future of the layers that need one.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;

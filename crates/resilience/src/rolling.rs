@@ -28,9 +28,7 @@ impl<C: Counts> Rolling<C> {
     /// A window of `window` split into `buckets` buckets (at least one).
     pub(crate) fn new(origin: Instant, window: Duration, buckets: usize) -> Self {
         let buckets = buckets.max(1);
-        let width = u64::try_from((window / buckets as u32).as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let width = crate::nanos(window / buckets as u32).max(1);
         Rolling {
             origin,
             width,
@@ -41,8 +39,7 @@ impl<C: Counts> Rolling<C> {
     }
 
     fn slot(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.origin);
-        u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX) / self.width
+        crate::nanos(now.saturating_duration_since(self.origin)) / self.width
     }
 
     /// Drops the buckets that have fallen out of the window at `now`.

@@ -70,6 +70,7 @@ pub(crate) async fn run(quick: bool) -> anyhow::Result<()> {
 
     let attempts = Arc::new(AtomicU32::new(0));
     let (mut ok, mut failed, mut rejected) = (0, 0, 0);
+    let mut previous_ok = false;
     let mut call = 0;
     while start.elapsed() < outage + open_duration * 2 {
         call += 1;
@@ -87,12 +88,14 @@ pub(crate) async fn run(quick: bool) -> anyhow::Result<()> {
                 }
             })
             .await;
-        match result {
+        previous_ok = match result {
             Ok(n) => {
                 ok += 1;
-                if breaker.snapshot().calls <= 1 || n > 1 {
+                // A run of healthy calls is announced once, and any that needed a retry.
+                if !previous_ok || n > 1 {
                     println!("[{:5.2}s] call {call}: ok (attempt {n})", since());
                 }
+                true
             }
             Err(err) if err.is_circuit_open() => {
                 rejected += 1;
@@ -103,12 +106,14 @@ pub(crate) async fn run(quick: bool) -> anyhow::Result<()> {
                         since()
                     );
                 }
+                false
             }
             Err(err) => {
                 failed += 1;
                 println!("[{:5.2}s] call {call}: failed: {err}", since());
+                false
             }
-        }
+        };
         tokio::time::sleep(ms(100)).await;
     }
     narrator.abort();

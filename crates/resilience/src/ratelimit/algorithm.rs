@@ -51,6 +51,20 @@ fn dur(ns: u64) -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// GCRA: re-expresses what was consumed (`tat - now`, at emission interval
+/// `used`) under a new `interval`, so a quota change keeps the count of
+/// requests rather than their time.
+pub(crate) fn rescale_gcra(tat: &mut u64, used: &mut u64, interval: u64, now: u64) {
+    if *used == interval {
+        return;
+    }
+    if *tat > now {
+        let ahead = u128::from(*tat - now) * u128::from(interval) / u128::from(*used);
+        *tat = now + u64::try_from(ahead).unwrap_or(u64::MAX - now);
+    }
+    *used = interval;
+}
+
 fn clamp_u32(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -98,8 +112,6 @@ impl LimiterState {
         let limit = u64::from(quota.limit);
         let period = quota.period_nanos();
         let cost = u64::from(cost);
-        let interval = quota.emission_interval_nanos();
-        self.rescale(interval, now);
         match self {
             LimiterState::FixedWindow { window, count } => {
                 let w = now / period;
@@ -222,7 +234,12 @@ impl LimiterState {
                     retry_after: (!allowed && cost <= capacity).then(|| nanos_for(cost - *tokens)),
                 }
             }
-            LimiterState::Gcra { tat, .. } => {
+            LimiterState::Gcra {
+                tat,
+                interval: used,
+            } => {
+                let interval = quota.emission_interval_nanos();
+                rescale_gcra(tat, used, interval, now);
                 let window = u64::from(quota.burst()) * interval;
                 let start = (*tat).max(now);
                 let next = start + cost * interval;
@@ -239,24 +256,6 @@ impl LimiterState {
                     retry_after: (!allowed && cost * interval <= window)
                         .then(|| dur(next - now - window)),
                 }
-            }
-        }
-    }
-
-    /// GCRA: re-expresses what was consumed under a new emission interval,
-    /// so a quota change keeps the count of requests rather than their time.
-    pub(crate) fn rescale(&mut self, interval: u64, now: u64) {
-        if let LimiterState::Gcra {
-            tat,
-            interval: used,
-        } = self
-        {
-            if *used != interval {
-                if *tat > now {
-                    let ahead = u128::from(*tat - now) * u128::from(interval) / u128::from(*used);
-                    *tat = now + u64::try_from(ahead).unwrap_or(u64::MAX - now);
-                }
-                *used = interval;
             }
         }
     }

@@ -55,7 +55,8 @@ struct Shard {
 #[derive(Debug)]
 pub struct LocalStore {
     origin: Instant,
-    config: KeyedConfig,
+    /// `idle_timeout` in nanoseconds, the unit of entry timestamps.
+    idle: u64,
     per_shard: usize,
     hasher: RandomState,
     shards: Box<[Mutex<Shard>]>,
@@ -73,7 +74,7 @@ impl LocalStore {
         LocalStore {
             origin: Instant::now(),
             per_shard: config.max_keys.div_ceil(SHARDS).max(1),
-            config,
+            idle: crate::nanos(config.idle_timeout),
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
@@ -111,7 +112,7 @@ impl LocalStore {
     }
 
     fn make_room(&self, shard: &mut Shard, quota: &Quota, now: u64) {
-        let idle = u64::try_from(self.config.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let idle = self.idle;
         // A full sweep at most once a second per shard keeps floods of new keys cheap.
         if now.saturating_sub(shard.last_sweep) >= 1_000_000_000 || shard.last_sweep == 0 {
             shard.last_sweep = now.max(1);
@@ -136,7 +137,7 @@ impl LocalStore {
     /// Drops every key idle for `idle_timeout`; call it now and then.
     pub fn sweep(&self) {
         let now = nanos_since(self.origin, Instant::now());
-        let idle = u64::try_from(self.config.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let idle = self.idle;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use self::algorithm::rescale_gcra;
 pub use self::algorithm::LimiterState;
 pub use self::keyed::{KeyedConfig, KeyedRateLimiter, LocalStore};
 pub use self::layer::{
@@ -134,9 +135,7 @@ impl Quota {
     }
 
     pub(crate) fn period_nanos(&self) -> u64 {
-        u64::try_from(self.period.as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1)
+        crate::nanos(self.period).max(1)
     }
 
     /// Nanoseconds between requests at the steady rate.
@@ -230,12 +229,12 @@ impl Decision {
 
 /// Nanoseconds since `origin`: the time base of limiter state.
 pub(crate) fn nanos_since(origin: Instant, now: Instant) -> u64 {
-    u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
+    crate::nanos(now.saturating_duration_since(origin))
 }
 
 #[derive(Debug)]
 struct Cell {
-    limit: Limit,
+    quota: Quota,
     state: LimiterState,
 }
 
@@ -248,6 +247,8 @@ struct GcraCell {
     period: AtomicU64,
     /// 0 when the quota names no burst.
     burst: AtomicU32,
+    /// Serialises quota changes, which touch several atomics.
+    changing: Mutex<()>,
 }
 
 impl GcraCell {
@@ -286,19 +287,17 @@ impl GcraCell {
         }
     }
 
-    /// Rescales what was consumed to the new quota (as `LimiterState` does), then swaps it in.
+    /// Rescales what was consumed to the new quota, then swaps the quota in.
     fn set_quota(&self, quota: Quota, now: u64) {
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.quota().emission_interval_nanos();
         let new = quota.emission_interval_nanos();
         let _ = self
             .tat
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-                let mut state = LimiterState::Gcra { tat, interval: old };
-                state.rescale(new, now);
-                match state {
-                    LimiterState::Gcra { tat, .. } => Some(tat),
-                    _ => None,
-                }
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |mut tat| {
+                let mut used = old;
+                rescale_gcra(&mut tat, &mut used, new, now);
+                Some(tat)
             });
         self.limit.store(quota.limit, Ordering::Relaxed);
         self.period.store(quota.period_nanos(), Ordering::Relaxed);
@@ -319,9 +318,8 @@ enum Engine {
 #[derive(Debug)]
 pub struct RateLimiter {
     origin: Instant,
+    algorithm: Algorithm,
     engine: Engine,
-    /// Serialises quota changes (and holds the algorithm).
-    limit: Mutex<Limit>,
 }
 
 impl RateLimiter {
@@ -333,16 +331,17 @@ impl RateLimiter {
                 limit: AtomicU32::new(limit.quota.limit),
                 period: AtomicU64::new(limit.quota.period_nanos()),
                 burst: AtomicU32::new(limit.quota.burst.unwrap_or(0)),
+                changing: Mutex::new(()),
             }),
             algorithm => Engine::Locked(Mutex::new(Cell {
                 state: LimiterState::new(algorithm, &limit.quota, 0),
-                limit,
+                quota: limit.quota,
             })),
         };
         RateLimiter {
             origin: Instant::now(),
+            algorithm: limit.algorithm,
             engine,
-            limit: Mutex::new(limit),
         }
     }
 
@@ -363,7 +362,7 @@ impl RateLimiter {
             Engine::Gcra(cell) => cell.check(now, cost),
             Engine::Locked(cell) => {
                 let cell = &mut *cell.lock().unwrap_or_else(|p| p.into_inner());
-                cell.state.check(&cell.limit.quota, now, cost)
+                cell.state.check(&cell.quota, now, cost)
             }
         }
     }
@@ -385,18 +384,18 @@ impl RateLimiter {
 
     /// The limit in force.
     pub fn limit(&self) -> Limit {
-        *self.limit.lock().unwrap_or_else(|p| p.into_inner())
+        let quota = match &self.engine {
+            Engine::Gcra(cell) => cell.quota(),
+            Engine::Locked(cell) => cell.lock().unwrap_or_else(|p| p.into_inner()).quota,
+        };
+        Limit::new(self.algorithm, quota)
     }
 
     /// Changes the quota; what was counted so far stays counted.
     pub fn set_quota(&self, quota: Quota) {
-        let mut limit = self.limit.lock().unwrap_or_else(|p| p.into_inner());
-        limit.quota = quota;
         match &self.engine {
             Engine::Gcra(cell) => cell.set_quota(quota, nanos_since(self.origin, Instant::now())),
-            Engine::Locked(cell) => {
-                cell.lock().unwrap_or_else(|p| p.into_inner()).limit.quota = quota;
-            }
+            Engine::Locked(cell) => cell.lock().unwrap_or_else(|p| p.into_inner()).quota = quota,
         }
     }
 }
