@@ -148,20 +148,26 @@ fn benches(c: &mut Criterion) {
     g.bench_function("governor/direct", |b| {
         b.iter(|| black_box(governor.check()))
     });
-    let mut tick = 0u64;
-    g.bench_function("tidegate/gcra_at", |b| {
-        b.iter(|| {
-            tick += 1;
-            black_box(gcra.check_at(t0 + Duration::from_nanos(tick), 1))
-        })
+    // The same clock as tidegate's (std's monotonic clock, which tokio's
+    // Instant reads): the fair comparison of the limiters themselves.
+    let governor_std =
+        governor::RateLimiter::direct_with_clock(gov_quota(), governor::clock::MonotonicClock);
+    g.bench_function("governor/direct_std_clock", |b| {
+        b.iter(|| black_box(governor_std.check()))
     });
-    let fake = governor::clock::FakeRelativeClock::default();
-    let governor_fake = governor::RateLimiter::direct_with_clock(gov_quota(), fake.clone());
+    // The decision alone, time given and fixed, on both sides: a quota of
+    // 2^32 per second admits every iteration at one instant.
+    let roomy = RateLimiter::new(Limit::new(Algorithm::Gcra, Quota::per_second(u32::MAX)));
+    let now = tokio::time::Instant::now();
+    g.bench_function("tidegate/gcra_at", |b| {
+        b.iter(|| black_box(roomy.check_at(now, 1)))
+    });
+    let governor_fake = governor::RateLimiter::direct_with_clock(
+        governor::Quota::per_second(NonZeroU32::MAX),
+        governor::clock::FakeRelativeClock::default(),
+    );
     g.bench_function("governor/direct_fake_clock", |b| {
-        b.iter(|| {
-            fake.advance(Duration::from_nanos(1));
-            black_box(governor_fake.check())
-        })
+        b.iter(|| black_box(governor_fake.check()))
     });
     for algorithm in [
         Algorithm::FixedWindow,
@@ -213,6 +219,16 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % keys.len();
             black_box(gov_keyed.check_key(&keys[i]))
+        })
+    });
+    let gov_keyed_std = governor::RateLimiter::<String, _, _, _>::hashmap_with_clock(
+        gov_quota(),
+        governor::clock::MonotonicClock,
+    );
+    g.bench_function("governor/keyed_std_clock", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(gov_keyed_std.check_key(&keys[i]))
         })
     });
     g.finish();

@@ -65,6 +65,75 @@ pub(crate) fn rescale_gcra(tat: &mut u64, used: &mut u64, interval: u64, now: u6
     *used = interval;
 }
 
+/// GCRA's quota as the two numbers its decision needs, so a limiter can
+/// compute them once per quota instead of once per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GcraTerms {
+    pub(crate) limit: u32,
+    /// Nanoseconds between requests at the steady rate.
+    pub(crate) interval: u64,
+    /// How far the TAT may run ahead of now: `burst × interval`.
+    pub(crate) window: u64,
+    /// About `2^64 / interval`: turns the division for `remaining`
+    /// into a multiplication (a hardware divide is a third of a decision).
+    pub(crate) reciprocal: u64,
+}
+
+impl GcraTerms {
+    pub(crate) fn new(quota: &Quota) -> Self {
+        let interval = quota.emission_interval_nanos();
+        GcraTerms {
+            limit: quota.limit,
+            interval,
+            window: u64::from(quota.burst()).saturating_mul(interval),
+            reciprocal: reciprocal(interval),
+        }
+    }
+
+    /// `x / interval`, rounded down, by multiplying with the reciprocal.
+    #[inline]
+    fn per_interval(&self, x: u64) -> u64 {
+        // The estimate is the quotient or one less; one step corrects it.
+        let estimate = ((u128::from(x) * u128::from(self.reciprocal)) >> 64) as u64;
+        let next = u128::from(estimate + 1) * u128::from(self.interval);
+        estimate + u64::from(next <= u128::from(x))
+    }
+
+    /// The decision on `cost` units at `now` given the TAT, and the TAT to
+    /// store if it is admitted. One division, for `remaining`.
+    #[inline]
+    pub(crate) fn decide(&self, tat: u64, now: u64, cost: u32) -> (Decision, u64) {
+        let price = u64::from(cost).saturating_mul(self.interval);
+        let next = tat.max(now).saturating_add(price);
+        let allowed = next - now <= self.window;
+        let ahead = if allowed { next } else { tat.max(now) } - now;
+        let decision = Decision {
+            allowed,
+            limit: self.limit,
+            remaining: clamp_u32(self.per_interval(self.window - ahead.min(self.window))),
+            reset: dur(ahead),
+            retry_after: (!allowed && price <= self.window).then(|| dur(next - now - self.window)),
+        };
+        (decision, next)
+    }
+}
+
+/// `(2^64 - 1) / d` rounded down, for [`GcraTerms::per_interval`]: at most
+/// one below `2^64 / d`, so the quotient estimate is off by at most one.
+fn reciprocal(d: u64) -> u64 {
+    u64::MAX / d.max(1)
+}
+
+/// GCRA on a TAT kept with the interval it was computed at (`used`).
+fn check_gcra(tat: &mut u64, used: &mut u64, terms: &GcraTerms, now: u64, cost: u32) -> Decision {
+    rescale_gcra(tat, used, terms.interval, now);
+    let (decision, next) = terms.decide(*tat, now, cost);
+    if decision.allowed {
+        *tat = next;
+    }
+    decision
+}
+
 fn clamp_u32(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -234,29 +303,25 @@ impl LimiterState {
                     retry_after: (!allowed && cost <= capacity).then(|| nanos_for(cost - *tokens)),
                 }
             }
-            LimiterState::Gcra {
-                tat,
-                interval: used,
-            } => {
-                let interval = quota.emission_interval_nanos();
-                rescale_gcra(tat, used, interval, now);
-                let window = u64::from(quota.burst()) * interval;
-                let start = (*tat).max(now);
-                let next = start + cost * interval;
-                let allowed = next - now <= window;
-                if allowed {
-                    *tat = next;
-                }
-                let ahead = (*tat).max(now) - now;
-                Decision {
-                    allowed,
-                    limit: quota.limit,
-                    remaining: clamp_u32((window - ahead.min(window)) / interval),
-                    reset: dur(ahead),
-                    retry_after: (!allowed && cost * interval <= window)
-                        .then(|| dur(next - now - window)),
-                }
+            LimiterState::Gcra { tat, interval } => {
+                check_gcra(tat, interval, &GcraTerms::new(quota), now, cost as u32)
             }
+        }
+    }
+
+    /// [`check`](Self::check) with GCRA's terms computed once by the caller
+    /// for `quota`; other algorithms take the quota.
+    #[inline]
+    pub(crate) fn check_with(
+        &mut self,
+        quota: &Quota,
+        terms: &GcraTerms,
+        now: u64,
+        cost: u32,
+    ) -> Decision {
+        match self {
+            LimiterState::Gcra { tat, interval } => check_gcra(tat, interval, terms, now, cost),
+            _ => self.check(quota, now, cost),
         }
     }
 
@@ -285,6 +350,39 @@ impl LimiterState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn division_by_reciprocal_is_exact() {
+        let samples = [
+            0,
+            1,
+            2,
+            3,
+            7,
+            999,
+            1_000_000_000,
+            u64::from(u32::MAX),
+            u64::MAX / 3,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        for interval in samples.into_iter().filter(|&d| d > 0) {
+            let quota = Quota::per_second(1);
+            let terms = GcraTerms {
+                interval,
+                reciprocal: reciprocal(interval),
+                ..GcraTerms::new(&quota)
+            };
+            for x in samples
+                .into_iter()
+                .chain(samples.map(|s| s.saturating_mul(interval)))
+            {
+                for x in [x.saturating_sub(1), x, x.saturating_add(1)] {
+                    assert_eq!(terms.per_interval(x), x / interval, "{x} / {interval}");
+                }
+            }
+        }
+    }
 
     const SEC: u64 = 1_000_000_000;
 

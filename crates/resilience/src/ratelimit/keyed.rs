@@ -4,17 +4,26 @@
 //! `idle_timeout` (or whose state is as good as fresh) are dropped first; if
 //! none are, the least recently seen of a small sample goes. Forgetting a key
 //! can only give that key its full quota back; it never blocks anyone.
+//!
+//! A key is hashed once, with a per-store random SipHash key; the hash picks
+//! the shard and is the map's key, and the entry keeps the key itself to
+//! tell two keys with the same 64-bit hash apart (the newcomer replaces the
+//! other, which is forgotten as if evicted).
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::future::{ready, Future};
-use std::hash::BuildHasher;
-use std::sync::{Mutex, RwLock};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{nanos_since, Decision, Limit, LimiterState, Quota, RateLimited, Store, StoreError};
+use super::algorithm::GcraTerms;
+use super::{
+    nanos_since, Algorithm, Decision, Limit, LimiterState, Quota, RateLimited, Store, StoreError,
+};
 
 /// Memory bounds of a keyed limiter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,14 +49,51 @@ const EVICTION_SAMPLE: usize = 8;
 
 #[derive(Debug)]
 struct Entry {
+    key: Box<str>,
     state: LimiterState,
     last_seen: u64,
 }
 
+/// The map's keys are already SipHash values: use them as they are.
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shard {
-    map: HashMap<Box<str>, Entry>,
+    map: HashMap<u64, Entry, BuildHasherDefault<Prehashed>>,
     last_sweep: u64,
+    /// GCRA's terms for the quota last seen here, so a steady quota costs
+    /// no division per request.
+    terms: Option<(Quota, GcraTerms)>,
+}
+
+impl Shard {
+    fn terms(&mut self, quota: &Quota) -> GcraTerms {
+        match self.terms {
+            Some((seen, terms)) if seen == *quota => terms,
+            _ => {
+                let terms = GcraTerms::new(quota);
+                self.terms = Some((*quota, terms));
+                terms
+            }
+        }
+    }
 }
 
 /// Limiter state per key, in this process. The limit is given per call, so
@@ -80,30 +126,40 @@ impl LocalStore {
         }
     }
 
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
-        let index = self.hasher.hash_one(key) as usize % SHARDS;
-        self.shards[index].lock().unwrap_or_else(|p| p.into_inner())
+    /// The key's hash and its locked shard. The shard comes from bits the
+    /// map itself does not use (it takes the low bits and the top seven).
+    fn shard(&self, key: &str) -> (u64, std::sync::MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(key);
+        let index = (hash >> 32) as usize % SHARDS;
+        let shard = self.shards[index].lock().unwrap_or_else(|p| p.into_inner());
+        (hash, shard)
     }
 
     /// Decides on a request of `cost` units for `key` under `limit`.
     pub fn check_now(&self, key: &str, limit: &Limit, cost: u32) -> Decision {
         let now = nanos_since(self.origin, Instant::now());
-        let mut shard = self.shard(key);
-        if let Some(entry) = shard.map.get_mut(key) {
-            if entry.state.algorithm() != limit.algorithm {
+        let (hash, mut shard) = self.shard(key);
+        let terms = shard.terms(&limit.quota);
+        if let Some(entry) = shard.map.get_mut(&hash) {
+            if *entry.key != *key {
+                // Another key with the same hash: forget it, as eviction would.
+                entry.key = key.into();
+                entry.state = LimiterState::new(limit.algorithm, &limit.quota, now);
+            } else if entry.state.algorithm() != limit.algorithm {
                 entry.state = LimiterState::new(limit.algorithm, &limit.quota, now);
             }
             entry.last_seen = now;
-            return entry.state.check(&limit.quota, now, cost);
+            return entry.state.check_with(&limit.quota, &terms, now, cost);
         }
         if shard.map.len() >= self.per_shard {
             self.make_room(&mut shard, &limit.quota, now);
         }
         let mut state = LimiterState::new(limit.algorithm, &limit.quota, now);
-        let decision = state.check(&limit.quota, now, cost);
+        let decision = state.check_with(&limit.quota, &terms, now, cost);
         shard.map.insert(
-            key.into(),
+            hash,
             Entry {
+                key: key.into(),
                 state,
                 last_seen: now,
             },
@@ -128,9 +184,9 @@ impl LocalStore {
             .iter()
             .take(EVICTION_SAMPLE)
             .min_by_key(|(_, e)| e.last_seen)
-            .map(|(k, _)| k.clone());
-        if let Some(key) = oldest {
-            shard.map.remove(&key);
+            .map(|(&hash, _)| hash);
+        if let Some(hash) = oldest {
+            shard.map.remove(&hash);
         }
     }
 
@@ -188,27 +244,70 @@ impl Store for LocalStore {
 /// ```
 #[derive(Debug)]
 pub struct KeyedRateLimiter {
-    limit: RwLock<Limit>,
+    limit: SharedLimit,
     store: LocalStore,
+}
+
+/// A limit read on every request without a lock. A read racing a quota
+/// change may pair the new limit with the old period once.
+#[derive(Debug)]
+struct SharedLimit {
+    algorithm: Algorithm,
+    /// The quota's limit in the high half, its burst (0 for none) in the low.
+    rate: AtomicU64,
+    period: AtomicU64,
+    /// Serialises writers, so two changes never leave a mix behind.
+    changing: Mutex<()>,
+}
+
+impl SharedLimit {
+    fn new(limit: Limit) -> Self {
+        let shared = SharedLimit {
+            algorithm: limit.algorithm,
+            rate: AtomicU64::new(0),
+            period: AtomicU64::new(0),
+            changing: Mutex::new(()),
+        };
+        shared.set(limit.quota);
+        shared
+    }
+
+    fn load(&self) -> Limit {
+        let rate = self.rate.load(Ordering::Relaxed);
+        let burst = rate as u32;
+        let quota = Quota {
+            limit: (rate >> 32) as u32,
+            period: Duration::from_nanos(self.period.load(Ordering::Relaxed)),
+            burst: (burst != 0).then_some(burst),
+        };
+        Limit::new(self.algorithm, quota)
+    }
+
+    fn set(&self, quota: Quota) {
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = u64::from(quota.limit) << 32 | u64::from(quota.burst.unwrap_or(0));
+        self.rate.store(rate, Ordering::Relaxed);
+        self.period.store(quota.period_nanos(), Ordering::Relaxed);
+    }
 }
 
 impl KeyedRateLimiter {
     /// Every key gets `limit`.
     pub fn new(limit: Limit, config: KeyedConfig) -> Self {
         KeyedRateLimiter {
-            limit: RwLock::new(limit),
+            limit: SharedLimit::new(limit),
             store: LocalStore::new(config),
         }
     }
 
     /// The limit in force.
     pub fn limit(&self) -> Limit {
-        *self.limit.read().unwrap_or_else(|p| p.into_inner())
+        self.limit.load()
     }
 
     /// Changes the quota for every key; counts are kept.
     pub fn set_quota(&self, quota: Quota) {
-        self.limit.write().unwrap_or_else(|p| p.into_inner()).quota = quota;
+        self.limit.set(quota);
     }
 
     /// Decides on one request for `key`.
@@ -236,7 +335,6 @@ impl KeyedRateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::Algorithm;
 
     #[tokio::test(start_paused = true)]
     async fn memory_stays_bounded_under_a_flood_of_keys() {
@@ -251,6 +349,21 @@ mod tests {
             assert!(limiter.check(&format!("client-{i}")).allowed);
         }
         assert!(limiter.store().len() <= 64 + SHARDS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_sharing_a_hash_replaces_the_other_instead_of_using_its_state() {
+        let limit = Limit::new(Algorithm::FixedWindow, Quota::per_minute(1));
+        let store = LocalStore::default();
+        assert!(store.check_now("k", &limit, 1).allowed);
+        assert!(!store.check_now("k", &limit, 1).allowed);
+        // Make "k"'s slot look like it belongs to another key with the same hash.
+        let (hash, mut shard) = store.shard("k");
+        shard.map.get_mut(&hash).unwrap().key = "other".into();
+        drop(shard);
+        assert!(store.check_now("k", &limit, 1).allowed, "fresh state for k");
+        let (hash, shard) = store.shard("k");
+        assert_eq!(&*shard.map[&hash].key, "k");
     }
 
     #[tokio::test(start_paused = true)]

@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use self::algorithm::rescale_gcra;
 pub use self::algorithm::LimiterState;
+use self::algorithm::{rescale_gcra, GcraTerms};
 pub use self::keyed::{KeyedConfig, KeyedRateLimiter, LocalStore};
 pub use self::layer::{
     KeyedRateLimitLayer, KeyedRateLimitService, RateLimitLayer, RateLimitService, ResponseFuture,
@@ -239,41 +239,49 @@ struct Cell {
 }
 
 /// GCRA's whole state is one timestamp, so it needs no lock: a
-/// compare-and-swap on the TAT, with the quota in atomics beside it.
+/// compare-and-swap on the TAT, with the quota's terms in atomics beside it.
+///
+/// A decision racing a quota change may see the old interval with the new
+/// window (or the reverse) once; the TAT itself is always rescaled whole.
 #[derive(Debug)]
 struct GcraCell {
     tat: AtomicU64,
     limit: AtomicU32,
-    period: AtomicU64,
-    /// 0 when the quota names no burst.
-    burst: AtomicU32,
-    /// Serialises quota changes, which touch several atomics.
-    changing: Mutex<()>,
+    interval: AtomicU64,
+    window: AtomicU64,
+    reciprocal: AtomicU64,
+    /// The quota as given; its lock serialises changes.
+    quota: Mutex<Quota>,
 }
 
 impl GcraCell {
-    fn quota(&self) -> Quota {
-        let burst = self.burst.load(Ordering::Relaxed);
-        Quota {
-            limit: self.limit.load(Ordering::Relaxed),
-            period: Duration::from_nanos(self.period.load(Ordering::Relaxed)),
-            burst: (burst != 0).then_some(burst),
+    fn new(quota: Quota) -> Self {
+        let terms = GcraTerms::new(&quota);
+        GcraCell {
+            tat: AtomicU64::new(0),
+            limit: AtomicU32::new(terms.limit),
+            interval: AtomicU64::new(terms.interval),
+            window: AtomicU64::new(terms.window),
+            reciprocal: AtomicU64::new(terms.reciprocal),
+            quota: Mutex::new(quota),
         }
     }
 
+    fn quota(&self) -> Quota {
+        *self.quota.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[inline]
     fn check(&self, now: u64, cost: u32) -> Decision {
-        let quota = self.quota();
-        let interval = quota.emission_interval_nanos();
+        let terms = GcraTerms {
+            limit: self.limit.load(Ordering::Relaxed),
+            interval: self.interval.load(Ordering::Relaxed),
+            window: self.window.load(Ordering::Relaxed),
+            reciprocal: self.reciprocal.load(Ordering::Relaxed),
+        };
         let mut current = self.tat.load(Ordering::Acquire);
         loop {
-            let mut state = LimiterState::Gcra {
-                tat: current,
-                interval,
-            };
-            let decision = state.check(&quota, now, cost);
-            let LimiterState::Gcra { tat: next, .. } = state else {
-                return decision;
-            };
+            let (decision, next) = terms.decide(current, now, cost);
             if !decision.allowed || next == current {
                 return decision;
             }
@@ -289,20 +297,21 @@ impl GcraCell {
 
     /// Rescales what was consumed to the new quota, then swaps the quota in.
     fn set_quota(&self, quota: Quota, now: u64) {
-        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
-        let old = self.quota().emission_interval_nanos();
-        let new = quota.emission_interval_nanos();
+        let mut current = self.quota.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.interval.load(Ordering::Relaxed);
+        let terms = GcraTerms::new(&quota);
         let _ = self
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |mut tat| {
                 let mut used = old;
-                rescale_gcra(&mut tat, &mut used, new, now);
+                rescale_gcra(&mut tat, &mut used, terms.interval, now);
                 Some(tat)
             });
-        self.limit.store(quota.limit, Ordering::Relaxed);
-        self.period.store(quota.period_nanos(), Ordering::Relaxed);
-        self.burst
-            .store(quota.burst.unwrap_or(0), Ordering::Relaxed);
+        self.limit.store(terms.limit, Ordering::Relaxed);
+        self.interval.store(terms.interval, Ordering::Relaxed);
+        self.window.store(terms.window, Ordering::Relaxed);
+        self.reciprocal.store(terms.reciprocal, Ordering::Relaxed);
+        *current = quota;
     }
 }
 
@@ -326,13 +335,7 @@ impl RateLimiter {
     /// A limiter with its whole quota available.
     pub fn new(limit: Limit) -> Self {
         let engine = match limit.algorithm {
-            Algorithm::Gcra => Engine::Gcra(GcraCell {
-                tat: AtomicU64::new(0),
-                limit: AtomicU32::new(limit.quota.limit),
-                period: AtomicU64::new(limit.quota.period_nanos()),
-                burst: AtomicU32::new(limit.quota.burst.unwrap_or(0)),
-                changing: Mutex::new(()),
-            }),
+            Algorithm::Gcra => Engine::Gcra(GcraCell::new(limit.quota)),
             algorithm => Engine::Locked(Mutex::new(Cell {
                 state: LimiterState::new(algorithm, &limit.quota, 0),
                 quota: limit.quota,
