@@ -1,6 +1,20 @@
 //! The tidegate gateway: a reverse proxy that applies tidegate-resilience
 //! policies per upstream, with health checks, a status API and metrics.
+//!
+//! [`config::load`] reads and validates a config file; [`server::start`]
+//! binds the listeners and serves until [`server::Running::shutdown`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod body;
+pub mod clock;
 pub mod config;
+pub mod events;
+pub mod headers;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod upstream;

@@ -1,2 +1,182 @@
-//! Test-only upstream servers on 127.0.0.1:0.
+//! Test-only: scriptable upstream HTTP servers on 127.0.0.1:0 that record
+//! what reached them, and a small client to call the gateway with.
+//!
+//! ```no_run
+//! # async fn f() {
+//! use tidegate_testkit::{text, Upstream};
+//! let upstream = Upstream::start(|_req| async { text(200, "hello") }).await;
+//! assert_eq!(upstream.hits(), 0);
+//! # }
+//! ```
 #![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Body error type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Any body.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// What reached an upstream (the head; handlers read bodies themselves).
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Method.
+    pub method: Method,
+    /// Request target as received.
+    pub uri: Uri,
+    /// Headers as received.
+    pub headers: HeaderMap,
+}
+
+/// A server on 127.0.0.1:0 answering with a handler; stops when dropped.
+#[derive(Debug)]
+pub struct Upstream {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts serving (HTTP/1.1 and h2c, with upgrades); ready when this returns.
+    pub async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let handler = Arc::new(handler);
+        let log = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        log.lock().unwrap().push(Received {
+                            method: req.method().clone(),
+                            uri: req.uri().clone(),
+                            headers: req.headers().clone(),
+                        });
+                        let answer = handler(req);
+                        async move { Ok::<_, Infallible>(answer.await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, received, task }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// The requests received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A response with `status` and a text body.
+pub fn text(status: u16, body: &str) -> Response<Body> {
+    let mut response = Response::new(full(body.to_owned()));
+    *response.status_mut() = StatusCode::from_u16(status).expect("a valid status");
+    response
+}
+
+/// A body of `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A body written chunk by chunk through the returned sender; it ends when
+/// the sender is dropped.
+pub fn channel_body() -> (mpsc::Sender<Bytes>, Body) {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, BoxError>(Frame::data(chunk)), rx))
+    });
+    (tx, StreamBody::new(stream).boxed())
+}
+
+/// A finished exchange as the test sees it.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// The whole body as text.
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// A pooled HTTP/1.1 client for tests.
+pub fn client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Sends `request` and reads the whole answer.
+pub async fn send(request: Request<Body>) -> Answer {
+    let response = client().request(request).await.expect("request failed");
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+/// `GET url`.
+pub async fn get(url: &str) -> Answer {
+    send(Request::get(url).body(full("")).unwrap()).await
+}

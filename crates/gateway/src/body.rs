@@ -1,0 +1,220 @@
+//! Request bodies on their way upstream: small ones kept for a retry, large
+//! ones streamed once, all held to the size limit.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+/// The error type of every body the gateway sends.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body: the upstream's, streamed, or one the gateway wrote.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// A body the gateway wrote.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The client sent more than the route allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyTooLarge;
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body too large")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// A request body read as far as the replay cap.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// The whole body, kept: every attempt sends a copy.
+    Replayable {
+        /// All data.
+        data: Bytes,
+        /// Trailers, if the client sent any.
+        trailers: Option<HeaderMap>,
+    },
+    /// Larger than the cap: what was read, then the rest, sent once.
+    Streaming(Streaming),
+}
+
+impl RequestBody {
+    /// Reads `body` until it ends or passes `replay_cap` bytes; more than
+    /// `max` bytes in all is [`BodyTooLarge`], now or while streaming.
+    pub async fn read(mut body: Incoming, replay_cap: usize, max: u64) -> Result<Self, BoxError> {
+        let mut data = BytesMut::new();
+        let mut trailers = None;
+        let mut chunks = VecDeque::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            match frame.into_data() {
+                Ok(bytes) => {
+                    if (data.len() + bytes.len()) as u64 > max {
+                        return Err(BodyTooLarge.into());
+                    }
+                    data.extend_from_slice(&bytes);
+                    chunks.push_back(bytes);
+                    if data.len() > replay_cap {
+                        return Ok(RequestBody::Streaming(Streaming {
+                            seen: data.len() as u64,
+                            read: chunks,
+                            rest: Some(body),
+                            max,
+                        }));
+                    }
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        Ok(RequestBody::Replayable {
+            data: data.freeze(),
+            trailers,
+        })
+    }
+
+    /// An empty body (requests that declare none).
+    pub fn empty() -> Self {
+        RequestBody::Replayable {
+            data: Bytes::new(),
+            trailers: None,
+        }
+    }
+
+    /// Whether a second attempt can send the body again.
+    pub fn is_replayable(&self) -> bool {
+        matches!(self, RequestBody::Replayable { .. })
+    }
+
+    /// The body for the next attempt: a copy when replayable, else the
+    /// stream itself the first time and `None` after.
+    pub fn take(&mut self) -> Option<ProxyBody> {
+        match self {
+            RequestBody::Replayable { data, trailers } => Some(
+                Replay {
+                    data: Some(data.clone()).filter(|d| !d.is_empty()),
+                    trailers: trailers.clone(),
+                }
+                .boxed(),
+            ),
+            RequestBody::Streaming(s) => {
+                let rest = s.rest.take()?;
+                Some(
+                    Streaming {
+                        seen: s.seen,
+                        read: std::mem::take(&mut s.read),
+                        rest: Some(rest),
+                        max: s.max,
+                    }
+                    .boxed(),
+                )
+            }
+        }
+    }
+}
+
+/// A kept body, sent once more.
+#[derive(Debug)]
+struct Replay {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// What was read already, then the rest of the client's body, counted.
+#[derive(Debug)]
+pub struct Streaming {
+    seen: u64,
+    read: VecDeque<Bytes>,
+    rest: Option<Incoming>,
+    max: u64,
+}
+
+impl Body for Streaming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.read.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        let Some(rest) = self.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(rest).poll_frame(cx));
+        Poll::Ready(match frame {
+            None => {
+                self.rest = None;
+                None
+            }
+            Some(Err(e)) => Some(Err(e.into())),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.seen += data.len() as u64;
+                    if self.seen > self.max {
+                        self.rest = None;
+                        return Poll::Ready(Some(Err(BodyTooLarge.into())));
+                    }
+                }
+                Some(Ok(frame))
+            }
+        })
+    }
+}
+
+/// Whether `err` or anything it wraps is [`BodyTooLarge`].
+pub fn is_body_too_large(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.is::<BodyTooLarge>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}

@@ -1,0 +1,61 @@
+//! State changes (breakers, endpoint health) as a broadcast stream, for
+//! `GET /events` and the logs.
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// One state change.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A breaker changed state.
+    Circuit {
+        /// The upstream.
+        upstream: String,
+        /// State before.
+        from: &'static str,
+        /// State after.
+        to: &'static str,
+        /// Why.
+        reason: String,
+        /// When (RFC 3339).
+        timestamp: String,
+    },
+    /// An endpoint passed or failed its health checks.
+    Endpoint {
+        /// The upstream.
+        upstream: String,
+        /// `http://host:port`.
+        endpoint: String,
+        /// Its new health.
+        healthy: bool,
+        /// When (RFC 3339).
+        timestamp: String,
+    },
+}
+
+/// The sender side; subscribers that fall behind lose the oldest events.
+#[derive(Debug, Clone)]
+pub struct Events {
+    sender: broadcast::Sender<Event>,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            sender: broadcast::channel(256).0,
+        }
+    }
+}
+
+impl Events {
+    /// Sends to every subscriber (none is fine).
+    pub fn send(&self, event: Event) {
+        let _ = self.sender.send(event);
+    }
+
+    /// A new subscription.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.sender.subscribe()
+    }
+}

@@ -1,0 +1,208 @@
+//! The gateway's Prometheus metrics (names as in DESIGN.md).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tidegate_resilience::breaker::CircuitState;
+
+/// Labels of `tidegate_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route name (`none` when nothing matched).
+    pub route: String,
+    /// Upstream name (`none` when nothing matched).
+    pub upstream: String,
+    /// Request method.
+    pub method: String,
+    /// Response status.
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    upstream: String,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    upstream: String,
+    from: &'static str,
+    to: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    upstream: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    upstream: String,
+    endpoint: String,
+}
+
+/// Every gateway metric, registered once.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabels, Histogram>,
+    attempts: Family<UpstreamLabels, Counter>,
+    retries: Family<UpstreamLabels, Counter>,
+    circuit_state: Family<StateLabels, Gauge>,
+    transitions: Family<TransitionLabels, Counter>,
+    rejections: Family<RejectionLabels, Counter>,
+    endpoint_healthy: Family<EndpointLabels, Gauge>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let attempts = Family::default();
+        let retries = Family::default();
+        let circuit_state = Family::default();
+        let transitions = Family::default();
+        let rejections = Family::default();
+        let endpoint_healthy = Family::default();
+        registry.register("tidegate_requests", "Requests answered", requests.clone());
+        registry.register(
+            "tidegate_request_duration_seconds",
+            "Time from request to response head",
+            duration.clone(),
+        );
+        registry.register("tidegate_upstream_attempts", "Attempts sent upstream", attempts.clone());
+        registry.register("tidegate_retries", "Attempts after the first", retries.clone());
+        registry.register(
+            "tidegate_circuit_state",
+            "1 for the breaker's current state",
+            circuit_state.clone(),
+        );
+        registry.register(
+            "tidegate_circuit_transitions",
+            "Breaker state changes",
+            transitions.clone(),
+        );
+        registry.register(
+            "tidegate_rejections",
+            "Requests refused by a local policy",
+            rejections.clone(),
+        );
+        registry.register(
+            "tidegate_endpoint_healthy",
+            "1 when the endpoint passes its health checks",
+            endpoint_healthy.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            attempts,
+            retries,
+            circuit_state,
+            transitions,
+            rejections,
+            endpoint_healthy,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one answered request and its time to response head.
+    pub fn request(&self, labels: RequestLabels, seconds: f64) {
+        self.duration
+            .get_or_create(&RouteLabels {
+                route: labels.route.clone(),
+                upstream: labels.upstream.clone(),
+            })
+            .observe(seconds);
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts the attempts one request made upstream.
+    pub fn attempts(&self, upstream: &str, attempts: u32) {
+        if attempts == 0 {
+            return;
+        }
+        let labels = UpstreamLabels {
+            upstream: upstream.to_owned(),
+        };
+        self.attempts.get_or_create(&labels).inc_by(u64::from(attempts));
+        if attempts > 1 {
+            self.retries.get_or_create(&labels).inc_by(u64::from(attempts - 1));
+        }
+    }
+
+    /// Counts a local rejection (`circuit_open`, `bulkhead_full`, …).
+    pub fn rejection(&self, upstream: &str, reason: &'static str) {
+        self.rejections
+            .get_or_create(&RejectionLabels {
+                upstream: upstream.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Sets the breaker state gauges of `upstream`: 1 for `state`, 0 for the rest.
+    pub fn circuit_state(&self, upstream: &str, state: &'static str) {
+        for s in CircuitState::ALL.map(CircuitState::as_str) {
+            self.circuit_state
+                .get_or_create(&StateLabels {
+                    upstream: upstream.to_owned(),
+                    state: s,
+                })
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Counts a breaker transition.
+    pub fn transition(&self, upstream: &str, from: &'static str, to: &'static str) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                upstream: upstream.to_owned(),
+                from,
+                to,
+            })
+            .inc();
+    }
+
+    /// Sets whether an endpoint is healthy.
+    pub fn endpoint_healthy(&self, upstream: &str, endpoint: &str, healthy: bool) {
+        self.endpoint_healthy
+            .get_or_create(&EndpointLabels {
+                upstream: upstream.to_owned(),
+                endpoint: endpoint.to_owned(),
+            })
+            .set(i64::from(healthy));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,76 @@
+//! Route matching: the longest path prefix wins; among equal prefixes, the
+//! route with more conditions (methods, headers), then the first declared.
+
+use http::request::Parts;
+
+use crate::config::RouteConfig;
+
+/// Routes in matching order.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<RouteConfig>,
+}
+
+impl Router {
+    /// Orders `routes` for matching.
+    pub fn new(mut routes: Vec<RouteConfig>) -> Self {
+        // A stable sort keeps file order among equals.
+        routes.sort_by_key(|r| {
+            let conditions = usize::from(!r.methods.is_empty()) + r.headers.len();
+            std::cmp::Reverse((r.path_prefix.len(), conditions))
+        });
+        Router { routes }
+    }
+
+    /// The route for a request, if any.
+    pub fn route(&self, parts: &Parts) -> Option<&RouteConfig> {
+        let path = parts.uri.path();
+        self.routes.iter().find(|r| {
+            prefix_matches(&r.path_prefix, path)
+                && (r.methods.is_empty() || r.methods.contains(&parts.method))
+                && r.headers
+                    .iter()
+                    .all(|(name, value)| parts.headers.get_all(name).iter().any(|v| v == value))
+        })
+    }
+}
+
+/// `/api` matches `/api`, `/api/x`, not `/apis`; `/api/` and `/` match what starts with them.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The path sent upstream when the route strips its prefix: never empty.
+pub fn strip(prefix: &str, path: &str) -> String {
+    let rest = path.strip_prefix(prefix.trim_end_matches('/')).unwrap_or(path);
+    if rest.starts_with('/') {
+        rest.to_owned()
+    } else {
+        format!("/{rest}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_at_segment_boundaries() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/v1"));
+        assert!(!prefix_matches("/api", "/apis"));
+        assert!(prefix_matches("/api/", "/api/x"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn stripping_leaves_a_path() {
+        assert_eq!(strip("/api", "/api"), "/");
+        assert_eq!(strip("/api", "/api/v1/x"), "/v1/x");
+        assert_eq!(strip("/api/", "/api/v1"), "/v1");
+        assert_eq!(strip("/", "/x"), "/x");
+    }
+}

@@ -1,0 +1,185 @@
+//! Listeners: the proxy (HTTP/1.1 and h2c on one port) and the admin API;
+//! connection limits, header read timeout, graceful shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::events::Event;
+use crate::proxy::Gateway;
+
+/// A gateway that is serving.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the routes are served.
+    pub addr: SocketAddr,
+    /// Where the admin API is served.
+    pub admin_addr: SocketAddr,
+    /// The shared state.
+    pub gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// Binds both listeners and starts serving, health checks and breaker watchers.
+pub async fn start(config: Config) -> Result<Running, String> {
+    let listen = config.gateway.listen;
+    let admin_listen = config.gateway.admin_listen;
+    let gateway = Gateway::new(config)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen} (gateway.listen): {e}"))?;
+    let admin = TcpListener::bind(admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {admin_listen} (gateway.admin_listen): {e}"))?;
+    if !admin_listen.ip().is_loopback() {
+        tracing::warn!(%admin_listen, "the admin API is reachable from other machines");
+    }
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(serve_proxy(gateway.clone(), listener, stopped.clone()));
+    let mut admin_stop = stopped.clone();
+    let app = crate::admin::router(gateway.clone());
+    tasks.spawn(async move {
+        let shutdown = async move { until_stopped(&mut admin_stop).await };
+        if let Err(e) = axum::serve(admin, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    let mut health = crate::health::spawn(&gateway);
+    let mut health_stop = stopped.clone();
+    tasks.spawn(async move {
+        until_stopped(&mut health_stop).await;
+        health.shutdown().await;
+    });
+    for index in 0..gateway.upstreams.len() {
+        tasks.spawn(watch_breaker(gateway.clone(), index, stopped.clone()));
+    }
+    tracing::info!(%addr, %admin_addr, "tidegate is serving");
+    Ok(Running {
+        addr,
+        admin_addr,
+        gateway,
+        stop,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish within
+    /// `drain_timeout`, then returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_proxy(gateway: Arc<Gateway>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+    let settings = &gateway.settings;
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = until_stopped(&mut stopped) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = until_stopped(&mut stopped) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let builder = builder.clone();
+        let mut stop = stopped.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |req| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, Infallible>(gateway.handle(req, peer).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = until_stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    // Every connection gives its slot back when it ends.
+    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(settings.drain_timeout, slots.acquire_many(all)).await.is_err() {
+        tracing::warn!("drain timeout passed with requests still in flight");
+    }
+}
+
+/// Logs breaker transitions, counts them and sends them to `/events`.
+async fn watch_breaker(gateway: Arc<Gateway>, index: usize, mut stopped: watch::Receiver<bool>) {
+    let upstream = &gateway.upstreams[index];
+    let Some(breaker) = upstream.pipeline.circuit_breaker() else {
+        return;
+    };
+    let mut changes = breaker.subscribe();
+    loop {
+        let change = tokio::select! {
+            change = changes.recv() => change,
+            _ = until_stopped(&mut stopped) => return,
+        };
+        let change = match change {
+            Ok(change) => change,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let (from, to) = (change.from.as_str(), change.to.as_str());
+        tracing::warn!(upstream = upstream.name(), from, to, reason = %change.reason, "circuit breaker changed state");
+        gateway.metrics.transition(upstream.name(), from, to);
+        gateway.metrics.circuit_state(upstream.name(), to);
+        gateway.events.send(Event::Circuit {
+            upstream: upstream.name().to_owned(),
+            from,
+            to,
+            reason: change.reason.to_string(),
+            timestamp: crate::clock::instant_rfc3339(change.at),
+        });
+    }
+}
+
+/// Resolves once shutdown has begun (or the sender is gone).
+async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}

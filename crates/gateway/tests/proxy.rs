@@ -1,0 +1,211 @@
+//! The proxy against real upstream servers on 127.0.0.1:0.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use support::{admin, gateway, url};
+use tidegate_testkit::{channel_body, full, get, send, text, Upstream};
+
+fn one_upstream(upstream: &Upstream, extra: &str) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "svc"
+endpoints = ["{}"]
+[upstreams.policy.retry]
+base_delay = "1ms"
+max_delay = "5ms"
+{extra}
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+strip_prefix = true
+upstream = "svc"
+"#,
+        upstream.url()
+    )
+}
+
+#[tokio::test]
+async fn routes_by_prefix_strips_it_and_sets_forwarding_headers() {
+    let upstream = Upstream::start(|req| async move { text(200, req.uri().path()) }).await;
+    let gw = gateway(&one_upstream(&upstream, "")).await;
+
+    let answer = send(
+        Request::get(url(&gw, "/api/items/7?x=1"))
+            .header("x-correlation-id", "req-42")
+            .header("x-internal-token", "forged")
+            .header("connection", "x-private")
+            .header("x-private", "secret")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "/items/7");
+    assert_eq!(answer.headers["x-correlation-id"], "req-42");
+
+    let seen = &upstream.received()[0];
+    assert_eq!(seen.uri, "/items/7?x=1");
+    assert_eq!(seen.headers["x-correlation-id"], "req-42");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert!(seen.headers["traceparent"].to_str().unwrap().starts_with("00-"));
+    assert!(!seen.headers.contains_key("x-internal-token"), "client copies are stripped");
+    assert!(!seen.headers.contains_key("x-private"), "headers named in Connection are stripped");
+
+    let answer = get(&url(&gw, "/apis")).await;
+    assert_eq!(answer.status, 404, "prefixes match whole segments");
+    assert_eq!(answer.json()["error"], "no route matches this request");
+    assert_eq!(answer.json()["request_id"].as_str().unwrap().len(), 32);
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_get_is_retried_and_a_post_is_not() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let upstream = Upstream::start(move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n % 3 < 2 {
+                text(503, "busy")
+            } else {
+                text(200, "ok")
+            }
+        }
+    })
+    .await;
+    let gw = gateway(&one_upstream(&upstream, "")).await;
+
+    let answer = get(&url(&gw, "/api/x")).await;
+    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "ok"));
+    assert_eq!(upstream.hits(), 3, "two 503s, then the answer");
+
+    let answer = send(Request::post(url(&gw, "/api/x")).body(full("{}")).unwrap()).await;
+    assert_eq!(answer.status, 503, "the upstream's own answer comes back");
+    assert_eq!(answer.body, "busy");
+    assert_eq!(upstream.hits(), 4, "a POST that reached the upstream is not sent again");
+
+    let answer = send(
+        Request::post(url(&gw, "/api/x"))
+            .header("idempotency-key", "k1")
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "with an Idempotency-Key it is (hits {})", upstream.hits());
+    assert_eq!(upstream.hits(), 6);
+}
+
+#[tokio::test]
+async fn connection_refused_gives_502_after_retries() {
+    let gone = Upstream::start(|_| async { text(200, "") }).await;
+    let addr = gone.url();
+    drop(gone);
+    let config = format!(
+        r#"
+[[upstreams]]
+name = "svc"
+endpoints = ["{addr}"]
+[upstreams.policy.retry]
+base_delay = "1ms"
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstream = "svc"
+"#
+    );
+    let gw = gateway(&config).await;
+    let answer = send(Request::post(url(&gw, "/x")).body(full("body")).unwrap()).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.json()["service"], "svc");
+}
+
+#[tokio::test]
+async fn the_breaker_opens_then_rejects_without_calling_the_upstream() {
+    let upstream = Upstream::start(|_| async { text(500, "boom") }).await;
+    let gw = gateway(&one_upstream(
+        &upstream,
+        "[upstreams.policy.circuit_breaker]\nconsecutive_failures = 3\nopen_duration = \"60s\"",
+    ))
+    .await;
+    for _ in 0..3 {
+        assert_eq!(get(&url(&gw, "/api")).await.status, 500);
+    }
+    assert_eq!(upstream.hits(), 3);
+    let answer = get(&url(&gw, "/api")).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.json()["error"], "circuit breaker is open");
+    let retry_after: u64 = answer.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((59..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(upstream.hits(), 3, "no call reached the upstream");
+
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    assert_eq!(status["services"]["svc"]["state"], "open");
+    let metrics = get(&admin(&gw, "/metrics")).await.body;
+    assert!(metrics.contains(r#"tidegate_circuit_state{upstream="svc",state="open"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"tidegate_rejections_total{upstream="svc",reason="circuit_open"} 1"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn sse_events_arrive_as_the_upstream_writes_them() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let upstream = Upstream::start(move |_| {
+        let (sender, body) = channel_body();
+        let _ = tx.lock().unwrap().take().map(|tx| tx.send(sender));
+        async move {
+            let mut response = http::Response::new(body);
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            response
+        }
+    })
+    .await;
+    let gw = gateway(&one_upstream(&upstream, "")).await;
+    let response = tidegate_testkit::client()
+        .request(Request::get(url(&gw, "/api/stream")).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let sender = rx.await.unwrap();
+    let mut body = response.into_body();
+    for i in 0..3 {
+        let event = Bytes::from(format!("data: {i}\n\n"));
+        sender.send(event.clone()).await.unwrap();
+        // The next frame must be this event, before the upstream writes another.
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the event was held back")
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.into_data().unwrap(), event);
+    }
+    drop(sender);
+    assert!(body.frame().await.is_none());
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge() {
+    let upstream = Upstream::start(|req| async move { text(200, &format!("{:?}", req.version())) }).await;
+    let gw = gateway(&one_upstream(&upstream, "")).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<tidegate_testkit::Body>();
+    let response = client
+        .request(Request::get(url(&gw, "/api")).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "HTTP/1.1", "the upstream hop is HTTP/1.1");
+}
