@@ -40,7 +40,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 fn json_response(status: StatusCode, value: &Value) -> Response {
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         value.to_string(),
     )
         .into_response()
@@ -125,7 +128,9 @@ async fn status(State(gateway): State<Arc<Gateway>>) -> Response {
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     for u in &gateway.upstreams {
         if let Some(breaker) = u.pipeline.circuit_breaker() {
-            gateway.metrics.circuit_state(u.name(), breaker.state().as_str());
+            gateway
+                .metrics
+                .circuit_state(u.name(), breaker.state().as_str());
         }
     }
     (
@@ -138,7 +143,9 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
-async fn events(State(gateway): State<Arc<Gateway>>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+async fn events(
+    State(gateway): State<Arc<Gateway>>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let receiver = gateway.events.subscribe();
     let stream = stream::unfold(receiver, |mut receiver| async move {
         loop {

@@ -104,8 +104,11 @@ pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
 /// `(trace-id, flags)` of a valid version-00 traceparent.
 fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
     let mut parts = v.split('-');
-    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
     let valid = version == "00"
         && parts.next().is_none()
         && hex(trace, 32)
@@ -147,7 +150,10 @@ mod tests {
     #[test]
     fn connection_named_headers_are_stripped() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -162,9 +168,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&CORRELATION_ID, HeaderValue::from_static("abc-123"));
         assert_eq!(correlation_id(&h), "abc-123");
-        h.insert(&CORRELATION_ID, HeaderValue::from_static("bad id with spaces"));
+        h.insert(
+            &CORRELATION_ID,
+            HeaderValue::from_static("bad id with spaces"),
+        );
         assert_eq!(correlation_id(&h).len(), 32);
-        h.insert(&CORRELATION_ID, HeaderValue::from_str(&"a".repeat(129)).unwrap());
+        h.insert(
+            &CORRELATION_ID,
+            HeaderValue::from_str(&"a".repeat(129)).unwrap(),
+        );
         assert_eq!(correlation_id(&h).len(), 32);
     }
 

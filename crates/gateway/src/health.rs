@@ -43,11 +43,14 @@ async fn check_endpoint(gateway: Arc<Gateway>, u: usize, e: usize) {
         ticks.tick().await;
         let mut request = Request::new(body::empty());
         *request.uri_mut() = uri.clone();
-        request
-            .headers_mut()
-            .insert(http::header::USER_AGENT, http::HeaderValue::from_static("tidegate-health-check"));
+        request.headers_mut().insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("tidegate-health-check"),
+        );
         let ok = match timeout(config.timeout, gateway.client().request(request)).await {
-            Ok(Ok(response)) => response.status().is_success() || response.status() == StatusCode::NO_CONTENT,
+            Ok(Ok(response)) => {
+                response.status().is_success() || response.status() == StatusCode::NO_CONTENT
+            }
             _ => false,
         };
         if ok {
@@ -71,7 +74,9 @@ async fn check_endpoint(gateway: Arc<Gateway>, u: usize, e: usize) {
                 } else {
                     tracing::warn!(upstream = upstream.name(), endpoint = %endpoint.label, "endpoint failed its health checks");
                 }
-                gateway.metrics.endpoint_healthy(upstream.name(), &endpoint.label, healthy);
+                gateway
+                    .metrics
+                    .endpoint_healthy(upstream.name(), &endpoint.label, healthy);
                 gateway.events.send(Event::Endpoint {
                     upstream: upstream.name().to_owned(),
                     endpoint: endpoint.label.clone(),

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod events;
 pub mod headers;
 pub mod health;

@@ -93,8 +93,16 @@ impl Default for Metrics {
             "Time from request to response head",
             duration.clone(),
         );
-        registry.register("tidegate_upstream_attempts", "Attempts sent upstream", attempts.clone());
-        registry.register("tidegate_retries", "Attempts after the first", retries.clone());
+        registry.register(
+            "tidegate_upstream_attempts",
+            "Attempts sent upstream",
+            attempts.clone(),
+        );
+        registry.register(
+            "tidegate_retries",
+            "Attempts after the first",
+            retries.clone(),
+        );
         registry.register(
             "tidegate_circuit_state",
             "1 for the breaker's current state",
@@ -149,9 +157,13 @@ impl Metrics {
         let labels = UpstreamLabels {
             upstream: upstream.to_owned(),
         };
-        self.attempts.get_or_create(&labels).inc_by(u64::from(attempts));
+        self.attempts
+            .get_or_create(&labels)
+            .inc_by(u64::from(attempts));
         if attempts > 1 {
-            self.retries.get_or_create(&labels).inc_by(u64::from(attempts - 1));
+            self.retries
+                .get_or_create(&labels)
+                .inc_by(u64::from(attempts - 1));
         }
     }
 

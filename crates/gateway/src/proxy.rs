@@ -65,11 +65,14 @@ impl Gateway {
         let internal_token = match &config.gateway.internal_token_env {
             None => None,
             Some(var) => match std::env::var(var) {
-                Ok(token) => Some(
-                    HeaderValue::from_str(&token)
-                        .map_err(|_| format!("environment variable {var} is not a valid header value"))?,
-                ),
-                Err(_) => return Err(format!("environment variable {var} (gateway.internal_token_env) is not set")),
+                Ok(token) => Some(HeaderValue::from_str(&token).map_err(|_| {
+                    format!("environment variable {var} is not a valid header value")
+                })?),
+                Err(_) => {
+                    return Err(format!(
+                        "environment variable {var} (gateway.internal_token_env) is not set"
+                    ))
+                }
             },
         };
         let metrics = Arc::new(Metrics::default());
@@ -103,7 +106,11 @@ impl Gateway {
     }
 
     /// Answers one client request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         let request_id = headers::correlation_id(req.headers());
         let method = req.method().clone();
@@ -112,11 +119,16 @@ impl Gateway {
             upstream: "none",
             attempts: 0,
         };
-        let mut response = match self.route_and_forward(req, client, &request_id, &mut log).await {
+        let mut response = match self
+            .route_and_forward(req, client, &request_id, &mut log)
+            .await
+        {
             Ok(response) => response,
             Err(reply) => reply.into_response(&request_id),
         };
-        response.headers_mut().insert(&CORRELATION_ID, request_id.clone());
+        response
+            .headers_mut()
+            .insert(&CORRELATION_ID, request_id.clone());
         let status = response.status();
         let elapsed = start.elapsed();
         self.metrics.request(
@@ -150,15 +162,22 @@ impl Gateway {
         log: &mut Access<'a>,
     ) -> Result<Response<ProxyBody>, Reply> {
         if req.method() == Method::CONNECT {
-            return Err(Reply::new(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported: this is not an open proxy"));
+            return Err(Reply::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not supported: this is not an open proxy",
+            ));
         }
         let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
             + req.uri().authority().map_or(0, |a| a.as_str().len());
         if target_len > self.settings.max_uri_bytes {
-            return Err(Reply::new(StatusCode::URI_TOO_LONG, "request target too long"));
+            return Err(Reply::new(
+                StatusCode::URI_TOO_LONG,
+                "request target too long",
+            ));
         }
         let (mut parts, incoming) = {
-            let on_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+            let on_upgrade =
+                headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
             let (mut parts, incoming) = req.into_parts();
             if let Some(on_upgrade) = on_upgrade {
                 parts.extensions.insert(on_upgrade);
@@ -166,7 +185,10 @@ impl Gateway {
             (parts, incoming)
         };
         let Some(route) = self.router.route(&parts) else {
-            return Err(Reply::new(StatusCode::NOT_FOUND, "no route matches this request"));
+            return Err(Reply::new(
+                StatusCode::NOT_FOUND,
+                "no route matches this request",
+            ));
         };
         let upstream = &self.upstreams[route.upstream];
         let in_flight = InFlight::new(upstream);
@@ -180,12 +202,19 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max_body) {
-            return Err(Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large").service(upstream.name()));
+            return Err(
+                Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+                    .service(upstream.name()),
+            );
         }
         if !upstream.has_healthy_endpoint() {
             upstream.rejections.fetch_add(1, Ordering::Relaxed);
-            self.metrics.rejection(upstream.name(), "no_healthy_endpoint");
-            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint").service(upstream.name()));
+            self.metrics
+                .rejection(upstream.name(), "no_healthy_endpoint");
+            return Err(
+                Reply::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint")
+                    .service(upstream.name()),
+            );
         }
         let mut body = if incoming.is_end_stream() {
             RequestBody::empty()
@@ -203,7 +232,8 @@ impl Gateway {
         };
 
         let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        let idempotent = is_idempotent(&parts.method) || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
+        let idempotent =
+            is_idempotent(&parts.method) || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
         let template = self.upstream_head(&mut parts, route, client, request_id, upgrade.is_some());
         let attempts = AtomicU32::new(0);
         let result = upstream
@@ -241,15 +271,20 @@ impl Gateway {
         headers::strip_hop_by_hop(&mut headers, upgrade);
         headers.remove(&headers::INTERNAL_TOKEN);
         headers.remove(&headers::DEADLINE_MS);
-        let host = headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let host = headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         if let Some(host) = host {
             headers.insert(&headers::FORWARDED_HOST, host.clone());
             headers.insert(header::HOST, host);
         }
-        let forwarded_for = match headers.get(&headers::FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        let forwarded_for = match headers
+            .get(&headers::FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
             Some(before) => format!("{before}, {}", client.ip()),
             None => client.ip().to_string(),
         };
@@ -303,12 +338,17 @@ impl Gateway {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         let sent = self.client.request(request);
         let result = match upstream.attempt_timeout {
-            Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| AttemptError::Timeout { retryable }),
+            Some(limit) => tokio::time::timeout(limit, sent)
+                .await
+                .map_err(|_| AttemptError::Timeout { retryable }),
             None => Ok(sent.await),
         };
         endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         match result? {
-            Ok(response) if is_retryable_status(response.status()) => Err(AttemptError::Status { response, retryable }),
+            Ok(response) if is_retryable_status(response.status()) => Err(AttemptError::Status {
+                response,
+                retryable,
+            }),
             Ok(response) => Ok(response),
             Err(e) if is_body_too_large(&e) => Err(AttemptError::BodyTooLarge),
             Err(e) if e.is_connect() => Err(AttemptError::Connect(e)),
@@ -330,22 +370,40 @@ impl Gateway {
             Reply::new(status, text).service(name)
         };
         if err.is_circuit_open() {
-            let reply = reject("circuit_open", StatusCode::SERVICE_UNAVAILABLE, "circuit breaker is open");
+            let reply = reject(
+                "circuit_open",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "circuit breaker is open",
+            );
             return Err(reply.retry_after(err.retry_after()));
         }
         if err.is_bulkhead_full() {
-            return Err(reject("bulkhead_full", StatusCode::SERVICE_UNAVAILABLE, "too many concurrent requests"));
+            return Err(reject(
+                "bulkhead_full",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many concurrent requests",
+            ));
         }
         if err.is_throttled() {
-            return Err(reject("throttled", StatusCode::SERVICE_UNAVAILABLE, "upstream is overloaded; request shed"));
+            return Err(reject(
+                "throttled",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream is overloaded; request shed",
+            ));
         }
         if err.is_rate_limited() {
-            let reply = reject("rate_limited", StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+            let reply = reject(
+                "rate_limited",
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limit exceeded",
+            );
             return Err(reply.retry_after(err.retry_after()));
         }
         let timed_out = err.is_timeout()
             || err.is_deadline_exceeded()
-            || err.last_error().is_some_and(|l| l.is_timeout() || l.is_deadline_exceeded());
+            || err
+                .last_error()
+                .is_some_and(|l| l.is_timeout() || l.is_deadline_exceeded());
         match err.into_inner() {
             Some(AttemptError::Status { response, .. }) => Ok(downstream(in_flight, response)),
             Some(AttemptError::Connect(e)) => {
@@ -359,11 +417,17 @@ impl Gateway {
             Some(AttemptError::BodyGone) => {
                 Err(Reply::new(StatusCode::BAD_GATEWAY, "upstream unreachable").service(name))
             }
-            Some(AttemptError::BodyTooLarge) => {
-                Err(Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large").service(name))
+            Some(AttemptError::BodyTooLarge) => Err(Reply::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+            )
+            .service(name)),
+            Some(AttemptError::Timeout { .. }) => {
+                Err(Reply::new(StatusCode::GATEWAY_TIMEOUT, "upstream timed out").service(name))
             }
-            Some(AttemptError::Timeout { .. }) => Err(Reply::new(StatusCode::GATEWAY_TIMEOUT, "upstream timed out").service(name)),
-            None if timed_out => Err(Reply::new(StatusCode::GATEWAY_TIMEOUT, "upstream timed out").service(name)),
+            None if timed_out => {
+                Err(Reply::new(StatusCode::GATEWAY_TIMEOUT, "upstream timed out").service(name))
+            }
             None => Err(Reply::new(StatusCode::BAD_GATEWAY, "upstream failed").service(name)),
         }
     }
@@ -381,8 +445,6 @@ fn downstream(in_flight: InFlight, response: Response<Incoming>) -> Response<Pro
     };
     Response::from_parts(parts, body.boxed())
 }
-
-
 
 #[derive(Debug)]
 struct Access<'a> {
@@ -408,14 +470,18 @@ impl Template {
         let mut head = self.0.clone();
         if let Some(left) = remaining {
             let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-            head.headers.insert(&headers::DEADLINE_MS, HeaderValue::from(ms));
+            head.headers
+                .insert(&headers::DEADLINE_MS, HeaderValue::from(ms));
         }
         head
     }
 }
 
 fn is_idempotent(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// Joins the client's and the upstream's upgraded connections.
@@ -463,7 +529,10 @@ impl Body for Tracked {
     type Data = Bytes;
     type Error = body::BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
     }
 
@@ -516,15 +585,17 @@ impl Reply {
         });
         let mut response = Response::new(body::full(json.to_string()));
         *response.status_mut() = self.status;
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(after) = self.retry_after {
             // Whole seconds, rounded up, at least 1.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
     }
 }
-

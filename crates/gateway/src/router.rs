@@ -45,7 +45,9 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 /// The path sent upstream when the route strips its prefix: never empty.
 pub fn strip(prefix: &str, path: &str) -> String {
-    let rest = path.strip_prefix(prefix.trim_end_matches('/')).unwrap_or(path);
+    let rest = path
+        .strip_prefix(prefix.trim_end_matches('/'))
+        .unwrap_or(path);
     if rest.starts_with('/') {
         rest.to_owned()
     } else {

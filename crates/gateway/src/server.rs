@@ -53,7 +53,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let app = crate::admin::router(gateway.clone());
     tasks.spawn(async move {
         let shutdown = async move { until_stopped(&mut admin_stop).await };
-        if let Err(e) = axum::serve(admin, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(admin, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(error = %e, "admin server failed");
         }
     });
@@ -85,7 +88,11 @@ impl Running {
     }
 }
 
-async fn serve_proxy(gateway: Arc<Gateway>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+async fn serve_proxy(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    mut stopped: watch::Receiver<bool>,
+) {
     let settings = &gateway.settings;
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -143,7 +150,10 @@ async fn serve_proxy(gateway: Arc<Gateway>, listener: TcpListener, mut stopped: 
     drop(listener);
     // Every connection gives its slot back when it ends.
     let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(settings.drain_timeout, slots.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout(settings.drain_timeout, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout passed with requests still in flight");
     }
 }

@@ -50,9 +50,13 @@ impl std::fmt::Display for AttemptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AttemptError::Connect(e) => write!(f, "connect failed: {}", source_text(e)),
-            AttemptError::Request { error, .. } => write!(f, "upstream request failed: {}", source_text(error)),
+            AttemptError::Request { error, .. } => {
+                write!(f, "upstream request failed: {}", source_text(error))
+            }
             AttemptError::Timeout { .. } => f.write_str("upstream timed out"),
-            AttemptError::Status { response, .. } => write!(f, "upstream answered {}", response.status()),
+            AttemptError::Status { response, .. } => {
+                write!(f, "upstream answered {}", response.status())
+            }
             AttemptError::BodyTooLarge => f.write_str("request body too large"),
             AttemptError::BodyGone => f.write_str("request body already sent"),
         }
@@ -178,7 +182,9 @@ fn classify(result: &Result<Response<Incoming>, AttemptError>) -> Outcome {
     match result {
         Ok(response) if response.status().is_server_error() => Outcome::Failure,
         Ok(_) => Outcome::Success,
-        Err(AttemptError::Status { response, .. }) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+        Err(AttemptError::Status { response, .. })
+            if response.status() == StatusCode::TOO_MANY_REQUESTS =>
+        {
             Outcome::Ignore
         }
         Err(AttemptError::BodyTooLarge | AttemptError::BodyGone) => Outcome::Ignore,
@@ -194,9 +200,12 @@ fn retry_on(result: &Result<Response<Incoming>, Error<AttemptError>>) -> RetryAc
     };
     match err.inner() {
         Some(AttemptError::Connect(_)) => RetryAction::Retry,
-        Some(AttemptError::Request { retryable: true, .. } | AttemptError::Timeout { retryable: true }) => {
-            RetryAction::Retry
-        }
+        Some(
+            AttemptError::Request {
+                retryable: true, ..
+            }
+            | AttemptError::Timeout { retryable: true },
+        ) => RetryAction::Retry,
         Some(AttemptError::Status {
             response,
             retryable: true,
@@ -211,6 +220,12 @@ fn retry_on(result: &Result<Response<Incoming>, Error<AttemptError>>) -> RetryAc
 
 /// A `Retry-After` in seconds (the HTTP-date form is not honoured).
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    let secs: u64 = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(Duration::from_secs(secs))
 }

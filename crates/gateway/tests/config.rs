@@ -49,11 +49,21 @@ fn err(text: &str) -> String {
 fn a_good_config_is_typed_and_merged_with_defaults() {
     let config = ok(GOOD);
     assert_eq!(config.gateway.drain_timeout, Duration::from_secs(5));
-    assert_eq!(config.gateway.max_header_bytes, 65_536, "defaults fill the rest");
+    assert_eq!(
+        config.gateway.max_header_bytes, 65_536,
+        "defaults fill the rest"
+    );
     let kb = &config.upstreams[0];
     assert_eq!(kb.endpoints[1].to_string(), "http://localhost:80");
-    assert_eq!(kb.policy.retry.max_attempts, 2, "the upstream's own key wins");
-    assert_eq!(kb.policy.retry.base_delay, Duration::from_millis(50), "the rest comes from defaults");
+    assert_eq!(
+        kb.policy.retry.max_attempts, 2,
+        "the upstream's own key wins"
+    );
+    assert_eq!(
+        kb.policy.retry.base_delay,
+        Duration::from_millis(50),
+        "the rest comes from defaults"
+    );
     assert_eq!(kb.policy.timeout, Some(Duration::from_secs(2)));
     assert_eq!(kb.health_check.as_ref().unwrap().unhealthy_threshold, 3);
     assert_eq!(config.upstreams[1].policy.retry.max_attempts, 3);
@@ -65,22 +75,35 @@ fn a_good_config_is_typed_and_merged_with_defaults() {
 
 #[test]
 fn unknown_keys_point_at_the_key() {
-    let text = GOOD.replace("strip_prefix = true", "strip_prefix = true\nstrip_prefx = false");
+    let text = GOOD.replace(
+        "strip_prefix = true",
+        "strip_prefix = true\nstrip_prefx = false",
+    );
     assert_eq!(
         err(&text),
         "t.toml:29:1: routes[0].strip_prefx: unknown field `strip_prefx`, expected one of `name`, `path_prefix`, `strip_prefix`, `methods`, `headers`, `upstream`, `max_body_bytes`"
     );
     let text = GOOD.replace("[upstreams.policy.retry]", "[upstreams.policy.retyr]");
-    assert!(err(&text).starts_with("t.toml:18:19: upstreams[0].policy.retyr: unknown field `retyr`"), "{}", err(&text));
+    assert!(
+        err(&text).starts_with("t.toml:18:19: upstreams[0].policy.retyr: unknown field `retyr`"),
+        "{}",
+        err(&text)
+    );
 }
 
 #[test]
 fn bad_values_name_their_key() {
     let text = GOOD.replace("interval = \"5s\"", "interval = \"5 parsecs\"");
     let e = err(&text);
-    assert!(e.starts_with("t.toml:17:1: upstreams[0].health_check.interval: "), "{e}");
+    assert!(
+        e.starts_with("t.toml:17:1: upstreams[0].health_check.interval: "),
+        "{e}"
+    );
     let text = GOOD.replace("max_attempts = 2", "max_attempts = 0");
-    assert_eq!(err(&text), "t.toml:19:1: upstreams[0].policy.retry.max_attempts: must be at least 1");
+    assert_eq!(
+        err(&text),
+        "t.toml:19:1: upstreams[0].policy.retry.max_attempts: must be at least 1"
+    );
 }
 
 #[test]
@@ -94,12 +117,33 @@ fn a_bad_default_is_reported_where_it_is_written() {
 #[test]
 fn semantic_errors() {
     let cases = [
-        (GOOD.replace("upstream = \"kb\"", "upstream = \"nope\""), "t.toml:31:1: routes[0].upstream: no upstream named `nope`"),
-        (GOOD.replace("name = \"users\"", "name = \"kb\""), "t.toml:22:1: upstreams[1].name: duplicate upstream name `kb`"),
-        (GOOD.replace("endpoints = [\"http://127.0.0.1:8003\"]", "endpoints = []"), "t.toml:23:1: upstreams[1].endpoints: needs at least one endpoint"),
-        (GOOD.replace("\"http://localhost\"", "\"ftp://localhost\""), "t.toml:14:39: upstreams[0].endpoints[1]: `ftp://localhost` must start with http://"),
-        (GOOD.replace("path_prefix = \"/knowledge\"", "path_prefix = \"knowledge\""), "t.toml:27:1: routes[0].path_prefix: must be a path starting with `/`"),
-        (GOOD.replace("\"post\"", "\"PO ST\""), "t.toml:29:19: routes[0].methods[1]: `PO ST` is not an HTTP method"),
+        (
+            GOOD.replace("upstream = \"kb\"", "upstream = \"nope\""),
+            "t.toml:31:1: routes[0].upstream: no upstream named `nope`",
+        ),
+        (
+            GOOD.replace("name = \"users\"", "name = \"kb\""),
+            "t.toml:22:1: upstreams[1].name: duplicate upstream name `kb`",
+        ),
+        (
+            GOOD.replace("endpoints = [\"http://127.0.0.1:8003\"]", "endpoints = []"),
+            "t.toml:23:1: upstreams[1].endpoints: needs at least one endpoint",
+        ),
+        (
+            GOOD.replace("\"http://localhost\"", "\"ftp://localhost\""),
+            "t.toml:14:39: upstreams[0].endpoints[1]: `ftp://localhost` must start with http://",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix = \"/knowledge\"",
+                "path_prefix = \"knowledge\"",
+            ),
+            "t.toml:27:1: routes[0].path_prefix: must be a path starting with `/`",
+        ),
+        (
+            GOOD.replace("\"post\"", "\"PO ST\""),
+            "t.toml:29:19: routes[0].methods[1]: `PO ST` is not an HTTP method",
+        ),
     ];
     for (text, want) in cases {
         assert_eq!(err(&text), want);
@@ -115,13 +159,31 @@ fn syntax_errors_have_a_position() {
 #[test]
 fn environment_overrides_win_and_their_errors_name_the_variable() {
     let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
-    let config = parse(GOOD, "t.toml", env("TIDEGATE__GATEWAY__LISTEN", "127.0.0.1:9000")).unwrap();
+    let config = parse(
+        GOOD,
+        "t.toml",
+        env("TIDEGATE__GATEWAY__LISTEN", "127.0.0.1:9000"),
+    )
+    .unwrap();
     assert_eq!(config.gateway.listen.port(), 9000);
-    let config = parse(GOOD, "t.toml", env("TIDEGATE__UPSTREAMS__1__POLICY__RETRY__MAX_ATTEMPTS", "5")).unwrap();
+    let config = parse(
+        GOOD,
+        "t.toml",
+        env("TIDEGATE__UPSTREAMS__1__POLICY__RETRY__MAX_ATTEMPTS", "5"),
+    )
+    .unwrap();
     assert_eq!(config.upstreams[1].policy.retry.max_attempts, 5);
-    let e: ConfigError = parse(GOOD, "t.toml", env("TIDEGATE__GATEWAY__MAX_CONNECTIONS", "lots")).unwrap_err();
+    let e: ConfigError = parse(
+        GOOD,
+        "t.toml",
+        env("TIDEGATE__GATEWAY__MAX_CONNECTIONS", "lots"),
+    )
+    .unwrap_err();
     assert_eq!(e.location, "env TIDEGATE__GATEWAY__MAX_CONNECTIONS");
     assert_eq!(e.key, "gateway.max_connections");
     let e = parse(GOOD, "t.toml", env("TIDEGATE__UPSTREAMS__7__NAME", "x")).unwrap_err();
-    assert_eq!(e.to_string(), "env TIDEGATE__UPSTREAMS__7__NAME: upstreams[7].name: `upstreams` has no element 7");
+    assert_eq!(
+        e.to_string(),
+        "env TIDEGATE__UPSTREAMS__7__NAME: upstreams[7].name: `upstreams` has no element 7"
+    );
 }

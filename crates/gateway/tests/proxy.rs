@@ -57,9 +57,18 @@ async fn routes_by_prefix_strips_it_and_sets_forwarding_headers() {
     assert_eq!(seen.headers["x-correlation-id"], "req-42");
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
-    assert!(seen.headers["traceparent"].to_str().unwrap().starts_with("00-"));
-    assert!(!seen.headers.contains_key("x-internal-token"), "client copies are stripped");
-    assert!(!seen.headers.contains_key("x-private"), "headers named in Connection are stripped");
+    assert!(seen.headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .starts_with("00-"));
+    assert!(
+        !seen.headers.contains_key("x-internal-token"),
+        "client copies are stripped"
+    );
+    assert!(
+        !seen.headers.contains_key("x-private"),
+        "headers named in Connection are stripped"
+    );
 
     let answer = get(&url(&gw, "/apis")).await;
     assert_eq!(answer.status, 404, "prefixes match whole segments");
@@ -92,7 +101,11 @@ async fn a_get_is_retried_and_a_post_is_not() {
     let answer = send(Request::post(url(&gw, "/api/x")).body(full("{}")).unwrap()).await;
     assert_eq!(answer.status, 503, "the upstream's own answer comes back");
     assert_eq!(answer.body, "busy");
-    assert_eq!(upstream.hits(), 4, "a POST that reached the upstream is not sent again");
+    assert_eq!(
+        upstream.hits(),
+        4,
+        "a POST that reached the upstream is not sent again"
+    );
 
     let answer = send(
         Request::post(url(&gw, "/api/x"))
@@ -101,7 +114,12 @@ async fn a_get_is_retried_and_a_post_is_not() {
             .unwrap(),
     )
     .await;
-    assert_eq!(answer.status, 200, "with an Idempotency-Key it is (hits {})", upstream.hits());
+    assert_eq!(
+        answer.status,
+        200,
+        "with an Idempotency-Key it is (hits {})",
+        upstream.hits()
+    );
     assert_eq!(upstream.hits(), 6);
 }
 
@@ -144,15 +162,25 @@ async fn the_breaker_opens_then_rejects_without_calling_the_upstream() {
     let answer = get(&url(&gw, "/api")).await;
     assert_eq!(answer.status, 503);
     assert_eq!(answer.json()["error"], "circuit breaker is open");
-    let retry_after: u64 = answer.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = answer.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((59..=60).contains(&retry_after), "{retry_after}");
     assert_eq!(upstream.hits(), 3, "no call reached the upstream");
 
     let status = get(&admin(&gw, "/status/services")).await.json();
     assert_eq!(status["services"]["svc"]["state"], "open");
     let metrics = get(&admin(&gw, "/metrics")).await.body;
-    assert!(metrics.contains(r#"tidegate_circuit_state{upstream="svc",state="open"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"tidegate_rejections_total{upstream="svc",reason="circuit_open"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"tidegate_circuit_state{upstream="svc",state="open"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tidegate_rejections_total{upstream="svc",reason="circuit_open"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -173,7 +201,11 @@ async fn sse_events_arrive_as_the_upstream_writes_them() {
     .await;
     let gw = gateway(&one_upstream(&upstream, "")).await;
     let response = tidegate_testkit::client()
-        .request(Request::get(url(&gw, "/api/stream")).body(full("")).unwrap())
+        .request(
+            Request::get(url(&gw, "/api/stream"))
+                .body(full(""))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -196,7 +228,8 @@ async fn sse_events_arrive_as_the_upstream_writes_them() {
 
 #[tokio::test]
 async fn h2c_with_prior_knowledge() {
-    let upstream = Upstream::start(|req| async move { text(200, &format!("{:?}", req.version())) }).await;
+    let upstream =
+        Upstream::start(|req| async move { text(200, &format!("{:?}", req.version())) }).await;
     let gw = gateway(&one_upstream(&upstream, "")).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)

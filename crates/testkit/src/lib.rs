@@ -60,7 +60,9 @@ impl Upstream {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let handler = Arc::new(handler);
@@ -88,7 +90,11 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, received, task }
+        Upstream {
+            addr,
+            received,
+            task,
+        }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -127,7 +133,9 @@ pub fn text(status: u16, body: &str) -> Response<Body> {
 
 /// A body of `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A body written chunk by chunk through the returned sender; it ends when

@@ -1,62 +1,333 @@
-//! The `tidegate` binary: parses the command line, sets up the runtime and
-//! hands over to the library. Until the gateway lands, `demo` shows the
-//! policy library at work on a simulated upstream.
+//! The `tidegate` binary: parses the command line, sets up logging and the
+//! runtime, and hands over to `tidegate-gateway`.
 
-mod demo;
-
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use http_body_util::BodyExt;
+use tidegate_gateway::{config, demo, server};
 
 const USAGE: &str = "\
 tidegate — resilient service-to-service communication
 
 usage:
-  tidegate demo [--quick]   the policies at work on a simulated flaky upstream
-  tidegate --version
-  tidegate --help
+  tidegate serve --config FILE [--log-format text|json]   run the gateway
+  tidegate check --config FILE                            validate a config (exit 2 on errors)
+  tidegate demo [--quick]                                 gateway + sample upstreams on loopback
+  tidegate status [--admin URL]                           upstreams and breaker states
+  tidegate --version | --help
 
-Built so far: the tidegate-resilience policy library (circuit breaker,
-retry with backoff, jitter and budget, timeouts and deadlines, bulkhead,
-rate limiters, adaptive throttling, fallback, pipeline). The gateway
-commands (serve, check, status) arrive with the gateway.";
+Logs go to stderr; RUST_LOG-style filters (e.g. `info,tidegate::access=warn`)
+are read from TIDEGATE_LOG.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    match args.as_slice() {
-        ["demo", rest @ ..] => {
-            let quick = match rest {
-                [] => false,
-                ["--quick"] => true,
-                _ => return usage_error(&format!("unexpected arguments: {}", rest.join(" "))),
-            };
-            match run_demo(quick) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("tidegate: {err:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+    let result = match args.as_slice() {
+        ["serve", rest @ ..] => serve(rest),
+        ["check", rest @ ..] => check(rest),
+        ["demo", rest @ ..] => demo(rest),
+        ["status", rest @ ..] => status(rest),
         ["--version" | "-V"] => {
             println!("tidegate {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
         [] | ["--help" | "-h" | "help"] => {
             println!("{USAGE}");
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        [other, ..] => usage_error(&format!("unknown command {other:?}")),
+        [other, ..] => Err(Usage(format!("unknown command {other:?}")).into()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => match err.downcast_ref::<Usage>() {
+            Some(Usage(message)) => {
+                eprintln!("tidegate: {message}\n\n{USAGE}");
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("tidegate: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
-fn usage_error(message: &str) -> ExitCode {
-    eprintln!("tidegate: {message}\n\n{USAGE}");
-    ExitCode::from(2)
+/// A command-line mistake: exit 2 with the usage.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-fn run_demo(quick: bool) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_time()
-        .build()?;
-    runtime.block_on(demo::run(quick))
+impl std::error::Error for Usage {}
+
+/// `--name value` options out of `args`; anything else is a usage error.
+fn options<'a>(args: &[&'a str], known: &[&str]) -> anyhow::Result<Vec<(String, &'a str)>> {
+    let mut found = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let (name, value) = match arg.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (*arg, None),
+        };
+        if !known.contains(&name) {
+            return Err(Usage(format!("unexpected argument {arg:?}")).into());
+        }
+        let value = match value {
+            Some(v) => v,
+            None => *rest
+                .next()
+                .ok_or_else(|| Usage(format!("{name} needs a value")))?,
+        };
+        found.push((name.to_owned(), value));
+    }
+    Ok(found)
+}
+
+fn option<'a>(found: &[(String, &'a str)], name: &str) -> Option<&'a str> {
+    found.iter().rev().find(|(n, _)| n == name).map(|(_, v)| *v)
+}
+
+fn load(path: Option<&str>) -> anyhow::Result<Result<config::Config, config::ConfigError>> {
+    let path = path.ok_or_else(|| Usage("--config FILE is required".into()))?;
+    Ok(config::load(Path::new(path)))
+}
+
+fn check(args: &[&str]) -> anyhow::Result<ExitCode> {
+    let found = options(args, &["--config"])?;
+    match load(option(&found, "--config"))? {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} upstreams, {} routes)",
+                option(&found, "--config").unwrap_or_default(),
+                config.upstreams.len(),
+                config.routes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn logging(format: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter: Targets = std::env::var("TIDEGATE_LOG")
+        .unwrap_or_else(|_| "info".into())
+        .parse()
+        .context("TIDEGATE_LOG")?;
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        "text" => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+        "json" => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        other => {
+            return Err(Usage(format!("--log-format must be text or json, not {other:?}")).into())
+        }
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn serve(args: &[&str]) -> anyhow::Result<ExitCode> {
+    let found = options(args, &["--config", "--log-format"])?;
+    let config = match load(option(&found, "--config"))? {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    logging(option(&found, "--log-format").unwrap_or("text"))?;
+    runtime()?.block_on(async move {
+        let running = server::start(config).await.map_err(anyhow::Error::msg)?;
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        running.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn demo(args: &[&str]) -> anyhow::Result<ExitCode> {
+    let quick = match args {
+        [] => false,
+        ["--quick"] => true,
+        _ => return Err(Usage(format!("unexpected arguments: {}", args.join(" "))).into()),
+    };
+    if !quick {
+        logging("text")?;
+    }
+    runtime()?.block_on(run_demo(quick))
+}
+
+/// Binds `preferred` if free, else any free port on loopback.
+async fn free_or(preferred: u16) -> SocketAddr {
+    let addr = SocketAddr::from(([127, 0, 0, 1], preferred));
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(_) => addr,
+        Err(_) => {
+            let any = tokio::net::TcpListener::bind("127.0.0.1:0").await;
+            any.and_then(|l| l.local_addr())
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+        }
+    }
+}
+
+async fn run_demo(quick: bool) -> anyhow::Result<ExitCode> {
+    let samples = demo::start_samples()
+        .await
+        .context("starting the sample upstreams")?;
+    let config = demo::config(&samples, free_or(8080).await, free_or(9901).await)?;
+    let running = server::start(config).await.map_err(anyhow::Error::msg)?;
+    let (gw, admin) = (running.addr, running.admin_addr);
+    println!(
+        "\
+tidegate demo: the gateway is on http://{gw}, its admin API on http://{admin}
+
+try:
+  curl -i http://{gw}/healthy/hello                 a healthy upstream
+  curl -i http://{gw}/flaky/order                   fails 30% of the time; retries hide most failures
+  curl -X PUT http://{gw}/flaky/error-rate -d 1     make it fail always: the breaker opens after 5
+  curl -i 'http://{gw}/slow/report?ms=3000'         slower than the 1 s timeout: 504
+  curl -N http://{gw}/events/                       server-sent events, one a second
+  curl http://{admin}/status/services               breaker states, endpoints, in-flight
+  curl http://{admin}/metrics                       Prometheus metrics
+  curl -N http://{admin}/events                     state changes as they happen
+  tidegate status --admin http://{admin}            the same as a table
+"
+    );
+    if quick {
+        let outcome = self_check(gw, admin).await;
+        running.shutdown().await;
+        outcome?;
+        println!("demo self-check passed");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Ctrl-C stops it all.");
+    shutdown_signal().await;
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `demo --quick`: one request per sample, and the breaker tripping.
+async fn self_check(gw: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+    let (status, _) = fetch("GET", &format!("http://{gw}/healthy/hello"), "").await?;
+    anyhow::ensure!(status == 200, "healthy answered {status}");
+    println!("GET /healthy/hello → {status}");
+    let (status, _) = fetch("PUT", &format!("http://{gw}/flaky/error-rate"), "1").await?;
+    anyhow::ensure!(status == 200, "setting the error rate answered {status}");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            fetch("GET", &format!("http://{gw}/flaky/order"), "")
+                .await?
+                .0,
+        );
+    }
+    println!("GET /flaky/order ×4 at 100% errors → {statuses:?} (503 from upstream, then the open breaker)");
+    let (_, body) = fetch("GET", &format!("http://{admin}/status/services"), "").await?;
+    let state =
+        serde_json::from_str::<serde_json::Value>(&body)?["services"]["flaky"]["state"].clone();
+    anyhow::ensure!(state == "open", "the flaky breaker is {state}, not open");
+    println!("flaky breaker: {state}");
+    let (status, _) = fetch("GET", &format!("http://{gw}/slow/report?ms=1500"), "").await?;
+    anyhow::ensure!(status == 504, "slow answered {status}, not 504");
+    println!("GET /slow/report?ms=1500 → {status} (the attempt timeout is 1 s)");
+    Ok(())
+}
+
+async fn fetch(method: &str, url: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<hyper::body::Bytes>>();
+    let request =
+        http::Request::builder()
+            .method(method)
+            .uri(url)
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                body.to_owned(),
+            )))?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .context("no answer within 30 s")??;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+fn status(args: &[&str]) -> anyhow::Result<ExitCode> {
+    let found = options(args, &["--admin"])?;
+    let admin = option(&found, "--admin")
+        .unwrap_or("http://127.0.0.1:9901")
+        .trim_end_matches('/');
+    let url = format!("{admin}/status/services");
+    let (code, body) = runtime()?
+        .block_on(fetch("GET", &url, ""))
+        .with_context(|| format!("cannot reach the admin API at {admin}"))?;
+    anyhow::ensure!(code == 200, "{url} answered {code}");
+    let status: serde_json::Value =
+        serde_json::from_str(&body).context("the status is not JSON")?;
+    println!(
+        "{:<24} {:<12} {:>9} {:>8} {:>9}  endpoints",
+        "UPSTREAM", "STATE", "FAILURES", "RATE", "IN-FLIGHT"
+    );
+    if let Some(services) = status["services"].as_object() {
+        for (name, s) in services {
+            let endpoints: Vec<String> = s["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let mark = if e["healthy"] == true { "up" } else { "DOWN" };
+                    format!("{} {mark}", e["url"].as_str().unwrap_or("?"))
+                })
+                .collect();
+            println!(
+                "{:<24} {:<12} {:>9} {:>7.0}% {:>9}  {}",
+                name,
+                s["state"].as_str().unwrap_or("?"),
+                s["failure_count"],
+                s["failure_rate"].as_f64().unwrap_or(0.0) * 100.0,
+                s["in_flight"],
+                endpoints.join(", ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

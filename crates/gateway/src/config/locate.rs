@@ -93,7 +93,9 @@ impl<'a> Node<'a> {
             Node::Item(Item::Table(t)) => Node::Table(t),
             Node::Item(Item::Value(v)) => Node::Value(v),
             Node::Item(Item::ArrayOfTables(a)) => {
-                let Segment::Index(i) = segment else { return None };
+                let Segment::Index(i) = segment else {
+                    return None;
+                };
                 return Some((Node::Table(a.get(*i)?), None));
             }
             other => other,
@@ -105,7 +107,9 @@ impl<'a> Node<'a> {
             (Segment::Key(k), Node::Value(Value::InlineTable(t))) => {
                 Some((Node::Value(t.get(k)?), t.key(k).and_then(|k| k.span())))
             }
-            (Segment::Index(i), Node::Value(Value::Array(a))) => Some((Node::Value(a.get(*i)?), None)),
+            (Segment::Index(i), Node::Value(Value::Array(a))) => {
+                Some((Node::Value(a.get(*i)?), None))
+            }
             _ => None,
         }
     }
@@ -142,6 +146,9 @@ pub(crate) fn contains(doc: &ImDocument<&str>, path: &KeyPath) -> bool {
 pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, col)
 }

@@ -332,7 +332,12 @@ struct Locator<'a> {
 impl Locator<'_> {
     fn error(&self, path: &KeyPath, reason: impl fmt::Display) -> ConfigError {
         let reason = reason.to_string();
-        if let Some((_, var)) = self.overrides.iter().rev().find(|(p, _)| path.starts_with(p)) {
+        if let Some((_, var)) = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|(p, _)| path.starts_with(p))
+        {
             return ConfigError {
                 location: format!("env {var}"),
                 key: path.to_string(),
@@ -345,7 +350,8 @@ impl Locator<'_> {
                 if u == "upstreams" && p == "policy" && !locate::contains(self.doc, path) =>
             {
                 let defaults = KeyPath::default().key("defaults").key("policy");
-                let defaults = KeyPath(defaults.0.into_iter().chain(rest.iter().cloned()).collect());
+                let defaults =
+                    KeyPath(defaults.0.into_iter().chain(rest.iter().cloned()).collect());
                 if locate::contains(self.doc, &defaults) {
                     defaults
                 } else {
@@ -387,17 +393,25 @@ impl Locator<'_> {
             }
         }
         if gateway.header_read_timeout.is_zero() {
-            return Err(self.error(&g.clone().key("header_read_timeout"), "must be greater than 0"));
+            return Err(self.error(
+                &g.clone().key("header_read_timeout"),
+                "must be greater than 0",
+            ));
         }
         if let Some(var) = &gateway.internal_token_env {
             if var.is_empty() || var.contains('=') {
-                return Err(self.error(&g.key("internal_token_env"), "must be an environment variable name"));
+                return Err(self.error(
+                    &g.key("internal_token_env"),
+                    "must be an environment variable name",
+                ));
             }
         }
-        raw.defaults
-            .policy
-            .validate()
-            .map_err(|e| self.error(&root.clone().key("defaults").key("policy").dotted(e.field()), e.reason()))?;
+        raw.defaults.policy.validate().map_err(|e| {
+            self.error(
+                &root.clone().key("defaults").key("policy").dotted(e.field()),
+                e.reason(),
+            )
+        })?;
 
         let mut names = HashSet::new();
         let mut upstreams = Vec::with_capacity(raw.upstreams.len());
@@ -405,22 +419,31 @@ impl Locator<'_> {
             let at = root.clone().key("upstreams").index(i);
             check_name(&u.name).map_err(|r| self.error(&at.clone().key("name"), r))?;
             if !names.insert(u.name.clone()) {
-                return Err(self.error(&at.key("name"), format!("duplicate upstream name `{}`", u.name)));
+                return Err(self.error(
+                    &at.key("name"),
+                    format!("duplicate upstream name `{}`", u.name),
+                ));
             }
             if u.endpoints.is_empty() {
                 return Err(self.error(&at.key("endpoints"), "needs at least one endpoint"));
             }
             let mut endpoints = Vec::with_capacity(u.endpoints.len());
             for (j, e) in u.endpoints.iter().enumerate() {
-                let endpoint = parse_endpoint(e).map_err(|r| self.error(&at.clone().key("endpoints").index(j), r))?;
+                let endpoint = parse_endpoint(e)
+                    .map_err(|r| self.error(&at.clone().key("endpoints").index(j), r))?;
                 if endpoints.contains(&endpoint) {
-                    return Err(self.error(&at.key("endpoints").index(j), format!("duplicate endpoint `{e}`")));
+                    return Err(self.error(
+                        &at.key("endpoints").index(j),
+                        format!("duplicate endpoint `{e}`"),
+                    ));
                 }
                 endpoints.push(endpoint);
             }
             if let Some(hc) = &u.health_check {
                 let h = at.clone().key("health_check");
-                let problem = if !hc.path.starts_with('/') || hc.path.parse::<http::uri::PathAndQuery>().is_err() {
+                let problem = if !hc.path.starts_with('/')
+                    || hc.path.parse::<http::uri::PathAndQuery>().is_err()
+                {
                     Some(("path", "must be a path starting with `/`"))
                 } else if hc.interval.is_zero() {
                     Some(("interval", "must be greater than 0"))
@@ -455,25 +478,41 @@ impl Locator<'_> {
             let at = root.clone().key("routes").index(i);
             check_name(&r.name).map_err(|reason| self.error(&at.clone().key("name"), reason))?;
             if !route_names.insert(r.name.clone()) {
-                return Err(self.error(&at.key("name"), format!("duplicate route name `{}`", r.name)));
+                return Err(self.error(
+                    &at.key("name"),
+                    format!("duplicate route name `{}`", r.name),
+                ));
             }
-            if !r.path_prefix.starts_with('/') || r.path_prefix.parse::<http::uri::PathAndQuery>().is_err() || r.path_prefix.contains(['?', '#']) {
+            if !r.path_prefix.starts_with('/')
+                || r.path_prefix.parse::<http::uri::PathAndQuery>().is_err()
+                || r.path_prefix.contains(['?', '#'])
+            {
                 return Err(self.error(&at.key("path_prefix"), "must be a path starting with `/`"));
             }
             let Some(upstream) = upstreams.iter().position(|u| u.name == r.upstream) else {
-                return Err(self.error(&at.key("upstream"), format!("no upstream named `{}`", r.upstream)));
+                return Err(self.error(
+                    &at.key("upstream"),
+                    format!("no upstream named `{}`", r.upstream),
+                ));
             };
             let mut methods = Vec::with_capacity(r.methods.len());
             for (j, m) in r.methods.iter().enumerate() {
-                let method = Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                    .map_err(|_| self.error(&at.clone().key("methods").index(j), format!("`{m}` is not an HTTP method")))?;
+                let method =
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        self.error(
+                            &at.clone().key("methods").index(j),
+                            format!("`{m}` is not an HTTP method"),
+                        )
+                    })?;
                 methods.push(method);
             }
             let mut headers = Vec::with_capacity(r.headers.len());
             for (name, value) in &r.headers {
                 let key = at.clone().key("headers").key(name);
-                let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| self.error(&key, "not a valid header name"))?;
-                let value = HeaderValue::from_str(value).map_err(|_| self.error(&key, "not a valid header value"))?;
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| self.error(&key, "not a valid header name"))?;
+                let value = HeaderValue::from_str(value)
+                    .map_err(|_| self.error(&key, "not a valid header value"))?;
                 headers.push((name, value));
             }
             routes.push(RouteConfig {
@@ -497,7 +536,9 @@ impl Locator<'_> {
 fn check_name(name: &str) -> Result<(), &'static str> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -519,14 +560,18 @@ fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
         return Err(format!("`{text}` has a bad port"));
     }
     if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
-        return Err(format!("`{text}` must not have a path; routes decide the path"));
+        return Err(format!(
+            "`{text}` must not have a path; routes decide the path"
+        ));
     }
     if authority.as_str().contains('@') {
         return Err(format!("`{text}` must not carry credentials"));
     }
     let authority = match authority.port_u16() {
         Some(_) => authority,
-        None => format!("{}:80", authority.host()).parse().map_err(|_| format!("`{text}` has a bad host"))?,
+        None => format!("{}:80", authority.host())
+            .parse()
+            .map_err(|_| format!("`{text}` has a bad host"))?,
     };
     Ok(Endpoint { authority })
 }

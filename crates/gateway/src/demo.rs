@@ -1,0 +1,260 @@
+//! `tidegate demo`: sample upstreams on loopback (healthy, flaky, slow, an
+//! SSE stream) and a gateway in front of them.
+//!
+//! The flaky service fails a share of requests; change it through the
+//! gateway with `curl -X PUT http://127.0.0.1:8080/flaky/error-rate -d 0.9`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::body::{full, BoxError, ProxyBody};
+use crate::config::{self, Config};
+
+/// The sample upstreams, serving until dropped.
+#[derive(Debug)]
+pub struct Samples {
+    /// Always answers 200.
+    pub healthy: SocketAddr,
+    /// Fails a share of requests with 503.
+    pub flaky: SocketAddr,
+    /// Answers after a delay (`?ms=`, default 3000).
+    pub slow: SocketAddr,
+    /// A server-sent event every second.
+    pub events: SocketAddr,
+    _tasks: JoinSet<()>,
+}
+
+/// Starts the sample upstreams on 127.0.0.1, free ports.
+pub async fn start_samples() -> std::io::Result<Samples> {
+    let mut tasks = JoinSet::new();
+    let healthy = serve(&mut tasks, |req| async move {
+        let path = req.uri().path().to_owned();
+        json(
+            StatusCode::OK,
+            &format!(r#"{{"service":"healthy","path":"{path}"}}"#),
+        )
+    })
+    .await?;
+    // Error rate in millionths, shared by every request.
+    let rate = Arc::new(AtomicU64::new(300_000));
+    let flaky = serve(&mut tasks, move |req| {
+        let rate = rate.clone();
+        async move { flaky(req, &rate).await }
+    })
+    .await?;
+    let slow = serve(&mut tasks, |req| async move {
+        let ms = query_number(&req, "ms")
+            .unwrap_or(3000.0)
+            .clamp(0.0, 60_000.0);
+        tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+        json(
+            StatusCode::OK,
+            &format!(r#"{{"service":"slow","waited_ms":{ms}}}"#),
+        )
+    })
+    .await?;
+    let events = serve(&mut tasks, |_req| async move { ticker() }).await?;
+    Ok(Samples {
+        healthy,
+        flaky,
+        slow,
+        events,
+        _tasks: tasks,
+    })
+}
+
+async fn flaky(req: Request<Incoming>, rate: &AtomicU64) -> Response<ProxyBody> {
+    if req.method() == Method::PUT && req.uri().path().ends_with("/error-rate") {
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return match std::str::from_utf8(&body)
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+        {
+            Some(r) if (0.0..=1.0).contains(&r) => {
+                rate.store((r * 1e6) as u64, Ordering::Relaxed);
+                json(StatusCode::OK, &format!(r#"{{"error_rate":{r}}}"#))
+            }
+            _ => json(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"send a number from 0 to 1"}"#,
+            ),
+        };
+    }
+    let r = rate.load(Ordering::Relaxed);
+    if coin() < r {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"service":"flaky","error":"unlucky"}"#,
+        )
+    } else {
+        json(StatusCode::OK, r#"{"service":"flaky","ok":true}"#)
+    }
+}
+
+/// A number in 0..1_000_000, spread well enough for a demo.
+fn coin() -> u64 {
+    let id = crate::headers::new_id();
+    u64::from_str_radix(&id[..12], 16).unwrap_or(0) % 1_000_000
+}
+
+fn ticker() -> Response<ProxyBody> {
+    let stream = futures_util::stream::unfold(0u64, |n| async move {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let event = format!("id: {n}\nevent: tick\ndata: {{\"n\":{n}}}\n\n");
+        Some((Ok::<_, BoxError>(Frame::data(Bytes::from(event))), n + 1))
+    });
+    let mut response = Response::new(StreamBody::new(stream).boxed());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
+fn json(status: StatusCode, body: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(body.to_owned()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn query_number(req: &Request<Incoming>, key: &str) -> Option<f64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+async fn serve<F, Fut>(tasks: &mut JoinSet<()>, handler: F) -> std::io::Result<SocketAddr>
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let handler = Arc::new(handler);
+    tasks.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let answer = handler(req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// The demo gateway's config: a route per sample, health checks, and
+/// policies tight enough to watch them work.
+pub fn config(
+    samples: &Samples,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> Result<Config, config::ConfigError> {
+    let text = format!(
+        r#"
+[gateway]
+listen = "{listen}"
+admin_listen = "{admin}"
+drain_timeout = "5s"
+
+[defaults.policy]
+timeout = "1s"
+deadline = "5s"
+[defaults.policy.retry]
+max_attempts = 3
+base_delay = "50ms"
+max_delay = "500ms"
+[defaults.policy.circuit_breaker]
+consecutive_failures = 5
+open_duration = "10s"
+
+[[upstreams]]
+name = "healthy"
+endpoints = ["http://{healthy}"]
+[upstreams.health_check]
+path = "/health"
+interval = "5s"
+timeout = "1s"
+
+[[upstreams]]
+name = "flaky"
+endpoints = ["http://{flaky}"]
+
+[[upstreams]]
+name = "slow"
+endpoints = ["http://{slow}"]
+[upstreams.policy.retry]
+max_attempts = 1
+
+[[upstreams]]
+name = "events"
+endpoints = ["http://{events}"]
+[upstreams.policy]
+deadline = "10s"
+
+[[routes]]
+name = "healthy"
+path_prefix = "/healthy"
+strip_prefix = true
+upstream = "healthy"
+
+[[routes]]
+name = "flaky"
+path_prefix = "/flaky"
+strip_prefix = true
+upstream = "flaky"
+
+[[routes]]
+name = "slow"
+path_prefix = "/slow"
+strip_prefix = true
+upstream = "slow"
+
+[[routes]]
+name = "events"
+path_prefix = "/events"
+strip_prefix = true
+upstream = "events"
+"#,
+        healthy = samples.healthy,
+        flaky = samples.flaky,
+        slow = samples.slow,
+        events = samples.events,
+    );
+    config::parse(&text, "demo", [])
+}
