@@ -55,42 +55,51 @@ pub enum RequestBody {
         /// Trailers, if the client sent any.
         trailers: Option<HeaderMap>,
     },
-    /// Larger than the cap: what was read, then the rest, sent once.
-    Streaming(Streaming),
+    /// Larger than the cap: what was read, then the rest, sent once
+    /// (`None` once an attempt has taken it).
+    Streaming(Option<Streaming>),
 }
 
 impl RequestBody {
     /// Reads `body` until it ends or passes `replay_cap` bytes; more than
     /// `max` bytes in all is [`BodyTooLarge`], now or while streaming.
     pub async fn read(mut body: Incoming, replay_cap: usize, max: u64) -> Result<Self, BoxError> {
-        let mut data = BytesMut::new();
+        let mut seen = 0u64;
         let mut trailers = None;
         let mut chunks = VecDeque::new();
         while let Some(frame) = body.frame().await {
-            let frame = frame?;
-            match frame.into_data() {
+            match frame?.into_data() {
                 Ok(bytes) => {
-                    if (data.len() + bytes.len()) as u64 > max {
+                    seen += bytes.len() as u64;
+                    if seen > max {
                         return Err(BodyTooLarge.into());
                     }
-                    data.extend_from_slice(&bytes);
                     chunks.push_back(bytes);
-                    if data.len() > replay_cap {
-                        return Ok(RequestBody::Streaming(Streaming {
-                            seen: data.len() as u64,
+                    if seen > replay_cap as u64 {
+                        return Ok(RequestBody::Streaming(Some(Streaming {
+                            seen,
                             read: chunks,
                             rest: Some(body),
                             max,
-                        }));
+                        })));
                     }
                 }
                 Err(frame) => trailers = frame.into_trailers().ok(),
             }
         }
-        Ok(RequestBody::Replayable {
-            data: data.freeze(),
-            trailers,
-        })
+        // One chunk is kept as it is; several are joined once.
+        let data = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop_front().unwrap_or_default(),
+            _ => chunks
+                .iter()
+                .fold(BytesMut::new(), |mut all, c| {
+                    all.extend_from_slice(c);
+                    all
+                })
+                .freeze(),
+        };
+        Ok(RequestBody::Replayable { data, trailers })
     }
 
     /// An empty body (requests that declare none).
@@ -117,18 +126,7 @@ impl RequestBody {
                 }
                 .boxed(),
             ),
-            RequestBody::Streaming(s) => {
-                let rest = s.rest.take()?;
-                Some(
-                    Streaming {
-                        seen: s.seen,
-                        read: std::mem::take(&mut s.read),
-                        rest: Some(rest),
-                        max: s.max,
-                    }
-                    .boxed(),
-                )
-            }
+            RequestBody::Streaming(stream) => stream.take().map(BodyExt::boxed),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use http::{Request, StatusCode};
+use http::Request;
 use tokio::task::JoinSet;
 use tokio::time::{interval, timeout, MissedTickBehavior};
 
@@ -48,9 +48,7 @@ async fn check_endpoint(gateway: Arc<Gateway>, u: usize, e: usize) {
             http::HeaderValue::from_static("tidegate-health-check"),
         );
         let ok = match timeout(config.timeout, gateway.client().request(request)).await {
-            Ok(Ok(response)) => {
-                response.status().is_success() || response.status() == StatusCode::NO_CONTENT
-            }
+            Ok(Ok(response)) => response.status().is_success(),
             _ => false,
         };
         if ok {

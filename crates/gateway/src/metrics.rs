@@ -1,5 +1,8 @@
 //! The gateway's Prometheus metrics (names as in DESIGN.md).
 
+use std::sync::Arc;
+
+use http::Method;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -8,28 +11,51 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tidegate_resilience::breaker::CircuitState;
 
-/// Labels of `tidegate_requests_total`.
+/// Labels of `tidegate_requests_total`. Names are shared (`Arc`) so a
+/// request copies no strings to count itself.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Route name (`none` when nothing matched).
-    pub route: String,
+    pub route: Arc<String>,
     /// Upstream name (`none` when nothing matched).
-    pub upstream: String,
-    /// Request method.
-    pub method: String,
+    pub upstream: Arc<String>,
+    /// Request method; see [`method_label`].
+    pub method: &'static str,
     /// Response status.
     pub status: u16,
 }
 
+/// The method as a label: the standard ones by name, anything else as
+/// `OTHER`, so clients cannot make up new series.
+pub fn method_label(method: &Method) -> &'static str {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::CONNECT,
+    ]
+    .iter()
+    .zip([
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
+    ])
+    .find_map(|(m, name)| (m == method).then_some(name))
+    .unwrap_or("OTHER")
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
-    upstream: String,
+    route: Arc<String>,
+    upstream: Arc<String>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
-    upstream: String,
+    upstream: Arc<String>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,12 +176,12 @@ impl Metrics {
     }
 
     /// Counts the attempts one request made upstream.
-    pub fn attempts(&self, upstream: &str, attempts: u32) {
+    pub fn attempts(&self, upstream: &Arc<String>, attempts: u32) {
         if attempts == 0 {
             return;
         }
         let labels = UpstreamLabels {
-            upstream: upstream.to_owned(),
+            upstream: upstream.clone(),
         };
         self.attempts
             .get_or_create(&labels)
@@ -216,5 +242,16 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_methods_share_one_label() {
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "OTHER");
     }
 }

@@ -24,7 +24,7 @@ use crate::body::{self, is_body_too_large, ProxyBody, RequestBody};
 use crate::config::{Config, GatewaySettings, RouteConfig};
 use crate::events::Events;
 use crate::headers::{self, CORRELATION_ID};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{method_label, Metrics, RequestLabels};
 use crate::router::{self, Router};
 use crate::upstream::{is_retryable_status, AttemptError, Upstream};
 
@@ -45,6 +45,8 @@ pub struct Gateway {
     /// State changes, for `/events` and logs.
     pub events: Events,
     internal_token: Option<HeaderValue>,
+    /// The `none` label of requests no route matched.
+    none: Arc<String>,
 }
 
 /// The client for upstream requests.
@@ -97,6 +99,7 @@ impl Gateway {
             metrics,
             events: Events::default(),
             internal_token,
+            none: Arc::new("none".to_owned()),
         }))
     }
 
@@ -115,8 +118,8 @@ impl Gateway {
         let request_id = headers::correlation_id(req.headers());
         let method = req.method().clone();
         let mut log = Access {
-            route: "none",
-            upstream: "none",
+            route: &self.none,
+            upstream: &self.none,
             attempts: 0,
         };
         let mut response = match self
@@ -133,9 +136,9 @@ impl Gateway {
         let elapsed = start.elapsed();
         self.metrics.request(
             RequestLabels {
-                route: log.route.to_owned(),
-                upstream: log.upstream.to_owned(),
-                method: method.as_str().to_owned(),
+                route: log.route.clone(),
+                upstream: log.upstream.clone(),
+                method: method_label(&method),
                 status: status.as_u16(),
             },
             elapsed.as_secs_f64(),
@@ -145,8 +148,8 @@ impl Gateway {
             target: "tidegate::access",
             request_id = request_id.to_str().unwrap_or(""),
             method = %method,
-            route = log.route,
-            upstream = log.upstream,
+            route = log.route.as_str(),
+            upstream = log.upstream.as_str(),
             attempts = log.attempts,
             status = status.as_u16(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
@@ -175,27 +178,24 @@ impl Gateway {
                 "request target too long",
             ));
         }
-        let (mut parts, incoming) = {
-            let on_upgrade =
-                headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-            let (mut parts, incoming) = req.into_parts();
-            if let Some(on_upgrade) = on_upgrade {
-                parts.extensions.insert(on_upgrade);
-            }
-            (parts, incoming)
-        };
+        // The client's side of a WebSocket handshake, joined once the upstream says 101.
+        let upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, incoming) = req.into_parts();
         let Some(route) = self.router.route(&parts) else {
             return Err(Reply::new(
                 StatusCode::NOT_FOUND,
                 "no route matches this request",
             ));
         };
-        let upstream = &self.upstreams[route.upstream];
+        let upstream = &self.upstreams[route.config.upstream];
         let in_flight = InFlight::new(upstream);
-        log.route = &route.name;
-        log.upstream = upstream.name();
+        log.route = &route.label;
+        log.upstream = &upstream.label;
 
-        let max_body = route.max_body_bytes.unwrap_or(self.settings.max_body_bytes);
+        let max_body = route
+            .config
+            .max_body_bytes
+            .unwrap_or(self.settings.max_body_bytes);
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -231,10 +231,15 @@ impl Gateway {
                 })?
         };
 
-        let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         let idempotent =
             is_idempotent(&parts.method) || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
-        let template = self.upstream_head(&mut parts, route, client, request_id, upgrade.is_some());
+        let template = self.upstream_head(
+            &mut parts,
+            &route.config,
+            client,
+            request_id,
+            upgrade.is_some(),
+        );
         let attempts = AtomicU32::new(0);
         let result = upstream
             .pipeline
@@ -448,8 +453,8 @@ fn downstream(in_flight: InFlight, response: Response<Incoming>) -> Response<Pro
 
 #[derive(Debug)]
 struct Access<'a> {
-    route: &'a str,
-    upstream: &'a str,
+    route: &'a Arc<String>,
+    upstream: &'a Arc<String>,
     attempts: u32,
 }
 

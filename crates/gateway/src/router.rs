@@ -1,14 +1,25 @@
 //! Route matching: the longest path prefix wins; among equal prefixes, the
 //! route with more conditions (methods, headers), then the first declared.
 
+use std::sync::Arc;
+
 use http::request::Parts;
 
 use crate::config::RouteConfig;
 
+/// A route and its name as a shared metric label.
+#[derive(Debug)]
+pub struct Route {
+    /// The route as configured.
+    pub config: RouteConfig,
+    /// `config.name`, shared so metrics need no copy per request.
+    pub label: Arc<String>,
+}
+
 /// Routes in matching order.
 #[derive(Debug)]
 pub struct Router {
-    routes: Vec<RouteConfig>,
+    routes: Vec<Route>,
 }
 
 impl Router {
@@ -19,13 +30,20 @@ impl Router {
             let conditions = usize::from(!r.methods.is_empty()) + r.headers.len();
             std::cmp::Reverse((r.path_prefix.len(), conditions))
         });
+        let routes = routes
+            .into_iter()
+            .map(|config| Route {
+                label: Arc::new(config.name.clone()),
+                config,
+            })
+            .collect();
         Router { routes }
     }
 
     /// The route for a request, if any.
-    pub fn route(&self, parts: &Parts) -> Option<&RouteConfig> {
+    pub fn route(&self, parts: &Parts) -> Option<&Route> {
         let path = parts.uri.path();
-        self.routes.iter().find(|r| {
+        self.routes.iter().find(|Route { config: r, .. }| {
             prefix_matches(&r.path_prefix, path)
                 && (r.methods.is_empty() || r.methods.contains(&parts.method))
                 && r.headers

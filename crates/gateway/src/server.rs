@@ -178,7 +178,6 @@ async fn watch_breaker(gateway: Arc<Gateway>, index: usize, mut stopped: watch::
         let (from, to) = (change.from.as_str(), change.to.as_str());
         tracing::warn!(upstream = upstream.name(), from, to, reason = %change.reason, "circuit breaker changed state");
         gateway.metrics.transition(upstream.name(), from, to);
-        gateway.metrics.circuit_state(upstream.name(), to);
         gateway.events.send(Event::Circuit {
             upstream: upstream.name().to_owned(),
             from,

@@ -113,6 +113,8 @@ impl EndpointState {
 pub struct Upstream {
     /// Its config.
     pub config: UpstreamConfig,
+    /// `config.name`, shared so metrics need no copy per request.
+    pub label: Arc<String>,
     /// Its endpoints.
     pub endpoints: Vec<EndpointState>,
     next: AtomicUsize,
@@ -146,6 +148,7 @@ impl Upstream {
             })
             .collect();
         Ok(Arc::new(Upstream {
+            label: Arc::new(config.name.clone()),
             config,
             endpoints,
             next: AtomicUsize::new(0),

@@ -12,12 +12,12 @@ use http_body_util::BodyExt;
 use support::{admin, gateway, url};
 use tidegate_testkit::{channel_body, full, get, send, text, Upstream};
 
-fn one_upstream(upstream: &Upstream, extra: &str) -> String {
+fn one_upstream(endpoint: &str, extra: &str) -> String {
     format!(
         r#"
 [[upstreams]]
 name = "svc"
-endpoints = ["{}"]
+endpoints = ["{endpoint}"]
 [upstreams.policy.retry]
 base_delay = "1ms"
 max_delay = "5ms"
@@ -28,15 +28,14 @@ name = "api"
 path_prefix = "/api"
 strip_prefix = true
 upstream = "svc"
-"#,
-        upstream.url()
+"#
     )
 }
 
 #[tokio::test]
 async fn routes_by_prefix_strips_it_and_sets_forwarding_headers() {
     let upstream = Upstream::start(|req| async move { text(200, req.uri().path()) }).await;
-    let gw = gateway(&one_upstream(&upstream, "")).await;
+    let gw = gateway(&one_upstream(&upstream.url(), "")).await;
 
     let answer = send(
         Request::get(url(&gw, "/api/items/7?x=1"))
@@ -92,7 +91,7 @@ async fn a_get_is_retried_and_a_post_is_not() {
         }
     })
     .await;
-    let gw = gateway(&one_upstream(&upstream, "")).await;
+    let gw = gateway(&one_upstream(&upstream.url(), "")).await;
 
     let answer = get(&url(&gw, "/api/x")).await;
     assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "ok"));
@@ -128,21 +127,13 @@ async fn connection_refused_gives_502_after_retries() {
     let gone = Upstream::start(|_| async { text(200, "") }).await;
     let addr = gone.url();
     drop(gone);
-    let config = format!(
-        r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{addr}"]
-[upstreams.policy.retry]
-base_delay = "1ms"
-[[routes]]
-name = "api"
-path_prefix = "/"
-upstream = "svc"
-"#
-    );
-    let gw = gateway(&config).await;
-    let answer = send(Request::post(url(&gw, "/x")).body(full("body")).unwrap()).await;
+    let gw = gateway(&one_upstream(&addr, "")).await;
+    let answer = send(
+        Request::post(url(&gw, "/api/x"))
+            .body(full("body"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(answer.status, 502);
     assert_eq!(answer.json()["service"], "svc");
 }
@@ -151,7 +142,7 @@ upstream = "svc"
 async fn the_breaker_opens_then_rejects_without_calling_the_upstream() {
     let upstream = Upstream::start(|_| async { text(500, "boom") }).await;
     let gw = gateway(&one_upstream(
-        &upstream,
+        &upstream.url(),
         "[upstreams.policy.circuit_breaker]\nconsecutive_failures = 3\nopen_duration = \"60s\"",
     ))
     .await;
@@ -199,7 +190,7 @@ async fn sse_events_arrive_as_the_upstream_writes_them() {
         }
     })
     .await;
-    let gw = gateway(&one_upstream(&upstream, "")).await;
+    let gw = gateway(&one_upstream(&upstream.url(), "")).await;
     let response = tidegate_testkit::client()
         .request(
             Request::get(url(&gw, "/api/stream"))
@@ -230,7 +221,7 @@ async fn sse_events_arrive_as_the_upstream_writes_them() {
 async fn h2c_with_prior_knowledge() {
     let upstream =
         Upstream::start(|req| async move { text(200, &format!("{:?}", req.version())) }).await;
-    let gw = gateway(&one_upstream(&upstream, "")).await;
+    let gw = gateway(&one_upstream(&upstream.url(), "")).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<tidegate_testkit::Body>();

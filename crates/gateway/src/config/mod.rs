@@ -378,18 +378,13 @@ impl Locator<'_> {
         let root = KeyPath::default();
         let gateway = raw.gateway;
         let g = root.clone().key("gateway");
-        for (key, ok) in [
-            ("max_header_bytes", gateway.max_header_bytes >= 1024),
-            ("max_uri_bytes", gateway.max_uri_bytes >= 64),
-            ("max_connections", gateway.max_connections >= 1),
+        for (key, value, least) in [
+            ("max_header_bytes", gateway.max_header_bytes, 1024),
+            ("max_uri_bytes", gateway.max_uri_bytes, 64),
+            ("max_connections", gateway.max_connections, 1),
         ] {
-            if !ok {
-                let reason = match key {
-                    "max_header_bytes" => "must be at least 1024",
-                    "max_uri_bytes" => "must be at least 64",
-                    _ => "must be at least 1",
-                };
-                return Err(self.error(&g.clone().key(key), reason));
+            if value < least {
+                return Err(self.error(&g.clone().key(key), format!("must be at least {least}")));
             }
         }
         if gateway.header_read_timeout.is_zero() {
