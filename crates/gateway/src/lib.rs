@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod metrics;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -15,6 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::events::Event;
+use crate::framing::{FramingGuard, Upgraded};
 use crate::proxy::Gateway;
 
 /// A gateway that is serving.
@@ -96,11 +98,13 @@ async fn serve_proxy(
     let settings = &gateway.settings;
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's read buffer bounds the head; it answers 431 past it.
+    let max_head = settings.max_header_bytes.max(8192);
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192));
+        .max_buf_size(max_head);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -126,11 +130,20 @@ async fn serve_proxy(
         let gateway = gateway.clone();
         let builder = builder.clone();
         let mut stop = stopped.clone();
+        let upgraded = Upgraded::default();
+        let stream = FramingGuard::new(stream, max_head, upgraded.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
                 let gateway = gateway.clone();
-                async move { Ok::<_, Infallible>(gateway.handle(req, peer).await) }
+                let upgraded = upgraded.clone();
+                async move {
+                    let response = gateway.handle(req, peer).await;
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        upgraded.set();
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);

@@ -1,0 +1,483 @@
+//! A guard between the client's socket and hyper's HTTP/1 parser that follows
+//! the message framing of every request on a connection and refuses the
+//! ambiguous ones.
+//!
+//! hyper resolves a request carrying both `Content-Length` and
+//! `Transfer-Encoding` safely (chunked wins, the connection closes after the
+//! response), but it drops the `Content-Length` before the service can see
+//! it, so the request would still be forwarded. Such a request is the shape of
+//! request smuggling and a gateway should refuse it outright (RFC 9112 §6.3
+//! allows either). The guard follows each request head through the byte
+//! stream, passing it on as it arrives (so hyper's header read timeout runs
+//! as usual) but holding back the empty line that ends it. When both framings
+//! are present it puts an invalid header line before that empty line, so
+//! hyper's parser rejects the head: the client gets hyper's 400, the
+//! connection closes, and nothing reaches the service or an upstream.
+//!
+//! The guard knows just enough of HTTP/1 framing to find the next head:
+//! fixed-length bodies, chunked bodies and trailers. Anything it does not
+//! understand (HTTP/2's preface, a malformed chunk line, an invalid length)
+//! switches it off for the rest of the connection; hyper's own parser then
+//! decides, and it rejects what is malformed. After a `101 Switching
+//! Protocols` the bytes belong to a tunnel, so the service flips
+//! [`Upgraded`] and the guard steps aside.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Longest chunk-size or trailer line the guard follows before stepping aside.
+const MAX_LINE: usize = 8 * 1024;
+
+/// Set by the service when the connection has switched protocols.
+#[derive(Clone, Debug, Default)]
+pub struct Upgraded(Arc<AtomicBool>);
+
+impl Upgraded {
+    /// Marks the connection as tunnelled from now on.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Wraps a client connection; see the module documentation.
+#[derive(Debug)]
+pub struct FramingGuard<T> {
+    io: T,
+    scanner: Scanner,
+    /// Scanned bytes not yet handed to the reader, from `at` on.
+    ready: Vec<u8>,
+    at: usize,
+    upgraded: Upgraded,
+}
+
+impl<T> FramingGuard<T> {
+    /// Guards `io`; heads longer than `max_head` bytes are left to hyper.
+    pub fn new(io: T, max_head: usize, upgraded: Upgraded) -> Self {
+        FramingGuard {
+            io,
+            scanner: Scanner::new(max_head),
+            ready: Vec::new(),
+            at: 0,
+            upgraded,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.at < this.ready.len() {
+                let n = (this.ready.len() - this.at).min(buf.remaining());
+                buf.put_slice(&this.ready[this.at..this.at + n]);
+                this.at += n;
+                if this.at == this.ready.len() {
+                    this.ready.clear();
+                    this.at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.upgraded.get() {
+                this.scanner.stop(&mut this.ready);
+            }
+            if this.scanner.is_off() && this.ready.is_empty() {
+                return Pin::new(&mut this.io).poll_read(cx, buf);
+            }
+            if !this.ready.is_empty() {
+                continue;
+            }
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            if buf.filled().len() == before {
+                // End of stream: a held partial head goes to hyper as it is.
+                this.scanner.stop(&mut this.ready);
+                if this.ready.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            this.scanner.feed(&buf.filled()[before..], &mut this.ready);
+            buf.set_filled(before);
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Collecting a request head (held back until it is complete).
+    Head,
+    /// Bytes left of a `Content-Length` body.
+    Fixed(u64),
+    /// Collecting a chunk-size line.
+    ChunkSize,
+    /// Bytes left of a chunk's data.
+    ChunkData(u64),
+    /// The line break after a chunk's data.
+    ChunkEnd,
+    /// Trailer lines after the last chunk, up to an empty line.
+    Trailers,
+    /// No longer inspecting this connection.
+    Off,
+}
+
+/// What a request head says about its body.
+#[derive(Debug, Default)]
+struct Head {
+    /// Whether the request line has been seen.
+    started: bool,
+    content_length: Option<Result<u64, ()>>,
+    /// Whether the last transfer coding named is `chunked`, if any is.
+    chunked: Option<bool>,
+    http2: bool,
+}
+
+#[derive(Debug)]
+struct Scanner {
+    state: State,
+    /// The current line of a head or of a chunked body's framing.
+    line: Vec<u8>,
+    /// How much of `line` has been released.
+    released: usize,
+    head: Head,
+    max_head: usize,
+}
+
+impl Scanner {
+    fn new(max_head: usize) -> Self {
+        Scanner {
+            state: State::Head,
+            line: Vec::new(),
+            released: 0,
+            head: Head::default(),
+            max_head,
+        }
+    }
+
+    fn is_off(&self) -> bool {
+        self.state == State::Off
+    }
+
+    /// Stops inspecting; anything held is released to `out` unchanged.
+    fn stop(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.line[self.released..]);
+        self.line.clear();
+        self.released = 0;
+        self.state = State::Off;
+    }
+
+    /// Scans `input`, appending to `out` what can be released (with an
+    /// invalid header added to a head with both framings).
+    fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        while !input.is_empty() {
+            match self.state {
+                State::Off => {
+                    out.extend_from_slice(input);
+                    return;
+                }
+                State::Fixed(left) | State::ChunkData(left) => {
+                    let take = usize::try_from(left).map_or(input.len(), |l| l.min(input.len()));
+                    out.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    let left = left - take as u64;
+                    self.state = match (self.state, left) {
+                        (State::Fixed(_), 0) => State::Head,
+                        (State::Fixed(_), _) => State::Fixed(left),
+                        (_, 0) => State::ChunkEnd,
+                        _ => State::ChunkData(left),
+                    };
+                }
+                State::Head => {
+                    let (piece, rest) = split_line(input);
+                    input = rest;
+                    self.line.extend_from_slice(piece);
+                    let ended = piece.ends_with(b"\n");
+                    if ended && trim_eol(&self.line).is_empty() {
+                        self.blank_line(out);
+                    } else if self.line.len() > self.max_head {
+                        // hyper answers 431 for this; nothing left to follow.
+                        self.stop(out);
+                    } else if self.line != b"\r" {
+                        // Released at once, except a lone CR that may begin
+                        // the empty line ending the head.
+                        out.extend_from_slice(&self.line[self.released..]);
+                        self.released = self.line.len();
+                        if ended {
+                            self.head_line();
+                        }
+                    }
+                }
+                State::ChunkSize | State::ChunkEnd | State::Trailers => {
+                    let (line, rest) = split_line(input);
+                    input = rest;
+                    out.extend_from_slice(line);
+                    self.line.extend_from_slice(line);
+                    if self.line.len() > MAX_LINE {
+                        self.state = State::Off;
+                    } else if line.ends_with(b"\n") {
+                        self.body_line();
+                        self.line.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A line of a head other than the empty one has ended.
+    fn head_line(&mut self) {
+        if self.head.started {
+            self.header();
+        } else {
+            self.head.started = true;
+            self.head.http2 = trim_eol(&self.line).ends_with(b" HTTP/2.0");
+        }
+        self.line.clear();
+        self.released = 0;
+    }
+
+    /// An empty line has ended: before a request line it is ignored (as RFC
+    /// 9112 allows), after one it ends the head.
+    fn blank_line(&mut self, out: &mut Vec<u8>) {
+        let head = std::mem::take(&mut self.head);
+        let next = match (head.content_length, head.chunked) {
+            _ if !head.started => State::Head,
+            _ if head.http2 => State::Off,
+            (Some(_), Some(_)) => {
+                // A header line without a colon: hyper refuses the head.
+                out.extend_from_slice(b"ambiguous-framing\r\n");
+                tracing::debug!("refused a request with both Content-Length and Transfer-Encoding");
+                State::Off
+            }
+            (None, Some(true)) => State::ChunkSize,
+            (Some(Ok(0)), None) | (None, None) => State::Head,
+            (Some(Ok(length)), None) => State::Fixed(length),
+            // A bad length or a final coding other than chunked: hyper
+            // refuses the request and closes the connection.
+            _ => State::Off,
+        };
+        out.append(&mut self.line);
+        self.released = 0;
+        self.state = next;
+    }
+
+    /// Notes the framing headers.
+    fn header(&mut self) {
+        let line = trim_eol(&self.line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return;
+        };
+        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            self.head.chunked = Some(trim(last).eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let length = parse_decimal(value);
+            match self.head.content_length {
+                None => self.head.content_length = Some(length),
+                Some(previous) if previous != length => self.head.content_length = Some(Err(())),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// A framing line of a chunked body has ended at the end of `self.line`.
+    fn body_line(&mut self) {
+        let text = trim_eol(&self.line);
+        self.state = match self.state {
+            State::ChunkSize => {
+                let digits = text
+                    .iter()
+                    .position(|&b| b == b';' || b == b' ' || b == b'\t')
+                    .map_or(text, |end| &text[..end]);
+                match parse_hex(digits) {
+                    Some(0) => State::Trailers,
+                    Some(size) => State::ChunkData(size),
+                    None => State::Off,
+                }
+            }
+            State::ChunkEnd if text.is_empty() => State::ChunkSize,
+            State::Trailers if text.is_empty() => State::Head,
+            State::Trailers => State::Trailers,
+            _ => State::Off,
+        };
+    }
+}
+
+/// The input up to and including the first line feed, and the rest.
+fn split_line(input: &[u8]) -> (&[u8], &[u8]) {
+    match input.iter().position(|&b| b == b'\n') {
+        Some(end) => input.split_at(end + 1),
+        None => (input, &[]),
+    }
+}
+
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn trim(value: &[u8]) -> &[u8] {
+    let start = value.iter().position(|b| !b.is_ascii_whitespace());
+    let end = value.iter().rposition(|b| !b.is_ascii_whitespace());
+    match (start, end) {
+        (Some(start), Some(end)) => &value[start..=end],
+        _ => &[],
+    }
+}
+
+fn parse_decimal(digits: &[u8]) -> Result<u64, ()> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(());
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(d - b'0')))
+            .ok_or(())
+    })
+}
+
+fn parse_hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let digit = (d as char).to_digit(16)?;
+        n.checked_mul(16)?.checked_add(u64::from(digit))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes; returns what was released
+    /// and the final state.
+    fn scan(input: &[u8], step: usize) -> (Vec<u8>, State) {
+        let mut scanner = Scanner::new(64 * 1024);
+        let mut out = Vec::new();
+        for piece in input.chunks(step) {
+            scanner.feed(piece, &mut out);
+        }
+        (out, scanner.state)
+    }
+
+    const KEEP_ALIVE: &[u8] = b"\r\nPOST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+        POST /b HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+        5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: t\r\n\r\n\
+        GET /c HTTP/1.1\r\n\r\n";
+
+    #[test]
+    fn follows_fixed_and_chunked_bodies_across_requests() {
+        for step in [1, 2, 7, KEEP_ALIVE.len()] {
+            let (out, state) = scan(KEEP_ALIVE, step);
+            assert_eq!(out, KEEP_ALIVE, "step {step}");
+            assert_eq!(state, State::Head, "step {step}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_head_with_both_framings_in_either_order() {
+        for head in [
+            &b"POST / HTTP/1.1\r\ncontent-length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\nTransfer-Encoding: chunked\nContent-Length: 3\n\n"[..],
+        ] {
+            // After a harmless request on the same connection, too.
+            let input = [&b"GET / HTTP/1.1\r\n\r\n"[..], head, b"0\r\n\r\n"].concat();
+            for step in [1, 5, input.len()] {
+                let (out, state) = scan(&input, step);
+                assert_eq!(state, State::Off);
+                let text = String::from_utf8(out).unwrap();
+                let (head, body) = text.rsplit_once("ambiguous-framing\r\n").unwrap();
+                assert_eq!(format!("{head}{body}").as_bytes(), input, "step {step}");
+                assert!(body.starts_with('\n') || body.starts_with("\r\n"), "{body}");
+            }
+        }
+    }
+
+    #[test]
+    fn holds_back_only_the_empty_line_that_ends_a_head() {
+        let mut scanner = Scanner::new(1024);
+        let mut out = Vec::new();
+        scanner.feed(b"GET / HTTP/1.1\r\nHost: x", &mut out);
+        assert_eq!(out, b"GET / HTTP/1.1\r\nHost: x");
+        scanner.feed(b"\r\n\r", &mut out);
+        assert_eq!(out, b"GET / HTTP/1.1\r\nHost: x\r\n");
+        scanner.feed(b"\n", &mut out);
+        assert_eq!(out, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+
+    #[test]
+    fn steps_aside_for_http2_oversized_heads_and_bad_framing() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00";
+        assert_eq!(scan(preface, 3), (preface.to_vec(), State::Off));
+
+        let mut scanner = Scanner::new(16);
+        let mut out = Vec::new();
+        scanner.feed(b"GET / HTTP/1.1\r\nX-Long: aaaaaaaaaaaa", &mut out);
+        assert_eq!(scanner.state, State::Off);
+        assert_eq!(out, b"GET / HTTP/1.1\r\nX-Long: aaaaaaaaaaaa");
+
+        for bad in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n",
+        ] {
+            let (out, state) = scan(bad, 1);
+            assert_eq!((out.as_slice(), state), (bad, State::Off));
+        }
+    }
+
+    #[test]
+    fn number_parsing_refuses_overflow_and_junk() {
+        assert_eq!(parse_decimal(b"18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_decimal(b"18446744073709551616"), Err(()));
+        assert_eq!(parse_decimal(b"+1"), Err(()));
+        assert_eq!(parse_hex(b"fFfFfFfFfFfFfFfF"), Some(u64::MAX));
+        assert_eq!(parse_hex(b"1_0000000000000000"), None);
+        assert_eq!(parse_hex(b"10000000000000000"), None);
+    }
+}
