@@ -109,7 +109,9 @@ async fn serve_proxy(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    let mut connections = JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             _ = until_stopped(&mut stopped) => break,
@@ -132,7 +134,7 @@ async fn serve_proxy(
         let mut stop = stopped.clone();
         let upgraded = Upgraded::default();
         let stream = FramingGuard::new(stream, max_head, upgraded.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
                 let gateway = gateway.clone();
@@ -161,13 +163,16 @@ async fn serve_proxy(
         });
     }
     drop(listener);
-    // Every connection gives its slot back when it ends.
-    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(settings.drain_timeout, slots.acquire_many(all))
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(settings.drain_timeout, drained)
         .await
         .is_err()
     {
-        tracing::warn!("drain timeout passed with requests still in flight");
+        tracing::warn!(
+            connections = connections.len(),
+            "drain timeout passed with requests still in flight; closing their connections"
+        );
+        connections.shutdown().await;
     }
 }
 

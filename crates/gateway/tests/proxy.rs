@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use support::{admin, gateway, url};
+use tidegate_gateway::events::Event;
 use tidegate_testkit::{channel_body, full, get, send, text, Upstream};
 
 fn one_upstream(endpoint: &str, extra: &str) -> String {
@@ -139,8 +140,20 @@ async fn connection_refused_gives_502_after_retries() {
 }
 
 #[tokio::test]
-async fn the_breaker_opens_then_rejects_without_calling_the_upstream() {
-    let upstream = Upstream::start(|_| async { text(500, "boom") }).await;
+async fn the_breaker_opens_rejects_without_calling_the_upstream_then_recovers() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let upstream = Upstream::start({
+        let healthy = healthy.clone();
+        move |_| {
+            let status = if healthy.load(Ordering::SeqCst) {
+                200
+            } else {
+                500
+            };
+            async move { text(status, "") }
+        }
+    })
+    .await;
     let gw = gateway(&one_upstream(
         &upstream.url(),
         "[upstreams.policy.circuit_breaker]\nconsecutive_failures = 3\nopen_duration = \"60s\"",
@@ -172,6 +185,33 @@ async fn the_breaker_opens_then_rejects_without_calling_the_upstream() {
         metrics.contains(r#"tidegate_rejections_total{upstream="svc",reason="circuit_open"} 1"#),
         "{metrics}"
     );
+
+    // The open duration passes (the test's clock jumps; the runtime is
+    // current-thread and nothing runs in between), the upstream is well
+    // again, and one probe closes the breaker.
+    let mut events = gw.gateway.events.subscribe();
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    tokio::time::resume();
+    healthy.store(true, Ordering::SeqCst);
+    assert_eq!(get(&url(&gw, "/api")).await.status, 200);
+    assert_eq!(upstream.hits(), 4, "exactly one probe");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        if let Ok(Event::Circuit { from, to, .. }) = events.recv().await {
+            seen.push((from, to));
+        }
+    }
+    assert_eq!(seen, [("open", "half_open"), ("half_open", "closed")]);
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    assert_eq!(status["services"]["svc"]["state"], "closed");
+    let metrics = get(&admin(&gw, "/metrics")).await.body;
+    for line in [
+        r#"tidegate_circuit_transitions_total{upstream="svc",from="half_open",to="closed"} 1"#,
+        r#"tidegate_circuit_state{upstream="svc",state="closed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -162,27 +162,31 @@ fn serve(args: &[&str]) -> anyhow::Result<ExitCode> {
     };
     logging(option(&found, "--log-format").unwrap_or("text"))?;
     runtime()?.block_on(async move {
+        // Handlers first: a signal that arrives once we serve is never lost.
+        let stop = shutdown_signal()?;
         let running = server::start(config).await.map_err(anyhow::Error::msg)?;
-        shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down: draining in-flight requests");
         running.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the Ctrl-C and SIGTERM handlers; the future resolves on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    Ok(async move {
+        #[cfg(unix)]
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    })
 }
 
 fn demo(args: &[&str]) -> anyhow::Result<ExitCode> {
@@ -241,7 +245,7 @@ try:
         return Ok(ExitCode::SUCCESS);
     }
     println!("Ctrl-C stops it all.");
-    shutdown_signal().await;
+    shutdown_signal()?.await;
     running.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
