@@ -109,7 +109,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
                 }
                 continue;
             }
+            let held = this.scanner.held();
             this.scanner.feed(&buf.filled()[before..], &mut this.ready);
+            if held == 0
+                && this.scanner.held() == 0
+                && this.ready.len() == buf.filled().len() - before
+            {
+                // Released unchanged (the scanner only ever holds bytes back
+                // or adds a line): they are already where the reader wants them.
+                this.ready.clear();
+                return Poll::Ready(Ok(()));
+            }
             buf.set_filled(before);
         }
     }
@@ -198,6 +208,14 @@ impl Scanner {
 
     fn is_off(&self) -> bool {
         self.state == State::Off
+    }
+
+    /// Bytes scanned but not yet released.
+    fn held(&self) -> usize {
+        match self.state {
+            State::Head => self.line.len() - self.released,
+            _ => 0,
+        }
     }
 
     /// Stops inspecting; anything held is released to `out` unchanged.

@@ -2,7 +2,6 @@
 
 use std::cell::Cell;
 use std::collections::hash_map::RandomState;
-use std::fmt::Write;
 use std::hash::BuildHasher;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -83,7 +82,11 @@ pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
                     .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
         })
         .cloned()
-        .unwrap_or_else(|| HeaderValue::from_str(&new_id()).expect("hex is a valid header value"))
+        .unwrap_or_else(|| {
+            let mut id = [0u8; 32];
+            random_hex(&mut id);
+            HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+        })
 }
 
 /// A `traceparent` for the upstream hop: the client's trace with a new
@@ -93,12 +96,17 @@ pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent);
-    let span = random_hex(16);
-    let value = match incoming {
-        Some((trace, flags)) => format!("00-{trace}-{span}-{flags}"),
-        None => format!("00-{}-{span}-01", random_hex(32)),
-    };
-    HeaderValue::from_str(&value).expect("hex is a valid header value")
+    // 00-<trace id: 32>-<span id: 16>-<flags: 2>
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    match incoming {
+        Some((trace, flags)) => {
+            value[3..35].copy_from_slice(trace.as_bytes());
+            value[53..].copy_from_slice(flags.as_bytes());
+        }
+        None => random_hex(&mut value[3..35]),
+    }
+    random_hex(&mut value[36..52]);
+    HeaderValue::from_bytes(&value).expect("hex is a valid header value")
 }
 
 /// `(trace-id, flags)` of a valid version-00 traceparent.
@@ -121,26 +129,29 @@ fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
 
 /// A new request ID: 32 random hex digits.
 pub fn new_id() -> String {
-    random_hex(32)
+    let mut id = [0u8; 32];
+    random_hex(&mut id);
+    id.iter().map(|&b| char::from(b)).collect()
 }
 
 thread_local! {
     static SEED: (RandomState, Cell<u64>) = (RandomState::new(), Cell::new(0));
 }
 
-/// `n` hex digits from SipHash with a random per-thread key over a counter:
-/// unpredictable enough for IDs (not for secrets), never all zero.
-fn random_hex(n: usize) -> String {
-    let mut out = String::with_capacity(n + 16);
+/// Fills `out` with hex digits from SipHash with a random per-thread key
+/// over a counter: unpredictable enough for IDs (not for secrets), never all
+/// zero.
+fn random_hex(out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     SEED.with(|(state, counter)| {
-        while out.len() < n {
+        for chunk in out.chunks_mut(16) {
             counter.set(counter.get() + 1);
             let word = state.hash_one(counter.get()) | 1;
-            let _ = write!(out, "{word:016x}");
+            for (i, digit) in chunk.iter_mut().enumerate() {
+                *digit = DIGITS[(word >> (60 - 4 * i)) as usize & 0xf];
+            }
         }
     });
-    out.truncate(n);
-    out
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -103,16 +104,19 @@ impl Gateway {
         }))
     }
 
-    /// The HTTP client shared with health checks.
+    /// The HTTP client of health checks and of requests served on the
+    /// caller's runtime (worker threads have their own).
     pub fn client(&self) -> &UpstreamClient {
         &self.client
     }
 
-    /// Answers one client request.
+    /// Answers one client request from `client`, sending upstream requests
+    /// through `upstream_client`.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
+        upstream_client: &UpstreamClient,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let request_id = headers::correlation_id(req.headers());
@@ -123,7 +127,7 @@ impl Gateway {
             attempts: 0,
         };
         let mut response = match self
-            .route_and_forward(req, client, &request_id, &mut log)
+            .route_and_forward(req, client, upstream_client, &request_id, &mut log)
             .await
         {
             Ok(response) => response,
@@ -161,6 +165,7 @@ impl Gateway {
         &'a self,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        upstream_client: &UpstreamClient,
         request_id: &HeaderValue,
         log: &mut Access<'a>,
     ) -> Result<Response<ProxyBody>, Reply> {
@@ -247,7 +252,7 @@ impl Gateway {
                 attempts.fetch_add(1, Ordering::Relaxed);
                 let head = template.head(attempt.remaining());
                 let retryable = idempotent && body.is_replayable();
-                self.attempt(upstream, head, body.take(), retryable)
+                self.attempt(upstream_client, upstream, head, body.take(), retryable)
             })
             .await;
         log.attempts = attempts.load(Ordering::Relaxed);
@@ -293,7 +298,7 @@ impl Gateway {
             Some(before) => format!("{before}, {}", client.ip()),
             None => client.ip().to_string(),
         };
-        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
             headers.insert(&headers::FORWARDED_FOR, v);
         }
         headers.insert(&headers::FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -302,14 +307,21 @@ impl Gateway {
         if let Some(token) = &self.internal_token {
             headers.insert(&headers::INTERNAL_TOKEN, token.clone());
         }
-        let path = if route.strip_prefix {
-            router::strip(&route.path_prefix, parts.uri.path())
+        let path_and_query = if route.strip_prefix {
+            let path = router::strip(&route.path_prefix, parts.uri.path());
+            let target = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            PathAndQuery::from_maybe_shared(Bytes::from(target))
+                .expect("a stripped valid target is valid")
         } else {
-            parts.uri.path().to_owned()
-        };
-        let path_and_query = match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
+            // The client's own target, shared rather than copied.
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"))
         };
         Template(Head {
             method: parts.method.clone(),
@@ -321,6 +333,7 @@ impl Gateway {
     /// One attempt on the next healthy endpoint.
     async fn attempt(
         &self,
+        upstream_client: &UpstreamClient,
         upstream: &Upstream,
         head: Head,
         body: Option<ProxyBody>,
@@ -333,7 +346,7 @@ impl Gateway {
         let endpoint = upstream.pick().unwrap_or(&upstream.endpoints[0]);
         let uri = endpoint
             .endpoint
-            .uri(&head.path_and_query)
+            .uri(head.path_and_query)
             .expect("a checked endpoint and the request's own path make a URI");
         let mut request = Request::new(body);
         *request.method_mut() = head.method;
@@ -341,7 +354,7 @@ impl Gateway {
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = head.headers;
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        let sent = self.client.request(request);
+        let sent = upstream_client.request(request);
         let result = match upstream.attempt_timeout {
             Some(limit) => tokio::time::timeout(limit, sent)
                 .await
@@ -462,7 +475,7 @@ struct Access<'a> {
 #[derive(Debug, Clone)]
 struct Head {
     method: Method,
-    path_and_query: String,
+    path_and_query: PathAndQuery,
     headers: HeaderMap,
 }
 

@@ -1,5 +1,12 @@
 //! Listeners: the proxy (HTTP/1.1 and h2c on one port) and the admin API;
 //! connection limits, header read timeout, graceful shutdown.
+//!
+//! The proxy listener is served either on the caller's runtime ([`start`])
+//! or by worker threads ([`start_with_workers`]), each running its own
+//! single-threaded runtime with its own upstream connection pool, the way
+//! nginx and Envoy workers do: a request is read, forwarded and answered on
+//! one thread, with no hand-off between threads. Policies, health, metrics
+//! and the admin API are shared by all workers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,13 +18,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::events::Event;
 use crate::framing::{FramingGuard, Upgraded};
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, UpstreamClient};
 
 /// A gateway that is serving.
 #[derive(Debug)]
@@ -32,8 +39,16 @@ pub struct Running {
     tasks: JoinSet<()>,
 }
 
-/// Binds both listeners and starts serving, health checks and breaker watchers.
+/// Binds both listeners and starts serving, health checks and breaker
+/// watchers, all on the caller's runtime.
 pub async fn start(config: Config) -> Result<Running, String> {
+    start_with_workers(config, 0).await
+}
+
+/// Like [`start`], but with `workers` threads serving the proxy listener
+/// (0: serve it on the caller's runtime too). The admin API, health checks
+/// and breaker watchers stay on the caller's runtime.
+pub async fn start_with_workers(config: Config, workers: usize) -> Result<Running, String> {
     let listen = config.gateway.listen;
     let admin_listen = config.gateway.admin_listen;
     let gateway = Gateway::new(config)?;
@@ -50,7 +65,27 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    tasks.spawn(serve_proxy(gateway.clone(), listener, stopped.clone()));
+    let slots = Arc::new(Semaphore::new(gateway.settings.max_connections));
+    if workers == 0 {
+        let client = gateway.client().clone();
+        let serve = serve_proxy(gateway.clone(), listener, slots, stopped.clone(), client);
+        tasks.spawn(serve);
+    } else {
+        let listener = listener.into_std().map_err(|e| e.to_string())?;
+        for index in 0..workers {
+            let listener = listener.try_clone().map_err(|e| e.to_string())?;
+            let done = spawn_worker(
+                index,
+                gateway.clone(),
+                listener,
+                slots.clone(),
+                stopped.clone(),
+            )?;
+            tasks.spawn(async move {
+                let _ = done.await;
+            });
+        }
+    }
     let mut admin_stop = stopped.clone();
     let app = crate::admin::router(gateway.clone());
     tasks.spawn(async move {
@@ -90,13 +125,50 @@ impl Running {
     }
 }
 
+/// Starts worker thread `index`; the receiver resolves when it has stopped.
+fn spawn_worker(
+    index: usize,
+    gateway: Arc<Gateway>,
+    listener: std::net::TcpListener,
+    slots: Arc<Semaphore>,
+    stopped: watch::Receiver<bool>,
+) -> Result<oneshot::Receiver<()>, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a worker runtime: {e}"))?;
+    let (done, finished) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("tidegate-worker-{index}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        let client = crate::proxy::upstream_client();
+                        serve_proxy(gateway, listener, slots, stopped, client).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "worker {index} cannot listen"),
+                }
+            });
+            // Dropping the runtime ends what is left: pooled upstream
+            // connections and tunnels cut at the drain timeout.
+            drop(runtime);
+            let _ = done.send(());
+        })
+        .map_err(|e| format!("cannot start worker thread {index}: {e}"))?;
+    Ok(finished)
+}
+
 async fn serve_proxy(
     gateway: Arc<Gateway>,
     listener: TcpListener,
+    slots: Arc<Semaphore>,
     mut stopped: watch::Receiver<bool>,
+    client: UpstreamClient,
 ) {
     let settings = &gateway.settings;
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    // One reference count per request instead of the client's several.
+    let client = Arc::new(client);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's read buffer bounds the head; it answers 431 past it.
     let max_head = settings.max_header_bytes.max(8192);
@@ -130,6 +202,7 @@ async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
+        let client = client.clone();
         let builder = builder.clone();
         let mut stop = stopped.clone();
         let upgraded = Upgraded::default();
@@ -138,9 +211,10 @@ async fn serve_proxy(
             let _slot = slot;
             let service = service_fn(move |req| {
                 let gateway = gateway.clone();
+                let client = client.clone();
                 let upgraded = upgraded.clone();
                 async move {
-                    let response = gateway.handle(req, peer).await;
+                    let response = gateway.handle(req, peer, &client).await;
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                         upgraded.set();
                     }

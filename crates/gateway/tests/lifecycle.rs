@@ -147,3 +147,36 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(held.upstream.hits(), 2);
 }
+
+#[tokio::test]
+async fn worker_threads_serve_the_proxy_and_stop_with_it() {
+    let upstream = Upstream::start(|req| async move { text(200, req.uri().path()) }).await;
+    let toml = config(&upstream, "");
+    let config = tidegate_gateway::config::parse(&toml, "test.toml", []).unwrap();
+    let gw = tidegate_gateway::server::start_with_workers(config, 2)
+        .await
+        .unwrap();
+    let addr = gw.addr;
+    let requests: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { get(&format!("http://{addr}/r{i}")).await }))
+        .collect();
+    for (i, request) in requests.into_iter().enumerate() {
+        let answer = request.await.unwrap();
+        assert_eq!(
+            (answer.status.as_u16(), answer.body),
+            (200, format!("/r{i}"))
+        );
+    }
+    assert_eq!(upstream.hits(), 20);
+    let metrics = get(&format!("http://{}/metrics", gw.admin_addr)).await.body;
+    assert!(
+        metrics.contains(
+            r#"tidegate_requests_total{route="all",upstream="svc",method="GET",status="200"} 20"#
+        ),
+        "{metrics}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), gw.shutdown())
+        .await
+        .expect("the workers stop");
+    refused(addr).await;
+}

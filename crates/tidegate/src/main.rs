@@ -14,12 +14,15 @@ const USAGE: &str = "\
 tidegate — resilient service-to-service communication
 
 usage:
-  tidegate serve --config FILE [--log-format text|json]   run the gateway
+  tidegate serve --config FILE [--log-format text|json] [--workers N]
+                                                          run the gateway
   tidegate check --config FILE                            validate a config (exit 2 on errors)
   tidegate demo [--quick]                                 gateway + sample upstreams on loopback
   tidegate status [--admin URL]                           upstreams and breaker states
   tidegate --version | --help
 
+--workers: threads serving the proxy listener, each with its own event loop
+and upstream connection pool (default: one per CPU).
 Logs go to stderr; RUST_LOG-style filters (e.g. `info,tidegate::access=warn`)
 are read from TIDEGATE_LOG.";
 
@@ -145,14 +148,28 @@ fn logging(format: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The main runtime: admin API, health checks, signals. The proxy listener
+/// has worker threads of its own.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
+/// `--workers N`, by default one per CPU.
+fn workers(value: Option<&str>) -> anyhow::Result<usize> {
+    match value {
+        None => Ok(std::thread::available_parallelism().map_or(1, usize::from)),
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(Usage(format!("--workers must be a positive number, not {n:?}")).into()),
+        },
+    }
+}
+
 fn serve(args: &[&str]) -> anyhow::Result<ExitCode> {
-    let found = options(args, &["--config", "--log-format"])?;
+    let found = options(args, &["--config", "--log-format", "--workers"])?;
+    let workers = workers(option(&found, "--workers"))?;
     let config = match load(option(&found, "--config"))? {
         Ok(config) => config,
         Err(e) => {
@@ -164,7 +181,9 @@ fn serve(args: &[&str]) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         // Handlers first: a signal that arrives once we serve is never lost.
         let stop = shutdown_signal()?;
-        let running = server::start(config).await.map_err(anyhow::Error::msg)?;
+        let running = server::start_with_workers(config, workers)
+            .await
+            .map_err(anyhow::Error::msg)?;
         stop.await;
         tracing::info!("shutting down: draining in-flight requests");
         running.shutdown().await;
@@ -219,7 +238,9 @@ async fn run_demo(quick: bool) -> anyhow::Result<ExitCode> {
         .await
         .context("starting the sample upstreams")?;
     let config = demo::config(&samples, free_or(8080).await, free_or(9901).await)?;
-    let running = server::start(config).await.map_err(anyhow::Error::msg)?;
+    let running = server::start_with_workers(config, workers(None)?)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let (gw, admin) = (running.addr, running.admin_addr);
     println!(
         "\

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Method, Uri};
 use serde::Deserialize;
 use tidegate_resilience::config::{duration, PolicyConfig};
@@ -155,7 +155,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// The URI of `path_and_query` on this endpoint.
-    pub fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+    pub fn uri(&self, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
         Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(self.authority.clone())

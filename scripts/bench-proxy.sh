@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Whole-system proxy benchmark: wrk against one loopback upstream directly,
+# through tidegate (retry, circuit breaker and bulkhead on) and through nginx
+# (same number of workers, upstream keep-alive), side by side in one run.
+#
+# Rounds alternate direct / tidegate / nginx so that machine noise hits all
+# three alike; the table shows each one's median over the rounds, and the
+# ratios tidegate/nginx are computed from those medians.
+#
+#   ./scripts/bench-proxy.sh                 # defaults below
+#   WORKERS=2 CONNECTIONS=100 DURATION=15 ROUNDS=5 ./scripts/bench-proxy.sh
+#
+# Installs nginx and wrk from Debian's packages when they are missing (root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORKERS=${WORKERS:-1}          # nginx worker_processes = tidegate --workers
+CONNECTIONS=${CONNECTIONS:-50} # wrk connections
+THREADS=${THREADS:-1}          # wrk threads
+DURATION=${DURATION:-10}       # seconds per measurement
+ROUNDS=${ROUNDS:-3}
+
+need() {
+    local missing=()
+    for tool in nginx wrk python3; do
+        command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing: ${missing[*]}; run as root or: sudo apt-get install nginx wrk python3" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk python3 >/dev/null
+}
+need
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release --quiet -p tidegate
+TIDEGATE=target/release/tidegate
+
+WORK=$(mktemp -d /tmp/tidegate-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
+        sleep 0.1
+    done
+    echo "nothing listens on port $1" >&2
+    exit 1
+}
+
+UPSTREAM_PORT=$(free_port)
+NGINX_PORT=$(free_port)
+TIDEGATE_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
+
+nginx_conf() { # name workers server-block
+    mkdir -p "$WORK/$1"
+    cat >"$WORK/$1/nginx.conf" <<EOF
+worker_processes $2;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $WORK/$1/body;
+    proxy_temp_path $WORK/$1/proxy;
+    fastcgi_temp_path $WORK/$1/fastcgi;
+    uwsgi_temp_path $WORK/$1/uwsgi;
+    scgi_temp_path $WORK/$1/scgi;
+    $3
+}
+EOF
+    "$NGINX" -c "$WORK/$1/nginx.conf" -e "$WORK/$1/error.log" &
+    PIDS+=($!)
+}
+
+# The upstream: nginx answering from memory, one worker, identical for all.
+nginx_conf upstream 1 "server {
+        listen 127.0.0.1:$UPSTREAM_PORT;
+        location / { default_type text/plain; return 200 \"hello from the upstream\n\"; }
+    }"
+
+# nginx as the proxy, with a keep-alive pool to the upstream.
+nginx_conf proxy "$WORKERS" "upstream app {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 256;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+
+cat >"$WORK/tidegate.toml" <<EOF
+[gateway]
+listen = "127.0.0.1:$TIDEGATE_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+
+[[upstreams]]
+name = "app"
+endpoints = ["http://127.0.0.1:$UPSTREAM_PORT"]
+[upstreams.policy]
+timeout = "10s"
+[upstreams.policy.retry]
+max_attempts = 3
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 5
+[upstreams.policy.bulkhead]
+max_concurrent = 1000
+max_queued = 1000
+
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+EOF
+# Access logs are off for nginx, so tidegate logs warnings only.
+TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers "$WORKERS" \
+    2>"$WORK/tidegate.log" &
+TIDEGATE_PID=$!
+PIDS+=("$TIDEGATE_PID")
+
+wait_port "$UPSTREAM_PORT"
+wait_port "$NGINX_PORT"
+wait_port "$TIDEGATE_PORT"
+
+# One wrk run; prints "requests_per_second p50_ms p99_ms".
+measure() {
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${2}s" --latency "$1" >"$WORK/wrk.out"
+    if grep -q "Non-2xx" "$WORK/wrk.out"; then
+        echo "non-2xx answers from $1:" >&2
+        cat "$WORK/wrk.out" >&2
+        exit 1
+    fi
+    python3 - "$WORK/wrk.out" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(label):
+    value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+print(f"{rps:.0f} {ms('50'):.3f} {ms('99'):.3f}")
+EOF
+}
+
+# Peak resident memory of tidegate, sampled while it is under load.
+RSS_PEAK=$WORK/rss_peak
+echo 0 >"$RSS_PEAK"
+sample_rss() {
+    local peak=0 rss
+    while kill -0 "$TIDEGATE_PID" 2>/dev/null; do
+        rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$TIDEGATE_PID/status" 2>/dev/null || echo 0)
+        [ "${rss:-0}" -gt "$peak" ] && peak=$rss && echo "$peak" >"$RSS_PEAK"
+        sleep 0.2
+    done
+}
+sample_rss &
+PIDS+=($!)
+
+DIRECT="http://127.0.0.1:$UPSTREAM_PORT/"
+VIA_TIDEGATE="http://127.0.0.1:$TIDEGATE_PORT/"
+VIA_NGINX="http://127.0.0.1:$NGINX_PORT/"
+
+echo "warming up (connection pools, page cache, CPU frequency)"
+for url in "$DIRECT" "$VIA_TIDEGATE" "$VIA_NGINX"; do measure "$url" 2 >/dev/null; done
+
+: >"$WORK/results"
+for round in $(seq 1 "$ROUNDS"); do
+    for target in direct tidegate nginx; do
+        case $target in
+            direct) url=$DIRECT ;;
+            tidegate) url=$VIA_TIDEGATE ;;
+            nginx) url=$VIA_NGINX ;;
+        esac
+        result=$(measure "$url" "$DURATION")
+        echo "round $round  $target  $result"
+        echo "$target $result" >>"$WORK/results"
+    done
+done
+
+python3 - "$WORK/results" "$(cat "$RSS_PEAK")" "$WORKERS" "$CONNECTIONS" "$DURATION" "$ROUNDS" <<'EOF'
+import statistics, sys
+rows = [line.split() for line in open(sys.argv[1])]
+rss_kib, workers, conns, duration, rounds = sys.argv[2:]
+median = {}
+for target in ("direct", "tidegate", "nginx"):
+    runs = [r for r in rows if r[0] == target]
+    median[target] = [statistics.median(float(r[i]) for r in runs) for i in (1, 2, 3)]
+print()
+print(f"{workers} worker(s) per proxy, wrk {conns} connections, {rounds} rounds of {duration} s; medians")
+print(f"{'':10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
+for target, (rps, p50, p99) in median.items():
+    print(f"{target:10} {rps:>10.0f} {p50:>9.3f} {p99:>9.3f}")
+t, n = median["tidegate"], median["nginx"]
+print()
+print(f"tidegate/nginx: requests/s {t[0] / n[0]:.2f}x, p50 {t[1] / n[1]:.2f}x, p99 {t[2] / n[2]:.2f}x")
+print(f"tidegate peak RSS under load: {int(rss_kib) / 1024:.1f} MiB")
+EOF
