@@ -79,6 +79,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            // Nothing can be read into a full buffer; an empty read here
+            // must not be taken for the end of the stream below.
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if this.at < this.ready.len() {
                 let n = (this.ready.len() - this.at).min(buf.remaining());
