@@ -132,7 +132,12 @@ fn logging(format: &str) -> anyhow::Result<()> {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         "text" => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colours only for a terminal, not for a file or a pipe.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .init(),
         "json" => registry
             .with(
