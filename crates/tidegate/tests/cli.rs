@@ -126,8 +126,9 @@ fn serve_logs_json_access_lines_and_drains_on_sigterm() {
     assert_eq!(fields["status"], 200);
     assert!(fields["duration_ms"].as_f64().is_some(), "{access}");
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    // bash's own `kill`: no dependency on procps being installed.
+    let killed = Command::new("bash")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
         .status()
         .unwrap();
     assert!(killed.success());
