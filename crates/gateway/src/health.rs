@@ -32,9 +32,11 @@ async fn check_endpoint(gateway: Arc<Gateway>, u: usize, e: usize) {
         return;
     };
     let endpoint = &upstream.endpoints[e];
-    let uri = http::uri::PathAndQuery::try_from(config.path.as_str())
-        .map_err(http::Error::from)
-        .and_then(|path| endpoint.endpoint.uri(path))
+    let path = http::uri::PathAndQuery::try_from(config.path.as_str())
+        .expect("the config checks the health check path");
+    let uri = endpoint
+        .endpoint
+        .uri(path)
         .expect("a checked endpoint and path make a URI");
     let (mut passes, mut fails) = (0u32, 0u32);
     let mut ticks = interval(config.interval);

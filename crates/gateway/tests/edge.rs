@@ -6,34 +6,16 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{admin, gateway, url};
+use support::{admin, catch_all, gateway, url};
 use tidegate_gateway::events::Event;
 use tidegate_testkit::{get, text, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// The catch-all config with small limits, to test them cheaply.
 fn config(upstream: &Upstream, gateway_extra: &str) -> String {
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-max_body_bytes = 1000
-max_replay_bytes = 100
-max_uri_bytes = 200
-{gateway_extra}
-
-[[upstreams]]
-name = "svc"
-endpoints = ["{}"]
-
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "svc"
-"#,
-        upstream.url()
-    )
+    let limits = "max_body_bytes = 1000\nmax_replay_bytes = 100\nmax_uri_bytes = 200";
+    catch_all(&upstream.url(), &format!("{limits}\n{gateway_extra}"))
 }
 
 /// Sends raw bytes and reads until the server closes or a full head and

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::gateway;
+use support::{catch_all, gateway, parsed};
 use tidegate_testkit::{get, text, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -42,12 +42,7 @@ async fn held_upstream() -> Held {
 }
 
 fn config(upstream: &Upstream, gateway_extra: &str) -> String {
-    format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{gateway_extra}\n\
-         [[upstreams]]\nname = \"svc\"\nendpoints = [\"{}\"]\n\
-         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\nupstream = \"svc\"\n",
-        upstream.url()
-    )
+    catch_all(&upstream.url(), gateway_extra)
 }
 
 /// Resolves once `addr` refuses connections (the listener is closed).
@@ -151,9 +146,7 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
 #[tokio::test]
 async fn worker_threads_serve_the_proxy_and_stop_with_it() {
     let upstream = Upstream::start(|req| async move { text(200, req.uri().path()) }).await;
-    let toml = config(&upstream, "");
-    let config = tidegate_gateway::config::parse(&toml, "test.toml", []).unwrap();
-    let gw = tidegate_gateway::server::start_with_workers(config, 2)
+    let gw = tidegate_gateway::server::start_with_workers(parsed(&config(&upstream, "")), 2)
         .await
         .unwrap();
     let addr = gw.addr;
