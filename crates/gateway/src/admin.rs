@@ -23,8 +23,8 @@ use futures_util::stream::{self, Stream};
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::clock::{instant_rfc3339, now_rfc3339};
 use crate::proxy::Gateway;
+use tidegate_client::clock::{instant_rfc3339, now_rfc3339};
 
 /// The admin routes.
 pub fn router(gateway: Arc<Gateway>) -> Router {

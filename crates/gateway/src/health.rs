@@ -81,7 +81,7 @@ async fn check_endpoint(gateway: Arc<Gateway>, u: usize, e: usize) {
                     upstream: upstream.name().to_owned(),
                     endpoint: endpoint.label.clone(),
                     healthy,
-                    timestamp: crate::clock::now_rfc3339(),
+                    timestamp: tidegate_client::clock::now_rfc3339(),
                 });
             }
         }

@@ -8,7 +8,6 @@
 
 pub mod admin;
 pub mod body;
-pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod events;

@@ -27,7 +27,8 @@ use crate::events::Events;
 use crate::headers::{self, CORRELATION_ID};
 use crate::metrics::{method_label, Metrics, RequestLabels};
 use crate::router::{self, Router};
-use crate::upstream::{is_retryable_status, AttemptError, Upstream};
+use crate::upstream::{AttemptError, Upstream};
+use tidegate_client::headers::is_retryable_status;
 
 /// The HTTP client every upstream request goes through (pooled, keep-alive).
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
@@ -236,8 +237,8 @@ impl Gateway {
                 })?
         };
 
-        let idempotent =
-            is_idempotent(&parts.method) || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
+        let idempotent = headers::is_idempotent(&parts.method)
+            || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
         let template = self.upstream_head(
             &mut parts,
             &route.config,
@@ -495,13 +496,6 @@ impl Template {
     }
 }
 
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
 /// Joins the client's and the upstream's upgraded connections.
 fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     tokio::spawn(async move {
@@ -599,7 +593,7 @@ impl Reply {
             "error": self.message,
             "service": self.service,
             "request_id": request_id.to_str().unwrap_or(""),
-            "timestamp": crate::clock::now_rfc3339(),
+            "timestamp": tidegate_client::clock::now_rfc3339(),
         });
         let mut response = Response::new(body::full(json.to_string()));
         *response.status_mut() = self.status;

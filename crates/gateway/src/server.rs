@@ -275,7 +275,7 @@ async fn watch_breaker(gateway: Arc<Gateway>, index: usize, mut stopped: watch::
             from,
             to,
             reason: change.reason.to_string(),
-            timestamp: crate::clock::instant_rfc3339(change.at),
+            timestamp: tidegate_client::clock::instant_rfc3339(change.at),
         });
     }
 }

@@ -12,6 +12,8 @@ use tidegate_resilience::config::ConfigError;
 use tidegate_resilience::retry::RetryAction;
 use tidegate_resilience::{Error, Pipeline};
 
+use tidegate_client::headers::retry_after;
+
 use crate::config::{Endpoint, UpstreamConfig};
 
 /// Why one attempt failed. `retryable` is decided by the attempt, which
@@ -75,11 +77,6 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl std::error::Error for AttemptError {}
-
-/// Statuses that are worth another attempt.
-pub fn is_retryable_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 502..=504 | 429)
-}
 
 /// The pipeline of one upstream.
 pub type UpstreamPipeline = Pipeline<Response<Incoming>, AttemptError>;
@@ -219,16 +216,4 @@ fn retry_on(result: &Result<Response<Incoming>, Error<AttemptError>>) -> RetryAc
         },
         _ => RetryAction::Return,
     }
-}
-
-/// A `Retry-After` in seconds (the HTTP-date form is not honoured).
-pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs))
 }

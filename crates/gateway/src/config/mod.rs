@@ -13,8 +13,6 @@
 //! `[defaults.policy]` applies to every upstream; an upstream's own
 //! `[upstreams.policy]` overrides it key by key.
 
-mod locate;
-
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
@@ -24,32 +22,11 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Method, Uri};
 use serde::Deserialize;
+use tidegate_client::config::file::{KeyPath, Source};
+use tidegate_client::config::{check_name, BaseUrl};
 use tidegate_resilience::config::{duration, PolicyConfig};
 
-use self::locate::{KeyPath, Segment};
-
-/// A config that cannot be used, and where the problem is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// `file:line:col`, `file`, or `env NAME`.
-    pub location: String,
-    /// The key path, e.g. `routes[1].upstream`; empty for the whole file.
-    pub key: String,
-    /// What is wrong.
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}: {}", self.location, self.reason)
-        } else {
-            write!(f, "{}: {}: {}", self.location, self.key, self.reason)
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
+pub use tidegate_client::config::ConfigError;
 
 /// The whole config, validated.
 #[derive(Debug, Clone)]
@@ -268,110 +245,19 @@ pub fn parse(
     file: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let doc = toml_edit::ImDocument::parse(text).map_err(|e| {
-        let location = match e.span() {
-            Some(span) => {
-                let (line, col) = locate::line_col(text, span.start);
-                format!("{file}:{line}:{col}")
-            }
-            None => file.to_owned(),
-        };
-        ConfigError {
-            location,
-            key: String::new(),
-            reason: e.message().trim().to_owned(),
-        }
-    })?;
-    let at = Locator {
-        text,
-        file,
-        doc: &doc,
-        overrides: Vec::new(),
-    };
-    let table: toml::Table =
-        toml::from_str(text).map_err(|e| at.error(&KeyPath::default(), e.message()))?;
-    let mut root = toml::Value::Table(table);
-    let mut at = at;
-    for (name, value) in env {
-        let Some(rest) = name.strip_prefix("TIDEGATE__") else {
-            continue;
-        };
-        let path = env_path(rest);
-        set_override(&mut root, &path, &value).map_err(|reason| ConfigError {
-            location: format!("env {name}"),
-            key: path.to_string(),
-            reason,
-        })?;
-        at.overrides.push((path, name));
-    }
-    if let toml::Value::Table(table) = &mut root {
-        merge_policy_defaults(table);
-    }
-    let raw: RawConfig = serde_path_to_error::deserialize(root).map_err(|e| {
-        let mut path = KeyPath::from_serde(e.path());
-        let message = e.inner().message().trim();
-        if let Some(field) = unknown_field(message) {
-            if path.0.last() != Some(&Segment::Key(field.to_owned())) {
-                path = path.key(field);
-            }
-        }
-        at.error(&path, message)
-    })?;
-    at.validate(raw)
+    let mut source = Source::parse(text, file)?;
+    let mut root = source.value(env)?;
+    source.merge_policy_defaults(&mut root, "upstreams");
+    let raw: RawConfig = source.deserialize(root)?;
+    Locator(source).validate(raw)
 }
 
-/// Where errors point: the file and its parsed document, and which paths
-/// came from the environment.
-struct Locator<'a> {
-    text: &'a str,
-    file: &'a str,
-    doc: &'a toml_edit::ImDocument<&'a str>,
-    overrides: Vec<(KeyPath, String)>,
-}
+/// Turns the raw config into the typed one; errors point into the source.
+struct Locator<'a>(Source<'a>);
 
 impl Locator<'_> {
     fn error(&self, path: &KeyPath, reason: impl fmt::Display) -> ConfigError {
-        let reason = reason.to_string();
-        if let Some((_, var)) = self
-            .overrides
-            .iter()
-            .rev()
-            .find(|(p, _)| path.starts_with(p))
-        {
-            return ConfigError {
-                location: format!("env {var}"),
-                key: path.to_string(),
-                reason,
-            };
-        }
-        // An upstream's policy value may have come from `[defaults.policy]`.
-        let path = match path.0.as_slice() {
-            [Segment::Key(u), Segment::Index(_), Segment::Key(p), rest @ ..]
-                if u == "upstreams" && p == "policy" && !locate::contains(self.doc, path) =>
-            {
-                let defaults = KeyPath::default().key("defaults").key("policy");
-                let defaults =
-                    KeyPath(defaults.0.into_iter().chain(rest.iter().cloned()).collect());
-                if locate::contains(self.doc, &defaults) {
-                    defaults
-                } else {
-                    path.clone()
-                }
-            }
-            _ => path.clone(),
-        };
-        let location = match locate::span(self.doc, &path) {
-            Some(span) => {
-                let (line, col) = locate::line_col(self.text, span.start);
-                format!("{}:{line}:{col}", self.file)
-            }
-            None => self.file.to_owned(),
-        };
-        ConfigError {
-            location,
-            key: path.to_string(),
-            reason,
-        }
+        self.0.error(path, reason)
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -528,126 +414,14 @@ impl Locator<'_> {
     }
 }
 
-fn check_name(name: &str) -> Result<(), &'static str> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err("must be 1 to 64 of letters, digits, `-`, `_` or `.`")
-    }
-}
-
 fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
-    let uri: Uri = text.parse().map_err(|_| format!("`{text}` is not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err("https endpoints are not supported yet; use http".into()),
-        _ => return Err(format!("`{text}` must start with http://")),
-    }
-    let Some(authority) = uri.authority().cloned() else {
-        return Err(format!("`{text}` has no host"));
-    };
-    if authority.port_u16().is_none() && authority.as_str().contains(':') {
-        return Err(format!("`{text}` has a bad port"));
-    }
-    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+    let base = BaseUrl::parse(text)?;
+    if !base.path.is_empty() {
         return Err(format!(
             "`{text}` must not have a path; routes decide the path"
         ));
     }
-    if authority.as_str().contains('@') {
-        return Err(format!("`{text}` must not carry credentials"));
-    }
-    let authority = match authority.port_u16() {
-        Some(_) => authority,
-        None => format!("{}:80", authority.host())
-            .parse()
-            .map_err(|_| format!("`{text}` has a bad host"))?,
-    };
-    Ok(Endpoint { authority })
-}
-
-/// The serde message for an unknown key names it between backticks.
-fn unknown_field(message: &str) -> Option<&str> {
-    let rest = message.strip_prefix("unknown field `")?;
-    rest.split('`').next()
-}
-
-/// `GATEWAY__LISTEN` → `gateway.listen`; numbers index arrays.
-fn env_path(rest: &str) -> KeyPath {
-    KeyPath(
-        rest.split("__")
-            .map(|s| match s.parse::<usize>() {
-                Ok(i) => Segment::Index(i),
-                Err(_) => Segment::Key(s.to_ascii_lowercase()),
-            })
-            .collect(),
-    )
-}
-
-/// Sets the value at `path` (tables are made as needed; array elements must exist).
-fn set_override(root: &mut toml::Value, path: &KeyPath, raw: &str) -> Result<(), String> {
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
-    let mut node = root;
-    let mut walked = KeyPath::default();
-    for segment in &path.0 {
-        node = match (segment, node) {
-            (Segment::Key(k), toml::Value::Table(t)) => t
-                .entry(k.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new())),
-            (Segment::Index(i), toml::Value::Array(items)) => items
-                .get_mut(*i)
-                .ok_or_else(|| format!("`{walked}` has no element {i}"))?,
-            (Segment::Key(_), _) => return Err(format!("`{walked}` is not a table")),
-            (Segment::Index(_), _) => return Err(format!("`{walked}` is not an array")),
-        };
-        walked.0.push(segment.clone());
-    }
-    *node = value;
-    Ok(())
-}
-
-/// Puts `[defaults.policy]` under every upstream's own policy, key by key.
-fn merge_policy_defaults(table: &mut toml::Table) {
-    let defaults = table
-        .get("defaults")
-        .and_then(|d| d.get("policy"))
-        .and_then(|p| p.as_table())
-        .cloned()
-        .unwrap_or_default();
-    let Some(toml::Value::Array(upstreams)) = table.get_mut("upstreams") else {
-        return;
-    };
-    for upstream in upstreams.iter_mut().filter_map(|u| u.as_table_mut()) {
-        let own = match upstream.remove("policy") {
-            Some(toml::Value::Table(own)) => own,
-            Some(other) => {
-                // Not a table: leave it for serde to report.
-                upstream.insert("policy".into(), other);
-                continue;
-            }
-            None => toml::Table::new(),
-        };
-        let mut merged = defaults.clone();
-        deep_merge(&mut merged, own);
-        upstream.insert("policy".into(), toml::Value::Table(merged));
-    }
-}
-
-fn deep_merge(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => deep_merge(b, o),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
+    Ok(Endpoint {
+        authority: base.authority,
+    })
 }

@@ -270,17 +270,30 @@ impl<T, E> Pipeline<T, E> {
         F: FnMut(Attempt) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let result = self.run(op).await;
+        self.call_observed(op, |_, _, _| {}).await
+    }
+
+    /// [`call`](Pipeline::call), telling `on_retry` of every retry before
+    /// its backoff: the result being retried, the number of the attempt
+    /// that gave it, and the delay before the next one.
+    pub async fn call_observed<F, Fut, R>(&self, op: F, on_retry: R) -> Result<T, Error<E>>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+    {
+        let result = self.run(op, on_retry).await;
         match (&self.policies.fallback, result) {
             (Some((when, handler)), Err(err)) if when(&err) => handler(err).await,
             (_, result) => result,
         }
     }
 
-    async fn run<F, Fut>(&self, mut op: F) -> Result<T, Error<E>>
+    async fn run<F, Fut, R>(&self, mut op: F, mut on_retry: R) -> Result<T, Error<E>>
     where
         F: FnMut(Attempt) -> Fut,
         Fut: Future<Output = Result<T, E>>,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration),
     {
         let p = &*self.policies;
         let start = Instant::now();
@@ -293,15 +306,18 @@ impl<T, E> Pipeline<T, E> {
         let mut schedule = retry.start(start);
         let mut now = start;
         loop {
-            let result = self
-                .attempt(&mut op, schedule.attempt(deadline), deadline, now)
-                .await;
+            let attempt = schedule.attempt(deadline);
+            let number = attempt.number();
+            let result = self.attempt(&mut op, attempt, deadline, now).await;
             let action = match &p.retry_on {
                 Some(retry_on) => retry_on(&result),
                 None => RetryTransient.should_retry(&result),
             };
             match schedule.next(action, deadline) {
-                Next::After(delay) => tokio::time::sleep(delay).await,
+                Next::After(delay) => {
+                    on_retry(&result, number, delay);
+                    tokio::time::sleep(delay).await;
+                }
                 Next::Stop { exhausted } => return schedule.finish(result, exhausted),
             }
             now = Instant::now();
@@ -411,6 +427,27 @@ mod tests {
         assert_eq!(breaker.state(), CircuitState::Open);
         let rejected = pipeline.call(|_| async { Ok(()) }).await.unwrap_err();
         assert!(rejected.is_circuit_open(), "open breaker is not retried");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_observed_with_their_delays() {
+        let pipeline: Pipeline<(), &str> = Pipeline::builder().retry(retry()).build();
+        let mut seen = Vec::new();
+        let err = pipeline
+            .call_observed(
+                |_| async { Err("reset") },
+                |result, number, delay| seen.push((result.is_err(), number, delay)),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.attempts(), Some(3));
+        assert_eq!(
+            seen,
+            [
+                (true, 1, Duration::from_millis(100)),
+                (true, 2, Duration::from_millis(200))
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,28 +7,32 @@ use toml_edit::{ImDocument, Item, Table, Value};
 
 /// One step of a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Segment {
+pub enum Segment {
+    /// A table key.
     Key(String),
+    /// An array index.
     Index(usize),
 }
 
 /// A key path into the config document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct KeyPath(pub(crate) Vec<Segment>);
+pub struct KeyPath(pub Vec<Segment>);
 
 impl KeyPath {
-    pub(crate) fn key(mut self, key: &str) -> Self {
+    /// Appends a table key.
+    pub fn key(mut self, key: &str) -> Self {
         self.0.push(Segment::Key(key.to_owned()));
         self
     }
 
-    pub(crate) fn index(mut self, index: usize) -> Self {
+    /// Appends an array index.
+    pub fn index(mut self, index: usize) -> Self {
         self.0.push(Segment::Index(index));
         self
     }
 
     /// Appends a dotted path such as `retry.max_attempts`.
-    pub(crate) fn dotted(mut self, dotted: &str) -> Self {
+    pub fn dotted(mut self, dotted: &str) -> Self {
         self.0.extend(
             dotted
                 .split('.')
@@ -38,7 +42,8 @@ impl KeyPath {
         self
     }
 
-    pub(crate) fn starts_with(&self, prefix: &KeyPath) -> bool {
+    /// Whether `prefix` is the start of this path.
+    pub fn starts_with(&self, prefix: &KeyPath) -> bool {
         self.0.starts_with(&prefix.0)
     }
 

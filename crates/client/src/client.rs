@@ -1,0 +1,852 @@
+//! [`ServiceClient`]: one upstream service, every call through its policies.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tidegate_resilience::breaker::{CircuitBreaker, CircuitState, Outcome, TransitionReason};
+use tidegate_resilience::bulkhead::Bulkhead;
+use tidegate_resilience::retry::RetryAction;
+use tidegate_resilience::{Attempt, Pipeline};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::{BaseUrl, FieldError, ServiceConfig};
+use crate::error::{BoxError, Error, ErrorKind};
+use crate::headers::{self, Context};
+use crate::metrics::Metrics;
+use crate::response::{Response, StreamingResponse};
+use crate::status::ServiceStatus;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A response as an attempt returns it: read whole, or its body left to stream.
+pub(crate) enum Payload {
+    Buffered(Bytes),
+    Streaming(Incoming),
+}
+
+type Exchange = http::Response<Payload>;
+
+/// Why one attempt failed. `retryable` says whether sending the request
+/// again is safe: the method is idempotent (or has an `Idempotency-Key`)
+/// and the body was kept.
+#[derive(Debug)]
+enum AttemptError {
+    /// No connection could be made: nothing was sent.
+    Connect(hyper_util::client::legacy::Error),
+    /// The exchange broke after the request was (maybe) sent.
+    Broken { error: BoxError, retryable: bool },
+    /// No answer within the attempt timeout.
+    Timeout { retryable: bool },
+    /// 502, 503, 504 or 429: worth another attempt.
+    Status {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        retryable: bool,
+    },
+    /// The answer's body passed `max_response_bytes`.
+    TooLarge,
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Connect(_) => f.write_str("connection failed"),
+            AttemptError::Broken { .. } => f.write_str("connection lost during the exchange"),
+            AttemptError::Timeout { .. } => f.write_str("timed out"),
+            AttemptError::Status { status, .. } => write!(f, "answered {status}"),
+            AttemptError::TooLarge => f.write_str("response body too large"),
+        }
+    }
+}
+
+impl std::error::Error for AttemptError {}
+
+/// A resilient HTTP client for one upstream service. Clones share
+/// everything: connection pool, breaker, bulkhead, limits, metrics.
+///
+/// ```no_run
+/// use tidegate_client::{config::ServiceConfig, ServiceClient};
+///
+/// # async fn f() -> Result<(), tidegate_client::Error> {
+/// let billing = ServiceClient::new(ServiceConfig::new("billing", "http://127.0.0.1:6004").unwrap()).unwrap();
+/// let receipt: serde_json::Value = billing.post_json("/charge", &serde_json::json!({"cents": 500})).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ServiceClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ServiceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceClient")
+            .field("name", &self.inner.name)
+            .field("base_url", &self.inner.base.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    name: Arc<String>,
+    display: Arc<str>,
+    base: BaseUrl,
+    http: RwLock<Option<HttpClient>>,
+    pipeline: Pipeline<Exchange, AttemptError>,
+    attempt_timeout: Option<Duration>,
+    max_attempts: u32,
+    headers: HeaderMap,
+    max_replay_bytes: usize,
+    max_response_bytes: usize,
+    metrics: Metrics,
+    source: Arc<String>,
+    active: Gauge,
+    in_flight: AtomicU64,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(watcher) = &self.watcher {
+            watcher.abort();
+        }
+    }
+}
+
+/// Counts a call as active (`in_flight`, `active_service_connections`) until dropped.
+pub(crate) struct Active(Arc<Inner>);
+
+impl Active {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        inner.active.inc();
+        Active(inner.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.dec();
+    }
+}
+
+impl ServiceClient {
+    /// A client for `config`, with metrics of its own (`source_service`
+    /// `tidegate-client`). A [`Registry`](crate::Registry) shares one set of
+    /// metrics among its clients.
+    pub fn new(config: ServiceConfig) -> Result<Self, FieldError> {
+        Self::build(
+            config,
+            Arc::new("tidegate-client".into()),
+            Metrics::default(),
+        )
+    }
+
+    pub(crate) fn build(
+        config: ServiceConfig,
+        source: Arc<String>,
+        metrics: Metrics,
+    ) -> Result<Self, FieldError> {
+        config.validate()?;
+        let mut policy = config.policy;
+        // Attempts time themselves: whether a timeout may be retried
+        // depends on what was sent, which only the attempt knows.
+        let attempt_timeout = policy.timeout.take();
+        let pipeline = Pipeline::from_config(&policy)
+            .map_err(|e| e.within("policy"))?
+            .classify(classify)
+            .retry_on(retry_on)
+            .build();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let http = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .http2_only(config.http2)
+            .build(connector);
+
+        let mut headers = config.headers;
+        if let Some(key) = config.api_key {
+            headers.insert(config.api_key_header, key);
+        }
+        if let Some(token) = config.internal_token {
+            headers.insert(&headers::INTERNAL_TOKEN, token);
+        }
+        if !headers.contains_key(header::USER_AGENT) {
+            headers.insert(
+                header::USER_AGENT,
+                HeaderValue::from_static(concat!("tidegate-client/", env!("CARGO_PKG_VERSION"))),
+            );
+        }
+        let name = Arc::new(config.name);
+        let display: Arc<str> = Arc::from(config.service_name);
+        let watcher = tokio::runtime::Handle::try_current().ok().and_then(|rt| {
+            let breaker = pipeline.circuit_breaker()?;
+            Some(rt.spawn(log_transitions(display.clone(), breaker.subscribe())))
+        });
+        let active = metrics.active(&source, &name);
+        Ok(ServiceClient {
+            inner: Arc::new(Inner {
+                name,
+                display,
+                base: config.base_url,
+                http: RwLock::new(Some(http)),
+                pipeline,
+                attempt_timeout,
+                max_attempts: policy.retry.max_attempts,
+                headers,
+                max_replay_bytes: config.max_replay_bytes,
+                max_response_bytes: config.max_response_bytes,
+                metrics,
+                source,
+                active,
+                in_flight: AtomicU64::new(0),
+                watcher,
+            }),
+        })
+    }
+
+    /// The name it is registered under.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The display name (`service_name`).
+    pub fn service_name(&self) -> &str {
+        &self.inner.display
+    }
+
+    /// The circuit breaker, for its state (and to force it open by hand).
+    pub fn circuit_breaker(&self) -> Option<&CircuitBreaker> {
+        self.inner.pipeline.circuit_breaker()
+    }
+
+    /// The bulkhead, for its use.
+    pub fn bulkhead(&self) -> Option<&Bulkhead> {
+        self.inner.pipeline.bulkhead()
+    }
+
+    /// Calls in flight (streamed responses count until their body ends).
+    pub fn in_flight(&self) -> u64 {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The status snapshot: breaker state, failures, in flight.
+    pub fn status(&self) -> ServiceStatus {
+        ServiceStatus::of(
+            &self.inner.display,
+            &self.inner.base,
+            self.inner.pipeline.circuit_breaker().map(|b| b.snapshot()),
+            self.in_flight(),
+        )
+    }
+
+    /// Refuses new calls and drops idle pooled connections; calls in flight finish.
+    pub fn close(&self) {
+        let taken = self
+            .inner
+            .http
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(taken);
+    }
+
+    /// A request to build: method and path (appended to the base URL's path;
+    /// it may carry a query).
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder<'_> {
+        RequestBuilder {
+            client: self,
+            method,
+            path: path.to_owned(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            error: None,
+        }
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<Response, Error> {
+        self.request(Method::GET, path).send().await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> Result<Response, Error> {
+        self.request(Method::DELETE, path).send().await
+    }
+
+    /// `POST path` with `body`.
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Result<Response, Error> {
+        self.request(Method::POST, path).body(body).send().await
+    }
+
+    /// `PUT path` with `body`.
+    pub async fn put(&self, path: &str, body: impl Into<Bytes>) -> Result<Response, Error> {
+        self.request(Method::PUT, path).body(body).send().await
+    }
+
+    /// `PATCH path` with `body`.
+    pub async fn patch(&self, path: &str, body: impl Into<Bytes>) -> Result<Response, Error> {
+        self.request(Method::PATCH, path).body(body).send().await
+    }
+
+    /// `GET path`, the answer decoded from JSON.
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.get(path).await?.json()
+    }
+
+    /// `POST path` with `body` as JSON, the answer decoded from JSON.
+    pub async fn post_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
+        self.request(Method::POST, path)
+            .json(body)
+            .send()
+            .await?
+            .json()
+    }
+
+    /// `PUT path` with `body` as JSON, the answer decoded from JSON.
+    pub async fn put_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
+        self.request(Method::PUT, path)
+            .json(body)
+            .send()
+            .await?
+            .json()
+    }
+
+    /// `PATCH path` with `body` as JSON, the answer decoded from JSON.
+    pub async fn patch_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
+        self.request(Method::PATCH, path)
+            .json(body)
+            .send()
+            .await?
+            .json()
+    }
+
+    /// `GET path` with the body streamed as it arrives (large bodies, SSE).
+    pub async fn get_stream(&self, path: &str) -> Result<StreamingResponse, Error> {
+        self.request(Method::GET, path).send_streaming().await
+    }
+
+    fn error(&self, kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error::new(kind, &self.inner.display, message)
+    }
+
+    async fn execute(
+        &self,
+        method: Method,
+        path: &str,
+        extra: HeaderMap,
+        body: Bytes,
+        streaming: bool,
+    ) -> Result<(Exchange, HeaderValue, Active), Error> {
+        let inner = &self.inner;
+        let start = Instant::now();
+        let context = Context::current();
+        let request_id = match &context {
+            Some(c) => c.correlation_id().clone(),
+            None => headers::correlation_id(&HeaderMap::new()),
+        };
+        let Some(http) = inner.http.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Err(self
+                .error(ErrorKind::Closed, "client is closed")
+                .with_request_id(&request_id));
+        };
+        let uri = inner.base.uri(path).map_err(|e| {
+            self.error(ErrorKind::InvalidRequest, format!("bad path `{path}`"))
+                .with_source(e)
+                .with_request_id(&request_id)
+        })?;
+
+        let mut head = inner.headers.clone();
+        for (name, value) in extra {
+            if let Some(name) = name {
+                head.insert(name, value);
+            }
+        }
+        head.insert(&headers::CORRELATION_ID, request_id.clone());
+        let parent = context.as_ref().and_then(Context::traceparent);
+        head.insert(&headers::TRACEPARENT, headers::child_traceparent(parent));
+        let idempotent =
+            headers::is_idempotent(&method) || head.contains_key(&headers::IDEMPOTENCY_KEY);
+        let retryable = idempotent && body.len() <= inner.max_replay_bytes;
+        let call = Call {
+            method: &method,
+            path,
+            uri: &uri,
+            head: &head,
+            body: &body,
+            retryable,
+            streaming,
+        };
+
+        let active = Active::new(inner);
+        let result = inner
+            .pipeline
+            .call_observed(
+                |attempt| self.attempt(&http, &call, attempt),
+                |result, number, delay| {
+                    if let Err(err) = result {
+                        tracing::warn!(
+                            service = &*inner.display,
+                            "[{}] {method} {path} failed on attempt {number}/{}: {err}",
+                            inner.display,
+                            inner.max_attempts,
+                        );
+                    }
+                    tracing::info!(
+                        service = &*inner.display,
+                        "[{}] retrying in {:.1?}",
+                        inner.display,
+                        delay
+                    );
+                },
+            )
+            .await;
+        let result = match result {
+            Ok(exchange) if exchange.status().as_u16() >= 400 => {
+                // Error answers are always read whole by the attempt.
+                let (parts, payload) = exchange.into_parts();
+                let body = match payload {
+                    Payload::Buffered(bytes) => bytes,
+                    Payload::Streaming(_) => Bytes::new(),
+                };
+                let kind = ErrorKind::of_status(parts.status);
+                Err(self
+                    .error(kind, format!("answered {}", parts.status))
+                    .with_status(parts.status, body))
+            }
+            Ok(exchange) => Ok(exchange),
+            Err(err) => Err(self.convert(err)),
+        };
+        let label = match &result {
+            Ok(_) => "success",
+            Err(e) => e.kind().as_str(),
+        };
+        inner.metrics.request(
+            &inner.source,
+            &inner.name,
+            &method,
+            label,
+            start.elapsed().as_secs_f64(),
+        );
+        match result {
+            Ok(exchange) => {
+                tracing::debug!(
+                    service = &*inner.display,
+                    "[{}] ✓ {method} {path} succeeded",
+                    inner.display
+                );
+                Ok((exchange, request_id, active))
+            }
+            Err(err) => {
+                if err.is_rejected_locally() {
+                    tracing::debug!(
+                        service = &*inner.display,
+                        "[{}] {method} {path} rejected: {err}",
+                        inner.display
+                    );
+                } else {
+                    tracing::warn!(
+                        service = &*inner.display,
+                        "[{}] ✗ {method} {path} failed: {err}",
+                        inner.display
+                    );
+                }
+                Err(err.with_request_id(&request_id))
+            }
+        }
+    }
+
+    /// One attempt: send, wait for the head (and the body, unless
+    /// streaming or the answer is a success), within the attempt timeout.
+    async fn attempt(
+        &self,
+        http: &HttpClient,
+        call: &Call<'_>,
+        attempt: Attempt,
+    ) -> Result<Exchange, AttemptError> {
+        let inner = &*self.inner;
+        tracing::debug!(
+            service = &*inner.display,
+            "[{}] {} {} (attempt {}/{})",
+            inner.display,
+            call.method,
+            call.path,
+            attempt.number(),
+            attempt.max_attempts(),
+        );
+        let mut request = Request::new(Full::new(call.body.clone()));
+        *request.method_mut() = call.method.clone();
+        *request.uri_mut() = call.uri.clone();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = call.head.clone();
+        if let Some(left) = attempt.remaining() {
+            let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            request
+                .headers_mut()
+                .insert(&headers::DEADLINE_MS, HeaderValue::from(ms));
+        }
+        let retryable = call.retryable;
+        let exchange = async {
+            let response = http.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    AttemptError::Connect(e)
+                } else {
+                    AttemptError::Broken {
+                        error: e.into(),
+                        retryable,
+                    }
+                }
+            })?;
+            let (parts, incoming) = response.into_parts();
+            if call.streaming && parts.status.as_u16() < 400 {
+                return Ok(http::Response::from_parts(
+                    parts,
+                    Payload::Streaming(incoming),
+                ));
+            }
+            let bytes = read_body(incoming, inner.max_response_bytes)
+                .await
+                .map_err(|e| match e {
+                    ReadError::TooLarge => AttemptError::TooLarge,
+                    ReadError::Broken(error) => AttemptError::Broken { error, retryable },
+                })?;
+            if headers::is_retryable_status(parts.status) {
+                return Err(AttemptError::Status {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: bytes,
+                    retryable,
+                });
+            }
+            Ok(http::Response::from_parts(parts, Payload::Buffered(bytes)))
+        };
+        match inner.attempt_timeout {
+            Some(limit) => tokio::time::timeout(limit, exchange)
+                .await
+                .map_err(|_| AttemptError::Timeout { retryable })?,
+            None => exchange.await,
+        }
+    }
+
+    /// The error of a failed call.
+    fn convert(&self, err: tidegate_resilience::Error<AttemptError>) -> Error {
+        use tidegate_resilience::ErrorKind as P;
+        let kind = err.kind();
+        let retry_after = err.retry_after();
+        match kind {
+            P::CircuitOpen => self.error(
+                ErrorKind::CircuitOpen,
+                "circuit breaker is open; not called",
+            ),
+            P::BulkheadFull => self.error(
+                ErrorKind::BulkheadFull,
+                "too many calls in flight; not called",
+            ),
+            P::RateLimited => self.error(ErrorKind::RateLimited, "rate limit reached; not called"),
+            P::Throttled => self.error(
+                ErrorKind::Throttled,
+                "shed by adaptive throttling; not called",
+            ),
+            P::Timeout | P::DeadlineExceeded => self.error(ErrorKind::Timeout, "deadline passed"),
+            P::RetryExhausted => {
+                let attempts = err.attempts().unwrap_or(self.inner.max_attempts);
+                let last = match err.into_inner() {
+                    Some(e) => self.attempt_error(e),
+                    None => self.error(ErrorKind::Timeout, "deadline passed"),
+                };
+                return Error::exhausted(attempts, last);
+            }
+            _ => match err.into_inner() {
+                Some(e) => return self.attempt_error(e),
+                None => self.error(ErrorKind::Connection, "failed"),
+            },
+        }
+        .with_retry_after(retry_after)
+    }
+
+    fn attempt_error(&self, err: AttemptError) -> Error {
+        match err {
+            AttemptError::Connect(e) => self
+                .error(ErrorKind::Connection, "connection failed")
+                .with_source(e),
+            AttemptError::Broken { error, .. } => self
+                .error(ErrorKind::Connection, "connection lost during the exchange")
+                .with_source(error),
+            AttemptError::Timeout { .. } => {
+                let limit = self.inner.attempt_timeout.unwrap_or_default();
+                self.error(ErrorKind::Timeout, format!("no answer within {limit:?}"))
+            }
+            AttemptError::Status {
+                status,
+                headers,
+                body,
+                ..
+            } => self
+                .error(ErrorKind::of_status(status), format!("answered {status}"))
+                .with_status(status, body)
+                .with_retry_after(headers::retry_after(&headers)),
+            AttemptError::TooLarge => self.error(
+                ErrorKind::Decode,
+                format!(
+                    "response body larger than max_response_bytes ({})",
+                    self.inner.max_response_bytes
+                ),
+            ),
+        }
+    }
+}
+
+/// What every attempt of one call sends.
+struct Call<'a> {
+    method: &'a Method,
+    path: &'a str,
+    uri: &'a Uri,
+    head: &'a HeaderMap,
+    body: &'a Bytes,
+    retryable: bool,
+    streaming: bool,
+}
+
+enum ReadError {
+    TooLarge,
+    Broken(BoxError),
+}
+
+async fn read_body(body: Incoming, cap: usize) -> Result<Bytes, ReadError> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    match Limited::new(body, cap).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ReadError::TooLarge),
+        Err(e) => Err(ReadError::Broken(e)),
+    }
+}
+
+/// How an attempt counts for the breaker: 5xx answers and failed exchanges
+/// are failures; 429 and an oversized body count for nothing.
+fn classify(result: &Result<Exchange, AttemptError>) -> Outcome {
+    match result {
+        Ok(response) if response.status().is_server_error() => Outcome::Failure,
+        Ok(_) => Outcome::Success,
+        Err(AttemptError::Status { status, .. }) if *status == StatusCode::TOO_MANY_REQUESTS => {
+            Outcome::Ignore
+        }
+        Err(AttemptError::TooLarge) => Outcome::Ignore,
+        Err(_) => Outcome::Failure,
+    }
+}
+
+/// Which failures get another attempt: a refused connection always (nothing
+/// was sent); the rest only when the attempt marked them safe to resend; a
+/// 429 only with a `Retry-After`, which then sets the delay.
+fn retry_on(result: &Result<Exchange, tidegate_resilience::Error<AttemptError>>) -> RetryAction {
+    let Err(err) = result else {
+        return RetryAction::Return;
+    };
+    match err.inner() {
+        Some(AttemptError::Connect(_)) => RetryAction::Retry,
+        Some(
+            AttemptError::Broken {
+                retryable: true, ..
+            }
+            | AttemptError::Timeout { retryable: true },
+        ) => RetryAction::Retry,
+        Some(AttemptError::Status {
+            status,
+            headers,
+            retryable: true,
+            ..
+        }) => match headers::retry_after(headers) {
+            Some(delay) => RetryAction::RetryAfter(delay),
+            None if *status == StatusCode::TOO_MANY_REQUESTS => RetryAction::Return,
+            None => RetryAction::Retry,
+        },
+        _ => RetryAction::Return,
+    }
+}
+
+/// Logs the breaker's state changes until it is dropped.
+async fn log_transitions(
+    name: Arc<str>,
+    mut changes: tokio::sync::broadcast::Receiver<tidegate_resilience::breaker::StateChange>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = match changes.recv().await {
+            Ok(change) => change,
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return,
+        };
+        match (change.to, change.reason) {
+            (CircuitState::Open, TransitionReason::ConsecutiveFailures { count, threshold }) => {
+                tracing::warn!(
+                    service = &*name,
+                    "[{name}] circuit breaker OPEN (threshold reached: {count}/{threshold})"
+                );
+            }
+            (CircuitState::Open | CircuitState::ForcedOpen, reason) => {
+                tracing::warn!(service = &*name, "[{name}] circuit breaker OPEN ({reason})");
+            }
+            (CircuitState::HalfOpen, _) => {
+                tracing::info!(
+                    service = &*name,
+                    "[{name}] circuit breaker entering HALF_OPEN state"
+                );
+            }
+            (CircuitState::Closed, TransitionReason::ProbesSucceeded) => {
+                tracing::info!(
+                    service = &*name,
+                    "[{name}] circuit breaker CLOSED (service recovered)"
+                );
+            }
+            (to, reason) => {
+                tracing::info!(
+                    service = &*name,
+                    "[{name}] circuit breaker {} ({reason})",
+                    to.as_str()
+                );
+            }
+        }
+    }
+}
+
+/// A request being built; [`send`](RequestBuilder::send) makes the call.
+#[must_use = "a request does nothing until sent"]
+#[derive(Debug)]
+pub struct RequestBuilder<'a> {
+    client: &'a ServiceClient,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+    error: Option<Error>,
+}
+
+impl RequestBuilder<'_> {
+    /// Adds a header (replacing one of the same name).
+    pub fn header<K, V>(mut self, name: K, value: V) -> Self
+    where
+        HeaderName: TryFrom<K>,
+        HeaderValue: TryFrom<V>,
+    {
+        match (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            (Ok(name), Ok(value)) => {
+                self.headers.insert(name, value);
+            }
+            _ => {
+                self.error.get_or_insert_with(|| {
+                    self.client
+                        .error(ErrorKind::InvalidRequest, "invalid header name or value")
+                });
+            }
+        }
+        self
+    }
+
+    /// Marks the request safe to retry whatever its method: the service
+    /// deduplicates by this key.
+    pub fn idempotency_key(self, key: &str) -> Self {
+        self.header(headers::IDEMPOTENCY_KEY.clone(), key)
+    }
+
+    /// The body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// The body as JSON, with `Content-Type: application/json`.
+    pub fn json<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(json) => {
+                self.body = json.into();
+                self.headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            Err(e) => {
+                self.error.get_or_insert_with(|| {
+                    self.client
+                        .error(ErrorKind::InvalidRequest, "body does not serialize to JSON")
+                        .with_source(e)
+                });
+            }
+        }
+        self
+    }
+
+    /// Sends the request; the answer is read whole. A 4xx or 5xx answer is
+    /// an [`Error`] of the matching kind, with its status and body.
+    pub async fn send(self) -> Result<Response, Error> {
+        if let Some(err) = self.error {
+            return Err(err);
+        }
+        let service = self.client.inner.display.clone();
+        let (exchange, request_id, _active) = self
+            .client
+            .execute(self.method, &self.path, self.headers, self.body, false)
+            .await?;
+        let (parts, payload) = exchange.into_parts();
+        let body = match payload {
+            Payload::Buffered(bytes) => bytes,
+            Payload::Streaming(_) => unreachable!("a call that does not stream reads its body"),
+        };
+        Ok(Response::new(parts, body, request_id, service))
+    }
+
+    /// Sends the request and decodes the JSON answer.
+    pub async fn send_json<T: DeserializeOwned>(self) -> Result<T, Error> {
+        self.send().await?.json()
+    }
+
+    /// Sends the request; the answer's body streams as it arrives (no size
+    /// limit). Retries end once the head of a success arrived; an error
+    /// answer is read whole and returned as an [`Error`].
+    pub async fn send_streaming(self) -> Result<StreamingResponse, Error> {
+        if let Some(err) = self.error {
+            return Err(err);
+        }
+        let service = self.client.inner.display.clone();
+        let (exchange, request_id, active) = self
+            .client
+            .execute(self.method, &self.path, self.headers, self.body, true)
+            .await?;
+        let (parts, payload) = exchange.into_parts();
+        Ok(StreamingResponse::new(
+            parts, payload, request_id, service, active,
+        ))
+    }
+}

@@ -1,0 +1,272 @@
+//! Propagation headers: correlation IDs, W3C trace context, the remaining
+//! deadline, the internal token, and the caller's [`Context`] that outgoing
+//! calls take them from.
+//!
+//! A service that receives a request opens a scope with the request's
+//! headers; every call made inside it carries the same correlation ID and
+//! continues the same trace:
+//!
+//! ```
+//! use http::HeaderMap;
+//! use tidegate_client::headers::Context;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let mut incoming = HeaderMap::new();
+//! incoming.insert("x-correlation-id", "req-42".parse().unwrap());
+//! let id = Context::from_headers(&incoming)
+//!     .scope(async { Context::current().unwrap().correlation_id().clone() })
+//!     .await;
+//! assert_eq!(id, "req-42");
+//! # }
+//! ```
+
+use std::cell::Cell;
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+/// `x-correlation-id`.
+pub static CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+/// `traceparent` (W3C trace context).
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// `x-internal-token`.
+pub static INTERNAL_TOKEN: HeaderName = HeaderName::from_static("x-internal-token");
+/// `x-tidegate-deadline-ms`: the time the upstream has left.
+pub static DEADLINE_MS: HeaderName = HeaderName::from_static("x-tidegate-deadline-ms");
+/// `idempotency-key`: a request carrying it may be retried whatever its method.
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+tokio::task_local! {
+    static CONTEXT: Context;
+}
+
+/// What outgoing calls inherit from the request being served: its
+/// correlation ID and trace.
+#[derive(Debug, Clone)]
+pub struct Context {
+    correlation_id: HeaderValue,
+    traceparent: Option<HeaderValue>,
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Context::from_headers(&HeaderMap::new())
+    }
+}
+
+impl Context {
+    /// The context of an incoming request: its `x-correlation-id` if valid
+    /// (else a new one) and its `traceparent` if valid.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        Context {
+            correlation_id: correlation_id(headers),
+            traceparent: headers
+                .get(&TRACEPARENT)
+                .filter(|v| v.to_str().ok().and_then(parse_traceparent).is_some())
+                .cloned(),
+        }
+    }
+
+    /// The correlation ID.
+    pub fn correlation_id(&self) -> &HeaderValue {
+        &self.correlation_id
+    }
+
+    /// The caller's `traceparent`, if it had one.
+    pub fn traceparent(&self) -> Option<&HeaderValue> {
+        self.traceparent.as_ref()
+    }
+
+    /// Runs `f` with this context as the current one.
+    pub async fn scope<F: Future>(self, f: F) -> F::Output {
+        CONTEXT.scope(self, f).await
+    }
+
+    /// The context of the enclosing [`scope`](Context::scope), if any.
+    pub fn current() -> Option<Context> {
+        CONTEXT.try_with(Context::clone).ok()
+    }
+
+    /// The `traceparent` for a call made in this context: the same trace
+    /// with a new span, or a new trace.
+    pub fn child_traceparent(&self) -> HeaderValue {
+        child_traceparent(self.traceparent.as_ref())
+    }
+}
+
+/// Whether a request with this method may be sent twice.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Statuses that are worth another attempt: 502, 503, 504, and 429 (with a `Retry-After`).
+pub fn is_retryable_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504 | 429)
+}
+
+/// A `Retry-After` in seconds (the HTTP-date form is not honoured).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+/// The client's correlation ID if it is at most 128 safe characters, else a new one.
+pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(&CORRELATION_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= 128
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            let mut id = [0u8; 32];
+            random_hex(&mut id);
+            HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+        })
+}
+
+/// A `traceparent` for the upstream hop: the client's trace with a new
+/// span, or a new sampled trace.
+pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
+    child_traceparent(headers.get(&TRACEPARENT))
+}
+
+/// The next hop's `traceparent` after `parent`: its trace with a new span,
+/// or a new sampled trace when there is no valid parent.
+pub fn child_traceparent(parent: Option<&HeaderValue>) -> HeaderValue {
+    let incoming = parent
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    // 00-<trace id: 32>-<span id: 16>-<flags: 2>
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    match incoming {
+        Some((trace, flags)) => {
+            value[3..35].copy_from_slice(trace.as_bytes());
+            value[53..].copy_from_slice(flags.as_bytes());
+        }
+        None => random_hex(&mut value[3..35]),
+    }
+    random_hex(&mut value[36..52]);
+    HeaderValue::from_bytes(&value).expect("hex is a valid header value")
+}
+
+/// `(trace-id, flags)` of a valid version-00 traceparent.
+fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
+    let mut parts = v.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let valid = version == "00"
+        && parts.next().is_none()
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0');
+    valid.then_some((trace, flags))
+}
+
+/// A new request ID: 32 random hex digits.
+pub fn new_id() -> String {
+    let mut id = [0u8; 32];
+    random_hex(&mut id);
+    id.iter().map(|&b| char::from(b)).collect()
+}
+
+thread_local! {
+    static SEED: (RandomState, Cell<u64>) = (RandomState::new(), Cell::new(0));
+}
+
+/// Fills `out` with hex digits from SipHash with a random per-thread key
+/// over a counter: unpredictable enough for IDs (not for secrets), never all
+/// zero.
+fn random_hex(out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    SEED.with(|(state, counter)| {
+        for chunk in out.chunks_mut(16) {
+            counter.set(counter.get() + 1);
+            let word = state.hash_one(counter.get()) | 1;
+            for (i, digit) in chunk.iter_mut().enumerate() {
+                *digit = DIGITS[(word >> (60 - 4 * i)) as usize & 0xf];
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correlation_ids_are_checked() {
+        let mut h = HeaderMap::new();
+        h.insert(&CORRELATION_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(correlation_id(&h), "abc-123");
+        h.insert(
+            &CORRELATION_ID,
+            HeaderValue::from_static("bad id with spaces"),
+        );
+        assert_eq!(correlation_id(&h).len(), 32);
+        h.insert(
+            &CORRELATION_ID,
+            HeaderValue::from_str(&"a".repeat(129)).unwrap(),
+        );
+        assert_eq!(correlation_id(&h).len(), 32);
+    }
+
+    #[test]
+    fn traceparent_keeps_the_trace_and_makes_a_new_span() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            &TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let next = traceparent(&h);
+        let next = next.to_str().unwrap();
+        assert!(next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!next.contains("00f067aa0ba902b7"));
+        h.insert(&TRACEPARENT, HeaderValue::from_static("garbage"));
+        assert!(parse_traceparent(traceparent(&h).to_str().unwrap()).is_some());
+    }
+
+    #[tokio::test]
+    async fn calls_outside_a_scope_have_no_context() {
+        assert!(Context::current().is_none());
+        let ctx = Context::default();
+        let id = ctx.correlation_id().clone();
+        let inner = ctx.scope(async { Context::current() }).await.unwrap();
+        assert_eq!(inner.correlation_id(), &id);
+        assert!(inner.traceparent().is_none());
+        assert!(parse_traceparent(inner.child_traceparent().to_str().unwrap()).is_some());
+    }
+
+    #[test]
+    fn retry_rules() {
+        assert!(is_idempotent(&Method::PUT));
+        assert!(!is_idempotent(&Method::POST));
+        assert!(is_retryable_status(StatusCode::BAD_GATEWAY));
+        assert!(!is_retryable_status(StatusCode::INTERNAL_SERVER_ERROR));
+        let mut h = HeaderMap::new();
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(" 7 "));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+    }
+}
