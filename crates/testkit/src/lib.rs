@@ -188,3 +188,136 @@ pub async fn send(request: Request<Body>) -> Answer {
 pub async fn get(url: &str) -> Answer {
     send(Request::get(url).body(full("")).unwrap()).await
 }
+
+/// An address where nothing listens: connections to it are refused.
+pub async fn refused_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// What a [`RawServer`] does with each request head it reads.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Writes these bytes (a whole response) and keeps the connection for
+    /// the next request.
+    Answer(&'static [u8]),
+    /// Never answers; holds the connection open.
+    Hang,
+    /// Writes a response head promising 100 bytes, 10 of them, then closes.
+    CutMidBody,
+}
+
+/// A TCP server on 127.0.0.1:0 that speaks just enough HTTP/1.1 to misbehave
+/// on cue. It counts request heads read and connections the client closed.
+#[derive(Debug)]
+pub struct RawServer {
+    addr: SocketAddr,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    closed_by_client: Arc<std::sync::atomic::AtomicUsize>,
+    closed: Arc<tokio::sync::Notify>,
+    task: JoinHandle<()>,
+}
+
+impl RawServer {
+    /// Starts serving; ready when this returns.
+    pub async fn start(fault: Fault) -> RawServer {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let closed_by_client = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let (count, eofs, notify) = (requests.clone(), closed_by_client.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (fault, count, eofs, notify) =
+                    (fault.clone(), count.clone(), eofs.clone(), notify.clone());
+                connections.spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                eofs.fetch_add(1, Ordering::SeqCst);
+                                notify.notify_waiters();
+                                return;
+                            }
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        // Heads only: bodies that follow are read and ignored as
+                        // long as they contain no blank line.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            count.fetch_add(1, Ordering::SeqCst);
+                            match &fault {
+                                Fault::Answer(bytes) => {
+                                    if stream.write_all(bytes).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Fault::Hang => {}
+                                Fault::CutMidBody => {
+                                    let _ = stream
+                                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                                        .await;
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawServer {
+            addr,
+            requests,
+            closed_by_client,
+            closed,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Request heads read so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the client has closed `n` connections.
+    pub async fn closed_by_client(&self, n: usize) {
+        loop {
+            let wait = self.closed.notified();
+            if self
+                .closed_by_client
+                .load(std::sync::atomic::Ordering::SeqCst)
+                >= n
+            {
+                return;
+            }
+            wait.await;
+        }
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
