@@ -40,23 +40,18 @@ pub(crate) enum Payload {
 
 type Exchange = http::Response<Payload>;
 
-/// Why one attempt failed. `retryable` says whether sending the request
-/// again is safe: the method is idempotent (or has an `Idempotency-Key`)
-/// and the body was kept.
+/// Why one attempt failed (attempt timeouts are the pipeline's).
 #[derive(Debug)]
 enum AttemptError {
     /// No connection could be made: nothing was sent.
     Connect(hyper_util::client::legacy::Error),
     /// The exchange broke after the request was (maybe) sent.
-    Broken { error: BoxError, retryable: bool },
-    /// No answer within the attempt timeout.
-    Timeout { retryable: bool },
+    Broken(BoxError),
     /// 502, 503, 504 or 429: worth another attempt.
     Status {
         status: StatusCode,
         headers: HeaderMap,
         body: Bytes,
-        retryable: bool,
     },
     /// The answer's body passed `max_response_bytes`.
     TooLarge,
@@ -66,8 +61,7 @@ impl std::fmt::Display for AttemptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AttemptError::Connect(_) => f.write_str("connection failed"),
-            AttemptError::Broken { .. } => f.write_str("connection lost during the exchange"),
-            AttemptError::Timeout { .. } => f.write_str("timed out"),
+            AttemptError::Broken(_) => f.write_str("connection lost during the exchange"),
             AttemptError::Status { status, .. } => write!(f, "answered {status}"),
             AttemptError::TooLarge => f.write_str("response body too large"),
         }
@@ -106,7 +100,11 @@ struct Inner {
     display: Arc<str>,
     base: BaseUrl,
     http: RwLock<Option<HttpClient>>,
-    pipeline: Pipeline<Exchange, AttemptError>,
+    /// For calls that may be sent again: idempotent, body kept.
+    resend: Pipeline<Exchange, AttemptError>,
+    /// For the others, over the same policies: retried only when no
+    /// connection could be made.
+    once: Pipeline<Exchange, AttemptError>,
     attempt_timeout: Option<Duration>,
     max_attempts: u32,
     headers: HeaderMap,
@@ -163,14 +161,16 @@ impl ServiceClient {
         metrics: Metrics,
     ) -> Result<Self, FieldError> {
         config.validate()?;
-        let mut policy = config.policy;
-        // Attempts time themselves: whether a timeout may be retried
-        // depends on what was sent, which only the attempt knows.
-        let attempt_timeout = policy.timeout.take();
-        let pipeline = Pipeline::from_config(&policy)
+        let policy = config.policy;
+        let resend = Pipeline::from_config(&policy)
             .map_err(|e| e.within("policy"))?
             .classify(classify)
-            .retry_on(retry_on)
+            .retry_on(retry_resend)
+            .build();
+        let once = resend
+            .share_policies()
+            .classify(classify)
+            .retry_on(retry_once)
             .build();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -199,7 +199,7 @@ impl ServiceClient {
         let name = Arc::new(config.name);
         let display: Arc<str> = Arc::from(config.service_name);
         let watcher = tokio::runtime::Handle::try_current().ok().and_then(|rt| {
-            let breaker = pipeline.circuit_breaker()?;
+            let breaker = resend.circuit_breaker()?;
             Some(rt.spawn(log_transitions(display.clone(), breaker.subscribe())))
         });
         let active = metrics.active(&source, &name);
@@ -209,8 +209,9 @@ impl ServiceClient {
                 display,
                 base: config.base_url,
                 http: RwLock::new(Some(http)),
-                pipeline,
-                attempt_timeout,
+                resend,
+                once,
+                attempt_timeout: policy.timeout,
                 max_attempts: policy.retry.max_attempts,
                 headers,
                 max_replay_bytes: config.max_replay_bytes,
@@ -236,12 +237,12 @@ impl ServiceClient {
 
     /// The circuit breaker, for its state (and to force it open by hand).
     pub fn circuit_breaker(&self) -> Option<&CircuitBreaker> {
-        self.inner.pipeline.circuit_breaker()
+        self.inner.resend.circuit_breaker()
     }
 
     /// The bulkhead, for its use.
     pub fn bulkhead(&self) -> Option<&Bulkhead> {
-        self.inner.pipeline.bulkhead()
+        self.inner.resend.bulkhead()
     }
 
     /// Calls in flight (streamed responses count until their body ends).
@@ -254,7 +255,7 @@ impl ServiceClient {
         ServiceStatus::of(
             &self.inner.display,
             &self.inner.base,
-            self.inner.pipeline.circuit_breaker().map(|b| b.snapshot()),
+            self.inner.resend.circuit_breaker().map(|b| b.snapshot()),
             self.in_flight(),
         )
     }
@@ -405,13 +406,16 @@ impl ServiceClient {
             uri: &uri,
             head: &head,
             body: &body,
-            retryable,
             streaming,
         };
 
         let active = Active::new(inner);
-        let result = inner
-            .pipeline
+        let pipeline = if retryable {
+            &inner.resend
+        } else {
+            &inner.once
+        };
+        let result = pipeline
             .call_observed(
                 |attempt| self.attempt(&http, &call, attempt),
                 |result, number, delay| {
@@ -516,55 +520,41 @@ impl ServiceClient {
                 .headers_mut()
                 .insert(&headers::DEADLINE_MS, HeaderValue::from(ms));
         }
-        let retryable = call.retryable;
-        let exchange = async {
-            let response = http.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    AttemptError::Connect(e)
-                } else {
-                    AttemptError::Broken {
-                        error: e.into(),
-                        retryable,
-                    }
-                }
-            })?;
-            let (parts, incoming) = response.into_parts();
-            if call.streaming && parts.status.as_u16() < 400 {
-                return Ok(http::Response::from_parts(
-                    parts,
-                    Payload::Streaming(incoming),
-                ));
+        let response = http.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                AttemptError::Connect(e)
+            } else {
+                AttemptError::Broken(e.into())
             }
-            let bytes = read_body(incoming, inner.max_response_bytes)
-                .await
-                .map_err(|e| match e {
-                    ReadError::TooLarge => AttemptError::TooLarge,
-                    ReadError::Broken(error) => AttemptError::Broken { error, retryable },
-                })?;
-            if headers::is_retryable_status(parts.status) {
-                return Err(AttemptError::Status {
-                    status: parts.status,
-                    headers: parts.headers,
-                    body: bytes,
-                    retryable,
-                });
-            }
-            Ok(http::Response::from_parts(parts, Payload::Buffered(bytes)))
-        };
-        match inner.attempt_timeout {
-            Some(limit) => tokio::time::timeout(limit, exchange)
-                .await
-                .map_err(|_| AttemptError::Timeout { retryable })?,
-            None => exchange.await,
+        })?;
+        let (parts, incoming) = response.into_parts();
+        if call.streaming && parts.status.as_u16() < 400 {
+            return Ok(http::Response::from_parts(
+                parts,
+                Payload::Streaming(incoming),
+            ));
         }
+        let bytes = read_body(incoming, inner.max_response_bytes)
+            .await
+            .map_err(|e| match e {
+                ReadError::TooLarge => AttemptError::TooLarge,
+                ReadError::Broken(error) => AttemptError::Broken(error),
+            })?;
+        if headers::is_retryable_status(parts.status) {
+            return Err(AttemptError::Status {
+                status: parts.status,
+                headers: parts.headers,
+                body: bytes,
+            });
+        }
+        Ok(http::Response::from_parts(parts, Payload::Buffered(bytes)))
     }
 
     /// The error of a failed call.
     fn convert(&self, err: tidegate_resilience::Error<AttemptError>) -> Error {
         use tidegate_resilience::ErrorKind as P;
-        let kind = err.kind();
         let retry_after = err.retry_after();
-        match kind {
+        match err.kind() {
             P::CircuitOpen => self.error(
                 ErrorKind::CircuitOpen,
                 "circuit breaker is open; not called",
@@ -578,12 +568,26 @@ impl ServiceClient {
                 ErrorKind::Throttled,
                 "shed by adaptive throttling; not called",
             ),
-            P::Timeout | P::DeadlineExceeded => self.error(ErrorKind::Timeout, "deadline passed"),
+            P::Timeout => {
+                let limit = self.inner.attempt_timeout.unwrap_or_default();
+                self.error(ErrorKind::Timeout, format!("no answer within {limit:?}"))
+            }
+            P::DeadlineExceeded => self.error(ErrorKind::Timeout, "deadline passed"),
             P::RetryExhausted => {
                 let attempts = err.attempts().unwrap_or(self.inner.max_attempts);
-                let last = match err.into_inner() {
-                    Some(e) => self.attempt_error(e),
-                    None => self.error(ErrorKind::Timeout, "deadline passed"),
+                let last = match err.last_error().map(|l| (l.kind(), l.inner().is_some())) {
+                    Some((kind @ (P::Timeout | P::DeadlineExceeded), false)) => {
+                        let limit = self.inner.attempt_timeout.unwrap_or_default();
+                        match kind {
+                            P::Timeout => self
+                                .error(ErrorKind::Timeout, format!("no answer within {limit:?}")),
+                            _ => self.error(ErrorKind::Timeout, "deadline passed"),
+                        }
+                    }
+                    _ => match err.into_inner() {
+                        Some(e) => self.attempt_error(e),
+                        None => self.error(ErrorKind::Connection, "failed"),
+                    },
                 };
                 return Error::exhausted(attempts, last);
             }
@@ -600,18 +604,13 @@ impl ServiceClient {
             AttemptError::Connect(e) => self
                 .error(ErrorKind::Connection, "connection failed")
                 .with_source(e),
-            AttemptError::Broken { error, .. } => self
+            AttemptError::Broken(error) => self
                 .error(ErrorKind::Connection, "connection lost during the exchange")
                 .with_source(error),
-            AttemptError::Timeout { .. } => {
-                let limit = self.inner.attempt_timeout.unwrap_or_default();
-                self.error(ErrorKind::Timeout, format!("no answer within {limit:?}"))
-            }
             AttemptError::Status {
                 status,
                 headers,
                 body,
-                ..
             } => self
                 .error(ErrorKind::of_status(status), format!("answered {status}"))
                 .with_status(status, body)
@@ -634,7 +633,6 @@ struct Call<'a> {
     uri: &'a Uri,
     head: &'a HeaderMap,
     body: &'a Bytes,
-    retryable: bool,
     streaming: bool,
 }
 
@@ -668,31 +666,36 @@ fn classify(result: &Result<Exchange, AttemptError>) -> Outcome {
     }
 }
 
-/// Which failures get another attempt: a refused connection always (nothing
-/// was sent); the rest only when the attempt marked them safe to resend; a
-/// 429 only with a `Retry-After`, which then sets the delay.
-fn retry_on(result: &Result<Exchange, tidegate_resilience::Error<AttemptError>>) -> RetryAction {
+/// Which failures of a call that may be sent again get another attempt:
+/// connect failures, broken exchanges, timeouts, 502/503/504, and a 429
+/// only with a `Retry-After` (which then sets the delay).
+fn retry_resend(
+    result: &Result<Exchange, tidegate_resilience::Error<AttemptError>>,
+) -> RetryAction {
     let Err(err) = result else {
         return RetryAction::Return;
     };
+    if err.is_timeout() {
+        return RetryAction::Retry;
+    }
     match err.inner() {
-        Some(AttemptError::Connect(_)) => RetryAction::Retry,
-        Some(
-            AttemptError::Broken {
-                retryable: true, ..
-            }
-            | AttemptError::Timeout { retryable: true },
-        ) => RetryAction::Retry,
+        Some(AttemptError::Connect(_) | AttemptError::Broken(_)) => RetryAction::Retry,
         Some(AttemptError::Status {
-            status,
-            headers,
-            retryable: true,
-            ..
+            status, headers, ..
         }) => match headers::retry_after(headers) {
             Some(delay) => RetryAction::RetryAfter(delay),
             None if *status == StatusCode::TOO_MANY_REQUESTS => RetryAction::Return,
             None => RetryAction::Retry,
         },
+        _ => RetryAction::Return,
+    }
+}
+
+/// A call that must not be sent twice is retried only when no connection
+/// could be made: then nothing was sent.
+fn retry_once(result: &Result<Exchange, tidegate_resilience::Error<AttemptError>>) -> RetryAction {
+    match result {
+        Err(err) if matches!(err.inner(), Some(AttemptError::Connect(_))) => RetryAction::Retry,
         _ => RetryAction::Return,
     }
 }

@@ -238,6 +238,24 @@ impl<T, E> Pipeline<T, E> {
         Ok(builder)
     }
 
+    /// A builder for another pipeline over the same policies: breaker,
+    /// bulkhead, retry budget, limiter and throttle share their state with
+    /// this one; deadline and timeout are copied; classify, retry_on and
+    /// fallback start empty. For calls that need different retry rules
+    /// against the same protections.
+    pub fn share_policies<T2, E2>(&self) -> PipelineBuilder<T2, E2> {
+        let p = &*self.policies;
+        let mut builder = PipelineBuilder::default();
+        builder.policies.deadline = p.deadline;
+        builder.policies.retry = p.retry.clone();
+        builder.policies.breaker = p.breaker.clone();
+        builder.policies.throttle = p.throttle.clone();
+        builder.policies.limiter = p.limiter.clone();
+        builder.policies.bulkhead = p.bulkhead.clone();
+        builder.policies.timeout = p.timeout;
+        builder
+    }
+
     /// The breaker, for its state and events.
     pub fn circuit_breaker(&self) -> Option<&CircuitBreaker> {
         self.policies.breaker.as_ref()
@@ -478,6 +496,20 @@ mod tests {
         );
         assert_eq!(start.elapsed(), Duration::from_millis(250));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pipelines_can_share_policies() {
+        let first: Pipeline<(), &str> = Pipeline::builder()
+            .circuit_breaker(CircuitBreaker::new(BreakerConfig {
+                consecutive_failures: 1,
+                ..BreakerConfig::default()
+            }))
+            .build();
+        let second: Pipeline<u8, ()> = first.share_policies().build();
+        first.call(|_| async { Err("down") }).await.unwrap_err();
+        let err = second.call(|_| async { Ok(1) }).await.unwrap_err();
+        assert!(err.is_circuit_open(), "one breaker for both");
     }
 
     #[tokio::test(start_paused = true)]

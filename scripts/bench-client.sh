@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# tidegate-client against a bare hyper-util client, same loopback server,
+# one run. A third row is the bare client sending the headers tidegate-client
+# adds (correlation ID, traceparent, deadline, user agent), so the cost of
+# their bytes shows apart from the client's own work. Rounds rotate the
+# three so that machine noise hits all alike; prints median requests/s and
+# the median per-round ratios, for one call at a time and for 32 calls in
+# flight. Target: ratio >= 0.95.
+#
+#   ./scripts/bench-client.sh
+#   ROUNDS=25 ./scripts/bench-client.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATIO=1 ROUNDS=${ROUNDS:-15} cargo bench -p tidegate-client --bench client 2>/dev/null
