@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use http::Method;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tidegate_resilience::breaker::CircuitState;
+
+pub use tidegate_client::metrics::method_label;
 
 /// Labels of `tidegate_requests_total`. Names are shared (`Arc`) so a
 /// request copies no strings to count itself.
@@ -23,28 +24,6 @@ pub struct RequestLabels {
     pub method: &'static str,
     /// Response status.
     pub status: u16,
-}
-
-/// The method as a label: the standard ones by name, anything else as
-/// `OTHER`, so clients cannot make up new series.
-pub fn method_label(method: &Method) -> &'static str {
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::POST,
-        Method::PUT,
-        Method::DELETE,
-        Method::PATCH,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::CONNECT,
-    ]
-    .iter()
-    .zip([
-        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
-    ])
-    .find_map(|(m, name)| (m == method).then_some(name))
-    .unwrap_or("OTHER")
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -242,16 +221,5 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn made_up_methods_share_one_label() {
-        assert_eq!(method_label(&Method::PATCH), "PATCH");
-        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "OTHER");
     }
 }

@@ -54,6 +54,15 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The text of the config file at `path`; an error names the file.
+pub fn read(path: &std::path::Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        location: path.display().to_string(),
+        key: String::new(),
+        reason: format!("cannot read: {e}"),
+    })
+}
+
 /// A config file being read: its text, its parsed document, and which key
 /// paths came from the environment, so that errors point at the right place.
 pub struct Source<'a> {

@@ -395,11 +395,7 @@ struct RawService {
 
 /// Reads the services file at `path`, with overrides from the process environment.
 pub fn load(path: &Path) -> Result<ClientConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        location: path.display().to_string(),
-        key: String::new(),
-        reason: format!("cannot read: {e}"),
-    })?;
+    let text = file::read(path)?;
     parse(&text, &path.display().to_string(), std::env::vars())
 }
 

@@ -231,11 +231,7 @@ struct RawRoute {
 /// Reads and validates the config at `path`, with overrides from the
 /// process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        location: path.display().to_string(),
-        key: String::new(),
-        reason: format!("cannot read: {e}"),
-    })?;
+    let text = tidegate_client::config::file::read(path)?;
     parse(&text, &path.display().to_string(), std::env::vars())
 }
 
