@@ -146,7 +146,8 @@ impl Drop for Active {
 impl ServiceClient {
     /// A client for `config`, with metrics of its own (`source_service`
     /// `tidegate-client`). A [`Registry`](crate::Registry) shares one set of
-    /// metrics among its clients.
+    /// metrics among its clients. Built inside a tokio runtime, it logs its
+    /// breaker's state changes from a task on that runtime.
     pub fn new(config: ServiceConfig) -> Result<Self, FieldError> {
         Self::build(
             config,
