@@ -83,52 +83,72 @@ async fn bare_get(client: &Client<HttpConnector, Full<Bytes>>, uri: &http::Uri) 
     response.into_body().collect().await.unwrap().to_bytes()
 }
 
+const IN_FLIGHT: u64 = 32;
+
+/// The three clients, against one server, on one runtime.
+struct Bench {
+    rt: Runtime,
+    bare: Client<HttpConnector, Full<Bytes>>,
+    uri: http::Uri,
+    tidegate: ServiceClient,
+}
+
+impl Bench {
+    fn new() -> Self {
+        let url = format!("http://{}", server());
+        let rt = runtime();
+        // Every default policy on: deadline, retry with budget, breaker, bulkhead, timeout.
+        let tidegate = rt.block_on(async {
+            ServiceClient::new(ServiceConfig::new("bench", &url).unwrap()).unwrap()
+        });
+        Bench {
+            rt,
+            bare: bare_client(),
+            uri: format!("{url}/ping").parse().unwrap(),
+            tidegate,
+        }
+    }
+
+    /// One call of client `which`: 0 bare, 1 bare with the same headers, 2 tidegate.
+    fn call(&self, which: usize) -> impl std::future::Future<Output = Bytes> + Send + 'static {
+        let (bare, uri, tidegate) = (self.bare.clone(), self.uri.clone(), self.tidegate.clone());
+        async move {
+            match which {
+                0 => bare_get(&bare, &uri).await,
+                1 => bare_get_with_headers(&bare, &uri).await,
+                _ => tidegate.get("/ping").await.unwrap().into_body(),
+            }
+        }
+    }
+
+    /// `IN_FLIGHT` calls of client `which` at once.
+    async fn batch(&self, which: usize) -> Vec<Bytes> {
+        let mut calls = JoinSet::new();
+        for _ in 0..IN_FLIGHT {
+            calls.spawn(self.call(which));
+        }
+        calls.join_all().await
+    }
+}
+
 fn benches(c: &mut Criterion) {
-    let addr = server();
-    let url = format!("http://{addr}");
-    let uri: http::Uri = format!("{url}/ping").parse().unwrap();
-    let rt = runtime();
-    let bare = bare_client();
-    // Every default policy on: deadline, retry with budget, breaker, bulkhead, timeout.
-    let tidegate = rt.block_on(async {
-        ServiceClient::new(ServiceConfig::new("bench", &url).unwrap()).unwrap()
-    });
-
-    let mut group = c.benchmark_group("sequential");
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("hyper_util", |b| {
-        b.to_async(&rt).iter(|| bare_get(&bare, &uri));
-    });
-    group.bench_function("tidegate_client", |b| {
-        b.to_async(&rt)
-            .iter(|| async { tidegate.get("/ping").await.unwrap().into_body() });
-    });
-    group.finish();
-
-    const IN_FLIGHT: u64 = 32;
-    let mut group = c.benchmark_group("concurrent_32");
-    group.throughput(Throughput::Elements(IN_FLIGHT));
-    group.bench_function("hyper_util", |b| {
-        b.to_async(&rt).iter(|| async {
-            let mut calls = JoinSet::new();
-            for _ in 0..IN_FLIGHT {
-                let (bare, uri) = (bare.clone(), uri.clone());
-                calls.spawn(async move { bare_get(&bare, &uri).await });
-            }
-            calls.join_all().await
-        });
-    });
-    group.bench_function("tidegate_client", |b| {
-        b.to_async(&rt).iter(|| async {
-            let mut calls = JoinSet::new();
-            for _ in 0..IN_FLIGHT {
-                let tidegate = tidegate.clone();
-                calls.spawn(async move { tidegate.get("/ping").await.unwrap().into_body() });
-            }
-            calls.join_all().await
-        });
-    });
-    group.finish();
+    let bench = Bench::new();
+    for (group, batch) in [("sequential", 1), ("concurrent_32", IN_FLIGHT)] {
+        let mut group = c.benchmark_group(group);
+        group.throughput(Throughput::Elements(batch));
+        for (name, which) in [("hyper_util", 0), ("tidegate_client", 2)] {
+            group.bench_function(name, |b| {
+                b.to_async(&bench.rt).iter(|| async {
+                    if batch == 1 {
+                        bench.call(which).await;
+                    } else {
+                        bench.batch(which).await;
+                    }
+                });
+            });
+        }
+        group.finish();
+    }
 }
 
 /// Requests per second of `calls` batches of `batch` calls each.
@@ -172,49 +192,20 @@ async fn bare_get_with_headers(
     response.into_body().collect().await.unwrap().to_bytes()
 }
 
-/// One call of client `which`: 0 bare, 1 bare with the same headers, 2 tidegate.
-async fn one(
-    which: usize,
-    bare: Client<HttpConnector, Full<Bytes>>,
-    uri: http::Uri,
-    tidegate: ServiceClient,
-) -> Bytes {
-    match which {
-        0 => bare_get(&bare, &uri).await,
-        1 => bare_get_with_headers(&bare, &uri).await,
-        _ => tidegate.get("/ping").await.unwrap().into_body(),
-    }
-}
-
 /// `ROUNDS` rounds, each timing the three clients back to back (order
 /// rotated every round); prints the median rate of each and the median
 /// per-round ratios of tidegate-client to the two bare ones.
 fn ratio_run() {
-    const IN_FLIGHT: u64 = 32;
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(15);
-    let addr = server();
-    let url = format!("http://{addr}");
-    let uri: http::Uri = format!("{url}/ping").parse().unwrap();
-    let rt = runtime();
-    let bare = bare_client();
-    let tidegate = rt.block_on(async {
-        ServiceClient::new(ServiceConfig::new("bench", &url).unwrap()).unwrap()
-    });
+    let bench = Bench::new();
     let run = |which: usize, concurrent: bool| {
-        let call = || one(which, bare.clone(), uri.clone(), tidegate.clone());
         if concurrent {
-            rate(&rt, 200, IN_FLIGHT, || async {
-                let mut calls = JoinSet::new();
-                for _ in 0..IN_FLIGHT {
-                    calls.spawn(call());
-                }
-                calls.join_all().await
-            })
+            rate(&bench.rt, 200, IN_FLIGHT, || bench.batch(which))
         } else {
-            rate(&rt, 2000, 1, call)
+            rate(&bench.rt, 2000, 1, || bench.call(which))
         }
     };
     // Warm-up: connections open, pools filled.

@@ -1,6 +1,5 @@
 //! [`ServiceClient`]: one upstream service, every call through its policies.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -112,8 +111,8 @@ struct Inner {
     max_response_bytes: usize,
     metrics: Metrics,
     source: Arc<String>,
+    /// Calls in flight: `active_service_connections` of this client.
     active: Gauge,
-    in_flight: AtomicU64,
     watcher: Option<JoinHandle<()>>,
 }
 
@@ -125,12 +124,26 @@ impl Drop for Inner {
     }
 }
 
-/// Counts a call as active (`in_flight`, `active_service_connections`) until dropped.
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Payload::Buffered(b) => f.debug_tuple("Buffered").field(&b.len()).finish(),
+            Payload::Streaming(_) => f.write_str("Streaming"),
+        }
+    }
+}
+
+/// Counts a call in `active_service_connections` until dropped.
 pub(crate) struct Active(Arc<Inner>);
+
+impl std::fmt::Debug for Active {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Active")
+    }
+}
 
 impl Active {
     fn new(inner: &Arc<Inner>) -> Self {
-        inner.in_flight.fetch_add(1, Ordering::Relaxed);
         inner.active.inc();
         Active(inner.clone())
     }
@@ -138,7 +151,6 @@ impl Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.active.dec();
     }
 }
@@ -220,7 +232,6 @@ impl ServiceClient {
                 metrics,
                 source,
                 active,
-                in_flight: AtomicU64::new(0),
                 watcher,
             }),
         })
@@ -248,7 +259,7 @@ impl ServiceClient {
 
     /// Calls in flight (streamed responses count until their body ends).
     pub fn in_flight(&self) -> u64 {
-        self.inner.in_flight.load(Ordering::Relaxed)
+        u64::try_from(self.inner.active.get()).unwrap_or(0)
     }
 
     /// The status snapshot: breaker state, failures, in flight.
@@ -373,11 +384,8 @@ impl ServiceClient {
     ) -> Result<(Exchange, HeaderValue, Active), Error> {
         let inner = &self.inner;
         let start = Instant::now();
-        let context = Context::current();
-        let request_id = match &context {
-            Some(c) => c.correlation_id().clone(),
-            None => headers::correlation_id(&HeaderMap::new()),
-        };
+        let context = Context::current().unwrap_or_default();
+        let request_id = context.correlation_id().clone();
         let Some(http) = inner.http.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Err(self
                 .error(ErrorKind::Closed, "client is closed")
@@ -389,23 +397,16 @@ impl ServiceClient {
                 .with_request_id(&request_id)
         })?;
 
-        let mut head = inner.headers.clone();
-        for (name, value) in extra {
-            if let Some(name) = name {
-                head.insert(name, value);
-            }
-        }
-        head.insert(&headers::CORRELATION_ID, request_id.clone());
-        let parent = context.as_ref().and_then(Context::traceparent);
-        head.insert(&headers::TRACEPARENT, headers::child_traceparent(parent));
-        let idempotent =
-            headers::is_idempotent(&method) || head.contains_key(&headers::IDEMPOTENCY_KEY);
+        let idempotent = headers::is_idempotent(&method)
+            || extra.contains_key(&headers::IDEMPOTENCY_KEY)
+            || inner.headers.contains_key(&headers::IDEMPOTENCY_KEY);
         let retryable = idempotent && body.len() <= inner.max_replay_bytes;
         let call = Call {
             method: &method,
             path,
             uri: &uri,
-            head: &head,
+            extra: &extra,
+            context: &context,
             body: &body,
             streaming,
         };
@@ -514,12 +515,21 @@ impl ServiceClient {
         *request.method_mut() = call.method.clone();
         *request.uri_mut() = call.uri.clone();
         *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = call.head.clone();
+        // The defaults, the call's own headers over them, then propagation:
+        // one map per attempt, each attempt a span of its own.
+        let head = request.headers_mut();
+        *head = inner.headers.clone();
+        for (name, value) in call.extra {
+            head.insert(name, value.clone());
+        }
+        head.insert(
+            &headers::CORRELATION_ID,
+            call.context.correlation_id().clone(),
+        );
+        head.insert(&headers::TRACEPARENT, call.context.child_traceparent());
         if let Some(left) = attempt.remaining() {
             let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-            request
-                .headers_mut()
-                .insert(&headers::DEADLINE_MS, HeaderValue::from(ms));
+            head.insert(&headers::DEADLINE_MS, HeaderValue::from(ms));
         }
         let response = http.request(request).await.map_err(|e| {
             if e.is_connect() {
@@ -553,8 +563,30 @@ impl ServiceClient {
 
     /// The error of a failed call.
     fn convert(&self, err: tidegate_resilience::Error<AttemptError>) -> Error {
+        if err.is_retry_exhausted() {
+            let attempts = err.attempts().unwrap_or(self.inner.max_attempts);
+            let last = match err.last_error() {
+                // A rejection or timeout of the policies: no error of ours inside.
+                Some(last) if last.inner().is_none() => self.policy_error(last),
+                _ => match err.into_inner() {
+                    Some(e) => self.attempt_error(e),
+                    None => self.error(ErrorKind::Connection, "failed"),
+                },
+            };
+            return Error::exhausted(attempts, last);
+        }
+        if err.inner().is_none() {
+            return self.policy_error(&err);
+        }
+        match err.into_inner() {
+            Some(e) => self.attempt_error(e),
+            None => self.error(ErrorKind::Connection, "failed"),
+        }
+    }
+
+    /// The error of a call a policy stopped: rejected, or out of time.
+    fn policy_error(&self, err: &tidegate_resilience::Error<AttemptError>) -> Error {
         use tidegate_resilience::ErrorKind as P;
-        let retry_after = err.retry_after();
         match err.kind() {
             P::CircuitOpen => self.error(
                 ErrorKind::CircuitOpen,
@@ -574,30 +606,9 @@ impl ServiceClient {
                 self.error(ErrorKind::Timeout, format!("no answer within {limit:?}"))
             }
             P::DeadlineExceeded => self.error(ErrorKind::Timeout, "deadline passed"),
-            P::RetryExhausted => {
-                let attempts = err.attempts().unwrap_or(self.inner.max_attempts);
-                let last = match err.last_error().map(|l| (l.kind(), l.inner().is_some())) {
-                    Some((kind @ (P::Timeout | P::DeadlineExceeded), false)) => {
-                        let limit = self.inner.attempt_timeout.unwrap_or_default();
-                        match kind {
-                            P::Timeout => self
-                                .error(ErrorKind::Timeout, format!("no answer within {limit:?}")),
-                            _ => self.error(ErrorKind::Timeout, "deadline passed"),
-                        }
-                    }
-                    _ => match err.into_inner() {
-                        Some(e) => self.attempt_error(e),
-                        None => self.error(ErrorKind::Connection, "failed"),
-                    },
-                };
-                return Error::exhausted(attempts, last);
-            }
-            _ => match err.into_inner() {
-                Some(e) => return self.attempt_error(e),
-                None => self.error(ErrorKind::Connection, "failed"),
-            },
+            _ => self.error(ErrorKind::Connection, "failed"),
         }
-        .with_retry_after(retry_after)
+        .with_retry_after(err.retry_after())
     }
 
     fn attempt_error(&self, err: AttemptError) -> Error {
@@ -632,7 +643,9 @@ struct Call<'a> {
     method: &'a Method,
     path: &'a str,
     uri: &'a Uri,
-    head: &'a HeaderMap,
+    /// Headers of this call, over the client's defaults.
+    extra: &'a HeaderMap,
+    context: &'a Context,
     body: &'a Bytes,
     streaming: bool,
 }
@@ -849,8 +862,12 @@ impl RequestBuilder<'_> {
             .execute(self.method, &self.path, self.headers, self.body, true)
             .await?;
         let (parts, payload) = exchange.into_parts();
+        let body = match payload {
+            Payload::Streaming(incoming) => incoming,
+            Payload::Buffered(_) => unreachable!("a streaming call leaves success bodies unread"),
+        };
         Ok(StreamingResponse::new(
-            parts, payload, request_id, service, active,
+            parts, body, request_id, service, active,
         ))
     }
 }

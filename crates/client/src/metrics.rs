@@ -80,37 +80,44 @@ impl Default for Metrics {
         let requests = Family::default();
         let duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let active = Family::default();
-        let mut metrics = Metrics {
-            registry: Arc::new(Registry::default()),
+        let mut registry = Registry::default();
+        register(&mut registry, &requests, &duration, &active);
+        Metrics {
+            registry: Arc::new(registry),
             requests,
             duration,
             active,
-        };
-        let mut registry = Registry::default();
-        metrics.register(&mut registry);
-        metrics.registry = Arc::new(registry);
-        metrics
+        }
     }
+}
+
+fn register(
+    registry: &mut Registry,
+    requests: &Family<RequestLabels, Counter>,
+    duration: &Family<DurationLabels, Histogram>,
+    active: &Family<PairLabels, Gauge>,
+) {
+    registry.register(
+        "inter_service_requests",
+        "Calls to other services, by outcome",
+        requests.clone(),
+    );
+    registry.register(
+        "inter_service_request_duration_seconds",
+        "Duration of calls to other services, retries included",
+        duration.clone(),
+    );
+    registry.register(
+        "active_service_connections",
+        "Calls to other services in flight",
+        active.clone(),
+    );
 }
 
 impl Metrics {
     /// Adds these metrics to `registry` (an application's own), sharing their values.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "inter_service_requests",
-            "Calls to other services, by outcome",
-            self.requests.clone(),
-        );
-        registry.register(
-            "inter_service_request_duration_seconds",
-            "Duration of calls to other services, retries included",
-            self.duration.clone(),
-        );
-        registry.register(
-            "active_service_connections",
-            "Calls to other services in flight",
-            self.active.clone(),
-        );
+        register(registry, &self.requests, &self.duration, &self.active);
     }
 
     /// The Prometheus text exposition of these metrics.

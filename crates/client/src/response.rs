@@ -9,7 +9,9 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 
-use crate::client::{Active, Payload};
+use hyper::body::Incoming;
+
+use crate::client::Active;
 use crate::error::{Error, ErrorKind};
 
 /// A successful answer (1xx–3xx), its body read whole.
@@ -85,31 +87,16 @@ impl Response {
 #[derive(Debug)]
 pub struct StreamingResponse {
     parts: Parts,
-    body: Option<Payload>,
+    body: Option<Incoming>,
     request_id: HeaderValue,
     service: Arc<str>,
     _active: Active,
 }
 
-impl std::fmt::Debug for Payload {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Payload::Buffered(b) => f.debug_tuple("Buffered").field(&b.len()).finish(),
-            Payload::Streaming(_) => f.write_str("Streaming"),
-        }
-    }
-}
-
-impl std::fmt::Debug for Active {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Active")
-    }
-}
-
 impl StreamingResponse {
     pub(crate) fn new(
         parts: Parts,
-        body: Payload,
+        body: Incoming,
         request_id: HeaderValue,
         service: Arc<str>,
         active: Active,
@@ -142,15 +129,8 @@ impl StreamingResponse {
     /// connection lost mid-body is an [`ErrorKind::Connection`] error.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, Error> {
         loop {
-            let incoming = match self.body.as_mut() {
-                None => return Ok(None),
-                Some(Payload::Buffered(_)) => {
-                    let Some(Payload::Buffered(bytes)) = self.body.take() else {
-                        return Ok(None);
-                    };
-                    return Ok((!bytes.is_empty()).then_some(bytes));
-                }
-                Some(Payload::Streaming(incoming)) => incoming,
+            let Some(incoming) = self.body.as_mut() else {
+                return Ok(None);
             };
             match incoming.frame().await {
                 None => {
