@@ -64,7 +64,7 @@ async fn health() -> Response {
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     let mut checks = Map::new();
     let mut ready = true;
-    for u in &gateway.upstreams {
+    for u in &gateway.table().upstreams {
         let healthy = u.endpoints.iter().filter(|e| e.is_healthy()).count();
         ready &= healthy > 0;
         checks.insert(
@@ -87,7 +87,7 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
 /// The JSON of `GET /status/services`.
 pub fn services_json(gateway: &Gateway) -> Value {
     let mut services = Map::new();
-    for u in &gateway.upstreams {
+    for u in &gateway.table().upstreams {
         let breaker = u.pipeline.circuit_breaker().map(|b| b.snapshot());
         let endpoints: Vec<Value> = u
             .endpoints
@@ -126,7 +126,7 @@ async fn status(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
-    for u in &gateway.upstreams {
+    for u in &gateway.table().upstreams {
         if let Some(breaker) = u.pipeline.circuit_breaker() {
             gateway
                 .metrics

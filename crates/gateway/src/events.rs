@@ -32,6 +32,26 @@ pub enum Event {
         /// When (RFC 3339).
         timestamp: String,
     },
+    /// Outlier detection ejected an endpoint.
+    Ejected {
+        /// The upstream.
+        upstream: String,
+        /// `http://host:port`.
+        endpoint: String,
+        /// For how long.
+        seconds: f64,
+        /// When (RFC 3339).
+        timestamp: String,
+    },
+    /// The config was reloaded, or a new one was refused.
+    Reload {
+        /// Whether the new config is in use.
+        applied: bool,
+        /// What changed, or why it was refused.
+        message: String,
+        /// When (RFC 3339).
+        timestamp: String,
+    },
 }
 
 /// The sender side; subscribers that fall behind lose the oldest events.

@@ -11,23 +11,20 @@ use tokio::time::{interval, timeout, MissedTickBehavior};
 use crate::body;
 use crate::events::Event;
 use crate::proxy::Gateway;
+use crate::upstream::Upstream;
 
-/// Runs the checks of every upstream that has them, until dropped.
-pub fn spawn(gateway: &Arc<Gateway>) -> JoinSet<()> {
-    let mut tasks = JoinSet::new();
-    for (u, upstream) in gateway.upstreams.iter().enumerate() {
-        if upstream.config.health_check.is_none() {
-            continue;
-        }
-        for e in 0..upstream.endpoints.len() {
-            tasks.spawn(check_endpoint(gateway.clone(), u, e));
-        }
+/// Runs the checks of every endpoint of `upstream`, if it has them, until
+/// the set is dropped.
+pub fn spawn(gateway: &Arc<Gateway>, upstream: &Arc<Upstream>, tasks: &mut JoinSet<()>) {
+    if upstream.config.health_check.is_none() {
+        return;
     }
-    tasks
+    for e in 0..upstream.endpoints.len() {
+        tasks.spawn(check_endpoint(gateway.clone(), upstream.clone(), e));
+    }
 }
 
-async fn check_endpoint(gateway: Arc<Gateway>, u: usize, e: usize) {
-    let upstream = &gateway.upstreams[u];
+async fn check_endpoint(gateway: Arc<Gateway>, upstream: Arc<Upstream>, e: usize) {
     let Some(config) = upstream.config.health_check.clone() else {
         return;
     };

@@ -62,6 +62,17 @@ struct EndpointLabels {
     endpoint: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    route: Arc<String>,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
 /// Every gateway metric, registered once.
 #[derive(Debug)]
 pub struct Metrics {
@@ -74,6 +85,9 @@ pub struct Metrics {
     transitions: Family<TransitionLabels, Counter>,
     rejections: Family<RejectionLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
+    ejections: Family<EndpointLabels, Counter>,
+    fallbacks: Family<FallbackLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -92,6 +106,9 @@ impl Default for Metrics {
         let transitions = Family::default();
         let rejections = Family::default();
         let endpoint_healthy = Family::default();
+        let ejections = Family::default();
+        let fallbacks = Family::default();
+        let reloads = Family::default();
         registry.register("tidegate_requests", "Requests answered", requests.clone());
         registry.register(
             "tidegate_request_duration_seconds",
@@ -128,6 +145,21 @@ impl Default for Metrics {
             "1 when the endpoint passes its health checks",
             endpoint_healthy.clone(),
         );
+        registry.register(
+            "tidegate_outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
+        registry.register(
+            "tidegate_fallbacks",
+            "Requests answered by a route's fallback",
+            fallbacks.clone(),
+        );
+        registry.register(
+            "tidegate_config_reloads",
+            "Config reloads, applied or rejected",
+            reloads.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -138,6 +170,9 @@ impl Default for Metrics {
             transitions,
             rejections,
             endpoint_healthy,
+            ejections,
+            fallbacks,
+            reloads,
         }
     }
 }
@@ -213,6 +248,31 @@ impl Metrics {
                 endpoint: endpoint.to_owned(),
             })
             .set(i64::from(healthy));
+    }
+
+    /// Counts an outlier ejection.
+    pub fn ejection(&self, upstream: &str, endpoint: &str) {
+        self.ejections
+            .get_or_create(&EndpointLabels {
+                upstream: upstream.to_owned(),
+                endpoint: endpoint.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an answer from a route's fallback.
+    pub fn fallback(&self, route: &Arc<String>, kind: &'static str) {
+        self.fallbacks
+            .get_or_create(&FallbackLabels {
+                route: route.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Counts a config reload: `applied` or `rejected`.
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
     /// The Prometheus text exposition.

@@ -1,5 +1,10 @@
-//! The proxy: one request from the client, through the route's upstream
-//! policies, to an endpoint and back.
+//! The proxy: one request from the client, through the route's edge
+//! policy (API key, tiers, rate limits, faults) and its upstream's
+//! policies, to an endpoint and back, with the route's fallback when the
+//! upstream fails.
+//!
+//! What a request needs is one [`Table`], built from a config and swapped
+//! whole on reload: a request keeps the table it started with.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -8,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
@@ -18,35 +24,53 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tidegate_resilience::Error;
+use tidegate_resilience::{rng, Error};
 use tokio::time::Instant;
 
 use crate::body::{self, is_body_too_large, ProxyBody, RequestBody};
-use crate::config::{Config, GatewaySettings, RouteConfig};
-use crate::events::Events;
+use crate::config::{Config, Fallback, GatewaySettings, RouteConfig, Target};
+use crate::edge::{self, Counters, Credential, Edge, Refusal, Slot};
+use crate::events::{Event, Events};
+use crate::fallback::{self as fallbacks, FALLBACK};
 use crate::headers::{self, CORRELATION_ID};
 use crate::metrics::{method_label, Metrics, RequestLabels};
-use crate::router::{self, Router};
-use crate::upstream::{AttemptError, Upstream};
+use crate::router::{self, Route, Router};
+use crate::upstream::{AttemptError, EndpointState, Upstream};
 use tidegate_client::headers::is_retryable_status;
 
 /// The HTTP client every upstream request goes through (pooled, keep-alive).
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
-/// Everything a request needs: settings, routes, upstreams, client, metrics.
+/// Everything a request needs from one config: settings, routes,
+/// upstreams with their state, keys and tiers.
 #[derive(Debug)]
-pub struct Gateway {
-    /// `[gateway]` settings.
+pub struct Table {
+    /// `[gateway]` as this config has it; the per-request limits apply at once.
     pub settings: GatewaySettings,
-    router: Router,
+    /// The routes.
+    pub router: Router,
     /// The upstreams, in config order.
     pub upstreams: Vec<Arc<Upstream>>,
+    /// API keys and tiers.
+    pub edge: Edge,
+    internal_token: Option<HeaderValue>,
+}
+
+/// The gateway: the current [`Table`] and what outlives reloads (client,
+/// metrics, events, rate-limit counts).
+#[derive(Debug)]
+pub struct Gateway {
+    /// `[gateway]` as the gateway started; listeners and connection
+    /// settings keep these until a restart.
+    pub settings: GatewaySettings,
+    table: ArcSwap<Table>,
     client: UpstreamClient,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// State changes, for `/events` and logs.
     pub events: Events,
-    internal_token: Option<HeaderValue>,
+    /// Rate-limit and concurrency counts, kept across reloads.
+    pub counters: Arc<Counters>,
     /// The `none` label of requests no route matched.
     none: Arc<String>,
 }
@@ -62,47 +86,120 @@ pub fn upstream_client() -> UpstreamClient {
         .build(connector)
 }
 
+/// Reads the internal token from the environment variable the config names.
+fn internal_token(settings: &GatewaySettings) -> Result<Option<HeaderValue>, String> {
+    let Some(var) = &settings.internal_token_env else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        Ok(token) => HeaderValue::from_str(&token)
+            .map(Some)
+            .map_err(|_| format!("environment variable {var} is not a valid header value")),
+        Err(_) => Err(format!(
+            "environment variable {var} (gateway.internal_token_env) is not set"
+        )),
+    }
+}
+
+impl Table {
+    /// The table of `config`. Upstreams whose config is unchanged from
+    /// `previous` keep their state (breaker, limiter, health, ejections);
+    /// routes whose stale fallback is unchanged keep their answers.
+    pub fn build(
+        config: Config,
+        previous: Option<&Table>,
+        counters: Arc<Counters>,
+    ) -> Result<Self, String> {
+        let internal_token = internal_token(&config.gateway)?;
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        for u in config.upstreams {
+            let kept = previous
+                .and_then(|p| p.upstreams.iter().find(|old| old.config == u))
+                .cloned();
+            let upstream = match kept {
+                Some(old) => old,
+                None => {
+                    let name = u.name.clone();
+                    Upstream::new(u).map_err(|e| format!("upstreams `{name}`: policy.{e}"))?
+                }
+            };
+            upstreams.push(upstream);
+        }
+        let router = Router::new(config.routes, |route| {
+            let Some(Fallback::Stale {
+                max_age,
+                max_entries,
+                max_entry_bytes,
+            }) = route.fallback
+            else {
+                return None;
+            };
+            let kept = previous
+                .and_then(|p| {
+                    p.router
+                        .routes()
+                        .iter()
+                        .find(|r| r.config.name == route.name)
+                })
+                .and_then(|r| r.stale.clone())
+                .filter(|c| c.has_settings(max_age, max_entries, max_entry_bytes));
+            Some(kept.unwrap_or_else(|| {
+                fallbacks::StaleCache::new(max_age, max_entries, max_entry_bytes)
+            }))
+        });
+        Ok(Table {
+            edge: Edge::new(config.api_keys, &config.rate_limit, counters),
+            settings: config.gateway,
+            router,
+            upstreams,
+            internal_token,
+        })
+    }
+
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name() == name)
+    }
+}
+
 impl Gateway {
     /// Builds the run-time state of a validated config. The internal token is
     /// read from the environment variable the config names.
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let internal_token = match &config.gateway.internal_token_env {
-            None => None,
-            Some(var) => match std::env::var(var) {
-                Ok(token) => Some(HeaderValue::from_str(&token).map_err(|_| {
-                    format!("environment variable {var} is not a valid header value")
-                })?),
-                Err(_) => {
-                    return Err(format!(
-                        "environment variable {var} (gateway.internal_token_env) is not set"
-                    ))
-                }
-            },
-        };
+        let counters = Counters::new(config.rate_limit.max_keys);
+        let settings = config.gateway.clone();
+        let table = Table::build(config, None, counters.clone())?;
         let metrics = Arc::new(Metrics::default());
-        let upstreams = config
-            .upstreams
-            .into_iter()
-            .map(|u| {
-                let name = u.name.clone();
-                Upstream::new(u).map_err(|e| format!("upstreams `{name}`: policy.{e}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        for u in &upstreams {
+        for u in &table.upstreams {
             for e in &u.endpoints {
-                metrics.endpoint_healthy(u.name(), &e.label, true);
+                metrics.endpoint_healthy(u.name(), &e.label, e.is_healthy());
             }
         }
         Ok(Arc::new(Gateway {
-            settings: config.gateway,
-            router: Router::new(config.routes),
-            upstreams,
+            settings,
+            table: ArcSwap::from_pointee(table),
             client: upstream_client(),
             metrics,
             events: Events::default(),
-            internal_token,
+            counters,
             none: Arc::new("none".to_owned()),
         }))
+    }
+
+    /// The table requests use now.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// Puts `table` in use for new requests; requests under way keep theirs.
+    pub fn swap(&self, table: Table) {
+        for u in &table.upstreams {
+            for e in &u.endpoints {
+                self.metrics
+                    .endpoint_healthy(u.name(), &e.label, e.is_healthy());
+            }
+        }
+        self.table.store(Arc::new(table));
     }
 
     /// The HTTP client of health checks and of requests served on the
@@ -122,13 +219,16 @@ impl Gateway {
         let start = Instant::now();
         let request_id = headers::correlation_id(req.headers());
         let method = req.method().clone();
+        let table = self.table();
         let mut log = Access {
-            route: &self.none,
-            upstream: &self.none,
+            route: self.none.clone(),
+            upstream: self.none.clone(),
             attempts: 0,
+            key_id: None,
+            fallback: None,
         };
         let mut response = match self
-            .route_and_forward(req, client, upstream_client, &request_id, &mut log)
+            .route_and_forward(&table, req, client, upstream_client, &request_id, &mut log)
             .await
         {
             Ok(response) => response,
@@ -139,16 +239,10 @@ impl Gateway {
             .insert(&CORRELATION_ID, request_id.clone());
         let status = response.status();
         let elapsed = start.elapsed();
-        self.metrics.request(
-            RequestLabels {
-                route: log.route.clone(),
-                upstream: log.upstream.clone(),
-                method: method_label(&method),
-                status: status.as_u16(),
-            },
-            elapsed.as_secs_f64(),
-        );
-        self.metrics.attempts(log.upstream, log.attempts);
+        self.metrics.attempts(&log.upstream, log.attempts);
+        if let Some(kind) = log.fallback {
+            self.metrics.fallback(&log.route, kind);
+        }
         tracing::info!(
             target: "tidegate::access",
             request_id = request_id.to_str().unwrap_or(""),
@@ -158,17 +252,29 @@ impl Gateway {
             attempts = log.attempts,
             status = status.as_u16(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
+            api_key_id = log.key_id.as_deref(),
+            fallback = log.fallback,
+        );
+        self.metrics.request(
+            RequestLabels {
+                route: log.route,
+                upstream: log.upstream,
+                method: method_label(&method),
+                status: status.as_u16(),
+            },
+            elapsed.as_secs_f64(),
         );
         response
     }
 
-    async fn route_and_forward<'a>(
-        &'a self,
+    async fn route_and_forward(
+        &self,
+        table: &Table,
         mut req: Request<Incoming>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
         request_id: &HeaderValue,
-        log: &mut Access<'a>,
+        log: &mut Access,
     ) -> Result<Response<ProxyBody>, Reply> {
         if req.method() == Method::CONNECT {
             return Err(Reply::new(
@@ -178,7 +284,7 @@ impl Gateway {
         }
         let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
             + req.uri().authority().map_or(0, |a| a.as_str().len());
-        if target_len > self.settings.max_uri_bytes {
+        if target_len > table.settings.max_uri_bytes {
             return Err(Reply::new(
                 StatusCode::URI_TOO_LONG,
                 "request target too long",
@@ -187,21 +293,48 @@ impl Gateway {
         // The client's side of a WebSocket handshake, joined once the upstream says 101.
         let upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
-        let Some(route) = self.router.route(&parts) else {
+        let Some(route) = table.router.route(&parts) else {
             return Err(Reply::new(
                 StatusCode::NOT_FOUND,
                 "no route matches this request",
             ));
         };
-        let upstream = &self.upstreams[route.config.upstream];
-        let in_flight = InFlight::new(upstream);
-        log.route = &route.label;
-        log.upstream = &upstream.label;
+        let upstream = &table.upstreams[pick_target(&route.config.target)];
+        log.route = route.label.clone();
+        log.upstream = upstream.label.clone();
+
+        let credential = if table.edge.has_keys() {
+            table.edge.authenticate(&parts.headers)
+        } else {
+            Credential::Anonymous
+        };
+        if let Credential::Valid(key, _) = credential {
+            log.key_id = Some(key.id.clone());
+        }
+        let admission = table
+            .edge
+            .admit(&route.config, credential, client.ip(), &parts.headers)
+            .map_err(|refusal| self.refused(refusal, upstream))?;
+        if let Some(fault) = &route.config.fault {
+            if let Some(delay) = fault.delay {
+                if rng::unit() * 100.0 < fault.delay_percent {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if let Some(status) = fault.abort_status {
+                if rng::unit() * 100.0 < fault.abort_percent {
+                    self.metrics.rejection(upstream.name(), "fault_abort");
+                    let status = StatusCode::from_u16(status).expect("checked by the config");
+                    return Err(Reply::new(status, "fault injected").service(upstream.name()));
+                }
+            }
+        }
+        let in_flight = InFlight::new(upstream, admission.slot);
 
         let max_body = route
             .config
             .max_body_bytes
-            .unwrap_or(self.settings.max_body_bytes);
+            .unwrap_or(table.settings.max_body_bytes);
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -213,19 +346,10 @@ impl Gateway {
                     .service(upstream.name()),
             );
         }
-        if !upstream.has_healthy_endpoint() {
-            upstream.rejections.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .rejection(upstream.name(), "no_healthy_endpoint");
-            return Err(
-                Reply::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint")
-                    .service(upstream.name()),
-            );
-        }
         let mut body = if incoming.is_end_stream() {
             RequestBody::empty()
         } else {
-            RequestBody::read(incoming, self.settings.max_replay_bytes, max_body)
+            RequestBody::read(incoming, table.settings.max_replay_bytes, max_body)
                 .await
                 .map_err(|e| {
                     if is_body_too_large(&*e) {
@@ -236,44 +360,174 @@ impl Gateway {
                     .service(upstream.name())
                 })?
         };
-
+        let stale_key = match (&route.stale, &parts.method) {
+            (Some(_), &Method::GET) => Some(fallbacks::key(
+                parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+                log.key_id.as_deref(),
+                &parts.headers,
+            )),
+            _ => None,
+        };
         let idempotent = headers::is_idempotent(&parts.method)
             || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
         let template = self.upstream_head(
+            table,
             &mut parts,
             &route.config,
+            credential,
             client,
             request_id,
             upgrade.is_some(),
         );
-        let attempts = AtomicU32::new(0);
-        let result = upstream
-            .pipeline
-            .call(|attempt| {
-                attempts.fetch_add(1, Ordering::Relaxed);
-                let head = template.head(attempt.remaining());
-                let retryable = idempotent && body.is_replayable();
-                self.attempt(upstream_client, upstream, head, body.take(), retryable)
-            })
-            .await;
-        log.attempts = attempts.load(Ordering::Relaxed);
+        let call = Call {
+            upstream_client,
+            template: &template,
+            idempotent,
+        };
+        let result = if upstream.has_available_endpoint() {
+            self.forward(&call, upstream, &mut body, log).await
+        } else {
+            upstream.rejections.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .rejection(upstream.name(), "no_healthy_endpoint");
+            Err(Error::inner_error(AttemptError::NoEndpoint))
+        };
+        let upstream_failed = match &result {
+            Ok(response) => response.status().is_server_error(),
+            Err(err) => !matches!(err.inner(), Some(AttemptError::BodyTooLarge)),
+        };
+        if upstream_failed {
+            if let Some(response) = self
+                .fallback(table, route, &call, &mut body, stale_key.as_deref(), log)
+                .await
+            {
+                return Ok(with_limits(response, admission.decision.as_ref()));
+            }
+        }
         let mut response = match result {
             Ok(response) => response,
-            Err(err) => return self.failed(upstream, err, in_flight),
+            Err(err) => {
+                let answer = self.failed(upstream, err)?;
+                return Ok(with_limits(
+                    downstream(in_flight, answer),
+                    admission.decision.as_ref(),
+                ));
+            }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_side) = upgrade {
                 tunnel(client_side, hyper::upgrade::on(&mut response));
             }
         }
-        Ok(downstream(in_flight, response))
+        let mut response = downstream(in_flight, response);
+        if let (Some(cache), Some(key)) = (&route.stale, stale_key) {
+            response = cache.record(key, response);
+        }
+        Ok(with_limits(response, admission.decision.as_ref()))
+    }
+
+    /// Sends the request through `upstream`'s policies.
+    async fn forward(
+        &self,
+        call: &Call<'_>,
+        upstream: &Upstream,
+        body: &mut RequestBody,
+        log: &mut Access,
+    ) -> Result<Response<Incoming>, Error<AttemptError>> {
+        let attempts = AtomicU32::new(0);
+        let retryable = call.idempotent && body.is_replayable();
+        let result = upstream
+            .pipeline
+            .call(|attempt| {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                let head = call.template.head(attempt.remaining());
+                self.attempt(call.upstream_client, upstream, head, body.take(), retryable)
+            })
+            .await;
+        log.attempts += attempts.load(Ordering::Relaxed);
+        result
+    }
+
+    /// The route's fallback answer, if it has one that can answer now.
+    async fn fallback(
+        &self,
+        table: &Table,
+        route: &Route,
+        call: &Call<'_>,
+        body: &mut RequestBody,
+        stale_key: Option<&str>,
+        log: &mut Access,
+    ) -> Option<Response<ProxyBody>> {
+        let response = match route.config.fallback.as_ref()? {
+            Fallback::Static {
+                status,
+                content_type,
+                body,
+            } => fallbacks::fixed(*status, content_type, body),
+            Fallback::Stale { .. } => route.stale.as_ref()?.serve(stale_key?)?,
+            Fallback::Upstream(index) => {
+                let other = &table.upstreams[*index];
+                if !other.has_available_endpoint() {
+                    return None;
+                }
+                let in_flight = InFlight::new(other, None);
+                let response = self.forward(call, other, body, log).await.ok()?;
+                if response.status().is_server_error() {
+                    return None;
+                }
+                let mut response = downstream(in_flight, response);
+                response
+                    .headers_mut()
+                    .insert(&FALLBACK, HeaderValue::from_static("upstream"));
+                response
+            }
+        };
+        log.fallback = route.config.fallback.as_ref().map(Fallback::kind);
+        Some(response)
+    }
+
+    /// The answer to a request the edge refused.
+    fn refused(&self, refusal: Refusal, upstream: &Upstream) -> Reply {
+        match refusal {
+            Refusal::Unauthenticated(why) => {
+                let mut reply = Reply::new(StatusCode::UNAUTHORIZED, why);
+                reply.headers.push((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tidegate\""),
+                ));
+                reply
+            }
+            Refusal::Forbidden => Reply::new(
+                StatusCode::FORBIDDEN,
+                "this API key's tier may not use this route",
+            ),
+            Refusal::Limited(decision, which) => {
+                let reason = match which {
+                    "tier" => "tier_rate_limit",
+                    "concurrency" => "concurrency_limit",
+                    _ => "route_rate_limit",
+                };
+                upstream.rejections.fetch_add(1, Ordering::Relaxed);
+                self.metrics.rejection(upstream.name(), reason);
+                let mut reply = Reply::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded")
+                    .service(upstream.name())
+                    .retry_after(decision.retry_after);
+                if which != "concurrency" {
+                    reply.headers.extend(edge::headers(&decision));
+                }
+                reply
+            }
+        }
     }
 
     /// The upstream request head, minus body and deadline.
+    #[allow(clippy::too_many_arguments)]
     fn upstream_head(
         &self,
+        table: &Table,
         parts: &mut http::request::Parts,
         route: &RouteConfig,
+        credential: Credential<'_>,
         client: SocketAddr,
         request_id: &HeaderValue,
         upgrade: bool,
@@ -282,6 +536,18 @@ impl Gateway {
         headers::strip_hop_by_hop(&mut headers, upgrade);
         headers.remove(&headers::INTERNAL_TOKEN);
         headers.remove(&headers::DEADLINE_MS);
+        headers.remove(&edge::API_KEY_ID);
+        headers.remove(&edge::TIER);
+        if let Credential::Valid(key, from) = credential {
+            // The key stays at the edge; the upstream learns whose it was.
+            headers.remove(from);
+            if let Ok(id) = HeaderValue::from_str(&key.id) {
+                headers.insert(&edge::API_KEY_ID, id);
+            }
+            if let Some(tier) = table.edge.tier_header(key) {
+                headers.insert(&edge::TIER, tier.clone());
+            }
+        }
         let host = headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -305,7 +571,7 @@ impl Gateway {
         headers.insert(&headers::FORWARDED_PROTO, HeaderValue::from_static("http"));
         headers.insert(&CORRELATION_ID, request_id.clone());
         headers.insert(&headers::TRACEPARENT, headers::traceparent(&headers));
-        if let Some(token) = &self.internal_token {
+        if let Some(token) = &table.internal_token {
             headers.insert(&headers::INTERNAL_TOKEN, token.clone());
         }
         let path_and_query = if route.strip_prefix {
@@ -331,7 +597,7 @@ impl Gateway {
         })
     }
 
-    /// One attempt on the next healthy endpoint.
+    /// One attempt on the endpoint the upstream's load balancing picks.
     async fn attempt(
         &self,
         upstream_client: &UpstreamClient,
@@ -344,7 +610,9 @@ impl Gateway {
             // A streamed body went with an earlier attempt that never connected.
             return Err(AttemptError::BodyGone);
         };
-        let endpoint = upstream.pick().unwrap_or(&upstream.endpoints[0]);
+        let Some(endpoint) = upstream.pick(&head.headers) else {
+            return Err(AttemptError::NoEndpoint);
+        };
         let uri = endpoint
             .endpoint
             .uri(head.path_and_query)
@@ -363,25 +631,63 @@ impl Gateway {
             None => Ok(sent.await),
         };
         endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
-        match result? {
-            Ok(response) if is_retryable_status(response.status()) => Err(AttemptError::Status {
-                response,
-                retryable,
-            }),
-            Ok(response) => Ok(response),
-            Err(e) if is_body_too_large(&e) => Err(AttemptError::BodyTooLarge),
-            Err(e) if e.is_connect() => Err(AttemptError::Connect(e)),
-            Err(error) => Err(AttemptError::Request { error, retryable }),
-        }
+        let result = match result {
+            Err(timeout) => Err(timeout),
+            Ok(Ok(response)) if is_retryable_status(response.status()) => {
+                Err(AttemptError::Status {
+                    response,
+                    retryable,
+                })
+            }
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if is_body_too_large(&e) => Err(AttemptError::BodyTooLarge),
+            Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(e)),
+            Ok(Err(error)) => Err(AttemptError::Request { error, retryable }),
+        };
+        self.record_outcome(upstream, endpoint, &result);
+        result
     }
 
-    /// The client's answer to a call that ended in an error.
+    /// Counts an attempt for outlier detection and reports any ejection.
+    fn record_outcome(
+        &self,
+        upstream: &Upstream,
+        endpoint: &EndpointState,
+        result: &Result<Response<Incoming>, AttemptError>,
+    ) {
+        let failed = match result {
+            Ok(response) => response.status().is_server_error(),
+            Err(AttemptError::Status { response, .. }) => response.status().is_server_error(),
+            Err(AttemptError::BodyTooLarge | AttemptError::BodyGone | AttemptError::NoEndpoint) => {
+                return
+            }
+            Err(_) => true,
+        };
+        let Some(ejection) = upstream.record(endpoint, failed) else {
+            return;
+        };
+        tracing::warn!(
+            upstream = upstream.name(),
+            endpoint = %endpoint.label,
+            seconds = ejection.duration.as_secs_f64(),
+            "endpoint ejected by outlier detection"
+        );
+        self.metrics.ejection(upstream.name(), &endpoint.label);
+        self.events.send(Event::Ejected {
+            upstream: upstream.name().to_owned(),
+            endpoint: endpoint.label.clone(),
+            seconds: ejection.duration.as_secs_f64(),
+            timestamp: tidegate_client::clock::now_rfc3339(),
+        });
+    }
+
+    /// The client's answer to a call that ended in an error: the
+    /// upstream's own answer when it gave one, else a JSON error.
     fn failed(
         &self,
         upstream: &Upstream,
         err: Error<AttemptError>,
-        in_flight: InFlight,
-    ) -> Result<Response<ProxyBody>, Reply> {
+    ) -> Result<Response<Incoming>, Reply> {
         let name = upstream.name();
         let reject = |reason: &'static str, status: StatusCode, text: &str| {
             upstream.rejections.fetch_add(1, Ordering::Relaxed);
@@ -424,7 +730,12 @@ impl Gateway {
                 .last_error()
                 .is_some_and(|l| l.is_timeout() || l.is_deadline_exceeded());
         match err.into_inner() {
-            Some(AttemptError::Status { response, .. }) => Ok(downstream(in_flight, response)),
+            Some(AttemptError::Status { response, .. }) => Ok(response),
+            Some(AttemptError::NoEndpoint) => Err(Reply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy endpoint",
+            )
+            .service(name)),
             Some(AttemptError::Connect(e)) => {
                 tracing::warn!(upstream = name, error = %AttemptError::Connect(e), "upstream unreachable");
                 Err(Reply::new(StatusCode::BAD_GATEWAY, "upstream unreachable").service(name))
@@ -452,6 +763,45 @@ impl Gateway {
     }
 }
 
+/// What every upstream call of one request shares.
+struct Call<'a> {
+    upstream_client: &'a UpstreamClient,
+    template: &'a Template,
+    idempotent: bool,
+}
+
+/// The upstream of a target: the only one, or one of a split by weight.
+fn pick_target(target: &Target) -> usize {
+    match target {
+        Target::Upstream(index) => *index,
+        Target::Split(shares) => {
+            let total: u64 = shares.iter().map(|&(_, w)| u64::from(w)).sum();
+            let mut point = rng::below(total);
+            for &(index, weight) in shares {
+                match point.checked_sub(u64::from(weight)) {
+                    Some(rest) => point = rest,
+                    None => return index,
+                }
+            }
+            shares[shares.len() - 1].0
+        }
+    }
+}
+
+/// Adds the `X-RateLimit-*` headers of the tightest limit passed.
+fn with_limits(
+    mut response: Response<ProxyBody>,
+    decision: Option<&tidegate_resilience::ratelimit::Decision>,
+) -> Response<ProxyBody> {
+    if let Some(decision) = decision {
+        // The gateway's limit replaces any the upstream reported.
+        for (name, value) in edge::headers(decision) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
 /// The upstream's response on its way to the client: hop-by-hop headers
 /// out, body streamed, the upstream's in-flight count held until it ends.
 fn downstream(in_flight: InFlight, response: Response<Incoming>) -> Response<ProxyBody> {
@@ -465,11 +815,14 @@ fn downstream(in_flight: InFlight, response: Response<Incoming>) -> Response<Pro
     Response::from_parts(parts, body.boxed())
 }
 
+/// What the access log and metrics say of a request.
 #[derive(Debug)]
-struct Access<'a> {
-    route: &'a Arc<String>,
-    upstream: &'a Arc<String>,
+struct Access {
+    route: Arc<String>,
+    upstream: Arc<String>,
     attempts: u32,
+    key_id: Option<String>,
+    fallback: Option<&'static str>,
 }
 
 /// The upstream request head of one attempt.
@@ -514,20 +867,27 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
     });
 }
 
-/// Counts a request in its upstream's `in_flight` until dropped.
+/// Counts a request in its upstream's `in_flight`, and holds its API
+/// key's concurrency slot, until dropped.
 #[derive(Debug)]
-struct InFlight(Arc<Upstream>);
+struct InFlight {
+    upstream: Arc<Upstream>,
+    _slot: Option<Slot>,
+}
 
 impl InFlight {
-    fn new(upstream: &Arc<Upstream>) -> Self {
+    fn new(upstream: &Arc<Upstream>, slot: Option<Slot>) -> Self {
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(upstream.clone())
+        InFlight {
+            upstream: upstream.clone(),
+            _slot: slot,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -564,6 +924,7 @@ pub struct Reply {
     message: String,
     service: Option<String>,
     retry_after: Option<Duration>,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl Reply {
@@ -574,6 +935,7 @@ impl Reply {
             message: message.into(),
             service: None,
             retry_after: None,
+            headers: Vec::new(),
         }
     }
 
@@ -597,16 +959,19 @@ impl Reply {
         });
         let mut response = Response::new(body::full(json.to_string()));
         *response.status_mut() = self.status;
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
         if let Some(after) = self.retry_after {
-            // Whole seconds, rounded up, at least 1.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            // At least 1: `Retry-After: 0` invites a retry storm.
+            let secs = edge::whole_seconds(after).max(1);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

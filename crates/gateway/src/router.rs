@@ -6,14 +6,17 @@ use std::sync::Arc;
 use http::request::Parts;
 
 use crate::config::RouteConfig;
+use crate::fallback::StaleCache;
 
-/// A route and its name as a shared metric label.
+/// A route, its name as a shared metric label, and its run-time state.
 #[derive(Debug)]
 pub struct Route {
     /// The route as configured.
     pub config: RouteConfig,
     /// `config.name`, shared so metrics need no copy per request.
     pub label: Arc<String>,
+    /// Its last good answers, when its fallback is `stale`.
+    pub stale: Option<Arc<StaleCache>>,
 }
 
 /// Routes in matching order.
@@ -23,8 +26,12 @@ pub struct Router {
 }
 
 impl Router {
-    /// Orders `routes` for matching.
-    pub fn new(mut routes: Vec<RouteConfig>) -> Self {
+    /// Orders `routes` for matching; `stale` gives each route its cache of
+    /// last good answers, if it has one.
+    pub fn new(
+        mut routes: Vec<RouteConfig>,
+        mut stale: impl FnMut(&RouteConfig) -> Option<Arc<StaleCache>>,
+    ) -> Self {
         // A stable sort keeps file order among equals.
         routes.sort_by_key(|r| {
             let conditions = usize::from(!r.methods.is_empty()) + r.headers.len();
@@ -34,10 +41,16 @@ impl Router {
             .into_iter()
             .map(|config| Route {
                 label: Arc::new(config.name.clone()),
+                stale: stale(&config),
                 config,
             })
             .collect();
         Router { routes }
+    }
+
+    /// Every route, in matching order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// The route for a request, if any.

@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -24,7 +24,9 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::events::Event;
 use crate::framing::{FramingGuard, Upgraded};
-use crate::proxy::{Gateway, UpstreamClient};
+use crate::proxy::{Gateway, Table, UpstreamClient};
+use crate::reload::Reloader;
+use crate::upstream::Upstream;
 
 /// A gateway that is serving.
 #[derive(Debug)]
@@ -37,6 +39,37 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    upstream_tasks: Arc<Mutex<UpstreamTasks>>,
+}
+
+/// Health checks and breaker watchers, per upstream in use; an upstream's
+/// tasks end when it leaves the table.
+#[derive(Debug)]
+pub(crate) struct UpstreamTasks {
+    running: Vec<(Arc<Upstream>, JoinSet<()>)>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl UpstreamTasks {
+    /// Starts the tasks of upstreams new in `table` and ends those of
+    /// upstreams no longer in it. Runs on the caller's runtime.
+    pub(crate) fn sync(&mut self, gateway: &Arc<Gateway>, table: &Table) {
+        self.running
+            .retain(|(u, _)| table.upstreams.iter().any(|t| Arc::ptr_eq(t, u)));
+        for upstream in &table.upstreams {
+            if self.running.iter().any(|(u, _)| Arc::ptr_eq(u, upstream)) {
+                continue;
+            }
+            let mut tasks = JoinSet::new();
+            crate::health::spawn(gateway, upstream, &mut tasks);
+            tasks.spawn(watch_breaker(
+                gateway.clone(),
+                upstream.clone(),
+                self.stopped.clone(),
+            ));
+            self.running.push((upstream.clone(), tasks));
+        }
+    }
 }
 
 /// Binds both listeners and starts serving, health checks and breaker
@@ -97,15 +130,12 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
             tracing::error!(error = %e, "admin server failed");
         }
     });
-    let mut health = crate::health::spawn(&gateway);
-    let mut health_stop = stopped.clone();
-    tasks.spawn(async move {
-        until_stopped(&mut health_stop).await;
-        health.shutdown().await;
-    });
-    for index in 0..gateway.upstreams.len() {
-        tasks.spawn(watch_breaker(gateway.clone(), index, stopped.clone()));
-    }
+    let mut upstream_tasks = UpstreamTasks {
+        running: Vec::new(),
+        stopped: stopped.clone(),
+    };
+    upstream_tasks.sync(&gateway, &gateway.table());
+    let upstream_tasks = Arc::new(Mutex::new(upstream_tasks));
     tracing::info!(%addr, %admin_addr, "tidegate is serving");
     Ok(Running {
         addr,
@@ -113,14 +143,25 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
         gateway,
         stop,
         tasks,
+        upstream_tasks,
     })
 }
 
 impl Running {
+    /// A handle that applies new configs to this gateway.
+    pub fn reloader(&self) -> Reloader {
+        Reloader::new(self.gateway.clone(), self.upstream_tasks.clone())
+    }
+
     /// Stops accepting, lets in-flight requests finish within
     /// `drain_timeout`, then returns.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        self.upstream_tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .running
+            .clear();
         while self.tasks.join_next().await.is_some() {}
     }
 }
@@ -251,8 +292,11 @@ async fn serve_proxy(
 }
 
 /// Logs breaker transitions, counts them and sends them to `/events`.
-async fn watch_breaker(gateway: Arc<Gateway>, index: usize, mut stopped: watch::Receiver<bool>) {
-    let upstream = &gateway.upstreams[index];
+async fn watch_breaker(
+    gateway: Arc<Gateway>,
+    upstream: Arc<Upstream>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let Some(breaker) = upstream.pipeline.circuit_breaker() else {
         return;
     };

@@ -2,19 +2,20 @@
 //! pipeline every request to it runs through.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use hyper::body::Incoming;
 use tidegate_resilience::breaker::Outcome;
 use tidegate_resilience::config::ConfigError;
 use tidegate_resilience::retry::RetryAction;
-use tidegate_resilience::{Error, Pipeline};
+use tidegate_resilience::{rng, Error, Pipeline};
+use tokio::time::Instant;
 
 use tidegate_client::headers::retry_after;
 
-use crate::config::{Endpoint, UpstreamConfig};
+use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
 
 /// Why one attempt failed. `retryable` is decided by the attempt, which
 /// knows the method, whether the body can be sent again and whether the
@@ -46,6 +47,8 @@ pub enum AttemptError {
     BodyTooLarge,
     /// A streamed body went with an attempt that failed; it cannot be sent again.
     BodyGone,
+    /// Every endpoint is unhealthy or ejected.
+    NoEndpoint,
 }
 
 impl std::fmt::Display for AttemptError {
@@ -61,6 +64,7 @@ impl std::fmt::Display for AttemptError {
             }
             AttemptError::BodyTooLarge => f.write_str("request body too large"),
             AttemptError::BodyGone => f.write_str("request body already sent"),
+            AttemptError::NoEndpoint => f.write_str("no healthy endpoint"),
         }
     }
 }
@@ -91,12 +95,31 @@ pub struct EndpointState {
     healthy: AtomicBool,
     /// Requests in flight to it.
     pub in_flight: AtomicU64,
+    /// `label` hashed, for consistent hashing.
+    hash: u64,
+    /// Errors in a row, for outlier detection.
+    errors: AtomicU32,
+    /// End of its latest ejection, in nanoseconds since the upstream's
+    /// origin; 0 if never ejected.
+    ejected_until: AtomicU64,
+    /// Ejections so far; multiplies the next ejection's length.
+    ejections: AtomicU32,
 }
 
 impl EndpointState {
-    /// Whether it gets traffic.
+    /// Whether its health checks pass (ejection aside).
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether it may be chosen at `now` (nanoseconds since the origin):
+    /// healthy and not ejected.
+    fn is_available(&self, now: &mut Now<'_>) -> bool {
+        if !self.is_healthy() {
+            return false;
+        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until == 0 || now.get() >= until
     }
 
     /// Marks it; returns whether that changed anything.
@@ -123,6 +146,33 @@ pub struct Upstream {
     pub in_flight: AtomicU64,
     /// Local rejections since start.
     pub rejections: AtomicU32,
+    /// The time base of ejections.
+    origin: Instant,
+    /// Serialises ejection decisions, so the percentage holds.
+    ejecting: Mutex<()>,
+}
+
+/// The current time in nanoseconds since an upstream's origin, read once
+/// and only if needed.
+struct Now<'a> {
+    origin: &'a Instant,
+    nanos: Option<u64>,
+}
+
+impl Now<'_> {
+    fn get(&mut self) -> u64 {
+        let origin = self.origin;
+        *self.nanos.get_or_insert_with(|| nanos(origin.elapsed()))
+    }
+}
+
+/// An endpoint was ejected by outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Its index in [`Upstream::endpoints`].
+    pub endpoint: usize,
+    /// For how long.
+    pub duration: Duration,
 }
 
 impl Upstream {
@@ -137,11 +187,18 @@ impl Upstream {
         let endpoints = config
             .endpoints
             .iter()
-            .map(|e| EndpointState {
-                label: e.to_string(),
-                endpoint: e.clone(),
-                healthy: AtomicBool::new(true),
-                in_flight: AtomicU64::new(0),
+            .map(|e| {
+                let label = e.to_string();
+                EndpointState {
+                    hash: fnv1a(label.as_bytes()),
+                    label,
+                    endpoint: e.clone(),
+                    healthy: AtomicBool::new(true),
+                    in_flight: AtomicU64::new(0),
+                    errors: AtomicU32::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    ejections: AtomicU32::new(0),
+                }
             })
             .collect();
         Ok(Arc::new(Upstream {
@@ -153,6 +210,8 @@ impl Upstream {
             pipeline,
             in_flight: AtomicU64::new(0),
             rejections: AtomicU32::new(0),
+            origin: Instant::now(),
+            ejecting: Mutex::new(()),
         }))
     }
 
@@ -161,19 +220,164 @@ impl Upstream {
         &self.config.name
     }
 
-    /// The next healthy endpoint in round-robin order, if any is healthy.
-    pub fn pick(&self) -> Option<&EndpointState> {
+    fn now(&self) -> Now<'_> {
+        Now {
+            origin: &self.origin,
+            nanos: None,
+        }
+    }
+
+    /// The endpoint for a request with `headers`, by the upstream's load
+    /// balancing, among those healthy and not ejected.
+    pub fn pick(&self, headers: &HeaderMap) -> Option<&EndpointState> {
+        let mut now = self.now();
+        match self.config.load_balancing {
+            LoadBalancing::RoundRobin => self.round_robin(&mut now),
+            LoadBalancing::LeastRequest => self.least_request(&mut now),
+            LoadBalancing::ConsistentHash => {
+                match self
+                    .config
+                    .hash_header
+                    .as_ref()
+                    .and_then(|h| headers.get(h))
+                {
+                    Some(value) => self.rendezvous(fnv1a(value.as_bytes()), &mut now),
+                    None => self.round_robin(&mut now),
+                }
+            }
+        }
+    }
+
+    fn round_robin(&self, now: &mut Now<'_>) -> Option<&EndpointState> {
         let n = self.endpoints.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| &self.endpoints[(start + i) % n])
-            .find(|e| e.is_healthy())
+            .find(|e| e.is_available(now))
     }
 
-    /// Whether any endpoint is healthy.
-    pub fn has_healthy_endpoint(&self) -> bool {
-        self.endpoints.iter().any(EndpointState::is_healthy)
+    /// Power of two choices: the less busy of two distinct random endpoints.
+    fn least_request(&self, now: &mut Now<'_>) -> Option<&EndpointState> {
+        let n = self.endpoints.len() as u64;
+        if n < 2 {
+            return self.round_robin(now);
+        }
+        let a = rng::below(n);
+        let b = (a + 1 + rng::below(n - 1)) % n;
+        let (a, b) = (&self.endpoints[a as usize], &self.endpoints[b as usize]);
+        match (a.is_available(now), b.is_available(now)) {
+            (true, true) => {
+                let load = |e: &EndpointState| e.in_flight.load(Ordering::Relaxed);
+                Some(if load(b) < load(a) { b } else { a })
+            }
+            (true, false) => Some(a),
+            (false, true) => Some(b),
+            (false, false) => self.round_robin(now),
+        }
     }
+
+    /// Rendezvous hashing: the available endpoint that scores highest for `key`.
+    fn rendezvous(&self, key: u64, now: &mut Now<'_>) -> Option<&EndpointState> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.is_available(now))
+            .max_by_key(|e| mix(key ^ e.hash))
+    }
+
+    /// Whether any endpoint can be chosen.
+    pub fn has_available_endpoint(&self) -> bool {
+        let mut now = self.now();
+        self.endpoints.iter().any(|e| e.is_available(&mut now))
+    }
+
+    /// Whether endpoint `index` is ejected now.
+    pub fn is_ejected(&self, index: usize) -> bool {
+        let until = self.endpoints[index].ejected_until.load(Ordering::Relaxed);
+        until != 0 && self.now().get() < until
+    }
+
+    /// Counts an attempt's result on its endpoint for outlier detection:
+    /// `failed` for a 5xx answer or a failed exchange. Returns the ejection
+    /// it caused, if any.
+    pub fn record(&self, endpoint: &EndpointState, failed: bool) -> Option<Ejection> {
+        let detection = self.config.outlier_detection.as_ref()?;
+        if !failed {
+            if endpoint.errors.load(Ordering::Relaxed) != 0 {
+                endpoint.errors.store(0, Ordering::Relaxed);
+            }
+            return None;
+        }
+        let errors = endpoint.errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if errors < detection.consecutive_errors {
+            return None;
+        }
+        self.eject(endpoint, detection)
+    }
+
+    fn eject(&self, endpoint: &EndpointState, detection: &OutlierDetection) -> Option<Ejection> {
+        let _serial = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now = self.now();
+        let now = now.get();
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| {
+                let until = e.ejected_until.load(Ordering::Relaxed);
+                until != 0 && now < until
+            })
+            .count();
+        let n = self.endpoints.len();
+        let allowed = if detection.max_ejection_percent == 0 || n < 2 {
+            0
+        } else {
+            (n * detection.max_ejection_percent as usize / 100).clamp(1, n - 1)
+        };
+        let previous = endpoint.ejected_until.load(Ordering::Relaxed);
+        if ejected >= allowed || (previous != 0 && now < previous) {
+            return None;
+        }
+        endpoint.errors.store(0, Ordering::Relaxed);
+        // Back and well for a whole max_ejection_time: start over.
+        if previous != 0 && now - previous > nanos(detection.max_ejection_time) {
+            endpoint.ejections.store(0, Ordering::Relaxed);
+        }
+        let times = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let duration = detection
+            .base_ejection_time
+            .saturating_mul(times)
+            .min(detection.max_ejection_time);
+        endpoint.ejected_until.store(
+            now.saturating_add(nanos(duration)).max(1),
+            Ordering::Relaxed,
+        );
+        let index = self
+            .endpoints
+            .iter()
+            .position(|e| std::ptr::eq(e, endpoint))
+            .expect("the endpoint is one of ours");
+        Some(Ejection {
+            endpoint: index,
+            duration,
+        })
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// FNV-1a: a fixed hash, so every gateway replica maps a key the same way.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finaliser: spreads a combined key over all 64 bits.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// How a result counts for the breaker: 5xx and failed exchanges are
@@ -187,7 +391,9 @@ fn classify(result: &Result<Response<Incoming>, AttemptError>) -> Outcome {
         {
             Outcome::Ignore
         }
-        Err(AttemptError::BodyTooLarge | AttemptError::BodyGone) => Outcome::Ignore,
+        Err(AttemptError::BodyTooLarge | AttemptError::BodyGone | AttemptError::NoEndpoint) => {
+            Outcome::Ignore
+        }
         Err(_) => Outcome::Failure,
     }
 }

@@ -38,7 +38,7 @@ pub mod fallback;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod retry;
-mod rng;
+pub mod rng;
 mod rolling;
 pub mod throttle;
 pub mod timeout;

@@ -20,13 +20,21 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderName, HeaderValue, Method, Uri};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde::Deserialize;
 use tidegate_client::config::file::{KeyPath, Source};
 use tidegate_client::config::{check_name, BaseUrl};
 use tidegate_resilience::config::{duration, PolicyConfig};
 
 pub use tidegate_client::config::ConfigError;
+
+mod edge;
+
+use self::edge::{parse_sha256, RawApiKey, RawFallback, RawRateLimit, RawRouteLimit, RawSplit};
+pub use self::edge::{
+    ApiKey, Fallback, Fault, LimitKey, LoadBalancing, OutlierDetection, RateLimitSettings,
+    RouteLimit, Tier,
+};
 
 /// The whole config, validated.
 #[derive(Debug, Clone)]
@@ -37,6 +45,10 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Routes, in file order.
     pub routes: Vec<RouteConfig>,
+    /// `[rate_limit]`: tiers and limiter settings.
+    pub rate_limit: RateLimitSettings,
+    /// `[[api_keys]]`.
+    pub api_keys: Vec<ApiKey>,
 }
 
 /// `[gateway]`: listeners and request limits.
@@ -82,15 +94,6 @@ impl Default for GatewaySettings {
             internal_token_env: None,
         }
     }
-}
-
-/// How an upstream's endpoints share its traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoadBalancing {
-    /// Each healthy endpoint in turn.
-    #[default]
-    RoundRobin,
 }
 
 /// `[upstreams.health_check]`: active checks of every endpoint.
@@ -148,7 +151,7 @@ impl fmt::Display for Endpoint {
 }
 
 /// `[[upstreams]]`: a service and its policies.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Unique name (in metrics, status and errors).
     pub name: String,
@@ -156,6 +159,10 @@ pub struct UpstreamConfig {
     pub endpoints: Vec<Endpoint>,
     /// How endpoints are chosen.
     pub load_balancing: LoadBalancing,
+    /// The header `consistent_hash` hashes.
+    pub hash_header: Option<HeaderName>,
+    /// Passive ejection of failing endpoints, if configured.
+    pub outlier_detection: Option<OutlierDetection>,
     /// Active health checks, if configured.
     pub health_check: Option<HealthCheckConfig>,
     /// `[defaults.policy]` with this upstream's overrides.
@@ -175,10 +182,30 @@ pub struct RouteConfig {
     pub methods: Vec<Method>,
     /// Only requests carrying these exact header values match.
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Index into [`Config::upstreams`].
-    pub upstream: usize,
+    /// Where matching requests go.
+    pub target: Target,
     /// Overrides `gateway.max_body_bytes`.
     pub max_body_bytes: Option<u64>,
+    /// A rate limit per client, API key or header value.
+    pub rate_limit: Option<RouteLimit>,
+    /// Only requests with a valid API key pass (401 otherwise).
+    pub require_api_key: bool,
+    /// Only API keys of these tiers pass (403 otherwise); indexes into
+    /// [`RateLimitSettings::tiers`]. Implies `require_api_key`.
+    pub tiers: Vec<usize>,
+    /// What to answer when the upstream is down.
+    pub fallback: Option<Fallback>,
+    /// Injected delays and aborts.
+    pub fault: Option<Fault>,
+}
+
+/// A route's upstream, or its weighted split between upstreams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Index into [`Config::upstreams`].
+    Upstream(usize),
+    /// (upstream index, weight) pairs; weights sum to more than 0.
+    Split(Vec<(usize, u32)>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +219,10 @@ struct RawConfig {
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    rate_limit: RawRateLimit,
+    #[serde(default)]
+    api_keys: Vec<RawApiKey>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,6 +239,8 @@ struct RawUpstream {
     endpoints: Vec<String>,
     #[serde(default)]
     load_balancing: LoadBalancing,
+    hash_header: Option<String>,
+    outlier_detection: Option<OutlierDetection>,
     health_check: Option<HealthCheckConfig>,
     #[serde(default)]
     policy: PolicyConfig,
@@ -224,8 +257,16 @@ struct RawRoute {
     methods: Vec<String>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
-    upstream: String,
+    upstream: Option<String>,
+    split: Option<Vec<RawSplit>>,
     max_body_bytes: Option<u64>,
+    rate_limit: Option<RawRouteLimit>,
+    #[serde(default)]
+    require_api_key: bool,
+    #[serde(default)]
+    tiers: Vec<String>,
+    fallback: Option<RawFallback>,
+    fault: Option<Fault>,
 }
 
 /// Reads and validates the config at `path`, with overrides from the
@@ -340,14 +381,42 @@ impl Locator<'_> {
             u.policy
                 .validate()
                 .map_err(|e| self.error(&at.clone().key("policy").dotted(e.field()), e.reason()))?;
+            if let Some((key, reason)) = u.outlier_detection.as_ref().and_then(|o| o.problem()) {
+                return Err(self.error(&at.key("outlier_detection").key(key), reason));
+            }
+            let hash_header = match &u.hash_header {
+                Some(name) => Some(HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    self.error(&at.clone().key("hash_header"), "not a valid header name")
+                })?),
+                None => None,
+            };
+            match (u.load_balancing, &hash_header) {
+                (LoadBalancing::ConsistentHash, None) => {
+                    return Err(self.error(
+                        &at.key("hash_header"),
+                        "consistent_hash needs the header to hash",
+                    ))
+                }
+                (LoadBalancing::ConsistentHash, Some(_)) | (_, None) => {}
+                (_, Some(_)) => {
+                    return Err(self.error(
+                        &at.key("hash_header"),
+                        "only used with load_balancing = \"consistent_hash\"",
+                    ))
+                }
+            }
             upstreams.push(UpstreamConfig {
                 name: u.name,
                 endpoints,
                 load_balancing: u.load_balancing,
+                hash_header,
+                outlier_detection: u.outlier_detection,
                 health_check: u.health_check,
                 policy: u.policy,
             });
         }
+        let rate_limit = self.rate_limit(raw.rate_limit)?;
+        let api_keys = self.api_keys(raw.api_keys, &rate_limit.tiers)?;
 
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(raw.routes.len());
@@ -366,11 +435,45 @@ impl Locator<'_> {
             {
                 return Err(self.error(&at.key("path_prefix"), "must be a path starting with `/`"));
             }
-            let Some(upstream) = upstreams.iter().position(|u| u.name == r.upstream) else {
-                return Err(self.error(
-                    &at.key("upstream"),
-                    format!("no upstream named `{}`", r.upstream),
-                ));
+            let find = |name: &str, key: &KeyPath| {
+                upstreams
+                    .iter()
+                    .position(|u| u.name == name)
+                    .ok_or_else(|| self.error(key, format!("no upstream named `{name}`")))
+            };
+            let target = match (&r.upstream, &r.split) {
+                (Some(name), None) => Target::Upstream(find(name, &at.clone().key("upstream"))?),
+                (None, Some(split)) => {
+                    let mut shares = Vec::with_capacity(split.len());
+                    for (j, share) in split.iter().enumerate() {
+                        let key = at.clone().key("split").index(j);
+                        let index = find(&share.upstream, &key.clone().key("upstream"))?;
+                        if shares.iter().any(|&(u, _)| u == index) {
+                            return Err(self.error(
+                                &key.key("upstream"),
+                                format!("`{}` is already in the split", share.upstream),
+                            ));
+                        }
+                        shares.push((index, share.weight));
+                    }
+                    if shares.iter().map(|&(_, w)| u64::from(w)).sum::<u64>() == 0 {
+                        return Err(
+                            self.error(&at.key("split"), "needs a share with weight above 0")
+                        );
+                    }
+                    Target::Split(shares)
+                }
+                (Some(_), Some(_)) => {
+                    return Err(self.error(
+                        &at.key("split"),
+                        "a route has `upstream` or `split`, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(
+                        self.error(&at.key("upstream"), "a route needs `upstream` or `split`")
+                    )
+                }
             };
             let mut methods = Vec::with_capacity(r.methods.len());
             for (j, m) in r.methods.iter().enumerate() {
@@ -392,20 +495,215 @@ impl Locator<'_> {
                     .map_err(|_| self.error(&key, "not a valid header value"))?;
                 headers.push((name, value));
             }
+            let route_limit = match r.rate_limit {
+                Some(raw) => Some(self.route_limit(raw, &at.clone().key("rate_limit"))?),
+                None => None,
+            };
+            let mut tiers = Vec::with_capacity(r.tiers.len());
+            for (j, name) in r.tiers.iter().enumerate() {
+                let tier = rate_limit
+                    .tiers
+                    .iter()
+                    .position(|t| t.name == *name)
+                    .ok_or_else(|| {
+                        self.error(
+                            &at.clone().key("tiers").index(j),
+                            format!("no tier named `{name}`"),
+                        )
+                    })?;
+                tiers.push(tier);
+            }
+            let fallback = match r.fallback {
+                Some(raw) => {
+                    Some(self.fallback(raw, &upstreams, &target, &at.clone().key("fallback"))?)
+                }
+                None => None,
+            };
+            if let Some((key, reason)) = r.fault.as_ref().and_then(Fault::problem) {
+                return Err(self.error(&at.key("fault").key(key), reason));
+            }
             routes.push(RouteConfig {
                 name: r.name,
                 path_prefix: r.path_prefix,
                 strip_prefix: r.strip_prefix,
                 methods,
                 headers,
-                upstream,
+                target,
                 max_body_bytes: r.max_body_bytes,
+                rate_limit: route_limit,
+                require_api_key: r.require_api_key || !tiers.is_empty(),
+                tiers,
+                fallback,
+                fault: r.fault,
             });
         }
         Ok(Config {
             gateway,
             upstreams,
             routes,
+            rate_limit,
+            api_keys,
+        })
+    }
+
+    fn rate_limit(&self, raw: RawRateLimit) -> Result<RateLimitSettings, ConfigError> {
+        let at = KeyPath::default().key("rate_limit");
+        if raw.max_keys == 0 {
+            return Err(self.error(&at.key("max_keys"), "must be at least 1"));
+        }
+        let mut names = HashSet::new();
+        for (i, tier) in raw.tiers.iter().enumerate() {
+            let t = at.clone().key("tiers").index(i);
+            check_name(&tier.name).map_err(|r| self.error(&t.clone().key("name"), r))?;
+            if !names.insert(tier.name.as_str()) {
+                return Err(self.error(
+                    &t.key("name"),
+                    format!("duplicate tier name `{}`", tier.name),
+                ));
+            }
+            for (key, value) in [
+                ("requests_per_minute", tier.requests_per_minute),
+                ("requests_per_hour", tier.requests_per_hour),
+                ("concurrent_requests", tier.concurrent_requests),
+            ] {
+                if value == Some(0) {
+                    return Err(self.error(&t.key(key), "must be at least 1"));
+                }
+            }
+        }
+        Ok(RateLimitSettings {
+            algorithm: raw.algorithm,
+            max_keys: raw.max_keys,
+            tiers: raw.tiers,
+        })
+    }
+
+    fn api_keys(&self, raw: Vec<RawApiKey>, tiers: &[Tier]) -> Result<Vec<ApiKey>, ConfigError> {
+        let mut keys: Vec<ApiKey> = Vec::with_capacity(raw.len());
+        for (i, k) in raw.into_iter().enumerate() {
+            let at = KeyPath::default().key("api_keys").index(i);
+            check_name(&k.id).map_err(|r| self.error(&at.clone().key("id"), r))?;
+            if keys.iter().any(|other| other.id == k.id) {
+                return Err(self.error(&at.key("id"), format!("duplicate API key id `{}`", k.id)));
+            }
+            let sha256 = parse_sha256(&k.key_sha256).ok_or_else(|| {
+                self.error(
+                    &at.clone().key("key_sha256"),
+                    "must be the key's SHA-256 as 64 hex digits (sha256sum prints it)",
+                )
+            })?;
+            if keys.iter().any(|other| other.sha256 == sha256) {
+                return Err(self.error(&at.key("key_sha256"), "the same key is listed twice"));
+            }
+            let tier = match &k.tier {
+                Some(name) => {
+                    Some(tiers.iter().position(|t| t.name == *name).ok_or_else(|| {
+                        self.error(&at.clone().key("tier"), format!("no tier named `{name}`"))
+                    })?)
+                }
+                None => None,
+            };
+            keys.push(ApiKey {
+                id: k.id,
+                sha256,
+                tier,
+            });
+        }
+        Ok(keys)
+    }
+
+    fn route_limit(&self, raw: RawRouteLimit, at: &KeyPath) -> Result<RouteLimit, ConfigError> {
+        let quota = tidegate_resilience::ratelimit::Quota {
+            limit: raw.limit,
+            period: raw.per,
+            burst: raw.burst,
+        };
+        quota
+            .validate()
+            .map_err(|e| self.error(&at.clone().dotted(e.field()), e.reason()))?;
+        let key =
+            edge::LimitKey::parse(&raw.key).map_err(|r| self.error(&at.clone().key("key"), r))?;
+        Ok(RouteLimit {
+            limit: tidegate_resilience::ratelimit::Limit::new(raw.algorithm, quota),
+            key,
+        })
+    }
+
+    fn fallback(
+        &self,
+        raw: RawFallback,
+        upstreams: &[UpstreamConfig],
+        target: &Target,
+        at: &KeyPath,
+    ) -> Result<Fallback, ConfigError> {
+        Ok(match raw {
+            RawFallback::Static {
+                status,
+                content_type,
+                body,
+            } => {
+                let status = StatusCode::from_u16(status)
+                    .ok()
+                    .filter(|s| (200..=599).contains(&s.as_u16()))
+                    .ok_or_else(|| {
+                        self.error(
+                            &at.clone().key("status"),
+                            "must be a status from 200 to 599",
+                        )
+                    })?;
+                HeaderValue::from_str(&content_type).map_err(|_| {
+                    self.error(&at.clone().key("content_type"), "not a valid header value")
+                })?;
+                Fallback::Static {
+                    status,
+                    content_type,
+                    body: body.into(),
+                }
+            }
+            RawFallback::Upstream { upstream } => {
+                let index = upstreams
+                    .iter()
+                    .position(|u| u.name == upstream)
+                    .ok_or_else(|| {
+                        self.error(
+                            &at.clone().key("upstream"),
+                            format!("no upstream named `{upstream}`"),
+                        )
+                    })?;
+                let own = match target {
+                    Target::Upstream(u) => *u == index,
+                    Target::Split(shares) => shares.iter().any(|&(u, _)| u == index),
+                };
+                if own {
+                    return Err(self.error(
+                        &at.clone().key("upstream"),
+                        "the fallback must be another upstream than the route's own",
+                    ));
+                }
+                Fallback::Upstream(index)
+            }
+            RawFallback::Stale {
+                max_age,
+                max_entries,
+                max_entry_bytes,
+            } => {
+                if max_age.is_zero() {
+                    return Err(self.error(&at.clone().key("max_age"), "must be greater than 0"));
+                }
+                if max_entries == 0 {
+                    return Err(self.error(&at.clone().key("max_entries"), "must be at least 1"));
+                }
+                if max_entry_bytes == 0 {
+                    return Err(
+                        self.error(&at.clone().key("max_entry_bytes"), "must be at least 1")
+                    );
+                }
+                Fallback::Stale {
+                    max_age,
+                    max_entries,
+                    max_entry_bytes,
+                }
+            }
         })
     }
 }

@@ -1,0 +1,356 @@
+//! Edge policy: API keys, tiers and route rate limits.
+//!
+//! A client presents its key in `X-API-Key` or as `Authorization: Bearer`.
+//! The key's SHA-256 is compared, in constant time, with every configured
+//! hash; the key itself is never stored, logged or sent upstream. A request
+//! with a valid key counts against its tier's per-minute, per-hour and
+//! concurrent limits; a route's own limit counts by client address, API key
+//! or header value. Counts live in one [`LocalStore`] shared by every
+//! route and kept across config reloads.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use tidegate_resilience::ratelimit::{Decision, KeyedConfig, Limit, LocalStore, Quota};
+
+use crate::config::{ApiKey, LimitKey, RateLimitSettings, RouteConfig, Tier};
+
+/// `X-API-Key`.
+pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The id of the client's API key, sent upstream.
+pub static API_KEY_ID: HeaderName = HeaderName::from_static("x-tidegate-api-key-id");
+/// The tier of the client's API key, sent upstream.
+pub static TIER: HeaderName = HeaderName::from_static("x-tidegate-tier");
+/// `X-RateLimit-Limit`.
+pub static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// `X-RateLimit-Remaining`.
+pub static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// `X-RateLimit-Reset`: seconds until the quota is whole again.
+pub static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Counts kept across reloads: limiter state per key and in-flight
+/// requests per API key.
+#[derive(Debug)]
+pub struct Counters {
+    store: LocalStore,
+    in_flight: Mutex<HashMap<String, u32>>,
+}
+
+impl Counters {
+    /// Empty counts for at most `max_keys` keys.
+    pub fn new(max_keys: usize) -> Arc<Self> {
+        Arc::new(Counters {
+            store: LocalStore::new(KeyedConfig {
+                max_keys,
+                ..KeyedConfig::default()
+            }),
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Keys held by the limiter store.
+    pub fn keys(&self) -> usize {
+        self.store.len()
+    }
+}
+
+/// A tier's limits, ready to check.
+#[derive(Debug)]
+struct TierLimits {
+    name: String,
+    header: HeaderValue,
+    windows: Vec<(&'static str, Limit)>,
+    concurrent: Option<u32>,
+}
+
+/// The API keys and tiers of one config.
+#[derive(Debug)]
+pub struct Edge {
+    keys: Vec<ApiKey>,
+    tiers: Vec<TierLimits>,
+    counters: Arc<Counters>,
+}
+
+/// Who the client is, by its API key.
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    /// It presented no key.
+    Anonymous,
+    /// It presented a key that is not configured.
+    Unknown,
+    /// It presented this key, from the header named.
+    Valid(&'a ApiKey, &'static str),
+}
+
+/// Why the edge refused a request.
+#[derive(Debug)]
+pub enum Refusal {
+    /// No valid key where one is needed (401).
+    Unauthenticated(&'static str),
+    /// A valid key of a tier the route does not admit (403).
+    Forbidden,
+    /// Over a limit (429), with the decision for the headers.
+    Limited(Decision, &'static str),
+}
+
+/// A request's admission: the tightest limit it passed, for the response
+/// headers, and its concurrency slot.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// The decision with the fewest requests remaining, if any limit applied.
+    pub decision: Option<Decision>,
+    /// Held until the response ends.
+    pub slot: Option<Slot>,
+}
+
+/// One in-flight request of an API key; released on drop.
+#[derive(Debug)]
+pub struct Slot {
+    counters: Arc<Counters>,
+    key: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self
+            .counters
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Edge {
+    /// The keys and tiers of a config, counting in `counters`.
+    pub fn new(keys: Vec<ApiKey>, settings: &RateLimitSettings, counters: Arc<Counters>) -> Self {
+        let tiers = settings
+            .tiers
+            .iter()
+            .map(|t| tier_limits(t, settings))
+            .collect();
+        Edge {
+            keys,
+            tiers,
+            counters,
+        }
+    }
+
+    /// Whether any API key is configured.
+    pub fn has_keys(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// The key the request presents, checked.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Credential<'_> {
+        let (presented, from) = match headers.get(&API_KEY) {
+            Some(v) => (v.as_bytes(), "x-api-key"),
+            None => match headers.get(header::AUTHORIZATION).and_then(bearer) {
+                Some(token) => (token, "authorization"),
+                None => return Credential::Anonymous,
+            },
+        };
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        // Every key is compared, whatever matches, so timing tells nothing.
+        let mut found = None;
+        for key in &self.keys {
+            if constant_time_eq(&digest, &key.sha256) {
+                found = Some(key);
+            }
+        }
+        match found {
+            Some(key) => Credential::Valid(key, from),
+            None => Credential::Unknown,
+        }
+    }
+
+    /// Checks the route's key requirement and every limit that applies.
+    pub fn admit(
+        &self,
+        route: &RouteConfig,
+        credential: Credential<'_>,
+        client: IpAddr,
+        headers: &HeaderMap,
+    ) -> Result<Admission, Refusal> {
+        let key = match credential {
+            Credential::Valid(key, _) => Some(key),
+            Credential::Anonymous if route.require_api_key => {
+                return Err(Refusal::Unauthenticated("an API key is required"))
+            }
+            Credential::Unknown if route.require_api_key => {
+                return Err(Refusal::Unauthenticated("invalid API key"))
+            }
+            Credential::Anonymous | Credential::Unknown => None,
+        };
+        if !route.tiers.is_empty()
+            && !key
+                .and_then(|k| k.tier)
+                .is_some_and(|t| route.tiers.contains(&t))
+        {
+            return Err(Refusal::Forbidden);
+        }
+        let mut admission = Admission::default();
+        let tier = key.and_then(|k| Some((k, &self.tiers[k.tier?])));
+        if let Some((key, tier)) = tier {
+            for (window, limit) in &tier.windows {
+                let counted = format!("t\0{}\0{window}\0{}", tier.name, key.id);
+                admission.tighten(self.counters.store.check_now(&counted, limit, 1), "tier")?;
+            }
+        }
+        if let Some(limit) = &route.rate_limit {
+            let who = match (&limit.key, key) {
+                (LimitKey::ApiKey, Some(key)) => format!("k\0{}", key.id),
+                (LimitKey::Header(name), _) => match headers.get(name) {
+                    Some(v) => format!("h\0{}", String::from_utf8_lossy(v.as_bytes())),
+                    None => format!("i\0{client}"),
+                },
+                _ => format!("i\0{client}"),
+            };
+            let counted = format!("r\0{}\0{who}", route.name);
+            admission.tighten(
+                self.counters.store.check_now(&counted, &limit.limit, 1),
+                "route",
+            )?;
+        }
+        if let Some((key, tier)) = tier {
+            if let Some(most) = tier.concurrent {
+                admission.slot = Some(self.acquire(&key.id, most)?);
+            }
+        }
+        Ok(admission)
+    }
+
+    fn acquire(&self, id: &str, most: u32) -> Result<Slot, Refusal> {
+        let mut map = self
+            .counters
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(id.to_owned()).or_insert(0);
+        if *n >= most {
+            let decision = Decision {
+                allowed: false,
+                limit: most,
+                remaining: 0,
+                reset: Duration::ZERO,
+                retry_after: Some(Duration::from_secs(1)),
+            };
+            return Err(Refusal::Limited(decision, "concurrency"));
+        }
+        *n += 1;
+        Ok(Slot {
+            counters: self.counters.clone(),
+            key: id.to_owned(),
+        })
+    }
+
+    /// The tier name of a key, as sent upstream.
+    pub fn tier_header(&self, key: &ApiKey) -> Option<&HeaderValue> {
+        key.tier.map(|t| &self.tiers[t].header)
+    }
+}
+
+impl Admission {
+    /// Keeps the tighter of the decisions so far and `decision`; a denial
+    /// ends the admission.
+    fn tighten(&mut self, decision: Decision, which: &'static str) -> Result<(), Refusal> {
+        if !decision.allowed {
+            return Err(Refusal::Limited(decision, which));
+        }
+        let tighter = match &self.decision {
+            None => true,
+            Some(seen) => {
+                (decision.remaining, std::cmp::Reverse(decision.reset))
+                    < (seen.remaining, std::cmp::Reverse(seen.reset))
+            }
+        };
+        if tighter {
+            self.decision = Some(decision);
+        }
+        Ok(())
+    }
+}
+
+fn tier_limits(tier: &Tier, settings: &RateLimitSettings) -> TierLimits {
+    let mut windows = Vec::new();
+    if let Some(n) = tier.requests_per_minute {
+        windows.push(("m", Limit::new(settings.algorithm, Quota::per_minute(n))));
+    }
+    if let Some(n) = tier.requests_per_hour {
+        windows.push(("h", Limit::new(settings.algorithm, Quota::per_hour(n))));
+    }
+    TierLimits {
+        header: HeaderValue::from_str(&tier.name).expect("tier names are checked"),
+        name: tier.name.clone(),
+        windows,
+        concurrent: tier.concurrent_requests,
+    }
+}
+
+/// The token of `Authorization: Bearer TOKEN`.
+fn bearer(value: &HeaderValue) -> Option<&[u8]> {
+    let bytes = value.as_bytes();
+    let scheme = bytes.get(..7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| bytes[7..].trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// `X-RateLimit-Limit`, `-Remaining` and `-Reset` (whole seconds, rounded up).
+pub fn headers(decision: &Decision) -> [(HeaderName, HeaderValue); 3] {
+    [
+        (RATELIMIT_LIMIT.clone(), HeaderValue::from(decision.limit)),
+        (
+            RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(decision.remaining),
+        ),
+        (
+            RATELIMIT_RESET.clone(),
+            HeaderValue::from(whole_seconds(decision.reset)),
+        ),
+    ]
+}
+
+/// `d` in whole seconds, rounded up.
+pub fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(bearer(&v("Bearer abc")), Some(&b"abc"[..]));
+        assert_eq!(bearer(&v("bearer  abc ")), Some(&b"abc"[..]));
+        assert_eq!(bearer(&v("Basic abc")), None);
+        assert_eq!(bearer(&v("Bearer ")), None);
+    }
+
+    #[test]
+    fn compares_whole_digests() {
+        let a = [7u8; 32];
+        let mut b = a;
+        assert!(constant_time_eq(&a, &b));
+        b[31] ^= 1;
+        assert!(!constant_time_eq(&a, &b));
+    }
+}
