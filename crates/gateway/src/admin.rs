@@ -92,10 +92,12 @@ pub fn services_json(gateway: &Gateway) -> Value {
         let endpoints: Vec<Value> = u
             .endpoints
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
                 json!({
                     "url": e.label,
                     "healthy": e.is_healthy(),
+                    "ejected": u.is_ejected(i),
                     "in_flight": e.in_flight.load(Ordering::Relaxed),
                 })
             })

@@ -62,6 +62,7 @@ struct EndpointLabels {
     endpoint: String,
 }
 
+/// Labels of per-route counts of a kind (fallbacks, faults).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FallbackLabels {
     route: Arc<String>,
@@ -87,6 +88,7 @@ pub struct Metrics {
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     ejections: Family<EndpointLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
+    faults: Family<FallbackLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
 }
 
@@ -108,6 +110,7 @@ impl Default for Metrics {
         let endpoint_healthy = Family::default();
         let ejections = Family::default();
         let fallbacks = Family::default();
+        let faults = Family::default();
         let reloads = Family::default();
         registry.register("tidegate_requests", "Requests answered", requests.clone());
         registry.register(
@@ -156,6 +159,11 @@ impl Default for Metrics {
             fallbacks.clone(),
         );
         registry.register(
+            "tidegate_faults",
+            "Faults injected by a route's fault settings (delay or abort)",
+            faults.clone(),
+        );
+        registry.register(
             "tidegate_config_reloads",
             "Config reloads, applied or rejected",
             reloads.clone(),
@@ -172,6 +180,7 @@ impl Default for Metrics {
             endpoint_healthy,
             ejections,
             fallbacks,
+            faults,
             reloads,
         }
     }
@@ -263,6 +272,16 @@ impl Metrics {
     /// Counts an answer from a route's fallback.
     pub fn fallback(&self, route: &Arc<String>, kind: &'static str) {
         self.fallbacks
+            .get_or_create(&FallbackLabels {
+                route: route.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Counts an injected fault: `delay` or `abort`.
+    pub fn fault(&self, route: &Arc<String>, kind: &'static str) {
+        self.faults
             .get_or_create(&FallbackLabels {
                 route: route.clone(),
                 kind,

@@ -318,12 +318,13 @@ impl Gateway {
         if let Some(fault) = &route.config.fault {
             if let Some(delay) = fault.delay {
                 if rng::unit() * 100.0 < fault.delay_percent {
+                    self.metrics.fault(&route.label, "delay");
                     tokio::time::sleep(delay).await;
                 }
             }
             if let Some(status) = fault.abort_status {
                 if rng::unit() * 100.0 < fault.abort_percent {
-                    self.metrics.rejection(upstream.name(), "fault_abort");
+                    self.metrics.fault(&route.label, "abort");
                     let status = StatusCode::from_u16(status).expect("checked by the config");
                     return Err(Reply::new(status, "fault injected").service(upstream.name()));
                 }

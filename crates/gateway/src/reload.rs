@@ -145,26 +145,30 @@ impl Reloader {
     }
 
     /// Reloads `path` on SIGHUP and whenever its contents change (checked
-    /// every `poll`). Runs until the task is dropped.
-    pub async fn watch(self, path: PathBuf, poll: Duration) {
-        let mut seen = fingerprint(&path);
-        let mut ticks = tokio::time::interval(poll);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks.tick().await;
+    /// every `poll`), until the future is dropped. The SIGHUP handler is in
+    /// place when this returns, so a hangup from then on reloads rather
+    /// than ends the process.
+    pub fn watch(self, path: PathBuf, poll: Duration) -> impl std::future::Future<Output = ()> {
         let mut hangups = hangups();
-        loop {
-            let signalled = tokio::select! {
-                _ = ticks.tick() => false,
-                Some(()) = next_hangup(&mut hangups) => true,
-            };
-            let now = fingerprint(&path);
-            if signalled || now != seen {
-                seen = now;
-                if signalled {
-                    tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
+        let mut seen = fingerprint(&path);
+        async move {
+            let mut ticks = tokio::time::interval(poll);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                let signalled = tokio::select! {
+                    _ = ticks.tick() => false,
+                    Some(()) = next_hangup(&mut hangups) => true,
+                };
+                let now = fingerprint(&path);
+                if signalled || now != seen {
+                    seen = now;
+                    if signalled {
+                        tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
+                    }
+                    // The outcome is logged either way.
+                    let _ = self.reload_file(&path);
                 }
-                // The outcome is logged either way.
-                let _ = self.reload_file(&path);
             }
         }
     }

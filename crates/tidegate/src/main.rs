@@ -189,7 +189,14 @@ fn serve(args: &[&str]) -> anyhow::Result<ExitCode> {
         let running = server::start_with_workers(config, workers)
             .await
             .map_err(anyhow::Error::msg)?;
-        stop.await;
+        let path = option(&found, "--config").unwrap_or_default();
+        let reload = running
+            .reloader()
+            .watch(path.into(), std::time::Duration::from_secs(2));
+        tokio::select! {
+            () = stop => {}
+            () = reload => {}
+        }
         tracing::info!("shutting down: draining in-flight requests");
         running.shutdown().await;
         Ok(ExitCode::SUCCESS)

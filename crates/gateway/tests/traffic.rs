@@ -1,0 +1,315 @@
+//! Traffic management against several real upstreams on 127.0.0.1:0:
+//! weighted splits, header routing, load balancing, outlier ejection and
+//! the retry budget.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt;
+use support::{admin, gateway, url};
+use tidegate_testkit::{full, get, text, Upstream};
+use tokio::sync::Semaphore;
+
+/// An upstream that answers its own name.
+async fn named(name: &'static str) -> Upstream {
+    Upstream::start(move |_| async move { text(200, name) }).await
+}
+
+/// Sends `n` GETs of `path`, `parallel` at a time, over pooled
+/// connections; returns the answers' bodies.
+async fn bodies(
+    gw: &tidegate_gateway::server::Running,
+    path: &str,
+    n: usize,
+    header: Option<(&str, String)>,
+) -> Vec<String> {
+    let client = tidegate_testkit::client();
+    let gate = Arc::new(Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let client = client.clone();
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let mut request = Request::get(url(gw, path));
+        if let Some((name, value)) = &header {
+            request = request.header(*name, value.replace("{i}", &i.to_string()));
+        }
+        let request = request.body(full("")).unwrap();
+        tasks.spawn(async move {
+            let response = client.request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            drop(permit);
+            String::from_utf8(body.to_vec()).unwrap()
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(body) = tasks.join_next().await {
+        all.push(body.unwrap());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_split_holds_its_ratio_and_headers_pick_a_version() {
+    let (v1, v2) = (named("v1").await, named("v2").await);
+    let gw = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "kb-v1"
+endpoints = ["{}"]
+[[upstreams]]
+name = "kb-v2"
+endpoints = ["{}"]
+
+[[routes]]
+name = "canary"
+path_prefix = "/kb"
+split = [{{ upstream = "kb-v1", weight = 80 }}, {{ upstream = "kb-v2", weight = 20 }}]
+
+[[routes]]
+name = "premium"
+path_prefix = "/kb"
+headers = {{ "end-user" = "premium" }}
+upstream = "kb-v2"
+"#,
+        v1.url(),
+        v2.url()
+    ))
+    .await;
+
+    let all = bodies(&gw, "/kb/search", 10_000, None).await;
+    let to_v2 = all.iter().filter(|b| *b == "v2").count();
+    let share = to_v2 as f64 / all.len() as f64;
+    assert!(
+        (0.17..=0.23).contains(&share),
+        "v2 got {share:.4} of the traffic"
+    );
+
+    let premium = bodies(&gw, "/kb/search", 50, Some(("end-user", "premium".into()))).await;
+    assert!(premium.iter().all(|b| b == "v2"), "{premium:?}");
+    let metrics = get(&admin(&gw, "/metrics")).await.body;
+    assert!(
+        metrics.contains(r#"route="canary",upstream="kb-v2""#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn least_request_prefers_the_idle_endpoint() {
+    // `/hold` requests wait until released; the rest answer at once.
+    let release = Arc::new(Semaphore::new(0));
+    let hold = |name: &'static str, release: Arc<Semaphore>| {
+        Upstream::start(move |req| {
+            let release = release.clone();
+            async move {
+                if req.uri().path() == "/hold" {
+                    let _ = release.acquire().await.unwrap();
+                }
+                text(200, name)
+            }
+        })
+    };
+    let a = hold("a", release.clone()).await;
+    let b = hold("b", release.clone()).await;
+    let gw = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "svc"
+endpoints = ["{}", "{}"]
+load_balancing = "least_request"
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "svc"
+"#,
+        a.url(),
+        b.url()
+    ))
+    .await;
+
+    let hold_url = url(&gw, "/hold");
+    let held = tokio::spawn(async move { get(&hold_url).await });
+    let busy = loop {
+        tokio::task::yield_now().await;
+        if a.hits() + b.hits() == 1 {
+            break if a.hits() == 1 { "a" } else { "b" };
+        }
+    };
+    let mut answers = Vec::new();
+    for _ in 0..30 {
+        answers.push(get(&url(&gw, "/fast")).await.body);
+    }
+    assert!(
+        answers.iter().all(|name| name != busy),
+        "a request went to the busy endpoint {busy}: {answers:?}"
+    );
+    release.add_permits(1);
+    assert_eq!(held.await.unwrap().body, busy);
+}
+
+#[tokio::test]
+async fn consistent_hash_keeps_a_key_on_one_endpoint() {
+    let (a, b, c) = (named("a").await, named("b").await, named("c").await);
+    let gw = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "svc"
+endpoints = ["{}", "{}", "{}"]
+load_balancing = "consistent_hash"
+hash_header = "x-user"
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "svc"
+"#,
+        a.url(),
+        b.url(),
+        c.url()
+    ))
+    .await;
+
+    let same = bodies(&gw, "/", 40, Some(("x-user", "alice".into()))).await;
+    assert!(same.iter().all(|e| *e == same[0]), "{same:?}");
+    let spread = bodies(&gw, "/", 60, Some(("x-user", "user-{i}".into()))).await;
+    for name in ["a", "b", "c"] {
+        assert!(spread.iter().any(|e| e == name), "no key went to {name}");
+    }
+}
+
+#[tokio::test]
+async fn failing_endpoints_are_ejected_and_return_after_the_ejection_time() {
+    let bad = Upstream::start(|_| async { text(500, "bad") }).await;
+    let good = named("good").await;
+    let gw = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "svc"
+endpoints = ["{}", "{}"]
+[upstreams.outlier_detection]
+consecutive_errors = 3
+base_ejection_time = "30s"
+[upstreams.policy.retry]
+max_attempts = 1
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 1000
+minimum_calls = 1000
+window_size = 1000
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "svc"
+"#,
+        bad.url(),
+        good.url()
+    ))
+    .await;
+    let mut events = gw.gateway.events.subscribe();
+
+    // Round robin: every second request reaches the bad endpoint until its third error.
+    for _ in 0..6 {
+        get(&url(&gw, "/")).await;
+    }
+    assert_eq!(bad.hits(), 3);
+    let event = events.recv().await.unwrap();
+    assert!(
+        matches!(&event, tidegate_gateway::events::Event::Ejected { seconds, .. } if *seconds == 30.0),
+        "{event:?}"
+    );
+    for _ in 0..10 {
+        assert_eq!(get(&url(&gw, "/")).await.body, "good");
+    }
+    assert_eq!(bad.hits(), 3, "an ejected endpoint gets nothing");
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    let endpoints = &status["services"]["svc"]["endpoints"];
+    assert_eq!(endpoints[0]["ejected"], true, "{status}");
+    assert_eq!(endpoints[1]["ejected"], false);
+
+    // Past the ejection time it is tried again.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    tokio::time::resume();
+    for _ in 0..4 {
+        get(&url(&gw, "/")).await;
+    }
+    assert!(bad.hits() > 3, "the endpoint is back in rotation");
+    let metrics = get(&admin(&gw, "/metrics")).await.body;
+    assert!(
+        metrics.contains("tidegate_outlier_ejections_total{"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn outlier_detection_never_ejects_more_than_its_share() {
+    let a = Upstream::start(|_| async { text(503, "a") }).await;
+    let b = Upstream::start(|_| async { text(503, "b") }).await;
+    let gw = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "svc"
+endpoints = ["{}", "{}"]
+[upstreams.outlier_detection]
+consecutive_errors = 1
+max_ejection_percent = 100
+[upstreams.policy.retry]
+max_attempts = 1
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 1000
+minimum_calls = 1000
+window_size = 1000
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "svc"
+"#,
+        a.url(),
+        b.url()
+    ))
+    .await;
+    for _ in 0..10 {
+        assert_eq!(get(&url(&gw, "/")).await.status, 503);
+    }
+    assert_eq!(
+        a.hits() + b.hits(),
+        10,
+        "one endpoint always stays in rotation"
+    );
+}
+
+#[tokio::test]
+async fn the_retry_budget_caps_retries_against_a_failing_upstream() {
+    let down = Upstream::start(|_| async { text(503, "down") }).await;
+    let gw = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "svc"
+endpoints = ["{}"]
+[upstreams.policy.retry]
+max_attempts = 5
+base_delay = "1ms"
+max_delay = "1ms"
+budget_ratio = 0.2
+budget_min_per_sec = 0
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 100000
+minimum_calls = 100000
+window_size = 100000
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "svc"
+"#,
+        down.url()
+    ))
+    .await;
+    for _ in 0..200 {
+        assert_eq!(get(&url(&gw, "/")).await.status, 503);
+    }
+    let retries = down.hits() - 200;
+    // Without the budget it would be 800.
+    assert!(retries <= 40, "{retries} retries for 200 requests");
+    assert!(retries >= 30, "the budget allows about a fifth: {retries}");
+}
