@@ -219,6 +219,14 @@ struct Recording {
     pending: Option<Pending>,
 }
 
+impl Recording {
+    fn store(&mut self) {
+        if let (Some(buffer), Some(p)) = (self.buffer.take(), self.pending.take()) {
+            p.cache.insert(p.key, p.status, p.headers, buffer.freeze());
+        }
+    }
+}
+
 impl Body for Recording {
     type Data = Bytes;
     type Error = BoxError;
@@ -242,18 +250,18 @@ impl Body for Recording {
                 }
             }
             Some(Err(_)) => this.buffer = None,
-            None => {
-                if let (Some(buffer), Some(p)) = (this.buffer.take(), this.pending.take()) {
-                    p.cache.insert(p.key, p.status, p.headers, buffer.freeze());
-                }
-            }
+            None => this.store(),
+        }
+        // hyper stops polling once a body of known length is written, so
+        // the end is taken as soon as the inner body says it has come.
+        if this.inner.is_end_stream() {
+            this.store();
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        // Reporting the end early would skip the final poll that stores it.
-        false
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
