@@ -69,7 +69,7 @@ fn tiny_upstream() -> std::net::SocketAddr {
 }
 
 #[test]
-fn serve_logs_json_access_lines_and_drains_on_sigterm() {
+fn serve_logs_json_access_lines_reloads_on_sighup_and_drains_on_sigterm() {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::process::Stdio;
 
@@ -127,11 +127,33 @@ fn serve_logs_json_access_lines_and_drains_on_sigterm() {
     assert!(fields["duration_ms"].as_f64().is_some(), "{access}");
 
     // bash's own `kill`: no dependency on procps being installed.
-    let killed = Command::new("bash")
-        .args(["-c", &format!("kill -TERM {}", child.id())])
-        .status()
+    let signal = |name: &str| {
+        let sent = Command::new("bash")
+            .args(["-c", &format!("kill -{name} {}", child.id())])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+
+    // SIGHUP reloads the file (a change is also seen by polling; either way
+    // one reload is logged).
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}[[routes]]\nname = \"more\"\npath_prefix = \"/more\"\nupstream = \"svc\"\n"),
+    )
+    .unwrap();
+    signal("HUP");
+    next_event(&|e| e["fields"]["message"] == "config reloaded");
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .write_all(b"GET /more/x HTTP/1.1\r\nHost: a\r\nconnection: close\r\n\r\n")
         .unwrap();
-    assert!(killed.success());
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    signal("TERM");
     next_event(&|e| e["fields"]["message"] == "shutting down: draining in-flight requests");
     assert!(child.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).unwrap();
