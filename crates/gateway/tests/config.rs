@@ -152,6 +152,105 @@ fn semantic_errors() {
 }
 
 #[test]
+fn traffic_and_edge_settings_are_typed() {
+    let text = format!(
+        "{GOOD}{}",
+        r#"rate_limit = { algorithm = "gcra", limit = 10, per = "1s", key = "header:x-tenant" }
+tiers = ["gold"]
+fallback = { kind = "stale", max_age = "1m" }
+fault = { abort_status = 503, abort_percent = 5 }
+
+[[routes]]
+name = "canary"
+path_prefix = "/canary"
+split = [{ upstream = "kb", weight = 9 }, { upstream = "users", weight = 1 }]
+fallback = { kind = "static", status = 503, body = "{}" }
+
+[rate_limit]
+algorithm = "fixed_window"
+[[rate_limit.tiers]]
+name = "gold"
+requests_per_minute = 600
+[[api_keys]]
+id = "team-a"
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+tier = "gold"
+"#
+    );
+    let config = ok(&text);
+    let route = &config.routes[0];
+    assert!(route.require_api_key, "tiers imply a key");
+    assert_eq!(route.tiers, [0]);
+    assert_eq!(route.fallback.as_ref().map(|f| f.kind()), Some("stale"));
+    assert_eq!(route.fault.unwrap().abort_percent, 5.0);
+    assert_eq!(route.rate_limit.as_ref().unwrap().limit.quota.limit, 10);
+    assert_eq!(config.routes[1].target, Target::Split(vec![(0, 9), (1, 1)]));
+    assert_eq!(config.api_keys[0].tier, Some(0));
+    assert_eq!(config.rate_limit.tiers[0].requests_per_minute, Some(600));
+}
+
+#[test]
+fn traffic_and_edge_errors_name_their_key() {
+    let route = |extra: &str| format!("{GOOD}{extra}\n");
+    let cases = [
+        (
+            route("split = [{ upstream = \"kb\", weight = 1 }]"),
+            "routes[0].split: a route has `upstream` or `split`, not both",
+        ),
+        (
+            GOOD.replace("upstream = \"kb\"", "split = [{ upstream = \"kb\", weight = 0 }]"),
+            "routes[0].split: needs a share with weight above 0",
+        ),
+        (
+            route("tiers = [\"gold\"]"),
+            "routes[0].tiers[0]: no tier named `gold`",
+        ),
+        (
+            route("rate_limit = { limit = 5, per = \"1m\", key = \"ip\" }"),
+            "routes[0].rate_limit.key: `ip` is not a key: use client_ip, api_key or header:NAME",
+        ),
+        (
+            route("rate_limit = { limit = 0, per = \"1m\" }"),
+            "routes[0].rate_limit.limit: must be at least 1",
+        ),
+        (
+            route("fallback = { kind = \"upstream\", upstream = \"kb\" }"),
+            "routes[0].fallback.upstream: the fallback must be another upstream than the route's own",
+        ),
+        (
+            route("fault = { delay_percent = 5 }"),
+            "routes[0].fault.delay: a fault needs a delay, an abort_status or both",
+        ),
+        (
+            route("fault = { abort_status = 200 }"),
+            "routes[0].fault.abort_status: must be a 4xx or 5xx status",
+        ),
+        (
+            GOOD.replace("name = \"users\"", "name = \"users\"\nload_balancing = \"consistent_hash\""),
+            "upstreams[1].hash_header: consistent_hash needs the header to hash",
+        ),
+        (
+            GOOD.replace(
+                "endpoints = [\"http://127.0.0.1:8003\"]",
+                "endpoints = [\"http://127.0.0.1:8003\"]\n[upstreams.outlier_detection]\nmax_ejection_percent = 101",
+            ),
+            "upstreams[1].outlier_detection.max_ejection_percent: must be at most 100",
+        ),
+        (
+            format!("{GOOD}[[api_keys]]\nid = \"a\"\nkey_sha256 = \"secret\"\n"),
+            "api_keys[0].key_sha256: must be the key's SHA-256 as 64 hex digits (sha256sum prints it)",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = err(&text);
+        assert!(
+            e.starts_with("t.toml:") && e.ends_with(want),
+            "{e}\nwanted …{want}"
+        );
+    }
+}
+
+#[test]
 fn syntax_errors_have_a_position() {
     let e = err("[gateway\nlisten = 1");
     assert!(e.starts_with("t.toml:1:9: "), "{e}");
