@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Whole-system proxy benchmark: wrk against one loopback upstream directly,
-# through tidegate (retry, circuit breaker and bulkhead on) and through nginx
-# (same number of workers, upstream keep-alive), side by side in one run.
+# through tidegate (retry, circuit breaker and bulkhead on), through
+# tidegate's edge route (the same plus an API key, its tier's per-minute
+# limit and a per-key GCRA route limit, none of them reached) and through
+# nginx (same number of workers, upstream keep-alive), side by side in one run.
 #
-# Rounds alternate direct / tidegate / nginx so that machine noise hits all
-# three alike; the table shows each one's median over the rounds, and the
-# ratios tidegate/nginx are computed from those medians.
+# Rounds alternate direct / tidegate / edge / nginx so that machine noise
+# hits all alike; the table shows each one's median over the rounds, and
+# the ratios are computed from those medians.
 #
 #   ./scripts/bench-proxy.sh                 # defaults below
 #   WORKERS=2 CONNECTIONS=100 DURATION=15 ROUNDS=5 ./scripts/bench-proxy.sh
@@ -131,6 +133,22 @@ max_queued = 1000
 name = "all"
 path_prefix = "/"
 upstream = "app"
+
+[[routes]]
+name = "edge"
+path_prefix = "/edge"
+upstream = "app"
+require_api_key = true
+rate_limit = { algorithm = "gcra", limit = 1000000000, per = "1s", key = "api_key" }
+
+[[rate_limit.tiers]]
+name = "bench"
+requests_per_minute = 4000000000
+
+[[api_keys]]
+id = "bench"
+key_sha256 = "$(printf %s bench-key | sha256sum | cut -d' ' -f1)"
+tier = "bench"
 EOF
 # Access logs are off for nginx, so tidegate logs warnings only.
 TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers "$WORKERS" \
@@ -142,9 +160,10 @@ wait_port "$UPSTREAM_PORT"
 wait_port "$NGINX_PORT"
 wait_port "$TIDEGATE_PORT"
 
-# One wrk run; prints "requests_per_second p50_ms p99_ms".
+# One wrk run (URL, seconds, extra wrk arguments); prints
+# "requests_per_second p50_ms p99_ms".
 measure() {
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${2}s" --latency "$1" >"$WORK/wrk.out"
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${2}s" --latency "${@:3}" "$1" >"$WORK/wrk.out"
     if grep -q "Non-2xx" "$WORK/wrk.out"; then
         echo "non-2xx answers from $1:" >&2
         cat "$WORK/wrk.out" >&2
@@ -178,19 +197,24 @@ PIDS+=($!)
 DIRECT="http://127.0.0.1:$UPSTREAM_PORT/"
 VIA_TIDEGATE="http://127.0.0.1:$TIDEGATE_PORT/"
 VIA_NGINX="http://127.0.0.1:$NGINX_PORT/"
+VIA_EDGE="http://127.0.0.1:$TIDEGATE_PORT/edge"
+KEY=(-H "X-API-Key: bench-key")
 
 echo "warming up (connection pools, page cache, CPU frequency)"
 for url in "$DIRECT" "$VIA_TIDEGATE" "$VIA_NGINX"; do measure "$url" 2 >/dev/null; done
+measure "$VIA_EDGE" 2 "${KEY[@]}" >/dev/null
 
 : >"$WORK/results"
 for round in $(seq 1 "$ROUNDS"); do
-    for target in direct tidegate nginx; do
+    for target in direct tidegate edge nginx; do
+        extra=()
         case $target in
             direct) url=$DIRECT ;;
             tidegate) url=$VIA_TIDEGATE ;;
+            edge) url=$VIA_EDGE extra=("${KEY[@]}") ;;
             nginx) url=$VIA_NGINX ;;
         esac
-        result=$(measure "$url" "$DURATION")
+        result=$(measure "$url" "$DURATION" "${extra[@]}")
         echo "round $round  $target  $result"
         echo "$target $result" >>"$WORK/results"
     done
@@ -201,7 +225,7 @@ import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
 rss_kib, workers, conns, duration, rounds = sys.argv[2:]
 median = {}
-for target in ("direct", "tidegate", "nginx"):
+for target in ("direct", "tidegate", "edge", "nginx"):
     runs = [r for r in rows if r[0] == target]
     median[target] = [statistics.median(float(r[i]) for r in runs) for i in (1, 2, 3)]
 print()
@@ -211,6 +235,8 @@ for target, (rps, p50, p99) in median.items():
     print(f"{target:10} {rps:>10.0f} {p50:>9.3f} {p99:>9.3f}")
 t, n = median["tidegate"], median["nginx"]
 print()
+e = median["edge"]
 print(f"tidegate/nginx: requests/s {t[0] / n[0]:.2f}x, p50 {t[1] / n[1]:.2f}x, p99 {t[2] / n[2]:.2f}x")
+print(f"edge/tidegate (API key + tier + route limit on): requests/s {e[0] / t[0]:.2f}x, p50 {e[1] / t[1]:.2f}x, p99 {e[2] / t[2]:.2f}x")
 print(f"tidegate peak RSS under load: {int(rss_kib) / 1024:.1f} MiB")
 EOF

@@ -232,12 +232,14 @@ name = "healthy"
 path_prefix = "/healthy"
 strip_prefix = true
 upstream = "healthy"
+rate_limit = {{ algorithm = "gcra", limit = 50, per = "1s", key = "client_ip" }}
 
 [[routes]]
 name = "flaky"
 path_prefix = "/flaky"
 strip_prefix = true
 upstream = "flaky"
+fallback = {{ kind = "stale", max_age = "5m" }}
 
 [[routes]]
 name = "slow"

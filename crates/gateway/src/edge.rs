@@ -37,6 +37,7 @@ pub static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-re
 /// requests per API key.
 #[derive(Debug)]
 pub struct Counters {
+    max_keys: usize,
     store: LocalStore,
     in_flight: Mutex<HashMap<String, u32>>,
 }
@@ -45,12 +46,18 @@ impl Counters {
     /// Empty counts for at most `max_keys` keys.
     pub fn new(max_keys: usize) -> Arc<Self> {
         Arc::new(Counters {
+            max_keys,
             store: LocalStore::new(KeyedConfig {
                 max_keys,
                 ..KeyedConfig::default()
             }),
             in_flight: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The most keys kept.
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
     }
 
     /// Keys held by the limiter store.

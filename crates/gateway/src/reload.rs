@@ -7,8 +7,9 @@
 //!
 //! Listener and connection settings (`listen`, `admin_listen`,
 //! `max_connections`, `max_header_bytes`, `header_read_timeout`,
-//! `drain_timeout`) are bound when the gateway starts; a reload that
-//! changes them says so and leaves them until a restart.
+//! `drain_timeout`) and the size of the rate-limit key store
+//! (`rate_limit.max_keys`) are bound when the gateway starts; a reload
+//! that changes them says so and leaves them until a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -56,8 +57,8 @@ impl std::fmt::Display for Summary {
         if !self.needs_restart.is_empty() {
             write!(
                 f,
-                "; changes to gateway.{} apply after a restart",
-                self.needs_restart.join(", gateway.")
+                "; changes to {} apply after a restart",
+                self.needs_restart.join(", ")
             )?;
         }
         Ok(())
@@ -78,7 +79,10 @@ impl Reloader {
     /// is not set. Must run inside the gateway's runtime.
     pub fn apply(&self, config: Config) -> Result<Summary, String> {
         let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let needs_restart = restart_only_changes(&self.gateway.settings, &config.gateway);
+        let mut needs_restart = restart_only_changes(&self.gateway.settings, &config.gateway);
+        if config.rate_limit.max_keys != self.gateway.counters.max_keys() {
+            needs_restart.push("rate_limit.max_keys");
+        }
         let old = self.gateway.table();
         let table = match Table::build(config, Some(&old), self.gateway.counters.clone()) {
             Ok(table) => table,
@@ -178,22 +182,22 @@ impl Reloader {
 fn restart_only_changes(running: &GatewaySettings, new: &GatewaySettings) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if running.listen != new.listen {
-        changed.push("listen");
+        changed.push("gateway.listen");
     }
     if running.admin_listen != new.admin_listen {
-        changed.push("admin_listen");
+        changed.push("gateway.admin_listen");
     }
     if running.max_connections != new.max_connections {
-        changed.push("max_connections");
+        changed.push("gateway.max_connections");
     }
     if running.max_header_bytes != new.max_header_bytes {
-        changed.push("max_header_bytes");
+        changed.push("gateway.max_header_bytes");
     }
     if running.header_read_timeout != new.header_read_timeout {
-        changed.push("header_read_timeout");
+        changed.push("gateway.header_read_timeout");
     }
     if running.drain_timeout != new.drain_timeout {
-        changed.push("drain_timeout");
+        changed.push("gateway.drain_timeout");
     }
     changed
 }

@@ -15,7 +15,8 @@ tidegate — resilient service-to-service communication
 
 usage:
   tidegate serve --config FILE [--log-format text|json] [--workers N]
-                                                          run the gateway
+                                                          run the gateway; FILE is reloaded
+                                                          when it changes or on SIGHUP
   tidegate check --config FILE                            validate a config (exit 2 on errors)
   tidegate demo [--quick]                                 gateway + sample upstreams on loopback
   tidegate status [--admin URL]                           upstreams and breaker states
@@ -259,8 +260,9 @@ async fn run_demo(quick: bool) -> anyhow::Result<ExitCode> {
 tidegate demo: the gateway is on http://{gw}, its admin API on http://{admin}
 
 try:
-  curl -i http://{gw}/healthy/hello                 a healthy upstream
-  curl -i http://{gw}/flaky/order                   fails 30% of the time; retries hide most failures
+  curl -i http://{gw}/healthy/hello                 a healthy upstream, 50 requests/s per client (X-RateLimit-*)
+  curl -i http://{gw}/flaky/order                   fails 30% of the time; retries hide most failures,
+                                                    the last good answer the rest (x-tidegate-fallback: stale)
   curl -X PUT http://{gw}/flaky/error-rate -d 1     make it fail always: the breaker opens after 5
   curl -i 'http://{gw}/slow/report?ms=3000'         slower than the 1 s timeout: 504
   curl -N http://{gw}/events/                       server-sent events, one a second
