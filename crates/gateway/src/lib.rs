@@ -17,6 +17,7 @@ pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod router;

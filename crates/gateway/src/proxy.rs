@@ -6,6 +6,7 @@
 //! What a request needs is one [`Table`], built from a config and swapped
 //! whole on reload: a request keeps the table it started with.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,7 +22,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::capture_connection;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tidegate_resilience::{rng, Error};
@@ -34,12 +35,13 @@ use crate::events::{Event, Events};
 use crate::fallback::{self as fallbacks, FALLBACK};
 use crate::headers::{self, CORRELATION_ID};
 use crate::metrics::{method_label, Metrics, RequestLabels};
+use crate::pool::{self, Connector, Gates, PoolGate, Uses};
 use crate::router::{self, Route, Router};
 use crate::upstream::{AttemptError, EndpointState, Upstream};
 use tidegate_client::headers::is_retryable_status;
 
 /// The HTTP client every upstream request goes through (pooled, keep-alive).
-pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+pub type UpstreamClient = Client<Connector, ProxyBody>;
 
 /// Everything a request needs from one config: settings, routes,
 /// upstreams with their state, keys and tiers.
@@ -65,6 +67,8 @@ pub struct Gateway {
     pub settings: GatewaySettings,
     table: ArcSwap<Table>,
     client: UpstreamClient,
+    /// Connection-pool gates by endpoint, for every client's connector.
+    gates: Gates,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// State changes, for `/events` and logs.
@@ -75,15 +79,18 @@ pub struct Gateway {
     none: Arc<String>,
 }
 
-/// The client for upstream requests.
-pub fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
+/// The gates of `table`'s upstreams by endpoint; an endpoint listed by
+/// two upstreams is held to the first one's limits.
+fn gates_of(table: &Table) -> HashMap<http::uri::Authority, Arc<PoolGate>> {
+    let mut gates = HashMap::new();
+    for u in &table.upstreams {
+        for e in &u.endpoints {
+            gates
+                .entry(e.endpoint.authority.clone())
+                .or_insert_with(|| u.gate.clone());
+        }
+    }
+    gates
 }
 
 /// Reads the internal token from the environment variable the config names.
@@ -170,6 +177,7 @@ impl Gateway {
         let settings = config.gateway.clone();
         let table = Table::build(config, None, counters.clone())?;
         let metrics = Arc::new(Metrics::default());
+        let gates: Gates = Arc::new(ArcSwap::from_pointee(gates_of(&table)));
         for u in &table.upstreams {
             for e in &u.endpoints {
                 metrics.endpoint_healthy(u.name(), &e.label, e.is_healthy());
@@ -178,7 +186,8 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             settings,
             table: ArcSwap::from_pointee(table),
-            client: upstream_client(),
+            client: new_client(&gates),
+            gates,
             metrics,
             events: Events::default(),
             counters,
@@ -199,7 +208,13 @@ impl Gateway {
                     .endpoint_healthy(u.name(), &e.label, e.is_healthy());
             }
         }
+        self.gates.store(Arc::new(gates_of(&table)));
         self.table.store(Arc::new(table));
+    }
+
+    /// A new pooled client for upstream requests (one per worker thread).
+    pub fn new_client(&self) -> UpstreamClient {
+        new_client(&self.gates)
     }
 
     /// The HTTP client of health checks and of requests served on the
@@ -623,6 +638,8 @@ impl Gateway {
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = head.headers;
+        let max_uses = upstream.config.pool.max_requests_per_connection;
+        let captured = max_uses.map(|_| capture_connection(&mut request));
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         let sent = upstream_client.request(request);
         let result = match upstream.attempt_timeout {
@@ -632,6 +649,18 @@ impl Gateway {
             None => Ok(sent.await),
         };
         endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let (Some(max), Some(captured), Ok(Ok(response))) = (max_uses, &captured, &result) {
+            let spent = response
+                .extensions()
+                .get::<Uses>()
+                .is_some_and(|u| u.count() >= max);
+            if spent {
+                if let Some(connection) = captured.connection_metadata().as_ref() {
+                    // Not reused: it closes once this exchange is done.
+                    connection.poison();
+                }
+            }
+        }
         let result = match result {
             Err(timeout) => Err(timeout),
             Ok(Ok(response)) if is_retryable_status(response.status()) => {
@@ -642,6 +671,7 @@ impl Gateway {
             }
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) if is_body_too_large(&e) => Err(AttemptError::BodyTooLarge),
+            Ok(Err(e)) if pool::is_overflow(&e) => Err(AttemptError::PoolOverflow),
             Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(e)),
             Ok(Err(error)) => Err(AttemptError::Request { error, retryable }),
         };
@@ -659,9 +689,12 @@ impl Gateway {
         let failed = match result {
             Ok(response) => response.status().is_server_error(),
             Err(AttemptError::Status { response, .. }) => response.status().is_server_error(),
-            Err(AttemptError::BodyTooLarge | AttemptError::BodyGone | AttemptError::NoEndpoint) => {
-                return
-            }
+            Err(
+                AttemptError::BodyTooLarge
+                | AttemptError::BodyGone
+                | AttemptError::NoEndpoint
+                | AttemptError::PoolOverflow,
+            ) => return,
             Err(_) => true,
         };
         let Some(ejection) = upstream.record(endpoint, failed) else {
@@ -732,6 +765,11 @@ impl Gateway {
                 .is_some_and(|l| l.is_timeout() || l.is_deadline_exceeded());
         match err.into_inner() {
             Some(AttemptError::Status { response, .. }) => Ok(response),
+            Some(AttemptError::PoolOverflow) => Err(reject(
+                "pool_overflow",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many requests waiting for a connection",
+            )),
             Some(AttemptError::NoEndpoint) => Err(Reply::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no healthy endpoint",
@@ -762,6 +800,14 @@ impl Gateway {
             None => Err(Reply::new(StatusCode::BAD_GATEWAY, "upstream failed").service(name)),
         }
     }
+}
+
+/// A pooled client whose connections are held to `gates`.
+fn new_client(gates: &Gates) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(Connector::new(gates.clone()))
 }
 
 /// What every upstream call of one request shares.

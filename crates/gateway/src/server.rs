@@ -185,7 +185,7 @@ fn spawn_worker(
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
-                        let client = crate::proxy::upstream_client();
+                        let client = gateway.new_client();
                         serve_proxy(gateway, listener, slots, stopped, client).await;
                     }
                     Err(e) => tracing::error!(error = %e, "worker {index} cannot listen"),

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tidegate_client::headers::retry_after;
 
 use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
+use crate::pool::PoolGate;
 
 /// Why one attempt failed. `retryable` is decided by the attempt, which
 /// knows the method, whether the body can be sent again and whether the
@@ -49,6 +50,8 @@ pub enum AttemptError {
     BodyGone,
     /// Every endpoint is unhealthy or ejected.
     NoEndpoint,
+    /// Too many requests wait for a connection to the upstream.
+    PoolOverflow,
 }
 
 impl std::fmt::Display for AttemptError {
@@ -65,6 +68,7 @@ impl std::fmt::Display for AttemptError {
             AttemptError::BodyTooLarge => f.write_str("request body too large"),
             AttemptError::BodyGone => f.write_str("request body already sent"),
             AttemptError::NoEndpoint => f.write_str("no healthy endpoint"),
+            AttemptError::PoolOverflow => f.write_str("too many requests waiting for a connection"),
         }
     }
 }
@@ -146,6 +150,8 @@ pub struct Upstream {
     pub in_flight: AtomicU64,
     /// Local rejections since start.
     pub rejections: AtomicU32,
+    /// Its connection-pool limits.
+    pub gate: Arc<PoolGate>,
     /// The time base of ejections.
     origin: Instant,
     /// Serialises ejection decisions, so the percentage holds.
@@ -201,6 +207,7 @@ impl Upstream {
                 }
             })
             .collect();
+        let gate = PoolGate::new(&config.pool);
         Ok(Arc::new(Upstream {
             label: Arc::new(config.name.clone()),
             config,
@@ -210,6 +217,7 @@ impl Upstream {
             pipeline,
             in_flight: AtomicU64::new(0),
             rejections: AtomicU32::new(0),
+            gate,
             origin: Instant::now(),
             ejecting: Mutex::new(()),
         }))
@@ -391,9 +399,12 @@ fn classify(result: &Result<Response<Incoming>, AttemptError>) -> Outcome {
         {
             Outcome::Ignore
         }
-        Err(AttemptError::BodyTooLarge | AttemptError::BodyGone | AttemptError::NoEndpoint) => {
-            Outcome::Ignore
-        }
+        Err(
+            AttemptError::BodyTooLarge
+            | AttemptError::BodyGone
+            | AttemptError::NoEndpoint
+            | AttemptError::PoolOverflow,
+        ) => Outcome::Ignore,
         Err(_) => Outcome::Failure,
     }
 }

@@ -237,6 +237,13 @@ fn traffic_and_edge_errors_name_their_key() {
             "upstreams[1].outlier_detection.max_ejection_percent: must be at most 100",
         ),
         (
+            GOOD.replace(
+                "endpoints = [\"http://127.0.0.1:8003\"]",
+                "endpoints = [\"http://127.0.0.1:8003\"]\n[upstreams.pool]\nmax_connections = 0",
+            ),
+            "upstreams[1].pool.max_connections: must be at least 1",
+        ),
+        (
             format!("{GOOD}[[api_keys]]\nid = \"a\"\nkey_sha256 = \"secret\"\n"),
             "api_keys[0].key_sha256: must be the key's SHA-256 as 64 hex digits (sha256sum prints it)",
         ),

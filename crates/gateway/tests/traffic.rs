@@ -313,3 +313,85 @@ upstream = "svc"
     assert!(retries <= 40, "{retries} retries for 200 requests");
     assert!(retries >= 30, "the budget allows about a fifth: {retries}");
 }
+
+/// `svc` with `[upstreams.pool]` settings; `/hold` waits for a permit.
+async fn pooled(pool: &str) -> (Upstream, Arc<Semaphore>, tidegate_gateway::server::Running) {
+    let release = Arc::new(Semaphore::new(0));
+    let gate = release.clone();
+    let upstream = Upstream::start(move |req| {
+        let gate = gate.clone();
+        async move {
+            if req.uri().path() == "/hold" {
+                let _ = gate.acquire().await.unwrap();
+            }
+            text(200, "ok")
+        }
+    })
+    .await;
+    let gw = gateway(&format!(
+        r#"
+[[upstreams]]
+name = "svc"
+endpoints = ["{}"]
+[upstreams.pool]
+{pool}
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "svc"
+"#,
+        upstream.url()
+    ))
+    .await;
+    (upstream, release, gw)
+}
+
+#[tokio::test]
+async fn pool_limits_cap_connections_and_refuse_past_the_pending_limit() {
+    let (upstream, release, gw) = pooled("max_connections = 1\nmax_pending_requests = 1").await;
+    let svc = gw.gateway.table().upstream("svc").unwrap().clone();
+    let (hold, fast) = (url(&gw, "/hold"), url(&gw, "/fast"));
+    let first = tokio::spawn(async move { get(&hold).await });
+    while upstream.hits() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let second = tokio::spawn(async move { get(&fast).await });
+    while svc.gate.pending() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let refused = get(&url(&gw, "/fast")).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        refused.json()["error"],
+        "too many requests waiting for a connection"
+    );
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "the waiting and the refused requests are not sent"
+    );
+
+    release.add_permits(1);
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(second.await.unwrap().status, 200);
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "the waiting request took the freed connection"
+    );
+    let metrics = get(&admin(&gw, "/metrics")).await.body;
+    assert!(
+        metrics.contains(r#"tidegate_rejections_total{upstream="svc",reason="pool_overflow"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_is_retired_after_its_request_limit() {
+    let (upstream, _release, gw) = pooled("max_requests_per_connection = 2").await;
+    for _ in 0..6 {
+        assert_eq!(get(&url(&gw, "/fast")).await.status, 200);
+    }
+    assert_eq!(upstream.hits(), 6);
+    assert_eq!(upstream.connections(), 3);
+}

@@ -50,6 +50,7 @@ pub struct Received {
 pub struct Upstream {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -67,11 +68,14 @@ impl Upstream {
         let received = Arc::new(Mutex::new(Vec::new()));
         let handler = Arc::new(handler);
         let log = received.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = handler.clone();
                 let log = log.clone();
                 tokio::spawn(async move {
@@ -93,6 +97,7 @@ impl Upstream {
         Upstream {
             addr,
             received,
+            connections,
             task,
         }
     }
@@ -105,6 +110,11 @@ impl Upstream {
     /// The address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Requests received so far.

@@ -26,6 +26,7 @@ use tidegate_client::config::file::{KeyPath, Source};
 use tidegate_client::config::{check_name, BaseUrl};
 use tidegate_resilience::config::{duration, PolicyConfig};
 
+pub use crate::pool::PoolConfig;
 pub use tidegate_client::config::ConfigError;
 
 mod edge;
@@ -163,6 +164,8 @@ pub struct UpstreamConfig {
     pub hash_header: Option<HeaderName>,
     /// Passive ejection of failing endpoints, if configured.
     pub outlier_detection: Option<OutlierDetection>,
+    /// Connection-pool limits.
+    pub pool: PoolConfig,
     /// Active health checks, if configured.
     pub health_check: Option<HealthCheckConfig>,
     /// `[defaults.policy]` with this upstream's overrides.
@@ -241,6 +244,8 @@ struct RawUpstream {
     load_balancing: LoadBalancing,
     hash_header: Option<String>,
     outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
+    pool: PoolConfig,
     health_check: Option<HealthCheckConfig>,
     #[serde(default)]
     policy: PolicyConfig,
@@ -381,6 +386,9 @@ impl Locator<'_> {
             u.policy
                 .validate()
                 .map_err(|e| self.error(&at.clone().key("policy").dotted(e.field()), e.reason()))?;
+            if let Some((key, reason)) = u.pool.problem() {
+                return Err(self.error(&at.key("pool").key(key), reason));
+            }
             if let Some((key, reason)) = u.outlier_detection.as_ref().and_then(|o| o.problem()) {
                 return Err(self.error(&at.key("outlier_detection").key(key), reason));
             }
@@ -411,6 +419,7 @@ impl Locator<'_> {
                 load_balancing: u.load_balancing,
                 hash_header,
                 outlier_detection: u.outlier_detection,
+                pool: u.pool,
                 health_check: u.health_check,
                 policy: u.policy,
             });
