@@ -18,6 +18,16 @@ async fn named(name: &'static str) -> Upstream {
     Upstream::start(move |_| async move { text(200, name) }).await
 }
 
+/// Upstream `svc` at `endpoints` with `extra` settings, behind route `all` on `/`.
+fn svc(endpoints: &[&str], extra: &str) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    format!(
+        "[[upstreams]]\nname = \"svc\"\nendpoints = [{}]\n{extra}\n\
+         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\nupstream = \"svc\"\n",
+        endpoints.join(", ")
+    )
+}
+
 /// Sends `n` GETs of `path`, `parallel` at a time, over pooled
 /// connections; returns the answers' bodies.
 async fn bodies(
@@ -114,19 +124,11 @@ async fn least_request_prefers_the_idle_endpoint() {
     };
     let a = hold("a", release.clone()).await;
     let b = hold("b", release.clone()).await;
-    let gw = gateway(&format!(
+    let gw = gateway(&svc(
+        &[&a.url(), &b.url()],
         r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{}", "{}"]
 load_balancing = "least_request"
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "svc"
 "#,
-        a.url(),
-        b.url()
     ))
     .await;
 
@@ -153,21 +155,12 @@ upstream = "svc"
 #[tokio::test]
 async fn consistent_hash_keeps_a_key_on_one_endpoint() {
     let (a, b, c) = (named("a").await, named("b").await, named("c").await);
-    let gw = gateway(&format!(
+    let gw = gateway(&svc(
+        &[&a.url(), &b.url(), &c.url()],
         r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{}", "{}", "{}"]
 load_balancing = "consistent_hash"
 hash_header = "x-user"
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "svc"
 "#,
-        a.url(),
-        b.url(),
-        c.url()
     ))
     .await;
 
@@ -183,11 +176,9 @@ upstream = "svc"
 async fn failing_endpoints_are_ejected_and_return_after_the_ejection_time() {
     let bad = Upstream::start(|_| async { text(500, "bad") }).await;
     let good = named("good").await;
-    let gw = gateway(&format!(
+    let gw = gateway(&svc(
+        &[&bad.url(), &good.url()],
         r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{}", "{}"]
 [upstreams.outlier_detection]
 consecutive_errors = 3
 base_ejection_time = "30s"
@@ -197,13 +188,7 @@ max_attempts = 1
 consecutive_failures = 1000
 minimum_calls = 1000
 window_size = 1000
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "svc"
 "#,
-        bad.url(),
-        good.url()
     ))
     .await;
     let mut events = gw.gateway.events.subscribe();
@@ -246,11 +231,9 @@ upstream = "svc"
 async fn outlier_detection_never_ejects_more_than_its_share() {
     let a = Upstream::start(|_| async { text(503, "a") }).await;
     let b = Upstream::start(|_| async { text(503, "b") }).await;
-    let gw = gateway(&format!(
+    let gw = gateway(&svc(
+        &[&a.url(), &b.url()],
         r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{}", "{}"]
 [upstreams.outlier_detection]
 consecutive_errors = 1
 max_ejection_percent = 100
@@ -260,13 +243,7 @@ max_attempts = 1
 consecutive_failures = 1000
 minimum_calls = 1000
 window_size = 1000
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "svc"
 "#,
-        a.url(),
-        b.url()
     ))
     .await;
     for _ in 0..10 {
@@ -282,11 +259,9 @@ upstream = "svc"
 #[tokio::test]
 async fn the_retry_budget_caps_retries_against_a_failing_upstream() {
     let down = Upstream::start(|_| async { text(503, "down") }).await;
-    let gw = gateway(&format!(
+    let gw = gateway(&svc(
+        &[&down.url()],
         r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{}"]
 [upstreams.policy.retry]
 max_attempts = 5
 base_delay = "1ms"
@@ -297,12 +272,7 @@ budget_min_per_sec = 0
 consecutive_failures = 100000
 minimum_calls = 100000
 window_size = 100000
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "svc"
 "#,
-        down.url()
     ))
     .await;
     for _ in 0..200 {
@@ -328,19 +298,9 @@ async fn pooled(pool: &str) -> (Upstream, Arc<Semaphore>, tidegate_gateway::serv
         }
     })
     .await;
-    let gw = gateway(&format!(
-        r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{}"]
-[upstreams.pool]
-{pool}
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "svc"
-"#,
-        upstream.url()
+    let gw = gateway(&svc(
+        &[&upstream.url()],
+        &format!("[upstreams.pool]\n{pool}\n"),
     ))
     .await;
     (upstream, release, gw)
