@@ -116,6 +116,7 @@ pub fn services_json(gateway: &Gateway) -> Value {
                 "retry_after_seconds": breaker.and_then(|b| b.retry_after).map(|d| d.as_secs_f64()),
                 "endpoints": endpoints,
                 "in_flight": u.in_flight.load(Ordering::Relaxed),
+                "pool": { "connections": u.gate.open(), "pending": u.gate.pending() },
                 "rejections": u.rejections.load(Ordering::Relaxed),
             }),
         );

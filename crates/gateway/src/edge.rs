@@ -59,11 +59,6 @@ impl Counters {
     pub fn max_keys(&self) -> usize {
         self.max_keys
     }
-
-    /// Keys held by the limiter store.
-    pub fn keys(&self) -> usize {
-        self.store.len()
-    }
 }
 
 /// A tier's limits, ready to check.
@@ -102,7 +97,29 @@ pub enum Refusal {
     /// A valid key of a tier the route does not admit (403).
     Forbidden,
     /// Over a limit (429), with the decision for the headers.
-    Limited(Decision, &'static str),
+    Limited(Decision, Exceeded),
+}
+
+/// Which limit a request was over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    /// A per-minute or per-hour limit of the key's tier.
+    Tier,
+    /// The route's own rate limit.
+    Route,
+    /// The tier's requests in flight per key.
+    Concurrency,
+}
+
+impl Exceeded {
+    /// The `reason` label of `tidegate_rejections_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Exceeded::Tier => "tier_rate_limit",
+            Exceeded::Route => "route_rate_limit",
+            Exceeded::Concurrency => "concurrency_limit",
+        }
+    }
 }
 
 /// A request's admission: the tightest limit it passed, for the response
@@ -211,7 +228,10 @@ impl Edge {
         if let Some((key, tier)) = tier {
             for (window, limit) in &tier.windows {
                 let counted = format!("t\0{}\0{window}\0{}", tier.name, key.id);
-                admission.tighten(self.counters.store.check_now(&counted, limit, 1), "tier")?;
+                admission.tighten(
+                    self.counters.store.check_now(&counted, limit, 1),
+                    Exceeded::Tier,
+                )?;
             }
         }
         if let Some(limit) = &route.rate_limit {
@@ -226,7 +246,7 @@ impl Edge {
             let counted = format!("r\0{}\0{who}", route.name);
             admission.tighten(
                 self.counters.store.check_now(&counted, &limit.limit, 1),
-                "route",
+                Exceeded::Route,
             )?;
         }
         if let Some((key, tier)) = tier {
@@ -252,7 +272,7 @@ impl Edge {
                 reset: Duration::ZERO,
                 retry_after: Some(Duration::from_secs(1)),
             };
-            return Err(Refusal::Limited(decision, "concurrency"));
+            return Err(Refusal::Limited(decision, Exceeded::Concurrency));
         }
         *n += 1;
         Ok(Slot {
@@ -270,7 +290,7 @@ impl Edge {
 impl Admission {
     /// Keeps the tighter of the decisions so far and `decision`; a denial
     /// ends the admission.
-    fn tighten(&mut self, decision: Decision, which: &'static str) -> Result<(), Refusal> {
+    fn tighten(&mut self, decision: Decision, which: Exceeded) -> Result<(), Refusal> {
         if !decision.allowed {
             return Err(Refusal::Limited(decision, which));
         }

@@ -69,6 +69,7 @@ impl PoolConfig {
 /// The connection slots and waiting requests of one upstream.
 #[derive(Debug)]
 pub struct PoolGate {
+    max_connections: usize,
     slots: Arc<Semaphore>,
     max_pending: usize,
     pending: AtomicUsize,
@@ -78,6 +79,7 @@ impl PoolGate {
     /// A gate for `config`.
     pub fn new(config: &PoolConfig) -> Arc<Self> {
         Arc::new(PoolGate {
+            max_connections: config.max_connections,
             slots: Arc::new(Semaphore::new(config.max_connections)),
             max_pending: config.max_pending_requests,
             pending: AtomicUsize::new(0),
@@ -102,8 +104,8 @@ impl PoolGate {
     }
 
     /// Connections open now.
-    pub fn open(&self, max: usize) -> usize {
-        max - self.slots.available_permits()
+    pub fn open(&self) -> usize {
+        self.max_connections - self.slots.available_permits()
     }
 
     /// Requests waiting for a connection now.
@@ -283,6 +285,6 @@ mod tests {
         drop(first);
         waiter.await.unwrap().unwrap();
         assert_eq!(gate.pending.load(Ordering::Acquire), 0);
-        assert_eq!(gate.open(1), 0);
+        assert_eq!(gate.open(), 0);
     }
 }

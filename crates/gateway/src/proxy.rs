@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::body::{self, is_body_too_large, ProxyBody, RequestBody};
 use crate::config::{Config, Fallback, GatewaySettings, RouteConfig, Target};
-use crate::edge::{self, Counters, Credential, Edge, Refusal, Slot};
+use crate::edge::{self, Counters, Credential, Edge, Exceeded, Refusal, Slot};
 use crate::events::{Event, Events};
 use crate::fallback::{self as fallbacks, FALLBACK};
 use crate::headers::{self, CORRELATION_ID};
@@ -77,6 +77,15 @@ pub struct Gateway {
     pub counters: Arc<Counters>,
     /// The `none` label of requests no route matched.
     none: Arc<String>,
+}
+
+/// Sets `tidegate_endpoint_healthy` for every endpoint of `table`.
+fn report_endpoints(metrics: &Metrics, table: &Table) {
+    for u in &table.upstreams {
+        for e in &u.endpoints {
+            metrics.endpoint_healthy(u.name(), &e.label, e.is_healthy());
+        }
+    }
 }
 
 /// The gates of `table`'s upstreams by endpoint; an endpoint listed by
@@ -178,11 +187,7 @@ impl Gateway {
         let table = Table::build(config, None, counters.clone())?;
         let metrics = Arc::new(Metrics::default());
         let gates: Gates = Arc::new(ArcSwap::from_pointee(gates_of(&table)));
-        for u in &table.upstreams {
-            for e in &u.endpoints {
-                metrics.endpoint_healthy(u.name(), &e.label, e.is_healthy());
-            }
-        }
+        report_endpoints(&metrics, &table);
         Ok(Arc::new(Gateway {
             settings,
             table: ArcSwap::from_pointee(table),
@@ -202,12 +207,7 @@ impl Gateway {
 
     /// Puts `table` in use for new requests; requests under way keep theirs.
     pub fn swap(&self, table: Table) {
-        for u in &table.upstreams {
-            for e in &u.endpoints {
-                self.metrics
-                    .endpoint_healthy(u.name(), &e.label, e.is_healthy());
-            }
-        }
+        report_endpoints(&self.metrics, &table);
         self.gates.store(Arc::new(gates_of(&table)));
         self.table.store(Arc::new(table));
     }
@@ -518,17 +518,13 @@ impl Gateway {
                 "this API key's tier may not use this route",
             ),
             Refusal::Limited(decision, which) => {
-                let reason = match which {
-                    "tier" => "tier_rate_limit",
-                    "concurrency" => "concurrency_limit",
-                    _ => "route_rate_limit",
-                };
                 upstream.rejections.fetch_add(1, Ordering::Relaxed);
-                self.metrics.rejection(upstream.name(), reason);
+                self.metrics.rejection(upstream.name(), which.reason());
                 let mut reply = Reply::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded")
                     .service(upstream.name())
                     .retry_after(decision.retry_after);
-                if which != "concurrency" {
+                // A concurrency limit has no window to report.
+                if which != Exceeded::Concurrency {
                     reply.headers.extend(edge::headers(&decision));
                 }
                 reply
@@ -697,20 +693,20 @@ impl Gateway {
             ) => return,
             Err(_) => true,
         };
-        let Some(ejection) = upstream.record(endpoint, failed) else {
+        let Some(ejected_for) = upstream.record(endpoint, failed) else {
             return;
         };
         tracing::warn!(
             upstream = upstream.name(),
             endpoint = %endpoint.label,
-            seconds = ejection.duration.as_secs_f64(),
+            seconds = ejected_for.as_secs_f64(),
             "endpoint ejected by outlier detection"
         );
         self.metrics.ejection(upstream.name(), &endpoint.label);
         self.events.send(Event::Ejected {
             upstream: upstream.name().to_owned(),
             endpoint: endpoint.label.clone(),
-            seconds: ejection.duration.as_secs_f64(),
+            seconds: ejected_for.as_secs_f64(),
             timestamp: tidegate_client::clock::now_rfc3339(),
         });
     }

@@ -172,15 +172,6 @@ impl Now<'_> {
     }
 }
 
-/// An endpoint was ejected by outlier detection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ejection {
-    /// Its index in [`Upstream::endpoints`].
-    pub endpoint: usize,
-    /// For how long.
-    pub duration: Duration,
-}
-
 impl Upstream {
     /// The upstream of `config`, every endpoint healthy until checked.
     pub fn new(config: UpstreamConfig) -> Result<Arc<Self>, ConfigError> {
@@ -305,9 +296,9 @@ impl Upstream {
     }
 
     /// Counts an attempt's result on its endpoint for outlier detection:
-    /// `failed` for a 5xx answer or a failed exchange. Returns the ejection
-    /// it caused, if any.
-    pub fn record(&self, endpoint: &EndpointState, failed: bool) -> Option<Ejection> {
+    /// `failed` for a 5xx answer or a failed exchange. Returns how long the
+    /// endpoint is ejected for, if this ejected it.
+    pub fn record(&self, endpoint: &EndpointState, failed: bool) -> Option<Duration> {
         let detection = self.config.outlier_detection.as_ref()?;
         if !failed {
             if endpoint.errors.load(Ordering::Relaxed) != 0 {
@@ -322,7 +313,7 @@ impl Upstream {
         self.eject(endpoint, detection)
     }
 
-    fn eject(&self, endpoint: &EndpointState, detection: &OutlierDetection) -> Option<Ejection> {
+    fn eject(&self, endpoint: &EndpointState, detection: &OutlierDetection) -> Option<Duration> {
         let _serial = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
         let mut now = self.now();
         let now = now.get();
@@ -358,15 +349,7 @@ impl Upstream {
             now.saturating_add(nanos(duration)).max(1),
             Ordering::Relaxed,
         );
-        let index = self
-            .endpoints
-            .iter()
-            .position(|e| std::ptr::eq(e, endpoint))
-            .expect("the endpoint is one of ours");
-        Some(Ejection {
-            endpoint: index,
-            duration,
-        })
+        Some(duration)
     }
 }
 

@@ -319,6 +319,13 @@ async fn pool_limits_cap_connections_and_refuse_past_the_pending_limit() {
     while svc.gate.pending() == 0 {
         tokio::task::yield_now().await;
     }
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    let pool = &status["services"]["svc"]["pool"];
+    assert_eq!(
+        (&pool["connections"], &pool["pending"]),
+        (&1.into(), &1.into()),
+        "{status}"
+    );
     let refused = get(&url(&gw, "/fast")).await;
     assert_eq!(refused.status, 503);
     assert_eq!(
