@@ -10,6 +10,10 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod redis;
+
+pub use crate::redis::RedisServer;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;

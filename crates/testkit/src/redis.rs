@@ -1,0 +1,146 @@
+//! A private `redis-server` per test, on a free loopback port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// A `redis-server` process of this test's own (Debian's `redis-server`
+/// package; `./scripts/test.sh` installs it). Nothing is saved to disk.
+/// Killed when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and returns once it accepts
+    /// connections (it says so on its log).
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-redis-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the server's directory");
+        // A port that was free a moment ago may be taken by the time the
+        // server binds it; then it exits and another port is tried.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("bind 127.0.0.1:0")
+                .port();
+            let mut server = RedisServer {
+                port,
+                dir: dir.clone(),
+                child: None,
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of five free ports");
+    }
+
+    /// Runs the server on `self.port`; whether it came up.
+    fn spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--logfile", "", "--loglevel", "notice"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}): run ./scripts/test.sh, which installs it")
+            });
+        let mut log = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match log.read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = child.wait();
+                    return false;
+                }
+                Ok(_) if line.contains("Ready to accept connections") => break,
+                Ok(_) => {}
+            }
+        }
+        // Keep reading the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+        self.child = Some(child);
+        true
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(
+            self.spawn(),
+            "redis-server did not come back on port {}",
+            self.port
+        );
+    }
+
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: connected but mute.
+    pub fn pause(&self, paused: bool) {
+        let child = self.child.as_ref().expect("the server runs");
+        let signal = if paused { "STOP" } else { "CONT" };
+        let sent = Command::new("bash")
+            .args(["-c", &format!("kill -{signal} {}", child.id())])
+            .status()
+            .expect("run bash");
+        assert!(sent.success(), "kill -{signal}");
+    }
+
+    /// Runs one command given as words and returns the raw RESP reply (the
+    /// first read of it: enough for the short replies tests look at).
+    pub fn command(&self, words: &[&str]) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        let mut request = format!("*{}\r\n", words.len());
+        for w in words {
+            request.push_str(&format!("${}\r\n{w}\r\n", w.len()));
+        }
+        stream.write_all(request.as_bytes()).expect("send");
+        let mut reply = vec![0u8; 64 * 1024];
+        let n = stream.read(&mut reply).expect("read reply");
+        String::from_utf8_lossy(&reply[..n]).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // SIGKILL ends a paused server too.
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
