@@ -3,7 +3,7 @@
 //! | endpoint | what |
 //! |---|---|
 //! | `GET /health` | liveness: `{"status":"healthy","service":"tidegate","version",…}` |
-//! | `GET /ready` | 200 when every upstream has a healthy endpoint, else 503; per-upstream checks |
+//! | `GET /ready` | 200 when every upstream has a healthy endpoint and rate limits can be enforced (the shared store is up, or `failure_mode` is open), else 503; a check per upstream and for the store |
 //! | `GET /status/services` | breaker state, failure numbers, endpoints and in-flight count per upstream |
 //! | `GET /metrics` | Prometheus / OpenMetrics text |
 //! | `GET /events` | server-sent events: breaker and endpoint state changes as JSON |
@@ -76,6 +76,18 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
             }),
         );
     }
+    if let Some((up, enforced)) = gateway.table().edge.store_check() {
+        ready &= enforced;
+        let status = match (up, enforced) {
+            (true, _) => "ok",
+            (false, true) => "unreachable: counting locally (failure_mode = open)",
+            (false, false) => "unreachable: refusing limited requests (failure_mode = closed)",
+        };
+        checks.insert(
+            "rate_limit_store".to_owned(),
+            json!({ "status": status, "up": up }),
+        );
+    }
     let (status, word) = if ready {
         (StatusCode::OK, "ready")
     } else {
@@ -129,6 +141,9 @@ async fn status(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    if let Some((up, _)) = gateway.table().edge.store_check() {
+        gateway.metrics.store_up(up);
+    }
     for u in &gateway.table().upstreams {
         if let Some(breaker) = u.pipeline.circuit_breaker() {
             gateway

@@ -6,7 +6,9 @@
 //! with a valid key counts against its tier's per-minute, per-hour and
 //! concurrent limits; a route's own limit counts by client address, API key
 //! or header value. Counts live in one [`LocalStore`] shared by every
-//! route and kept across config reloads.
+//! route and kept across config reloads, or, with `rate_limit.store =
+//! "redis"`, in Redis, shared by every replica; when Redis cannot decide,
+//! `failure_mode` picks between this replica's own counts and a 503.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,9 +18,14 @@ use std::time::Duration;
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
+use tidegate_redis::{RedisConfig, RedisStore};
 use tidegate_resilience::ratelimit::{Decision, KeyedConfig, Limit, LocalStore, Quota};
+use tokio::time::Instant;
 
-use crate::config::{ApiKey, LimitKey, RateLimitSettings, RouteConfig, Tier};
+use crate::config::{
+    ApiKey, FailureMode, LimitKey, RateLimitSettings, RouteConfig, StoreSettings, Tier,
+};
+use crate::metrics::Metrics;
 
 /// `X-API-Key`.
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -33,31 +40,64 @@ pub static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimi
 /// `X-RateLimit-Reset`: seconds until the quota is whole again.
 pub static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// Counts kept across reloads: limiter state per key and in-flight
-/// requests per API key.
+/// Counts kept across reloads: limiter state per key (here, and in Redis
+/// when configured) and in-flight requests per API key.
 #[derive(Debug)]
 pub struct Counters {
     max_keys: usize,
+    settings: StoreSettings,
+    /// This replica's counts: all of them, or the fallback of fail-open.
     store: LocalStore,
+    shared: Option<RedisStore>,
     in_flight: Mutex<HashMap<String, u32>>,
 }
 
 impl Counters {
-    /// Empty counts for at most `max_keys` keys.
-    pub fn new(max_keys: usize) -> Arc<Self> {
-        Arc::new(Counters {
+    /// Empty counts under `settings` (`max_keys`, `store`). A Redis store
+    /// connects on first use; this must run inside a Tokio runtime.
+    pub fn new(settings: &RateLimitSettings) -> Result<Arc<Self>, String> {
+        let shared = match &settings.store {
+            StoreSettings::Local => None,
+            StoreSettings::Redis { url, timeout } => {
+                let config = RedisConfig {
+                    timeout: *timeout,
+                    ..RedisConfig::new(url.0.clone())
+                };
+                let store =
+                    RedisStore::open(&config).map_err(|e| format!("rate_limit.redis_url: {e}"))?;
+                tracing::info!(
+                    redis = store.endpoint(),
+                    "rate-limit counts are kept in Redis"
+                );
+                Some(store)
+            }
+        };
+        let max_keys = settings.max_keys;
+        Ok(Arc::new(Counters {
             max_keys,
+            settings: settings.store.clone(),
             store: LocalStore::new(KeyedConfig {
                 max_keys,
                 ..KeyedConfig::default()
             }),
+            shared,
             in_flight: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
-    /// The most keys kept.
+    /// The most keys kept here.
     pub fn max_keys(&self) -> usize {
         self.max_keys
+    }
+
+    /// Where counts live, as configured at start.
+    pub fn store_settings(&self) -> &StoreSettings {
+        &self.settings
+    }
+
+    /// The Redis store, when counts are shared.
+    pub fn shared(&self) -> Option<&RedisStore> {
+        self.shared.as_ref()
     }
 }
 
@@ -75,6 +115,7 @@ struct TierLimits {
 pub struct Edge {
     keys: Vec<ApiKey>,
     tiers: Vec<TierLimits>,
+    failure_mode: FailureMode,
     counters: Arc<Counters>,
 }
 
@@ -98,6 +139,8 @@ pub enum Refusal {
     Forbidden,
     /// Over a limit (429), with the decision for the headers.
     Limited(Decision, Exceeded),
+    /// The shared store could not decide and `failure_mode` is closed (503).
+    StoreUnavailable,
 }
 
 /// Which limit a request was over.
@@ -166,6 +209,7 @@ impl Edge {
         Edge {
             keys,
             tiers,
+            failure_mode: settings.failure_mode,
             counters,
         }
     }
@@ -199,12 +243,13 @@ impl Edge {
     }
 
     /// Checks the route's key requirement and every limit that applies.
-    pub fn admit(
+    pub async fn admit(
         &self,
         route: &RouteConfig,
         credential: Credential<'_>,
         client: IpAddr,
         headers: &HeaderMap,
+        metrics: &Metrics,
     ) -> Result<Admission, Refusal> {
         let key = match credential {
             Credential::Valid(key, _) => Some(key),
@@ -228,10 +273,8 @@ impl Edge {
         if let Some((key, tier)) = tier {
             for (window, limit) in &tier.windows {
                 let counted = format!("t\0{}\0{window}\0{}", tier.name, key.id);
-                admission.tighten(
-                    self.counters.store.check_now(&counted, limit, 1),
-                    Exceeded::Tier,
-                )?;
+                let decision = self.count(&counted, limit, metrics).await?;
+                admission.tighten(decision, Exceeded::Tier)?;
             }
         }
         if let Some(limit) = &route.rate_limit {
@@ -244,10 +287,8 @@ impl Edge {
                 _ => format!("i\0{client}"),
             };
             let counted = format!("r\0{}\0{who}", route.name);
-            admission.tighten(
-                self.counters.store.check_now(&counted, &limit.limit, 1),
-                Exceeded::Route,
-            )?;
+            let decision = self.count(&counted, &limit.limit, metrics).await?;
+            admission.tighten(decision, Exceeded::Route)?;
         }
         if let Some((key, tier)) = tier {
             if let Some(most) = tier.concurrent {
@@ -255,6 +296,40 @@ impl Edge {
             }
         }
         Ok(admission)
+    }
+
+    /// Counts one request for `key` under `limit`, where counts live.
+    async fn count(
+        &self,
+        key: &str,
+        limit: &Limit,
+        metrics: &Metrics,
+    ) -> Result<Decision, Refusal> {
+        let Some(shared) = &self.counters.shared else {
+            return Ok(self.counters.store.check_now(key, limit, 1));
+        };
+        let start = Instant::now();
+        let result = shared.decide(key, limit, 1).await;
+        metrics.store_decision(&result, start.elapsed());
+        match result {
+            Ok(decision) => Ok(decision),
+            Err(e) => {
+                tracing::debug!(error = %e, "rate-limit store could not decide");
+                metrics.store_fallback(self.failure_mode);
+                match self.failure_mode {
+                    FailureMode::Open => Ok(self.counters.store.check_now(key, limit, 1)),
+                    FailureMode::Closed => Err(Refusal::StoreUnavailable),
+                }
+            }
+        }
+    }
+
+    /// Whether limits can be enforced as configured: the shared store is up,
+    /// or requests fall back to local counts. For `/ready`.
+    pub fn store_check(&self) -> Option<(bool, bool)> {
+        let shared = self.counters.shared.as_ref()?;
+        let up = shared.is_up();
+        Some((up, up || self.failure_mode == FailureMode::Open))
     }
 
     fn acquire(&self, id: &str, most: u32) -> Result<Slot, Refusal> {

@@ -8,7 +8,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::time::Duration;
+
 use tidegate_resilience::breaker::CircuitState;
+use tidegate_resilience::ratelimit::{Decision, StoreError};
+
+use crate::config::FailureMode;
 
 pub use tidegate_client::metrics::method_label;
 
@@ -70,8 +75,18 @@ struct FallbackLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReloadLabels {
+struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureModeLabels {
+    failure_mode: &'static str,
 }
 
 /// Every gateway metric, registered once.
@@ -89,7 +104,12 @@ pub struct Metrics {
     ejections: Family<EndpointLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
     faults: Family<FallbackLabels, Counter>,
-    reloads: Family<ReloadLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    store_decisions: Family<ResultLabels, Counter>,
+    store_errors: Family<KindLabels, Counter>,
+    store_duration: Histogram,
+    store_fallbacks: Family<FailureModeLabels, Counter>,
+    store_up: Gauge,
 }
 
 fn duration_histogram() -> Histogram {
@@ -112,6 +132,12 @@ impl Default for Metrics {
         let fallbacks = Family::default();
         let faults = Family::default();
         let reloads = Family::default();
+        let store_decisions = Family::default();
+        let store_errors = Family::default();
+        // 100 µs to about 0.8 s: a loopback round trip is well under a millisecond.
+        let store_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 14));
+        let store_fallbacks = Family::default();
+        let store_up = Gauge::default();
         registry.register("tidegate_requests", "Requests answered", requests.clone());
         registry.register(
             "tidegate_request_duration_seconds",
@@ -168,6 +194,31 @@ impl Default for Metrics {
             "Config reloads, applied or rejected",
             reloads.clone(),
         );
+        registry.register(
+            "tidegate_ratelimit_store_decisions",
+            "Decisions made by the shared rate-limit store (Redis), allowed or denied",
+            store_decisions.clone(),
+        );
+        registry.register(
+            "tidegate_ratelimit_store_errors",
+            "Decisions the shared rate-limit store could not make: timeout, error, or unavailable (its breaker open)",
+            store_errors.clone(),
+        );
+        registry.register(
+            "tidegate_ratelimit_store_duration_seconds",
+            "Time the shared rate-limit store took per decision, answered or not",
+            store_duration.clone(),
+        );
+        registry.register(
+            "tidegate_ratelimit_store_fallbacks",
+            "Requests decided by the failure mode: open counts locally, closed refuses",
+            store_fallbacks.clone(),
+        );
+        registry.register(
+            "tidegate_ratelimit_store_up",
+            "1 when the shared rate-limit store answered its last request",
+            store_up.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -182,6 +233,11 @@ impl Default for Metrics {
             fallbacks,
             faults,
             reloads,
+            store_decisions,
+            store_errors,
+            store_duration,
+            store_fallbacks,
+            store_up,
         }
     }
 }
@@ -291,7 +347,44 @@ impl Metrics {
 
     /// Counts a config reload: `applied` or `rejected`.
     pub fn reload(&self, result: &'static str) {
-        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts one decision asked of the shared store and its time.
+    pub fn store_decision(&self, result: &Result<Decision, StoreError>, took: Duration) {
+        self.store_duration.observe(took.as_secs_f64());
+        match result {
+            Ok(d) => {
+                let result = if d.allowed { "allowed" } else { "denied" };
+                self.store_decisions
+                    .get_or_create(&ResultLabels { result })
+                    .inc();
+            }
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_unavailable() {
+                    "unavailable"
+                } else {
+                    "error"
+                };
+                self.store_errors.get_or_create(&KindLabels { kind }).inc();
+            }
+        }
+    }
+
+    /// Counts a request the failure mode decided.
+    pub fn store_fallback(&self, mode: FailureMode) {
+        self.store_fallbacks
+            .get_or_create(&FailureModeLabels {
+                failure_mode: mode.as_str(),
+            })
+            .inc();
+    }
+
+    /// Sets whether the shared store is reachable.
+    pub fn store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
     }
 
     /// The Prometheus text exposition.

@@ -182,7 +182,7 @@ impl Gateway {
     /// Builds the run-time state of a validated config. The internal token is
     /// read from the environment variable the config names.
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let counters = Counters::new(config.rate_limit.max_keys);
+        let counters = Counters::new(&config.rate_limit)?;
         let settings = config.gateway.clone();
         let table = Table::build(config, None, counters.clone())?;
         let metrics = Arc::new(Metrics::default());
@@ -328,7 +328,14 @@ impl Gateway {
         }
         let admission = table
             .edge
-            .admit(&route.config, credential, client.ip(), &parts.headers)
+            .admit(
+                &route.config,
+                credential,
+                client.ip(),
+                &parts.headers,
+                &self.metrics,
+            )
+            .await
             .map_err(|refusal| self.refused(refusal, upstream))?;
         if let Some(fault) = &route.config.fault {
             if let Some(delay) = fault.delay {
@@ -528,6 +535,17 @@ impl Gateway {
                     reply.headers.extend(edge::headers(&decision));
                 }
                 reply
+            }
+            Refusal::StoreUnavailable => {
+                upstream.rejections.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .rejection(upstream.name(), "rate_limit_store_unavailable");
+                Reply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "rate limits cannot be checked now",
+                )
+                .service(upstream.name())
+                .retry_after(Some(Duration::from_secs(1)))
             }
         }
     }

@@ -83,6 +83,9 @@ impl Reloader {
         if config.rate_limit.max_keys != self.gateway.counters.max_keys() {
             needs_restart.push("rate_limit.max_keys");
         }
+        if config.rate_limit.store != *self.gateway.counters.store_settings() {
+            needs_restart.push("rate_limit.store");
+        }
         let old = self.gateway.table();
         let table = match Table::build(config, Some(&old), self.gateway.counters.clone()) {
             Ok(table) => table,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tidegate_gateway::config::{parse, Config, ConfigError, Target};
+use tidegate_gateway::config::{parse, Config, ConfigError, FailureMode, StoreSettings, Target};
 
 const GOOD: &str = r#"
 [gateway]
@@ -244,6 +244,26 @@ fn traffic_and_edge_errors_name_their_key() {
             "upstreams[1].pool.max_connections: must be at least 1",
         ),
         (
+            format!("{GOOD}[rate_limit]\nstore = \"redis\"\n"),
+            "rate_limit.store: store = \"redis\" needs redis_url",
+        ),
+        (
+            format!("{GOOD}[rate_limit]\nredis_url = \"redis://127.0.0.1\"\n"),
+            "rate_limit.redis_url: applies only with store = \"redis\"",
+        ),
+        (
+            format!("{GOOD}[rate_limit]\nfailure_mode = \"closed\"\n"),
+            "rate_limit.failure_mode: applies only with store = \"redis\"",
+        ),
+        (
+            format!("{GOOD}[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:pw@h\"\ntimeout = \"0s\"\n"),
+            "rate_limit.timeout: must be greater than 0 and at most 10s",
+        ),
+        (
+            format!("{GOOD}[rate_limit]\nstore = \"memcached\"\n"),
+            "rate_limit.store: unknown variant `memcached`, expected `local` or `redis`",
+        ),
+        (
             format!("{GOOD}[[api_keys]]\nid = \"a\"\nkey_sha256 = \"secret\"\n"),
             "api_keys[0].key_sha256: must be the key's SHA-256 as 64 hex digits (sha256sum prints it)",
         ),
@@ -255,6 +275,29 @@ fn traffic_and_edge_errors_name_their_key() {
             "{e}\nwanted …{want}"
         );
     }
+}
+
+#[test]
+fn a_redis_store_is_typed_and_its_password_never_printed() {
+    let text = format!(
+        "{GOOD}[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:hunter2@10.0.0.5:6379/2\"\nfailure_mode = \"closed\"\n"
+    );
+    let config = ok(&text);
+    let StoreSettings::Redis { url, timeout } = &config.rate_limit.store else {
+        panic!("{:?}", config.rate_limit.store)
+    };
+    assert_eq!(*timeout, Duration::from_millis(50));
+    assert_eq!(url.0, "redis://:hunter2@10.0.0.5:6379/2");
+    assert_eq!(config.rate_limit.failure_mode, FailureMode::Closed);
+    let printed = format!("{config:?}");
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(printed.contains("redis://***@10.0.0.5:6379/2"), "{printed}");
+    let e = err(&text.replace("redis://:hunter2@10.0.0.5:6379/2", "rediss//:hunter2@x"));
+    assert!(
+        e.contains("rate_limit.redis_url: not a usable Redis URL"),
+        "{e}"
+    );
+    assert!(!e.contains("hunter2"), "{e}");
 }
 
 #[test]

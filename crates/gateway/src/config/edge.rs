@@ -133,9 +133,13 @@ fn client_ip() -> String {
 pub struct RateLimitSettings {
     /// The algorithm of the tiers' per-minute and per-hour limits.
     pub algorithm: Algorithm,
-    /// Most keys (clients, API keys, header values) whose counts are kept;
-    /// beyond it the idlest are forgotten.
+    /// Most keys (clients, API keys, header values) whose counts are kept
+    /// in this process; beyond it the idlest are forgotten.
     pub max_keys: usize,
+    /// Where the counts live.
+    pub store: StoreSettings,
+    /// What a request gets when the shared store cannot decide.
+    pub failure_mode: FailureMode,
     /// The tiers, in file order.
     pub tiers: Vec<Tier>,
 }
@@ -145,9 +149,76 @@ impl Default for RateLimitSettings {
         RateLimitSettings {
             algorithm: Algorithm::SlidingWindow,
             max_keys: 100_000,
+            store: StoreSettings::Local,
+            failure_mode: FailureMode::Open,
             tiers: Vec::new(),
         }
     }
+}
+
+/// `rate_limit.store`: where limiter counts live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSettings {
+    /// In this process: each replica counts on its own.
+    Local,
+    /// In Redis, shared by every replica that names the same server.
+    Redis {
+        /// `redis_url`.
+        url: RedisUrl,
+        /// `timeout`: how long one decision may take. Default 50 ms.
+        timeout: Duration,
+    },
+}
+
+/// A Redis URL, which may hold a password: its `Debug` hides the credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub String);
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_credentials(&self.0))
+    }
+}
+
+/// `url` with anything between `scheme://` and `@` replaced by `***`.
+pub fn redact_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// `rate_limit.failure_mode`: the answer when the shared store cannot decide
+/// (down, too slow, or its breaker open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Decide with this replica's own counts, so limits still hold per
+    /// replica. The default: an outage of Redis is not an outage of the API.
+    #[default]
+    Open,
+    /// Refuse with 503.
+    Closed,
+}
+
+impl FailureMode {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Open => "open",
+            FailureMode::Closed => "closed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StoreKind {
+    #[default]
+    Local,
+    Redis,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +229,12 @@ pub(crate) struct RawRateLimit {
     #[serde(default = "max_keys")]
     pub(crate) max_keys: usize,
     #[serde(default)]
+    pub(crate) store: StoreKind,
+    pub(crate) redis_url: Option<String>,
+    #[serde(default, with = "duration::option")]
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) failure_mode: Option<FailureMode>,
+    #[serde(default)]
     pub(crate) tiers: Vec<Tier>,
 }
 
@@ -166,6 +243,10 @@ impl Default for RawRateLimit {
         RawRateLimit {
             algorithm: Algorithm::SlidingWindow,
             max_keys: max_keys(),
+            store: StoreKind::Local,
+            redis_url: None,
+            timeout: None,
+            failure_mode: None,
             tiers: Vec::new(),
         }
     }

@@ -31,10 +31,12 @@ pub use tidegate_client::config::ConfigError;
 
 mod edge;
 
-use self::edge::{parse_sha256, RawApiKey, RawFallback, RawRateLimit, RawRouteLimit, RawSplit};
+use self::edge::{
+    parse_sha256, RawApiKey, RawFallback, RawRateLimit, RawRouteLimit, RawSplit, StoreKind,
+};
 pub use self::edge::{
-    ApiKey, Fallback, Fault, LimitKey, LoadBalancing, OutlierDetection, RateLimitSettings,
-    RouteLimit, Tier,
+    redact_credentials, ApiKey, FailureMode, Fallback, Fault, LimitKey, LoadBalancing,
+    OutlierDetection, RateLimitSettings, RedisUrl, RouteLimit, StoreSettings, Tier,
 };
 
 /// The whole config, validated.
@@ -580,9 +582,45 @@ impl Locator<'_> {
                 }
             }
         }
+        let store = match raw.store {
+            StoreKind::Local => {
+                for (key, set) in [
+                    ("redis_url", raw.redis_url.is_some()),
+                    ("timeout", raw.timeout.is_some()),
+                    ("failure_mode", raw.failure_mode.is_some()),
+                ] {
+                    if set {
+                        return Err(
+                            self.error(&at.clone().key(key), "applies only with store = \"redis\"")
+                        );
+                    }
+                }
+                StoreSettings::Local
+            }
+            StoreKind::Redis => {
+                let Some(url) = raw.redis_url else {
+                    return Err(self.error(&at.key("store"), "store = \"redis\" needs redis_url"));
+                };
+                if let Err(e) = tidegate_redis::check_url(&url) {
+                    return Err(self.error(&at.key("redis_url"), e));
+                }
+                let timeout = raw.timeout.unwrap_or(Duration::from_millis(50));
+                if timeout.is_zero() || timeout > Duration::from_secs(10) {
+                    return Err(
+                        self.error(&at.key("timeout"), "must be greater than 0 and at most 10s")
+                    );
+                }
+                StoreSettings::Redis {
+                    url: RedisUrl(url),
+                    timeout,
+                }
+            }
+        };
         Ok(RateLimitSettings {
             algorithm: raw.algorithm,
             max_keys: raw.max_keys,
+            store,
+            failure_mode: raw.failure_mode.unwrap_or_default(),
             tiers: raw.tiers,
         })
     }
