@@ -2,17 +2,20 @@
 # Whole-system proxy benchmark: wrk against one loopback upstream directly,
 # through tidegate (retry, circuit breaker and bulkhead on), through
 # tidegate's edge route (the same plus an API key, its tier's per-minute
-# limit and a per-key GCRA route limit, none of them reached) and through
+# limit and a per-key GCRA route limit, none of them reached), through the
+# same edge route on a second tidegate whose counts live in a local
+# redis-server (`shared`: two Redis round trips per request) and through
 # nginx (same number of workers, upstream keep-alive), side by side in one run.
 #
-# Rounds alternate direct / tidegate / edge / nginx so that machine noise
+# Rounds alternate direct / tidegate / edge / shared / nginx so that machine noise
 # hits all alike; the table shows each one's median over the rounds, and
 # the ratios are computed from those medians.
 #
 #   ./scripts/bench-proxy.sh                 # defaults below
 #   WORKERS=2 CONNECTIONS=100 DURATION=15 ROUNDS=5 ./scripts/bench-proxy.sh
 #
-# Installs nginx and wrk from Debian's packages when they are missing (root).
+# Installs nginx, wrk and redis-server from Debian's packages when they are
+# missing (root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +27,7 @@ ROUNDS=${ROUNDS:-3}
 
 need() {
     local missing=()
-    for tool in nginx wrk python3; do
+    for tool in nginx wrk python3 redis-server; do
         command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
     done
     [ ${#missing[@]} -eq 0 ] && return
@@ -33,7 +36,7 @@ need() {
         exit 1
     fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk python3 >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk python3 redis-server >/dev/null
 }
 need
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -67,6 +70,9 @@ UPSTREAM_PORT=$(free_port)
 NGINX_PORT=$(free_port)
 TIDEGATE_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
+SHARED_PORT=$(free_port)
+SHARED_ADMIN_PORT=$(free_port)
+REDIS_PORT=$(free_port)
 
 nginx_conf() { # name workers server-block
     mkdir -p "$WORK/$1"
@@ -150,6 +156,20 @@ id = "bench"
 key_sha256 = "$(printf %s bench-key | sha256sum | cut -d' ' -f1)"
 tier = "bench"
 EOF
+# The second tidegate: the same routes, counts in Redis.
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$WORK" --logfile "$WORK/redis.log" &
+PIDS+=($!)
+sed -e "s/127.0.0.1:$TIDEGATE_PORT/127.0.0.1:$SHARED_PORT/" \
+    -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$SHARED_ADMIN_PORT/" \
+    -e "s|^\[\[rate_limit.tiers\]\]|[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://127.0.0.1:$REDIS_PORT\"\nfailure_mode = \"closed\"\n[[rate_limit.tiers]]|" \
+    "$WORK/tidegate.toml" >"$WORK/shared.toml"
+grep -q 'store = "redis"' "$WORK/shared.toml"
+wait_port "$REDIS_PORT"
+TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/shared.toml" --workers "$WORKERS" \
+    2>"$WORK/shared.log" &
+PIDS+=($!)
+
 # Access logs are off for nginx, so tidegate logs warnings only.
 TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers "$WORKERS" \
     2>"$WORK/tidegate.log" &
@@ -159,6 +179,7 @@ PIDS+=("$TIDEGATE_PID")
 wait_port "$UPSTREAM_PORT"
 wait_port "$NGINX_PORT"
 wait_port "$TIDEGATE_PORT"
+wait_port "$SHARED_PORT"
 
 # One wrk run (URL, seconds, extra wrk arguments); prints
 # "requests_per_second p50_ms p99_ms".
@@ -198,20 +219,23 @@ DIRECT="http://127.0.0.1:$UPSTREAM_PORT/"
 VIA_TIDEGATE="http://127.0.0.1:$TIDEGATE_PORT/"
 VIA_NGINX="http://127.0.0.1:$NGINX_PORT/"
 VIA_EDGE="http://127.0.0.1:$TIDEGATE_PORT/edge"
+VIA_SHARED="http://127.0.0.1:$SHARED_PORT/edge"
 KEY=(-H "X-API-Key: bench-key")
 
 echo "warming up (connection pools, page cache, CPU frequency)"
 for url in "$DIRECT" "$VIA_TIDEGATE" "$VIA_NGINX"; do measure "$url" 2 >/dev/null; done
 measure "$VIA_EDGE" 2 "${KEY[@]}" >/dev/null
+measure "$VIA_SHARED" 2 "${KEY[@]}" >/dev/null
 
 : >"$WORK/results"
 for round in $(seq 1 "$ROUNDS"); do
-    for target in direct tidegate edge nginx; do
+    for target in direct tidegate edge shared nginx; do
         extra=()
         case $target in
             direct) url=$DIRECT ;;
             tidegate) url=$VIA_TIDEGATE ;;
             edge) url=$VIA_EDGE extra=("${KEY[@]}") ;;
+            shared) url=$VIA_SHARED extra=("${KEY[@]}") ;;
             nginx) url=$VIA_NGINX ;;
         esac
         result=$(measure "$url" "$DURATION" "${extra[@]}")
@@ -225,7 +249,7 @@ import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
 rss_kib, workers, conns, duration, rounds = sys.argv[2:]
 median = {}
-for target in ("direct", "tidegate", "edge", "nginx"):
+for target in ("direct", "tidegate", "edge", "shared", "nginx"):
     runs = [r for r in rows if r[0] == target]
     median[target] = [statistics.median(float(r[i]) for r in runs) for i in (1, 2, 3)]
 print()
@@ -238,5 +262,7 @@ print()
 e = median["edge"]
 print(f"tidegate/nginx: requests/s {t[0] / n[0]:.2f}x, p50 {t[1] / n[1]:.2f}x, p99 {t[2] / n[2]:.2f}x")
 print(f"edge/tidegate (API key + tier + route limit on): requests/s {e[0] / t[0]:.2f}x, p50 {e[1] / t[1]:.2f}x, p99 {e[2] / t[2]:.2f}x")
+r = median["shared"]
+print(f"shared/edge (the same limits counted in Redis): requests/s {r[0] / e[0]:.2f}x, p50 {r[1] / e[1]:.2f}x, p99 {r[2] / e[2]:.2f}x, p99 +{r[2] - e[2]:.3f} ms")
 print(f"tidegate peak RSS under load: {int(rss_kib) / 1024:.1f} MiB")
 EOF

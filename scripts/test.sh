@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: formatting, clippy with warnings as errors, and
 # all tests (unit, integration, property, concurrency, allocation, doc).
-# It installs what the tests need; today that is only the Rust toolchain
-# (cargo-nextest is used when present). Later suites add their packages here.
+# It installs what the tests need: redis-server (Debian's package; the
+# tests start their own servers on free ports, never a shared one).
+# cargo-nextest is used when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# Installs Debian packages that provide the given commands, when missing.
+need() {
+    local missing=()
+    local pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    step "installing ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+need redis-server:redis-server
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -2,6 +2,10 @@
 
 use std::process::Command;
 
+mod common;
+
+use common::{http_get, temp_dir, tiny_upstream, Serve};
+
 fn tidegate(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tidegate"))
         .args(args)
@@ -11,8 +15,7 @@ fn tidegate(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn check_accepts_a_good_config_and_names_the_problem_in_a_bad_one() {
-    let dir = std::env::temp_dir().join(format!("tidegate-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("cli");
     let good = dir.join("good.toml");
     std::fs::write(
         &good,
@@ -48,34 +51,10 @@ fn usage_errors_exit_2() {
     assert!(tidegate(&["--version"]).status.success());
 }
 
-/// A one-answer-per-connection upstream on 127.0.0.1:0, served by a thread.
-fn tiny_upstream() -> std::net::SocketAddr {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok");
-        }
-    });
-    addr
-}
-
 #[test]
 fn serve_logs_json_access_lines_reloads_on_sighup_and_drains_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::process::Stdio;
-
     let upstream = tiny_upstream();
-    let dir = std::env::temp_dir().join(format!("tidegate-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("serve");
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
@@ -86,38 +65,11 @@ fn serve_logs_json_access_lines_reloads_on_sighup_and_drains_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .args(["--log-format", "json"])
-        .env("TIDEGATE_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tidegate");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    // Every line is one JSON object; this finds the next one that matches.
-    let mut next_event = |wanted: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            let event: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            if wanted(&event) {
-                return event;
-            }
-        }
-        panic!("tidegate exited before logging what the test waits for");
-    };
-    let serving = next_event(&|e| e["fields"]["message"] == "tidegate is serving");
-    let addr = serving["fields"]["addr"].as_str().unwrap().to_owned();
-
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream
-        .write_all(b"GET /api/x HTTP/1.1\r\nHost: a\r\nx-correlation-id: cli-1\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    let mut serve = Serve::start(&config);
+    let answer = http_get(&serve.addr, "/api/x", "x-correlation-id: cli-1\r\n");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
-    let access = next_event(&|e| e["target"] == "tidegate::access");
+    let access = serve.next_event(&|e| e["target"] == "tidegate::access");
     let fields = &access["fields"];
     assert_eq!(fields["request_id"], "cli-1");
     assert_eq!(fields["route"], "api");
@@ -125,15 +77,6 @@ fn serve_logs_json_access_lines_reloads_on_sighup_and_drains_on_sigterm() {
     assert_eq!(fields["attempts"], 1);
     assert_eq!(fields["status"], 200);
     assert!(fields["duration_ms"].as_f64().is_some(), "{access}");
-
-    // bash's own `kill`: no dependency on procps being installed.
-    let signal = |name: &str| {
-        let sent = Command::new("bash")
-            .args(["-c", &format!("kill -{name} {}", child.id())])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    };
 
     // SIGHUP reloads the file (a change is also seen by polling; either way
     // one reload is logged).
@@ -143,18 +86,13 @@ fn serve_logs_json_access_lines_reloads_on_sighup_and_drains_on_sigterm() {
         format!("{text}[[routes]]\nname = \"more\"\npath_prefix = \"/more\"\nupstream = \"svc\"\n"),
     )
     .unwrap();
-    signal("HUP");
-    next_event(&|e| e["fields"]["message"] == "config reloaded");
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream
-        .write_all(b"GET /more/x HTTP/1.1\r\nHost: a\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    serve.signal("HUP");
+    serve.next_event(&|e| e["fields"]["message"] == "config reloaded");
+    let answer = http_get(&serve.addr, "/more/x", "");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
-    signal("TERM");
-    next_event(&|e| e["fields"]["message"] == "shutting down: draining in-flight requests");
-    assert!(child.wait().unwrap().success());
+    serve.signal("TERM");
+    serve.next_event(&|e| e["fields"]["message"] == "shutting down: draining in-flight requests");
+    serve.stop_after_signal();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,131 @@
+//! Running `tidegate serve` as a child process, and a tiny upstream.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A `tidegate serve` process logging JSON; its log lines arrive on a
+/// channel, so it never blocks on a full pipe.
+pub struct Serve {
+    child: Child,
+    events: mpsc::Receiver<serde_json::Value>,
+    /// The proxy listener, `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The admin listener.
+    pub admin: String,
+}
+
+impl Serve {
+    /// Starts `tidegate serve --config CONFIG` and returns once it serves.
+    pub fn start(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .args(["--log-format", "json"])
+            .env("TIDEGATE_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tidegate");
+        let stderr = child.stderr.take().unwrap();
+        let (send, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                let event = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if send.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut serve = Serve {
+            child,
+            events,
+            addr: String::new(),
+            admin: String::new(),
+        };
+        let serving = serve.next_event(&|e| e["fields"]["message"] == "tidegate is serving");
+        serve.addr = serving["fields"]["addr"].as_str().unwrap().to_owned();
+        serve.admin = serving["fields"]["admin_addr"].as_str().unwrap().to_owned();
+        serve
+    }
+
+    /// The next log line that `wanted` accepts.
+    pub fn next_event(&mut self, wanted: &dyn Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        loop {
+            match self.events.recv_timeout(Duration::from_secs(60)) {
+                Ok(event) if wanted(&event) => return event,
+                Ok(_) => {}
+                Err(e) => panic!("tidegate logged nothing the test waits for ({e})"),
+            }
+        }
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`) with bash's own `kill`, so
+    /// procps need not be installed.
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("bash")
+            .args(["-c", &format!("kill -{name} {}", self.child.id())])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(self) {
+        self.signal("TERM");
+        self.stop_after_signal();
+    }
+
+    /// Waits for the exit a signal already asked for; it must be clean.
+    pub fn stop_after_signal(mut self) {
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-answer-per-connection upstream on 127.0.0.1:0, served by a thread.
+pub fn tiny_upstream() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok");
+        }
+    });
+    addr
+}
+
+/// Sends `GET path` on a new connection and reads the whole answer.
+pub fn http_get(addr: &str, path: &str, extra: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: a\r\n{extra}connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// A fresh directory under the system's temp dir.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tidegate-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
