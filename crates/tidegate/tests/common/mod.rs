@@ -9,18 +9,18 @@ use std::time::Duration;
 
 /// A `tidegate serve` process logging JSON; its log lines arrive on a
 /// channel, so it never blocks on a full pipe.
-pub struct Serve {
+pub(crate) struct Serve {
     child: Child,
     events: mpsc::Receiver<serde_json::Value>,
     /// The proxy listener, `127.0.0.1:PORT`.
-    pub addr: String,
+    pub(crate) addr: String,
     /// The admin listener.
-    pub admin: String,
+    pub(crate) admin: String,
 }
 
 impl Serve {
     /// Starts `tidegate serve --config CONFIG` and returns once it serves.
-    pub fn start(config: &Path) -> Self {
+    pub(crate) fn start(config: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
             .args(["serve", "--config", config.to_str().unwrap()])
             .args(["--log-format", "json"])
@@ -52,7 +52,10 @@ impl Serve {
     }
 
     /// The next log line that `wanted` accepts.
-    pub fn next_event(&mut self, wanted: &dyn Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub(crate) fn next_event(
+        &mut self,
+        wanted: &dyn Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         loop {
             match self.events.recv_timeout(Duration::from_secs(60)) {
                 Ok(event) if wanted(&event) => return event,
@@ -64,7 +67,7 @@ impl Serve {
 
     /// Sends a signal by name (`HUP`, `TERM`) with bash's own `kill`, so
     /// procps need not be installed.
-    pub fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let sent = Command::new("bash")
             .args(["-c", &format!("kill -{name} {}", self.child.id())])
             .status()
@@ -73,13 +76,13 @@ impl Serve {
     }
 
     /// SIGTERM, then waits for a clean exit.
-    pub fn stop(self) {
+    pub(crate) fn stop(self) {
         self.signal("TERM");
         self.stop_after_signal();
     }
 
     /// Waits for the exit a signal already asked for; it must be clean.
-    pub fn stop_after_signal(mut self) {
+    pub(crate) fn stop_after_signal(mut self) {
         assert!(self.child.wait().unwrap().success());
     }
 }
@@ -92,7 +95,7 @@ impl Drop for Serve {
 }
 
 /// A one-answer-per-connection upstream on 127.0.0.1:0, served by a thread.
-pub fn tiny_upstream() -> std::net::SocketAddr {
+pub(crate) fn tiny_upstream() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -111,7 +114,7 @@ pub fn tiny_upstream() -> std::net::SocketAddr {
 }
 
 /// Sends `GET path` on a new connection and reads the whole answer.
-pub fn http_get(addr: &str, path: &str, extra: &str) -> String {
+pub(crate) fn http_get(addr: &str, path: &str, extra: &str) -> String {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     write!(
         stream,
@@ -124,7 +127,7 @@ pub fn http_get(addr: &str, path: &str, extra: &str) -> String {
 }
 
 /// A fresh directory under the system's temp dir.
-pub fn temp_dir(name: &str) -> std::path::PathBuf {
+pub(crate) fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tidegate-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
