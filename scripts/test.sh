@@ -24,7 +24,7 @@ need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-need redis-server:redis-server
+need redis-server:redis-server redis-cli:redis-tools
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -58,9 +58,14 @@ impl Counters {
     pub fn new(settings: &RateLimitSettings) -> Result<Arc<Self>, String> {
         let shared = match &settings.store {
             StoreSettings::Local => None,
-            StoreSettings::Redis { url, timeout } => {
+            StoreSettings::Redis {
+                url,
+                timeout,
+                cluster,
+            } => {
                 let config = RedisConfig {
                     timeout: *timeout,
+                    cluster: *cluster,
                     ..RedisConfig::new(url.0.clone())
                 };
                 let store =

@@ -283,10 +283,16 @@ fn a_redis_store_is_typed_and_its_password_never_printed() {
         "{GOOD}[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:hunter2@10.0.0.5:6379/2\"\nfailure_mode = \"closed\"\n"
     );
     let config = ok(&text);
-    let StoreSettings::Redis { url, timeout } = &config.rate_limit.store else {
+    let StoreSettings::Redis {
+        url,
+        timeout,
+        cluster,
+    } = &config.rate_limit.store
+    else {
         panic!("{:?}", config.rate_limit.store)
     };
     assert_eq!(*timeout, Duration::from_millis(50));
+    assert!(!cluster);
     assert_eq!(url.0, "redis://:hunter2@10.0.0.5:6379/2");
     assert_eq!(config.rate_limit.failure_mode, FailureMode::Closed);
     let printed = format!("{config:?}");

@@ -8,8 +8,10 @@
 //! when the server answers `NOSCRIPT` (after a restart, or `SCRIPT FLUSH`).
 //!
 //! A key's state lives at `tidegate:{KEY}:ALGORITHM`. The braces are a
-//! Redis Cluster hash tag, so clients spread over the cluster's slots; a
-//! changed algorithm starts from fresh state, as it does locally.
+//! Redis Cluster hash tag, so clients spread over the cluster's slots and
+//! each decision touches one; a changed algorithm starts from fresh state,
+//! as it does locally. With [`RedisConfig::cluster`] the URL is a seed node
+//! of a Redis Cluster and each decision goes to the node owning its slot.
 //!
 //! The store never makes a request wait on a dead server: every decision
 //! has a timeout, and a circuit breaker in front of Redis answers at once
@@ -29,7 +31,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, FromRedisValue, RedisResult, Script, ScriptInvocation};
 use tidegate_resilience::breaker::{self, CircuitBreaker};
 use tidegate_resilience::ratelimit::{Decision, Limit, Store, StoreError};
 
@@ -47,6 +51,8 @@ pub struct RedisConfig {
     pub open_duration: Duration,
     /// How often the background ping checks the server. Default 1 s.
     pub ping_interval: Duration,
+    /// `url` is one node of a Redis Cluster; the others are discovered.
+    pub cluster: bool,
 }
 
 impl RedisConfig {
@@ -58,6 +64,7 @@ impl RedisConfig {
             consecutive_failures: 3,
             open_duration: Duration::from_secs(1),
             ping_interval: Duration::from_secs(1),
+            cluster: false,
         }
     }
 }
@@ -87,7 +94,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    connection: ConnectionManager,
+    connection: Connection,
     script: Script,
     timeout: Duration,
     breaker: CircuitBreaker,
@@ -113,6 +120,54 @@ impl fmt::Debug for RedisStore {
     }
 }
 
+/// One server through a reconnecting manager, or a cluster, connected on
+/// first use (its client then follows slot moves and reconnects nodes).
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(Box<Cluster>),
+}
+
+struct Cluster {
+    client: ClusterClient,
+    connected: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl Connection {
+    /// Runs `script` as prepared, or the ping (`None`).
+    async fn run<T: FromRedisValue>(
+        &self,
+        invocation: Option<&ScriptInvocation<'_>>,
+    ) -> RedisResult<T> {
+        match self {
+            Connection::Single(manager) => {
+                let mut connection = manager.clone();
+                run_on(&mut connection, invocation).await
+            }
+            Connection::Cluster(cluster) => {
+                let connection = cluster
+                    .connected
+                    .get_or_try_init(|| cluster.client.get_async_connection())
+                    .await?;
+                run_on(&mut connection.clone(), invocation).await
+            }
+        }
+    }
+}
+
+async fn run_on<C, T>(
+    connection: &mut C,
+    invocation: Option<&ScriptInvocation<'_>>,
+) -> RedisResult<T>
+where
+    C: redis::aio::ConnectionLike + Send,
+    T: FromRedisValue,
+{
+    match invocation {
+        Some(invocation) => invocation.invoke_async(connection).await,
+        None => redis::cmd("PING").query_async(connection).await,
+    }
+}
+
 /// The script's algorithm names are the config names.
 const SCRIPT: &str = include_str!("limit.lua");
 
@@ -123,14 +178,31 @@ impl RedisStore {
     pub fn open(config: &RedisConfig) -> Result<Self, InvalidUrl> {
         let client = Client::open(config.url.as_str()).map_err(InvalidUrl)?;
         let endpoint = client.get_connection_info().addr().to_string();
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(250))))
-            .set_response_timeout(Some(config.timeout))
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(3);
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, manager).map_err(InvalidUrl)?;
+        let connect_timeout = config.timeout.max(Duration::from_millis(250));
+        let connection = if config.cluster {
+            let client = ClusterClientBuilder::new([config.url.as_str()])
+                .connection_timeout(connect_timeout)
+                .response_timeout(config.timeout)
+                .retries(2)
+                .min_retry_wait(20)
+                .max_retry_wait(1000)
+                .build()
+                .map_err(InvalidUrl)?;
+            Connection::Cluster(Box::new(Cluster {
+                client,
+                connected: tokio::sync::OnceCell::new(),
+            }))
+        } else {
+            let manager = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(config.timeout))
+                .set_min_delay(Duration::from_millis(20))
+                .set_max_delay(Duration::from_secs(1))
+                .set_number_of_retries(3);
+            Connection::Single(
+                ConnectionManager::new_lazy_with_config(client, manager).map_err(InvalidUrl)?,
+            )
+        };
         let breaker = CircuitBreaker::new(breaker::Config {
             consecutive_failures: config.consecutive_failures.max(1),
             // Only the consecutive count trips it.
@@ -199,10 +271,11 @@ impl RedisStore {
             .arg(u64::try_from(period).unwrap_or(u64::MAX))
             .arg(quota.burst())
             .arg(cost);
-        let mut connection = inner.connection.clone();
         let reply = tokio::time::timeout(
             inner.timeout,
-            invocation.invoke_async::<(u8, u64, i64, i64)>(&mut connection),
+            inner
+                .connection
+                .run::<(u8, u64, i64, i64)>(Some(&invocation)),
         )
         .await;
         let result = match reply {
@@ -228,10 +301,9 @@ impl RedisStore {
 
 impl Inner {
     async fn ping(&self) -> bool {
-        let mut connection = self.connection.clone();
         let pong = tokio::time::timeout(
             self.timeout.max(Duration::from_millis(250)),
-            redis::cmd("PING").query_async::<String>(&mut connection),
+            self.connection.run::<String>(None),
         )
         .await;
         let up = matches!(pong, Ok(Ok(_)));

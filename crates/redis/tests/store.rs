@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tidegate_redis::{state_key, RedisConfig, RedisStore};
 use tidegate_resilience::ratelimit::{Algorithm, Decision, Limit, LocalStore, Quota};
-use tidegate_testkit::RedisServer;
+use tidegate_testkit::{RedisCluster, RedisServer};
 use tokio::time::Instant;
 
 fn store(server: &RedisServer) -> RedisStore {
@@ -214,4 +214,46 @@ async fn a_server_that_is_down_at_start_is_not_an_error() {
 fn a_bad_url_is_refused_without_quoting_it() {
     let err = tidegate_redis::check_url("http://user:hunter2@host").unwrap_err();
     assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_keys_spread_over_the_nodes_and_one_key_is_counted_once() {
+    let cluster = RedisCluster::start();
+    let config = RedisConfig {
+        cluster: true,
+        ..RedisConfig::new(cluster.url())
+    };
+    let replicas = [
+        RedisStore::open(&config).unwrap(),
+        RedisStore::open(&config).unwrap(),
+    ];
+    // Connecting discovers the nodes; wait for it rather than for a timeout.
+    let start = Instant::now();
+    for replica in &replicas {
+        while !replica.ping().await {
+            assert!(start.elapsed() < Duration::from_secs(10), "never connected");
+        }
+    }
+    let limit = hourly(Algorithm::SlidingWindow, 3);
+    for client in 0..30 {
+        let key = format!("client-{client}");
+        let admitted: Vec<bool> = {
+            let mut a = Vec::new();
+            for i in 0..4 {
+                a.push(
+                    replicas[i % 2]
+                        .decide(&key, &limit, 1)
+                        .await
+                        .unwrap()
+                        .allowed,
+                );
+            }
+            a
+        };
+        assert_eq!(admitted, [true, true, true, false], "{key}");
+    }
+    for node in &cluster.nodes {
+        let keys = node.command(&["DBSIZE"]);
+        assert_ne!(keys, ":0\r\n", "every node holds some of the 30 clients");
+    }
 }

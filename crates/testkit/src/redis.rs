@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 pub struct RedisServer {
     port: u16,
     dir: PathBuf,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -19,6 +20,11 @@ impl RedisServer {
     /// Starts a server on a free port and returns once it accepts
     /// connections (it says so on its log).
     pub fn start() -> Self {
+        RedisServer::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with more `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "tidegate-redis-{}-{}",
             std::process::id(),
@@ -35,6 +41,7 @@ impl RedisServer {
             let mut server = RedisServer {
                 port,
                 dir: dir.clone(),
+                extra: extra.iter().map(|&a| a.to_owned()).collect(),
                 child: None,
             };
             if server.spawn() {
@@ -52,6 +59,7 @@ impl RedisServer {
             .args(["--logfile", "", "--loglevel", "notice"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -143,4 +151,49 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A Redis Cluster of three primaries (no replicas), each a [`RedisServer`],
+/// with the slots shared out by `redis-cli --cluster create`.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// The nodes.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three nodes and returns once every one reports `cluster_state:ok`.
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(&["--cluster-enabled", "yes"]))
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run redis-cli (Debian's redis-tools)");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        // The nodes agree on the layout by gossip, shortly after creation:
+        // ask every 20 ms, for at most 30 s.
+        let settled =
+            |n: &RedisServer| n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok");
+        let mut polls = 0;
+        while !nodes.iter().all(settled) {
+            polls += 1;
+            assert!(polls < 1500, "the cluster did not settle in 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        RedisCluster { nodes }
+    }
+
+    /// `redis://` of the first node, the seed.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
 }

@@ -167,6 +167,8 @@ pub enum StoreSettings {
         url: RedisUrl,
         /// `timeout`: how long one decision may take. Default 50 ms.
         timeout: Duration,
+        /// `redis_cluster`: `url` is a seed node of a Redis Cluster.
+        cluster: bool,
     },
 }
 
@@ -231,6 +233,7 @@ pub(crate) struct RawRateLimit {
     #[serde(default)]
     pub(crate) store: StoreKind,
     pub(crate) redis_url: Option<String>,
+    pub(crate) redis_cluster: Option<bool>,
     #[serde(default, with = "duration::option")]
     pub(crate) timeout: Option<Duration>,
     pub(crate) failure_mode: Option<FailureMode>,
@@ -245,6 +248,7 @@ impl Default for RawRateLimit {
             max_keys: max_keys(),
             store: StoreKind::Local,
             redis_url: None,
+            redis_cluster: None,
             timeout: None,
             failure_mode: None,
             tiers: Vec::new(),

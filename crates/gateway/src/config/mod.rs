@@ -586,6 +586,7 @@ impl Locator<'_> {
             StoreKind::Local => {
                 for (key, set) in [
                     ("redis_url", raw.redis_url.is_some()),
+                    ("redis_cluster", raw.redis_cluster.is_some()),
                     ("timeout", raw.timeout.is_some()),
                     ("failure_mode", raw.failure_mode.is_some()),
                 ] {
@@ -613,6 +614,7 @@ impl Locator<'_> {
                 StoreSettings::Redis {
                     url: RedisUrl(url),
                     timeout,
+                    cluster: raw.redis_cluster.unwrap_or(false),
                 }
             }
         };
