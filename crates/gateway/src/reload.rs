@@ -7,9 +7,10 @@
 //!
 //! Listener and connection settings (`listen`, `admin_listen`,
 //! `max_connections`, `max_header_bytes`, `header_read_timeout`,
-//! `drain_timeout`) and the size of the rate-limit key store
-//! (`rate_limit.max_keys`) are bound when the gateway starts; a reload
-//! that changes them says so and leaves them until a restart.
+//! `drain_timeout`), the size of the rate-limit key store
+//! (`rate_limit.max_keys`) and where counts live (`rate_limit.store` with
+//! its Redis settings) are bound when the gateway starts; a reload that
+//! changes them says so and leaves them until a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -196,3 +196,36 @@ async fn fail_closed_refuses_with_503_at_once_and_never_asks_the_upstream() {
     until_counted_in_redis(&gw, &server).await;
     assert_eq!(call(&gw, "team").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_reload_applies_the_failure_mode_and_says_the_store_needs_a_restart() {
+    let mut server = RedisServer::start();
+    let upstream = ok_upstream().await;
+    let gw = gateway(&config(&upstream, &server.url(), "open", 100)).await;
+    let summary = gw
+        .reloader()
+        .apply(support::parsed(&config(
+            &upstream,
+            &server.url(),
+            "closed",
+            100,
+        )))
+        .unwrap();
+    assert!(
+        summary.needs_restart.is_empty(),
+        "{:?}",
+        summary.needs_restart
+    );
+    server.kill();
+    assert_eq!(call(&gw, "team").await.status, 503, "closed now");
+
+    let local = config(&upstream, &server.url(), "open", 100)
+        .lines()
+        .filter(|l| {
+            !l.starts_with("store") && !l.starts_with("redis_url") && !l.starts_with("failure_mode")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let summary = gw.reloader().apply(support::parsed(&local)).unwrap();
+    assert_eq!(summary.needs_restart, ["rate_limit.store"]);
+}
