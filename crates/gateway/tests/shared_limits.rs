@@ -132,13 +132,10 @@ async fn fail_open_counts_locally_while_redis_is_down_then_redis_counts_again() 
     server.restart();
     until_counted_in_redis(&gw, &server).await;
     // Redis came back empty: the next client gets its whole quota there.
-    let statuses: Vec<u16> = {
-        let mut s = Vec::new();
-        for _ in 0..4 {
-            s.push(call(&gw, "fresh").await.status.as_u16());
-        }
-        s
-    };
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(call(&gw, "fresh").await.status.as_u16());
+    }
     assert_eq!(statuses, [200, 200, 200, 429]);
     assert!(server
         .command(&["EXISTS", "tidegate:{r\0api\0h\0fresh}:gcra"])

@@ -33,7 +33,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, FromRedisValue, RedisResult, Script, ScriptInvocation};
+use redis::{Client, FromRedisValue, IntoConnectionInfo, RedisResult, Script, ScriptInvocation};
 use tidegate_resilience::breaker::{self, CircuitBreaker};
 use tidegate_resilience::ratelimit::{Decision, Limit, Store, StoreError};
 
@@ -176,8 +176,12 @@ impl RedisStore {
     /// background ping, so it must be called inside a Tokio runtime; a
     /// server that is down now is not an error.
     pub fn open(config: &RedisConfig) -> Result<Self, InvalidUrl> {
-        let client = Client::open(config.url.as_str()).map_err(InvalidUrl)?;
-        let endpoint = client.get_connection_info().addr().to_string();
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(InvalidUrl)?;
+        let endpoint = info.addr().to_string();
         let connect_timeout = config.timeout.max(Duration::from_millis(250));
         let connection = if config.cluster {
             let client = ClusterClientBuilder::new([config.url.as_str()])
@@ -199,6 +203,7 @@ impl RedisStore {
                 .set_min_delay(Duration::from_millis(20))
                 .set_max_delay(Duration::from_secs(1))
                 .set_number_of_retries(3);
+            let client = Client::open(info).map_err(InvalidUrl)?;
             Connection::Single(
                 ConnectionManager::new_lazy_with_config(client, manager).map_err(InvalidUrl)?,
             )

@@ -237,19 +237,11 @@ async fn in_a_cluster_keys_spread_over_the_nodes_and_one_key_is_counted_once() {
     let limit = hourly(Algorithm::SlidingWindow, 3);
     for client in 0..30 {
         let key = format!("client-{client}");
-        let admitted: Vec<bool> = {
-            let mut a = Vec::new();
-            for i in 0..4 {
-                a.push(
-                    replicas[i % 2]
-                        .decide(&key, &limit, 1)
-                        .await
-                        .unwrap()
-                        .allowed,
-                );
-            }
-            a
-        };
+        let mut admitted = Vec::new();
+        for i in 0..4 {
+            let decision = replicas[i % 2].decide(&key, &limit, 1).await.unwrap();
+            admitted.push(decision.allowed);
+        }
         assert_eq!(admitted, [true, true, true, false], "{key}");
     }
     for node in &cluster.nodes {

@@ -12,7 +12,7 @@
 
 mod redis;
 
-pub use crate::redis::{RedisCluster, RedisServer};
+pub use crate::redis::{signal, RedisCluster, RedisServer};
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -116,12 +116,7 @@ impl RedisServer {
     /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: connected but mute.
     pub fn pause(&self, paused: bool) {
         let child = self.child.as_ref().expect("the server runs");
-        let signal = if paused { "STOP" } else { "CONT" };
-        let sent = Command::new("bash")
-            .args(["-c", &format!("kill -{signal} {}", child.id())])
-            .status()
-            .expect("run bash");
-        assert!(sent.success(), "kill -{signal}");
+        signal(child.id(), if paused { "STOP" } else { "CONT" });
     }
 
     /// Runs one command given as words and returns the raw RESP reply (the
@@ -145,6 +140,16 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Sends signal `name` (`TERM`, `HUP`, `STOP`, …) to process `pid` with
+/// bash's own `kill`, so procps need not be installed.
+pub fn signal(pid: u32, name: &str) {
+    let sent = Command::new("bash")
+        .args(["-c", &format!("kill -{name} {pid}")])
+        .status()
+        .expect("run bash");
+    assert!(sent.success(), "kill -{name} {pid}");
 }
 
 fn unique() -> u64 {

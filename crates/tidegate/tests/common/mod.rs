@@ -65,14 +65,9 @@ impl Serve {
         }
     }
 
-    /// Sends a signal by name (`HUP`, `TERM`) with bash's own `kill`, so
-    /// procps need not be installed.
+    /// Sends a signal by name (`HUP`, `TERM`).
     pub(crate) fn signal(&self, name: &str) {
-        let sent = Command::new("bash")
-            .args(["-c", &format!("kill -{name} {}", self.child.id())])
-            .status()
-            .unwrap();
-        assert!(sent.success());
+        tidegate_testkit::signal(self.child.id(), name);
     }
 
     /// SIGTERM, then waits for a clean exit.
