@@ -12,6 +12,13 @@ pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
 
+/// Now, in milliseconds since the Unix epoch (for charts).
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A monotonic instant as a wall-clock date.
 pub fn instant_rfc3339(at: Instant) -> String {
     let now = Instant::now();

@@ -1,5 +1,8 @@
 //! State changes (breakers, endpoint health) as a broadcast stream, for
-//! `GET /events` and the logs.
+//! `GET /events` and the logs, and the once-a-second status ticks the
+//! dashboard asks for with `GET /events?stats=true`.
+
+use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -58,12 +61,14 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct Events {
     sender: broadcast::Sender<Event>,
+    ticks: broadcast::Sender<Arc<str>>,
 }
 
 impl Default for Events {
     fn default() -> Self {
         Events {
             sender: broadcast::channel(256).0,
+            ticks: broadcast::channel(8).0,
         }
     }
 }
@@ -77,5 +82,20 @@ impl Events {
     /// A new subscription.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.sender.subscribe()
+    }
+
+    /// Whether anyone listens to status ticks (they are only built then).
+    pub fn wants_ticks(&self) -> bool {
+        self.ticks.receiver_count() > 0
+    }
+
+    /// Sends a status tick (JSON text) to its subscribers.
+    pub fn tick(&self, json: Arc<str>) {
+        let _ = self.ticks.send(json);
+    }
+
+    /// A new subscription to status ticks.
+    pub fn subscribe_ticks(&self) -> broadcast::Receiver<Arc<str>> {
+        self.ticks.subscribe()
     }
 }

@@ -22,4 +22,5 @@ pub mod proxy;
 pub mod reload;
 pub mod router;
 pub mod server;
+pub mod stats;
 pub mod upstream;

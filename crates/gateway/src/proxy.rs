@@ -37,6 +37,7 @@ use crate::headers::{self, CORRELATION_ID};
 use crate::metrics::{method_label, Metrics, RequestLabels};
 use crate::pool::{self, Connector, Gates, PoolGate, Uses};
 use crate::router::{self, Route, Router};
+use crate::stats::{Stats, Traffic};
 use crate::upstream::{AttemptError, EndpointState, Upstream};
 use tidegate_client::headers::is_retryable_status;
 
@@ -73,6 +74,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// State changes, for `/events` and logs.
     pub events: Events,
+    /// Traffic history and breaker timeline, for the dashboard.
+    pub stats: Stats,
     /// Rate-limit and concurrency counts, kept across reloads.
     pub counters: Arc<Counters>,
     /// The `none` label of requests no route matched.
@@ -195,6 +198,7 @@ impl Gateway {
             gates,
             metrics,
             events: Events::default(),
+            stats: Stats::default(),
             counters,
             none: Arc::new("none".to_owned()),
         }))
@@ -238,6 +242,7 @@ impl Gateway {
         let mut log = Access {
             route: self.none.clone(),
             upstream: self.none.clone(),
+            traffic: None,
             attempts: 0,
             key_id: None,
             fallback: None,
@@ -255,6 +260,9 @@ impl Gateway {
         let status = response.status();
         let elapsed = start.elapsed();
         self.metrics.attempts(&log.upstream, log.attempts);
+        if let Some(traffic) = log.traffic {
+            traffic.record(status.as_u16(), elapsed);
+        }
         if let Some(kind) = log.fallback {
             self.metrics.fallback(&log.route, kind);
         }
@@ -282,14 +290,14 @@ impl Gateway {
         response
     }
 
-    async fn route_and_forward(
+    async fn route_and_forward<'t>(
         &self,
-        table: &Table,
+        table: &'t Table,
         mut req: Request<Incoming>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
         request_id: &HeaderValue,
-        log: &mut Access,
+        log: &mut Access<'t>,
     ) -> Result<Response<ProxyBody>, Reply> {
         if req.method() == Method::CONNECT {
             return Err(Reply::new(
@@ -317,6 +325,7 @@ impl Gateway {
         let upstream = &table.upstreams[pick_target(&route.config.target)];
         log.route = route.label.clone();
         log.upstream = upstream.label.clone();
+        log.traffic = Some(&upstream.traffic);
 
         let credential = if table.edge.has_keys() {
             table.edge.authenticate(&parts.headers)
@@ -455,7 +464,7 @@ impl Gateway {
         call: &Call<'_>,
         upstream: &Upstream,
         body: &mut RequestBody,
-        log: &mut Access,
+        log: &mut Access<'_>,
     ) -> Result<Response<Incoming>, Error<AttemptError>> {
         let attempts = AtomicU32::new(0);
         let retryable = call.idempotent && body.is_replayable();
@@ -479,7 +488,7 @@ impl Gateway {
         call: &Call<'_>,
         body: &mut RequestBody,
         stale_key: Option<&str>,
-        log: &mut Access,
+        log: &mut Access<'_>,
     ) -> Option<Response<ProxyBody>> {
         let response = match route.config.fallback.as_ref()? {
             Fallback::Static {
@@ -526,6 +535,7 @@ impl Gateway {
             ),
             Refusal::Limited(decision, which) => {
                 upstream.rejections.fetch_add(1, Ordering::Relaxed);
+                upstream.traffic.rate_limited();
                 self.metrics.rejection(upstream.name(), which.reason());
                 let mut reply = Reply::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded")
                     .service(upstream.name())
@@ -878,8 +888,10 @@ fn downstream(in_flight: InFlight, response: Response<Incoming>) -> Response<Pro
 
 /// What the access log and metrics say of a request.
 #[derive(Debug)]
-struct Access {
+struct Access<'t> {
     route: Arc<String>,
+    /// The counters of the upstream chosen, for the dashboard.
+    traffic: Option<&'t Traffic>,
     upstream: Arc<String>,
     attempts: u32,
     key_id: Option<String>,

@@ -10,6 +10,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use crate::events::Event;
 use crate::framing::{FramingGuard, Upgraded};
 use crate::proxy::{Gateway, Table, UpstreamClient};
 use crate::reload::Reloader;
+use crate::stats::SampleInput;
 use crate::upstream::Upstream;
 
 /// A gateway that is serving.
@@ -130,6 +132,7 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
             tracing::error!(error = %e, "admin server failed");
         }
     });
+    tasks.spawn(sample(gateway.clone(), stopped.clone()));
     let mut upstream_tasks = UpstreamTasks {
         running: Vec::new(),
         stopped: stopped.clone(),
@@ -314,6 +317,9 @@ async fn watch_breaker(
         let (from, to) = (change.from.as_str(), change.to.as_str());
         tracing::warn!(upstream = upstream.name(), from, to, reason = %change.reason, "circuit breaker changed state");
         gateway.metrics.transition(upstream.name(), from, to);
+        gateway
+            .stats
+            .transition(upstream.name(), &change, change.reason.to_string());
         gateway.events.send(Event::Circuit {
             upstream: upstream.name().to_owned(),
             from,
@@ -321,6 +327,32 @@ async fn watch_breaker(
             reason: change.reason.to_string(),
             timestamp: tidegate_client::clock::instant_rfc3339(change.at),
         });
+    }
+}
+
+/// Samples every upstream's traffic once a second for the dashboard, and
+/// sends the status tick to `/events?stats=true` subscribers.
+async fn sample(gateway: Arc<Gateway>, mut stopped: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = until_stopped(&mut stopped) => return,
+        }
+        let table = gateway.table();
+        gateway
+            .stats
+            .sample(table.upstreams.iter().map(|u| SampleInput {
+                name: u.name(),
+                traffic: &u.traffic,
+                rejected: u64::from(u.rejections.load(Ordering::Relaxed)),
+            }));
+        if gateway.events.wants_ticks() {
+            let mut status = crate::admin::services_json(&gateway);
+            status["type"] = "stats".into();
+            gateway.events.tick(status.to_string().into());
+        }
     }
 }
 

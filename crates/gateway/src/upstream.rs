@@ -17,6 +17,7 @@ use tidegate_client::headers::retry_after;
 
 use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
 use crate::pool::PoolGate;
+use crate::stats::Traffic;
 
 /// Why one attempt failed. `retryable` is decided by the attempt, which
 /// knows the method, whether the body can be sent again and whether the
@@ -150,6 +151,8 @@ pub struct Upstream {
     pub in_flight: AtomicU64,
     /// Local rejections since start.
     pub rejections: AtomicU32,
+    /// Requests, errors and latency, for the dashboard.
+    pub traffic: Arc<Traffic>,
     /// Its connection-pool limits.
     pub gate: Arc<PoolGate>,
     /// The time base of ejections.
@@ -208,6 +211,7 @@ impl Upstream {
             pipeline,
             in_flight: AtomicU64::new(0),
             rejections: AtomicU32::new(0),
+            traffic: Arc::default(),
             gate,
             origin: Instant::now(),
             ejecting: Mutex::new(()),

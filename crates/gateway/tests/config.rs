@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use tidegate_gateway::config::{parse, Config, ConfigError, FailureMode, StoreSettings, Target};
+use tidegate_gateway::config::{
+    parse, Config, ConfigError, FailureMode, GatewaySettings, StoreSettings, Target,
+};
+use tidegate_resilience::config::PolicyConfig;
 
 const GOOD: &str = r#"
 [gateway]
@@ -342,4 +345,93 @@ fn environment_overrides_win_and_their_errors_name_the_variable() {
         e.to_string(),
         "env TIDEGATE__UPSTREAMS__7__NAME: upstreams[7].name: `upstreams` has no element 7"
     );
+}
+
+#[test]
+fn the_effective_config_fills_in_the_defaults_the_code_applies() {
+    // A file that sets nothing gets the built-in defaults; its effective
+    // JSON, read back as a config, must give the very same settings.
+    let bare = ok("[[upstreams]]\nname = \"a\"\nendpoints = [\"http://127.0.0.1:1\"]\n");
+    let effective = bare.effective.clone();
+    let gateway: GatewaySettings = serde_json::from_value(effective["gateway"].clone()).unwrap();
+    assert_eq!(gateway, GatewaySettings::default());
+    let policy: PolicyConfig =
+        serde_json::from_value(effective["upstreams"][0]["policy"].clone()).unwrap();
+    assert_eq!(policy, PolicyConfig::default());
+    assert_eq!(bare.upstreams[0].policy, PolicyConfig::default());
+    assert_eq!(effective["alerts"]["max_attempts"], bare.alerts.max_attempts);
+    assert_eq!(effective["alerts"]["timeout"], "5s");
+    assert_eq!(effective["gateway"]["max_connections"], 10_000);
+    let policy = &effective["upstreams"][0]["policy"];
+    assert_eq!(policy["circuit_breaker"]["open_duration"], "60s");
+    assert_eq!(policy["retry"]["jitter"], "full");
+    assert_eq!(policy["bulkhead"]["max_queued"], 200);
+
+    // Own keys win over the defaults, key by key.
+    let merged = ok(GOOD).effective;
+    assert_eq!(merged["upstreams"][0]["policy"]["retry"]["max_attempts"], 2);
+    assert_eq!(merged["upstreams"][0]["policy"]["retry"]["base_delay"], "50ms");
+    assert_eq!(merged["upstreams"][1]["policy"]["timeout"], "2s");
+}
+
+#[test]
+fn the_effective_config_shows_no_secret() {
+    let text = r#"
+[gateway]
+internal_token_env = "INTERNAL"
+admin_token_env = "ADMIN"
+[[upstreams]]
+name = "a"
+endpoints = ["http://127.0.0.1:1"]
+[rate_limit]
+store = "redis"
+redis_url = "redis://:hunter2@127.0.0.1:6379/0"
+[[rate_limit.tiers]]
+name = "free"
+requests_per_minute = 10
+[[api_keys]]
+id = "team-a"
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+tier = "free"
+[alerts]
+webhooks = ["http://127.0.0.1:9/hooks?token=s3cret"]
+"#;
+    let effective = ok(text).effective.to_string();
+    for secret in ["hunter2", "9f86d081", "s3cret"] {
+        assert!(!effective.contains(secret), "{secret} in {effective}");
+    }
+    for kept in ["INTERNAL", "ADMIN", "127.0.0.1:6379", "http://127.0.0.1:9/hooks?[redacted]"] {
+        assert!(effective.contains(kept), "{kept} not in {effective}");
+    }
+}
+
+#[test]
+fn alerts_are_typed_and_checked() {
+    let config = ok("[alerts]\nwebhooks = [\"http://127.0.0.1:9/a\"]\nmax_attempts = 2\n");
+    assert_eq!(config.alerts.webhooks[0].uri, "http://127.0.0.1:9/a");
+    assert_eq!(config.alerts.max_attempts, 2);
+    assert_eq!(config.alerts.timeout, Duration::from_secs(5));
+    for (text, expected) in [
+        (
+            "[alerts]\nwebhooks = [\"https://hooks.example/x\"]",
+            "alerts.webhooks[0]: https webhooks are not supported",
+        ),
+        (
+            "[alerts]\nwebhooks = [\"ftp://x/\"]",
+            "alerts.webhooks[0]: must start with http://",
+        ),
+        (
+            "[alerts]\nwebhooks = [\"http://u:p@x/\"]",
+            "alerts.webhooks[0]: needs a host, and no user or password",
+        ),
+        ("[alerts]\nmax_attempts = 0", "alerts.max_attempts: must be at least 1"),
+        ("[alerts]\nretries = 3", "alerts.retries: unknown field `retries`"),
+        (
+            "[gateway]\nadmin_token_env = \"\"",
+            "gateway.admin_token_env: must be an environment variable name",
+        ),
+    ] {
+        let e = err(text);
+        assert!(e.contains(expected), "{text:?}: {e}");
+    }
 }

@@ -294,7 +294,8 @@ fn set_override(
     Ok(walked)
 }
 
-fn deep_merge(base: &mut toml::Table, over: toml::Table) {
+/// Merges `over` into `base` key by key, recursing into tables; `over` wins.
+pub fn deep_merge(base: &mut toml::Table, over: toml::Table) {
     for (key, value) in over {
         match (base.get_mut(&key), value) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => deep_merge(b, o),

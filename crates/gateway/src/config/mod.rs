@@ -22,7 +22,7 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde::Deserialize;
-use tidegate_client::config::file::{KeyPath, Source};
+use tidegate_client::config::file::{deep_merge, KeyPath, Source};
 use tidegate_client::config::{check_name, BaseUrl};
 use tidegate_resilience::config::{duration, PolicyConfig};
 
@@ -52,7 +52,79 @@ pub struct Config {
     pub rate_limit: RateLimitSettings,
     /// `[[api_keys]]`.
     pub api_keys: Vec<ApiKey>,
+    /// `[alerts]`: webhooks told of breaker changes.
+    pub alerts: Alerts,
+    /// The config in effect as JSON, for `GET /config`: the file with
+    /// environment overrides, built-in defaults filled in, secrets redacted.
+    pub effective: std::sync::Arc<serde_json::Value>,
 }
+
+/// `[alerts]` as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAlerts {
+    webhooks: Vec<String>,
+    #[serde(with = "duration")]
+    timeout: Duration,
+    max_attempts: u32,
+    #[serde(with = "duration")]
+    base_delay: Duration,
+    #[serde(with = "duration")]
+    max_delay: Duration,
+}
+
+impl Default for RawAlerts {
+    fn default() -> Self {
+        RawAlerts {
+            webhooks: Vec::new(),
+            timeout: Duration::from_secs(5),
+            max_attempts: 5,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[alerts]`: where breaker openings and closings are POSTed, and how
+/// hard each delivery is tried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alerts {
+    /// The receivers (`http://…` URLs).
+    pub webhooks: Vec<Webhook>,
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+    /// Attempts per alert and receiver, the first included.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles (with full jitter) up to `max_delay`.
+    pub base_delay: Duration,
+    /// Longest delay between attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        let raw = RawAlerts::default();
+        Alerts {
+            webhooks: Vec::new(),
+            timeout: raw.timeout,
+            max_attempts: raw.max_attempts,
+            base_delay: raw.base_delay,
+            max_delay: raw.max_delay,
+        }
+    }
+}
+
+/// One webhook receiver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    /// Where to POST.
+    pub uri: Uri,
+    /// The URL without its query (which may hold a token), for logs and metrics.
+    pub label: String,
+}
+
+/// Built-in defaults, merged under the file for `GET /config`.
+const DEFAULTS: &str = include_str!("defaults.toml");
 
 /// `[gateway]`: listeners and request limits.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -80,6 +152,10 @@ pub struct GatewaySettings {
     pub drain_timeout: Duration,
     /// Environment variable holding the token sent upstream as `X-Internal-Token`.
     pub internal_token_env: Option<String>,
+    /// Environment variable holding the token the admin API's write
+    /// endpoints require (`Authorization: Bearer …`); without it they
+    /// are refused.
+    pub admin_token_env: Option<String>,
 }
 
 impl Default for GatewaySettings {
@@ -95,6 +171,7 @@ impl Default for GatewaySettings {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             internal_token_env: None,
+            admin_token_env: None,
         }
     }
 }
@@ -228,6 +305,8 @@ struct RawConfig {
     rate_limit: RawRateLimit,
     #[serde(default)]
     api_keys: Vec<RawApiKey>,
+    #[serde(default)]
+    alerts: RawAlerts,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -292,8 +371,80 @@ pub fn parse(
     let mut source = Source::parse(text, file)?;
     let mut root = source.value(env)?;
     source.merge_policy_defaults(&mut root, "upstreams");
+    let effective = effective(&root);
     let raw: RawConfig = source.deserialize(root)?;
-    Locator(source).validate(raw)
+    let mut config = Locator(source).validate(raw)?;
+    config.effective = std::sync::Arc::new(effective);
+    Ok(config)
+}
+
+/// `root` (overrides applied, `[defaults.policy]` merged into every
+/// upstream) over the built-in defaults, as redacted JSON.
+fn effective(root: &toml::Value) -> serde_json::Value {
+    let mut merged: toml::Table = toml::from_str(DEFAULTS).unwrap_or_default();
+    let policy = merged
+        .get("defaults")
+        .and_then(|d| d.get("policy"))
+        .and_then(|p| p.as_table())
+        .cloned()
+        .unwrap_or_default();
+    if let toml::Value::Table(table) = root.clone() {
+        deep_merge(&mut merged, table);
+    }
+    if let Some(toml::Value::Array(upstreams)) = merged.get_mut("upstreams") {
+        for upstream in upstreams.iter_mut().filter_map(|u| u.as_table_mut()) {
+            let mut full = policy.clone();
+            if let Some(toml::Value::Table(own)) = upstream.remove("policy") {
+                deep_merge(&mut full, own);
+            }
+            upstream.insert("policy".into(), toml::Value::Table(full));
+        }
+    }
+    let mut json = serde_json::to_value(merged).unwrap_or_default();
+    redact(&mut json, "");
+    json
+}
+
+/// Replaces secrets in the JSON of a config: passwords in URLs, webhook
+/// queries, API key hashes, anything named like a token or secret (but
+/// not the names of the environment variables that hold them).
+fn redact(value: &mut serde_json::Value, key: &str) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                redact(v, k);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                redact(item, key);
+            }
+        }
+        Value::String(text) => {
+            let secret = ["token", "secret", "password", "sha256"]
+                .iter()
+                .any(|word| key.contains(word))
+                && !key.ends_with("_env");
+            if secret {
+                *text = "[redacted]".to_owned();
+            } else if key == "redis_url" {
+                *text = redact_credentials(text);
+            } else if key == "webhooks" {
+                *text = webhook_label(text);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A webhook URL without credentials or query.
+fn webhook_label(url: &str) -> String {
+    let url = redact_credentials(url);
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?[redacted]"),
+        None => url,
+    }
 }
 
 /// Turns the raw config into the typed one; errors point into the source.
@@ -323,10 +474,13 @@ impl Locator<'_> {
                 "must be greater than 0",
             ));
         }
-        if let Some(var) = &gateway.internal_token_env {
-            if var.is_empty() || var.contains('=') {
+        for (key, var) in [
+            ("internal_token_env", &gateway.internal_token_env),
+            ("admin_token_env", &gateway.admin_token_env),
+        ] {
+            if var.as_ref().is_some_and(|v| v.is_empty() || v.contains('=')) {
                 return Err(self.error(
-                    &g.key("internal_token_env"),
+                    &g.clone().key(key),
                     "must be an environment variable name",
                 ));
             }
@@ -426,6 +580,7 @@ impl Locator<'_> {
                 policy: u.policy,
             });
         }
+        let alerts = self.alerts(raw.alerts)?;
         let rate_limit = self.rate_limit(raw.rate_limit)?;
         let api_keys = self.api_keys(raw.api_keys, &rate_limit.tiers)?;
 
@@ -554,6 +709,52 @@ impl Locator<'_> {
             routes,
             rate_limit,
             api_keys,
+            alerts,
+            effective: std::sync::Arc::default(),
+        })
+    }
+
+    fn alerts(&self, raw: RawAlerts) -> Result<Alerts, ConfigError> {
+        let at = KeyPath::default().key("alerts");
+        let mut webhooks = Vec::with_capacity(raw.webhooks.len());
+        for (i, url) in raw.webhooks.iter().enumerate() {
+            let key = at.clone().key("webhooks").index(i);
+            let uri: Uri = url
+                .parse()
+                .map_err(|_| self.error(&key, "not a URL (expected http://host:port/path)"))?;
+            match uri.scheme_str() {
+                Some("http") => {}
+                Some("https") => {
+                    return Err(self.error(
+                        &key,
+                        "https webhooks are not supported; use an http:// receiver or relay",
+                    ))
+                }
+                _ => return Err(self.error(&key, "must start with http://")),
+            }
+            if uri.host().is_none_or(str::is_empty) || url.contains('@') {
+                return Err(self.error(&key, "needs a host, and no user or password"));
+            }
+            webhooks.push(Webhook {
+                label: webhook_label(url),
+                uri,
+            });
+        }
+        if raw.timeout.is_zero() {
+            return Err(self.error(&at.key("timeout"), "must be greater than 0"));
+        }
+        if raw.max_attempts == 0 {
+            return Err(self.error(&at.key("max_attempts"), "must be at least 1"));
+        }
+        if raw.base_delay > raw.max_delay {
+            return Err(self.error(&at.key("base_delay"), "must not exceed max_delay"));
+        }
+        Ok(Alerts {
+            webhooks,
+            timeout: raw.timeout,
+            max_attempts: raw.max_attempts,
+            base_delay: raw.base_delay,
+            max_delay: raw.max_delay,
         })
     }
 
