@@ -6,22 +6,29 @@
 //! | `GET /ready` | 200 when every upstream has a healthy endpoint and rate limits can be enforced (the shared store is up, or `failure_mode` is open), else 503; a check per upstream and for the store |
 //! | `GET /status/services` | breaker state, failure numbers, endpoints and in-flight count per upstream |
 //! | `GET /metrics` | Prometheus / OpenMetrics text |
-//! | `GET /events` | server-sent events: breaker and endpoint state changes as JSON |
+//! | `GET /events` | server-sent events: breaker and endpoint state changes as JSON; with `?stats=true` also the status of every upstream once a second |
+//! | `GET /status/history` | the last five minutes of traffic per upstream, one sample a second |
+//! | `GET /status/timeline` | breaker transitions and incidents with their time to recovery |
+//! | `GET /config` | the config in effect, defaults filled in, secrets redacted |
+//! | `POST /upstreams/{name}/circuit` | `{"action": "force_open" \| "force_closed" \| "reset"}`; needs `Authorization: Bearer` with the admin token |
+//! | `GET /openapi.json` | the OpenAPI 3 description of all of these |
+//! | `GET /` | the live dashboard |
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use futures_util::stream::{self, Stream};
 use serde_json::{json, Map, Value};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::proxy::Gateway;
 use tidegate_client::clock::{instant_rfc3339, now_rfc3339};
@@ -34,7 +41,149 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/status/services", get(status))
         .route("/metrics", get(metrics))
         .route("/events", get(events))
+        .route("/status/history", get(history))
+        .route("/status/timeline", get(timeline))
+        .route("/config", get(config))
+        .route("/upstreams/{name}/circuit", post(circuit))
+        .route("/openapi.json", get(openapi))
+        .route("/", get(dashboard))
         .with_state(gateway)
+}
+
+/// The OpenAPI 3 document of the admin API.
+pub const OPENAPI: &str = include_str!("admin/openapi.json");
+const DASHBOARD: &str = include_str!("admin/dashboard.html");
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+async fn dashboard() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            // Everything is inline; the page talks only to this listener.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                ),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+async fn history(State(gateway): State<Arc<Gateway>>) -> Response {
+    let upstreams: Map<String, Value> = gateway
+        .stats
+        .history()
+        .into_iter()
+        .map(|(name, samples)| (name, json!(samples)))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({ "interval_seconds": 1, "upstreams": upstreams, "timestamp": now_rfc3339() }),
+    )
+}
+
+async fn timeline(State(gateway): State<Arc<Gateway>>) -> Response {
+    let (transitions, incidents) = gateway.stats.timeline();
+    let recovery: Map<String, Value> = gateway
+        .table()
+        .upstreams
+        .iter()
+        .map(|u| (u.name().to_owned(), json!(gateway.stats.recovery(u.name()))))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "transitions": transitions,
+            "incidents": incidents,
+            "recovery": recovery,
+            "timestamp": now_rfc3339(),
+        }),
+    )
+}
+
+async fn config(State(gateway): State<Arc<Gateway>>) -> Response {
+    json_response(StatusCode::OK, &gateway.table().effective)
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    json_response(
+        status,
+        &json!({ "error": message, "timestamp": now_rfc3339() }),
+    )
+}
+
+async fn circuit(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let table = gateway.table();
+    if !table.has_admin_token() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "admin writes are off: set gateway.admin_token_env to the variable holding the admin token",
+        );
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if !presented.is_some_and(|token| table.is_admin_token(token)) {
+        let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tidegate-admin\""),
+        );
+        return response;
+    }
+    let Some(upstream) = table.upstream(&name) else {
+        return error(StatusCode::NOT_FOUND, "no upstream by that name");
+    };
+    let Some(breaker) = upstream.pipeline.circuit_breaker() else {
+        return error(StatusCode::CONFLICT, "this upstream has no circuit breaker");
+    };
+    let action = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("action").and_then(Value::as_str).map(str::to_owned));
+    match action.as_deref() {
+        Some("force_open") => breaker.force_open(),
+        Some("force_closed") => breaker.disable(),
+        Some("reset") => breaker.reset(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                r#"expected {"action": "force_open" | "force_closed" | "reset"}"#,
+            )
+        }
+    }
+    let action = action.unwrap_or_default();
+    tracing::warn!(upstream = %name, %action, "circuit breaker changed through the admin API");
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "upstream": name,
+            "action": action,
+            "state": breaker.state().as_str(),
+            "timestamp": now_rfc3339(),
+        }),
+    )
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response {
@@ -130,6 +279,14 @@ pub fn services_json(gateway: &Gateway) -> Value {
                 "in_flight": u.in_flight.load(Ordering::Relaxed),
                 "pool": { "connections": u.gate.open(), "pending": u.gate.pending() },
                 "rejections": u.rejections.load(Ordering::Relaxed),
+                "bulkhead": u.pipeline.bulkhead().map(|b| json!({
+                    "in_flight": b.in_flight(),
+                    "queued": b.queued(),
+                    "max_concurrent": b.config().max_concurrent,
+                    "max_queued": b.config().max_queued,
+                })),
+                "traffic": gateway.stats.window(u.name()),
+                "recovery": gateway.stats.recovery(u.name()),
             }),
         );
     }
@@ -163,19 +320,39 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
 
 async fn events(
     State(gateway): State<Arc<Gateway>>,
+    uri: Uri,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let receiver = gateway.events.subscribe();
-    let stream = stream::unfold(receiver, |mut receiver| async move {
+    let wants_stats = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|pair| pair == "stats=true" || pair == "stats=1"));
+    let changes = gateway.events.subscribe();
+    let ticks = wants_stats.then(|| gateway.events.subscribe_ticks());
+    let stream = stream::unfold((changes, ticks), |(mut changes, mut ticks)| async move {
         loop {
-            match receiver.recv().await {
-                Ok(event) => {
-                    let data = serde_json::to_string(&event).unwrap_or_default();
-                    return Some((Ok(SseEvent::default().data(data)), receiver));
-                }
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => return None,
-            }
+            let data = tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(event) => serde_json::to_string(&event).unwrap_or_default(),
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                },
+                tick = next_tick(&mut ticks) => match tick {
+                    Ok(json) => json.to_string(),
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            return Some((Ok(SseEvent::default().data(data)), (changes, ticks)));
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// The next status tick, or never when the client did not ask for them.
+async fn next_tick(
+    ticks: &mut Option<broadcast::Receiver<Arc<str>>>,
+) -> Result<Arc<str>, RecvError> {
+    match ticks {
+        Some(ticks) => ticks.recv().await,
+        None => std::future::pending().await,
+    }
 }

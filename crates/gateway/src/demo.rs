@@ -178,6 +178,38 @@ where
     Ok(addr)
 }
 
+/// Sends a little traffic through the gateway at `gateway`, so the
+/// dashboard has something to draw: every 200 ms one request to the
+/// healthy, flaky and slow samples (one slow request in five passes the
+/// 1 s timeout). Runs until the task is aborted.
+pub fn traffic(gateway: SocketAddr) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<http_body_util::Empty<Bytes>>();
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        for n in 0u64.. {
+            every.tick().await;
+            let slow = if n % 5 == 4 { 1200 } else { 20 + n % 7 * 40 };
+            let paths = [
+                "/healthy/hello".to_owned(),
+                "/flaky/order".to_owned(),
+                format!("/slow/report?ms={slow}"),
+            ];
+            for path in paths {
+                let Ok(uri) = format!("http://{gateway}{path}").parse::<http::Uri>() else {
+                    continue;
+                };
+                let request = client.get(uri);
+                tokio::spawn(async move {
+                    if let Ok(response) = request.await {
+                        let _ = response.into_body().collect().await;
+                    }
+                });
+            }
+        }
+    })
+}
+
 /// The demo gateway's config: a route per sample, health checks, and
 /// policies tight enough to watch them work.
 pub fn config(

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::capture_connection;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
 use tidegate_resilience::{rng, Error};
 use tokio::time::Instant;
 
@@ -57,6 +58,12 @@ pub struct Table {
     /// API keys and tiers.
     pub edge: Edge,
     internal_token: Option<HeaderValue>,
+    /// SHA-256 of the admin token, when `gateway.admin_token_env` names one.
+    admin_token: Option<[u8; 32]>,
+    /// `[alerts]`.
+    pub alerts: crate::config::Alerts,
+    /// The config in effect, redacted, for `GET /config`.
+    pub effective: Arc<serde_json::Value>,
 }
 
 /// The gateway: the current [`Table`] and what outlives reloads (client,
@@ -105,17 +112,18 @@ fn gates_of(table: &Table) -> HashMap<http::uri::Authority, Arc<PoolGate>> {
     gates
 }
 
-/// Reads the internal token from the environment variable the config names.
-fn internal_token(settings: &GatewaySettings) -> Result<Option<HeaderValue>, String> {
-    let Some(var) = &settings.internal_token_env else {
+/// Reads a token from the environment variable `var` (named by config key
+/// `key`); it must be set and be a valid header value.
+fn token_from_env(var: Option<&String>, key: &str) -> Result<Option<HeaderValue>, String> {
+    let Some(var) = var else {
         return Ok(None);
     };
     match std::env::var(var) {
-        Ok(token) => HeaderValue::from_str(&token)
+        Ok(token) if !token.is_empty() => HeaderValue::from_str(&token)
             .map(Some)
             .map_err(|_| format!("environment variable {var} is not a valid header value")),
-        Err(_) => Err(format!(
-            "environment variable {var} (gateway.internal_token_env) is not set"
+        _ => Err(format!(
+            "environment variable {var} (gateway.{key}) is not set"
         )),
     }
 }
@@ -129,7 +137,12 @@ impl Table {
         previous: Option<&Table>,
         counters: Arc<Counters>,
     ) -> Result<Self, String> {
-        let internal_token = internal_token(&config.gateway)?;
+        let internal_token = token_from_env(
+            config.gateway.internal_token_env.as_ref(),
+            "internal_token_env",
+        )?;
+        let admin_token = token_from_env(config.gateway.admin_token_env.as_ref(), "admin_token_env")?
+            .map(|token| Sha256::digest(token.as_bytes()).into());
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for u in config.upstreams {
             let kept = previous
@@ -172,7 +185,24 @@ impl Table {
             router,
             upstreams,
             internal_token,
+            admin_token,
+            alerts: config.alerts,
+            effective: config.effective,
         })
+    }
+
+    /// Whether `presented` is the admin token; false when none is configured.
+    pub fn is_admin_token(&self, presented: &[u8]) -> bool {
+        let Some(expected) = &self.admin_token else {
+            return false;
+        };
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        crate::edge::constant_time_eq(&digest, expected)
+    }
+
+    /// Whether the admin API's write endpoints are enabled.
+    pub fn has_admin_token(&self) -> bool {
+        self.admin_token.is_some()
     }
 
     /// The upstream named `name`.
@@ -243,6 +273,7 @@ impl Gateway {
             route: self.none.clone(),
             upstream: self.none.clone(),
             traffic: None,
+            upstream_failed: false,
             attempts: 0,
             key_id: None,
             fallback: None,
@@ -261,7 +292,7 @@ impl Gateway {
         let elapsed = start.elapsed();
         self.metrics.attempts(&log.upstream, log.attempts);
         if let Some(traffic) = log.traffic {
-            traffic.record(status.as_u16(), elapsed);
+            traffic.record(log.upstream_failed, elapsed);
         }
         if let Some(kind) = log.fallback {
             self.metrics.fallback(&log.route, kind);
@@ -428,6 +459,7 @@ impl Gateway {
             Ok(response) => response.status().is_server_error(),
             Err(err) => !matches!(err.inner(), Some(AttemptError::BodyTooLarge)),
         };
+        log.upstream_failed = upstream_failed;
         if upstream_failed {
             if let Some(response) = self
                 .fallback(table, route, &call, &mut body, stale_key.as_deref(), log)
@@ -892,6 +924,9 @@ struct Access<'t> {
     route: Arc<String>,
     /// The counters of the upstream chosen, for the dashboard.
     traffic: Option<&'t Traffic>,
+    /// The upstream call failed (error, 5xx or local rejection), whether
+    /// or not a fallback answered.
+    upstream_failed: bool,
     upstream: Arc<String>,
     attempts: u32,
     key_id: Option<String>,

@@ -351,6 +351,7 @@ async fn sample(gateway: Arc<Gateway>, mut stopped: watch::Receiver<bool>) {
         if gateway.events.wants_ticks() {
             let mut status = crate::admin::services_json(&gateway);
             status["type"] = "stats".into();
+            status["samples"] = serde_json::json!(gateway.stats.latest());
             gateway.events.tick(status.to_string().into());
         }
     }

@@ -67,11 +67,12 @@ impl Default for Traffic {
 }
 
 impl Traffic {
-    /// One answered request: its status and how long the client waited
-    /// for the head. A 5xx (the upstream's or the gateway's) is an error.
-    pub fn record(&self, status: u16, took: Duration) {
+    /// One answered request: whether its upstream call failed (an error, a
+    /// 5xx or a local rejection, even if a fallback answered) and how long
+    /// the client waited for the head.
+    pub fn record(&self, failed: bool, took: Duration) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if status >= 500 {
+        if failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
@@ -108,7 +109,8 @@ pub struct Sample {
     pub at_ms: u64,
     /// Requests answered.
     pub requests: u64,
-    /// Of which 5xx.
+    /// Of which the upstream call failed (error, 5xx, local rejection),
+    /// whether or not a fallback answered.
     pub errors: u64,
     /// Refused locally (breaker open, bulkhead full, rate limited, …).
     pub rejected: u64,
@@ -127,7 +129,7 @@ pub struct Window {
     pub seconds: usize,
     /// Requests answered per second.
     pub requests_per_second: f64,
-    /// 5xx answers / answers (0 without requests).
+    /// Failed upstream calls / requests (0 without requests).
     pub error_rate: f64,
     /// Requests refused by a rate limit in the window.
     pub rate_limited: u64,
@@ -342,6 +344,15 @@ impl Stats {
             .collect()
     }
 
+    /// The newest sample of every upstream.
+    pub fn latest(&self) -> HashMap<String, Sample> {
+        self.lock()
+            .series
+            .iter()
+            .filter_map(|(name, s)| Some((name.clone(), s.samples.back()?.clone())))
+            .collect()
+    }
+
     /// Adds a breaker transition to the timeline; opens or closes an incident.
     pub fn transition(&self, upstream: &str, change: &StateChange, reason: String) {
         let timestamp = instant_rfc3339(change.at);
@@ -447,7 +458,7 @@ mod tests {
         };
         stats.sample([input(0)]);
         for ms in 1..=100 {
-            traffic.record(if ms % 10 == 0 { 503 } else { 200 }, Duration::from_millis(ms));
+            traffic.record(ms % 10 == 0, Duration::from_millis(ms));
         }
         traffic.rate_limited();
         stats.sample([input(4)]);
@@ -467,7 +478,7 @@ mod tests {
 
         // A rebuilt upstream's counters start again from zero.
         let rebuilt = Arc::new(Traffic::default());
-        rebuilt.record(200, Duration::from_millis(1));
+        rebuilt.record(false, Duration::from_millis(1));
         stats.sample([SampleInput {
             name: "a",
             traffic: &rebuilt,

@@ -259,6 +259,8 @@ async fn run_demo(quick: bool) -> anyhow::Result<ExitCode> {
         "\
 tidegate demo: the gateway is on http://{gw}, its admin API on http://{admin}
 
+dashboard: http://{admin}/
+
 try:
   curl -i http://{gw}/healthy/hello                 a healthy upstream, 50 requests/s per client (X-RateLimit-*)
   curl -i http://{gw}/flaky/order                   fails 30% of the time; retries hide most failures,
@@ -269,6 +271,8 @@ try:
   curl http://{admin}/status/services               breaker states, endpoints, in-flight
   curl http://{admin}/metrics                       Prometheus metrics
   curl -N http://{admin}/events                     state changes as they happen
+  curl http://{admin}/status/timeline               breaker transitions, incidents, time to recovery
+  curl http://{admin}/openapi.json                  the admin API, described
   tidegate status --admin http://{admin}            the same as a table
 "
     );
@@ -279,8 +283,10 @@ try:
         println!("demo self-check passed");
         return Ok(ExitCode::SUCCESS);
     }
-    println!("Ctrl-C stops it all.");
+    println!("A little traffic runs through every route; Ctrl-C stops it all.");
+    let traffic = demo::traffic(gw);
     shutdown_signal()?.await;
+    traffic.abort();
     running.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
