@@ -1,8 +1,9 @@
 //! `tidegate demo`: sample upstreams on loopback (healthy, flaky, slow, an
 //! SSE stream) and a gateway in front of them.
 //!
-//! The flaky service fails a share of requests; change it through the
-//! gateway with `curl -X PUT http://127.0.0.1:8080/flaky/error-rate -d 0.9`.
+//! The flaky service fails a share of requests; change the share on the
+//! sample itself with `curl -X PUT http://ADDR/error-rate -d 0.9` (`demo`
+//! prints ADDR; through the gateway the request would meet the open breaker).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -457,7 +457,10 @@ impl Gateway {
         };
         let upstream_failed = match &result {
             Ok(response) => response.status().is_server_error(),
-            Err(err) => !matches!(err.inner(), Some(AttemptError::BodyTooLarge)),
+            Err(err) => {
+                self.count_rejection(upstream, err);
+                !matches!(err.inner(), Some(AttemptError::BodyTooLarge))
+            }
         };
         log.upstream_failed = upstream_failed;
         if upstream_failed {
@@ -771,6 +774,29 @@ impl Gateway {
         });
     }
 
+    /// Counts a call the policies refused locally (whether or not a
+    /// fallback then answers).
+    fn count_rejection(&self, upstream: &Upstream, err: &Error<AttemptError>) {
+        let reason = if err.is_circuit_open() {
+            "circuit_open"
+        } else if err.is_bulkhead_full() {
+            "bulkhead_full"
+        } else if err.is_throttled() {
+            "throttled"
+        } else if err.is_rate_limited() {
+            "rate_limited"
+        } else if matches!(err.inner(), Some(AttemptError::PoolOverflow)) {
+            "pool_overflow"
+        } else {
+            return;
+        };
+        upstream.rejections.fetch_add(1, Ordering::Relaxed);
+        if err.is_rate_limited() {
+            upstream.traffic.rate_limited();
+        }
+        self.metrics.rejection(upstream.name(), reason);
+    }
+
     /// The client's answer to a call that ended in an error: the
     /// upstream's own answer when it gave one, else a JSON error.
     fn failed(
@@ -779,37 +805,26 @@ impl Gateway {
         err: Error<AttemptError>,
     ) -> Result<Response<Incoming>, Reply> {
         let name = upstream.name();
-        let reject = |reason: &'static str, status: StatusCode, text: &str| {
-            upstream.rejections.fetch_add(1, Ordering::Relaxed);
-            self.metrics.rejection(name, reason);
-            Reply::new(status, text).service(name)
-        };
+        // Counted by `count_rejection` already.
+        let reject = |status: StatusCode, text: &str| Reply::new(status, text).service(name);
         if err.is_circuit_open() {
-            let reply = reject(
-                "circuit_open",
-                StatusCode::SERVICE_UNAVAILABLE,
+            let reply = reject(StatusCode::SERVICE_UNAVAILABLE,
                 "circuit breaker is open",
             );
             return Err(reply.retry_after(err.retry_after()));
         }
         if err.is_bulkhead_full() {
-            return Err(reject(
-                "bulkhead_full",
-                StatusCode::SERVICE_UNAVAILABLE,
+            return Err(reject(StatusCode::SERVICE_UNAVAILABLE,
                 "too many concurrent requests",
             ));
         }
         if err.is_throttled() {
-            return Err(reject(
-                "throttled",
-                StatusCode::SERVICE_UNAVAILABLE,
+            return Err(reject(StatusCode::SERVICE_UNAVAILABLE,
                 "upstream is overloaded; request shed",
             ));
         }
         if err.is_rate_limited() {
-            let reply = reject(
-                "rate_limited",
-                StatusCode::TOO_MANY_REQUESTS,
+            let reply = reject(StatusCode::TOO_MANY_REQUESTS,
                 "rate limit exceeded",
             );
             return Err(reply.retry_after(err.retry_after()));
@@ -821,9 +836,7 @@ impl Gateway {
                 .is_some_and(|l| l.is_timeout() || l.is_deadline_exceeded());
         match err.into_inner() {
             Some(AttemptError::Status { response, .. }) => Ok(response),
-            Some(AttemptError::PoolOverflow) => Err(reject(
-                "pool_overflow",
-                StatusCode::SERVICE_UNAVAILABLE,
+            Some(AttemptError::PoolOverflow) => Err(reject(StatusCode::SERVICE_UNAVAILABLE,
                 "too many requests waiting for a connection",
             )),
             Some(AttemptError::NoEndpoint) => Err(Reply::new(

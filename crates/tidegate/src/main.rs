@@ -18,7 +18,9 @@ usage:
                                                           run the gateway; FILE is reloaded
                                                           when it changes or on SIGHUP
   tidegate check --config FILE                            validate a config (exit 2 on errors)
-  tidegate demo [--quick]                                 gateway + sample upstreams on loopback
+  tidegate demo [--quick] [--listen ADDR] [--admin ADDR]  gateway, sample upstreams and dashboard
+                                                          on loopback (default ports 8080 / 9901
+                                                          when free)
   tidegate status [--admin URL]                           upstreams and breaker states
   tidegate --version | --help
 
@@ -222,15 +224,23 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 fn demo(args: &[&str]) -> anyhow::Result<ExitCode> {
-    let quick = match args {
-        [] => false,
-        ["--quick"] => true,
-        _ => return Err(Usage(format!("unexpected arguments: {}", args.join(" "))).into()),
+    let quick = args.contains(&"--quick");
+    let rest: Vec<&str> = args.iter().copied().filter(|a| *a != "--quick").collect();
+    let found = options(&rest, &["--listen", "--admin"])?;
+    let address = |name: &str| -> anyhow::Result<Option<SocketAddr>> {
+        option(&found, name)
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| Usage(format!("{name}: `{a}` is not an address like 127.0.0.1:8080")))
+            })
+            .transpose()
+            .map_err(Into::into)
     };
+    let (listen, admin) = (address("--listen")?, address("--admin")?);
     if !quick {
         logging("text")?;
     }
-    runtime()?.block_on(run_demo(quick))
+    runtime()?.block_on(run_demo(quick, listen, admin))
 }
 
 /// Binds `preferred` if free, else any free port on loopback.
@@ -246,15 +256,28 @@ async fn free_or(preferred: u16) -> SocketAddr {
     }
 }
 
-async fn run_demo(quick: bool) -> anyhow::Result<ExitCode> {
+async fn run_demo(
+    quick: bool,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> anyhow::Result<ExitCode> {
     let samples = demo::start_samples()
         .await
         .context("starting the sample upstreams")?;
-    let config = demo::config(&samples, free_or(8080).await, free_or(9901).await)?;
+    let listen = match listen {
+        Some(addr) => addr,
+        None => free_or(8080).await,
+    };
+    let admin = match admin {
+        Some(addr) => addr,
+        None => free_or(9901).await,
+    };
+    let config = demo::config(&samples, listen, admin)?;
     let running = server::start_with_workers(config, workers(None)?)
         .await
         .map_err(anyhow::Error::msg)?;
     let (gw, admin) = (running.addr, running.admin_addr);
+    let flaky = samples.flaky;
     println!(
         "\
 tidegate demo: the gateway is on http://{gw}, its admin API on http://{admin}
@@ -265,7 +288,9 @@ try:
   curl -i http://{gw}/healthy/hello                 a healthy upstream, 50 requests/s per client (X-RateLimit-*)
   curl -i http://{gw}/flaky/order                   fails 30% of the time; retries hide most failures,
                                                     the last good answer the rest (x-tidegate-fallback: stale)
-  curl -X PUT http://{gw}/flaky/error-rate -d 1     make it fail always: the breaker opens after 5
+  curl -X PUT http://{flaky}/error-rate -d 1    make it fail always (set on the sample itself, not
+                                                    through the gateway): the breaker opens after 5;
+                                                    -d 0 heals it, and the next probe closes the breaker
   curl -i 'http://{gw}/slow/report?ms=3000'         slower than the 1 s timeout: 504
   curl -N http://{gw}/events/                       server-sent events, one a second
   curl http://{admin}/status/services               breaker states, endpoints, in-flight
