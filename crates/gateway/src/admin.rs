@@ -322,9 +322,10 @@ async fn events(
     State(gateway): State<Arc<Gateway>>,
     uri: Uri,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let wants_stats = uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|pair| pair == "stats=true" || pair == "stats=1"));
+    let wants_stats = uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair == "stats=true" || pair == "stats=1")
+    });
     let changes = gateway.events.subscribe();
     let ticks = wants_stats.then(|| gateway.events.subscribe_ticks());
     let stream = stream::unfold((changes, ticks), |(mut changes, mut ticks)| async move {

@@ -105,6 +105,7 @@ pub struct Metrics {
     fallbacks: Family<FallbackLabels, Counter>,
     faults: Family<FallbackLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    alerts: Family<ResultLabels, Counter>,
     store_decisions: Family<ResultLabels, Counter>,
     store_errors: Family<KindLabels, Counter>,
     store_duration: Histogram,
@@ -132,6 +133,7 @@ impl Default for Metrics {
         let fallbacks = Family::default();
         let faults = Family::default();
         let reloads = Family::default();
+        let alerts = Family::default();
         let store_decisions = Family::default();
         let store_errors = Family::default();
         // 100 µs to about 0.8 s: a loopback round trip is well under a millisecond.
@@ -195,6 +197,11 @@ impl Default for Metrics {
             reloads.clone(),
         );
         registry.register(
+            "tidegate_alerts",
+            "Webhook alert deliveries: delivered, failed (every attempt failed) or dropped (too many under way)",
+            alerts.clone(),
+        );
+        registry.register(
             "tidegate_ratelimit_store_decisions",
             "Decisions made by the shared rate-limit store (Redis), allowed or denied",
             store_decisions.clone(),
@@ -233,6 +240,7 @@ impl Default for Metrics {
             fallbacks,
             faults,
             reloads,
+            alerts,
             store_decisions,
             store_errors,
             store_duration,
@@ -348,6 +356,11 @@ impl Metrics {
     /// Counts a config reload: `applied` or `rejected`.
     pub fn reload(&self, result: &'static str) {
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts one webhook delivery: `delivered`, `failed` or `dropped`.
+    pub fn alert(&self, result: &'static str) {
+        self.alerts.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Counts one decision asked of the shared store and its time.

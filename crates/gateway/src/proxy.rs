@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use tidegate_resilience::{rng, Error};
 use tokio::time::Instant;
 
+use crate::alerts::{Alert, Alerter};
 use crate::body::{self, is_body_too_large, ProxyBody, RequestBody};
 use crate::config::{Config, Fallback, GatewaySettings, RouteConfig, Target};
 use crate::edge::{self, Counters, Credential, Edge, Exceeded, Refusal, Slot};
@@ -83,6 +84,10 @@ pub struct Gateway {
     pub events: Events,
     /// Traffic history and breaker timeline, for the dashboard.
     pub stats: Stats,
+    /// Queues webhook alerts.
+    pub alerter: Alerter,
+    /// The alert queue, until the dispatcher takes it.
+    alert_queue: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Alert>>>,
     /// Rate-limit and concurrency counts, kept across reloads.
     pub counters: Arc<Counters>,
     /// The `none` label of requests no route matched.
@@ -141,8 +146,9 @@ impl Table {
             config.gateway.internal_token_env.as_ref(),
             "internal_token_env",
         )?;
-        let admin_token = token_from_env(config.gateway.admin_token_env.as_ref(), "admin_token_env")?
-            .map(|token| Sha256::digest(token.as_bytes()).into());
+        let admin_token =
+            token_from_env(config.gateway.admin_token_env.as_ref(), "admin_token_env")?
+                .map(|token| Sha256::digest(token.as_bytes()).into());
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for u in config.upstreams {
             let kept = previous
@@ -221,7 +227,10 @@ impl Gateway {
         let metrics = Arc::new(Metrics::default());
         let gates: Gates = Arc::new(ArcSwap::from_pointee(gates_of(&table)));
         report_endpoints(&metrics, &table);
+        let (alerter, alert_queue) = Alerter::new();
         Ok(Arc::new(Gateway {
+            alerter,
+            alert_queue: std::sync::Mutex::new(Some(alert_queue)),
             settings,
             table: ArcSwap::from_pointee(table),
             client: new_client(&gates),
@@ -232,6 +241,14 @@ impl Gateway {
             counters,
             none: Arc::new("none".to_owned()),
         }))
+    }
+
+    /// The queue of alerts for [`crate::alerts::dispatch`]; `None` once taken.
+    pub fn take_alert_queue(&self) -> Option<tokio::sync::mpsc::Receiver<Alert>> {
+        self.alert_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The table requests use now.
@@ -808,25 +825,23 @@ impl Gateway {
         // Counted by `count_rejection` already.
         let reject = |status: StatusCode, text: &str| Reply::new(status, text).service(name);
         if err.is_circuit_open() {
-            let reply = reject(StatusCode::SERVICE_UNAVAILABLE,
-                "circuit breaker is open",
-            );
+            let reply = reject(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker is open");
             return Err(reply.retry_after(err.retry_after()));
         }
         if err.is_bulkhead_full() {
-            return Err(reject(StatusCode::SERVICE_UNAVAILABLE,
+            return Err(reject(
+                StatusCode::SERVICE_UNAVAILABLE,
                 "too many concurrent requests",
             ));
         }
         if err.is_throttled() {
-            return Err(reject(StatusCode::SERVICE_UNAVAILABLE,
+            return Err(reject(
+                StatusCode::SERVICE_UNAVAILABLE,
                 "upstream is overloaded; request shed",
             ));
         }
         if err.is_rate_limited() {
-            let reply = reject(StatusCode::TOO_MANY_REQUESTS,
-                "rate limit exceeded",
-            );
+            let reply = reject(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
             return Err(reply.retry_after(err.retry_after()));
         }
         let timed_out = err.is_timeout()
@@ -836,7 +851,8 @@ impl Gateway {
                 .is_some_and(|l| l.is_timeout() || l.is_deadline_exceeded());
         match err.into_inner() {
             Some(AttemptError::Status { response, .. }) => Ok(response),
-            Some(AttemptError::PoolOverflow) => Err(reject(StatusCode::SERVICE_UNAVAILABLE,
+            Some(AttemptError::PoolOverflow) => Err(reject(
+                StatusCode::SERVICE_UNAVAILABLE,
                 "too many requests waiting for a connection",
             )),
             Some(AttemptError::NoEndpoint) => Err(Reply::new(

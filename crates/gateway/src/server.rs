@@ -22,12 +22,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::alerts::Alert;
 use crate::config::Config;
 use crate::events::Event;
 use crate::framing::{FramingGuard, Upgraded};
 use crate::proxy::{Gateway, Table, UpstreamClient};
 use crate::reload::Reloader;
-use crate::stats::SampleInput;
+use crate::stats::{IncidentChange, SampleInput};
 use crate::upstream::Upstream;
 
 /// A gateway that is serving.
@@ -133,6 +134,15 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
         }
     });
     tasks.spawn(sample(gateway.clone(), stopped.clone()));
+    if let Some(queue) = gateway.take_alert_queue() {
+        let (gw, metrics, mut stop) = (gateway.clone(), gateway.metrics.clone(), stopped.clone());
+        tasks.spawn(crate::alerts::dispatch(
+            queue,
+            move || gw.table().alerts.clone(),
+            metrics,
+            async move { until_stopped(&mut stop).await },
+        ));
+    }
     let mut upstream_tasks = UpstreamTasks {
         running: Vec::new(),
         stopped: stopped.clone(),
@@ -317,15 +327,38 @@ async fn watch_breaker(
         let (from, to) = (change.from.as_str(), change.to.as_str());
         tracing::warn!(upstream = upstream.name(), from, to, reason = %change.reason, "circuit breaker changed state");
         gateway.metrics.transition(upstream.name(), from, to);
-        gateway
+        let reason = change.reason.to_string();
+        let timestamp = tidegate_client::clock::instant_rfc3339(change.at);
+        let incident = gateway
             .stats
-            .transition(upstream.name(), &change, change.reason.to_string());
+            .transition(upstream.name(), &change, reason.clone());
+        let alert = match incident {
+            IncidentChange::Opened => Some(("circuit_open", None)),
+            IncidentChange::Recovered { seconds } => Some(("circuit_closed", Some(seconds))),
+            IncidentChange::None => None,
+        };
+        if let Some((event, recovery)) = alert {
+            if !gateway.table().alerts.webhooks.is_empty() {
+                let alert = Alert::new(
+                    event,
+                    upstream.name(),
+                    from,
+                    to,
+                    reason.clone(),
+                    timestamp.clone(),
+                    recovery,
+                );
+                if !gateway.alerter.send(alert) {
+                    gateway.metrics.alert("dropped");
+                }
+            }
+        }
         gateway.events.send(Event::Circuit {
             upstream: upstream.name().to_owned(),
             from,
             to,
-            reason: change.reason.to_string(),
-            timestamp: tidegate_client::clock::instant_rfc3339(change.at),
+            reason,
+            timestamp,
         });
     }
 }

@@ -202,6 +202,20 @@ pub struct Incident {
     opened: Instant,
 }
 
+/// What a breaker transition did to the upstream's incidents.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum IncidentChange {
+    /// The breaker opened: an incident began.
+    Opened,
+    /// The breaker closed again after `seconds`.
+    Recovered {
+        /// Time to recovery.
+        seconds: f64,
+    },
+    /// Neither (a probe, a re-trip while open).
+    None,
+}
+
 /// Recovery figures of one upstream since the gateway started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Recovery {
@@ -353,12 +367,17 @@ impl Stats {
             .collect()
     }
 
-    /// Adds a breaker transition to the timeline; opens or closes an incident.
-    pub fn transition(&self, upstream: &str, change: &StateChange, reason: String) {
+    /// Adds a breaker transition to the timeline; opens or closes an
+    /// incident and says which.
+    pub fn transition(
+        &self,
+        upstream: &str,
+        change: &StateChange,
+        reason: String,
+    ) -> IncidentChange {
         let timestamp = instant_rfc3339(change.at);
-        let at_ms = unix_millis().saturating_sub(
-            u64::try_from(change.at.elapsed().as_millis()).unwrap_or(u64::MAX),
-        );
+        let at_ms = unix_millis()
+            .saturating_sub(u64::try_from(change.at.elapsed().as_millis()).unwrap_or(u64::MAX));
         let mut state = self.lock();
         if state.transitions.len() == TRANSITIONS_KEPT {
             state.transitions.pop_front();
@@ -387,6 +406,7 @@ impl Stats {
                     recovery_seconds: None,
                     opened: change.at,
                 });
+                IncidentChange::Opened
             }
             (CircuitState::Closed | CircuitState::Disabled, Some(index)) => {
                 let incident = &mut state.incidents[index];
@@ -396,8 +416,9 @@ impl Stats {
                 let totals = state.recovered.entry(upstream.to_owned()).or_default();
                 totals.0 += 1;
                 totals.1 += seconds;
+                IncidentChange::Recovered { seconds }
             }
-            _ => {}
+            _ => IncidentChange::None,
         }
     }
 
@@ -435,7 +456,9 @@ mod tests {
 
     #[test]
     fn buckets_grow_by_quarters_of_a_power_of_two() {
-        for micros in [0u64, 1, 3, 4, 5, 7, 8, 100, 1_000, 65_000, 1_000_000, 60_000_000] {
+        for micros in [
+            0u64, 1, 3, 4, 5, 7, 8, 100, 1_000, 65_000, 1_000_000, 60_000_000,
+        ] {
             let middle_us = bucket_middle_ms(bucket(micros)) * 1000.0;
             let error = (middle_us - micros as f64).abs();
             assert!(

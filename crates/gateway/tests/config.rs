@@ -359,7 +359,10 @@ fn the_effective_config_fills_in_the_defaults_the_code_applies() {
         serde_json::from_value(effective["upstreams"][0]["policy"].clone()).unwrap();
     assert_eq!(policy, PolicyConfig::default());
     assert_eq!(bare.upstreams[0].policy, PolicyConfig::default());
-    assert_eq!(effective["alerts"]["max_attempts"], bare.alerts.max_attempts);
+    assert_eq!(
+        effective["alerts"]["max_attempts"],
+        bare.alerts.max_attempts
+    );
     assert_eq!(effective["alerts"]["timeout"], "5s");
     assert_eq!(effective["gateway"]["max_connections"], 10_000);
     let policy = &effective["upstreams"][0]["policy"];
@@ -370,7 +373,10 @@ fn the_effective_config_fills_in_the_defaults_the_code_applies() {
     // Own keys win over the defaults, key by key.
     let merged = ok(GOOD).effective;
     assert_eq!(merged["upstreams"][0]["policy"]["retry"]["max_attempts"], 2);
-    assert_eq!(merged["upstreams"][0]["policy"]["retry"]["base_delay"], "50ms");
+    assert_eq!(
+        merged["upstreams"][0]["policy"]["retry"]["base_delay"],
+        "50ms"
+    );
     assert_eq!(merged["upstreams"][1]["policy"]["timeout"], "2s");
 }
 
@@ -400,7 +406,12 @@ webhooks = ["http://127.0.0.1:9/hooks?token=s3cret"]
     for secret in ["hunter2", "9f86d081", "s3cret"] {
         assert!(!effective.contains(secret), "{secret} in {effective}");
     }
-    for kept in ["INTERNAL", "ADMIN", "127.0.0.1:6379", "http://127.0.0.1:9/hooks?[redacted]"] {
+    for kept in [
+        "INTERNAL",
+        "ADMIN",
+        "127.0.0.1:6379",
+        "http://127.0.0.1:9/hooks?[redacted]",
+    ] {
         assert!(effective.contains(kept), "{kept} not in {effective}");
     }
 }
@@ -424,8 +435,14 @@ fn alerts_are_typed_and_checked() {
             "[alerts]\nwebhooks = [\"http://u:p@x/\"]",
             "alerts.webhooks[0]: needs a host, and no user or password",
         ),
-        ("[alerts]\nmax_attempts = 0", "alerts.max_attempts: must be at least 1"),
-        ("[alerts]\nretries = 3", "alerts.retries: unknown field `retries`"),
+        (
+            "[alerts]\nmax_attempts = 0",
+            "alerts.max_attempts: must be at least 1",
+        ),
+        (
+            "[alerts]\nretries = 3",
+            "alerts.retries: unknown field `retries`",
+        ),
         (
             "[gateway]\nadmin_token_env = \"\"",
             "gateway.admin_token_env: must be an environment variable name",

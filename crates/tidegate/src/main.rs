@@ -230,8 +230,11 @@ fn demo(args: &[&str]) -> anyhow::Result<ExitCode> {
     let address = |name: &str| -> anyhow::Result<Option<SocketAddr>> {
         option(&found, name)
             .map(|a| {
-                a.parse()
-                    .map_err(|_| Usage(format!("{name}: `{a}` is not an address like 127.0.0.1:8080")))
+                a.parse().map_err(|_| {
+                    Usage(format!(
+                        "{name}: `{a}` is not an address like 127.0.0.1:8080"
+                    ))
+                })
             })
             .transpose()
             .map_err(Into::into)

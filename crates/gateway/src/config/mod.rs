@@ -478,11 +478,11 @@ impl Locator<'_> {
             ("internal_token_env", &gateway.internal_token_env),
             ("admin_token_env", &gateway.admin_token_env),
         ] {
-            if var.as_ref().is_some_and(|v| v.is_empty() || v.contains('=')) {
-                return Err(self.error(
-                    &g.clone().key(key),
-                    "must be an environment variable name",
-                ));
+            if var
+                .as_ref()
+                .is_some_and(|v| v.is_empty() || v.contains('='))
+            {
+                return Err(self.error(&g.clone().key(key), "must be an environment variable name"));
             }
         }
         raw.defaults.policy.validate().map_err(|e| {
