@@ -2,7 +2,9 @@
 # Runs every check CI runs: formatting, clippy with warnings as errors, and
 # all tests (unit, integration, property, concurrency, allocation, doc).
 # It installs what the tests need: redis-server (Debian's package; the
-# tests start their own servers on free ports, never a shared one).
+# tests start their own servers on free ports, never a shared one),
+# Debian's chromium and playwright-core (npm, pinned in
+# tests/browser/package-lock.json) for the dashboard's browser test.
 # cargo-nextest is used when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,11 @@ need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-need redis-server:redis-server redis-cli:redis-tools
+need redis-server:redis-server redis-cli:redis-tools chromium:chromium
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "the browser test needs Node.js 20 or later with npm" >&2
+    exit 1
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -44,5 +50,10 @@ cargo test --workspace --doc
 
 step "demo runs"
 cargo run --quiet -- demo --quick >/dev/null
+
+step "browser test: the dashboard in headless Chromium"
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+cargo build --quiet --bin tidegate
+TIDEGATE_BIN="$PWD/target/debug/tidegate" node tests/browser/dashboard.mjs
 
 printf '\nall checks passed\n'

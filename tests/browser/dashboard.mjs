@@ -73,7 +73,11 @@ let browser;
 let exitCode = 0;
 try {
   const urls = await ready;
-  browser = await chromium.launch({ executablePath: browserPath, args: ["--no-sandbox", "--disable-gpu"] });
+  browser = await chromium.launch({ executablePath: browserPath, args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    // No network beyond loopback: keep Chromium from trying.
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ] });
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const problems = [];
   page.on("pageerror", e => problems.push(`page error: ${e.message}`));

@@ -483,5 +483,70 @@ async fn breaker_alerts_reach_webhooks_with_retries_and_a_down_receiver_harms_no
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(metric(&running, "tidegate_alerts_total{result=\"delivered\"} 4").await);
+
+    // This gateway has seen every event the alert rules watch: each
+    // metric and label they select on must exist.
+    let exposed = get(&admin(&running, "/metrics")).await.body;
+    for (name, labels) in rule_selectors() {
+        let series: Vec<&str> = exposed
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .collect();
+        assert!(
+            !series.is_empty(),
+            "the alert rules use {name}, which /metrics lacks"
+        );
+        for label in labels {
+            assert!(
+                series.iter().any(|l| l.contains(&format!("{label}=\""))),
+                "the alert rules select {name} by {label}, which it lacks"
+            );
+        }
+    }
     running.shutdown().await;
+}
+
+/// Every `tidegate_…` metric in the Prometheus alert rules, with the
+/// labels its selectors and `by (…)` clauses name.
+fn rule_selectors() -> Vec<(String, Vec<String>)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/prometheus/tidegate-alerts.yml"
+    );
+    let rules = std::fs::read_to_string(path).unwrap();
+    let mut found = Vec::new();
+    for line in rules
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("summary"))
+    {
+        let mut rest = line;
+        while let Some(at) = rest.find("tidegate_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = tail[..end].to_owned();
+            let mut labels = Vec::new();
+            if let Some(selector) = tail[end..].strip_prefix('{') {
+                let selector = &selector[..selector.find('}').unwrap()];
+                for matcher in selector.split(',') {
+                    let label = matcher.split(['=', '!']).next().unwrap().trim();
+                    labels.push(label.to_owned());
+                }
+            }
+            if let Some(by) = line.find("by (") {
+                let list = &line[by + 4..];
+                let list = &list[..list.find(')').unwrap()];
+                labels.extend(
+                    list.split(',')
+                        .map(|l| l.trim().to_owned())
+                        .filter(|l| l != "instance"),
+                );
+            }
+            found.push((name, labels));
+            rest = &tail[end..];
+        }
+    }
+    assert!(found.len() >= 5, "no rules found in {path}");
+    found
 }
