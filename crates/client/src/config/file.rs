@@ -142,34 +142,7 @@ impl<'a> Source<'a> {
     /// Errors in a merged value then point at `defaults.policy`.
     pub fn merge_policy_defaults(&mut self, root: &mut toml::Value, collection: &'static str) {
         self.defaults_for = Some(collection);
-        let Some(table) = root.as_table_mut() else {
-            return;
-        };
-        let defaults = table
-            .get("defaults")
-            .and_then(|d| d.get("policy"))
-            .and_then(|p| p.as_table())
-            .cloned()
-            .unwrap_or_default();
-        let members: Vec<&mut toml::Value> = match table.get_mut(collection) {
-            Some(toml::Value::Array(items)) => items.iter_mut().collect(),
-            Some(toml::Value::Table(items)) => items.iter_mut().map(|(_, v)| v).collect(),
-            _ => return,
-        };
-        for member in members.into_iter().filter_map(|m| m.as_table_mut()) {
-            let own = match member.remove("policy") {
-                Some(toml::Value::Table(own)) => own,
-                Some(other) => {
-                    // Not a table: leave it for serde to report.
-                    member.insert("policy".into(), other);
-                    continue;
-                }
-                None => toml::Table::new(),
-            };
-            let mut merged = defaults.clone();
-            deep_merge(&mut merged, own);
-            member.insert("policy".into(), toml::Value::Table(merged));
-        }
+        merge_policy_defaults(root, collection);
     }
 
     /// Deserializes `root`; an error names the key path it is about.
@@ -292,6 +265,40 @@ fn set_override(
     }
     *node = value;
     Ok(walked)
+}
+
+/// Puts `[defaults.policy]` of `root` under the `policy` of every member of
+/// `collection`, key by key; a member's own keys win. A `policy` that is
+/// not a table is left for serde to report.
+pub fn merge_policy_defaults(root: &mut toml::Value, collection: &str) {
+    let Some(table) = root.as_table_mut() else {
+        return;
+    };
+    let defaults = table
+        .get("defaults")
+        .and_then(|d| d.get("policy"))
+        .and_then(|p| p.as_table())
+        .cloned()
+        .unwrap_or_default();
+    let members: Vec<&mut toml::Value> = match table.get_mut(collection) {
+        Some(toml::Value::Array(items)) => items.iter_mut().collect(),
+        Some(toml::Value::Table(items)) => items.iter_mut().map(|(_, v)| v).collect(),
+        _ => return,
+    };
+    for member in members.into_iter().filter_map(|m| m.as_table_mut()) {
+        let own = match member.remove("policy") {
+            Some(toml::Value::Table(own)) => own,
+            Some(other) => {
+                // Not a table: leave it for serde to report.
+                member.insert("policy".into(), other);
+                continue;
+            }
+            None => toml::Table::new(),
+        };
+        let mut merged = defaults.clone();
+        deep_merge(&mut merged, own);
+        member.insert("policy".into(), toml::Value::Table(merged));
+    }
 }
 
 /// Merges `over` into `base` key by key, recursing into tables; `over` wins.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde::Deserialize;
-use tidegate_client::config::file::{deep_merge, KeyPath, Source};
+use tidegate_client::config::file::{deep_merge, merge_policy_defaults, KeyPath, Source};
 use tidegate_client::config::{check_name, BaseUrl};
 use tidegate_resilience::config::{duration, PolicyConfig};
 
@@ -370,36 +370,23 @@ pub fn parse(
 ) -> Result<Config, ConfigError> {
     let mut source = Source::parse(text, file)?;
     let mut root = source.value(env)?;
-    source.merge_policy_defaults(&mut root, "upstreams");
     let effective = effective(&root);
+    source.merge_policy_defaults(&mut root, "upstreams");
     let raw: RawConfig = source.deserialize(root)?;
     let mut config = Locator(source).validate(raw)?;
     config.effective = std::sync::Arc::new(effective);
     Ok(config)
 }
 
-/// `root` (overrides applied, `[defaults.policy]` merged into every
-/// upstream) over the built-in defaults, as redacted JSON.
+/// `root` (overrides applied) over the built-in defaults, with
+/// `[defaults.policy]` merged into every upstream, as redacted JSON.
 fn effective(root: &toml::Value) -> serde_json::Value {
     let mut merged: toml::Table = toml::from_str(DEFAULTS).unwrap_or_default();
-    let policy = merged
-        .get("defaults")
-        .and_then(|d| d.get("policy"))
-        .and_then(|p| p.as_table())
-        .cloned()
-        .unwrap_or_default();
     if let toml::Value::Table(table) = root.clone() {
         deep_merge(&mut merged, table);
     }
-    if let Some(toml::Value::Array(upstreams)) = merged.get_mut("upstreams") {
-        for upstream in upstreams.iter_mut().filter_map(|u| u.as_table_mut()) {
-            let mut full = policy.clone();
-            if let Some(toml::Value::Table(own)) = upstream.remove("policy") {
-                deep_merge(&mut full, own);
-            }
-            upstream.insert("policy".into(), toml::Value::Table(full));
-        }
-    }
+    let mut merged = toml::Value::Table(merged);
+    merge_policy_defaults(&mut merged, "upstreams");
     let mut json = serde_json::to_value(merged).unwrap_or_default();
     redact(&mut json, "");
     json
