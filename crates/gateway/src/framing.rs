@@ -10,7 +10,9 @@
 //! allows either). The guard follows each request head through the byte
 //! stream, passing it on as it arrives (so hyper's header read timeout runs
 //! as usual) but holding back the empty line that ends it. When both framings
-//! are present it puts an invalid header line before that empty line, so
+//! are present, when `chunked` is named twice (`chunked, chunked`) or when a
+//! line of the head ends in a bare LF (which some servers read as a line end
+//! and others not), it puts an invalid header line before that empty line, so
 //! hyper's parser rejects the head: the client gets hyper's 400, the
 //! connection closes, and nothing reaches the service or an upstream.
 //!
@@ -22,13 +24,16 @@
 //! Protocols` the bytes belong to a tunnel, so the service flips
 //! [`Upgraded`] and the guard steps aside.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// Longest chunk-size or trailer line the guard follows before stepping aside.
 const MAX_LINE: usize = 8 * 1024;
@@ -57,18 +62,57 @@ pub struct FramingGuard<T> {
     ready: Vec<u8>,
     at: usize,
     upgraded: Upgraded,
+    send_timeout: Duration,
+    /// Runs while a write waits for the client to read; created on the
+    /// first such wait and re-armed for the next.
+    stall: Option<Pin<Box<Sleep>>>,
+    stalled: bool,
 }
 
 impl<T> FramingGuard<T> {
     /// Guards `io`; heads longer than `max_head` bytes are left to hyper.
-    pub fn new(io: T, max_head: usize, upgraded: Upgraded) -> Self {
+    /// A write that cannot make progress for `send_timeout` (the client
+    /// reads nothing) fails, and the connection with it.
+    pub fn new(io: T, max_head: usize, upgraded: Upgraded, send_timeout: Duration) -> Self {
         FramingGuard {
             io,
             scanner: Scanner::new(max_head),
             ready: Vec::new(),
             at: 0,
             upgraded,
+            send_timeout,
+            stall: None,
+            stalled: false,
         }
+    }
+
+    /// Passes a write's result on, failing one that has waited past the
+    /// send timeout.
+    fn watch<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if poll.is_ready() {
+            self.stalled = false;
+            return poll;
+        }
+        let deadline = Instant::now() + self.send_timeout;
+        let stall = match &mut self.stall {
+            Some(stall) => {
+                if !self.stalled {
+                    stall.as_mut().reset(deadline);
+                }
+                stall
+            }
+            None => self
+                .stall
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.stalled = true;
+        if stall.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing within gateway.send_timeout",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -136,7 +180,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -144,7 +190,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -152,11 +200,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.watch(cx, poll)
     }
 }
 
@@ -186,7 +238,11 @@ struct Head {
     content_length: Option<Result<u64, ()>>,
     /// Whether the last transfer coding named is `chunked`, if any is.
     chunked: Option<bool>,
+    /// How often `chunked` is named (more than once is invalid).
+    chunked_codings: usize,
     http2: bool,
+    /// Why the head must be refused, once that is known.
+    refuse: Option<&'static str>,
 }
 
 #[derive(Debug)]
@@ -290,6 +346,9 @@ impl Scanner {
 
     /// A line of a head other than the empty one has ended.
     fn head_line(&mut self) {
+        if !self.line.ends_with(b"\r\n") {
+            self.head.refuse = Some("a line of its head ends in a bare LF");
+        }
         if self.head.started {
             self.header();
         } else {
@@ -303,14 +362,26 @@ impl Scanner {
     /// An empty line has ended: before a request line it is ignored (as RFC
     /// 9112 allows), after one it ends the head.
     fn blank_line(&mut self, out: &mut Vec<u8>) {
-        let head = std::mem::take(&mut self.head);
+        let mut head = std::mem::take(&mut self.head);
+        if head.started && !self.line.ends_with(b"\r\n") {
+            head.refuse = Some("a line of its head ends in a bare LF");
+        }
+        if head.content_length.is_some() && head.chunked.is_some() {
+            head.refuse = Some("it has both Content-Length and Transfer-Encoding");
+        }
+        if head.chunked_codings > 1 {
+            head.refuse = Some("it names the chunked coding more than once");
+        }
         let next = match (head.content_length, head.chunked) {
             _ if !head.started => State::Head,
             _ if head.http2 => State::Off,
-            (Some(_), Some(_)) => {
+            _ if head.refuse.is_some() => {
                 // A header line without a colon: hyper refuses the head.
                 out.extend_from_slice(b"ambiguous-framing\r\n");
-                tracing::debug!("refused a request with both Content-Length and Transfer-Encoding");
+                tracing::debug!(
+                    reason = head.refuse,
+                    "refused a request whose framing is ambiguous"
+                );
                 State::Off
             }
             (None, Some(true)) => State::ChunkSize,
@@ -335,6 +406,10 @@ impl Scanner {
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
             self.head.chunked = Some(trim(last).eq_ignore_ascii_case(b"chunked"));
+            self.head.chunked_codings += value
+                .split(|&b| b == b',')
+                .filter(|coding| trim(coding).eq_ignore_ascii_case(b"chunked"))
+                .count();
         } else if name.eq_ignore_ascii_case(b"content-length") {
             let length = parse_decimal(value);
             match self.head.content_length {

@@ -6,6 +6,7 @@
 //! What a request needs is one [`Table`], built from a config and swapped
 //! whole on reload: a request keeps the table it started with.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -31,12 +32,15 @@ use tokio::time::Instant;
 
 use crate::alerts::{Alert, Alerter};
 use crate::body::{self, is_body_too_large, ProxyBody, RequestBody};
-use crate::config::{Config, Fallback, GatewaySettings, RouteConfig, Target};
+use crate::config::{
+    Config, EscapedSlashes, Fallback, GatewaySettings, RouteConfig, Target, Underscores,
+};
 use crate::edge::{self, Counters, Credential, Edge, Exceeded, Refusal, Slot};
 use crate::events::{Event, Events};
 use crate::fallback::{self as fallbacks, FALLBACK};
 use crate::headers::{self, CORRELATION_ID};
 use crate::metrics::{method_label, Metrics, RequestLabels};
+use crate::path;
 use crate::pool::{self, Connector, Gates, PoolGate, Uses};
 use crate::router::{self, Route, Router};
 use crate::stats::{Stats, Traffic};
@@ -353,6 +357,13 @@ impl Gateway {
                 "CONNECT is not supported: this is not an open proxy",
             ));
         }
+        if req.version() == Version::HTTP_11 && !has_one_host(req.headers()) {
+            // RFC 9112 §3.2: which host was meant is not clear.
+            return Err(Reply::new(
+                StatusCode::BAD_REQUEST,
+                "an HTTP/1.1 request needs exactly one Host header",
+            ));
+        }
         let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
             + req.uri().authority().map_or(0, |a| a.as_str().len());
         if target_len > table.settings.max_uri_bytes {
@@ -364,6 +375,9 @@ impl Gateway {
         // The client's side of a WebSocket handshake, joined once the upstream says 101.
         let upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
+        // Routing, API-key checks and the upstream see one path and one set of headers.
+        normalize_path(&mut parts.uri, table.settings.escaped_slashes)?;
+        headers_with_underscores(&mut parts.headers, table.settings.headers_with_underscores)?;
         let Some(route) = table.router.route(&parts) else {
             return Err(Reply::new(
                 StatusCode::NOT_FOUND,
@@ -429,16 +443,35 @@ impl Gateway {
         let mut body = if incoming.is_end_stream() {
             RequestBody::empty()
         } else {
-            RequestBody::read(incoming, table.settings.max_replay_bytes, max_body)
-                .await
-                .map_err(|e| {
-                    if is_body_too_large(&*e) {
+            let read = RequestBody::read(incoming, table.settings.max_replay_bytes, max_body);
+            match tokio::time::timeout(table.settings.body_read_timeout, read).await {
+                Ok(Ok(body)) => body,
+                Ok(Err(e)) if is_body_too_large(&*e) => {
+                    return Err(
                         Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-                    } else {
-                        Reply::new(StatusCode::BAD_REQUEST, "could not read the request body")
-                    }
-                    .service(upstream.name())
-                })?
+                            .service(upstream.name()),
+                    )
+                }
+                Ok(Err(_)) => {
+                    return Err(Reply::new(
+                        StatusCode::BAD_REQUEST,
+                        "could not read the request body",
+                    )
+                    .service(upstream.name()))
+                }
+                Err(_) => {
+                    let mut reply = Reply::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body did not arrive within gateway.body_read_timeout",
+                    )
+                    .service(upstream.name());
+                    // The rest of the body may still come; the connection cannot be reused.
+                    reply
+                        .headers
+                        .push((header::CONNECTION, HeaderValue::from_static("close")));
+                    return Err(reply);
+                }
+            }
         };
         let stale_key = match (&route.stale, &parts.method) {
             (Some(_), &Method::GET) => Some(fallbacks::key(
@@ -1052,6 +1085,55 @@ impl Body for Tracked {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Puts the normal form of `uri`'s path in its place (see [`crate::path`]).
+fn normalize_path(uri: &mut http::Uri, escaped_slashes: EscapedSlashes) -> Result<(), Reply> {
+    let path = match path::normalize(uri.path(), escaped_slashes) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(path)) => path,
+        Err(e) => return Err(Reply::new(StatusCode::BAD_REQUEST, e.to_string())),
+    };
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(
+        PathAndQuery::from_maybe_shared(Bytes::from(target))
+            .map_err(|_| Reply::new(StatusCode::BAD_REQUEST, "invalid request target"))?,
+    );
+    *uri = http::Uri::from_parts(parts)
+        .map_err(|_| Reply::new(StatusCode::BAD_REQUEST, "invalid request target"))?;
+    Ok(())
+}
+
+/// Whether `headers` hold exactly one `Host`.
+fn has_one_host(headers: &HeaderMap) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    hosts.next().is_some() && hosts.next().is_none()
+}
+
+/// Applies `gateway.headers_with_underscores` to the client's headers.
+fn headers_with_underscores(headers: &mut HeaderMap, rule: Underscores) -> Result<(), Reply> {
+    if rule == Underscores::Allow || !headers.keys().any(|name| name.as_str().contains('_')) {
+        return Ok(());
+    }
+    if rule == Underscores::Reject {
+        return Err(Reply::new(
+            StatusCode::BAD_REQUEST,
+            "header names with underscores are not accepted",
+        ));
+    }
+    let named: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    Ok(())
 }
 
 /// An answer the gateway writes itself: a JSON error.

@@ -7,7 +7,7 @@
 //!
 //! Listener and connection settings (`listen`, `admin_listen`,
 //! `max_connections`, `max_header_bytes`, `header_read_timeout`,
-//! `drain_timeout`), the size of the rate-limit key store
+//! `send_timeout`, `drain_timeout`), the size of the rate-limit key store
 //! (`rate_limit.max_keys`) and where counts live (`rate_limit.store` with
 //! its Redis settings) are bound when the gateway starts; a reload that
 //! changes them says so and leaves them until a restart.
@@ -199,6 +199,9 @@ fn restart_only_changes(running: &GatewaySettings, new: &GatewaySettings) -> Vec
     }
     if running.header_read_timeout != new.header_read_timeout {
         changed.push("gateway.header_read_timeout");
+    }
+    if running.send_timeout != new.send_timeout {
+        changed.push("gateway.send_timeout");
     }
     if running.drain_timeout != new.drain_timeout {
         changed.push("gateway.drain_timeout");

@@ -14,7 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{Request, StatusCode, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -26,8 +27,10 @@ use crate::alerts::Alert;
 use crate::config::Config;
 use crate::events::Event;
 use crate::framing::{FramingGuard, Upgraded};
-use crate::proxy::{Gateway, Table, UpstreamClient};
+use crate::headers;
+use crate::proxy::{Gateway, Reply, Table, UpstreamClient};
 use crate::reload::Reloader;
+use crate::resets::Resets;
 use crate::stats::{IncidentChange, SampleInput};
 use crate::upstream::Upstream;
 
@@ -235,6 +238,7 @@ async fn serve_proxy(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    let send_timeout = settings.send_timeout;
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -260,19 +264,32 @@ async fn serve_proxy(
         let builder = builder.clone();
         let mut stop = stopped.clone();
         let upgraded = Upgraded::default();
-        let stream = FramingGuard::new(stream, max_head, upgraded.clone());
+        let stream = FramingGuard::new(stream, max_head, upgraded.clone(), send_timeout);
+        let resets = Arc::new(Resets::default());
+        let abuse = resets.clone();
         connections.spawn(async move {
             let _slot = slot;
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let gateway = gateway.clone();
                 let client = client.clone();
                 let upgraded = upgraded.clone();
+                let resets = resets.clone();
                 async move {
-                    let response = gateway.handle(req, peer, &client).await;
-                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        upgraded.set();
+                    if req.version() != Version::HTTP_2 {
+                        let response = gateway.handle(req, peer, &client).await;
+                        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                            upgraded.set();
+                        }
+                        return Ok::<_, Infallible>(response);
                     }
-                    Ok::<_, Infallible>(response)
+                    if resets.tripped() {
+                        let reply = Reply::new(StatusCode::SERVICE_UNAVAILABLE, "this connection is closing: too many cancelled requests");
+                        return Ok(reply.into_response(&headers::correlation_id(req.headers())));
+                    }
+                    let started = resets.start();
+                    let response = gateway.handle(req, peer, &client).await;
+                    started.finish();
+                    Ok(response)
                 }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -282,6 +299,11 @@ async fn serve_proxy(
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                }
+                _ = abuse.abused() => {
+                    tracing::warn!(%peer, "closing an HTTP/2 connection whose client cancels most requests at once (rapid reset)");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
                 }
                 _ = until_stopped(&mut stop) => {
                     conn.as_mut().graceful_shutdown();

@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{admin, catch_all, gateway, url};
+use support::{admin, catch_all, gateway, raw, url};
 use tidegate_gateway::events::Event;
 use tidegate_testkit::{get, text, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,37 +16,6 @@ use tokio::net::TcpStream;
 fn config(upstream: &Upstream, gateway_extra: &str) -> String {
     let limits = "max_body_bytes = 1000\nmax_replay_bytes = 100\nmax_uri_bytes = 200";
     catch_all(&upstream.url(), &format!("{limits}\n{gateway_extra}"))
-}
-
-/// Sends raw bytes and reads until the server closes or a full head and
-/// `Content-Length` body arrive; returns the status line and the text.
-async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .expect("the server neither answered nor closed")
-            .unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&answer);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head.lines().find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse::<usize>().unwrap())
-            });
-            if len.is_some_and(|len| body.len() >= len) {
-                break;
-            }
-        }
-    }
-    String::from_utf8_lossy(&answer).into_owned()
 }
 
 async fn echo_upstream() -> Upstream {

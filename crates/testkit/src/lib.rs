@@ -11,8 +11,10 @@
 #![forbid(unsafe_code)]
 
 mod redis;
+mod scripted;
 
 pub use crate::redis::{signal, RedisCluster, RedisServer};
+pub use crate::scripted::{Behavior, Delivery, Scripted};
 
 use std::convert::Infallible;
 use std::future::Future;

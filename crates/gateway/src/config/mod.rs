@@ -145,6 +145,20 @@ pub struct GatewaySettings {
     /// A client must send its whole request head within this time.
     #[serde(with = "duration")]
     pub header_read_timeout: Duration,
+    /// A client must send its request body within this time after its
+    /// head: the whole body, or the first `max_replay_bytes` of a larger one
+    /// (the rest is bounded by the upstream's `timeout`). Past it → 408.
+    #[serde(with = "duration")]
+    pub body_read_timeout: Duration,
+    /// A connection whose client reads nothing of a response for this long
+    /// is closed (slow readers hold no upstream connection for ever).
+    #[serde(with = "duration")]
+    pub send_timeout: Duration,
+    /// What to do with request headers whose names hold an underscore,
+    /// which some upstreams (CGI, WSGI, PHP) cannot tell from a dash.
+    pub headers_with_underscores: Underscores,
+    /// What to do with `%2F` and `%5C` (encoded `/` and `\`) in a path.
+    pub escaped_slashes: EscapedSlashes,
     /// Open client connections at most; more wait in the accept queue.
     pub max_connections: usize,
     /// On shutdown, in-flight requests get this long to finish.
@@ -168,12 +182,39 @@ impl Default for GatewaySettings {
             max_body_bytes: 10 * 1024 * 1024,
             max_replay_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            headers_with_underscores: Underscores::Drop,
+            escaped_slashes: EscapedSlashes::Reject,
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             internal_token_env: None,
             admin_token_env: None,
         }
     }
+}
+
+/// `gateway.headers_with_underscores`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Underscores {
+    /// Forward them.
+    Allow,
+    /// Remove them before routing (nginx's default).
+    Drop,
+    /// Answer 400.
+    Reject,
+}
+
+/// `gateway.escaped_slashes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    /// Forward them encoded, as received.
+    Keep,
+    /// Answer 400: an upstream that decodes them would see another path
+    /// than routing did.
+    Reject,
 }
 
 /// `[upstreams.health_check]`: active checks of every endpoint.
@@ -455,11 +496,14 @@ impl Locator<'_> {
                 return Err(self.error(&g.clone().key(key), format!("must be at least {least}")));
             }
         }
-        if gateway.header_read_timeout.is_zero() {
-            return Err(self.error(
-                &g.clone().key("header_read_timeout"),
-                "must be greater than 0",
-            ));
+        for (key, value) in [
+            ("header_read_timeout", gateway.header_read_timeout),
+            ("body_read_timeout", gateway.body_read_timeout),
+            ("send_timeout", gateway.send_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(self.error(&g.clone().key(key), "must be greater than 0"));
+            }
         }
         for (key, var) in [
             ("internal_token_env", &gateway.internal_token_env),
