@@ -359,8 +359,7 @@ impl Gateway {
         }
         if req.version() == Version::HTTP_11 && !has_one_host(req.headers()) {
             // RFC 9112 §3.2: which host was meant is not clear.
-            return Err(Reply::new(
-                StatusCode::BAD_REQUEST,
+            return Err(Reply::malformed(
                 "an HTTP/1.1 request needs exactly one Host header",
             ));
         }
@@ -1092,7 +1091,7 @@ fn normalize_path(uri: &mut http::Uri, escaped_slashes: EscapedSlashes) -> Resul
     let path = match path::normalize(uri.path(), escaped_slashes) {
         Ok(Cow::Borrowed(_)) => return Ok(()),
         Ok(Cow::Owned(path)) => path,
-        Err(e) => return Err(Reply::new(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e) => return Err(Reply::malformed(e.to_string())),
     };
     let target = match uri.query() {
         Some(query) => format!("{path}?{query}"),
@@ -1101,10 +1100,9 @@ fn normalize_path(uri: &mut http::Uri, escaped_slashes: EscapedSlashes) -> Resul
     let mut parts = std::mem::take(uri).into_parts();
     parts.path_and_query = Some(
         PathAndQuery::from_maybe_shared(Bytes::from(target))
-            .map_err(|_| Reply::new(StatusCode::BAD_REQUEST, "invalid request target"))?,
+            .map_err(|_| Reply::malformed("invalid request target"))?,
     );
-    *uri = http::Uri::from_parts(parts)
-        .map_err(|_| Reply::new(StatusCode::BAD_REQUEST, "invalid request target"))?;
+    *uri = http::Uri::from_parts(parts).map_err(|_| Reply::malformed("invalid request target"))?;
     Ok(())
 }
 
@@ -1120,8 +1118,7 @@ fn headers_with_underscores(headers: &mut HeaderMap, rule: Underscores) -> Resul
         return Ok(());
     }
     if rule == Underscores::Reject {
-        return Err(Reply::new(
-            StatusCode::BAD_REQUEST,
+        return Err(Reply::malformed(
             "header names with underscores are not accepted",
         ));
     }
@@ -1156,6 +1153,16 @@ impl Reply {
             retry_after: None,
             headers: Vec::new(),
         }
+    }
+
+    /// 400 for a malformed request; the connection closes after it, as
+    /// after the ones hyper's parser refuses.
+    fn malformed(message: impl Into<String>) -> Self {
+        let mut reply = Reply::new(StatusCode::BAD_REQUEST, message);
+        reply
+            .headers
+            .push((header::CONNECTION, HeaderValue::from_static("close")));
+        reply
     }
 
     fn service(mut self, name: &str) -> Self {

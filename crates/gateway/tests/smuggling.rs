@@ -1,64 +1,325 @@
+//! Request smuggling and parsing attacks over raw sockets. Each test checks
+//! what the client got and that the upstream received nothing it should
+//! not: no request behind an ambiguous one, no header the client may not
+//! set, no path other than the one routing and API-key checks saw.
+
 mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use support::{catch_all, gateway, raw};
-use tidegate_testkit::{text, Upstream};
+use tidegate_testkit::{text, Received, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// SHA-256 of the API key `test`.
+const TEST_KEY_SHA256: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+/// Answers 200 with the number of body bytes it read.
+async fn echo() -> Upstream {
+    Upstream::start(|req| async move {
+        use http_body_util::BodyExt;
+        match req.into_body().collect().await {
+            Ok(body) => text(200, &format!("got {}", body.to_bytes().len())),
+            Err(_) => text(400, "bad body"),
+        }
+    })
+    .await
+}
+
+/// Sends `bytes` and reads until the server closes the connection.
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closed the connection")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// How many responses `answer` holds (status lines, wherever they start).
+fn responses(answer: &str) -> usize {
+    answer
+        .match_indices("HTTP/1.1 ")
+        .filter(|(at, _)| {
+            let code = answer.as_bytes().get(at + 9..at + 13).unwrap_or_default();
+            code.len() == 4 && code[..3].iter().all(u8::is_ascii_digit) && code[3] == b' '
+        })
+        .count()
+}
+
+fn paths(received: &[Received]) -> Vec<String> {
+    received.iter().map(|r| r.uri.path().to_owned()).collect()
+}
+
+/// Requests a gateway must refuse with 400, one per line of attack.
+const REFUSED: &[(&str, &str)] = &[
+    ("CL then TE", "POST /bad HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("TE then CL", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"),
+    ("chunked, chunked", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"),
+    ("TE twice", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("xchunked", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"),
+    ("chunked not last", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
+    ("TE on HTTP/1.0", "POST /bad HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("TE on HTTP/1.0 with CL", "POST /bad HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"),
+    ("space before colon", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n"),
+    ("vertical tab in TE", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n"),
+    ("bare LF head", "GET /bad HTTP/1.1\nHost: x\n\n"),
+    ("bare LF in one line", "GET /bad HTTP/1.1\r\nHost: x\nX: y\r\n\r\n"),
+    ("bare LF chunk lines", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n"),
+    ("negative chunk size", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nabc\r\n0\r\n\r\n"),
+    ("0x chunk size", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n"),
+    ("overflowing chunk size", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff3\r\nabc\r\n0\r\n\r\n"),
+    ("space before chunk size", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n 3\r\nabc\r\n0\r\n\r\n"),
+    ("chunk shorter than its size", "POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabc\r\n0\r\n\r\n"),
+    ("CL +5", "POST /bad HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello"),
+    ("CL 0x10", "POST /bad HTTP/1.1\r\nHost: x\r\nContent-Length: 0x10\r\n\r\n0123456789abcdef"),
+    ("CL -5", "POST /bad HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\nhello"),
+    ("CL twice, differing", "POST /bad HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+    ("CL list", "POST /bad HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello"),
+    ("space in a header name", "GET /bad HTTP/1.1\r\nHost: x\r\nX Forwarded-For: 1.2.3.4\r\n\r\n"),
+    ("CR in a value", "GET /bad HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n"),
+    ("NUL in a value", "GET /bad HTTP/1.1\r\nHost: x\r\nX: a\0b\r\n\r\n"),
+    ("obsolete line folding", "GET /bad HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n"),
+    ("no Host", "GET /bad HTTP/1.1\r\n\r\n"),
+    ("two Hosts", "GET /bad HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+    ("control byte in the target", "GET /bad?a=\x01 HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("backslash path", "GET /x\\..\\bad HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("encoded slash", "GET /x%2F..%2Fbad HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("bad escape", "GET /bad%zz HTTP/1.1\r\nHost: x\r\n\r\n"),
+];
 
 #[tokio::test]
-async fn explore() {
-    let upstream = Upstream::start(|req| async move {
-        use http_body_util::BodyExt;
-        let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
-        text(200, &format!("got {body:?}"))
-    })
-    .await;
+async fn malformed_and_ambiguous_requests_are_refused_and_nothing_behind_them_is_forwarded() {
+    let upstream = echo().await;
     let gw = gateway(&catch_all(&upstream.url(), "")).await;
-    let cases: &[&str] = &[
-        "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        "POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        "POST /c HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        "POST /c2 HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
-        "POST /d HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        "POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        "POST /f HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x0bchunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        "GET /g HTTP/1.1\nHost: x\n\n",
-        "GET /h HTTP/1.1\r\nHost: x\nX: y\r\n\r\n",
-        "POST /i HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n",
-        "POST /j HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nabc\r\n0\r\n\r\n",
-        "POST /k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
-        "POST /l HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff3\r\nabc\r\n0\r\n\r\n",
-        "POST /m HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n 3\r\nabc\r\n0\r\n\r\n",
-        "POST /m2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n",
-        "POST /m3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n",
-        "POST /m4 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabc\r\n0\r\n\r\n",
-        "POST /n HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\nabc",
-        "POST /o HTTP/1.1\r\nHost: x\r\nContent-Length: 0x3\r\n\r\nabc",
-        "POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-        "POST /q HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
-        "POST /q2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\nabc",
-        "POST /q3 HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\nabcd",
-        "POST /q4 HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\nabc",
-        "POST /q5 HTTP/1.1\r\nHost: x\r\nContent-Length: 3 \r\n\r\nabc",
-        "GET /r HTTP/1.1\r\nHost: x\r\nFoo Bar: x\r\n\r\n",
-        "GET /s HTTP/1.1\r\nHost: x\r\nX_Foo: x\r\n\r\n",
-        "GET /t HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n",
-        "GET /u HTTP/1.1\r\nHost: x\r\nX: a\0b\r\n\r\n",
-        "GET /v HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",
-        "GET /w\\..\\x HTTP/1.1\r\nHost: x\r\n\r\n",
-        "GET /x HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
-        "GET /y HTTP/1.1\r\n\r\n",
-        "GET /z?a=\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
-    ];
-    for case in cases {
+    for (what, bad) in REFUSED {
+        let answer = raw(gw.addr, bad.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+
+        // Behind a good request on one connection, with one more after it:
+        // the good one is answered, the bad one refused, and nothing after
+        // it is read as a request.
+        let good = "POST /good HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc";
+        let after = "GET /after HTTP/1.1\r\nHost: x\r\n\r\n";
+        let answer = exchange(gw.addr, format!("{good}{bad}{after}").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+        assert!(answer.contains("got 3HTTP/1.1 400"), "{what}: {answer}");
+        assert_eq!(responses(&answer), 2, "{what}: {answer}");
+    }
+    let paths = paths(&upstream.received());
+    assert!(paths.iter().all(|p| p == "/good"), "{paths:?}");
+    assert_eq!(paths.len(), REFUSED.len());
+}
+
+#[tokio::test]
+async fn lenient_but_unambiguous_framing_is_forwarded_once_with_the_body_it_declared() {
+    let upstream = echo().await;
+    let gw = gateway(&catch_all(&upstream.url(), "")).await;
+    for (what, request, body) in [
+        ("CL twice, equal", "POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 3),
+        ("chunk extension", "POST /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n", 3),
+        ("trailers", "POST /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n", 3),
+        ("gzip, chunked", "POST /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 3),
+    ] {
         let before = upstream.hits();
-        let answer = raw(gw.addr, case.as_bytes()).await;
-        let got: Vec<String> = upstream.received()[before..]
-            .iter()
-            .map(|r| format!("{} {:?}", r.uri, r.headers))
-            .collect();
-        println!(
-            "{:?}\n  -> {:?}\n  upstream {:?}\n",
-            case,
-            answer.lines().next(),
-            got
+        let answer = raw(gw.addr, request.as_bytes()).await;
+        assert!(answer.ends_with(&format!("got {body}")), "{what}: {answer}");
+        assert_eq!(upstream.hits(), before + 1, "{what}");
+        let received = upstream.received();
+        let last = received.last().unwrap();
+        assert!(last.headers.get("transfer-encoding").is_none(), "{what}: re-framed");
+        assert_eq!(last.headers.get_all("content-length").iter().count(), 1, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn header_names_with_underscores_are_dropped_refused_or_kept_as_configured() {
+    let request = "GET /u HTTP/1.1\r\nHost: x\r\nX_Internal_Token: forged\r\nX-Kept: 1\r\n\r\n";
+    for (rule, status, kept) in [
+        ("", 200, false),
+        ("headers_with_underscores = \"drop\"", 200, false),
+        ("headers_with_underscores = \"reject\"", 400, false),
+        ("headers_with_underscores = \"allow\"", 200, true),
+    ] {
+        let upstream = echo().await;
+        let gw = gateway(&catch_all(&upstream.url(), rule)).await;
+        let answer = raw(gw.addr, request.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{rule}: {answer}"
+        );
+        let received = upstream.received();
+        assert_eq!(received.len(), usize::from(status == 200), "{rule}");
+        if let Some(r) = received.first() {
+            assert_eq!(r.headers.contains_key("x_internal_token"), kept, "{rule}");
+            assert_eq!(r.headers["x-kept"], "1");
+        }
+    }
+}
+
+/// Routes `/admin` to `private` behind an API key, the rest to `public`.
+fn two_routes(public: &Upstream, private: &Upstream) -> String {
+    format!(
+        r#"[[upstreams]]
+name = "public"
+endpoints = ["{}"]
+[[upstreams]]
+name = "private"
+endpoints = ["{}"]
+[[routes]]
+name = "admin"
+path_prefix = "/admin"
+upstream = "private"
+require_api_key = true
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "public"
+[[api_keys]]
+id = "ops"
+key_sha256 = "{TEST_KEY_SHA256}"
+"#,
+        public.url(),
+        private.url()
+    )
+}
+
+#[tokio::test]
+async fn routing_key_checks_and_the_upstream_see_one_normalized_path() {
+    let (public, private) = (echo().await, echo().await);
+    let gw = gateway(&two_routes(&public, &private)).await;
+    let disguised = [
+        "/x/../admin",
+        "/x/%2e%2e/admin",
+        "/x/%2E./admin",
+        "//admin",
+        "/./admin",
+        "/%61dmin",
+        "/public/../../admin",
+    ];
+    for path in disguised {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let answer = raw(gw.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+        let with_key = format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: test\r\n\r\n");
+        let answer = raw(gw.addr, with_key.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+    }
+    assert_eq!(public.hits(), 0, "{:?}", paths(&public.received()));
+    let private = paths(&private.received());
+    assert_eq!(private.len(), disguised.len());
+    assert!(private.iter().all(|p| p == "/admin"), "{private:?}");
+
+    // Encoded slashes could become a path the gateway never saw: refused.
+    for path in ["/x%2F..%2Fadmin", "/x/..%2fadmin", "/x%5C..%5Cadmin"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: test\r\n\r\n");
+        let answer = raw(gw.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+    }
+    assert_eq!(public.hits(), 0);
+}
+
+#[tokio::test]
+async fn an_upgrade_the_upstream_declines_leaves_the_next_request_to_routing() {
+    let (public, private) = (echo().await, echo().await);
+    let gw = gateway(&two_routes(&public, &private)).await;
+    // The upstream answers 200, not 101: the bytes after the handshake are
+    // a request of their own, for a route that needs a key.
+    let attack = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\
+                  GET /admin/secrets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let answer = exchange(gw.addr, attack.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 401"), "{answer}");
+    assert_eq!(paths(&public.received()), ["/ws"]);
+    assert_eq!(
+        private.hits(),
+        0,
+        "the pipelined request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn absolute_form_to_an_unrouted_host_goes_nowhere() {
+    let upstream = echo().await;
+    let decoy = echo().await;
+    let config = format!(
+        "[[upstreams]]\nname = \"api\"\nendpoints = [\"{}\"]\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"api\"\n",
+        upstream.url()
+    );
+    let gw = gateway(&config).await;
+    let decoy_host = decoy.addr();
+    for (request, status) in [
+        (
+            format!("GET http://{decoy_host}/other HTTP/1.1\r\nHost: {decoy_host}\r\n\r\n"),
+            404,
+        ),
+        (
+            format!("GET http://{decoy_host}/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            404,
+        ),
+        (
+            format!("GET /other HTTP/1.1\r\nHost: {decoy_host}\r\n\r\n"),
+            404,
+        ),
+        (
+            format!("GET http://{decoy_host}/api/x HTTP/1.1\r\nHost: {decoy_host}\r\n\r\n"),
+            200,
+        ),
+        (
+            format!("OPTIONS * HTTP/1.1\r\nHost: {decoy_host}\r\n\r\n"),
+            404,
+        ),
+        (
+            format!("CONNECT {decoy_host} HTTP/1.1\r\nHost: {decoy_host}\r\n\r\n"),
+            405,
+        ),
+    ] {
+        let answer = raw(gw.addr, request.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{request}: {answer}"
         );
     }
+    assert_eq!(decoy.connections(), 0, "the gateway connected to the decoy");
+    assert_eq!(paths(&upstream.received()), ["/api/x"]);
+}
+
+#[tokio::test]
+async fn connection_cannot_strip_the_headers_the_gateway_adds() {
+    std::env::set_var("TIDEGATE_SMUGGLING_TOKEN", "s3cret");
+    let upstream = echo().await;
+    let gw = gateway(&catch_all(
+        &upstream.url(),
+        "internal_token_env = \"TIDEGATE_SMUGGLING_TOKEN\"",
+    ))
+    .await;
+    let request = "GET /c HTTP/1.1\r\nHost: x\r\n\
+                   Connection: keep-alive, X-Internal-Token, X-Forwarded-For, X-Correlation-Id, Traceparent\r\n\
+                   X-Internal-Token: forged\r\nX-Forwarded-For: 10.9.8.7\r\nX-Correlation-Id: mine\r\n\r\n";
+    let answer = raw(gw.addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let received = upstream.received();
+    let headers = &received[0].headers;
+    let all = |name: &str| -> Vec<&str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(all("x-internal-token"), ["s3cret"]);
+    assert_eq!(
+        all("x-forwarded-for"),
+        ["127.0.0.1"],
+        "the client's own hop, nothing forged"
+    );
+    assert_eq!(all("x-correlation-id").len(), 1);
+    assert_eq!(all("traceparent").len(), 1);
+    assert!(headers.get("connection").is_none());
 }
