@@ -53,6 +53,15 @@ impl Upgraded {
     }
 }
 
+/// The connection timeouts a [`FramingGuard`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// `gateway.header_read_timeout`, for the first head.
+    pub header_read: Duration,
+    /// `gateway.send_timeout`.
+    pub send: Duration,
+}
+
 /// Wraps a client connection; see the module documentation.
 #[derive(Debug)]
 pub struct FramingGuard<T> {
@@ -63,6 +72,10 @@ pub struct FramingGuard<T> {
     at: usize,
     upgraded: Upgraded,
     send_timeout: Duration,
+    /// Runs until the first request head is complete (or HTTP/2 is
+    /// spoken): a client that connects and sends nothing, or not enough
+    /// for hyper to start on, is cut at the header read timeout too.
+    first_head: Option<Pin<Box<Sleep>>>,
     /// Runs while a write waits for the client to read; created on the
     /// first such wait and re-armed for the next.
     stall: Option<Pin<Box<Sleep>>>,
@@ -71,16 +84,18 @@ pub struct FramingGuard<T> {
 
 impl<T> FramingGuard<T> {
     /// Guards `io`; heads longer than `max_head` bytes are left to hyper.
-    /// A write that cannot make progress for `send_timeout` (the client
-    /// reads nothing) fails, and the connection with it.
-    pub fn new(io: T, max_head: usize, upgraded: Upgraded, send_timeout: Duration) -> Self {
+    /// A write that cannot make progress for the send timeout (the client
+    /// reads nothing) fails, and the connection with it; so does a read
+    /// when the first request head is not in by the header read timeout.
+    pub fn new(io: T, max_head: usize, upgraded: Upgraded, timeouts: Timeouts) -> Self {
         FramingGuard {
+            first_head: Some(Box::pin(tokio::time::sleep(timeouts.header_read))),
+            send_timeout: timeouts.send,
             io,
             scanner: Scanner::new(max_head),
             ready: Vec::new(),
             at: 0,
             upgraded,
-            send_timeout,
             stall: None,
             stalled: false,
         }
@@ -123,6 +138,29 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let poll = this.read_scanned(cx, buf);
+        if let Some(first_head) = &mut this.first_head {
+            if this.scanner.heads > 0 || this.scanner.is_off() {
+                // hyper's header read timeout takes over from here.
+                this.first_head = None;
+            } else if poll.is_pending() && first_head.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request head within gateway.header_read_timeout",
+                )));
+            }
+        }
+        poll
+    }
+}
+
+impl<T: AsyncRead + Unpin> FramingGuard<T> {
+    fn read_scanned(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if buf.remaining() == 0 {
             // Nothing can be read into a full buffer; an empty read here
             // must not be taken for the end of the stream below.
@@ -254,6 +292,8 @@ struct Scanner {
     released: usize,
     head: Head,
     max_head: usize,
+    /// Request heads completed so far.
+    heads: usize,
 }
 
 impl Scanner {
@@ -264,6 +304,7 @@ impl Scanner {
             released: 0,
             head: Head::default(),
             max_head,
+            heads: 0,
         }
     }
 
@@ -363,6 +404,7 @@ impl Scanner {
     /// 9112 allows), after one it ends the head.
     fn blank_line(&mut self, out: &mut Vec<u8>) {
         let mut head = std::mem::take(&mut self.head);
+        self.heads += usize::from(head.started);
         if head.started && !self.line.ends_with(b"\r\n") {
             head.refuse = Some("a line of its head ends in a bare LF");
         }

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use crate::alerts::Alert;
 use crate::config::Config;
 use crate::events::Event;
-use crate::framing::{FramingGuard, Upgraded};
+use crate::framing::{FramingGuard, Timeouts, Upgraded};
 use crate::headers;
 use crate::proxy::{Gateway, Reply, Table, UpstreamClient};
 use crate::reload::Reloader;
@@ -238,7 +238,10 @@ async fn serve_proxy(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-    let send_timeout = settings.send_timeout;
+    let timeouts = Timeouts {
+        header_read: settings.header_read_timeout,
+        send: settings.send_timeout,
+    };
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -264,7 +267,7 @@ async fn serve_proxy(
         let builder = builder.clone();
         let mut stop = stopped.clone();
         let upgraded = Upgraded::default();
-        let stream = FramingGuard::new(stream, max_head, upgraded.clone(), send_timeout);
+        let stream = FramingGuard::new(stream, max_head, upgraded.clone(), timeouts);
         let resets = Arc::new(Resets::default());
         let abuse = resets.clone();
         connections.spawn(async move {
