@@ -118,7 +118,7 @@ async fn load(url: String, end: Instant) -> Vec<Sent> {
     while every.tick().await < end {
         n += 1;
         let id = format!("chaos-{n}");
-        let method = if n % 3 == 0 {
+        let method = if n.is_multiple_of(3) {
             Method::POST
         } else {
             Method::GET
