@@ -277,21 +277,27 @@ impl Edge {
         let tier = key.and_then(|k| Some((k, &self.tiers[k.tier?])));
         if let Some((key, tier)) = tier {
             for (window, limit) in &tier.windows {
-                let counted = format!("t\0{}\0{window}\0{}", tier.name, key.id);
+                let counted = limit_key(
+                    't',
+                    &[tier.name.as_bytes(), window.as_bytes(), key.id.as_bytes()],
+                );
                 let decision = self.count(&counted, limit, metrics).await?;
                 admission.tighten(decision, Exceeded::Tier)?;
             }
         }
         if let Some(limit) = &route.rate_limit {
-            let who = match (&limit.key, key) {
-                (LimitKey::ApiKey, Some(key)) => format!("k\0{}", key.id),
-                (LimitKey::Header(name), _) => match headers.get(name) {
-                    Some(v) => format!("h\0{}", String::from_utf8_lossy(v.as_bytes())),
-                    None => format!("i\0{client}"),
-                },
-                _ => format!("i\0{client}"),
+            let ip;
+            let (kind, who) = match (&limit.key, key) {
+                (LimitKey::ApiKey, Some(key)) => ("k", key.id.as_bytes()),
+                (LimitKey::Header(name), _) if headers.contains_key(name) => {
+                    ("h", headers.get(name).map_or(&[][..], |v| v.as_bytes()))
+                }
+                _ => {
+                    ip = client.to_string();
+                    ("i", ip.as_bytes())
+                }
             };
-            let counted = format!("r\0{}\0{who}", route.name);
+            let counted = limit_key('r', &[route.name.as_bytes(), kind.as_bytes(), who]);
             let decision = self.count(&counted, &limit.limit, metrics).await?;
             admission.tighten(decision, Exceeded::Route)?;
         }
@@ -418,6 +424,29 @@ fn bearer(value: &HeaderValue) -> Option<&[u8]> {
 pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
+}
+
+/// The key a rate-limit count is kept under: `kind`, then each part, each
+/// after a NUL. Parts are escaped (`%`, NUL, controls and bytes past ASCII
+/// as `%XX`), so different parts never make the same key: a header value
+/// cannot pose as another route's or client's count.
+pub fn limit_key(kind: char, parts: &[&[u8]]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut key = String::with_capacity(2 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    key.push(kind);
+    for part in parts {
+        key.push('\0');
+        for &b in *part {
+            if b == b'%' || !(0x20..0x7f).contains(&b) {
+                key.push('%');
+                key.push(char::from(HEX[usize::from(b >> 4)]));
+                key.push(char::from(HEX[usize::from(b & 0xf)]));
+            } else {
+                key.push(char::from(b));
+            }
+        }
+    }
+    key
 }
 
 /// `X-RateLimit-Limit`, `-Remaining` and `-Reset` (whole seconds, rounded up).

@@ -50,6 +50,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Whether a header name holds an underscore (which CGI-style upstreams
+/// read as a dash: `X_Internal_Token` would pose as `X-Internal-Token`).
+pub fn has_underscored(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| name.as_str().contains('_'))
+}
+
+/// Removes every header whose name holds an underscore.
+pub fn drop_underscored(headers: &mut HeaderMap) {
+    if !has_underscored(headers) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+}
+
 /// Whether the request asks to switch protocols (a WebSocket handshake).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)

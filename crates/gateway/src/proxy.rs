@@ -1114,23 +1114,17 @@ fn has_one_host(headers: &HeaderMap) -> bool {
 
 /// Applies `gateway.headers_with_underscores` to the client's headers.
 fn headers_with_underscores(headers: &mut HeaderMap, rule: Underscores) -> Result<(), Reply> {
-    if rule == Underscores::Allow || !headers.keys().any(|name| name.as_str().contains('_')) {
-        return Ok(());
-    }
-    if rule == Underscores::Reject {
-        return Err(Reply::malformed(
+    match rule {
+        Underscores::Allow => Ok(()),
+        Underscores::Drop => {
+            headers::drop_underscored(headers);
+            Ok(())
+        }
+        Underscores::Reject if headers::has_underscored(headers) => Err(Reply::malformed(
             "header names with underscores are not accepted",
-        ));
+        )),
+        Underscores::Reject => Ok(()),
     }
-    let named: Vec<header::HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    Ok(())
 }
 
 /// An answer the gateway writes itself: a JSON error.

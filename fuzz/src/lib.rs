@@ -1,0 +1,192 @@
+//! What each fuzz target checks. The targets in `fuzz_targets/` call these
+//! with libFuzzer's input; `crates/gateway/tests/fuzz_corpus.rs` includes
+//! this file and runs every file of `corpus/<target>/` through the same
+//! function, so the corpora are regression tests on stable Rust.
+//!
+//! ```text
+//! cargo +nightly fuzz run path_normalization      # or RUSTC_BOOTSTRAP=1 cargo fuzz run …
+//! ```
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use tidegate_client::headers::{correlation_id as checked_correlation_id, CORRELATION_ID};
+use tidegate_gateway::config::EscapedSlashes;
+use tidegate_gateway::headers::{drop_underscored, has_underscored, is_upgrade, strip_hop_by_hop};
+use tidegate_gateway::path::normalize;
+
+/// Any text: the config parser returns a config or an error that names
+/// the file, and never panics.
+pub fn config_parser(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Err(e) = tidegate_gateway::config::parse(text, "fuzz.toml", []) {
+        let message = e.to_string();
+        assert!(message.starts_with("fuzz.toml"), "{message}");
+    }
+}
+
+/// Header lines (`name: value`): after stripping, no hop-by-hop header and
+/// nothing `Connection` named is left (bar a kept WebSocket handshake),
+/// no name with an underscore, and every other header is untouched.
+pub fn header_sanitizing(data: &[u8]) {
+    let keep_upgrade = data.first().is_some_and(|b| b & 1 == 1);
+    let mut original = HeaderMap::new();
+    for line in data.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&line[..colon]),
+            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+        ) else {
+            continue;
+        };
+        original.append(name, value);
+    }
+    let nominated: Vec<HeaderName> = original
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let handshake = keep_upgrade && original.contains_key(header::UPGRADE);
+    let mut headers = original.clone();
+    strip_hop_by_hop(&mut headers, keep_upgrade);
+    drop_underscored(&mut headers);
+    assert!(!has_underscored(&headers));
+    let hop_by_hop = [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ];
+    for name in hop_by_hop {
+        assert!(!headers.contains_key(name), "{name} left");
+    }
+    if handshake {
+        assert!(is_upgrade(&headers));
+        assert_eq!(headers.get_all(header::CONNECTION).iter().count(), 1);
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+    } else {
+        assert!(!headers.contains_key(header::CONNECTION));
+        assert!(!headers.contains_key(header::UPGRADE));
+    }
+    for name in &nominated {
+        let kept = handshake && (name == header::CONNECTION || name == header::UPGRADE);
+        assert!(
+            kept || !headers.contains_key(name),
+            "{name} was named by Connection"
+        );
+    }
+    for (name, _) in original.iter() {
+        let stripped = hop_by_hop.contains(&name.as_str())
+            || name == header::CONNECTION
+            || name == header::UPGRADE
+            || nominated.contains(name)
+            || name.as_str().contains('_');
+        if !stripped {
+            let before: Vec<_> = original.get_all(name).iter().collect();
+            let after: Vec<_> = headers.get_all(name).iter().collect();
+            assert_eq!(before, after, "{name} changed");
+        }
+    }
+}
+
+/// Any path: a normalized path starts with `/`, has no empty, `.` or `..`
+/// segment and no escaped unreserved character, and normalizes to itself;
+/// the normal form of a valid target's path is a valid target.
+pub fn path_normalization(data: &[u8]) {
+    let Ok(path) = std::str::from_utf8(data) else {
+        return;
+    };
+    for mode in [EscapedSlashes::Keep, EscapedSlashes::Reject] {
+        let Ok(normal) = normalize(path, mode) else {
+            continue;
+        };
+        if !path.starts_with('/') {
+            assert_eq!(normal, path);
+            continue;
+        }
+        assert!(normal.starts_with('/'), "{normal}");
+        let segments: Vec<&str> = normal[1..].split('/').collect();
+        let last = segments.len() - 1;
+        for (i, segment) in segments.iter().enumerate() {
+            assert!(*segment != "." && *segment != "..", "{path} → {normal}");
+            assert!(!segment.is_empty() || i == last, "{path} → {normal}");
+        }
+        let bytes = normal.as_bytes();
+        for (i, _) in normal.match_indices('%') {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            let byte = u8::from_str_radix(hex, 16).unwrap();
+            assert!(
+                !(byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)),
+                "{path} → {normal}"
+            );
+            assert_eq!(hex, hex.to_ascii_uppercase());
+        }
+        assert_eq!(normalize(&normal, mode).unwrap(), normal, "not idempotent");
+    }
+    // What the gateway normalizes is a parsed target's path; its normal
+    // form is a valid target too.
+    if let Ok(target) = http::uri::PathAndQuery::try_from(path) {
+        if let Ok(normal) = normalize(target.path(), EscapedSlashes::Keep) {
+            assert!(
+                http::uri::PathAndQuery::try_from(normal.as_ref()).is_ok(),
+                "{normal}"
+            );
+        }
+    }
+}
+
+/// Any header value: the correlation ID used is 1–128 safe characters, and
+/// is the client's own when that one was.
+pub fn correlation_id(data: &[u8]) {
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_bytes(data) {
+        headers.insert(&CORRELATION_ID, value);
+    }
+    let id = checked_correlation_id(&headers);
+    let safe = |b: &[u8]| {
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    };
+    assert!(safe(id.as_bytes()), "{id:?}");
+    if safe(data) {
+        assert_eq!(id.as_bytes(), data);
+    }
+}
+
+/// Parts split at 0xFF bytes: the key reads back as exactly those parts,
+/// so no two sets of parts share a count.
+pub fn rate_limit_key(data: &[u8]) {
+    let parts: Vec<&[u8]> = data.split(|&b| b == 0xff).take(4).collect();
+    let key = tidegate_gateway::edge::limit_key('r', &parts);
+    let mut fields = key.split('\0');
+    assert_eq!(fields.next(), Some("r"));
+    let decoded: Vec<Vec<u8>> = fields.map(unescape).collect();
+    assert_eq!(decoded, parts, "{key:?}");
+    assert!(key.bytes().all(|b| b == 0 || (0x20..0x7f).contains(&b)));
+}
+
+fn unescape(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
