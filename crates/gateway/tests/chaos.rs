@@ -274,7 +274,13 @@ async fn chaos_soak_every_request_answered_once_within_its_deadline() {
     println!("  POSTs delivered more than once: {duplicate_posts}");
     println!("  GETs delivered over {MAX_ATTEMPTS} times:     {extra_gets}");
     println!("  endpoint returns:              {}", returns.len());
-    println!("  return → first traffic:        {first_traffic:?}");
+    let mut waits = first_traffic.clone();
+    waits.sort();
+    println!(
+        "  return → first traffic:        median {:?}, max {:?}",
+        waits.get(waits.len() / 2).copied().unwrap_or_default(),
+        waits.last().copied().unwrap_or_default()
+    );
 
     assert!(
         sent.len() as u64 >= RATE * seconds() * 9 / 10,
