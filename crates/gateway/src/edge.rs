@@ -431,16 +431,13 @@ pub(crate) fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// as `%XX`), so different parts never make the same key: a header value
 /// cannot pose as another route's or client's count.
 pub fn limit_key(kind: char, parts: &[&[u8]]) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut key = String::with_capacity(2 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
     key.push(kind);
     for part in parts {
         key.push('\0');
         for &b in *part {
             if b == b'%' || !(0x20..0x7f).contains(&b) {
-                key.push('%');
-                key.push(char::from(HEX[usize::from(b >> 4)]));
-                key.push(char::from(HEX[usize::from(b & 0xf)]));
+                crate::path::push_escaped(&mut key, b);
             } else {
                 key.push(char::from(b));
             }

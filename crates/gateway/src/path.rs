@@ -84,12 +84,19 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// Appends `byte` as `%XX` (upper-case hex).
+pub(crate) fn push_escaped(out: &mut String, byte: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(char::from(HEX[usize::from(byte >> 4)]));
+    out.push(char::from(HEX[usize::from(byte & 0xf)]));
+}
+
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 fn decode_unreserved(path: &str, escaped_slashes: EscapedSlashes) -> Result<String, PathError> {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -109,9 +116,7 @@ fn decode_unreserved(path: &str, escaped_slashes: EscapedSlashes) -> Result<Stri
                     if matches!(value, b'/' | b'\\') && escaped_slashes == EscapedSlashes::Reject {
                         return Err(PathError::EscapedSlash);
                     }
-                    out.push('%');
-                    out.push(char::from(HEX[usize::from(hi)]));
-                    out.push(char::from(HEX[usize::from(lo)]));
+                    push_escaped(&mut out, value);
                 }
                 i += 3;
             }

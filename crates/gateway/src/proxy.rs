@@ -439,39 +439,9 @@ impl Gateway {
                     .service(upstream.name()),
             );
         }
-        let mut body = if incoming.is_end_stream() {
-            RequestBody::empty()
-        } else {
-            let read = RequestBody::read(incoming, table.settings.max_replay_bytes, max_body);
-            match tokio::time::timeout(table.settings.body_read_timeout, read).await {
-                Ok(Ok(body)) => body,
-                Ok(Err(e)) if is_body_too_large(&*e) => {
-                    return Err(
-                        Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-                            .service(upstream.name()),
-                    )
-                }
-                Ok(Err(_)) => {
-                    return Err(Reply::new(
-                        StatusCode::BAD_REQUEST,
-                        "could not read the request body",
-                    )
-                    .service(upstream.name()))
-                }
-                Err(_) => {
-                    let mut reply = Reply::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "the request body did not arrive within gateway.body_read_timeout",
-                    )
-                    .service(upstream.name());
-                    // The rest of the body may still come; the connection cannot be reused.
-                    reply
-                        .headers
-                        .push((header::CONNECTION, HeaderValue::from_static("close")));
-                    return Err(reply);
-                }
-            }
-        };
+        let mut body = read_body(incoming, &table.settings, max_body)
+            .await
+            .map_err(|reply| reply.service(upstream.name()))?;
         let stale_key = match (&route.stale, &parts.method) {
             (Some(_), &Method::GET) => Some(fallbacks::key(
                 parts.uri.path_and_query().map_or("/", |p| p.as_str()),
@@ -1106,6 +1076,36 @@ fn normalize_path(uri: &mut http::Uri, escaped_slashes: EscapedSlashes) -> Resul
     Ok(())
 }
 
+/// Reads the client's body as far as the replay cap, within
+/// `gateway.body_read_timeout`.
+async fn read_body(
+    incoming: Incoming,
+    settings: &GatewaySettings,
+    max_body: u64,
+) -> Result<RequestBody, Reply> {
+    if incoming.is_end_stream() {
+        return Ok(RequestBody::empty());
+    }
+    let read = RequestBody::read(incoming, settings.max_replay_bytes, max_body);
+    match tokio::time::timeout(settings.body_read_timeout, read).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) if is_body_too_large(&*e) => Err(Reply::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large",
+        )),
+        Ok(Err(_)) => Err(Reply::new(
+            StatusCode::BAD_REQUEST,
+            "could not read the request body",
+        )),
+        // The rest of the body may still come: the connection cannot be reused.
+        Err(_) => Err(Reply::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive within gateway.body_read_timeout",
+        )
+        .closing()),
+    }
+}
+
 /// Whether `headers` hold exactly one `Host`.
 fn has_one_host(headers: &HeaderMap) -> bool {
     let mut hosts = headers.get_all(header::HOST).iter();
@@ -1115,7 +1115,6 @@ fn has_one_host(headers: &HeaderMap) -> bool {
 /// Applies `gateway.headers_with_underscores` to the client's headers.
 fn headers_with_underscores(headers: &mut HeaderMap, rule: Underscores) -> Result<(), Reply> {
     match rule {
-        Underscores::Allow => Ok(()),
         Underscores::Drop => {
             headers::drop_underscored(headers);
             Ok(())
@@ -1123,7 +1122,7 @@ fn headers_with_underscores(headers: &mut HeaderMap, rule: Underscores) -> Resul
         Underscores::Reject if headers::has_underscored(headers) => Err(Reply::malformed(
             "header names with underscores are not accepted",
         )),
-        Underscores::Reject => Ok(()),
+        Underscores::Allow | Underscores::Reject => Ok(()),
     }
 }
 
@@ -1152,11 +1151,14 @@ impl Reply {
     /// 400 for a malformed request; the connection closes after it, as
     /// after the ones hyper's parser refuses.
     fn malformed(message: impl Into<String>) -> Self {
-        let mut reply = Reply::new(StatusCode::BAD_REQUEST, message);
-        reply
-            .headers
+        Reply::new(StatusCode::BAD_REQUEST, message).closing()
+    }
+
+    /// Closes the connection after this answer.
+    fn closing(mut self) -> Self {
+        self.headers
             .push((header::CONNECTION, HeaderValue::from_static("close")));
-        reply
+        self
     }
 
     fn service(mut self, name: &str) -> Self {

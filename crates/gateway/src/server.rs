@@ -276,22 +276,25 @@ async fn serve_proxy(
                 let gateway = gateway.clone();
                 let client = client.clone();
                 let upgraded = upgraded.clone();
-                let resets = resets.clone();
+                // Only HTTP/2 can cancel a request and keep its connection.
+                let resets = (req.version() == Version::HTTP_2).then(|| resets.clone());
                 async move {
-                    if req.version() != Version::HTTP_2 {
-                        let response = gateway.handle(req, peer, &client).await;
-                        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                            upgraded.set();
-                        }
-                        return Ok::<_, Infallible>(response);
+                    if resets.as_ref().is_some_and(|r| r.tripped()) {
+                        let reply = Reply::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "this connection is closing: too many cancelled requests",
+                        );
+                        let request_id = headers::correlation_id(req.headers());
+                        return Ok::<_, Infallible>(reply.into_response(&request_id));
                     }
-                    if resets.tripped() {
-                        let reply = Reply::new(StatusCode::SERVICE_UNAVAILABLE, "this connection is closing: too many cancelled requests");
-                        return Ok(reply.into_response(&headers::correlation_id(req.headers())));
-                    }
-                    let started = resets.start();
+                    let started = resets.as_deref().map(Resets::start);
                     let response = gateway.handle(req, peer, &client).await;
-                    started.finish();
+                    if let Some(started) = started {
+                        started.finish();
+                    }
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        upgraded.set();
+                    }
                     Ok(response)
                 }
             });

@@ -72,18 +72,37 @@ async fn upstream(released: Released) -> Upstream {
     .await
 }
 
-/// Sends probe requests one after another until `stop`; returns their latencies.
-async fn probe(url: String, stop: Arc<tokio::sync::Notify>) -> Vec<Duration> {
-    let mut latencies = Vec::new();
-    loop {
-        let start = Instant::now();
-        let answer = get(&url).await;
-        assert_eq!(answer.status, 200, "the probe was refused: {}", answer.body);
-        latencies.push(start.elapsed());
-        tokio::select! {
-            _ = stop.notified() => return latencies,
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
+/// A client requesting `/probe` every 20 ms until stopped.
+struct Probe {
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<Vec<Duration>>,
+}
+
+impl Probe {
+    fn start(addr: std::net::SocketAddr) -> Probe {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let url = format!("http://{addr}/probe");
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let start = Instant::now();
+                let answer = get(&url).await;
+                assert_eq!(answer.status, 200, "the probe was refused: {}", answer.body);
+                latencies.push(start.elapsed());
+                tokio::select! {
+                    _ = stopped.notified() => return latencies,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        Probe { stop, task }
+    }
+
+    /// Stops it; returns the latency of every request it made.
+    async fn stop(self) -> Vec<Duration> {
+        self.stop.notify_one();
+        self.task.await.unwrap()
     }
 }
 
@@ -98,15 +117,10 @@ where
     F: Fn(TcpStream) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let prober = tokio::spawn(probe(format!("http://{addr}/probe"), stop.clone()));
+    let probe = Probe::start(addr);
     let mut attackers = JoinSet::new();
     for i in 0..CONNECTIONS {
-        pace(i).await;
-        let socket = TcpSocket::new_v4().unwrap();
-        // A small receive window, so that a slow reader's data backs up.
-        socket.set_recv_buffer_size(4096).unwrap();
-        let stream = socket.connect(addr).await.unwrap();
+        let stream = connect(addr, i).await;
         let start = Instant::now();
         let attack = attack(stream);
         attackers.spawn(async move {
@@ -118,15 +132,19 @@ where
     while let Some(elapsed) = attackers.join_next().await {
         cut.push(elapsed.unwrap());
     }
-    stop.notify_one();
-    (cut, prober.await.unwrap())
+    (cut, probe.stop().await)
 }
 
-/// Opens connections at about 1 000 a second (slowhttptest's default is 50).
-async fn pace(i: usize) {
+/// Opens attacking connection `i`, at about 1 000 a second (slowhttptest's
+/// default is 50), with a small receive window so that a slow reader's
+/// data backs up.
+async fn connect(addr: std::net::SocketAddr, i: usize) -> TcpStream {
     if i % 10 == 9 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
 }
 
 /// Reads until the server closes the connection (or 10 s pass).
@@ -252,28 +270,17 @@ async fn slow_readers(
     n: usize,
     released: &Released,
 ) -> (Vec<Duration>, Vec<Duration>) {
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let prober = tokio::spawn(probe(format!("http://{addr}/probe"), stop.clone()));
+    let probe = Probe::start(addr);
     let before = released.0.load(Ordering::SeqCst);
     let start = Instant::now();
     let mut readers = Vec::new();
     for i in 0..n {
-        pace(i).await;
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut stream = socket.connect(addr).await.unwrap();
+        let mut stream = connect(addr, i).await;
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         readers.push(stream);
     }
     // Wait for the releases, noting when each came; the clients read nothing.
-    let reached = || {
-        upstream
-            .received()
-            .iter()
-            .filter(|r| r.uri.path() == path)
-            .count()
-    };
     let mut cut = Vec::new();
     let mut changed = released.1.notified();
     loop {
@@ -285,12 +292,13 @@ async fn slow_readers(
         let _ = tokio::time::timeout(Duration::from_millis(100), changed).await;
         changed = released.1.notified();
     }
-    stop.notify_one();
+    let latencies = probe.stop().await;
     // Requests past the bulkhead's queue were answered 503 at once and
     // never reached the upstream; every one that did was let go.
-    let reached = reached();
+    let received = upstream.received();
+    let reached = received.iter().filter(|r| r.uri.path() == path).count();
     println!("{path}: {reached} of {n} slow readers' requests reached the upstream");
     assert_eq!(cut.len(), reached, "{path}: upstream responses still held");
     drop(readers);
-    (cut, prober.await.unwrap())
+    (cut, latencies)
 }

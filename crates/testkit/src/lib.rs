@@ -19,6 +19,7 @@ pub use crate::scripted::{Behavior, Delivery, Scripted};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -56,7 +57,7 @@ pub struct Received {
 pub struct Upstream {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
-    connections: Arc<std::sync::atomic::AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -72,34 +73,17 @@ impl Upstream {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let received = Arc::new(Mutex::new(Vec::new()));
-        let handler = Arc::new(handler);
         let log = received.clone();
-        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let accepted = connections.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let handler = handler.clone();
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        log.lock().unwrap().push(Received {
-                            method: req.method().clone(),
-                            uri: req.uri().clone(),
-                            headers: req.headers().clone(),
-                        });
-                        let answer = handler(req);
-                        async move { Ok::<_, Infallible>(answer.await) }
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handler = move |req: Request<Incoming>| {
+            log.lock().unwrap().push(Received {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                headers: req.headers().clone(),
+            });
+            handler(req)
+        };
+        let task = tokio::spawn(serve(listener, connections.clone(), handler));
         Upstream {
             addr,
             received,
@@ -120,7 +104,7 @@ impl Upstream {
 
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
-        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Requests received so far.
@@ -137,6 +121,36 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Accepts on `listener` until the task running this is aborted, serving
+/// every connection (HTTP/1.1 and h2c, with upgrades) with `handler` and
+/// counting them in `connections`. Connections are children of the task
+/// and end with it.
+async fn serve<F, Fut>(listener: TcpListener, connections: Arc<AtomicUsize>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    let mut open = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        while open.try_join_next().is_some() {}
+        connections.fetch_add(1, Ordering::SeqCst);
+        let handler = handler.clone();
+        open.spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let answer = handler(req);
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 
@@ -232,8 +246,8 @@ pub enum Fault {
 #[derive(Debug)]
 pub struct RawServer {
     addr: SocketAddr,
-    requests: Arc<std::sync::atomic::AtomicUsize>,
-    closed_by_client: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    closed_by_client: Arc<AtomicUsize>,
     closed: Arc<tokio::sync::Notify>,
     task: JoinHandle<()>,
 }
@@ -313,18 +327,14 @@ impl RawServer {
 
     /// Request heads read so far.
     pub fn requests(&self) -> usize {
-        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+        self.requests.load(Ordering::SeqCst)
     }
 
     /// Waits until the client has closed `n` connections.
     pub async fn closed_by_client(&self, n: usize) {
         loop {
             let wait = self.closed.notified();
-            if self
-                .closed_by_client
-                .load(std::sync::atomic::Ordering::SeqCst)
-                >= n
-            {
+            if self.closed_by_client.load(Ordering::SeqCst) >= n {
                 return;
             }
             wait.await;

@@ -1,7 +1,6 @@
 //! An upstream whose behaviour a test scripts while it runs, and which
 //! keeps a ledger of every request that reached it, by request id.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,9 +10,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -57,7 +53,7 @@ pub struct Delivery {
 struct Shared {
     behavior: Mutex<Behavior>,
     ledger: Mutex<Vec<Delivery>>,
-    connections: AtomicUsize,
+    connections: Arc<AtomicUsize>,
 }
 
 /// A scriptable upstream on 127.0.0.1:0: it can refuse (stopped), accept
@@ -80,9 +76,9 @@ impl Scripted {
         let shared = Arc::new(Shared {
             behavior: Mutex::new(Behavior::Answer),
             ledger: Mutex::new(Vec::new()),
-            connections: AtomicUsize::new(0),
+            connections: Arc::default(),
         });
-        let task = tokio::spawn(serve(listener, shared.clone()));
+        let task = serve(listener, shared.clone());
         Scripted {
             addr,
             shared,
@@ -133,7 +129,7 @@ impl Scripted {
             }
         };
         self.set(Behavior::Answer);
-        let task = tokio::spawn(serve(listener, self.shared.clone()));
+        let task = serve(listener, self.shared.clone());
         *self.task.lock().unwrap() = Some(task);
     }
 
@@ -159,27 +155,13 @@ impl Drop for Scripted {
     }
 }
 
-/// Accepts until aborted; connections are children of this task and end
-/// with it.
-async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        while connections.try_join_next().is_some() {}
-        shared.connections.fetch_add(1, Ordering::SeqCst);
+/// Serves `listener` with the shared script and ledger until aborted.
+fn serve(listener: TcpListener, shared: Arc<Shared>) -> JoinHandle<()> {
+    let connections = shared.connections.clone();
+    tokio::spawn(crate::serve(listener, connections, move |req| {
         let shared = shared.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(respond(&shared, req).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+        async move { respond(&shared, req).await }
+    }))
 }
 
 async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
