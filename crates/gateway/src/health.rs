@@ -31,10 +31,7 @@ async fn check_endpoint(gateway: Arc<Gateway>, upstream: Arc<Upstream>, e: usize
     let endpoint = &upstream.endpoints[e];
     let path = http::uri::PathAndQuery::try_from(config.path.as_str())
         .expect("the config checks the health check path");
-    let uri = endpoint
-        .endpoint
-        .uri(path)
-        .expect("a checked endpoint and path make a URI");
+    let uri = http::Uri::from(path);
     let (mut passes, mut fails) = (0u32, 0u32);
     let mut ticks = interval(config.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -46,7 +43,9 @@ async fn check_endpoint(gateway: Arc<Gateway>, upstream: Arc<Upstream>, e: usize
             http::header::USER_AGENT,
             http::HeaderValue::from_static("tidegate-health-check"),
         );
-        let ok = match timeout(config.timeout, gateway.client().request(request)).await {
+        let ok = match timeout(config.timeout, gateway
+            .client()
+            .request(&endpoint.endpoint.authority, request, None)).await {
             Ok(Ok(response)) => response.status().is_success(),
             _ => false,
         };

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod body;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod edge;

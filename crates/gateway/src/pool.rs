@@ -2,33 +2,21 @@
 //! endpoints (across every worker), `max_pending_requests` waiting for one,
 //! and `max_requests_per_connection` before a connection is retired.
 //!
-//! The limits sit in the connector of hyper-util's pooled client: a new
-//! connection takes a slot of its upstream's gate and gives it back when it
-//! closes. A request that finds no idle connection and no free slot waits
-//! (and takes a connection another request returns, if one comes first);
-//! past `max_pending_requests` waiting it fails at once with
-//! [`PoolOverflow`], a local rejection. Requests per connection are counted
-//! by a marker the connector attaches to every response of the connection.
+//! [`crate::client`] applies them: a new connection takes a slot of its
+//! upstream's gate and gives it back when it closes. A request that finds
+//! no idle connection and no free slot waits (and takes a connection
+//! another request returns, if one comes first); past
+//! `max_pending_requests` waiting it fails at once with [`PoolOverflow`],
+//! a local rejection.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use http::Uri;
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use crate::body::BoxError;
 
 /// `[upstreams.pool]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -86,21 +74,28 @@ impl PoolGate {
         })
     }
 
-    async fn enter(&self) -> Result<OwnedSemaphorePermit, PoolOverflow> {
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
+    /// A free slot, if there is one now.
+    pub(crate) fn try_enter(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Counts the caller as waiting for a slot until the guard drops;
+    /// refuses past `max_pending_requests`.
+    pub(crate) fn wait(&self) -> Result<Waiting<'_>, PoolOverflow> {
         if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(PoolOverflow);
         }
-        let _waiting = Waiting(&self.pending);
-        Ok(self
-            .slots
+        Ok(Waiting(&self.pending))
+    }
+
+    /// The next free slot.
+    pub(crate) async fn acquire(&self) -> OwnedSemaphorePermit {
+        self.slots
             .clone()
             .acquire_owned()
             .await
-            .expect("the semaphore is never closed"))
+            .expect("the semaphore is never closed")
     }
 
     /// Connections open now.
@@ -115,7 +110,8 @@ impl PoolGate {
 }
 
 /// Counts a request as pending until dropped (done or cancelled).
-struct Waiting<'a>(&'a AtomicUsize);
+#[derive(Debug)]
+pub(crate) struct Waiting<'a>(&'a AtomicUsize);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -135,132 +131,8 @@ impl std::fmt::Display for PoolOverflow {
 
 impl std::error::Error for PoolOverflow {}
 
-/// Whether `error` (or what caused it) is a [`PoolOverflow`].
-pub fn is_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if e.is::<PoolOverflow>() {
-            return true;
-        }
-        current = e.source();
-    }
-    false
-}
-
 /// The gates by endpoint authority, replaced on reload.
 pub type Gates = Arc<ArcSwap<HashMap<Authority, Arc<PoolGate>>>>;
-
-/// The marker on every response of a connection: how many requests it has
-/// carried.
-#[derive(Debug, Clone)]
-pub struct Uses(Arc<AtomicU32>);
-
-impl Uses {
-    /// Counts one more request; returns the count.
-    pub fn count(&self) -> u32 {
-        self.0.fetch_add(1, Ordering::Relaxed) + 1
-    }
-}
-
-/// hyper-util's HTTP connector, held to the gates.
-#[derive(Debug, Clone)]
-pub struct Connector {
-    inner: HttpConnector,
-    gates: Gates,
-}
-
-impl Connector {
-    /// TCP with no delay, 5 s to connect, through `gates`.
-    pub fn new(gates: Gates) -> Self {
-        let mut inner = HttpConnector::new();
-        inner.set_nodelay(true);
-        inner.set_connect_timeout(Some(Duration::from_secs(5)));
-        Connector { inner, gates }
-    }
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = Limited;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Limited, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let gate = uri
-            .authority()
-            .and_then(|a| self.gates.load().get(a).cloned());
-        let connect = self.inner.call(uri);
-        Box::pin(async move {
-            let permit = match gate {
-                Some(gate) => Some(gate.enter().await?),
-                None => None,
-            };
-            let io = connect.await?;
-            Ok(Limited {
-                io,
-                _permit: permit,
-                uses: Uses(Arc::new(AtomicU32::new(0))),
-            })
-        })
-    }
-}
-
-/// A connection holding its upstream's slot until it closes.
-#[derive(Debug)]
-pub struct Limited {
-    io: TokioIo<TcpStream>,
-    _permit: Option<OwnedSemaphorePermit>,
-    uses: Uses,
-}
-
-impl Connection for Limited {
-    fn connected(&self) -> Connected {
-        self.io.connected().extra(self.uses.clone())
-    }
-}
-
-impl Read for Limited {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl Write for Limited {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -273,17 +145,18 @@ mod tests {
             max_pending_requests: 1,
             max_requests_per_connection: None,
         });
-        let first = gate.enter().await.unwrap();
+        let first = gate.try_enter().unwrap();
+        assert!(gate.try_enter().is_none());
+        let waiting = gate.wait().unwrap();
+        assert_eq!(gate.pending(), 1);
+        assert_eq!(gate.wait().unwrap_err(), PoolOverflow);
         let waiter = {
             let gate = gate.clone();
-            tokio::spawn(async move { gate.enter().await.map(drop) })
+            tokio::spawn(async move { drop(gate.acquire().await) })
         };
-        while gate.pending.load(Ordering::Acquire) == 0 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(gate.enter().await.unwrap_err(), PoolOverflow);
         drop(first);
-        waiter.await.unwrap().unwrap();
+        waiter.await.unwrap();
+        drop(waiting);
         assert_eq!(gate.pending.load(Ordering::Acquire), 0);
         assert_eq!(gate.open(), 0);
     }

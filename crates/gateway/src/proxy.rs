@@ -23,15 +23,14 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::capture_connection;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tidegate_resilience::{rng, Error};
 use tokio::time::Instant;
 
 use crate::alerts::{Alert, Alerter};
 use crate::body::{self, is_body_too_large, ProxyBody, RequestBody};
+use crate::client::{ClientError, UpstreamBody, UpstreamClient, UpstreamResponse};
 use crate::config::{
     Config, EscapedSlashes, Fallback, GatewaySettings, RouteConfig, Target, Underscores,
 };
@@ -41,14 +40,11 @@ use crate::fallback::{self as fallbacks, FALLBACK};
 use crate::headers::{self, CORRELATION_ID};
 use crate::metrics::{method_label, Metrics, RequestLabels};
 use crate::path;
-use crate::pool::{self, Connector, Gates, PoolGate, Uses};
+use crate::pool::{Gates, PoolGate};
 use crate::router::{self, Route, Router};
 use crate::stats::{Stats, Traffic};
 use crate::upstream::{AttemptError, EndpointState, Upstream};
 use tidegate_client::headers::is_retryable_status;
-
-/// The HTTP client every upstream request goes through (pooled, keep-alive).
-pub type UpstreamClient = Client<Connector, ProxyBody>;
 
 /// Everything a request needs from one config: settings, routes,
 /// upstreams with their state, keys and tiers.
@@ -237,7 +233,7 @@ impl Gateway {
             alert_queue: std::sync::Mutex::new(Some(alert_queue)),
             settings,
             table: ArcSwap::from_pointee(table),
-            client: new_client(&gates),
+            client: UpstreamClient::new(gates.clone()),
             gates,
             metrics,
             events: Events::default(),
@@ -269,7 +265,7 @@ impl Gateway {
 
     /// A new pooled client for upstream requests (one per worker thread).
     pub fn new_client(&self) -> UpstreamClient {
-        new_client(&self.gates)
+        UpstreamClient::new(self.gates.clone())
     }
 
     /// The HTTP client of health checks and of requests served on the
@@ -519,7 +515,7 @@ impl Gateway {
         upstream: &Upstream,
         body: &mut RequestBody,
         log: &mut Access<'_>,
-    ) -> Result<Response<Incoming>, Error<AttemptError>> {
+    ) -> Result<UpstreamResponse, Error<AttemptError>> {
         let attempts = AtomicU32::new(0);
         let retryable = call.idempotent && body.is_replayable();
         let result = upstream
@@ -699,7 +695,7 @@ impl Gateway {
         head: Head,
         body: Option<ProxyBody>,
         retryable: bool,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<UpstreamResponse, AttemptError> {
         let Some(body) = body else {
             // A streamed body went with an earlier attempt that never connected.
             return Err(AttemptError::BodyGone);
@@ -707,19 +703,13 @@ impl Gateway {
         let Some(endpoint) = upstream.pick(&head.headers) else {
             return Err(AttemptError::NoEndpoint);
         };
-        let uri = endpoint
-            .endpoint
-            .uri(head.path_and_query)
-            .expect("a checked endpoint and the request's own path make a URI");
         let mut request = Request::new(body);
         *request.method_mut() = head.method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
+        *request.uri_mut() = head.path_and_query.into();
         *request.headers_mut() = head.headers;
         let max_uses = upstream.config.pool.max_requests_per_connection;
-        let captured = max_uses.map(|_| capture_connection(&mut request));
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        let sent = upstream_client.request(request);
+        let sent = upstream_client.request(&endpoint.endpoint.authority, request, max_uses);
         let result = match upstream.attempt_timeout {
             Some(limit) => tokio::time::timeout(limit, sent)
                 .await
@@ -727,18 +717,6 @@ impl Gateway {
             None => Ok(sent.await),
         };
         endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if let (Some(max), Some(captured), Ok(Ok(response))) = (max_uses, &captured, &result) {
-            let spent = response
-                .extensions()
-                .get::<Uses>()
-                .is_some_and(|u| u.count() >= max);
-            if spent {
-                if let Some(connection) = captured.connection_metadata().as_ref() {
-                    // Not reused: it closes once this exchange is done.
-                    connection.poison();
-                }
-            }
-        }
         let result = match result {
             Err(timeout) => Err(timeout),
             Ok(Ok(response)) if is_retryable_status(response.status()) => {
@@ -748,10 +726,12 @@ impl Gateway {
                 })
             }
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if is_body_too_large(&e) => Err(AttemptError::BodyTooLarge),
-            Ok(Err(e)) if pool::is_overflow(&e) => Err(AttemptError::PoolOverflow),
-            Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(e)),
-            Ok(Err(error)) => Err(AttemptError::Request { error, retryable }),
+            Ok(Err(ClientError::Overflow)) => Err(AttemptError::PoolOverflow),
+            Ok(Err(ClientError::Connect(e))) => Err(AttemptError::Connect(e)),
+            Ok(Err(ClientError::Request(e))) if is_body_too_large(&e) => {
+                Err(AttemptError::BodyTooLarge)
+            }
+            Ok(Err(ClientError::Request(error))) => Err(AttemptError::Request { error, retryable }),
         };
         self.record_outcome(upstream, endpoint, &result);
         result
@@ -762,7 +742,7 @@ impl Gateway {
         &self,
         upstream: &Upstream,
         endpoint: &EndpointState,
-        result: &Result<Response<Incoming>, AttemptError>,
+        result: &Result<UpstreamResponse, AttemptError>,
     ) {
         let failed = match result {
             Ok(response) => response.status().is_server_error(),
@@ -822,7 +802,7 @@ impl Gateway {
         &self,
         upstream: &Upstream,
         err: Error<AttemptError>,
-    ) -> Result<Response<Incoming>, Reply> {
+    ) -> Result<UpstreamResponse, Reply> {
         let name = upstream.name();
         // Counted by `count_rejection` already.
         let reject = |status: StatusCode, text: &str| Reply::new(status, text).service(name);
@@ -889,14 +869,6 @@ impl Gateway {
     }
 }
 
-/// A pooled client whose connections are held to `gates`.
-fn new_client(gates: &Gates) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(Connector::new(gates.clone()))
-}
-
 /// What every upstream call of one request shares.
 struct Call<'a> {
     upstream_client: &'a UpstreamClient,
@@ -938,7 +910,7 @@ fn with_limits(
 
 /// The upstream's response on its way to the client: hop-by-hop headers
 /// out, body streamed, the upstream's in-flight count held until it ends.
-fn downstream(in_flight: InFlight, response: Response<Incoming>) -> Response<ProxyBody> {
+fn downstream(in_flight: InFlight, response: UpstreamResponse) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
     let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -1032,7 +1004,7 @@ impl Drop for InFlight {
 
 /// An upstream body, counted in flight until it ends or the client goes.
 struct Tracked {
-    inner: Incoming,
+    inner: UpstreamBody,
     _in_flight: InFlight,
 }
 

@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{HeaderMap, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{HeaderMap, StatusCode};
 use tidegate_resilience::breaker::Outcome;
 use tidegate_resilience::config::ConfigError;
 use tidegate_resilience::retry::RetryAction;
@@ -15,6 +14,7 @@ use tokio::time::Instant;
 
 use tidegate_client::headers::retry_after;
 
+use crate::client::UpstreamResponse;
 use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
 use crate::pool::PoolGate;
 use crate::stats::Traffic;
@@ -25,11 +25,11 @@ use crate::stats::Traffic;
 #[derive(Debug)]
 pub enum AttemptError {
     /// No connection could be made; nothing was sent.
-    Connect(hyper_util::client::legacy::Error),
+    Connect(std::io::Error),
     /// The exchange broke after the request was (maybe) sent.
     Request {
         /// The client error.
-        error: hyper_util::client::legacy::Error,
+        error: hyper::Error,
         /// Safe to send again.
         retryable: bool,
     },
@@ -41,7 +41,7 @@ pub enum AttemptError {
     /// The upstream answered with a status worth retrying (502, 503, 504, 429).
     Status {
         /// The answer, handed to the client if no retry follows.
-        response: Response<Incoming>,
+        response: UpstreamResponse,
         /// Safe to send again.
         retryable: bool,
     },
@@ -88,7 +88,7 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 impl std::error::Error for AttemptError {}
 
 /// The pipeline of one upstream.
-pub type UpstreamPipeline = Pipeline<Response<Incoming>, AttemptError>;
+pub type UpstreamPipeline = Pipeline<UpstreamResponse, AttemptError>;
 
 /// One endpoint and what the gateway knows of it.
 #[derive(Debug)]
@@ -377,7 +377,7 @@ fn mix(mut x: u64) -> u64 {
 
 /// How a result counts for the breaker: 5xx and failed exchanges are
 /// failures; 429 and the client's own errors count for nothing.
-fn classify(result: &Result<Response<Incoming>, AttemptError>) -> Outcome {
+fn classify(result: &Result<UpstreamResponse, AttemptError>) -> Outcome {
     match result {
         Ok(response) if response.status().is_server_error() => Outcome::Failure,
         Ok(_) => Outcome::Success,
@@ -398,7 +398,7 @@ fn classify(result: &Result<Response<Incoming>, AttemptError>) -> Outcome {
 
 /// Which results get another attempt: what the attempt marked retryable;
 /// a 429 only with a Retry-After, which then sets the delay.
-fn retry_on(result: &Result<Response<Incoming>, Error<AttemptError>>) -> RetryAction {
+fn retry_on(result: &Result<UpstreamResponse, Error<AttemptError>>) -> RetryAction {
     let Err(err) = result else {
         return RetryAction::Return;
     };

@@ -1,0 +1,478 @@
+//! The upstream HTTP/1.1 client: a keep-alive connection pool over hyper's
+//! connection API, one per worker thread.
+//!
+//! Each connection is one hyper `http1` connection task on the runtime that
+//! opened it; the pool keeps its request handle while it is idle. A request
+//! takes the most recently used idle connection to its endpoint, or opens
+//! one within the endpoint's [`PoolGate`]. The connection goes back to the
+//! pool when the response body ends (no task is spawned per request, and
+//! no request waits behind another's body); a body dropped before its end
+//! takes the connection with it, since what is left of it cannot be
+//! skipped. A request that a reused connection turned out to be closed for
+//! before it was written goes to the next one, whatever its method: nothing
+//! of it was sent.
+//!
+//! Idle connections close after 30 to 60 s without a request (a sweep
+//! every 30 s closes those that were already idle at the previous one).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::body::ProxyBody;
+use crate::pool::{Gates, PoolGate};
+
+/// How long a new connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often idle connections are swept.
+const SWEEP: Duration = Duration::from_secs(30);
+
+/// An upstream response; its body gives the connection back when it ends.
+pub type UpstreamResponse = Response<UpstreamBody>;
+
+/// Why an upstream request failed.
+#[derive(Debug)]
+pub enum ClientError {
+    /// Too many requests wait for a connection to the endpoint's upstream.
+    Overflow,
+    /// No connection could be made; nothing was sent.
+    Connect(std::io::Error),
+    /// The exchange failed once a connection was there.
+    Request(hyper::Error),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Overflow => f.write_str("too many requests waiting for a connection"),
+            ClientError::Connect(e) => write!(f, "connect failed: {e}"),
+            ClientError::Request(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientError::Overflow => None,
+            ClientError::Connect(e) => e.source(),
+            ClientError::Request(e) => std::error::Error::source(e),
+        }
+    }
+}
+
+/// A pool of keep-alive connections to upstream endpoints. Clones share it.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    gates: Gates,
+    hosts: Mutex<HashMap<Authority, Arc<HostPool>>>,
+    /// Whether the sweeping task runs (started with the first connection,
+    /// on that connection's runtime).
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+/// The idle connections to one endpoint.
+#[derive(Debug, Default)]
+struct HostPool {
+    idle: Mutex<Vec<Idle>>,
+    /// Wakes a request waiting for a connection slot when one comes back.
+    returned: Notify,
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: Conn,
+    /// Idle at the last sweep already.
+    swept: bool,
+}
+
+/// A connection's request handle and how many requests it carried.
+#[derive(Debug)]
+struct Conn {
+    sender: SendRequest<ProxyBody>,
+    uses: u32,
+}
+
+impl HostPool {
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(entry) = idle.pop() {
+            if !entry.conn.sender.is_closed() {
+                return Some(entry.conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, conn: Conn) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Idle { conn, swept: false });
+        self.returned.notify_one();
+    }
+
+    /// Closes the connections idle since the last sweep; marks the others.
+    fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain_mut(|entry| {
+            let keep = !entry.swept && !entry.conn.sender.is_closed();
+            entry.swept = true;
+            keep
+        });
+    }
+}
+
+impl UpstreamClient {
+    /// A pool whose new connections are held to `gates`.
+    pub fn new(gates: Gates) -> Self {
+        UpstreamClient {
+            shared: Arc::new(Shared {
+                gates,
+                hosts: Mutex::new(HashMap::new()),
+                sweeping: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `request` (origin-form target) to `authority` on a pooled
+    /// connection, opening one if none is idle; `Host` is set to
+    /// `authority` when the request has none. The connection is retired
+    /// after `max_uses` requests.
+    pub async fn request(
+        &self,
+        authority: &Authority,
+        mut request: Request<ProxyBody>,
+        max_uses: Option<u32>,
+    ) -> Result<UpstreamResponse, ClientError> {
+        if !request.headers().contains_key(HOST) {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                request.headers_mut().insert(HOST, host);
+            }
+        }
+        let host = self.host(authority);
+        loop {
+            let (mut conn, reused) = match host.checkout() {
+                Some(conn) => (conn, true),
+                None => (self.connect(authority, &host).await?, false),
+            };
+            if reused && !conn.sender.is_ready() && conn.sender.ready().await.is_err() {
+                // It closed while settling after its last response.
+                continue;
+            }
+            match conn.sender.try_send_request(request).await {
+                Ok(response) => {
+                    conn.uses += 1;
+                    let keep = max_uses.is_none_or(|max| conn.uses < max);
+                    return Ok(UpstreamBody::wrap(response, keep.then(|| (host, conn))));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not written: the connection had closed. Try another.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(ClientError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The pool of `authority`, created on first use.
+    fn host(&self, authority: &Authority) -> Arc<HostPool> {
+        let mut hosts = self.shared.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(host) = hosts.get(authority) {
+            return host.clone();
+        }
+        let host = Arc::new(HostPool::default());
+        hosts.insert(authority.clone(), host.clone());
+        host
+    }
+
+    /// A new connection to `authority` within its gate. While the gate is
+    /// full, a connection returned to `host` is taken instead.
+    async fn connect(&self, authority: &Authority, host: &HostPool) -> Result<Conn, ClientError> {
+        let gate: Option<Arc<PoolGate>> = self.shared.gates.load().get(authority).cloned();
+        let permit = match &gate {
+            None => None,
+            Some(gate) => match gate.try_enter() {
+                Some(permit) => Some(permit),
+                None => {
+                    let _waiting = gate.wait().map_err(|_| ClientError::Overflow)?;
+                    loop {
+                        let returned = host.returned.notified();
+                        if let Some(conn) = host.checkout() {
+                            return Ok(conn);
+                        }
+                        tokio::select! {
+                            permit = gate.acquire() => break Some(permit),
+                            () = returned => {}
+                        }
+                    }
+                }
+            },
+        };
+        let stream = open(authority).await.map_err(ClientError::Connect)?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake::<_, ProxyBody>(TokioIo::new(stream))
+            .await
+            .map_err(ClientError::Request)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+            // The slot is free once the connection is gone.
+            drop(permit);
+        });
+        self.start_sweeping();
+        Ok(Conn { sender, uses: 0 })
+    }
+
+    /// Starts the task that closes idle connections, once; it ends with
+    /// the last clone of this client.
+    fn start_sweeping(&self) {
+        use std::sync::atomic::Ordering;
+        if self.shared.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared: Weak<Shared> = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(SWEEP);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                shared.sweep();
+            }
+        });
+    }
+}
+
+impl Shared {
+    /// Closes the connections idle since the last sweep and forgets the
+    /// pools of endpoints gone quiet.
+    fn sweep(&self) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts.retain(|_, host| {
+            host.sweep();
+            Arc::strong_count(host) > 1
+                || !host.idle.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        });
+    }
+}
+
+/// A TCP connection to `authority`, without Nagle's delay.
+async fn open(authority: &Authority) -> std::io::Result<TcpStream> {
+    // `[::1]` in an authority is `::1` to the resolver.
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await
+    {
+        Ok(stream) => stream?,
+        Err(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// An upstream response body that gives its connection back to the pool
+/// when it ends.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    keep: Option<(Arc<HostPool>, Conn)>,
+}
+
+impl UpstreamBody {
+    fn wrap(response: Response<Incoming>, keep: Option<(Arc<HostPool>, Conn)>) -> UpstreamResponse {
+        // An upgraded connection is the tunnel's now.
+        let keep = keep.filter(|_| response.status() != StatusCode::SWITCHING_PROTOCOLS);
+        let mut response = response.map(|inner| UpstreamBody { inner, keep });
+        if response.body().inner.is_end_stream() {
+            response.body_mut().release();
+        }
+        response
+    }
+
+    fn release(&mut self) {
+        if let Some((host, conn)) = self.keep.take() {
+            host.put(conn);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            // A body that knows it is done is not polled again.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            // The connection cannot carry another request.
+            Poll::Ready(Some(Err(_))) => self.keep = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body;
+    use http_body_util::BodyExt;
+    use tidegate_testkit::{channel_body, text, Upstream};
+
+    fn client() -> UpstreamClient {
+        UpstreamClient::new(Gates::default())
+    }
+
+    fn get(path: &'static str) -> Request<ProxyBody> {
+        let mut request = Request::new(body::empty());
+        *request.uri_mut() = http::Uri::from_static(path);
+        request
+    }
+
+    fn authority(upstream: &Upstream) -> Authority {
+        upstream.addr().to_string().parse().unwrap()
+    }
+
+    async fn read(response: UpstreamResponse) -> Bytes {
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_connection_carries_requests_one_after_another_until_its_limit() {
+        let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
+        let (client, to) = (client(), authority(&upstream));
+        for _ in 0..5 {
+            let response = client.request(&to, get("/"), None).await.unwrap();
+            assert_eq!(read(response).await, "ok");
+        }
+        assert_eq!(upstream.connections(), 1);
+        let received = upstream.received();
+        assert_eq!(received[0].headers["host"], to.as_str(), "Host comes from the endpoint");
+        assert_eq!(received[0].uri, "/");
+
+        for _ in 0..4 {
+            let response = client.request(&to, get("/"), Some(2)).await.unwrap();
+            read(response).await;
+        }
+        assert_eq!(upstream.connections(), 3, "retired after two requests each");
+    }
+
+    #[tokio::test]
+    async fn a_connection_comes_back_when_its_body_ends_not_before() {
+        let (tx, streamed) = channel_body();
+        let streamed = std::sync::Mutex::new(Some(streamed));
+        let upstream = Upstream::start(move |req| {
+            let body = match req.uri().path() {
+                "/stream" => streamed.lock().unwrap().take().unwrap(),
+                _ => tidegate_testkit::full("ok"),
+            };
+            async move { Response::new(body) }
+        })
+        .await;
+        let (client, to) = (client(), authority(&upstream));
+        let streaming = client.request(&to, get("/stream"), None).await.unwrap();
+        // The first connection is busy with the stream: a second one opens.
+        read(client.request(&to, get("/"), None).await.unwrap()).await;
+        assert_eq!(upstream.connections(), 2);
+        tx.send(Bytes::from_static(b"data")).await.unwrap();
+        drop(tx);
+        assert_eq!(read(streaming).await, "data");
+        for _ in 0..3 {
+            read(client.request(&to, get("/"), None).await.unwrap()).await;
+        }
+        assert_eq!(upstream.connections(), 2, "both are back in the pool");
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_takes_its_connection_along() {
+        let (tx, streamed) = channel_body();
+        let streamed = std::sync::Mutex::new(Some(streamed));
+        let upstream = Upstream::start(move |req| {
+            let body = match req.uri().path() {
+                "/stream" => streamed.lock().unwrap().take().unwrap(),
+                _ => tidegate_testkit::full("ok"),
+            };
+            async move { Response::new(body) }
+        })
+        .await;
+        let (client, to) = (client(), authority(&upstream));
+        let mut streaming = client.request(&to, get("/stream"), None).await.unwrap();
+        tx.send(Bytes::from_static(b"part")).await.unwrap();
+        let frame = streaming.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "part");
+        drop(streaming);
+        assert_eq!(read(client.request(&to, get("/"), None).await.unwrap()).await, "ok");
+        assert_eq!(upstream.connections(), 2, "the cut connection was not reused");
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_at_the_second_sweep_and_quiet_pools_are_forgotten() {
+        let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
+        let (client, to) = (client(), authority(&upstream));
+        read(client.request(&to, get("/"), None).await.unwrap()).await;
+        client.shared.sweep();
+        read(client.request(&to, get("/"), None).await.unwrap()).await;
+        assert_eq!(upstream.connections(), 1, "used since the sweep: kept");
+        client.shared.sweep();
+        client.shared.sweep();
+        assert!(client.shared.hosts.lock().unwrap().is_empty());
+        read(client.request(&to, get("/"), None).await.unwrap()).await;
+        assert_eq!(upstream.connections(), 2, "idle through two sweeps: closed");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let to: Authority = tidegate_testkit::refused_url().await["http://".len()..]
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let err = client().request(&to, get("/"), None).await.unwrap_err();
+        assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
+    }
+}
