@@ -20,10 +20,7 @@
 //! # }
 //! ```
 
-use std::cell::Cell;
-use std::collections::hash_map::RandomState;
 use std::future::Future;
-use std::hash::BuildHasher;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -192,24 +189,17 @@ pub fn new_id() -> String {
     id.iter().map(|&b| char::from(b)).collect()
 }
 
-thread_local! {
-    static SEED: (RandomState, Cell<u64>) = (RandomState::new(), Cell::new(0));
-}
-
-/// Fills `out` with hex digits from SipHash with a random per-thread key
-/// over a counter: unpredictable enough for IDs (not for secrets), never all
-/// zero.
+/// Fills `out` with random hex digits from the per-thread generator of
+/// `tidegate_resilience::rng`: unique enough for IDs, but predictable,
+/// never a secret. Never all zero.
 fn random_hex(out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    SEED.with(|(state, counter)| {
-        for chunk in out.chunks_mut(16) {
-            counter.set(counter.get() + 1);
-            let word = state.hash_one(counter.get()) | 1;
-            for (i, digit) in chunk.iter_mut().enumerate() {
-                *digit = DIGITS[(word >> (60 - 4 * i)) as usize & 0xf];
-            }
+    for chunk in out.chunks_mut(16) {
+        let word = tidegate_resilience::rng::next_u64() | 1;
+        for (i, digit) in chunk.iter_mut().enumerate() {
+            *digit = DIGITS[(word >> (60 - 4 * i)) as usize & 0xf];
         }
-    });
+    }
 }
 
 #[cfg(test)]

@@ -84,7 +84,7 @@ pub struct UpstreamClient {
 #[derive(Debug)]
 struct Shared {
     gates: Gates,
-    hosts: Mutex<HashMap<Authority, Arc<HostPool>>>,
+    hosts: Mutex<HashMap<Authority, Arc<HostPool>, Fnv>>,
     /// Whether the sweeping task runs (started with the first connection,
     /// on that connection's runtime).
     sweeping: std::sync::atomic::AtomicBool,
@@ -152,7 +152,7 @@ impl UpstreamClient {
         UpstreamClient {
             shared: Arc::new(Shared {
                 gates,
-                hosts: Mutex::new(HashMap::new()),
+                hosts: Mutex::new(HashMap::default()),
                 sweeping: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -187,7 +187,7 @@ impl UpstreamClient {
                 Ok(response) => {
                     conn.uses += 1;
                     let keep = max_uses.is_none_or(|max| conn.uses < max);
-                    return Ok(UpstreamBody::wrap(response, keep.then(|| (host, conn))));
+                    return Ok(UpstreamBody::wrap(response, keep.then_some((host, conn))));
                 }
                 Err(mut e) => match e.take_message() {
                     // Not written: the connection had closed. Try another.
@@ -278,15 +278,50 @@ impl Shared {
         hosts.retain(|_, host| {
             host.sweep();
             Arc::strong_count(host) > 1
-                || !host.idle.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+                || !host
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty()
         });
+    }
+}
+
+/// FNV-1a: the pool's keys are a few endpoint addresses from the config,
+/// not input an attacker picks, so a keyed hash buys nothing here.
+#[derive(Debug, Default, Clone, Copy)]
+struct Fnv;
+
+impl std::hash::BuildHasher for Fnv {
+    type Hasher = FnvHasher;
+
+    fn build_hasher(&self) -> FnvHasher {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+#[derive(Debug)]
+struct FnvHasher(u64);
+
+impl std::hash::Hasher for FnvHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
 /// A TCP connection to `authority`, without Nagle's delay.
 async fn open(authority: &Authority) -> std::io::Result<TcpStream> {
     // `[::1]` in an authority is `::1` to the resolver.
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(80);
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await
     {
@@ -392,7 +427,11 @@ mod tests {
         }
         assert_eq!(upstream.connections(), 1);
         let received = upstream.received();
-        assert_eq!(received[0].headers["host"], to.as_str(), "Host comes from the endpoint");
+        assert_eq!(
+            received[0].headers["host"],
+            to.as_str(),
+            "Host comes from the endpoint"
+        );
         assert_eq!(received[0].uri, "/");
 
         for _ in 0..4 {
@@ -446,8 +485,15 @@ mod tests {
         let frame = streaming.body_mut().frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "part");
         drop(streaming);
-        assert_eq!(read(client.request(&to, get("/"), None).await.unwrap()).await, "ok");
-        assert_eq!(upstream.connections(), 2, "the cut connection was not reused");
+        assert_eq!(
+            read(client.request(&to, get("/"), None).await.unwrap()).await,
+            "ok"
+        );
+        assert_eq!(
+            upstream.connections(),
+            2,
+            "the cut connection was not reused"
+        );
         drop(tx);
     }
 

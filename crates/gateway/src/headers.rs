@@ -14,8 +14,9 @@ pub static FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-pr
 /// `x-forwarded-host`.
 pub static FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, never forwarded (RFC 9110
+/// §7.6.1), and the obsolete `Proxy-Connection`.
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -24,28 +25,90 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
 ];
+
+/// The index of `name` in [`HOP_BY_HOP`].
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-authenticate" => 2,
+        "proxy-authorization" => 3,
+        "te" => 4,
+        "trailer" => 5,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        "proxy-connection" => 8,
+        _ => return None,
+    })
+}
 
 /// Removes hop-by-hop headers and every header `Connection` names.
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay (a
 /// WebSocket handshake being passed on).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the names finds which are present; most messages
+    // have none, or only `Connection: keep-alive`.
+    let present = headers
+        .keys()
+        .filter_map(hop_by_hop_index)
+        .fold(0u16, |mask, i| mask | 1 << i);
+    if present == 0 {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        // The usual options name hop-by-hop headers, removed below.
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("upgrade")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    let upgrade = headers.get(header::UPGRADE).cloned();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let upgrade = if keep_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    for name in &named {
         headers.remove(name);
     }
-    headers.remove("proxy-connection");
-    if keep_upgrade {
-        if let Some(upgrade) = upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, upgrade);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & 1 << i != 0 {
+            headers.remove(name);
+        }
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+/// Appends `ip` as text: IPv4 digit by digit (the formatter costs more
+/// than the rest of the header), IPv6 through `Display`.
+pub fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::io::Write;
+            let _ = write!(out, "{v6}");
         }
     }
 }
@@ -100,5 +163,53 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_listed_hop_by_hop_header_is_recognized() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.len(), 1, "{name} stays");
+        }
+        assert_eq!(hop_by_hop_index(&header::HOST), None);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_two_headers_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, x-secret"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        let mut kept = h.clone();
+        strip_hop_by_hop(&mut kept, true);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[header::CONNECTION], "upgrade");
+        assert_eq!(kept[header::UPGRADE], "websocket");
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        let ips: [std::net::IpAddr; 6] = [
+            "0.0.0.0".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            "10.20.100.255".parse().unwrap(),
+            "9.99.109.200".parse().unwrap(),
+            "::1".parse().unwrap(),
+            "2001:db8::ff00:42:8329".parse().unwrap(),
+        ];
+        for ip in ips {
+            let mut out = Vec::new();
+            push_ip(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
     }
 }

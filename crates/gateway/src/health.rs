@@ -43,9 +43,14 @@ async fn check_endpoint(gateway: Arc<Gateway>, upstream: Arc<Upstream>, e: usize
             http::header::USER_AGENT,
             http::HeaderValue::from_static("tidegate-health-check"),
         );
-        let ok = match timeout(config.timeout, gateway
-            .client()
-            .request(&endpoint.endpoint.authority, request, None)).await {
+        let ok = match timeout(
+            config.timeout,
+            gateway
+                .client()
+                .request(&endpoint.endpoint.authority, request, None),
+        )
+        .await
+        {
             Ok(Ok(response)) => response.status().is_success(),
             _ => false,
         };

@@ -624,10 +624,18 @@ impl Gateway {
     ) -> Template {
         let mut headers = std::mem::take(&mut parts.headers);
         headers::strip_hop_by_hop(&mut headers, upgrade);
-        headers.remove(&headers::INTERNAL_TOKEN);
-        headers.remove(&headers::DEADLINE_MS);
-        headers.remove(&edge::API_KEY_ID);
-        headers.remove(&edge::TIER);
+        // Only the gateway sets these; a client's copy never passes.
+        let reserved = [
+            &headers::INTERNAL_TOKEN,
+            &headers::DEADLINE_MS,
+            &edge::API_KEY_ID,
+            &edge::TIER,
+        ];
+        if headers.keys().any(|name| reserved.contains(&name)) {
+            for name in reserved {
+                headers.remove(name);
+            }
+        }
         if let Credential::Valid(key, from) = credential {
             // The key stays at the edge; the upstream learns whose it was.
             headers.remove(from);
@@ -638,23 +646,28 @@ impl Gateway {
                 headers.insert(&edge::TIER, tier.clone());
             }
         }
-        let host = headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        if let Some(host) = host {
-            headers.insert(&headers::FORWARDED_HOST, host.clone());
-            headers.insert(header::HOST, host);
+        match headers.get(header::HOST) {
+            Some(host) => {
+                let host = host.clone();
+                headers.insert(&headers::FORWARDED_HOST, host);
+            }
+            None => {
+                let host = parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                if let Some(host) = host {
+                    headers.insert(&headers::FORWARDED_HOST, host.clone());
+                    headers.insert(header::HOST, host);
+                }
+            }
         }
-        let forwarded_for = match headers
-            .get(&headers::FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(before) => format!("{before}, {}", client.ip()),
-            None => client.ip().to_string(),
-        };
+        let mut forwarded_for = Vec::with_capacity(48);
+        if let Some(before) = headers.get(&headers::FORWARDED_FOR) {
+            forwarded_for.extend_from_slice(before.as_bytes());
+            forwarded_for.extend_from_slice(b", ");
+        }
+        headers::push_ip(&mut forwarded_for, client.ip());
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
             headers.insert(&headers::FORWARDED_FOR, v);
         }

@@ -24,11 +24,11 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::alerts::Alert;
+use crate::client::UpstreamClient;
 use crate::config::Config;
 use crate::events::Event;
 use crate::framing::{FramingGuard, Timeouts, Upgraded};
 use crate::headers;
-use crate::client::UpstreamClient;
 use crate::proxy::{Gateway, Reply, Table};
 use crate::reload::Reloader;
 use crate::resets::Resets;
