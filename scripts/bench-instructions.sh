@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by callgrind: a
+# figure the shared VM's noise does not move (time does, by ±20 %), for
+# comparing two builds of the request path. It runs the same config as
+# bench-proxy.sh's `tidegate` target (retry, breaker, bulkhead, one
+# worker) in front of an nginx upstream, lets wrk (10 connections) warm
+# it up, zeroes the counts, measures SECONDS of wrk and divides.
+#
+#   ./scripts/bench-instructions.sh            # the release build of HEAD
+#   ./scripts/bench-instructions.sh path/to/tidegate
+#
+# Installs nginx, wrk, valgrind and python3 from Debian when missing (root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_MEASURED=${SECONDS_MEASURED:-4}
+
+missing=()
+for tool in nginx wrk valgrind python3; do
+    command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing: ${missing[*]}; run as root or: sudo apt-get install nginx wrk valgrind python3" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk valgrind python3 >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+if [ $# -ge 1 ]; then
+    TIDEGATE=$1
+else
+    cargo build --release --quiet -p tidegate
+    TIDEGATE=target/release/tidegate
+fi
+
+WORK=$(mktemp -d /tmp/tidegate-instructions.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    for _ in $(seq 1 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
+        sleep 0.1
+    done
+    echo "nothing listens on port $1" >&2
+    exit 1
+}
+
+UPSTREAM_PORT=$(free_port)
+PROXY_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
+
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $WORK/body;
+    proxy_temp_path $WORK/proxy;
+    fastcgi_temp_path $WORK/fastcgi;
+    uwsgi_temp_path $WORK/uwsgi;
+    scgi_temp_path $WORK/scgi;
+    server {
+        listen 127.0.0.1:$UPSTREAM_PORT;
+        location / { default_type text/plain; return 200 "hello from the upstream\n"; }
+    }
+}
+EOF
+"$NGINX" -c "$WORK/nginx.conf" -e "$WORK/error.log" &
+PIDS+=($!)
+
+cat >"$WORK/tidegate.toml" <<EOF
+[gateway]
+listen = "127.0.0.1:$PROXY_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+
+[[upstreams]]
+name = "app"
+endpoints = ["http://127.0.0.1:$UPSTREAM_PORT"]
+[upstreams.policy]
+timeout = "10s"
+[upstreams.policy.retry]
+max_attempts = 3
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 5
+[upstreams.policy.bulkhead]
+max_concurrent = 1000
+max_queued = 1000
+
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+EOF
+
+TIDEGATE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p" \
+    "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers 1 2>"$WORK/valgrind.log" &
+VALGRIND=$!
+PIDS+=("$VALGRIND")
+wait_port "$UPSTREAM_PORT"
+wait_port "$PROXY_PORT"
+
+URL="http://127.0.0.1:$PROXY_PORT/"
+wrk -t1 -c10 -d2s "$URL" >/dev/null
+callgrind_control --zero "$VALGRIND" >/dev/null
+wrk -t1 -c10 -d"${SECONDS_MEASURED}s" "$URL" >"$WORK/wrk.out"
+callgrind_control --dump "$VALGRIND" >/dev/null
+requests=$(awk '/requests in/ { print $1 }' "$WORK/wrk.out")
+# The dump after the zeroing is the only file with a part number.
+for _ in $(seq 1 50); do
+    dump=$(ls "$WORK"/callgrind.*.* 2>/dev/null | head -1 || true)
+    [ -n "$dump" ] && grep -q '^totals:\|^summary:' "$dump" && break
+    sleep 0.1
+done
+instructions=$(awk '/^(totals|summary):/ { print $2; exit }' "$dump")
+echo "$requests requests, $((instructions / requests)) user-space instructions per request ($TIDEGATE)"
+mkdir -p target
+cp "$dump" target/bench-instructions.callgrind
+echo "per function: callgrind_annotate --inclusive=yes target/bench-instructions.callgrind"
