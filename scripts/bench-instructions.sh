@@ -118,9 +118,9 @@ wait_port "$PROXY_PORT"
 
 URL="http://127.0.0.1:$PROXY_PORT/"
 wrk -t1 -c10 -d2s "$URL" >/dev/null
-callgrind_control --zero "$VALGRIND" >/dev/null
+callgrind_control --zero "$VALGRIND" >/dev/null 2>&1
 wrk -t1 -c10 -d"${SECONDS_MEASURED}s" "$URL" >"$WORK/wrk.out"
-callgrind_control --dump "$VALGRIND" >/dev/null
+callgrind_control --dump "$VALGRIND" >/dev/null 2>&1
 requests=$(awk '/requests in/ { print $1 }' "$WORK/wrk.out")
 # The dump after the zeroing is the only file with a part number.
 for _ in $(seq 1 50); do
