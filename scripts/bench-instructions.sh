@@ -15,18 +15,8 @@ cd "$(dirname "$0")/.."
 
 SECONDS_MEASURED=${SECONDS_MEASURED:-4}
 
-missing=()
-for tool in nginx wrk valgrind python3; do
-    command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "missing: ${missing[*]}; run as root or: sudo apt-get install nginx wrk valgrind python3" >&2
-        exit 1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk valgrind python3 >/dev/null
-fi
+. scripts/bench-common.sh
+need_tools nginx wrk valgrind python3
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 if [ $# -ge 1 ]; then
@@ -35,28 +25,6 @@ else
     cargo build --release --quiet -p tidegate
     TIDEGATE=target/release/tidegate
 fi
-
-WORK=$(mktemp -d /tmp/tidegate-instructions.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() {
-    for _ in $(seq 1 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
-        sleep 0.1
-    done
-    echo "nothing listens on port $1" >&2
-    exit 1
-}
 
 UPSTREAM_PORT=$(free_port)
 PROXY_PORT=$(free_port)

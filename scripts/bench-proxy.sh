@@ -25,46 +25,12 @@ THREADS=${THREADS:-1}          # wrk threads
 DURATION=${DURATION:-10}       # seconds per measurement
 ROUNDS=${ROUNDS:-3}
 
-need() {
-    local missing=()
-    for tool in nginx wrk python3 redis-server; do
-        command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
-    done
-    [ ${#missing[@]} -eq 0 ] && return
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "missing: ${missing[*]}; run as root or: sudo apt-get install nginx wrk python3" >&2
-        exit 1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk python3 redis-server >/dev/null
-}
-need
+. scripts/bench-common.sh
+need_tools nginx wrk python3 redis-server
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 cargo build --release --quiet -p tidegate
 TIDEGATE=target/release/tidegate
-
-WORK=$(mktemp -d /tmp/tidegate-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_port() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
-        sleep 0.1
-    done
-    echo "nothing listens on port $1" >&2
-    exit 1
-}
 
 UPSTREAM_PORT=$(free_port)
 NGINX_PORT=$(free_port)

@@ -413,6 +413,22 @@ mod tests {
         upstream.addr().to_string().parse().unwrap()
     }
 
+    /// An upstream answering `/stream` once with a body the returned sender
+    /// writes, and anything else with "ok".
+    async fn streaming_upstream() -> (Upstream, tokio::sync::mpsc::Sender<Bytes>) {
+        let (tx, streamed) = channel_body();
+        let streamed = std::sync::Mutex::new(Some(streamed));
+        let upstream = Upstream::start(move |req| {
+            let body = match req.uri().path() {
+                "/stream" => streamed.lock().unwrap().take().unwrap(),
+                _ => tidegate_testkit::full("ok"),
+            };
+            async move { Response::new(body) }
+        })
+        .await;
+        (upstream, tx)
+    }
+
     async fn read(response: UpstreamResponse) -> Bytes {
         response.into_body().collect().await.unwrap().to_bytes()
     }
@@ -443,16 +459,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_comes_back_when_its_body_ends_not_before() {
-        let (tx, streamed) = channel_body();
-        let streamed = std::sync::Mutex::new(Some(streamed));
-        let upstream = Upstream::start(move |req| {
-            let body = match req.uri().path() {
-                "/stream" => streamed.lock().unwrap().take().unwrap(),
-                _ => tidegate_testkit::full("ok"),
-            };
-            async move { Response::new(body) }
-        })
-        .await;
+        let (upstream, tx) = streaming_upstream().await;
         let (client, to) = (client(), authority(&upstream));
         let streaming = client.request(&to, get("/stream"), None).await.unwrap();
         // The first connection is busy with the stream: a second one opens.
@@ -469,16 +476,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_dropped_before_its_end_takes_its_connection_along() {
-        let (tx, streamed) = channel_body();
-        let streamed = std::sync::Mutex::new(Some(streamed));
-        let upstream = Upstream::start(move |req| {
-            let body = match req.uri().path() {
-                "/stream" => streamed.lock().unwrap().take().unwrap(),
-                _ => tidegate_testkit::full("ok"),
-            };
-            async move { Response::new(body) }
-        })
-        .await;
+        let (upstream, tx) = streaming_upstream().await;
         let (client, to) = (client(), authority(&upstream));
         let mut streaming = client.request(&to, get("/stream"), None).await.unwrap();
         tx.send(Bytes::from_static(b"part")).await.unwrap();
