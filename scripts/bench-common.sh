@@ -41,3 +41,31 @@ wait_port() {
     echo "nothing listens on port $1" >&2
     exit 1
 }
+
+# The measured gateway's config (listen port, admin port, upstream port):
+# one upstream with retry, circuit breaker and bulkhead on, one route to it.
+tidegate_config() {
+    cat <<EOF
+[gateway]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+
+[[upstreams]]
+name = "app"
+endpoints = ["http://127.0.0.1:$3"]
+[upstreams.policy]
+timeout = "10s"
+[upstreams.policy.retry]
+max_attempts = 3
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 5
+[upstreams.policy.bulkhead]
+max_concurrent = 1000
+max_queued = 1000
+
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "app"
+EOF
+}

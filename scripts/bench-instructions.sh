@@ -53,29 +53,7 @@ EOF
 "$NGINX" -c "$WORK/nginx.conf" -e "$WORK/error.log" &
 PIDS+=($!)
 
-cat >"$WORK/tidegate.toml" <<EOF
-[gateway]
-listen = "127.0.0.1:$PROXY_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-
-[[upstreams]]
-name = "app"
-endpoints = ["http://127.0.0.1:$UPSTREAM_PORT"]
-[upstreams.policy]
-timeout = "10s"
-[upstreams.policy.retry]
-max_attempts = 3
-[upstreams.policy.circuit_breaker]
-consecutive_failures = 5
-[upstreams.policy.bulkhead]
-max_concurrent = 1000
-max_queued = 1000
-
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "app"
-EOF
+tidegate_config "$PROXY_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT" >"$WORK/tidegate.toml"
 
 TIDEGATE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p" \
     "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers 1 2>"$WORK/valgrind.log" &

@@ -83,28 +83,8 @@ nginx_conf proxy "$WORKERS" "upstream app {
         }
     }"
 
-cat >"$WORK/tidegate.toml" <<EOF
-[gateway]
-listen = "127.0.0.1:$TIDEGATE_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-
-[[upstreams]]
-name = "app"
-endpoints = ["http://127.0.0.1:$UPSTREAM_PORT"]
-[upstreams.policy]
-timeout = "10s"
-[upstreams.policy.retry]
-max_attempts = 3
-[upstreams.policy.circuit_breaker]
-consecutive_failures = 5
-[upstreams.policy.bulkhead]
-max_concurrent = 1000
-max_queued = 1000
-
-[[routes]]
-name = "all"
-path_prefix = "/"
-upstream = "app"
+tidegate_config "$TIDEGATE_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT" >"$WORK/tidegate.toml"
+cat >>"$WORK/tidegate.toml" <<EOF
 
 [[routes]]
 name = "edge"
