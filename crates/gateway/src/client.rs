@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
-use crate::pool::{Gates, PoolGate};
+use crate::pool::{Gates, PoolGate, PoolOverflow};
 
 /// How long a new connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,7 +59,7 @@ pub enum ClientError {
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::Overflow => f.write_str("too many requests waiting for a connection"),
+            ClientError::Overflow => PoolOverflow.fmt(f),
             ClientError::Connect(e) => write!(f, "connect failed: {e}"),
             ClientError::Request(e) => e.fmt(f),
         }
@@ -87,7 +88,7 @@ struct Shared {
     hosts: Mutex<HashMap<Authority, Arc<HostPool>, Fnv>>,
     /// Whether the sweeping task runs (started with the first connection,
     /// on that connection's runtime).
-    sweeping: std::sync::atomic::AtomicBool,
+    sweeping: AtomicBool,
 }
 
 /// The idle connections to one endpoint.
@@ -153,7 +154,7 @@ impl UpstreamClient {
             shared: Arc::new(Shared {
                 gates,
                 hosts: Mutex::new(HashMap::default()),
-                sweeping: std::sync::atomic::AtomicBool::new(false),
+                sweeping: AtomicBool::new(false),
             }),
         }
     }
@@ -177,7 +178,7 @@ impl UpstreamClient {
         loop {
             let (mut conn, reused) = match host.checkout() {
                 Some(conn) => (conn, true),
-                None => (self.connect(authority, &host).await?, false),
+                None => self.connect(authority, &host).await?,
             };
             if reused && !conn.sender.is_ready() && conn.sender.ready().await.is_err() {
                 // It closed while settling after its last response.
@@ -210,8 +211,13 @@ impl UpstreamClient {
     }
 
     /// A new connection to `authority` within its gate. While the gate is
-    /// full, a connection returned to `host` is taken instead.
-    async fn connect(&self, authority: &Authority, host: &HostPool) -> Result<Conn, ClientError> {
+    /// full, a connection returned to `host` is taken instead; the flag
+    /// says which it is (a reused one may still be settling, or closed).
+    async fn connect(
+        &self,
+        authority: &Authority,
+        host: &HostPool,
+    ) -> Result<(Conn, bool), ClientError> {
         let gate: Option<Arc<PoolGate>> = self.shared.gates.load().get(authority).cloned();
         let permit = match &gate {
             None => None,
@@ -222,7 +228,7 @@ impl UpstreamClient {
                     loop {
                         let returned = host.returned.notified();
                         if let Some(conn) = host.checkout() {
-                            return Ok(conn);
+                            return Ok((conn, true));
                         }
                         tokio::select! {
                             permit = gate.acquire() => break Some(permit),
@@ -245,13 +251,12 @@ impl UpstreamClient {
             drop(permit);
         });
         self.start_sweeping();
-        Ok(Conn { sender, uses: 0 })
+        Ok((Conn { sender, uses: 0 }, false))
     }
 
     /// Starts the task that closes idle connections, once; it ends with
     /// the last clone of this client.
     fn start_sweeping(&self) {
-        use std::sync::atomic::Ordering;
         if self.shared.sweeping.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -721,7 +721,7 @@ impl Gateway {
         *request.uri_mut() = head.path_and_query.into();
         *request.headers_mut() = head.headers;
         let max_uses = upstream.config.pool.max_requests_per_connection;
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        let attempting = endpoint.attempting();
         let sent = upstream_client.request(&endpoint.endpoint.authority, request, max_uses);
         let result = match upstream.attempt_timeout {
             Some(limit) => tokio::time::timeout(limit, sent)
@@ -729,7 +729,7 @@ impl Gateway {
                 .map_err(|_| AttemptError::Timeout { retryable }),
             None => Ok(sent.await),
         };
-        endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(attempting);
         let result = match result {
             Err(timeout) => Err(timeout),
             Ok(Ok(response)) if is_retryable_status(response.status()) => {

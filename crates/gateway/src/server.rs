@@ -225,8 +225,6 @@ async fn serve_proxy(
     client: UpstreamClient,
 ) {
     let settings = &gateway.settings;
-    // One reference count per request instead of the client's several.
-    let client = Arc::new(client);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's read buffer bounds the head; it answers 431 past it.
     let max_head = settings.max_header_bytes.max(8192);

@@ -69,7 +69,7 @@ impl std::fmt::Display for AttemptError {
             AttemptError::BodyTooLarge => f.write_str("request body too large"),
             AttemptError::BodyGone => f.write_str("request body already sent"),
             AttemptError::NoEndpoint => f.write_str("no healthy endpoint"),
-            AttemptError::PoolOverflow => f.write_str("too many requests waiting for a connection"),
+            AttemptError::PoolOverflow => crate::pool::PoolOverflow.fmt(f),
         }
     }
 }
@@ -111,7 +111,24 @@ pub struct EndpointState {
     ejections: AtomicU32,
 }
 
+/// An attempt counted in its endpoint's `in_flight` until dropped:
+/// answered, failed, or cancelled by a deadline or a client gone.
+#[derive(Debug)]
+pub struct Attempting<'a>(&'a AtomicU64);
+
+impl Drop for Attempting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl EndpointState {
+    /// Counts an attempt in flight to it until the guard drops.
+    pub fn attempting(&self) -> Attempting<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Attempting(&self.in_flight)
+    }
+
     /// Whether its health checks pass (ejection aside).
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)

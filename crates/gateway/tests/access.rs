@@ -34,6 +34,16 @@ async fn skip(d: Duration) {
     tokio::time::resume();
 }
 
+/// Upstream `svc` at `upstream` behind route `limited` on `/` with `rate_limit`.
+fn limited(upstream: &Upstream, rate_limit: &str) -> String {
+    format!(
+        "[[upstreams]]\nname = \"svc\"\nendpoints = [\"{}\"]\n\
+         [[routes]]\nname = \"limited\"\npath_prefix = \"/\"\nupstream = \"svc\"\n\
+         rate_limit = {rate_limit}\n",
+        upstream.url()
+    )
+}
+
 #[tokio::test]
 async fn every_algorithm_admits_exactly_the_quota_per_window_with_headers() {
     for algorithm in [
@@ -44,18 +54,11 @@ async fn every_algorithm_admits_exactly_the_quota_per_window_with_headers() {
         "gcra",
     ] {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
-        let gw = gateway(&format!(
-            r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{}"]
-[[routes]]
-name = "limited"
-path_prefix = "/"
-upstream = "svc"
-rate_limit = {{ algorithm = "{algorithm}", limit = 5, per = "1m", key = "client_ip" }}
-"#,
-            upstream.url()
+        let gw = gateway(&limited(
+            &upstream,
+            &format!(
+                r#"{{ algorithm = "{algorithm}", limit = 5, per = "1m", key = "client_ip" }}"#
+            ),
         ))
         .await;
 
@@ -106,18 +109,9 @@ rate_limit = {{ algorithm = "{algorithm}", limit = 5, per = "1m", key = "client_
 #[tokio::test]
 async fn a_header_keyed_limit_counts_each_value_apart() {
     let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
-    let gw = gateway(&format!(
-        r#"
-[[upstreams]]
-name = "svc"
-endpoints = ["{}"]
-[[routes]]
-name = "limited"
-path_prefix = "/"
-upstream = "svc"
-rate_limit = {{ algorithm = "gcra", limit = 2, per = "1h", key = "header:x-tenant" }}
-"#,
-        upstream.url()
+    let gw = gateway(&limited(
+        &upstream,
+        r#"{ algorithm = "gcra", limit = 2, per = "1h", key = "header:x-tenant" }"#,
     ))
     .await;
     for _ in 0..2 {

@@ -362,3 +362,29 @@ async fn a_connection_is_retired_after_its_request_limit() {
     assert_eq!(upstream.hits(), 6);
     assert_eq!(upstream.connections(), 3);
 }
+
+#[tokio::test]
+async fn an_attempt_cut_by_the_deadline_leaves_its_endpoint_idle() {
+    // The upstream never answers; the deadline ends the call.
+    let never = Arc::new(Semaphore::new(0));
+    let upstream = Upstream::start(move |_| {
+        let never = never.clone();
+        async move {
+            let _ = never.acquire().await;
+            text(200, "late")
+        }
+    })
+    .await;
+    let gw = gateway(&svc(
+        &[&upstream.url()],
+        "load_balancing = \"least_request\"\n[upstreams.policy]\ndeadline = \"200ms\"\n",
+    ))
+    .await;
+    assert_eq!(get(&url(&gw, "/")).await.status, 504);
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    let endpoint = &status["services"]["svc"]["endpoints"][0];
+    assert_eq!(
+        endpoint["in_flight"], 0,
+        "least_request would shun it forever: {status}"
+    );
+}
