@@ -193,18 +193,43 @@ pub fn new_id() -> String {
 /// `tidegate_resilience::rng`: unique enough for IDs, but predictable,
 /// never a secret. Never all zero.
 fn random_hex(out: &mut [u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for chunk in out.chunks_mut(16) {
-        let word = tidegate_resilience::rng::next_u64() | 1;
-        for (i, digit) in chunk.iter_mut().enumerate() {
-            *digit = DIGITS[(word >> (60 - 4 * i)) as usize & 0xf];
-        }
+        let digits = hex16(tidegate_resilience::rng::next_u64() | 1);
+        chunk.copy_from_slice(&digits[..chunk.len()]);
     }
+}
+
+/// `word` as 16 lowercase hex digits, eight at a time: each nibble is
+/// spread to a byte of its own, then all eight become ASCII at once.
+fn hex16(word: u64) -> [u8; 16] {
+    fn eight(half: u32) -> [u8; 8] {
+        let mut x = u64::from(half);
+        x = (x & 0xffff_0000) << 16 | (x & 0xffff);
+        x = (x & 0x0000_ff00_0000_ff00) << 8 | (x & 0x0000_00ff_0000_00ff);
+        x = (x & 0x00f0_00f0_00f0_00f0) << 4 | (x & 0x000f_000f_000f_000f);
+        // 1 in the bytes above 9, which become letters.
+        let letters = (x + 0x0606_0606_0606_0606) >> 4 & 0x0101_0101_0101_0101;
+        (x + 0x3030_3030_3030_3030 + letters * u64::from(b'a' - b'0' - 10)).to_be_bytes()
+    }
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&eight((word >> 32) as u32));
+    out[8..].copy_from_slice(&eight(word as u32));
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_digits_match_the_formatter() {
+        for word in [0, 1, 0x0123_4567_89ab_cdef, u64::MAX, 0xa0b1_c2d3_e4f5_0617] {
+            assert_eq!(
+                std::str::from_utf8(&hex16(word)).unwrap(),
+                format!("{word:016x}")
+            );
+        }
+    }
 
     #[test]
     fn correlation_ids_are_checked() {

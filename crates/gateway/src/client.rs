@@ -292,10 +292,11 @@ impl Shared {
     }
 }
 
-/// FNV-1a: the pool's keys are a few endpoint addresses from the config,
-/// not input an attacker picks, so a keyed hash buys nothing here.
+/// FNV-1a: the pool's keys are a few endpoint addresses from the config
+/// (and the metrics cache's are addresses), not input an attacker picks, so
+/// a keyed hash buys nothing here.
 #[derive(Debug, Default, Clone, Copy)]
-struct Fnv;
+pub(crate) struct Fnv;
 
 impl std::hash::BuildHasher for Fnv {
     type Hasher = FnvHasher;
@@ -306,7 +307,7 @@ impl std::hash::BuildHasher for Fnv {
 }
 
 #[derive(Debug)]
-struct FnvHasher(u64);
+pub(crate) struct FnvHasher(u64);
 
 impl std::hash::Hasher for FnvHasher {
     fn write(&mut self, bytes: &[u8]) {

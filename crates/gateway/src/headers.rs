@@ -30,7 +30,13 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// The index of `name` in [`HOP_BY_HOP`].
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    Some(match name.as_str() {
+    // Most names are ruled out by their length alone, before any compare.
+    const LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+    let name = name.as_str();
+    if name.len() >= 32 || LENGTHS & 1 << name.len() == 0 {
+        return None;
+    }
+    Some(match name {
         "connection" => 0,
         "keep-alive" => 1,
         "proxy-authenticate" => 2,

@@ -1,5 +1,8 @@
 //! The gateway's Prometheus metrics (names as in DESIGN.md).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -92,6 +95,8 @@ struct FailureModeLabels {
 /// Every gateway metric, registered once.
 #[derive(Debug)]
 pub struct Metrics {
+    /// Tells this instance's series apart in the per-thread cache.
+    id: u64,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RouteLabels, Histogram>,
@@ -111,6 +116,36 @@ pub struct Metrics {
     store_duration: Histogram,
     store_fallbacks: Family<FailureModeLabels, Counter>,
     store_up: Gauge,
+}
+
+/// A request's series in [`SERIES`]: which metrics, and the addresses of
+/// its labels (the entry holds the labels, so no other label can take an
+/// address while it is kept).
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct SeriesKey {
+    metrics: u64,
+    route: usize,
+    upstream: usize,
+    method: usize,
+    status: u16,
+}
+
+/// The series one kind of answer counts into.
+#[derive(Debug)]
+struct Series {
+    labels: RequestLabels,
+    requests: Counter,
+    duration: Histogram,
+    attempts: Option<Counter>,
+    retries: Option<Counter>,
+}
+
+/// Past this many, the cache starts over (old routes after many reloads).
+const MAX_SERIES_KEPT: usize = 4096;
+
+thread_local! {
+    static SERIES: RefCell<HashMap<SeriesKey, Series, crate::client::Fnv>> =
+        RefCell::new(HashMap::default());
 }
 
 fn duration_histogram() -> Histogram {
@@ -226,7 +261,9 @@ impl Default for Metrics {
             "1 when the shared rate-limit store answered its last request",
             store_up.clone(),
         );
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             duration,
@@ -251,33 +288,55 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one answered request and its time to response head.
-    pub fn request(&self, labels: RequestLabels, seconds: f64) {
-        self.duration
-            .get_or_create(&RouteLabels {
-                route: labels.route.clone(),
-                upstream: labels.upstream.clone(),
-            })
-            .observe(seconds);
-        self.requests.get_or_create(&labels).inc();
-    }
-
-    /// Counts the attempts one request made upstream.
-    pub fn attempts(&self, upstream: &Arc<String>, attempts: u32) {
-        if attempts == 0 {
-            return;
-        }
-        let labels = UpstreamLabels {
-            upstream: upstream.clone(),
+    /// Counts one answered request: its time to response head and the
+    /// attempts it made upstream. The series are looked up once per worker
+    /// thread and kept: a family lookup hashes every label with SipHash
+    /// under a lock, which cost more than the rest of the counting.
+    pub fn answered(&self, labels: RequestLabels, seconds: f64, attempts: u32) {
+        let key = SeriesKey {
+            metrics: self.id,
+            route: Arc::as_ptr(&labels.route) as usize,
+            upstream: Arc::as_ptr(&labels.upstream) as usize,
+            method: labels.method.as_ptr() as usize,
+            status: labels.status,
         };
-        self.attempts
-            .get_or_create(&labels)
-            .inc_by(u64::from(attempts));
-        if attempts > 1 {
-            self.retries
-                .get_or_create(&labels)
-                .inc_by(u64::from(attempts - 1));
-        }
+        SERIES.with(|series| {
+            let mut series = series.borrow_mut();
+            if series.len() >= MAX_SERIES_KEPT && !series.contains_key(&key) {
+                series.clear();
+            }
+            let found = series.entry(key).or_insert_with(|| Series {
+                requests: self.requests.get_or_create(&labels).clone(),
+                duration: self
+                    .duration
+                    .get_or_create(&RouteLabels {
+                        route: labels.route.clone(),
+                        upstream: labels.upstream.clone(),
+                    })
+                    .clone(),
+                attempts: None,
+                retries: None,
+                labels,
+            });
+            found.duration.observe(seconds);
+            found.requests.inc();
+            if attempts == 0 {
+                return;
+            }
+            let upstream = UpstreamLabels {
+                upstream: found.labels.upstream.clone(),
+            };
+            found
+                .attempts
+                .get_or_insert_with(|| self.attempts.get_or_create(&upstream).clone())
+                .inc_by(u64::from(attempts));
+            if attempts > 1 {
+                found
+                    .retries
+                    .get_or_insert_with(|| self.retries.get_or_create(&upstream).clone())
+                    .inc_by(u64::from(attempts - 1));
+            }
+        });
     }
 
     /// Counts a local rejection (`circuit_open`, `bulkhead_full`, …).
@@ -406,5 +465,44 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_instance_counts_its_own_requests_through_the_cache() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        let route = Arc::new("r".to_owned());
+        let upstream = Arc::new("u".to_owned());
+        let labels = |status| RequestLabels {
+            route: route.clone(),
+            upstream: upstream.clone(),
+            method: "GET",
+            status,
+        };
+        a.answered(labels(200), 0.01, 1);
+        a.answered(labels(200), 0.01, 3);
+        a.answered(labels(503), 0.01, 0);
+        b.answered(labels(200), 0.01, 1);
+        let a = a.encode();
+        let b = b.encode();
+        let series = |status, n| {
+            format!(
+                "tidegate_requests_total{{route=\"r\",upstream=\"u\",method=\"GET\",status=\"{status}\"}} {n}\n"
+            )
+        };
+        assert!(a.contains(&series(200, 2)), "{a}");
+        assert!(a.contains(&series(503, 1)), "{a}");
+        assert!(a.contains("tidegate_upstream_attempts_total{upstream=\"u\"} 4\n"));
+        assert!(a.contains("tidegate_retries_total{upstream=\"u\"} 2\n"));
+        assert!(
+            a.contains("tidegate_request_duration_seconds_count{route=\"r\",upstream=\"u\"} 3\n")
+        );
+        assert!(b.contains(&series(200, 1)), "{b}");
+        assert!(b.contains("tidegate_upstream_attempts_total{upstream=\"u\"} 1\n"));
+        assert!(!b.contains("tidegate_retries_total{"), "{b}");
     }
 }

@@ -307,7 +307,6 @@ impl Gateway {
             .insert(&CORRELATION_ID, request_id.clone());
         let status = response.status();
         let elapsed = start.elapsed();
-        self.metrics.attempts(&log.upstream, log.attempts);
         if let Some(traffic) = log.traffic {
             traffic.record(log.upstream_failed, elapsed);
         }
@@ -326,7 +325,7 @@ impl Gateway {
             api_key_id = log.key_id.as_deref(),
             fallback = log.fallback,
         );
-        self.metrics.request(
+        self.metrics.answered(
             RequestLabels {
                 route: log.route,
                 upstream: log.upstream,
@@ -334,6 +333,7 @@ impl Gateway {
                 status: status.as_u16(),
             },
             elapsed.as_secs_f64(),
+            log.attempts,
         );
         response
     }
