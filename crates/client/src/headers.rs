@@ -135,7 +135,7 @@ pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(|| {
             let mut id = [0u8; 32];
             random_hex(&mut id);
-            HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+            shared_value(id)
         })
 }
 
@@ -161,7 +161,15 @@ pub fn child_traceparent(parent: Option<&HeaderValue>) -> HeaderValue {
         None => random_hex(&mut value[3..35]),
     }
     random_hex(&mut value[36..52]);
-    HeaderValue::from_bytes(&value).expect("hex is a valid header value")
+    shared_value(value)
+}
+
+/// A header value over `bytes` (hex and dashes) that is shared, not copied
+/// or re-allocated, when cloned: each attempt clones the request's IDs, and
+/// the response clones the correlation ID again.
+fn shared_value(bytes: impl AsRef<[u8]> + Send + 'static) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(bytes))
+        .expect("hex is a valid header value")
 }
 
 /// `(trace-id, flags)` of a valid version-00 traceparent.

@@ -38,6 +38,15 @@ use tokio::time::{Instant, Sleep};
 /// Longest chunk-size or trailer line the guard follows before stepping aside.
 const MAX_LINE: usize = 8 * 1024;
 
+/// What a client connection speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.x (or nothing valid: hyper's HTTP/1 parser answers it).
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+}
+
 /// Set by the service when the connection has switched protocols.
 #[derive(Clone, Debug, Default)]
 pub struct Upgraded(Arc<AtomicBool>);
@@ -70,6 +79,9 @@ pub struct FramingGuard<T> {
     /// Scanned bytes not yet handed to the reader, from `at` on.
     ready: Vec<u8>,
     at: usize,
+    /// Bytes read to tell the protocol, not yet scanned, from `unscanned_at` on.
+    unscanned: Vec<u8>,
+    unscanned_at: usize,
     upgraded: Upgraded,
     send_timeout: Duration,
     /// Runs until the first request head is complete (or HTTP/2 is
@@ -95,9 +107,77 @@ impl<T> FramingGuard<T> {
             scanner: Scanner::new(max_head),
             ready: Vec::new(),
             at: 0,
+            unscanned: Vec::new(),
+            unscanned_at: 0,
             upgraded,
             stall: None,
             stalled: false,
+        }
+    }
+
+    /// Reads from the connection, the bytes read to tell the protocol first.
+    fn poll_io(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>>
+    where
+        T: AsyncRead + Unpin,
+    {
+        if self.unscanned_at < self.unscanned.len() {
+            let rest = &self.unscanned[self.unscanned_at..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.unscanned_at += n;
+            if self.unscanned_at == self.unscanned.len() {
+                self.unscanned = Vec::new();
+                self.unscanned_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+
+    /// Which protocol the client speaks: HTTP/2 when it opens with the
+    /// HTTP/2 preface, else HTTP/1 (hyper's parser judges what it is).
+    /// What it reads stays to be read. Fails when the first request head
+    /// is not in by the header read timeout.
+    pub async fn protocol(&mut self) -> io::Result<Protocol>
+    where
+        T: AsyncRead + Unpin,
+    {
+        std::future::poll_fn(|cx| self.poll_protocol(cx)).await
+    }
+
+    fn poll_protocol(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Protocol>>
+    where
+        T: AsyncRead + Unpin,
+    {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        loop {
+            let seen = &self.unscanned[..self.unscanned.len().min(PREFACE.len())];
+            if seen != &PREFACE[..seen.len()] {
+                return Poll::Ready(Ok(Protocol::Http1));
+            }
+            if seen.len() == PREFACE.len() {
+                return Poll::Ready(Ok(Protocol::Http2));
+            }
+            let mut chunk = [0u8; 4096];
+            let mut buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    // Closed early; hyper sees the same end.
+                    return Poll::Ready(Ok(Protocol::Http1));
+                }
+                Poll::Ready(Ok(())) => self.unscanned.extend_from_slice(buf.filled()),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    let timer = self.first_head.as_mut().map(|t| t.as_mut().poll(cx));
+                    if timer.is_some_and(|t| t.is_ready()) {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no request head within gateway.header_read_timeout",
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+            }
         }
     }
 
@@ -181,13 +261,13 @@ impl<T: AsyncRead + Unpin> FramingGuard<T> {
                 this.scanner.stop(&mut this.ready);
             }
             if this.scanner.is_off() && this.ready.is_empty() {
-                return Pin::new(&mut this.io).poll_read(cx, buf);
+                return this.poll_io(cx, buf);
             }
             if !this.ready.is_empty() {
                 continue;
             }
             let before = buf.filled().len();
-            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            ready!(this.poll_io(cx, buf))?;
             if buf.filled().len() == before {
                 // End of stream: a held partial head goes to hyper as it is.
                 this.scanner.stop(&mut this.ready);
@@ -608,6 +688,57 @@ mod tests {
         ] {
             let (out, state) = scan(bad, 1);
             assert_eq!((out.as_slice(), state), (bad, State::Off));
+        }
+    }
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            header_read: Duration::from_secs(10),
+            send: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tells_the_protocol_from_the_first_bytes_and_keeps_them() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cases: [(&'static [u8], Protocol); 4] = [
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Protocol::Http1),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12",
+                Protocol::Http2,
+            ),
+            (b"PRI * HTTP/1.1\r\n\r\n", Protocol::Http1),
+            (b"", Protocol::Http1),
+        ];
+        for (input, protocol) in cases {
+            for step in [1, 5, input.len().max(1)] {
+                let (mut client, server) = tokio::io::duplex(64);
+                let mut guard = FramingGuard::new(server, 1024, Upgraded::default(), timeouts());
+                tokio::spawn(async move {
+                    for piece in input.chunks(step) {
+                        client.write_all(piece).await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                });
+                assert_eq!(guard.protocol().await.unwrap(), protocol, "step {step}");
+                let mut read = Vec::new();
+                guard.read_to_end(&mut read).await.unwrap();
+                assert_eq!(read, input, "step {step}");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_finishes_the_preface_is_cut_at_the_header_read_timeout() {
+        use tokio::io::AsyncWriteExt;
+        for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+            let (mut client, server) = tokio::io::duplex(64);
+            client.write_all(sent).await.unwrap();
+            let mut guard = FramingGuard::new(server, 1024, Upgraded::default(), timeouts());
+            let started = Instant::now();
+            let error = guard.protocol().await.unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+            assert_eq!(started.elapsed(), timeouts().header_read);
         }
     }
 

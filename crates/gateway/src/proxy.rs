@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, Entry, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -662,18 +662,38 @@ impl Gateway {
                 }
             }
         }
-        let mut forwarded_for = Vec::with_capacity(48);
-        if let Some(before) = headers.get(&headers::FORWARDED_FOR) {
-            forwarded_for.extend_from_slice(before.as_bytes());
-            forwarded_for.extend_from_slice(b", ");
-        }
-        headers::push_ip(&mut forwarded_for, client.ip());
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
-            headers.insert(&headers::FORWARDED_FOR, v);
+        // One lookup per name: the entry both reads and replaces.
+        match headers.entry(&headers::FORWARDED_FOR) {
+            Entry::Occupied(mut before) => {
+                let mut chain = Vec::with_capacity(64);
+                for hop in before.iter() {
+                    chain.extend_from_slice(hop.as_bytes());
+                    chain.extend_from_slice(b", ");
+                }
+                headers::push_ip(&mut chain, client.ip());
+                if let Ok(chain) = HeaderValue::from_maybe_shared(Bytes::from_owner(chain)) {
+                    before.insert(chain);
+                }
+            }
+            Entry::Vacant(none) => {
+                let mut ip = Vec::with_capacity(15);
+                headers::push_ip(&mut ip, client.ip());
+                if let Ok(ip) = HeaderValue::from_maybe_shared(Bytes::from_owner(ip)) {
+                    none.insert(ip);
+                }
+            }
         }
         headers.insert(&headers::FORWARDED_PROTO, HeaderValue::from_static("http"));
         headers.insert(&CORRELATION_ID, request_id.clone());
-        headers.insert(&headers::TRACEPARENT, headers::traceparent(&headers));
+        match headers.entry(&headers::TRACEPARENT) {
+            Entry::Occupied(mut parent) => {
+                let child = headers::child_traceparent(Some(parent.get()));
+                parent.insert(child);
+            }
+            Entry::Vacant(none) => {
+                none.insert(headers::child_traceparent(None));
+            }
+        }
         if let Some(token) = &table.internal_token {
             headers.insert(&headers::INTERNAL_TOKEN, token.clone());
         }

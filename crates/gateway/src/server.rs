@@ -9,17 +9,19 @@
 //! and the admin API are shared by all workers.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, StatusCode, Version};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -27,7 +29,7 @@ use crate::alerts::Alert;
 use crate::client::UpstreamClient;
 use crate::config::Config;
 use crate::events::Event;
-use crate::framing::{FramingGuard, Timeouts, Upgraded};
+use crate::framing::{FramingGuard, Protocol, Timeouts, Upgraded};
 use crate::headers;
 use crate::proxy::{Gateway, Reply, Table};
 use crate::reload::Reloader;
@@ -225,16 +227,15 @@ async fn serve_proxy(
     client: UpstreamClient,
 ) {
     let settings = &gateway.settings;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's read buffer bounds the head; it answers 431 past it.
     let max_head = settings.max_header_bytes.max(8192);
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(max_head);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     let timeouts = Timeouts {
@@ -263,10 +264,11 @@ async fn serve_proxy(
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         let client = client.clone();
-        let builder = builder.clone();
+        let http1 = http1.clone();
+        let http2 = http2.clone();
         let mut stop = stopped.clone();
         let upgraded = Upgraded::default();
-        let stream = FramingGuard::new(stream, max_head, upgraded.clone(), timeouts);
+        let mut stream = FramingGuard::new(stream, max_head, upgraded.clone(), timeouts);
         let resets = Arc::new(Resets::default());
         let abuse = resets.clone();
         connections.spawn(async move {
@@ -297,23 +299,25 @@ async fn serve_proxy(
                     Ok(response)
                 }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+            // The protocol is told from the first bytes, the way hyper-util's
+            // `auto` builder does, but by the guard that reads them anyway:
+            // no rewinding layer between hyper and the socket.
+            let protocol = tokio::select! {
+                protocol = stream.protocol() => protocol,
+                _ = until_stopped(&mut stop) => return,
+            };
+            match protocol {
+                Ok(Protocol::Http1) => {
+                    let conn = http1
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    drive(conn, peer, &abuse, &mut stop).await;
                 }
-                _ = abuse.abused() => {
-                    tracing::warn!(%peer, "closing an HTTP/2 connection whose client cancels most requests at once (rapid reset)");
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                Ok(Protocol::Http2) => {
+                    let conn = http2.serve_connection(TokioIo::new(stream), service);
+                    drive(conn, peer, &abuse, &mut stop).await;
                 }
-                _ = until_stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+                Err(e) => tracing::debug!(%peer, error = %e, "connection ended before a request"),
             }
         });
     }
@@ -328,6 +332,63 @@ async fn serve_proxy(
             "drain timeout passed with requests still in flight; closing their connections"
         );
         connections.shutdown().await;
+    }
+}
+
+/// A client connection hyper serves, of either protocol.
+trait Connection: Future<Output = hyper::Result<()>> {
+    /// Finishes the requests under way, takes no more.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<S, B> Connection for http1::UpgradeableConnection<TokioIo<FramingGuard<TcpStream>>, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<S, B> Connection for http2::Connection<TokioIo<FramingGuard<TcpStream>>, S, TokioExecutor>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Serves one client connection until it ends, shutdown begins (it is
+/// given `drain_timeout` by the caller) or its client abuses stream resets.
+async fn drive<C>(conn: C, peer: SocketAddr, abuse: &Resets, stop: &mut watch::Receiver<bool>)
+where
+    C: Connection,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = abuse.abused() => {
+            tracing::warn!(%peer, "closing an HTTP/2 connection whose client cancels most requests at once (rapid reset)");
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+        }
+        _ = until_stopped(stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 

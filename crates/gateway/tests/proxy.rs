@@ -78,6 +78,39 @@ async fn routes_by_prefix_strips_it_and_sets_forwarding_headers() {
 }
 
 #[tokio::test]
+async fn forwarding_chains_and_traces_are_continued() {
+    let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
+    let gw = gateway(&one_upstream(&upstream.url(), "")).await;
+
+    let answer = send(
+        Request::get(url(&gw, "/api/x"))
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-forwarded-for", "10.0.0.2, 10.0.0.3")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let seen = &upstream.received()[0];
+    let chain: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(
+        chain,
+        ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"],
+        "every hop the client listed, in one header, then the client"
+    );
+    let trace = seen.headers["traceparent"].to_str().unwrap();
+    assert!(
+        trace.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{trace}"
+    );
+    assert!(!trace.contains("00f067aa0ba902b7"), "a new span: {trace}");
+}
+
+#[tokio::test]
 async fn a_get_is_retried_and_a_post_is_not() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
