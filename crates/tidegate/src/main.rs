@@ -10,12 +10,10 @@ use anyhow::Context;
 use http_body_util::BodyExt;
 use tidegate_gateway::{config, demo, server};
 
-/// mimalloc instead of glibc's malloc: a proxied request allocates about 19
-/// times, hyper's read buffers among them, and glibc spent some 4 800
-/// instructions a request on that against mimalloc's 2 000
-/// (`scripts/bench-instructions.sh`).
+mod alloc;
+
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::MiMalloc = alloc::MiMalloc;
 
 const USAGE: &str = "\
 tidegate — resilient service-to-service communication
