@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::config::{BaseUrl, FieldError, ServiceConfig};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::headers::{self, Context};
-use crate::metrics::Metrics;
+use crate::metrics::{CallSeries, Metrics};
 use crate::response::{Response, StreamingResponse};
 use crate::status::ServiceStatus;
 
@@ -110,6 +110,7 @@ struct Inner {
     max_replay_bytes: usize,
     max_response_bytes: usize,
     metrics: Metrics,
+    series: CallSeries,
     source: Arc<String>,
     /// Calls in flight: `active_service_connections` of this client.
     active: Gauge,
@@ -230,6 +231,7 @@ impl ServiceClient {
                 max_replay_bytes: config.max_replay_bytes,
                 max_response_bytes: config.max_response_bytes,
                 metrics,
+                series: CallSeries::default(),
                 source,
                 active,
                 watcher,
@@ -459,6 +461,7 @@ impl ServiceClient {
             Err(e) => e.kind().as_str(),
         };
         inner.metrics.request(
+            &inner.series,
             &inner.source,
             &inner.name,
             &method,
@@ -528,8 +531,7 @@ impl ServiceClient {
         );
         head.insert(&headers::TRACEPARENT, call.context.child_traceparent());
         if let Some(left) = attempt.remaining() {
-            let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-            head.insert(&headers::DEADLINE_MS, HeaderValue::from(ms));
+            head.insert(&headers::DEADLINE_MS, headers::deadline_value(left));
         }
         let response = http.request(request).await.map_err(|e| {
             if e.is_connect() {

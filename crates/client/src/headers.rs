@@ -190,6 +190,25 @@ fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
     valid.then_some((trace, flags))
 }
 
+/// The `x-tidegate-deadline-ms` value for `left`, whole milliseconds
+/// rounded down. Written digit by digit into one allocation (`From<u64>`
+/// goes through the formatter and a growing buffer).
+pub fn deadline_value(left: std::time::Duration) -> HeaderValue {
+    let mut ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (ms % 10) as u8;
+        ms /= 10;
+        if ms == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&digits[at..]))
+        .expect("digits are a valid header value")
+}
+
 /// A new request ID: 32 random hex digits.
 pub fn new_id() -> String {
     let mut id = [0u8; 32];
@@ -236,6 +255,19 @@ mod tests {
                 std::str::from_utf8(&hex16(word)).unwrap(),
                 format!("{word:016x}")
             );
+        }
+    }
+
+    #[test]
+    fn deadlines_are_whole_milliseconds() {
+        use std::time::Duration;
+        for (left, text) in [
+            (Duration::ZERO, "0"),
+            (Duration::from_micros(999), "0"),
+            (Duration::from_millis(29_999), "29999"),
+            (Duration::from_secs(u64::MAX), "18446744073709551615"),
+        ] {
+            assert_eq!(deadline_value(left), text);
         }
     }
 

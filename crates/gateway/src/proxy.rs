@@ -985,9 +985,8 @@ impl Template {
     fn head(&self, remaining: Option<Duration>) -> Head {
         let mut head = self.0.clone();
         if let Some(left) = remaining {
-            let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
             head.headers
-                .insert(&headers::DEADLINE_MS, HeaderValue::from(ms));
+                .insert(&headers::DEADLINE_MS, headers::deadline_value(left));
         }
         head
     }

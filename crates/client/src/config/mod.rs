@@ -96,7 +96,11 @@ impl BaseUrl {
     /// The URI of `path` (with its query, if any) under the base path.
     pub fn uri(&self, path: &str) -> Result<Uri, http::Error> {
         let path = path.trim_start_matches('/');
-        let target = PathAndQuery::try_from(format!("{}/{path}", self.path))?;
+        let mut target = String::with_capacity(self.path.len() + 1 + path.len());
+        target.push_str(&self.path);
+        target.push('/');
+        target.push_str(path);
+        let target = PathAndQuery::try_from(target)?;
         Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(self.authority.clone())
