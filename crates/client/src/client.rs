@@ -98,7 +98,9 @@ struct Inner {
     name: Arc<String>,
     display: Arc<str>,
     base: BaseUrl,
-    http: RwLock<Option<HttpClient>>,
+    /// Behind an `Arc` so a call takes one count, not a clone of each of
+    /// the client's parts.
+    http: RwLock<Option<Arc<HttpClient>>>,
     /// For calls that may be sent again: idempotent, body kept.
     resend: Pipeline<Exchange, AttemptError>,
     /// For the others, over the same policies: retried only when no
@@ -222,7 +224,7 @@ impl ServiceClient {
                 name,
                 display,
                 base: config.base_url,
-                http: RwLock::new(Some(http)),
+                http: RwLock::new(Some(Arc::new(http))),
                 resend,
                 once,
                 attempt_timeout: policy.timeout,
