@@ -240,6 +240,8 @@ impl UpstreamClient {
         };
         let stream = open(authority).await.map_err(ClientError::Connect)?;
         let (sender, connection) = http1::Builder::new()
+            // As on the listener (see `serve_proxy`): one buffer, one write.
+            .writev(false)
             .handshake::<_, ProxyBody>(TokioIo::new(stream))
             .await
             .map_err(ClientError::Request)?;

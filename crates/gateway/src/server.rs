@@ -231,6 +231,11 @@ async fn serve_proxy(
     let max_head = settings.max_header_bytes.max(8192);
     let mut http1 = http1::Builder::new();
     http1
+        // One buffer and one write per message instead of a `writev` of
+        // head and body: ~700 fewer instructions a request (bench-instructions).
+        // Body bytes are copied into the write buffer, which
+        // `max_buf_size` bounds.
+        .writev(false)
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(max_head);
