@@ -85,7 +85,9 @@ pub struct UpstreamClient {
 #[derive(Debug)]
 struct Shared {
     gates: Gates,
-    hosts: Mutex<HashMap<Authority, Arc<HostPool>, Fnv>>,
+    /// By the authority's text: one pass of the hasher over its bytes
+    /// (`Authority`'s own hash lower-cases and feeds them one at a time).
+    hosts: Mutex<HashMap<Box<str>, Arc<HostPool>, Fnv>>,
     /// Whether the sweeping task runs (started with the first connection,
     /// on that connection's runtime).
     sweeping: AtomicBool,
@@ -202,11 +204,11 @@ impl UpstreamClient {
     /// The pool of `authority`, created on first use.
     fn host(&self, authority: &Authority) -> Arc<HostPool> {
         let mut hosts = self.shared.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(host) = hosts.get(authority) {
+        if let Some(host) = hosts.get(authority.as_str()) {
             return host.clone();
         }
         let host = Arc::new(HostPool::default());
-        hosts.insert(authority.clone(), host.clone());
+        hosts.insert(authority.as_str().into(), host.clone());
         host
     }
 
@@ -294,9 +296,10 @@ impl Shared {
     }
 }
 
-/// FNV-1a: the pool's keys are a few endpoint addresses from the config
-/// (and the metrics cache's are addresses), not input an attacker picks, so
-/// a keyed hash buys nothing here.
+/// FNV-1a over bytes, and one multiply per whole word: the pool's keys are
+/// a few endpoint addresses from the config (and the metrics cache's are
+/// addresses), not input an attacker picks, so a keyed hash buys nothing
+/// here.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Fnv;
 
@@ -311,6 +314,12 @@ impl std::hash::BuildHasher for Fnv {
 #[derive(Debug)]
 pub(crate) struct FnvHasher(u64);
 
+impl FnvHasher {
+    fn word(&mut self, word: u64) {
+        self.0 = (self.0 ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 impl std::hash::Hasher for FnvHasher {
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
@@ -318,8 +327,22 @@ impl std::hash::Hasher for FnvHasher {
         }
     }
 
+    fn write_u16(&mut self, n: u16) {
+        self.word(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.word(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.word(n as u64);
+    }
+
     fn finish(&self) -> u64 {
-        self.0
+        // The table takes its bucket from the low bits, which a multiply
+        // fills only from the inputs' low bits: fold the high ones in.
+        self.0 ^ self.0 >> 29
     }
 }
 
