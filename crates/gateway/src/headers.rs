@@ -4,7 +4,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 pub use tidegate_client::headers::{
     child_traceparent, correlation_id, deadline_value, is_idempotent, new_id, retry_after,
-    traceparent, CORRELATION_ID, DEADLINE_MS, IDEMPOTENCY_KEY, INTERNAL_TOKEN, TRACEPARENT,
+    CORRELATION_ID, DEADLINE_MS, IDEMPOTENCY_KEY, INTERNAL_TOKEN, TRACEPARENT,
 };
 
 /// `x-forwarded-for`.

@@ -323,17 +323,17 @@ impl Metrics {
             if attempts == 0 {
                 return;
             }
-            let upstream = UpstreamLabels {
+            let upstream = || UpstreamLabels {
                 upstream: found.labels.upstream.clone(),
             };
             found
                 .attempts
-                .get_or_insert_with(|| self.attempts.get_or_create(&upstream).clone())
+                .get_or_insert_with(|| self.attempts.get_or_create(&upstream()).clone())
                 .inc_by(u64::from(attempts));
             if attempts > 1 {
                 found
                     .retries
-                    .get_or_insert_with(|| self.retries.get_or_create(&upstream).clone())
+                    .get_or_insert_with(|| self.retries.get_or_create(&upstream()).clone())
                     .inc_by(u64::from(attempts - 1));
             }
         });

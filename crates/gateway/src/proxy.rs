@@ -663,37 +663,26 @@ impl Gateway {
             }
         }
         // One lookup per name: the entry both reads and replaces.
-        match headers.entry(&headers::FORWARDED_FOR) {
-            Entry::Occupied(mut before) => {
-                let mut chain = Vec::with_capacity(64);
-                for hop in before.iter() {
-                    chain.extend_from_slice(hop.as_bytes());
-                    chain.extend_from_slice(b", ");
-                }
-                headers::push_ip(&mut chain, client.ip());
-                if let Ok(chain) = HeaderValue::from_maybe_shared(Bytes::from_owner(chain)) {
-                    before.insert(chain);
-                }
+        let before = headers.entry(&headers::FORWARDED_FOR);
+        let mut chain = Vec::with_capacity(64);
+        if let Entry::Occupied(hops) = &before {
+            for hop in hops.iter() {
+                chain.extend_from_slice(hop.as_bytes());
+                chain.extend_from_slice(b", ");
             }
-            Entry::Vacant(none) => {
-                let mut ip = Vec::with_capacity(15);
-                headers::push_ip(&mut ip, client.ip());
-                if let Ok(ip) = HeaderValue::from_maybe_shared(Bytes::from_owner(ip)) {
-                    none.insert(ip);
-                }
-            }
+        }
+        headers::push_ip(&mut chain, client.ip());
+        if let Ok(chain) = HeaderValue::from_maybe_shared(Bytes::from_owner(chain)) {
+            set(before, chain);
         }
         headers.insert(&headers::FORWARDED_PROTO, HeaderValue::from_static("http"));
         headers.insert(&CORRELATION_ID, request_id.clone());
-        match headers.entry(&headers::TRACEPARENT) {
-            Entry::Occupied(mut parent) => {
-                let child = headers::child_traceparent(Some(parent.get()));
-                parent.insert(child);
-            }
-            Entry::Vacant(none) => {
-                none.insert(headers::child_traceparent(None));
-            }
-        }
+        let parent = headers.entry(&headers::TRACEPARENT);
+        let child = headers::child_traceparent(match &parent {
+            Entry::Occupied(parent) => Some(parent.get()),
+            Entry::Vacant(_) => None,
+        });
+        set(parent, child);
         if let Some(token) = &table.internal_token {
             headers.insert(&headers::INTERNAL_TOKEN, token.clone());
         }
@@ -989,6 +978,18 @@ impl Template {
                 .insert(&headers::DEADLINE_MS, headers::deadline_value(left));
         }
         head
+    }
+}
+
+/// Makes `value` the entry's only value, whether or not it had one.
+fn set(entry: Entry<'_, HeaderValue>, value: HeaderValue) {
+    match entry {
+        Entry::Occupied(mut held) => {
+            held.insert(value);
+        }
+        Entry::Vacant(none) => {
+            none.insert(value);
+        }
     }
 }
 
