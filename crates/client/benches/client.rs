@@ -258,10 +258,29 @@ fn ratio_run() {
     println!("{rounds} rotating rounds; medians; target ratio >= 0.95");
 }
 
+/// `PROFILE=0|1|2`: only client `which`, 32 in flight, 640 batches after a
+/// warm-up, for a profiler (`valgrind --tool=callgrind`) to count one
+/// client's work alone.
+fn profile_run(which: usize) {
+    let bench = Bench::new();
+    bench.rt.block_on(async {
+        for _ in 0..10 {
+            bench.batch(which).await;
+        }
+    });
+    let rate = rate(&bench.rt, 640, IN_FLIGHT, || bench.batch(which));
+    println!(
+        "client {which}: {rate:.0} req/s ({} calls)",
+        640 * IN_FLIGHT
+    );
+}
+
 criterion_group!(benches_group, benches);
 
 fn main() {
-    if std::env::var_os("RATIO").is_some() {
+    if let Some(which) = std::env::var("PROFILE").ok().and_then(|w| w.parse().ok()) {
+        profile_run(which);
+    } else if std::env::var_os("RATIO").is_some() {
         ratio_run();
     } else {
         benches_group();

@@ -108,7 +108,10 @@ struct Inner {
     once: Pipeline<Exchange, AttemptError>,
     attempt_timeout: Option<Duration>,
     max_attempts: u32,
-    headers: HeaderMap,
+    /// The head every attempt starts from (see [`request_template`]).
+    template: HeaderMap,
+    /// The defaults carry an `Idempotency-Key`: every call may be resent.
+    default_idempotency_key: bool,
     max_replay_bytes: usize,
     max_response_bytes: usize,
     metrics: Metrics,
@@ -212,6 +215,13 @@ impl ServiceClient {
                 HeaderValue::from_static(concat!("tidegate-client/", env!("CARGO_PKG_VERSION"))),
             );
         }
+        let default_idempotency_key = headers.contains_key(&headers::IDEMPOTENCY_KEY);
+        let template = request_template(
+            headers,
+            &config.base_url,
+            config.http2,
+            policy.deadline.is_some(),
+        );
         let name = Arc::new(config.name);
         let display: Arc<str> = Arc::from(config.service_name);
         let watcher = tokio::runtime::Handle::try_current().ok().and_then(|rt| {
@@ -229,7 +239,8 @@ impl ServiceClient {
                 once,
                 attempt_timeout: policy.timeout,
                 max_attempts: policy.retry.max_attempts,
-                headers,
+                template,
+                default_idempotency_key,
                 max_replay_bytes: config.max_replay_bytes,
                 max_response_bytes: config.max_response_bytes,
                 metrics,
@@ -289,11 +300,11 @@ impl ServiceClient {
 
     /// A request to build: method and path (appended to the base URL's path;
     /// it may carry a query).
-    pub fn request(&self, method: Method, path: &str) -> RequestBuilder<'_> {
+    pub fn request<'a>(&'a self, method: Method, path: &'a str) -> RequestBuilder<'a> {
         RequestBuilder {
             client: self,
             method,
-            path: path.to_owned(),
+            path,
             headers: HeaderMap::new(),
             body: Bytes::new(),
             error: None,
@@ -403,7 +414,7 @@ impl ServiceClient {
 
         let idempotent = headers::is_idempotent(&method)
             || extra.contains_key(&headers::IDEMPOTENCY_KEY)
-            || inner.headers.contains_key(&headers::IDEMPOTENCY_KEY);
+            || inner.default_idempotency_key;
         let retryable = idempotent && body.len() <= inner.max_replay_bytes;
         let call = Call {
             method: &method,
@@ -521,19 +532,27 @@ impl ServiceClient {
         *request.uri_mut() = call.uri.clone();
         *request.version_mut() = Version::HTTP_11;
         // The defaults, the call's own headers over them, then propagation:
-        // one map per attempt, each attempt a span of its own.
+        // one map per attempt, each attempt a span of its own. The
+        // propagated values go into their slots in the template, found by
+        // walking its few entries: no hashing, no growth.
         let head = request.headers_mut();
-        *head = inner.headers.clone();
+        *head = inner.template.clone();
         for (name, value) in call.extra {
-            head.insert(name, value.clone());
+            if !is_propagated(name) {
+                head.insert(name, value.clone());
+            }
         }
-        head.insert(
-            &headers::CORRELATION_ID,
-            call.context.correlation_id().clone(),
-        );
-        head.insert(&headers::TRACEPARENT, call.context.child_traceparent());
-        if let Some(left) = attempt.remaining() {
-            head.insert(&headers::DEADLINE_MS, headers::deadline_value(left));
+        let left = attempt.remaining();
+        for (name, value) in head.iter_mut() {
+            if name == headers::CORRELATION_ID {
+                *value = call.context.correlation_id().clone();
+            } else if name == headers::TRACEPARENT {
+                *value = call.context.child_traceparent();
+            } else if name == headers::DEADLINE_MS {
+                // The slot is there only when the policy has a deadline,
+                // and then every attempt knows the time left.
+                *value = headers::deadline_value(left.unwrap_or_default());
+            }
         }
         let response = http.request(request).await.map_err(|e| {
             if e.is_connect() {
@@ -640,6 +659,59 @@ impl ServiceClient {
             ),
         }
     }
+}
+
+/// The head every attempt of a client starts from: its default headers,
+/// `Host` (HTTP/1: else hyper-util formats it for every request), and a
+/// slot for each value made per call (correlation ID, `traceparent`, and
+/// the deadline when the policy has one), so that the clone an attempt
+/// makes already has the room and the order its request needs.
+fn request_template(
+    mut defaults: HeaderMap,
+    base: &BaseUrl,
+    http2: bool,
+    deadline: bool,
+) -> HeaderMap {
+    let slot = || HeaderValue::from_static("");
+    let mut slots = vec![&headers::CORRELATION_ID, &headers::TRACEPARENT];
+    if deadline {
+        slots.push(&headers::DEADLINE_MS);
+    }
+    for name in &slots {
+        defaults.remove(*name);
+    }
+    let mut template = HeaderMap::with_capacity(defaults.len() + slots.len() + 1);
+    if !http2 && !defaults.contains_key(header::HOST) {
+        if let Some(host) = host_value(&base.authority) {
+            template.insert(header::HOST, host);
+        }
+    }
+    let mut last = None;
+    for (name, value) in defaults {
+        let name = name
+            .or_else(|| last.clone())
+            .expect("the first entry has a name");
+        template.append(&name, value);
+        last = Some(name);
+    }
+    for name in slots {
+        template.insert(name, slot());
+    }
+    template
+}
+
+/// `Host` as hyper-util would write it: the port only when not 80.
+fn host_value(authority: &http::uri::Authority) -> Option<HeaderValue> {
+    let text = match authority.port_u16() {
+        None | Some(80) => authority.host(),
+        Some(_) => authority.as_str(),
+    };
+    HeaderValue::from_str(text).ok()
+}
+
+/// Headers every attempt sets itself, which a call's own cannot replace.
+fn is_propagated(name: &HeaderName) -> bool {
+    name == headers::CORRELATION_ID || name == headers::TRACEPARENT || name == headers::DEADLINE_MS
 }
 
 /// What every attempt of one call sends.
@@ -769,7 +841,7 @@ async fn log_transitions(
 pub struct RequestBuilder<'a> {
     client: &'a ServiceClient,
     method: Method,
-    path: String,
+    path: &'a str,
     headers: HeaderMap,
     body: Bytes,
     error: Option<Error>,
@@ -838,7 +910,7 @@ impl RequestBuilder<'_> {
         let service = self.client.inner.display.clone();
         let (exchange, request_id, _active) = self
             .client
-            .execute(self.method, &self.path, self.headers, self.body, false)
+            .execute(self.method, self.path, self.headers, self.body, false)
             .await?;
         let (parts, payload) = exchange.into_parts();
         let body = match payload {
@@ -863,7 +935,7 @@ impl RequestBuilder<'_> {
         let service = self.client.inner.display.clone();
         let (exchange, request_id, active) = self
             .client
-            .execute(self.method, &self.path, self.headers, self.body, true)
+            .execute(self.method, self.path, self.headers, self.body, true)
             .await?;
         let (parts, payload) = exchange.into_parts();
         let body = match payload {

@@ -193,7 +193,21 @@ fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
 /// The `x-tidegate-deadline-ms` value for `left`: whole milliseconds,
 /// rounded down.
 pub fn deadline_value(left: std::time::Duration) -> HeaderValue {
-    HeaderValue::from(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
+    let mut ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+    // Digits written from the end, then copied once: `From<u64>` allocates
+    // twice (its buffer, then the shared handle when frozen).
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (ms % 10) as u8;
+        ms /= 10;
+        if ms == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&digits[start..]))
+        .expect("digits are a valid header value")
 }
 
 /// A new request ID: 32 random hex digits.

@@ -72,12 +72,33 @@ async fn calls_carry_the_callers_context_credentials_and_deadline() {
         .parse()
         .unwrap();
     assert!(left > 15_000 && left <= 20_000, "{left}");
+    let authority = upstream.url().trim_start_matches("http://").to_owned();
+    assert_eq!(got["host"], authority.as_str());
+    assert!(got["user-agent"]
+        .to_str()
+        .unwrap()
+        .starts_with("tidegate-client/"));
 
-    // Outside a scope: a new correlation ID, echoed in the response.
-    let response = knowledge.get("/x").await.unwrap();
+    // Outside a scope: a new correlation ID, echoed in the response. A
+    // call's own headers are sent, but never in place of the propagated ones.
+    let response = knowledge
+        .request(http::Method::GET, "/x")
+        .header("x-correlation-id", "mine")
+        .header("x-tidegate-deadline-ms", "1")
+        .header("x-extra", "yes")
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .unwrap();
     let id = response.request_id();
     assert_eq!(id.len(), 32);
-    assert_eq!(upstream.received()[1].headers["x-correlation-id"], id);
+    let got = &upstream.received()[1].headers;
+    assert_eq!(got["x-correlation-id"], id);
+    assert_ne!(got["x-tidegate-deadline-ms"], "1");
+    assert_eq!(got["x-extra"], "yes");
+    assert_eq!(got["accept"], "text/plain");
+    assert_eq!(got.get_all("accept").iter().count(), 1);
+    assert_eq!(got["host"], authority.as_str());
 }
 
 const SERVICES: &str = r#"
@@ -250,6 +271,8 @@ async fn http2_with_prior_knowledge() {
     .unwrap();
     let response = client.get("/x").await.unwrap();
     assert_eq!(response.text().unwrap(), "HTTP/2.0 /x");
+    // HTTP/2 names the authority in `:authority`, never in a `Host` header.
+    assert!(!upstream.received()[0].headers.contains_key("host"));
 }
 
 /// Log lines, captured.
