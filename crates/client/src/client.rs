@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::config::{BaseUrl, FieldError, ServiceConfig};
 use crate::error::{BoxError, Error, ErrorKind};
+use crate::head::Template;
 use crate::headers::{self, Context};
 use crate::metrics::{CallSeries, Metrics};
 use crate::response::{Response, StreamingResponse};
@@ -108,10 +109,8 @@ struct Inner {
     once: Pipeline<Exchange, AttemptError>,
     attempt_timeout: Option<Duration>,
     max_attempts: u32,
-    /// The head every attempt starts from (see [`request_template`]).
-    template: HeaderMap,
-    /// The defaults carry an `Idempotency-Key`: every call may be resent.
-    default_idempotency_key: bool,
+    /// The head every attempt starts from.
+    template: Template,
     max_replay_bytes: usize,
     max_response_bytes: usize,
     metrics: Metrics,
@@ -215,10 +214,9 @@ impl ServiceClient {
                 HeaderValue::from_static(concat!("tidegate-client/", env!("CARGO_PKG_VERSION"))),
             );
         }
-        let default_idempotency_key = headers.contains_key(&headers::IDEMPOTENCY_KEY);
-        let template = request_template(
+        let template = Template::new(
             headers,
-            &config.base_url,
+            &config.base_url.authority,
             config.http2,
             policy.deadline.is_some(),
         );
@@ -240,7 +238,6 @@ impl ServiceClient {
                 attempt_timeout: policy.timeout,
                 max_attempts: policy.retry.max_attempts,
                 template,
-                default_idempotency_key,
                 max_replay_bytes: config.max_replay_bytes,
                 max_response_bytes: config.max_response_bytes,
                 metrics,
@@ -414,7 +411,7 @@ impl ServiceClient {
 
         let idempotent = headers::is_idempotent(&method)
             || extra.contains_key(&headers::IDEMPOTENCY_KEY)
-            || inner.default_idempotency_key;
+            || inner.template.has(&headers::IDEMPOTENCY_KEY);
         let retryable = idempotent && body.len() <= inner.max_replay_bytes;
         let call = Call {
             method: &method,
@@ -531,29 +528,10 @@ impl ServiceClient {
         *request.method_mut() = call.method.clone();
         *request.uri_mut() = call.uri.clone();
         *request.version_mut() = Version::HTTP_11;
-        // The defaults, the call's own headers over them, then propagation:
-        // one map per attempt, each attempt a span of its own. The
-        // propagated values go into their slots in the template, found by
-        // walking its few entries: no hashing, no growth.
-        let head = request.headers_mut();
-        *head = inner.template.clone();
-        for (name, value) in call.extra {
-            if !is_propagated(name) {
-                head.insert(name, value.clone());
-            }
-        }
-        let left = attempt.remaining();
-        for (name, value) in head.iter_mut() {
-            if name == headers::CORRELATION_ID {
-                *value = call.context.correlation_id().clone();
-            } else if name == headers::TRACEPARENT {
-                *value = call.context.child_traceparent();
-            } else if name == headers::DEADLINE_MS {
-                // The slot is there only when the policy has a deadline,
-                // and then every attempt knows the time left.
-                *value = headers::deadline_value(left.unwrap_or_default());
-            }
-        }
+        // One head per attempt, each attempt a span of its own.
+        *request.headers_mut() = inner
+            .template
+            .head(call.context, attempt.remaining(), call.extra);
         let response = http.request(request).await.map_err(|e| {
             if e.is_connect() {
                 AttemptError::Connect(e)
@@ -659,59 +637,6 @@ impl ServiceClient {
             ),
         }
     }
-}
-
-/// The head every attempt of a client starts from: its default headers,
-/// `Host` (HTTP/1: else hyper-util formats it for every request), and a
-/// slot for each value made per call (correlation ID, `traceparent`, and
-/// the deadline when the policy has one), so that the clone an attempt
-/// makes already has the room and the order its request needs.
-fn request_template(
-    mut defaults: HeaderMap,
-    base: &BaseUrl,
-    http2: bool,
-    deadline: bool,
-) -> HeaderMap {
-    let slot = || HeaderValue::from_static("");
-    let mut slots = vec![&headers::CORRELATION_ID, &headers::TRACEPARENT];
-    if deadline {
-        slots.push(&headers::DEADLINE_MS);
-    }
-    for name in &slots {
-        defaults.remove(*name);
-    }
-    let mut template = HeaderMap::with_capacity(defaults.len() + slots.len() + 1);
-    if !http2 && !defaults.contains_key(header::HOST) {
-        if let Some(host) = host_value(&base.authority) {
-            template.insert(header::HOST, host);
-        }
-    }
-    let mut last = None;
-    for (name, value) in defaults {
-        let name = name
-            .or_else(|| last.clone())
-            .expect("the first entry has a name");
-        template.append(&name, value);
-        last = Some(name);
-    }
-    for name in slots {
-        template.insert(name, slot());
-    }
-    template
-}
-
-/// `Host` as hyper-util would write it: the port only when not 80.
-fn host_value(authority: &http::uri::Authority) -> Option<HeaderValue> {
-    let text = match authority.port_u16() {
-        None | Some(80) => authority.host(),
-        Some(_) => authority.as_str(),
-    };
-    HeaderValue::from_str(text).ok()
-}
-
-/// Headers every attempt sets itself, which a call's own cannot replace.
-fn is_propagated(name: &HeaderName) -> bool {
-    name == headers::CORRELATION_ID || name == headers::TRACEPARENT || name == headers::DEADLINE_MS
 }
 
 /// What every attempt of one call sends.

@@ -35,6 +35,7 @@ pub mod clock;
 pub mod config;
 mod error;
 pub mod fallback;
+mod head;
 pub mod headers;
 pub mod metrics;
 mod registry;
