@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 
-use crate::headers::{self, Context, CORRELATION_ID, DEADLINE_MS, TRACEPARENT};
+use crate::headers::{Context, CORRELATION_ID, DEADLINE_MS, TRACEPARENT};
 
 /// A client's default headers, `Host` (HTTP/1: else hyper-util formats it
 /// for every request) and a slot for each value made per call: correlation
@@ -79,15 +79,18 @@ impl Template {
         if let Some(slot) = slots.next() {
             *slot = context.correlation_id().clone();
         }
-        if let Some(slot) = slots.next() {
-            *slot = context.child_traceparent();
-        }
-        let unfilled = match (self.deadline, slots.next(), left) {
-            (true, Some(slot), Some(left)) => {
-                *slot = headers::deadline_value(left);
+        let trace = slots.next();
+        let unfilled = match (trace, self.deadline, slots.next(), left) {
+            (Some(trace), true, Some(slot), Some(left)) => {
+                (*trace, *slot) = context.child_traceparent_and_deadline(left);
                 false
             }
-            (deadline, ..) => deadline,
+            (trace, deadline, ..) => {
+                if let Some(trace) = trace {
+                    *trace = context.child_traceparent();
+                }
+                deadline
+            }
         };
         if unfilled {
             // A policy with a deadline gives every attempt the time left;

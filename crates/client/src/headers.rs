@@ -93,6 +93,44 @@ impl Context {
     pub fn child_traceparent(&self) -> HeaderValue {
         child_traceparent(self.traceparent.as_ref())
     }
+
+    /// [`child_traceparent`](Context::child_traceparent) and the
+    /// [`deadline_value`] of `left`, made in one allocation that both
+    /// values share: an attempt with a deadline sends the two.
+    pub fn child_traceparent_and_deadline(&self, left: Duration) -> (HeaderValue, HeaderValue) {
+        let mut values = AttemptValues {
+            bytes: [0; TRACEPARENT_LEN + MAX_DIGITS],
+            len: 0,
+        };
+        let (traceparent, rest) = values.bytes.split_at_mut(TRACEPARENT_LEN);
+        write_traceparent(self.traceparent.as_ref(), traceparent);
+        let digits = write_digits(whole_millis(left), rest);
+        values.len = TRACEPARENT_LEN + digits;
+        let shared = bytes::Bytes::from_owner(values);
+        let value = |range| {
+            HeaderValue::from_maybe_shared(shared.slice(range)).expect("hex, dashes and digits")
+        };
+        (
+            value(0..TRACEPARENT_LEN),
+            value(TRACEPARENT_LEN..shared.len()),
+        )
+    }
+}
+
+const TRACEPARENT_LEN: usize = 55;
+/// Digits of `u64::MAX`.
+const MAX_DIGITS: usize = 20;
+
+/// The values an attempt makes, behind one shared allocation.
+struct AttemptValues {
+    bytes: [u8; TRACEPARENT_LEN + MAX_DIGITS],
+    len: usize,
+}
+
+impl AsRef<[u8]> for AttemptValues {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// Whether a request with this method may be sent twice.
@@ -148,11 +186,18 @@ pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
 /// The next hop's `traceparent` after `parent`: its trace with a new span,
 /// or a new sampled trace when there is no valid parent.
 pub fn child_traceparent(parent: Option<&HeaderValue>) -> HeaderValue {
+    let mut value = [0; TRACEPARENT_LEN];
+    write_traceparent(parent, &mut value);
+    shared_value(value)
+}
+
+/// [`child_traceparent`] into `value`.
+fn write_traceparent(parent: Option<&HeaderValue>, value: &mut [u8]) {
     let incoming = parent
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent);
     // 00-<trace id: 32>-<span id: 16>-<flags: 2>
-    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    value.copy_from_slice(b"00-00000000000000000000000000000000-0000000000000000-01");
     match incoming {
         Some((trace, flags)) => {
             value[3..35].copy_from_slice(trace.as_bytes());
@@ -161,7 +206,6 @@ pub fn child_traceparent(parent: Option<&HeaderValue>) -> HeaderValue {
         None => random_hex(&mut value[3..35]),
     }
     random_hex(&mut value[36..52]);
-    shared_value(value)
 }
 
 /// A header value over `bytes` (hex and dashes) that is shared, not copied
@@ -192,22 +236,34 @@ fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
 
 /// The `x-tidegate-deadline-ms` value for `left`: whole milliseconds,
 /// rounded down.
-pub fn deadline_value(left: std::time::Duration) -> HeaderValue {
-    let mut ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-    // Digits written from the end, then copied once: `From<u64>` allocates
-    // twice (its buffer, then the shared handle when frozen).
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
+pub fn deadline_value(left: Duration) -> HeaderValue {
+    // Copied once: `From<u64>` allocates twice (its buffer, then the shared
+    // handle when frozen).
+    let mut digits = [0; MAX_DIGITS];
+    let n = write_digits(whole_millis(left), &mut digits);
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&digits[..n]))
+        .expect("digits are a valid header value")
+}
+
+fn whole_millis(left: Duration) -> u64 {
+    u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The decimal digits of `n` at the start of `out` (room for 20); their count.
+fn write_digits(mut n: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0; MAX_DIGITS];
+    let mut start = MAX_DIGITS;
     loop {
         start -= 1;
-        digits[start] = b'0' + (ms % 10) as u8;
-        ms /= 10;
-        if ms == 0 {
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
             break;
         }
     }
-    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&digits[start..]))
-        .expect("digits are a valid header value")
+    let count = MAX_DIGITS - start;
+    out[..count].copy_from_slice(&digits[start..]);
+    count
 }
 
 /// A new request ID: 32 random hex digits.
@@ -270,6 +326,34 @@ mod tests {
         ] {
             assert_eq!(deadline_value(left), text);
         }
+    }
+
+    #[test]
+    fn an_attempts_trace_and_deadline_share_one_allocation() {
+        let mut incoming = HeaderMap::new();
+        incoming.insert(
+            &TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let context = Context::from_headers(&incoming);
+        for (left, digits) in [
+            (Duration::ZERO, "0"),
+            (Duration::from_millis(29_999), "29999"),
+            (Duration::MAX, "18446744073709551615"),
+        ] {
+            let (trace, deadline) = context.child_traceparent_and_deadline(left);
+            let trace = trace.to_str().unwrap();
+            assert!(
+                trace.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+                "{trace}"
+            );
+            assert!(trace.ends_with("-01"));
+            assert!(parse_traceparent(trace).is_some());
+            assert!(!trace.contains("00f067aa0ba902b7"));
+            assert_eq!(deadline, digits);
+        }
+        let (trace, _) = Context::default().child_traceparent_and_deadline(Duration::ZERO);
+        assert!(parse_traceparent(trace.to_str().unwrap()).is_some());
     }
 
     #[test]

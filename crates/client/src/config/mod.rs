@@ -30,6 +30,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
@@ -96,16 +97,47 @@ impl BaseUrl {
     /// The URI of `path` (with its query, if any) under the base path.
     pub fn uri(&self, path: &str) -> Result<Uri, http::Error> {
         let path = path.trim_start_matches('/');
-        let mut target = String::with_capacity(self.path.len() + 1 + path.len());
-        target.push_str(&self.path);
-        target.push('/');
-        target.push_str(path);
-        let target = PathAndQuery::try_from(target)?;
+        let len = self.path.len() + 1 + path.len();
+        let target = if len <= INLINE_PATH {
+            let mut inline = InlinePath {
+                bytes: [0; INLINE_PATH],
+                len,
+            };
+            let (base, rest) = inline.bytes.split_at_mut(self.path.len());
+            base.copy_from_slice(self.path.as_bytes());
+            rest[0] = b'/';
+            rest[1..=path.len()].copy_from_slice(path.as_bytes());
+            Bytes::from_owner(inline)
+        } else {
+            let mut target = String::with_capacity(len);
+            target.push_str(&self.path);
+            target.push('/');
+            target.push_str(path);
+            Bytes::from(target)
+        };
+        let target = PathAndQuery::from_maybe_shared(target)?;
         Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(self.authority.clone())
             .path_and_query(target)
             .build()
+    }
+}
+
+/// Paths up to this long share one allocation with the count of their
+/// users, so the clones of a call's URI (one an attempt, one more in
+/// hyper-util) cost no allocation of their own; a longer path pays one
+/// more when first cloned.
+const INLINE_PATH: usize = 120;
+
+struct InlinePath {
+    bytes: [u8; INLINE_PATH],
+    len: usize,
+}
+
+impl AsRef<[u8]> for InlinePath {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -522,6 +554,23 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn uris_join_the_base_path_at_any_length() {
+        let base = BaseUrl::parse("http://svc:8000/api/").unwrap();
+        assert_eq!(base.uri("x?q=1").unwrap(), "http://svc:8000/api/x?q=1");
+        assert_eq!(base.uri("/").unwrap(), "http://svc:8000/api/");
+        // Around where the path stops fitting in its shared allocation.
+        for n in [INLINE_PATH - 6, INLINE_PATH - 5, INLINE_PATH - 4, 500] {
+            let tail = "a".repeat(n);
+            let uri = base.uri(&tail).unwrap();
+            assert_eq!(uri.path(), format!("/api/{tail}"));
+            assert_eq!(uri.clone(), uri);
+        }
+        assert!(base.uri("bad path").is_err());
+        let root = BaseUrl::parse("http://svc").unwrap();
+        assert_eq!(root.uri("").unwrap(), "http://svc:80/");
     }
 
     #[test]
