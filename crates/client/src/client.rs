@@ -430,7 +430,8 @@ impl ServiceClient {
             &inner.once
         };
         let result = pipeline
-            .call_observed(
+            .call_observed_at(
+                start,
                 |attempt| self.attempt(&http, &call, attempt),
                 |result, number, delay| {
                     if let Err(err) = result {
@@ -529,9 +530,10 @@ impl ServiceClient {
         *request.uri_mut() = call.uri.clone();
         *request.version_mut() = Version::HTTP_11;
         // One head per attempt, each attempt a span of its own.
-        *request.headers_mut() = inner
-            .template
-            .head(call.context, attempt.remaining(), call.extra);
+        *request.headers_mut() =
+            inner
+                .template
+                .head(call.context, attempt.remaining_at_start(), call.extra);
         let response = http.request(request).await.map_err(|e| {
             if e.is_connect() {
                 AttemptError::Connect(e)

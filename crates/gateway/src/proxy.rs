@@ -522,7 +522,7 @@ impl Gateway {
             .pipeline
             .call(|attempt| {
                 attempts.fetch_add(1, Ordering::Relaxed);
-                let head = call.template.head(attempt.remaining());
+                let head = call.template.head(attempt.remaining_at_start());
                 self.attempt(call.upstream_client, upstream, head, body.take(), retryable)
             })
             .await;

@@ -288,7 +288,19 @@ impl<T, E> Pipeline<T, E> {
         F: FnMut(Attempt) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.call_observed(op, |_, _, _| {}).await
+        self.call_observed_at(Instant::now(), op, |_, _, _| {})
+            .await
+    }
+
+    /// [`call`](Pipeline::call) at `now`, the time as the caller just read
+    /// it (one read of the clock serves both): the deadline runs from
+    /// there, and the first attempt begins there.
+    pub async fn call_at<F, Fut>(&self, now: Instant, op: F) -> Result<T, Error<E>>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.call_observed_at(now, op, |_, _, _| {}).await
     }
 
     /// [`call`](Pipeline::call), telling `on_retry` of every retry before
@@ -300,21 +312,41 @@ impl<T, E> Pipeline<T, E> {
         Fut: Future<Output = Result<T, E>>,
         R: FnMut(&Result<T, Error<E>>, u32, Duration),
     {
-        let result = self.run(op, on_retry).await;
+        self.call_observed_at(Instant::now(), op, on_retry).await
+    }
+
+    /// [`call_observed`](Pipeline::call_observed) at `now`, the time as
+    /// the caller just read it (see [`call_at`](Pipeline::call_at)).
+    pub async fn call_observed_at<F, Fut, R>(
+        &self,
+        now: Instant,
+        op: F,
+        on_retry: R,
+    ) -> Result<T, Error<E>>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+    {
+        let result = self.run(now, op, on_retry).await;
         match (&self.policies.fallback, result) {
             (Some((when, handler)), Err(err)) if when(&err) => handler(err).await,
             (_, result) => result,
         }
     }
 
-    async fn run<F, Fut, R>(&self, mut op: F, mut on_retry: R) -> Result<T, Error<E>>
+    async fn run<F, Fut, R>(
+        &self,
+        start: Instant,
+        mut op: F,
+        mut on_retry: R,
+    ) -> Result<T, Error<E>>
     where
         F: FnMut(Attempt) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         R: FnMut(&Result<T, Error<E>>, u32, Duration),
     {
         let p = &*self.policies;
-        let start = Instant::now();
         let deadline = p.deadline.map(|d| start + d);
         let Some(retry) = &p.retry else {
             return self
@@ -387,6 +419,7 @@ impl<T, E> Pipeline<T, E> {
             (None, Some(d)) => Some((d, true)),
             (None, None) => None,
         };
+        let attempt = attempt.beginning(now);
         let timed: Result<Result<T, E>, Error<E>> = match cut {
             None => Ok(op(attempt).await),
             Some((at, is_deadline)) => match timeout_at(at, op(attempt)).await {
@@ -496,6 +529,27 @@ mod tests {
         );
         assert_eq!(start.elapsed(), Duration::from_millis(250));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_know_the_time_left_as_they_begin() {
+        let pipeline: Pipeline<(), &str> = Pipeline::builder()
+            .deadline(Duration::from_millis(250))
+            .retry(retry())
+            .build();
+        let mut told = Vec::new();
+        let err = pipeline
+            .call_at(Instant::now(), |a| {
+                told.push((a.number(), a.remaining_at_start(), a.remaining()));
+                async { Err("reset") }
+            })
+            .await
+            .unwrap_err();
+        // Backoffs of 100 ms, then 200 ms (no jitter): the second would end
+        // past the 250 ms deadline, so there is no third.
+        assert_eq!(err.attempts(), Some(2));
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(told, [(1, ms(250), ms(250)), (2, ms(150), ms(150))]);
     }
 
     #[tokio::test(start_paused = true)]

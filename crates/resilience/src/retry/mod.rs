@@ -173,6 +173,8 @@ pub struct Attempt {
     number: u32,
     max: u32,
     deadline: Option<Instant>,
+    /// Time left as the attempt began.
+    left: Option<Duration>,
 }
 
 impl Attempt {
@@ -181,7 +183,14 @@ impl Attempt {
             number,
             max,
             deadline,
+            left: None,
         }
+    }
+
+    /// This attempt, beginning `now`.
+    pub(crate) fn beginning(mut self, now: Instant) -> Self {
+        self.left = self.deadline.map(|d| d.saturating_duration_since(now));
+        self
     }
 
     /// 1 for the first call, 2 for the first retry, …
@@ -208,6 +217,13 @@ impl Attempt {
     pub fn remaining(&self) -> Option<Duration> {
         self.deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Time left until the overall deadline as a [`Pipeline`](crate::Pipeline)
+    /// began this attempt, if one is set: what to tell the upstream, known
+    /// without reading the clock again.
+    pub fn remaining_at_start(&self) -> Option<Duration> {
+        self.left
     }
 }
 
