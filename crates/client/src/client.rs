@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{BaseUrl, FieldError, ServiceConfig};
+use crate::connect::Connector;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::head::Template;
 use crate::headers::{self, Context};
@@ -30,7 +31,7 @@ use crate::metrics::{CallSeries, Metrics};
 use crate::response::{Response, StreamingResponse};
 use crate::status::ServiceStatus;
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<Connector, Full<Bytes>>;
 
 /// A response as an attempt returns it: read whole, or its body left to stream.
 pub(crate) enum Payload {
@@ -199,7 +200,7 @@ impl ServiceClient {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
             .http2_only(config.http2)
-            .build(connector);
+            .build(Connector(connector));
 
         let mut headers = config.headers;
         if let Some(key) = config.api_key {

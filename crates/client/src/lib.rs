@@ -33,6 +33,7 @@
 mod client;
 pub mod clock;
 pub mod config;
+mod connect;
 mod error;
 pub mod fallback;
 mod head;
