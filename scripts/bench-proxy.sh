@@ -4,10 +4,14 @@
 # tidegate's edge route (the same plus an API key, its tier's per-minute
 # limit and a per-key GCRA route limit, none of them reached), through the
 # same edge route on a second tidegate whose counts live in a local
-# redis-server (`shared`: two Redis round trips per request) and through
-# nginx (same number of workers, upstream keep-alive), side by side in one run.
+# redis-server (`shared`: two Redis round trips per request), through
+# nginx (same number of workers, upstream keep-alive) and through `floor`,
+# a bare hyper forwarder (crates/tidegate/examples/hyper_floor.rs: hyper's
+# server and pooled client, the gateway's allocator and worker model,
+# nothing else), which is as fast as any hyper-based proxy can be here;
+# side by side in one run.
 #
-# Rounds alternate direct / tidegate / edge / shared / nginx so that machine noise
+# Rounds alternate direct / tidegate / edge / shared / nginx / floor so that machine noise
 # hits all alike; the table shows each one's median over the rounds, and
 # the ratios are computed from those medians.
 #
@@ -29,8 +33,9 @@ ROUNDS=${ROUNDS:-3}
 need_tools nginx wrk python3 redis-server
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --quiet -p tidegate
+cargo build --release --quiet -p tidegate --bin tidegate --example hyper_floor
 TIDEGATE=target/release/tidegate
+FLOOR=target/release/examples/hyper_floor
 
 UPSTREAM_PORT=$(free_port)
 NGINX_PORT=$(free_port)
@@ -39,6 +44,7 @@ ADMIN_PORT=$(free_port)
 SHARED_PORT=$(free_port)
 SHARED_ADMIN_PORT=$(free_port)
 REDIS_PORT=$(free_port)
+FLOOR_PORT=$(free_port)
 
 nginx_conf() { # name workers server-block
     mkdir -p "$WORK/$1"
@@ -122,8 +128,12 @@ TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers "$W
 TIDEGATE_PID=$!
 PIDS+=("$TIDEGATE_PID")
 
+"$FLOOR" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" "$WORKERS" &
+PIDS+=($!)
+
 wait_port "$UPSTREAM_PORT"
 wait_port "$NGINX_PORT"
+wait_port "$FLOOR_PORT"
 wait_port "$TIDEGATE_PORT"
 wait_port "$SHARED_PORT"
 
@@ -166,16 +176,17 @@ VIA_TIDEGATE="http://127.0.0.1:$TIDEGATE_PORT/"
 VIA_NGINX="http://127.0.0.1:$NGINX_PORT/"
 VIA_EDGE="http://127.0.0.1:$TIDEGATE_PORT/edge"
 VIA_SHARED="http://127.0.0.1:$SHARED_PORT/edge"
+VIA_FLOOR="http://127.0.0.1:$FLOOR_PORT/"
 KEY=(-H "X-API-Key: bench-key")
 
 echo "warming up (connection pools, page cache, CPU frequency)"
-for url in "$DIRECT" "$VIA_TIDEGATE" "$VIA_NGINX"; do measure "$url" 2 >/dev/null; done
+for url in "$DIRECT" "$VIA_TIDEGATE" "$VIA_NGINX" "$VIA_FLOOR"; do measure "$url" 2 >/dev/null; done
 measure "$VIA_EDGE" 2 "${KEY[@]}" >/dev/null
 measure "$VIA_SHARED" 2 "${KEY[@]}" >/dev/null
 
 : >"$WORK/results"
 for round in $(seq 1 "$ROUNDS"); do
-    for target in direct tidegate edge shared nginx; do
+    for target in direct tidegate edge shared nginx floor; do
         extra=()
         case $target in
             direct) url=$DIRECT ;;
@@ -183,6 +194,7 @@ for round in $(seq 1 "$ROUNDS"); do
             edge) url=$VIA_EDGE extra=("${KEY[@]}") ;;
             shared) url=$VIA_SHARED extra=("${KEY[@]}") ;;
             nginx) url=$VIA_NGINX ;;
+            floor) url=$VIA_FLOOR ;;
         esac
         result=$(measure "$url" "$DURATION" "${extra[@]}")
         echo "round $round  $target  $result"
@@ -195,7 +207,7 @@ import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
 rss_kib, workers, conns, duration, rounds = sys.argv[2:]
 median = {}
-for target in ("direct", "tidegate", "edge", "shared", "nginx"):
+for target in ("direct", "tidegate", "edge", "shared", "nginx", "floor"):
     runs = [r for r in rows if r[0] == target]
     median[target] = [statistics.median(float(r[i]) for r in runs) for i in (1, 2, 3)]
 print()
@@ -210,5 +222,8 @@ print(f"tidegate/nginx: requests/s {t[0] / n[0]:.2f}x, p50 {t[1] / n[1]:.2f}x, p
 print(f"edge/tidegate (API key + tier + route limit on): requests/s {e[0] / t[0]:.2f}x, p50 {e[1] / t[1]:.2f}x, p99 {e[2] / t[2]:.2f}x")
 r = median["shared"]
 print(f"shared/edge (the same limits counted in Redis): requests/s {r[0] / e[0]:.2f}x, p50 {r[1] / e[1]:.2f}x, p99 {r[2] / e[2]:.2f}x, p99 +{r[2] - e[2]:.3f} ms")
+f = median["floor"]
+print(f"floor/nginx (bare hyper, the ceiling of a hyper proxy): requests/s {f[0] / n[0]:.2f}x, p50 {f[1] / n[1]:.2f}x, p99 {f[2] / n[2]:.2f}x")
+print(f"tidegate/floor (the cost of tidegate's own work): requests/s {t[0] / f[0]:.2f}x, p50 {t[1] / f[1]:.2f}x, p99 {t[2] / f[2]:.2f}x")
 print(f"tidegate peak RSS under load: {int(rss_kib) / 1024:.1f} MiB")
 EOF
