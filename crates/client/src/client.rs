@@ -112,6 +112,8 @@ struct Inner {
     max_attempts: u32,
     /// The head every attempt starts from.
     template: Template,
+    /// The defaults carry an `Idempotency-Key`: every call may be resent.
+    keyed: bool,
     max_replay_bytes: usize,
     max_response_bytes: usize,
     metrics: Metrics,
@@ -215,6 +217,7 @@ impl ServiceClient {
                 HeaderValue::from_static(concat!("tidegate-client/", env!("CARGO_PKG_VERSION"))),
             );
         }
+        let keyed = headers.contains_key(&headers::IDEMPOTENCY_KEY);
         let template = Template::new(
             headers,
             &config.base_url.authority,
@@ -239,6 +242,7 @@ impl ServiceClient {
                 attempt_timeout: policy.timeout,
                 max_attempts: policy.retry.max_attempts,
                 template,
+                keyed,
                 max_replay_bytes: config.max_replay_bytes,
                 max_response_bytes: config.max_response_bytes,
                 metrics,
@@ -412,7 +416,7 @@ impl ServiceClient {
 
         let idempotent = headers::is_idempotent(&method)
             || extra.contains_key(&headers::IDEMPOTENCY_KEY)
-            || inner.template.has(&headers::IDEMPOTENCY_KEY);
+            || inner.keyed;
         let retryable = idempotent && body.len() <= inner.max_replay_bytes;
         let call = Call {
             method: &method,

@@ -60,11 +60,6 @@ impl Template {
         }
     }
 
-    /// Whether the defaults carry `name`.
-    pub(crate) fn has(&self, name: &HeaderName) -> bool {
-        self.head.contains_key(name)
-    }
-
     /// The head of one attempt: the template with the call's context and
     /// the time `left` in its slots, and the call's `own` headers over the
     /// defaults (but never over the propagated ones).
