@@ -115,12 +115,11 @@ impl BaseUrl {
             target.push_str(path);
             Bytes::from(target)
         };
-        let target = PathAndQuery::from_maybe_shared(target)?;
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(target)
-            .build()
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(target)?);
+        Ok(Uri::from_parts(parts)?)
     }
 }
 
