@@ -157,6 +157,37 @@ async fn a_get_is_retried_and_a_post_is_not() {
 }
 
 #[tokio::test]
+async fn an_attempt_timeout_is_retried_for_a_get_and_not_for_a_post() {
+    // Every other request hangs; the others are answered at once.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let upstream = Upstream::start(move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n % 2 == 0 {
+                std::future::pending::<()>().await;
+            }
+            text(200, "ok")
+        }
+    })
+    .await;
+    let gw = gateway(&one_upstream(
+        &upstream.url(),
+        "[upstreams.policy]\ntimeout = \"200ms\"",
+    ))
+    .await;
+
+    let answer = get(&url(&gw, "/api/x")).await;
+    assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "ok"));
+    assert_eq!(upstream.hits(), 2, "cut at 200 ms, then sent again");
+
+    let answer = send(Request::post(url(&gw, "/api/x")).body(full("{}")).unwrap()).await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(answer.json()["service"], "svc");
+    assert_eq!(upstream.hits(), 3, "a POST that timed out is not sent again");
+}
+
+#[tokio::test]
 async fn connection_refused_gives_502_after_retries() {
     let gone = Upstream::start(|_| async { text(200, "") }).await;
     let addr = gone.url();
