@@ -523,7 +523,17 @@ impl Gateway {
             .call(|attempt| {
                 attempts.fetch_add(1, Ordering::Relaxed);
                 let head = call.template.head(attempt.remaining_at_start());
-                self.attempt(call.upstream_client, upstream, head, body.take(), retryable)
+                let cut = attempt
+                    .cut_off()
+                    .map(|at| (at, attempt.cut_off_is_deadline()));
+                self.attempt(
+                    call.upstream_client,
+                    upstream,
+                    head,
+                    body.take(),
+                    retryable,
+                    cut,
+                )
             })
             .await;
         log.attempts += attempts.load(Ordering::Relaxed);
@@ -717,6 +727,7 @@ impl Gateway {
         head: Head,
         body: Option<ProxyBody>,
         retryable: bool,
+        cut: Option<(Instant, bool)>,
     ) -> Result<UpstreamResponse, AttemptError> {
         let Some(body) = body else {
             // A streamed body went with an earlier attempt that never connected.
@@ -732,10 +743,14 @@ impl Gateway {
         let max_uses = upstream.config.pool.max_requests_per_connection;
         let attempting = endpoint.attempting();
         let sent = upstream_client.request(&endpoint.endpoint.authority, request, max_uses);
-        let result = match upstream.attempt_timeout {
-            Some(limit) => tokio::time::timeout(limit, sent)
-                .await
-                .map_err(|_| AttemptError::Timeout { retryable }),
+        let result = match cut {
+            Some((at, deadline)) => tokio::time::timeout_at(at, sent).await.map_err(|_| {
+                if deadline {
+                    AttemptError::DeadlinePassed
+                } else {
+                    AttemptError::Timeout { retryable }
+                }
+            }),
             None => Ok(sent.await),
         };
         drop(attempting);
@@ -769,11 +784,14 @@ impl Gateway {
         let failed = match result {
             Ok(response) => response.status().is_server_error(),
             Err(AttemptError::Status { response, .. }) => response.status().is_server_error(),
+            // A deadline spent partly elsewhere (earlier attempts, their
+            // backoff) says nothing about this endpoint.
             Err(
                 AttemptError::BodyTooLarge
                 | AttemptError::BodyGone
                 | AttemptError::NoEndpoint
-                | AttemptError::PoolOverflow,
+                | AttemptError::PoolOverflow
+                | AttemptError::DeadlinePassed,
             ) => return,
             Err(_) => true,
         };
@@ -880,7 +898,7 @@ impl Gateway {
                 "request body too large",
             )
             .service(name)),
-            Some(AttemptError::Timeout { .. }) => {
+            Some(AttemptError::Timeout { .. } | AttemptError::DeadlinePassed) => {
                 Err(Reply::new(StatusCode::GATEWAY_TIMEOUT, "upstream timed out").service(name))
             }
             None if timed_out => {

@@ -38,6 +38,8 @@ pub enum AttemptError {
         /// Safe to send again.
         retryable: bool,
     },
+    /// No response head before the request's deadline: nothing follows.
+    DeadlinePassed,
     /// The upstream answered with a status worth retrying (502, 503, 504, 429).
     Status {
         /// The answer, handed to the client if no retry follows.
@@ -63,6 +65,7 @@ impl std::fmt::Display for AttemptError {
                 write!(f, "upstream request failed: {}", source_text(error))
             }
             AttemptError::Timeout { .. } => f.write_str("upstream timed out"),
+            AttemptError::DeadlinePassed => f.write_str("deadline passed"),
             AttemptError::Status { response, .. } => {
                 write!(f, "upstream answered {}", response.status())
             }
@@ -160,8 +163,6 @@ pub struct Upstream {
     /// Its endpoints.
     pub endpoints: Vec<EndpointState>,
     next: AtomicUsize,
-    /// Per-attempt timeout (applied by the attempt itself, see [`AttemptError`]).
-    pub attempt_timeout: Option<Duration>,
     /// The policies.
     pub pipeline: UpstreamPipeline,
     /// Requests in flight (until the response body ends).
@@ -195,9 +196,10 @@ impl Now<'_> {
 impl Upstream {
     /// The upstream of `config`, every endpoint healthy until checked.
     pub fn new(config: UpstreamConfig) -> Result<Arc<Self>, ConfigError> {
-        let mut policy = config.policy;
-        let attempt_timeout = policy.timeout.take();
-        let pipeline = Pipeline::from_config(&policy)?
+        // The attempt times itself (it knows whether a timed-out request may
+        // be sent again): one timer per attempt for timeout and deadline.
+        let pipeline = Pipeline::from_config(&config.policy)?
+            .cut_off_by_operation()
             .classify(classify)
             .retry_on(retry_on)
             .build();
@@ -224,7 +226,6 @@ impl Upstream {
             config,
             endpoints,
             next: AtomicUsize::new(0),
-            attempt_timeout,
             pipeline,
             in_flight: AtomicU64::new(0),
             rejections: AtomicU32::new(0),

@@ -164,7 +164,7 @@ async fn an_attempt_timeout_is_retried_for_a_get_and_not_for_a_post() {
     let upstream = Upstream::start(move |_| {
         let n = counter.fetch_add(1, Ordering::SeqCst);
         async move {
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 std::future::pending::<()>().await;
             }
             text(200, "ok")
@@ -184,7 +184,11 @@ async fn an_attempt_timeout_is_retried_for_a_get_and_not_for_a_post() {
     let answer = send(Request::post(url(&gw, "/api/x")).body(full("{}")).unwrap()).await;
     assert_eq!(answer.status, 504);
     assert_eq!(answer.json()["service"], "svc");
-    assert_eq!(upstream.hits(), 3, "a POST that timed out is not sent again");
+    assert_eq!(
+        upstream.hits(),
+        3,
+        "a POST that timed out is not sent again"
+    );
 }
 
 #[tokio::test]

@@ -58,6 +58,8 @@ struct Policies<T, E> {
     limiter: Option<Arc<RateLimiter>>,
     bulkhead: Option<Bulkhead>,
     timeout: Option<Duration>,
+    /// The operation applies each attempt's cut-off itself.
+    cut_by_operation: bool,
     classify: Option<ClassifyFn<T, E>>,
     retry_on: Option<RetryFn<T, E>>,
     fallback: Option<(WhenFn<E>, HandlerFn<T, E>)>,
@@ -115,6 +117,7 @@ impl<T, E> Default for PipelineBuilder<T, E> {
                 limiter: None,
                 bulkhead: None,
                 timeout: None,
+                cut_by_operation: false,
                 classify: None,
                 retry_on: None,
                 fallback: None,
@@ -163,6 +166,18 @@ impl<T, E> PipelineBuilder<T, E> {
     /// Cuts off each attempt after `timeout`.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.policies.timeout = Some(timeout);
+        self
+    }
+
+    /// Leaves cutting off each attempt to the operation, which reads when
+    /// from [`Attempt::cut_off`] (the earlier of its timeout and the
+    /// deadline): the pipeline arms no timer of its own. For an operation
+    /// that runs a timer anyway because it must tell its own timeouts apart
+    /// (a proxy that may send a timed-out request again only when it can
+    /// replay the body), so that an attempt needs one timer, not two. Its
+    /// cut-off result then counts for the breaker as `classify` says.
+    pub fn cut_off_by_operation(mut self) -> Self {
+        self.policies.cut_by_operation = true;
         self
     }
 
@@ -253,6 +268,7 @@ impl<T, E> Pipeline<T, E> {
         builder.policies.limiter = p.limiter.clone();
         builder.policies.bulkhead = p.bulkhead.clone();
         builder.policies.timeout = p.timeout;
+        builder.policies.cut_by_operation = p.cut_by_operation;
         builder
     }
 
@@ -419,8 +435,9 @@ impl<T, E> Pipeline<T, E> {
             (None, Some(d)) => Some((d, true)),
             (None, None) => None,
         };
-        let attempt = attempt.beginning(now);
-        let timed: Result<Result<T, E>, Error<E>> = match cut {
+        let attempt = attempt.beginning(now, cut);
+        let timer = cut.filter(|_| !p.cut_by_operation);
+        let timed: Result<Result<T, E>, Error<E>> = match timer {
             None => Ok(op(attempt).await),
             Some((at, is_deadline)) => match timeout_at(at, op(attempt)).await {
                 Ok(result) => Ok(result),
@@ -550,6 +567,46 @@ mod tests {
         assert_eq!(err.attempts(), Some(2));
         let ms = |n| Some(Duration::from_millis(n));
         assert_eq!(told, [(1, ms(250), ms(250)), (2, ms(150), ms(150))]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operation_can_keep_the_cut_off_itself() {
+        let pipeline: Pipeline<u32, &str> = Pipeline::builder()
+            .deadline(Duration::from_millis(250))
+            .timeout(Duration::from_millis(100))
+            .cut_off_by_operation()
+            .build();
+        let start = Instant::now();
+        let mut seen = None;
+        // Told when it would be cut, and not cut: it runs past both limits.
+        let done = pipeline
+            .call_at(start, |a| {
+                seen = Some((a.cut_off(), a.cut_off_is_deadline()));
+                async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(7)
+                }
+            })
+            .await;
+        assert_eq!(done.unwrap(), 7);
+        assert_eq!(
+            seen,
+            Some((Some(start + Duration::from_millis(100)), false))
+        );
+
+        // A deadline nearer than the timeout is the cut-off.
+        let near: Pipeline<u32, &str> = pipeline
+            .share_policies()
+            .deadline(Duration::from_millis(50))
+            .build();
+        let start = Instant::now();
+        near.call_at(start, |a| {
+            seen = Some((a.cut_off(), a.cut_off_is_deadline()));
+            async { Ok(1) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(seen, Some((Some(start + Duration::from_millis(50)), true)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -175,6 +175,8 @@ pub struct Attempt {
     deadline: Option<Instant>,
     /// Time left as the attempt began.
     left: Option<Duration>,
+    /// When the attempt is cut off, and whether that is the deadline.
+    cut: Option<(Instant, bool)>,
 }
 
 impl Attempt {
@@ -184,12 +186,14 @@ impl Attempt {
             max,
             deadline,
             left: None,
+            cut: None,
         }
     }
 
-    /// This attempt, beginning `now`.
-    pub(crate) fn beginning(mut self, now: Instant) -> Self {
+    /// This attempt, beginning `now`, to be cut off at `cut`.
+    pub(crate) fn beginning(mut self, now: Instant, cut: Option<(Instant, bool)>) -> Self {
         self.left = self.deadline.map(|d| d.saturating_duration_since(now));
+        self.cut = cut;
         self
     }
 
@@ -224,6 +228,18 @@ impl Attempt {
     /// without reading the clock again.
     pub fn remaining_at_start(&self) -> Option<Duration> {
         self.left
+    }
+
+    /// When a [`Pipeline`](crate::Pipeline) cuts this attempt off: the
+    /// earlier of the end of its timeout and the deadline, if either is set.
+    pub fn cut_off(&self) -> Option<Instant> {
+        self.cut.map(|(at, _)| at)
+    }
+
+    /// Whether [`cut_off`](Attempt::cut_off) is the overall deadline
+    /// (after which nothing is retried) rather than the attempt's timeout.
+    pub fn cut_off_is_deadline(&self) -> bool {
+        self.cut.is_some_and(|(_, deadline)| deadline)
     }
 }
 
