@@ -70,26 +70,18 @@ impl Template {
         own: &HeaderMap,
     ) -> HeaderMap {
         let mut head = self.head.clone();
+        // A policy with a deadline gives every attempt the time left.
+        let left = left.filter(|_| self.deadline);
         let mut slots = head.values_mut().skip(self.slots_at);
-        if let Some(slot) = slots.next() {
-            *slot = context.correlation_id().clone();
+        let mut slot = || slots.next().expect("the template holds its slots");
+        *slot() = context.correlation_id().clone();
+        let trace = slot();
+        match left {
+            Some(left) => (*trace, *slot()) = context.child_traceparent_and_deadline(left),
+            None => *trace = context.child_traceparent(),
         }
-        let trace = slots.next();
-        let unfilled = match (trace, self.deadline, slots.next(), left) {
-            (Some(trace), true, Some(slot), Some(left)) => {
-                (*trace, *slot) = context.child_traceparent_and_deadline(left);
-                false
-            }
-            (trace, deadline, ..) => {
-                if let Some(trace) = trace {
-                    *trace = context.child_traceparent();
-                }
-                deadline
-            }
-        };
-        if unfilled {
-            // A policy with a deadline gives every attempt the time left;
-            // should it not, the header goes rather than go out empty.
+        if self.deadline && left.is_none() {
+            // Should one not, the header goes rather than go out empty.
             head.remove(&DEADLINE_MS);
         }
         for (name, value) in own {

@@ -98,15 +98,15 @@ impl Context {
     /// [`deadline_value`] of `left`, made in one allocation that both
     /// values share: an attempt with a deadline sends the two.
     pub fn child_traceparent_and_deadline(&self, left: Duration) -> (HeaderValue, HeaderValue) {
-        let mut values = AttemptValues {
-            bytes: [0; TRACEPARENT_LEN + MAX_DIGITS],
-            len: 0,
-        };
-        let (traceparent, rest) = values.bytes.split_at_mut(TRACEPARENT_LEN);
-        write_traceparent(self.traceparent.as_ref(), traceparent);
-        let digits = write_digits(whole_millis(left), rest);
-        values.len = TRACEPARENT_LEN + digits;
-        let shared = bytes::Bytes::from_owner(values);
+        let mut values = Inline::<{ TRACEPARENT_LEN + MAX_DIGITS }>::default();
+        write_traceparent(
+            self.traceparent.as_ref(),
+            &mut values.room()[..TRACEPARENT_LEN],
+        );
+        values.filled(TRACEPARENT_LEN);
+        let digits = write_digits(whole_millis(left), values.room());
+        values.filled(digits);
+        let shared = values.into_bytes();
         let value = |range| {
             HeaderValue::from_maybe_shared(shared.slice(range)).expect("hex, dashes and digits")
         };
@@ -121,13 +121,46 @@ const TRACEPARENT_LEN: usize = 55;
 /// Digits of `u64::MAX`.
 const MAX_DIGITS: usize = 20;
 
-/// The values an attempt makes, behind one shared allocation.
-struct AttemptValues {
-    bytes: [u8; TRACEPARENT_LEN + MAX_DIGITS],
+/// Up to `N` bytes kept in place, for `Bytes::from_owner`: one allocation
+/// then holds the bytes and their reference count, so clones and slices of
+/// the `Bytes` allocate nothing.
+pub(crate) struct Inline<const N: usize> {
+    bytes: [u8; N],
     len: usize,
 }
 
-impl AsRef<[u8]> for AttemptValues {
+impl<const N: usize> Default for Inline<N> {
+    fn default() -> Self {
+        Inline {
+            bytes: [0; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> Inline<N> {
+    /// The room left, to write into; [`filled`](Inline::filled) keeps it.
+    pub(crate) fn room(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.len..]
+    }
+
+    /// Keeps the next `n` bytes written into the room.
+    pub(crate) fn filled(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Appends `part`; it must fit.
+    pub(crate) fn push(&mut self, part: &[u8]) {
+        self.room()[..part.len()].copy_from_slice(part);
+        self.filled(part.len());
+    }
+
+    pub(crate) fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
+    }
+}
+
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
     fn as_ref(&self) -> &[u8] {
         &self.bytes[..self.len]
     }

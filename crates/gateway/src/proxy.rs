@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
-use tidegate_resilience::{rng, Error};
+use tidegate_resilience::{rng, Attempt, Error};
 use tokio::time::Instant;
 
 use crate::alerts::{Alert, Alerter};
@@ -523,16 +523,13 @@ impl Gateway {
             .call(|attempt| {
                 attempts.fetch_add(1, Ordering::Relaxed);
                 let head = call.template.head(attempt.remaining_at_start());
-                let cut = attempt
-                    .cut_off()
-                    .map(|at| (at, attempt.cut_off_is_deadline()));
                 self.attempt(
                     call.upstream_client,
                     upstream,
                     head,
                     body.take(),
                     retryable,
-                    cut,
+                    attempt,
                 )
             })
             .await;
@@ -727,7 +724,7 @@ impl Gateway {
         head: Head,
         body: Option<ProxyBody>,
         retryable: bool,
-        cut: Option<(Instant, bool)>,
+        told: Attempt,
     ) -> Result<UpstreamResponse, AttemptError> {
         let Some(body) = body else {
             // A streamed body went with an earlier attempt that never connected.
@@ -743,9 +740,11 @@ impl Gateway {
         let max_uses = upstream.config.pool.max_requests_per_connection;
         let attempting = endpoint.attempting();
         let sent = upstream_client.request(&endpoint.endpoint.authority, request, max_uses);
-        let result = match cut {
-            Some((at, deadline)) => tokio::time::timeout_at(at, sent).await.map_err(|_| {
-                if deadline {
+        // One timer for the attempt's timeout and the deadline alike (the
+        // pipeline leaves the cut-off to the attempt).
+        let result = match told.cut_off() {
+            Some(at) => tokio::time::timeout_at(at, sent).await.map_err(|_| {
+                if told.cut_off_is_deadline() {
                     AttemptError::DeadlinePassed
                 } else {
                     AttemptError::Timeout { retryable }

@@ -39,6 +39,8 @@ use tidegate_resilience::config::{duration, PolicyConfig};
 use tidegate_resilience::ratelimit::Limit;
 use tidegate_resilience::{breaker, bulkhead, retry};
 
+use crate::headers::Inline;
+
 pub use self::file::ConfigError;
 use self::file::{KeyPath, Source};
 
@@ -99,15 +101,11 @@ impl BaseUrl {
         let path = path.trim_start_matches('/');
         let len = self.path.len() + 1 + path.len();
         let target = if len <= INLINE_PATH {
-            let mut inline = InlinePath {
-                bytes: [0; INLINE_PATH],
-                len,
-            };
-            let (base, rest) = inline.bytes.split_at_mut(self.path.len());
-            base.copy_from_slice(self.path.as_bytes());
-            rest[0] = b'/';
-            rest[1..=path.len()].copy_from_slice(path.as_bytes());
-            Bytes::from_owner(inline)
+            let mut inline = Inline::<INLINE_PATH>::default();
+            inline.push(self.path.as_bytes());
+            inline.push(b"/");
+            inline.push(path.as_bytes());
+            inline.into_bytes()
         } else {
             let mut target = String::with_capacity(len);
             target.push_str(&self.path);
@@ -128,17 +126,6 @@ impl BaseUrl {
 /// hyper-util) cost no allocation of their own; a longer path pays one
 /// more when first cloned.
 const INLINE_PATH: usize = 120;
-
-struct InlinePath {
-    bytes: [u8; INLINE_PATH],
-    len: usize,
-}
-
-impl AsRef<[u8]> for InlinePath {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
 
 impl fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
