@@ -13,7 +13,8 @@ use tidegate_resilience::retry::{Backoff, BackoffKind, Jitter};
 #[derive(Debug)]
 enum Model {
     Closed {
-        window: VecDeque<bool>,
+        /// `(failed, slow)` of the last `window_size` calls.
+        window: VecDeque<(bool, bool)>,
         consecutive: u32,
     },
     Open {
@@ -40,9 +41,26 @@ impl Model {
         }
     }
 
-    /// One call at `now` (ms); returns whether it was admitted.
-    fn call(&mut self, cfg: &Config, now: u64, outcome: Outcome) -> bool {
+    /// `(calls, failures, consecutive failures)` while closed.
+    fn counts(&self) -> Option<(u32, u32, u32)> {
+        match self {
+            Model::Closed {
+                window,
+                consecutive,
+            } => {
+                let failures = window.iter().filter(|(f, _)| *f).count() as u32;
+                Some((window.len() as u32, failures, *consecutive))
+            }
+            _ => None,
+        }
+    }
+
+    /// One call admitted at `now` (ms) and ended `held` ms later; returns
+    /// whether it was admitted.
+    fn call(&mut self, cfg: &Config, now: u64, held: u64, outcome: Outcome) -> bool {
         let open_ms = cfg.open_duration.as_millis() as u64;
+        let slow = Duration::from_millis(held) >= cfg.slow_call_duration;
+        let end = now + held;
         if let Model::Open { until } = self {
             if now < *until {
                 return false;
@@ -55,7 +73,12 @@ impl Model {
                 Outcome::Ignore => {}
                 Outcome::Failure => {
                     *self = Model::Open {
-                        until: now + open_ms,
+                        until: end + open_ms,
+                    }
+                }
+                Outcome::Success if slow => {
+                    *self = Model::Open {
+                        until: end + open_ms,
                     }
                 }
                 Outcome::Success => {
@@ -75,20 +98,21 @@ impl Model {
                     Outcome::Failure => true,
                 };
                 *consecutive = if failed { *consecutive + 1 } else { 0 };
-                window.push_back(failed);
+                window.push_back((failed, slow));
                 if window.len() > cfg.window_size as usize {
                     window.pop_front();
                 }
-                let failures = window.iter().filter(|f| **f).count() as f64;
+                let failures = window.iter().filter(|(f, _)| *f).count() as f64;
+                let slows = window.iter().filter(|(_, s)| *s).count() as f64;
                 let calls = window.len() as f64;
+                let judged = window.len() >= cfg.minimum_calls as usize;
                 let trip = (cfg.consecutive_failures > 0
                     && *consecutive >= cfg.consecutive_failures)
-                    || (window.len() >= cfg.minimum_calls as usize
-                        && failures > 0.0
-                        && failures / calls >= cfg.failure_rate);
+                    || (judged && failures > 0.0 && failures / calls >= cfg.failure_rate)
+                    || (judged && slows > 0.0 && slows / calls >= cfg.slow_call_rate);
                 if trip {
                     *self = Model::Open {
-                        until: now + open_ms,
+                        until: end + open_ms,
                     };
                 }
             }
@@ -97,12 +121,13 @@ impl Model {
     }
 }
 
-fn outcome() -> impl Strategy<Value = Outcome> {
-    prop_oneof![
-        6 => Just(Outcome::Success),
-        3 => Just(Outcome::Failure),
-        1 => Just(Outcome::Ignore),
-    ]
+/// An outcome from a percentile draw: 5 % ignored, `failures` % failed.
+fn outcome(draw: u8, failures: u8) -> Outcome {
+    match draw {
+        d if d < 5 => Outcome::Ignore,
+        d if d < 5 + failures => Outcome::Failure,
+        _ => Outcome::Success,
+    }
 }
 
 fn paused_runtime() -> tokio::runtime::Runtime {
@@ -116,20 +141,27 @@ fn paused_runtime() -> tokio::runtime::Runtime {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
+    /// Runs of successes long enough to fill the window leave the breaker
+    /// quiet, where successes are recorded without its lock: the counts
+    /// must still be the model's, call by call.
     #[test]
     fn breaker_matches_the_model(
         consecutive in 0u32..6,
         minimum_calls in 1u32..8,
         window_size in 8u32..16,
         failure_rate in 0.2f64..1.0,
+        slow_call_rate in 0.2f64..=1.0,
         probes in 1u32..4,
-        calls in prop::collection::vec((outcome(), 0u64..400), 1..300),
+        failures in 1u8..40,
+        calls in prop::collection::vec((0u8..100, 0u64..400, prop::bool::weighted(0.1)), 1..300),
     ) {
         let cfg = Config {
             consecutive_failures: consecutive,
             minimum_calls,
             window_size,
             failure_rate,
+            slow_call_rate,
+            slow_call_duration: Duration::from_millis(500),
             half_open_probes: probes,
             open_duration: Duration::from_millis(1000),
             ..Config::default()
@@ -138,18 +170,29 @@ proptest! {
             let breaker = CircuitBreaker::new(cfg);
             let mut model = closed();
             let mut now = 0;
-            for (i, (outcome, wait)) in calls.into_iter().enumerate() {
+            for (i, (draw, wait, slow)) in calls.into_iter().enumerate() {
+                let outcome = outcome(draw, failures);
+                let held = if slow { 500 } else { 0 };
                 tokio::time::advance(Duration::from_millis(wait)).await;
                 now += wait;
-                let expected = model.call(&cfg, now, outcome);
+                let expected = model.call(&cfg, now, held, outcome);
                 match breaker.try_acquire() {
                     Ok(permit) => {
                         prop_assert!(expected, "call {i}: admitted, model rejects");
+                        tokio::time::advance(Duration::from_millis(held)).await;
                         permit.record(outcome);
                     }
                     Err(_) => prop_assert!(!expected, "call {i}: rejected, model admits"),
                 }
-                prop_assert_eq!(breaker.state(), model.state(), "after call {}", i);
+                if expected {
+                    now += held;
+                }
+                let snapshot = breaker.snapshot();
+                prop_assert_eq!(snapshot.state, model.state(), "after call {}", i);
+                if let Some(counts) = model.counts() {
+                    let got = (snapshot.calls, snapshot.failure_count, snapshot.consecutive_failures);
+                    prop_assert_eq!(got, counts, "calls, failures, streak after call {}", i);
+                }
             }
             Ok(())
         })?;

@@ -329,14 +329,34 @@ impl fmt::Display for CircuitOpen {
 
 impl std::error::Error for CircuitOpen {}
 
+// The gate word: `epoch << EPOCH_SHIFT | QUIET? | CLOSED/DISABLED/OTHER`.
 const CLOSED: u64 = 0;
 const DISABLED: u64 = 1;
 const OTHER: u64 = 2;
+const PHASE: u64 = 3;
+/// Set while a success that is not slow would change nothing (`Machine::quiet`).
+const QUIET: u64 = 4;
+const EPOCH_SHIFT: u32 = 3;
+
+/// The gate word for the machine as it stands.
+fn gate_of(machine: &Machine) -> u64 {
+    let phase = match machine.phase() {
+        Phase::Closed => CLOSED,
+        Phase::Disabled => DISABLED,
+        _ => OTHER,
+    };
+    let quiet = if machine.quiet() { QUIET } else { 0 };
+    machine.epoch() << EPOCH_SHIFT | quiet | phase
+}
 
 struct Shared {
     machine: Mutex<Machine>,
-    /// `epoch << 2 | CLOSED/DISABLED/OTHER`, so closed calls skip the lock on entry.
+    /// Written only under the machine's lock, read without it: calls into a
+    /// closed breaker are admitted from it, and their successes in a quiet
+    /// one are recorded from it, so a healthy breaker takes no lock at all.
     gate: AtomicU64,
+    /// From the config, which never changes: what makes a call slow.
+    slow_call_duration: Duration,
     events: broadcast::Sender<StateChange>,
 }
 
@@ -364,10 +384,12 @@ impl CircuitBreaker {
     /// A closed breaker with these settings.
     pub fn new(config: Config) -> Self {
         let (events, _) = broadcast::channel(64);
+        let machine = Machine::new(config, Instant::now());
         CircuitBreaker {
             shared: Arc::new(Shared {
-                machine: Mutex::new(Machine::new(config, Instant::now())),
-                gate: AtomicU64::new(CLOSED),
+                gate: AtomicU64::new(gate_of(&machine)),
+                machine: Mutex::new(machine),
+                slow_call_duration: config.slow_call_duration,
                 events,
             }),
         }
@@ -382,17 +404,15 @@ impl CircuitBreaker {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Publishes a change: the gate word and the event stream.
+    /// Publishes what the locked `machine` now is: the gate word, and the
+    /// change, if any, to the event stream.
     fn publish(&self, machine: &Machine, change: Option<StateChange>) {
+        let gate = gate_of(machine);
+        // Only lock holders write the gate, so this load is the latest word.
+        if self.shared.gate.load(Ordering::Relaxed) != gate {
+            self.shared.gate.store(gate, Ordering::Release);
+        }
         if let Some(change) = change {
-            let code = match machine.phase() {
-                Phase::Closed => CLOSED,
-                Phase::Disabled => DISABLED,
-                _ => OTHER,
-            };
-            self.shared
-                .gate
-                .store(machine.epoch() << 2 | code, Ordering::Release);
             // No subscriber is not an error.
             let _ = self.shared.events.send(change);
         }
@@ -408,9 +428,9 @@ impl CircuitBreaker {
     /// (one clock read can serve every policy of a request).
     pub fn try_acquire_at(&self, now: Instant) -> Result<Permit<'_>, CircuitOpen> {
         let gate = self.shared.gate.load(Ordering::Acquire);
-        let ticket = match gate & 3 {
+        let ticket = match gate & PHASE {
             CLOSED | DISABLED => Ticket {
-                epoch: gate >> 2,
+                epoch: gate >> EPOCH_SHIFT,
                 probe: false,
             },
             _ => {
@@ -424,7 +444,7 @@ impl CircuitBreaker {
         Ok(Permit {
             breaker: self,
             ticket,
-            disabled: gate & 3 == DISABLED,
+            disabled: gate & PHASE == DISABLED,
             start: now,
             recorded: false,
         })
@@ -571,7 +591,28 @@ impl Permit<'_> {
             return;
         }
         let elapsed = now.saturating_duration_since(self.start);
+        let shared = &self.breaker.shared;
+        // A call admitted while closed, in this epoch or an older one.
+        if !self.ticket.probe {
+            match outcome {
+                // Closed ignores it; an older epoch drops it.
+                Outcome::Ignore => return,
+                Outcome::Success if elapsed < shared.slow_call_duration => {
+                    let quiet = self.ticket.epoch << EPOCH_SHIFT | QUIET | CLOSED;
+                    if shared.gate.load(Ordering::Acquire) == quiet {
+                        return;
+                    }
+                }
+                Outcome::Success | Outcome::Failure => {}
+            }
+        }
         let mut machine = self.breaker.lock();
+        // Successes that still see a quiet gate are ordered before this
+        // record: they change nothing, so no count is lost.
+        let gate = shared.gate.load(Ordering::Relaxed);
+        if gate & QUIET != 0 {
+            shared.gate.store(gate & !QUIET, Ordering::Relaxed);
+        }
         let change = machine.record(self.ticket, outcome, elapsed, now);
         self.breaker.publish(&machine, change);
     }

@@ -192,6 +192,22 @@ impl Machine {
         self.epoch
     }
 
+    /// Whether a success that was not slow would change nothing: closed,
+    /// a full count window with no failure or slow call in it, and no
+    /// failure streak. The pushed success would only replace another.
+    pub(crate) fn quiet(&self) -> bool {
+        match &self.window {
+            Window::Count(w) => {
+                self.phase == Phase::Closed
+                    && self.consecutive == 0
+                    && w.counts.calls as usize == w.ring.len()
+                    && w.counts.failures == 0
+                    && w.counts.slow == 0
+            }
+            Window::Time(_) => false,
+        }
+    }
+
     fn transition(&mut self, to: Phase, reason: TransitionReason, now: Instant) -> StateChange {
         let from = self.phase.state();
         self.phase = to;
