@@ -145,6 +145,11 @@ fn benches(c: &mut Criterion) {
     let gcra = Arc::new(RateLimiter::new(Limit::new(Algorithm::Gcra, huge())));
     let governor = Arc::new(GovDirect::direct(gov_quota()));
     g.bench_function("tidegate/gcra", |b| b.iter(|| black_box(gcra.check())));
+    // Admitted or refused, as governor's `check` answers; a refusal carries
+    // the whole decision.
+    g.bench_function("tidegate/gcra_admit", |b| {
+        b.iter(|| black_box(gcra.admit()))
+    });
     g.bench_function("governor/direct", |b| {
         b.iter(|| black_box(governor.check()))
     });
@@ -161,6 +166,9 @@ fn benches(c: &mut Criterion) {
     let now = tokio::time::Instant::now();
     g.bench_function("tidegate/gcra_at", |b| {
         b.iter(|| black_box(roomy.check_at(now, 1)))
+    });
+    g.bench_function("tidegate/gcra_admit_at", |b| {
+        b.iter(|| black_box(roomy.admit_at(now, 1)))
     });
     let governor_fake = governor::RateLimiter::direct_with_clock(
         governor::Quota::per_second(NonZeroU32::MAX),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use tidegate_resilience::breaker::{CircuitBreaker, CircuitState, Config, Outcome};
-use tidegate_resilience::ratelimit::{Algorithm, LimiterState, Quota};
+use tidegate_resilience::ratelimit::{Algorithm, Limit, LimiterState, Quota, RateLimiter};
 use tidegate_resilience::retry::{Backoff, BackoffKind, Jitter};
 
 /// The breaker as the DESIGN.md text says it, written as plainly as possible.
@@ -274,5 +274,39 @@ proptest! {
                 }
             }
         }
+    }
+
+    /// `admit` is `check` without an admitted request's figures: the same
+    /// requests pass, a refusal carries the same decision, and quota
+    /// changes on the way keep them in step.
+    #[test]
+    fn admit_agrees_with_check(
+        limit in 1u32..50,
+        burst in prop::option::of(1u32..20),
+        requests in prop::collection::vec((0u64..200_000_000, 1u32..4, prop::option::of(1u32..50)), 1..300),
+    ) {
+        let quota = Quota { limit, period: Duration::from_secs(1), burst };
+        paused_runtime().block_on(async {
+            for algorithm in Algorithm::ALL {
+                let checked = RateLimiter::new(Limit::new(algorithm, quota));
+                let admitted = RateLimiter::new(Limit::new(algorithm, quota));
+                let start = tokio::time::Instant::now();
+                let mut now = start;
+                for (i, &(wait, cost, change)) in requests.iter().enumerate() {
+                    now += Duration::from_nanos(wait);
+                    if let Some(limit) = change.filter(|_| i % 7 == 3) {
+                        tokio::time::advance(now - tokio::time::Instant::now()).await;
+                        checked.set_quota(Quota { limit, ..quota });
+                        admitted.set_quota(Quota { limit, ..quota });
+                    }
+                    let decision = checked.check_at(now, cost);
+                    match admitted.admit_at(now, cost) {
+                        Ok(()) => prop_assert!(decision.allowed, "{algorithm:?} request {i}: admitted, check refused"),
+                        Err(refused) => prop_assert_eq!(*refused.decision(), decision, "{:?} request {}", algorithm, i),
+                    }
+                }
+            }
+            Ok(())
+        })?;
     }
 }

@@ -411,7 +411,7 @@ impl<T, E> Pipeline<T, E> {
             .transpose()?;
         let throttle = p.throttle.as_ref().map(|t| t.try_acquire()).transpose()?;
         if let Some(limiter) = &p.limiter {
-            limiter.check_at(now, 1).into_result()?;
+            limiter.admit_at(now, 1)?;
         }
         // A free slot is taken at once; only a wait in the queue moves the clock on.
         let (_slot, now) = match &p.bulkhead {

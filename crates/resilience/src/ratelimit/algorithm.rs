@@ -99,12 +99,27 @@ impl GcraTerms {
         estimate + u64::from(next <= u128::from(x))
     }
 
+    /// What `cost` units cost, and the TAT once they are paid at `now`.
+    #[inline]
+    fn price(&self, tat: u64, now: u64, cost: u32) -> (u64, u64) {
+        let price = u64::from(cost).saturating_mul(self.interval);
+        (price, tat.max(now).saturating_add(price))
+    }
+
+    /// The TAT to store if `cost` units are admitted at `now`, or `None`
+    /// when they are not: [`decide`](Self::decide)'s verdict without the
+    /// figures an admitted request may not need.
+    #[inline]
+    pub(crate) fn admit(&self, tat: u64, now: u64, cost: u32) -> Option<u64> {
+        let (_, next) = self.price(tat, now, cost);
+        (next - now <= self.window).then_some(next)
+    }
+
     /// The decision on `cost` units at `now` given the TAT, and the TAT to
     /// store if it is admitted. One division, for `remaining`.
     #[inline]
     pub(crate) fn decide(&self, tat: u64, now: u64, cost: u32) -> (Decision, u64) {
-        let price = u64::from(cost).saturating_mul(self.interval);
-        let next = tat.max(now).saturating_add(price);
+        let (price, next) = self.price(tat, now, cost);
         let allowed = next - now <= self.window;
         let ahead = if allowed { next } else { tat.max(now) } - now;
         let decision = Decision {

@@ -56,7 +56,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        admit(self.limiter.try_acquire(), || self.inner.call(req))
+        admit(self.limiter.admit(), || self.inner.call(req))
     }
 }
 
@@ -138,10 +138,7 @@ where
     }
 }
 
-fn admit<F>(
-    decision: Result<super::Decision, RateLimited>,
-    call: impl FnOnce() -> F,
-) -> ResponseFuture<F> {
+fn admit<F, D>(decision: Result<D, RateLimited>, call: impl FnOnce() -> F) -> ResponseFuture<F> {
     match decision {
         Ok(_) => ResponseFuture {
             inner: Some(call()),

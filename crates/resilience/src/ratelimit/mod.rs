@@ -272,13 +272,18 @@ impl GcraCell {
     }
 
     #[inline]
-    fn check(&self, now: u64, cost: u32) -> Decision {
-        let terms = GcraTerms {
+    fn terms(&self) -> GcraTerms {
+        GcraTerms {
             limit: self.limit.load(Ordering::Relaxed),
             interval: self.interval.load(Ordering::Relaxed),
             window: self.window.load(Ordering::Relaxed),
             reciprocal: self.reciprocal.load(Ordering::Relaxed),
-        };
+        }
+    }
+
+    #[inline]
+    fn check(&self, now: u64, cost: u32) -> Decision {
+        let terms = self.terms();
         let mut current = self.tat.load(Ordering::Acquire);
         loop {
             let (decision, next) = terms.decide(current, now, cost);
@@ -290,6 +295,29 @@ impl GcraCell {
                 .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => return decision,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// As [`check`](Self::check), with the decision's figures worked out
+    /// only for a refusal.
+    #[inline]
+    fn admit(&self, now: u64, cost: u32) -> Result<(), RateLimited> {
+        let terms = self.terms();
+        let mut current = self.tat.load(Ordering::Acquire);
+        loop {
+            let Some(next) = terms.admit(current, now, cost) else {
+                return Err(RateLimited::new(terms.decide(current, now, cost).0));
+            };
+            if next == current {
+                return Ok(());
+            }
+            match self
+                .tat
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
                 Err(actual) => current = actual,
             }
         }
@@ -375,13 +403,29 @@ impl RateLimiter {
         self.check().into_result()
     }
 
+    /// Admits one request or refuses it, as [`try_acquire`](Self::try_acquire)
+    /// but without the figures of an admitted request's decision (what
+    /// `X-RateLimit-Remaining` needs), so GCRA's admission is its
+    /// compare-and-swap alone. A refusal carries the whole decision.
+    pub fn admit(&self) -> Result<(), RateLimited> {
+        self.admit_at(Instant::now(), 1)
+    }
+
+    /// [`admit`](Self::admit) for `cost` units at a `now` the caller already read.
+    pub fn admit_at(&self, now: Instant, cost: u32) -> Result<(), RateLimited> {
+        match &self.engine {
+            Engine::Gcra(cell) => cell.admit(nanos_since(self.origin, now), cost),
+            Engine::Locked(_) => self.check_at(now, cost).into_result().map(drop),
+        }
+    }
+
     /// Runs `f` if the limiter admits it.
     pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, Error<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.try_acquire()?;
+        self.admit()?;
         f().await.map_err(Error::inner_error)
     }
 
