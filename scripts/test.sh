@@ -48,6 +48,10 @@ fi
 step "doc tests"
 cargo test --workspace --doc
 
+step "tidegate-resilience with its optional TSC clock (feature quanta)"
+cargo clippy -p tidegate-resilience --all-targets --features quanta -- -D warnings
+cargo test -p tidegate-resilience --features quanta --lib
+
 step "demo runs"
 cargo run --quiet -- demo --quick >/dev/null
 

@@ -2,7 +2,8 @@
 //! and with two threads contending, next to `governor` (rate limiter) and
 //! `failsafe` (circuit breaker) measured in the same run.
 //!
-//! Run: `cargo bench -p tidegate-resilience --bench policies`
+//! Run: `cargo bench -p tidegate-resilience --bench policies --features quanta`
+//! (without the feature, the rows of the TSC clock are left out).
 //!
 //! The `*_at` rows pass a `now` read once per request (as the pipeline and
 //! the gateway do), so they show the decision's own cost; the reference
@@ -153,6 +154,18 @@ fn benches(c: &mut Criterion) {
     g.bench_function("governor/direct", |b| {
         b.iter(|| black_box(governor.check()))
     });
+    // On governor's default clock, the CPU's time-stamp counter.
+    #[cfg(feature = "quanta")]
+    {
+        use tidegate_resilience::ratelimit::TscClock;
+        let tsc = RateLimiter::with_clock(Limit::new(Algorithm::Gcra, huge()), TscClock::new());
+        g.bench_function("tidegate/gcra_admit_tsc_clock", |b| {
+            b.iter(|| black_box(tsc.admit()))
+        });
+        g.bench_function("tidegate/gcra_tsc_clock", |b| {
+            b.iter(|| black_box(tsc.check()))
+        });
+    }
     // The same clock as tidegate's (std's monotonic clock, which tokio's
     // Instant reads): the fair comparison of the limiters themselves.
     let governor_std =

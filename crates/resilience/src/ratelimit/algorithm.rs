@@ -29,6 +29,8 @@ pub enum LimiterState {
     SlidingLog {
         /// Admission times, oldest first.
         log: VecDeque<u64>,
+        /// The latest time judged, admitted or not.
+        latest: u64,
     },
     /// Tokens left, refilled continuously.
     TokenBucket {
@@ -168,6 +170,7 @@ impl LimiterState {
             },
             Algorithm::SlidingLog => LimiterState::SlidingLog {
                 log: VecDeque::new(),
+                latest: now,
             },
             Algorithm::TokenBucket => LimiterState::TokenBucket {
                 tokens: f64::from(quota.burst()),
@@ -192,18 +195,25 @@ impl LimiterState {
     }
 
     /// Decides on a request of `cost` units at `now`, and admits it if allowed.
+    ///
+    /// Callers read the time before they reach the state, so `now` may be
+    /// older than a time already counted. The windows, the log and the
+    /// bucket judge such a request as of the latest time they have seen: a
+    /// late arrival never reopens a window that has passed. GCRA, whose
+    /// state is one timestamp, judges it at `now` (as governor does), which
+    /// can give away at most the lateness times the rate.
     pub fn check(&mut self, quota: &Quota, now: u64, cost: u32) -> Decision {
         let limit = u64::from(quota.limit);
         let period = quota.period_nanos();
         let cost = u64::from(cost);
         match self {
             LimiterState::FixedWindow { window, count } => {
-                let w = now / period;
+                let w = (now / period).max(*window);
                 if w != *window {
                     *window = w;
                     *count = 0;
                 }
-                let end = (w + 1) * period - now;
+                let end = (w + 1) * period - now.max(w * period);
                 let allowed = *count + cost <= limit;
                 if allowed {
                     *count += cost;
@@ -225,7 +235,7 @@ impl LimiterState {
                 previous,
                 current,
             } => {
-                let w = now / period;
+                let w = (now / period).max(*window);
                 if w == *window + 1 {
                     *previous = *current;
                     *current = 0;
@@ -234,7 +244,7 @@ impl LimiterState {
                     *current = 0;
                 }
                 *window = w;
-                let elapsed = u128::from(now - w * period);
+                let elapsed = u128::from(now.saturating_sub(w * period));
                 let p = u128::from(period);
                 // Weighted count, scaled by the period to stay in integers.
                 let scaled =
@@ -274,7 +284,9 @@ impl LimiterState {
                     retry_after: retry_after.map(|t| dur(t as u64)),
                 }
             }
-            LimiterState::SlidingLog { log } => {
+            LimiterState::SlidingLog { log, latest } => {
+                *latest = (*latest).max(now);
+                let now = *latest;
                 while log.front().is_some_and(|&t| t + period <= now) {
                     log.pop_front();
                 }
@@ -351,7 +363,7 @@ impl LimiterState {
                 previous,
                 current,
             } => now / period >= window + 2 || (*previous == 0 && *current == 0),
-            LimiterState::SlidingLog { log } => log.back().is_none_or(|&t| t + period <= now),
+            LimiterState::SlidingLog { log, .. } => log.back().is_none_or(|&t| t + period <= now),
             LimiterState::TokenBucket { tokens, last } => {
                 let refill =
                     now.saturating_sub(*last) as f64 * f64::from(quota.limit) / period as f64;

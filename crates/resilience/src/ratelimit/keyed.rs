@@ -18,11 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::algorithm::GcraTerms;
 use super::{
-    nanos_since, Algorithm, Decision, Limit, LimiterState, Quota, RateLimited, Store, StoreError,
+    Algorithm, Clock, Decision, Limit, LimiterState, Quota, RateLimited, Store, StoreError,
+    TokioClock,
 };
 
 /// Memory bounds of a keyed limiter.
@@ -100,7 +99,7 @@ impl Shard {
 /// one store can serve many routes and a changed quota keeps the counts.
 #[derive(Debug)]
 pub struct LocalStore {
-    origin: Instant,
+    clock: TokioClock,
     /// `idle_timeout` in nanoseconds, the unit of entry timestamps.
     idle: u64,
     per_shard: usize,
@@ -118,7 +117,7 @@ impl LocalStore {
     /// An empty store.
     pub fn new(config: KeyedConfig) -> Self {
         LocalStore {
-            origin: Instant::now(),
+            clock: TokioClock::new(),
             per_shard: config.max_keys.div_ceil(SHARDS).max(1),
             idle: crate::nanos(config.idle_timeout),
             hasher: RandomState::new(),
@@ -137,7 +136,7 @@ impl LocalStore {
 
     /// Decides on a request of `cost` units for `key` under `limit`.
     pub fn check_now(&self, key: &str, limit: &Limit, cost: u32) -> Decision {
-        let now = nanos_since(self.origin, Instant::now());
+        let now = self.clock.now_nanos();
         let (hash, mut shard) = self.shard(key);
         let terms = shard.terms(&limit.quota);
         if let Some(entry) = shard.map.get_mut(&hash) {
@@ -192,7 +191,7 @@ impl LocalStore {
 
     /// Drops every key idle for `idle_timeout`; call it now and then.
     pub fn sweep(&self) {
-        let now = nanos_since(self.origin, Instant::now());
+        let now = self.clock.now_nanos();
         let idle = self.idle;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,24 +8,32 @@ use std::task::{Context, Poll};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::{KeyedRateLimiter, RateLimited, RateLimiter};
+use super::{Clock, KeyedRateLimiter, RateLimited, RateLimiter, TokioClock};
 use crate::BoxError;
 
 /// Refuses requests over the limiter's quota with a [`RateLimited`] error.
-#[derive(Debug, Clone)]
-pub struct RateLimitLayer {
-    limiter: Arc<RateLimiter>,
+#[derive(Debug)]
+pub struct RateLimitLayer<C = TokioClock> {
+    limiter: Arc<RateLimiter<C>>,
 }
 
-impl RateLimitLayer {
+impl<C> Clone for RateLimitLayer<C> {
+    fn clone(&self) -> Self {
+        RateLimitLayer {
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+impl<C: Clock> RateLimitLayer<C> {
     /// Every request shares `limiter`.
-    pub fn new(limiter: Arc<RateLimiter>) -> Self {
+    pub fn new(limiter: Arc<RateLimiter<C>>) -> Self {
         RateLimitLayer { limiter }
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimitService<S>;
+impl<S, C: Clock> Layer<S> for RateLimitLayer<C> {
+    type Service = RateLimitService<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RateLimitService {
@@ -36,14 +44,24 @@ impl<S> Layer<S> for RateLimitLayer {
 }
 
 /// The service made by [`RateLimitLayer`].
-#[derive(Debug, Clone)]
-pub struct RateLimitService<S> {
+#[derive(Debug)]
+pub struct RateLimitService<S, C = TokioClock> {
     inner: S,
-    limiter: Arc<RateLimiter>,
+    limiter: Arc<RateLimiter<C>>,
 }
 
-impl<S, Req> Service<Req> for RateLimitService<S>
+impl<S: Clone, C> Clone for RateLimitService<S, C> {
+    fn clone(&self) -> Self {
+        RateLimitService {
+            inner: self.inner.clone(),
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+impl<S, C, Req> Service<Req> for RateLimitService<S, C>
 where
+    C: Clock,
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {

@@ -24,6 +24,7 @@
 //! ```
 
 mod algorithm;
+mod clock;
 mod keyed;
 mod layer;
 mod store;
@@ -38,6 +39,9 @@ use tokio::time::Instant;
 
 pub use self::algorithm::LimiterState;
 use self::algorithm::{rescale_gcra, GcraTerms};
+#[cfg(feature = "quanta")]
+pub use self::clock::TscClock;
+pub use self::clock::{Clock, TokioClock};
 pub use self::keyed::{KeyedConfig, KeyedRateLimiter, LocalStore};
 pub use self::layer::{
     KeyedRateLimitLayer, KeyedRateLimitService, RateLimitLayer, RateLimitService, ResponseFuture,
@@ -227,11 +231,6 @@ impl Decision {
     }
 }
 
-/// Nanoseconds since `origin`: the time base of limiter state.
-pub(crate) fn nanos_since(origin: Instant, now: Instant) -> u64 {
-    crate::nanos(now.saturating_duration_since(origin))
-}
-
 #[derive(Debug)]
 struct Cell {
     quota: Quota,
@@ -351,44 +350,89 @@ enum Engine {
 
 /// One limiter shared by every caller (see [`KeyedRateLimiter`] for one per key).
 ///
-/// GCRA runs lock-free; the other algorithms hold a short lock.
+/// GCRA runs lock-free; the other algorithms hold a short lock. The time
+/// comes from tokio's clock unless another [`Clock`] is given
+/// ([`with_clock`](RateLimiter::with_clock)).
 #[derive(Debug)]
-pub struct RateLimiter {
-    origin: Instant,
+pub struct RateLimiter<C = TokioClock> {
+    clock: C,
     algorithm: Algorithm,
     engine: Engine,
 }
 
 impl RateLimiter {
-    /// A limiter with its whole quota available.
+    /// A limiter with its whole quota available, on tokio's clock.
     pub fn new(limit: Limit) -> Self {
+        RateLimiter::with_clock(limit, TokioClock::new())
+    }
+
+    /// Decides on a request of `cost` units at a `now` the caller already read.
+    pub fn check_at(&self, now: Instant, cost: u32) -> Decision {
+        self.check_nanos(self.clock.nanos_at(now), cost)
+    }
+
+    /// [`admit`](Self::admit) for `cost` units at a `now` the caller already read.
+    pub fn admit_at(&self, now: Instant, cost: u32) -> Result<(), RateLimited> {
+        self.admit_nanos(self.clock.nanos_at(now), cost)
+    }
+}
+
+impl<C: Clock> RateLimiter<C> {
+    /// A limiter with its whole quota available, reading the time from `clock`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tidegate_resilience::ratelimit::{Algorithm, Clock, Limit, Quota, RateLimiter};
+    ///
+    /// /// A clock the caller moves by hand.
+    /// #[derive(Debug, Default)]
+    /// struct Manual(std::sync::atomic::AtomicU64);
+    ///
+    /// impl Clock for Manual {
+    ///     fn now_nanos(&self) -> u64 {
+    ///         self.0.load(std::sync::atomic::Ordering::Relaxed)
+    ///     }
+    /// }
+    ///
+    /// let time = Arc::new(Manual::default());
+    /// let limiter = RateLimiter::with_clock(Limit::new(Algorithm::Gcra, Quota::per_second(1)), time.clone());
+    /// assert!(limiter.admit().is_ok());
+    /// assert!(limiter.admit().is_err());
+    /// time.0.store(1_000_000_000, std::sync::atomic::Ordering::Relaxed);
+    /// assert!(limiter.admit().is_ok(), "a second later");
+    /// ```
+    pub fn with_clock(limit: Limit, clock: C) -> Self {
+        let now = clock.now_nanos();
         let engine = match limit.algorithm {
             Algorithm::Gcra => Engine::Gcra(GcraCell::new(limit.quota)),
             algorithm => Engine::Locked(Mutex::new(Cell {
-                state: LimiterState::new(algorithm, &limit.quota, 0),
+                state: LimiterState::new(algorithm, &limit.quota, now),
                 quota: limit.quota,
             })),
         };
         RateLimiter {
-            origin: Instant::now(),
+            clock,
             algorithm: limit.algorithm,
             engine,
         }
     }
 
+    /// The clock the limiter reads.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
     /// Decides on one request and counts it if admitted.
     pub fn check(&self) -> Decision {
-        self.check_at(Instant::now(), 1)
+        self.check_nanos(self.clock.now_nanos(), 1)
     }
 
     /// Decides on a request of `cost` units.
     pub fn check_n(&self, cost: u32) -> Decision {
-        self.check_at(Instant::now(), cost)
+        self.check_nanos(self.clock.now_nanos(), cost)
     }
 
-    /// Decides on a request of `cost` units at a `now` the caller already read.
-    pub fn check_at(&self, now: Instant, cost: u32) -> Decision {
-        let now = nanos_since(self.origin, now);
+    fn check_nanos(&self, now: u64, cost: u32) -> Decision {
         match &self.engine {
             Engine::Gcra(cell) => cell.check(now, cost),
             Engine::Locked(cell) => {
@@ -408,14 +452,18 @@ impl RateLimiter {
     /// `X-RateLimit-Remaining` needs), so GCRA's admission is its
     /// compare-and-swap alone. A refusal carries the whole decision.
     pub fn admit(&self) -> Result<(), RateLimited> {
-        self.admit_at(Instant::now(), 1)
+        self.admit_nanos(self.clock.now_nanos(), 1)
     }
 
-    /// [`admit`](Self::admit) for `cost` units at a `now` the caller already read.
-    pub fn admit_at(&self, now: Instant, cost: u32) -> Result<(), RateLimited> {
+    /// [`admit`](Self::admit) for a request of `cost` units.
+    pub fn admit_n(&self, cost: u32) -> Result<(), RateLimited> {
+        self.admit_nanos(self.clock.now_nanos(), cost)
+    }
+
+    fn admit_nanos(&self, now: u64, cost: u32) -> Result<(), RateLimited> {
         match &self.engine {
-            Engine::Gcra(cell) => cell.admit(nanos_since(self.origin, now), cost),
-            Engine::Locked(_) => self.check_at(now, cost).into_result().map(drop),
+            Engine::Gcra(cell) => cell.admit(now, cost),
+            Engine::Locked(_) => self.check_nanos(now, cost).into_result().map(drop),
         }
     }
 
@@ -441,7 +489,7 @@ impl RateLimiter {
     /// Changes the quota; what was counted so far stays counted.
     pub fn set_quota(&self, quota: Quota) {
         match &self.engine {
-            Engine::Gcra(cell) => cell.set_quota(quota, nanos_since(self.origin, Instant::now())),
+            Engine::Gcra(cell) => cell.set_quota(quota, self.clock.now_nanos()),
             Engine::Locked(cell) => cell.lock().unwrap_or_else(|p| p.into_inner()).quota = quota,
         }
     }
