@@ -1,5 +1,6 @@
 //! Concurrency: many callers at once never take more than N half-open
-//! probes, and cancelled callers never leak a probe or a bulkhead slot.
+//! probes, cancelled callers never leak a probe or a bulkhead slot, and a
+//! healthy breaker's lock-free successes lose no failure recorded beside them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -105,4 +106,51 @@ async fn cancelled_tasks_never_leak_probes_or_slots() {
             .collect();
         assert_eq!(probes.len(), PROBES as usize, "probe slots leaked");
     }
+}
+
+/// Successes in a quiet breaker skip its lock; failures take it. Threads
+/// doing both at once: every failure is still in the window (it is too
+/// large for any to leave), and the window is still full.
+#[test]
+fn lock_free_successes_lose_no_failure_recorded_beside_them() {
+    const WINDOW: u32 = 100_000;
+    const FAILURES: u32 = 50;
+    let breaker = CircuitBreaker::new(Config {
+        consecutive_failures: 0,
+        failure_rate: 1.0,
+        minimum_calls: WINDOW,
+        window_size: WINDOW,
+        ..Config::default()
+    });
+    for _ in 0..WINDOW {
+        breaker.try_acquire().unwrap().success();
+    }
+    let start = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let (breaker, start) = (breaker.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                if i == 0 {
+                    for _ in 0..FAILURES {
+                        breaker.try_acquire().unwrap().failure();
+                        for _ in 0..100 {
+                            breaker.try_acquire().unwrap().success();
+                        }
+                    }
+                } else {
+                    for _ in 0..10_000 {
+                        breaker.try_acquire().unwrap().success();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let snapshot = breaker.snapshot();
+    assert_eq!(snapshot.state, CircuitState::Closed);
+    assert_eq!(snapshot.calls, WINDOW);
+    assert_eq!(snapshot.failure_count, FAILURES);
 }
