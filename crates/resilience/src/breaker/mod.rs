@@ -7,6 +7,11 @@
 //! whose caller is cancelled gives its slot back. All probes succeeding
 //! closes the breaker; one failing re-opens it and restarts the timer.
 //!
+//! A closed breaker admits calls without taking its lock. With a count
+//! window, a healthy one (a full window without a failure or slow call)
+//! records quick successes without it too, so callers on many threads do
+//! not queue on it; failures, slow calls and time windows take the lock.
+//!
 //! ```
 //! use tidegate_resilience::breaker::{CircuitBreaker, CircuitState, Config};
 //!

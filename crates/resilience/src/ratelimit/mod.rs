@@ -300,7 +300,8 @@ impl GcraCell {
     }
 
     /// As [`check`](Self::check), with the decision's figures worked out
-    /// only for a refusal.
+    /// only for a refusal. (One loop for both, generic over the answer,
+    /// made this 40 % slower: the refusal's decision rode along the loop.)
     #[inline]
     fn admit(&self, now: u64, cost: u32) -> Result<(), RateLimited> {
         let terms = self.terms();
