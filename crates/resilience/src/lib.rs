@@ -32,6 +32,7 @@
 pub mod breaker;
 pub mod bulkhead;
 pub mod classify;
+pub mod clock;
 pub mod config;
 mod error;
 pub mod fallback;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::clock::TokioClock;
+
 /// Counters that can be added and taken away, bucket by bucket.
 pub(crate) trait Counts: Copy + Default {
     fn add(&mut self, other: &Self);
@@ -15,11 +17,11 @@ pub(crate) trait Counts: Copy + Default {
 
 #[derive(Debug)]
 pub(crate) struct Rolling<C> {
-    origin: Instant,
+    clock: TokioClock,
     /// Bucket width in nanoseconds (u64 division is much cheaper than u128).
     width: u64,
     buckets: Box<[C]>,
-    /// Index (since `origin`) of the newest bucket.
+    /// Index (counted on `clock`) of the newest bucket.
     head: u64,
     total: C,
 }
@@ -30,7 +32,7 @@ impl<C: Counts> Rolling<C> {
         let buckets = buckets.max(1);
         let width = crate::nanos(window / buckets as u32).max(1);
         Rolling {
-            origin,
+            clock: TokioClock::since(origin),
             width,
             buckets: vec![C::default(); buckets].into_boxed_slice(),
             head: 0,
@@ -39,7 +41,7 @@ impl<C: Counts> Rolling<C> {
     }
 
     fn slot(&self, now: Instant) -> u64 {
-        crate::nanos(now.saturating_duration_since(self.origin)) / self.width
+        self.clock.nanos_at(now) / self.width
     }
 
     /// Drops the buckets that have fallen out of the window at `now`.

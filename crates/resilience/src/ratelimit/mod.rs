@@ -24,7 +24,6 @@
 //! ```
 
 mod algorithm;
-mod clock;
 mod keyed;
 mod layer;
 mod store;
@@ -39,14 +38,14 @@ use tokio::time::Instant;
 
 pub use self::algorithm::LimiterState;
 use self::algorithm::{rescale_gcra, GcraTerms};
-#[cfg(feature = "quanta")]
-pub use self::clock::TscClock;
-pub use self::clock::{Clock, TokioClock};
 pub use self::keyed::{KeyedConfig, KeyedRateLimiter, LocalStore};
 pub use self::layer::{
     KeyedRateLimitLayer, KeyedRateLimitService, RateLimitLayer, RateLimitService, ResponseFuture,
 };
 pub use self::store::{Store, StoreError};
+#[cfg(feature = "quanta")]
+pub use crate::clock::TscClock;
+pub use crate::clock::{Clock, TokioClock};
 use crate::config::{check, ConfigError};
 use crate::Error;
 

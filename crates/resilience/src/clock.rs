@@ -1,11 +1,12 @@
-//! Where a [`RateLimiter`](super::RateLimiter) reads the time.
+//! Where policies read the time, as nanoseconds on a clock's own scale.
 //!
-//! A limiter keeps its state in nanoseconds on its clock's own scale, so
-//! any monotonic source will do. [`TokioClock`] is the default: tokio's
-//! `Instant`, which paused-time tests drive and tokio's timers agree with,
-//! and which a request that already read the time hands to
-//! [`check_at`](super::RateLimiter::check_at) and
-//! [`admit_at`](super::RateLimiter::admit_at) at no further cost.
+//! [`TokioClock`] is tokio's `Instant` counted from an origin: paused-time
+//! tests drive it and tokio's timers agree with it. Every policy keeps
+//! time on it, and a request that already read the time hands it on
+//! ([`RateLimiter::check_at`](crate::ratelimit::RateLimiter::check_at),
+//! [`admit_at`](crate::ratelimit::RateLimiter::admit_at)) at no further
+//! cost. A [`RateLimiter`](crate::ratelimit::RateLimiter) can read any
+//! other [`Clock`] instead.
 //! [`TscClock`] (feature `quanta`) reads the CPU's time-stamp counter, for
 //! a limiter checked on its own where a clock read is most of the cost; it
 //! ignores tokio's paused time.
@@ -38,9 +39,12 @@ pub struct TokioClock {
 impl TokioClock {
     /// A clock whose origin is now.
     pub fn new() -> Self {
-        TokioClock {
-            origin: Instant::now(),
-        }
+        TokioClock::since(Instant::now())
+    }
+
+    /// A clock whose origin is `origin`.
+    pub fn since(origin: Instant) -> Self {
+        TokioClock { origin }
     }
 
     /// Nanoseconds from the origin to `now` (0 for an earlier `now`).
