@@ -258,7 +258,7 @@ fn ratio_run() {
     println!("{rounds} rotating rounds; medians; target ratio >= 0.95");
 }
 
-/// `PROFILE=0|1|2`: only client `which`, 32 in flight, 640 batches after a
+/// `PROFILE=0|1|2`: only client `which`, 32 in flight, 640 (or `BATCHES`) batches after a
 /// warm-up, for a profiler (`valgrind --tool=callgrind`) to count one
 /// client's work alone.
 fn profile_run(which: usize) {
@@ -268,10 +268,14 @@ fn profile_run(which: usize) {
             bench.batch(which).await;
         }
     });
-    let rate = rate(&bench.rt, 640, IN_FLIGHT, || bench.batch(which));
+    let batches = std::env::var("BATCHES")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(640);
+    let rate = rate(&bench.rt, batches, IN_FLIGHT, || bench.batch(which));
     println!(
         "client {which}: {rate:.0} req/s ({} calls)",
-        640 * IN_FLIGHT
+        u64::from(batches) * IN_FLIGHT
     );
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -23,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{BaseUrl, FieldError, ServiceConfig};
-use crate::connect::Connector;
+use crate::connect::{Connector, POOL_KEY};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::head::Template;
 use crate::headers::{self, Context};
@@ -100,6 +101,9 @@ struct Inner {
     name: Arc<String>,
     display: Arc<str>,
     base: BaseUrl,
+    /// The authority requests name to hyper-util: [`POOL_KEY`] over
+    /// HTTP/1, where it only keys the pool; the base URL's over HTTP/2.
+    authority: Authority,
     /// Behind an `Arc` so a call takes one count, not a clone of each of
     /// the client's parts.
     http: RwLock<Option<Arc<HttpClient>>>,
@@ -121,13 +125,15 @@ struct Inner {
     source: Arc<String>,
     /// Calls in flight: `active_service_connections` of this client.
     active: Gauge,
-    watcher: Option<JoinHandle<()>>,
+    /// Tasks on the runtime it was built in: the breaker's log, and
+    /// [`keep_a_timer_set`]. Stopped when the last clone goes.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(watcher) = &self.watcher {
-            watcher.abort();
+        for task in &self.background {
+            task.abort();
         }
     }
 }
@@ -196,13 +202,21 @@ impl ServiceClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
+        // HTTP/2 sends the authority as `:authority`: it must be the real one.
+        let authority = if config.http2 {
+            config.base_url.authority.clone()
+        } else {
+            POOL_KEY.clone()
+        };
         let http = Client::builder(TokioExecutor::new())
+            // `Host` comes from the template, never from the pool key.
+            .set_host(false)
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
             .http2_only(config.http2)
-            .build(Connector(connector));
+            .build(Connector::new(connector, &config.base_url.authority));
 
         let mut headers = config.headers;
         if let Some(key) = config.api_key {
@@ -226,16 +240,26 @@ impl ServiceClient {
         );
         let name = Arc::new(config.name);
         let display: Arc<str> = Arc::from(config.service_name);
-        let watcher = tokio::runtime::Handle::try_current().ok().and_then(|rt| {
-            let breaker = resend.circuit_breaker()?;
-            Some(rt.spawn(log_transitions(display.clone(), breaker.subscribe())))
-        });
+        let mut background = Vec::new();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            if let Some(breaker) = resend.circuit_breaker() {
+                background.push(rt.spawn(log_transitions(display.clone(), breaker.subscribe())));
+            }
+            let lead = [policy.timeout, policy.deadline]
+                .into_iter()
+                .flatten()
+                .min();
+            if let Some(lead) = lead {
+                background.push(rt.spawn(keep_a_timer_set(lead)));
+            }
+        }
         let active = metrics.active(&source, &name);
         Ok(ServiceClient {
             inner: Arc::new(Inner {
                 name,
                 display,
                 base: config.base_url,
+                authority,
                 http: RwLock::new(Some(Arc::new(http))),
                 resend,
                 once,
@@ -249,7 +273,7 @@ impl ServiceClient {
                 series: CallSeries::default(),
                 source,
                 active,
-                watcher,
+                background,
             }),
         })
     }
@@ -408,7 +432,13 @@ impl ServiceClient {
                 .error(ErrorKind::Closed, "client is closed")
                 .with_request_id(&request_id));
         };
-        let uri = inner.base.uri(path).map_err(|e| {
+        // CONNECT's request target is the authority itself.
+        let authority = if method == Method::CONNECT {
+            &inner.base.authority
+        } else {
+            &inner.authority
+        };
+        let uri = inner.base.uri_at(authority, path).map_err(|e| {
             self.error(ErrorKind::InvalidRequest, format!("bad path `{path}`"))
                 .with_source(e)
                 .with_request_id(&request_id)
@@ -719,6 +749,22 @@ fn retry_once(result: &Result<Exchange, tidegate_resilience::Error<AttemptError>
     match result {
         Err(err) if matches!(err.inner(), Some(AttemptError::Connect(_))) => RetryAction::Retry,
         _ => RetryAction::Return,
+    }
+}
+
+/// Keeps a timer in the runtime's timer wheel, due no later than `lead`
+/// from now: the shortest cut (attempt timeout or deadline) a call sets.
+///
+/// Tokio records when its time driver must next wake as it parks. When
+/// the wheel held nothing then, every timer set before the next park
+/// wakes the driver with a write to its eventfd, one system call per
+/// call of this client. A timer due before any a call sets keeps that
+/// from happening; it costs one wake-up per `lead` (capped below at
+/// 100 ms, so a tiny timeout does not make it a busy loop).
+async fn keep_a_timer_set(lead: Duration) {
+    let period = lead.max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
     }
 }
 

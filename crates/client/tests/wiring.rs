@@ -275,6 +275,60 @@ async fn http2_with_prior_knowledge() {
     assert!(!upstream.received()[0].headers.contains_key("host"));
 }
 
+#[tokio::test]
+async fn requests_name_the_upstream_never_the_pool_key() {
+    // HTTP/1 requests name a placeholder authority to hyper-util, to key
+    // the client's pool; the upstream must see only its own name.
+    let upstream = Upstream::start(|req| async move { text(200, &req.uri().to_string()) }).await;
+    let authority = upstream.url().trim_start_matches("http://").to_owned();
+    let client = ServiceClient::new(ServiceConfig::new("svc", &upstream.url()).unwrap()).unwrap();
+    let response = client.get("/x?y=1").await.unwrap();
+    assert_eq!(response.text().unwrap(), "/x?y=1", "origin form");
+    // CONNECT's request target is the authority itself (its answer's
+    // body is the tunnel, so the upstream's record tells what it got).
+    client
+        .request(http::Method::CONNECT, "/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upstream.received()[1].uri, authority.as_str());
+    for got in upstream.received() {
+        assert_eq!(got.headers["host"], authority.as_str());
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn background_tasks_end_with_the_last_clone() {
+    let tasks = tokio::runtime::Handle::current().metrics();
+    let before = tasks.num_alive_tasks();
+    let client =
+        ServiceClient::new(ServiceConfig::new("svc", "http://127.0.0.1:9").unwrap()).unwrap();
+    // The breaker's log, and the timer that spares the time driver a
+    // wake-up per call.
+    assert_eq!(tasks.num_alive_tasks(), before + 2);
+    let clone = client.clone();
+    drop(client);
+    tokio::task::yield_now().await;
+    assert_eq!(tasks.num_alive_tasks(), before + 2);
+    drop(clone);
+    // Aborted tasks end when the scheduler next reaches them.
+    for _ in 0..10 {
+        if tasks.num_alive_tasks() == before {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(tasks.num_alive_tasks(), before);
+
+    // Without an attempt timeout or a deadline no call sets a timer, and
+    // nothing is kept.
+    let mut config = ServiceConfig::new("svc", "http://127.0.0.1:9").unwrap();
+    config.policy.timeout = None;
+    config.policy.deadline = None;
+    let _client = ServiceClient::new(config).unwrap();
+    assert_eq!(tasks.num_alive_tasks(), before + 1);
+}
+
 /// Log lines, captured.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);

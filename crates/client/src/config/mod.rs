@@ -98,6 +98,11 @@ impl BaseUrl {
 
     /// The URI of `path` (with its query, if any) under the base path.
     pub fn uri(&self, path: &str) -> Result<Uri, http::Error> {
+        self.uri_at(&self.authority, path)
+    }
+
+    /// [`uri`](BaseUrl::uri) naming `authority` in place of the base's.
+    pub(crate) fn uri_at(&self, authority: &Authority, path: &str) -> Result<Uri, http::Error> {
         let path = path.trim_start_matches('/');
         let len = self.path.len() + 1 + path.len();
         let target = if len <= INLINE_PATH {
@@ -115,7 +120,7 @@ impl BaseUrl {
         };
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(self.authority.clone());
+        parts.authority = Some(authority.clone());
         parts.path_and_query = Some(PathAndQuery::from_maybe_shared(target)?);
         Ok(Uri::from_parts(parts)?)
     }
