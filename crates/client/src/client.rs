@@ -3,12 +3,12 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -503,7 +503,7 @@ impl ServiceClient {
             Err(err) => Err(self.convert(err)),
         };
         let label = match &result {
-            Ok(_) => "success",
+            Ok(_) => crate::metrics::SUCCESS,
             Err(e) => e.kind().as_str(),
         };
         inner.metrics.request(
@@ -693,15 +693,38 @@ enum ReadError {
     Broken(BoxError),
 }
 
-async fn read_body(body: Incoming, cap: usize) -> Result<Bytes, ReadError> {
-    if body.is_end_stream() {
-        return Ok(Bytes::new());
+/// The whole of `body`, refused past `cap` bytes (at once when its length
+/// is announced). A body that comes in one chunk, as most do, is that
+/// chunk: nothing is listed or copied.
+async fn read_body(mut body: Incoming, cap: usize) -> Result<Bytes, ReadError> {
+    if body.size_hint().lower() > cap as u64 {
+        return Err(ReadError::TooLarge);
     }
-    match Limited::new(body, cap).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ReadError::TooLarge),
-        Err(e) => Err(ReadError::Broken(e)),
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Broken(e.into()))?;
+        // Trailers are not kept.
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        let len = joined.as_ref().map_or(first.len(), BytesMut::len);
+        if chunk.len() > cap - len {
+            return Err(ReadError::TooLarge);
+        }
+        match &mut joined {
+            Some(all) => all.extend_from_slice(&chunk),
+            None if first.is_empty() => first = chunk,
+            None => {
+                let hint = usize::try_from(body.size_hint().lower()).unwrap_or(0);
+                let mut all = BytesMut::with_capacity((len + chunk.len() + hint).min(cap));
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&chunk);
+                joined = Some(all);
+            }
+        }
     }
+    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// How an attempt counts for the breaker: 5xx answers and failed exchanges

@@ -8,7 +8,7 @@
 //! The duration runs to the end of a read-whole body, or to the head of a
 //! streamed one.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http::Method;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -18,26 +18,31 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// The method labels: the standard methods by name, and `OTHER` last.
+const METHOD_LABELS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "OTHER",
+];
+
+/// The index of `method`'s label in [`METHOD_LABELS`].
+fn method_index(method: &Method) -> usize {
+    match *method {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        Method::PATCH => 5,
+        Method::OPTIONS => 6,
+        Method::TRACE => 7,
+        Method::CONNECT => 8,
+        _ => 9,
+    }
+}
+
 /// The method as a label: the standard ones by name, anything else as
 /// `OTHER`, so that no one can make up new series.
 pub fn method_label(method: &Method) -> &'static str {
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::POST,
-        Method::PUT,
-        Method::DELETE,
-        Method::PATCH,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::CONNECT,
-    ]
-    .iter()
-    .zip([
-        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
-    ])
-    .find_map(|(m, name)| (m == method).then_some(name))
-    .unwrap_or("OTHER")
+    METHOD_LABELS[method_index(method)]
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -148,59 +153,92 @@ impl Metrics {
         status: &'static str,
         seconds: f64,
     ) {
-        let method = method_label(method);
-        let mut kept = series.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let index = match kept
+        let index = method_index(method);
+        let find = || self.series(source, target, METHOD_LABELS[index], status);
+        if status == SUCCESS {
+            series.successes[index].get_or_init(find).count(seconds);
+            return;
+        }
+        let mut kept = series.others.lock().unwrap_or_else(|e| e.into_inner());
+        let at = match kept
             .iter()
-            .position(|k| k.method == method && k.status == status)
+            .position(|k| k.method == index && k.status == status)
         {
-            Some(index) => index,
+            Some(at) => at,
             None => {
-                kept.push(Kept {
-                    method,
+                kept.push(Other {
+                    method: index,
                     status,
-                    requests: self
-                        .requests
-                        .get_or_create(&RequestLabels {
-                            source_service: source.clone(),
-                            target_service: target.clone(),
-                            method,
-                            status,
-                        })
-                        .clone(),
-                    duration: self
-                        .duration
-                        .get_or_create(&DurationLabels {
-                            source_service: source.clone(),
-                            target_service: target.clone(),
-                            method,
-                        })
-                        .clone(),
+                    series: find(),
                 });
                 kept.len() - 1
             }
         };
-        let found = &kept[index];
-        found.requests.inc();
-        found.duration.observe(seconds);
+        kept[at].series.count(seconds);
+    }
+
+    fn series(
+        &self,
+        source: &Arc<String>,
+        target: &Arc<String>,
+        method: &'static str,
+        status: &'static str,
+    ) -> Series {
+        Series {
+            requests: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    source_service: source.clone(),
+                    target_service: target.clone(),
+                    method,
+                    status,
+                })
+                .clone(),
+            duration: self
+                .duration
+                .get_or_create(&DurationLabels {
+                    source_service: source.clone(),
+                    target_service: target.clone(),
+                    method,
+                })
+                .clone(),
+        }
     }
 }
 
-/// One client's series by method and outcome, found in the families once
-/// and kept: a family lookup hashes every label with SipHash under a lock,
-/// which cost more than the rest of the counting. At most the ten method
-/// labels times the outcomes.
+/// The `status` label of a call that succeeded.
+pub(crate) const SUCCESS: &str = "success";
+
+/// One client's series, found in the families once and kept: a family
+/// lookup hashes every label with SipHash under a lock, which cost more
+/// than the rest of the counting. Successes, by method, are found without
+/// a lock; the other outcomes (at most the ten methods times the error
+/// kinds) in a short locked list.
 #[derive(Debug, Default)]
 pub(crate) struct CallSeries {
-    kept: Mutex<Vec<Kept>>,
+    successes: [OnceLock<Series>; METHOD_LABELS.len()],
+    others: Mutex<Vec<Other>>,
 }
 
 #[derive(Debug)]
-struct Kept {
-    method: &'static str,
+struct Other {
+    method: usize,
     status: &'static str,
+    series: Series,
+}
+
+/// The two series a call counts in.
+#[derive(Debug)]
+struct Series {
     requests: Counter,
     duration: Histogram,
+}
+
+impl Series {
+    fn count(&self, seconds: f64) {
+        self.requests.inc();
+        self.duration.observe(seconds);
+    }
 }
 
 #[cfg(test)]

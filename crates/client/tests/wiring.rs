@@ -230,6 +230,37 @@ async fn json_helpers_and_decode_errors() {
 }
 
 #[tokio::test]
+async fn bodies_in_chunks_are_joined_and_capped() {
+    // Chunked answers, no length announced: the cap is found as they come.
+    let upstream = Upstream::start(|req| async move {
+        let chunks = match req.uri().path() {
+            "/three" => vec!["ab".to_owned(), "cd".to_owned(), "ef".to_owned()],
+            "/one" => vec!["whole".to_owned()],
+            _ => vec!["x".repeat(600), "y".repeat(600)],
+        };
+        let (tx, body) = channel_body();
+        for chunk in chunks {
+            tx.try_send(Bytes::from(chunk)).unwrap();
+        }
+        http::Response::new(body)
+    })
+    .await;
+    let client = ServiceClient::new(
+        ServiceConfig::new("chunks", &upstream.url())
+            .unwrap()
+            .max_response_bytes(1024),
+    )
+    .unwrap();
+    let three = client.get("/three").await.unwrap();
+    assert_eq!(three.text().unwrap(), "abcdef");
+    let one = client.get("/one").await.unwrap();
+    assert_eq!(one.text().unwrap(), "whole");
+    let err = client.get("/over").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Decode);
+    assert!(err.to_string().contains("max_response_bytes"), "{err}");
+}
+
+#[tokio::test]
 async fn a_stream_delivers_events_as_they_are_written() {
     let (events, body) = channel_body();
     let body = Arc::new(Mutex::new(Some(body)));
