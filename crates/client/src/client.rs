@@ -464,8 +464,8 @@ impl ServiceClient {
         } else {
             &inner.once
         };
-        let result = pipeline
-            .call_observed_at(
+        let (result, ended) = pipeline
+            .call_timed_at(
                 start,
                 |attempt| self.attempt(&http, &call, attempt),
                 |result, number, delay| {
@@ -512,7 +512,7 @@ impl ServiceClient {
             &inner.name,
             &method,
             label,
-            start.elapsed().as_secs_f64(),
+            ended.saturating_duration_since(start).as_secs_f64(),
         );
         match result {
             Ok(exchange) => {

@@ -344,10 +344,45 @@ impl<T, E> Pipeline<T, E> {
         Fut: Future<Output = Result<T, E>>,
         R: FnMut(&Result<T, Error<E>>, u32, Duration),
     {
-        let result = self.run(now, op, on_retry).await;
+        self.observed(now, op, on_retry).await.0
+    }
+
+    /// [`call_observed_at`](Pipeline::call_observed_at), and the time the
+    /// call ended: the clock read that timed its last attempt for the
+    /// breaker, so a caller that times the whole call (for a metric) need
+    /// not read the clock again. Read afresh when nothing read it: no
+    /// breaker, or a fallback answered.
+    pub async fn call_timed_at<F, Fut, R>(
+        &self,
+        now: Instant,
+        op: F,
+        on_retry: R,
+    ) -> (Result<T, Error<E>>, Instant)
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+    {
+        let (result, ended) = self.observed(now, op, on_retry).await;
+        (result, ended.unwrap_or_else(Instant::now))
+    }
+
+    /// The result, and the end time if one was read.
+    async fn observed<F, Fut, R>(
+        &self,
+        now: Instant,
+        op: F,
+        on_retry: R,
+    ) -> (Result<T, Error<E>>, Option<Instant>)
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+    {
+        let (result, ended) = self.run(now, op, on_retry).await;
         match (&self.policies.fallback, result) {
-            (Some((when, handler)), Err(err)) if when(&err) => handler(err).await,
-            (_, result) => result,
+            (Some((when, handler)), Err(err)) if when(&err) => (handler(err).await, None),
+            (_, result) => (result, ended),
         }
     }
 
@@ -356,7 +391,7 @@ impl<T, E> Pipeline<T, E> {
         start: Instant,
         mut op: F,
         mut on_retry: R,
-    ) -> Result<T, Error<E>>
+    ) -> (Result<T, Error<E>>, Option<Instant>)
     where
         F: FnMut(Attempt) -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -364,17 +399,22 @@ impl<T, E> Pipeline<T, E> {
     {
         let p = &*self.policies;
         let deadline = p.deadline.map(|d| start + d);
+        let mut ended = None;
         let Some(retry) = &p.retry else {
-            return self
-                .attempt(&mut op, Attempt::new(1, 1, deadline), deadline, start)
+            let attempt = Attempt::new(1, 1, deadline);
+            let result = self
+                .attempt(&mut op, attempt, deadline, start, &mut ended)
                 .await;
+            return (result, ended);
         };
         let mut schedule = retry.start(start);
         let mut now = start;
         loop {
             let attempt = schedule.attempt(deadline);
             let number = attempt.number();
-            let result = self.attempt(&mut op, attempt, deadline, now).await;
+            let result = self
+                .attempt(&mut op, attempt, deadline, now, &mut ended)
+                .await;
             let action = match &p.retry_on {
                 Some(retry_on) => retry_on(&result),
                 None => RetryTransient.should_retry(&result),
@@ -384,7 +424,7 @@ impl<T, E> Pipeline<T, E> {
                     on_retry(&result, number, delay);
                     tokio::time::sleep(delay).await;
                 }
-                Next::Stop { exhausted } => return schedule.finish(result, exhausted),
+                Next::Stop { exhausted } => return (schedule.finish(result, exhausted), ended),
             }
             now = Instant::now();
         }
@@ -396,6 +436,7 @@ impl<T, E> Pipeline<T, E> {
         attempt: Attempt,
         deadline: Option<Instant>,
         now: Instant,
+        ended: &mut Option<Instant>,
     ) -> Result<T, Error<E>>
     where
         F: FnMut(Attempt) -> Fut,
@@ -452,7 +493,9 @@ impl<T, E> Pipeline<T, E> {
             (Ok(Err(_)), None) => Outcome::Failure,
         };
         if let Some(permit) = breaker {
-            permit.record_at(outcome, Instant::now());
+            let now = Instant::now();
+            permit.record_at(outcome, now);
+            *ended = Some(now);
         }
         if let Some(permit) = throttle {
             permit.record(outcome);
@@ -567,6 +610,52 @@ mod tests {
         assert_eq!(err.attempts(), Some(2));
         let ms = |n| Some(Duration::from_millis(n));
         assert_eq!(told, [(1, ms(250), ms(250)), (2, ms(150), ms(150))]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_call_tells_when_it_ended() {
+        let ms = Duration::from_millis;
+        let slow = |a: Attempt| async move {
+            tokio::time::sleep(ms(300)).await;
+            if a.number() == 1 {
+                Err("reset")
+            } else {
+                Ok(7)
+            }
+        };
+        // With a breaker, its read of the clock after the last attempt:
+        // two attempts of 300 ms and a backoff of 100 ms.
+        let retrying: Pipeline<u32, &str> = Pipeline::builder()
+            .retry(retry())
+            .circuit_breaker(CircuitBreaker::default())
+            .build();
+        let start = Instant::now();
+        let (done, ended) = retrying.call_timed_at(start, slow, |_, _, _| {}).await;
+        assert_eq!(done.unwrap(), 7);
+        assert_eq!(ended - start, ms(700));
+
+        // Without one, read at the end; after a fallback, once it answered.
+        let bare: Pipeline<u32, &str> = Pipeline::builder().build();
+        let start = Instant::now();
+        let (done, ended) = bare.call_timed_at(start, slow, |_, _, _| {}).await;
+        assert!(done.is_err());
+        assert_eq!(ended - start, ms(300));
+        let falling_back: Pipeline<u32, &str> = Pipeline::builder()
+            .circuit_breaker(CircuitBreaker::default())
+            .fallback_when(
+                |_| true,
+                |_| async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(0)
+                },
+            )
+            .build();
+        let start = Instant::now();
+        let (done, ended) = falling_back
+            .call_timed_at(start, slow, |_, _, _| {})
+            .await;
+        assert_eq!(done.unwrap(), 0);
+        assert_eq!(ended - start, ms(350));
     }
 
     #[tokio::test(start_paused = true)]
