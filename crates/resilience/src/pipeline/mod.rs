@@ -344,7 +344,11 @@ impl<T, E> Pipeline<T, E> {
         Fut: Future<Output = Result<T, E>>,
         R: FnMut(&Result<T, Error<E>>, u32, Duration),
     {
-        self.observed(now, op, on_retry).await.0
+        let result = self.run(now, op, on_retry, &mut None).await;
+        match (&self.policies.fallback, result) {
+            (Some((when, handler)), Err(err)) if when(&err) => handler(err).await,
+            (_, result) => result,
+        }
     }
 
     /// [`call_observed_at`](Pipeline::call_observed_at), and the time the
@@ -363,26 +367,11 @@ impl<T, E> Pipeline<T, E> {
         Fut: Future<Output = Result<T, E>>,
         R: FnMut(&Result<T, Error<E>>, u32, Duration),
     {
-        let (result, ended) = self.observed(now, op, on_retry).await;
-        (result, ended.unwrap_or_else(Instant::now))
-    }
-
-    /// The result, and the end time if one was read.
-    async fn observed<F, Fut, R>(
-        &self,
-        now: Instant,
-        op: F,
-        on_retry: R,
-    ) -> (Result<T, Error<E>>, Option<Instant>)
-    where
-        F: FnMut(Attempt) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-        R: FnMut(&Result<T, Error<E>>, u32, Duration),
-    {
-        let (result, ended) = self.run(now, op, on_retry).await;
+        let mut ended = None;
+        let result = self.run(now, op, on_retry, &mut ended).await;
         match (&self.policies.fallback, result) {
-            (Some((when, handler)), Err(err)) if when(&err) => (handler(err).await, None),
-            (_, result) => (result, ended),
+            (Some((when, handler)), Err(err)) if when(&err) => (handler(err).await, Instant::now()),
+            (_, result) => (result, ended.unwrap_or_else(Instant::now)),
         }
     }
 
@@ -391,7 +380,8 @@ impl<T, E> Pipeline<T, E> {
         start: Instant,
         mut op: F,
         mut on_retry: R,
-    ) -> (Result<T, Error<E>>, Option<Instant>)
+        ended: &mut Option<Instant>,
+    ) -> Result<T, Error<E>>
     where
         F: FnMut(Attempt) -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -399,22 +389,16 @@ impl<T, E> Pipeline<T, E> {
     {
         let p = &*self.policies;
         let deadline = p.deadline.map(|d| start + d);
-        let mut ended = None;
         let Some(retry) = &p.retry else {
             let attempt = Attempt::new(1, 1, deadline);
-            let result = self
-                .attempt(&mut op, attempt, deadline, start, &mut ended)
-                .await;
-            return (result, ended);
+            return self.attempt(&mut op, attempt, deadline, start, ended).await;
         };
         let mut schedule = retry.start(start);
         let mut now = start;
         loop {
             let attempt = schedule.attempt(deadline);
             let number = attempt.number();
-            let result = self
-                .attempt(&mut op, attempt, deadline, now, &mut ended)
-                .await;
+            let result = self.attempt(&mut op, attempt, deadline, now, ended).await;
             let action = match &p.retry_on {
                 Some(retry_on) => retry_on(&result),
                 None => RetryTransient.should_retry(&result),
@@ -424,7 +408,7 @@ impl<T, E> Pipeline<T, E> {
                     on_retry(&result, number, delay);
                     tokio::time::sleep(delay).await;
                 }
-                Next::Stop { exhausted } => return (schedule.finish(result, exhausted), ended),
+                Next::Stop { exhausted } => return schedule.finish(result, exhausted),
             }
             now = Instant::now();
         }
@@ -651,9 +635,7 @@ mod tests {
             )
             .build();
         let start = Instant::now();
-        let (done, ended) = falling_back
-            .call_timed_at(start, slow, |_, _, _| {})
-            .await;
+        let (done, ended) = falling_back.call_timed_at(start, slow, |_, _, _| {}).await;
         assert_eq!(done.unwrap(), 0);
         assert_eq!(ended - start, ms(350));
     }
