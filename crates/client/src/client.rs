@@ -173,7 +173,9 @@ impl ServiceClient {
     /// A client for `config`, with metrics of its own (`source_service`
     /// `tidegate-client`). A [`Registry`](crate::Registry) shares one set of
     /// metrics among its clients. Built inside a tokio runtime, it logs its
-    /// breaker's state changes from a task on that runtime.
+    /// breaker's state changes from a task on that runtime, and keeps a
+    /// timer set there that spares the time driver a wake-up per call
+    /// (see `keep_a_timer_set`); both stop with the last clone.
     pub fn new(config: ServiceConfig) -> Result<Self, FieldError> {
         Self::build(
             config,
