@@ -784,8 +784,8 @@ fn retry_once(result: &Result<Exchange, tidegate_resilience::Error<AttemptError>
 /// the wheel held nothing then, every timer set before the next park
 /// wakes the driver with a write to its eventfd, one system call per
 /// call of this client. A timer due before any a call sets keeps that
-/// from happening; it costs one wake-up per `lead` (capped below at
-/// 100 ms, so a tiny timeout does not make it a busy loop).
+/// from happening; it costs one wake-up per `lead` (at least 100 ms
+/// apart, so a tiny timeout does not make it a busy loop).
 async fn keep_a_timer_set(lead: Duration) {
     let period = lead.max(Duration::from_millis(100));
     loop {
