@@ -426,6 +426,8 @@ impl<T, E> Pipeline<T, E> {
         F: FnMut(Attempt) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        // Only the last attempt's end counts, and only if it got that far.
+        *ended = None;
         let p = &*self.policies;
         let passed = || Error::deadline_exceeded(p.deadline.unwrap_or_default());
         // One clock read serves every policy on the way in, one on the way out.
@@ -492,6 +494,7 @@ impl<T, E> Pipeline<T, E> {
 mod tests {
     use super::*;
     use crate::breaker::{CircuitState, Config as BreakerConfig};
+    use crate::ratelimit::{Algorithm, Limit, Quota};
     use crate::retry::{Config as RetryConfig, Jitter};
     use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -638,6 +641,21 @@ mod tests {
         let (done, ended) = falling_back.call_timed_at(start, slow, |_, _, _| {}).await;
         assert_eq!(done.unwrap(), 0);
         assert_eq!(ended - start, ms(350));
+
+        // A last attempt turned away before it ran read no clock: the end
+        // is after its backoff, not where the first attempt ended.
+        let limited: Pipeline<u32, &str> = Pipeline::builder()
+            .retry(retry())
+            .circuit_breaker(CircuitBreaker::default())
+            .rate_limiter(Arc::new(RateLimiter::new(Limit::new(
+                Algorithm::FixedWindow,
+                Quota::per_hour(1),
+            ))))
+            .build();
+        let start = Instant::now();
+        let (done, ended) = limited.call_timed_at(start, slow, |_, _, _| {}).await;
+        assert_eq!(done.unwrap_err().kind(), crate::ErrorKind::RateLimited);
+        assert_eq!(ended - start, ms(400));
     }
 
     #[tokio::test(start_paused = true)]
