@@ -15,6 +15,7 @@
 #![allow(clippy::disallowed_types)]
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -110,50 +111,75 @@ impl Bench {
         }
     }
 
-    /// One call of client `which`: 0 bare, 1 bare with the same headers, 2 tidegate.
-    fn call(&self, which: usize) -> impl std::future::Future<Output = Bytes> + Send + 'static {
-        let (bare, uri, tidegate) = (self.bare.clone(), self.uri.clone(), self.tidegate.clone());
-        async move {
-            match which {
-                0 => bare_get(&bare, &uri).await,
-                1 => bare_get_with_headers(&bare, &uri).await,
-                _ => tidegate.get("/ping").await.unwrap().into_body(),
+}
+
+/// Runs `$body` with `$make` bound to a closure that starts one call of
+/// client `$which` (0 bare, 1 bare with the same headers, 2 tidegate).
+/// Each client's call is a future of its own type, so a task holds only
+/// that client's state, as in a program that uses one of them.
+macro_rules! with_client {
+    ($bench:expr, $which:expr, |$make:ident| $body:expr) => {{
+        let bench: &Bench = $bench;
+        match $which {
+            0 => {
+                let $make = || {
+                    let (bare, uri) = (bench.bare.clone(), bench.uri.clone());
+                    async move { bare_get(&bare, &uri).await }
+                };
+                $body
+            }
+            1 => {
+                let $make = || {
+                    let (bare, uri) = (bench.bare.clone(), bench.uri.clone());
+                    async move { bare_get_with_headers(&bare, &uri).await }
+                };
+                $body
+            }
+            _ => {
+                let $make = || {
+                    let tidegate = bench.tidegate.clone();
+                    async move { tidegate.get("/ping").await.unwrap().into_body() }
+                };
+                $body
             }
         }
-    }
+    }};
+}
 
-    /// `IN_FLIGHT` calls of client `which` at once.
-    async fn batch(&self, which: usize) -> Vec<Bytes> {
-        let mut calls = JoinSet::new();
-        for _ in 0..IN_FLIGHT {
-            calls.spawn(self.call(which));
-        }
-        calls.join_all().await
+/// `IN_FLIGHT` calls at once, each a task.
+async fn batch<F>(make: impl Fn() -> F) -> Vec<Bytes>
+where
+    F: Future<Output = Bytes> + Send + 'static,
+{
+    let mut calls = JoinSet::new();
+    for _ in 0..IN_FLIGHT {
+        calls.spawn(make());
     }
+    calls.join_all().await
 }
 
 fn benches(c: &mut Criterion) {
     let bench = Bench::new();
-    for (group, batch) in [("sequential", 1), ("concurrent_32", IN_FLIGHT)] {
+    for (group, in_flight) in [("sequential", 1), ("concurrent_32", IN_FLIGHT)] {
         let mut group = c.benchmark_group(group);
-        group.throughput(Throughput::Elements(batch));
+        group.throughput(Throughput::Elements(in_flight));
         for (name, which) in [("hyper_util", 0), ("tidegate_client", 2)] {
-            group.bench_function(name, |b| {
+            with_client!(&bench, which, |make| group.bench_function(name, |b| {
                 b.to_async(&bench.rt).iter(|| async {
-                    if batch == 1 {
-                        bench.call(which).await;
+                    if in_flight == 1 {
+                        make().await;
                     } else {
-                        bench.batch(which).await;
+                        batch(make).await;
                     }
                 });
-            });
+            }));
         }
         group.finish();
     }
 }
 
 /// Requests per second of `calls` batches of `batch` calls each.
-fn rate<F: std::future::Future>(
+fn rate<F: Future>(
     rt: &Runtime,
     calls: u32,
     batch: u64,
@@ -217,11 +243,11 @@ fn ratio_run() {
         .unwrap_or(15);
     let bench = Bench::new();
     let run = |which: usize, concurrent: bool| {
-        if concurrent {
-            rate(&bench.rt, 200, IN_FLIGHT, || bench.batch(which))
+        with_client!(&bench, which, |make| if concurrent {
+            rate(&bench.rt, 200, IN_FLIGHT, || batch(make))
         } else {
-            rate(&bench.rt, 2000, 1, || bench.call(which))
-        }
+            rate(&bench.rt, 2000, 1, make)
+        })
     };
     // Warm-up: connections open, pools filled.
     for which in 0..3 {
@@ -263,16 +289,14 @@ fn ratio_run() {
 /// client's work alone.
 fn profile_run(which: usize) {
     let bench = Bench::new();
-    bench.rt.block_on(async {
-        for _ in 0..10 {
-            bench.batch(which).await;
-        }
-    });
     let batches = std::env::var("BATCHES")
         .ok()
         .and_then(|b| b.parse().ok())
         .unwrap_or(640);
-    let rate = rate(&bench.rt, batches, IN_FLIGHT, || bench.batch(which));
+    let rate = with_client!(&bench, which, |make| {
+        rate(&bench.rt, 10, IN_FLIGHT, || batch(make));
+        rate(&bench.rt, batches, IN_FLIGHT, || batch(make))
+    });
     println!(
         "client {which}: {rate:.0} req/s ({} calls)",
         u64::from(batches) * IN_FLIGHT
