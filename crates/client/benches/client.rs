@@ -110,7 +110,6 @@ impl Bench {
             tidegate,
         }
     }
-
 }
 
 /// Runs `$body` with `$make` bound to a closure that starts one call of
@@ -179,12 +178,7 @@ fn benches(c: &mut Criterion) {
 }
 
 /// Requests per second of `calls` batches of `batch` calls each.
-fn rate<F: Future>(
-    rt: &Runtime,
-    calls: u32,
-    batch: u64,
-    mut call: impl FnMut() -> F,
-) -> f64 {
+fn rate<F: Future>(rt: &Runtime, calls: u32, batch: u64, mut call: impl FnMut() -> F) -> f64 {
     let start = std::time::Instant::now();
     rt.block_on(async {
         for _ in 0..calls {

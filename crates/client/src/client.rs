@@ -1,5 +1,6 @@
 //! [`ServiceClient`]: one upstream service, every call through its policies.
 
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -331,37 +332,36 @@ impl ServiceClient {
     pub fn request<'a>(&'a self, method: Method, path: &'a str) -> RequestBuilder<'a> {
         RequestBuilder {
             client: self,
-            method,
-            path,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            error: None,
+            call: Call::new(method, path),
         }
     }
 
     /// `GET path`.
     pub async fn get(&self, path: &str) -> Result<Response, Error> {
-        self.request(Method::GET, path).send().await
+        self.fetch(Call::new(Method::GET, path)).await
     }
 
     /// `DELETE path`.
     pub async fn delete(&self, path: &str) -> Result<Response, Error> {
-        self.request(Method::DELETE, path).send().await
+        self.fetch(Call::new(Method::DELETE, path)).await
     }
 
     /// `POST path` with `body`.
     pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Result<Response, Error> {
-        self.request(Method::POST, path).body(body).send().await
+        self.fetch(Call::new(Method::POST, path).with_body(body.into()))
+            .await
     }
 
     /// `PUT path` with `body`.
     pub async fn put(&self, path: &str, body: impl Into<Bytes>) -> Result<Response, Error> {
-        self.request(Method::PUT, path).body(body).send().await
+        self.fetch(Call::new(Method::PUT, path).with_body(body.into()))
+            .await
     }
 
     /// `PATCH path` with `body`.
     pub async fn patch(&self, path: &str, body: impl Into<Bytes>) -> Result<Response, Error> {
-        self.request(Method::PATCH, path).body(body).send().await
+        self.fetch(Call::new(Method::PATCH, path).with_body(body.into()))
+            .await
     }
 
     /// `GET path`, the answer decoded from JSON.
@@ -410,32 +410,81 @@ impl ServiceClient {
 
     /// `GET path` with the body streamed as it arrives (large bodies, SSE).
     pub async fn get_stream(&self, path: &str) -> Result<StreamingResponse, Error> {
-        self.request(Method::GET, path).send_streaming().await
+        self.stream(Call::new(Method::GET, path)).await
+    }
+
+    /// Makes `call`, its answer read whole.
+    ///
+    /// Not an `async fn`, here and below: an `async fn` keeps a second copy
+    /// of its arguments in its future, and a block that borrows what it
+    /// captured does not. The future of a call is what every task that
+    /// makes one carries, so its size is paid on every call.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
+    fn fetch<'a>(
+        &'a self,
+        mut call: Call<'a>,
+    ) -> impl Future<Output = Result<Response, Error>> + Send + 'a {
+        async move {
+            if let Some(err) = call.invalid.take() {
+                return Err(err);
+            }
+            let (exchange, request_id, _active) = self.execute(&call).await?;
+            let (parts, payload) = exchange.into_parts();
+            let body = match payload {
+                Payload::Buffered(bytes) => bytes,
+                Payload::Streaming(_) => {
+                    unreachable!("a call that does not stream reads its body")
+                }
+            };
+            let service = self.inner.display.clone();
+            Ok(Response::new(parts, body, request_id, service))
+        }
+    }
+
+    /// Makes `call`, the body of a success left to stream.
+    fn stream<'a>(
+        &'a self,
+        mut call: Call<'a>,
+    ) -> impl Future<Output = Result<StreamingResponse, Error>> + Send + 'a {
+        call.streaming = true;
+        async move {
+            if let Some(err) = call.invalid.take() {
+                return Err(err);
+            }
+            let (exchange, request_id, active) = self.execute(&call).await?;
+            let (parts, payload) = exchange.into_parts();
+            let body = match payload {
+                Payload::Streaming(incoming) => incoming,
+                Payload::Buffered(_) => {
+                    unreachable!("a streaming call leaves success bodies unread")
+                }
+            };
+            let service = self.inner.display.clone();
+            Ok(StreamingResponse::new(
+                parts, body, request_id, service, active,
+            ))
+        }
     }
 
     fn error(&self, kind: ErrorKind, message: impl Into<String>) -> Error {
         Error::new(kind, &self.inner.display, message)
     }
 
-    async fn execute(
-        &self,
-        method: Method,
-        path: &str,
-        extra: HeaderMap,
-        body: Bytes,
-        streaming: bool,
-    ) -> Result<(Exchange, HeaderValue, Active), Error> {
+    /// Sends `call` through the pipeline, one attempt after another; the
+    /// answer, the correlation ID it went with, and its place in the count
+    /// of calls in flight.
+    async fn execute(&self, call: &Call<'_>) -> Result<(Exchange, HeaderValue, Active), Error> {
         let inner = &self.inner;
         let start = Instant::now();
         let context = Context::current().unwrap_or_default();
-        let request_id = context.correlation_id().clone();
         let Some(http) = inner.http.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Err(self
                 .error(ErrorKind::Closed, "client is closed")
-                .with_request_id(&request_id));
+                .with_request_id(context.correlation_id()));
         };
+        let (method, path) = (&call.method, call.path);
         // CONNECT's request target is the authority itself.
-        let authority = if method == Method::CONNECT {
+        let authority = if *method == Method::CONNECT {
             &inner.base.authority
         } else {
             &inner.authority
@@ -443,21 +492,21 @@ impl ServiceClient {
         let uri = inner.base.uri_at(authority, path).map_err(|e| {
             self.error(ErrorKind::InvalidRequest, format!("bad path `{path}`"))
                 .with_source(e)
-                .with_request_id(&request_id)
+                .with_request_id(context.correlation_id())
         })?;
 
-        let idempotent = headers::is_idempotent(&method)
-            || extra.contains_key(&headers::IDEMPOTENCY_KEY)
+        let idempotent = headers::is_idempotent(method)
+            || call
+                .extra
+                .as_ref()
+                .is_some_and(|extra| extra.contains_key(&headers::IDEMPOTENCY_KEY))
             || inner.keyed;
-        let retryable = idempotent && body.len() <= inner.max_replay_bytes;
-        let call = Call {
-            method: &method,
-            path,
+        let retryable = idempotent && call.body.len() <= inner.max_replay_bytes;
+        let sending = Sending {
+            http: &http,
+            call,
             uri: &uri,
-            extra: &extra,
             context: &context,
-            body: &body,
-            streaming,
         };
 
         let active = Active::new(inner);
@@ -469,7 +518,7 @@ impl ServiceClient {
         let (result, ended) = pipeline
             .call_timed_at(
                 start,
-                |attempt| self.attempt(&http, &call, attempt),
+                |attempt| self.attempt(&sending, attempt),
                 |result, number, delay| {
                     if let Err(err) = result {
                         tracing::warn!(
@@ -512,7 +561,7 @@ impl ServiceClient {
             &inner.series,
             &inner.source,
             &inner.name,
-            &method,
+            method,
             label,
             ended.saturating_duration_since(start).as_secs_f64(),
         );
@@ -523,7 +572,7 @@ impl ServiceClient {
                     "[{}] ✓ {method} {path} succeeded",
                     inner.display
                 );
-                Ok((exchange, request_id, active))
+                Ok((exchange, context.correlation_id().clone(), active))
             }
             Err(err) => {
                 if err.is_rejected_locally() {
@@ -539,20 +588,23 @@ impl ServiceClient {
                         inner.display
                     );
                 }
-                Err(err.with_request_id(&request_id))
+                Err(err.with_request_id(context.correlation_id()))
             }
         }
     }
 
     /// One attempt: send, wait for the head (and the body, unless
     /// streaming or the answer is a success), within the attempt timeout.
-    async fn attempt(
+    ///
+    /// The request is built and handed to hyper before the future is made,
+    /// so the future holds only what it waits on (see [`fetch`](Self::fetch)).
+    fn attempt(
         &self,
-        http: &HttpClient,
-        call: &Call<'_>,
+        sending: &Sending<'_>,
         attempt: Attempt,
-    ) -> Result<Exchange, AttemptError> {
+    ) -> impl Future<Output = Result<Exchange, AttemptError>> + Send + 'static {
         let inner = &*self.inner;
+        let call = sending.call;
         tracing::debug!(
             service = &*inner.display,
             "[{}] {} {} (attempt {}/{})",
@@ -564,41 +616,44 @@ impl ServiceClient {
         );
         let mut request = Request::new(Full::new(call.body.clone()));
         *request.method_mut() = call.method.clone();
-        *request.uri_mut() = call.uri.clone();
+        *request.uri_mut() = sending.uri.clone();
         *request.version_mut() = Version::HTTP_11;
         // One head per attempt, each attempt a span of its own.
-        *request.headers_mut() =
-            inner
-                .template
-                .head(call.context, attempt.remaining_at_start(), call.extra);
-        let response = http.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                AttemptError::Connect(e)
-            } else {
-                AttemptError::Broken(e.into())
+        *request.headers_mut() = inner.template.head(
+            sending.context,
+            attempt.remaining_at_start(),
+            call.extra.as_deref(),
+        );
+        let sent = sending.http.request(request);
+        let (streaming, cap) = (call.streaming, inner.max_response_bytes);
+        async move {
+            let response = sent.await.map_err(|e| {
+                if e.is_connect() {
+                    AttemptError::Connect(e)
+                } else {
+                    AttemptError::Broken(e.into())
+                }
+            })?;
+            let (parts, incoming) = response.into_parts();
+            if streaming && parts.status.as_u16() < 400 {
+                return Ok(http::Response::from_parts(
+                    parts,
+                    Payload::Streaming(incoming),
+                ));
             }
-        })?;
-        let (parts, incoming) = response.into_parts();
-        if call.streaming && parts.status.as_u16() < 400 {
-            return Ok(http::Response::from_parts(
-                parts,
-                Payload::Streaming(incoming),
-            ));
-        }
-        let bytes = read_body(incoming, inner.max_response_bytes)
-            .await
-            .map_err(|e| match e {
+            let bytes = read_body(incoming, cap).await.map_err(|e| match e {
                 ReadError::TooLarge => AttemptError::TooLarge,
                 ReadError::Broken(error) => AttemptError::Broken(error),
             })?;
-        if headers::is_retryable_status(parts.status) {
-            return Err(AttemptError::Status {
-                status: parts.status,
-                headers: parts.headers,
-                body: bytes,
-            });
+            if headers::is_retryable_status(parts.status) {
+                return Err(AttemptError::Status {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: bytes,
+                });
+            }
+            Ok(http::Response::from_parts(parts, Payload::Buffered(bytes)))
         }
-        Ok(http::Response::from_parts(parts, Payload::Buffered(bytes)))
     }
 
     /// The error of a failed call.
@@ -678,16 +733,45 @@ impl ServiceClient {
     }
 }
 
-/// What every attempt of one call sends.
+/// What a call sends, as the caller gave it; every attempt sends it again.
+#[derive(Debug)]
 struct Call<'a> {
-    method: &'a Method,
+    method: Method,
     path: &'a str,
-    uri: &'a Uri,
-    /// Headers of this call, over the client's defaults.
-    extra: &'a HeaderMap,
-    context: &'a Context,
-    body: &'a Bytes,
+    /// Headers of this call, over the client's defaults; boxed, as most
+    /// calls have none and every call's future holds this.
+    extra: Option<Box<HeaderMap>>,
+    body: Bytes,
     streaming: bool,
+    /// Why the request cannot be sent, found while it was built: the call
+    /// returns it and sends nothing.
+    invalid: Option<Error>,
+}
+
+impl<'a> Call<'a> {
+    fn new(method: Method, path: &'a str) -> Self {
+        Call {
+            method,
+            path,
+            extra: None,
+            body: Bytes::new(),
+            streaming: false,
+            invalid: None,
+        }
+    }
+
+    fn with_body(mut self, body: Bytes) -> Self {
+        self.body = body;
+        self
+    }
+}
+
+/// A call under way: what each attempt needs besides its [`Attempt`].
+struct Sending<'a> {
+    http: &'a HttpClient,
+    call: &'a Call<'a>,
+    uri: &'a Uri,
+    context: &'a Context,
 }
 
 enum ReadError {
@@ -698,35 +782,38 @@ enum ReadError {
 /// The whole of `body`, refused past `cap` bytes (at once when its length
 /// is announced). A body that comes in one chunk, as most do, is that
 /// chunk: nothing is listed or copied.
-async fn read_body(mut body: Incoming, cap: usize) -> Result<Bytes, ReadError> {
-    if body.size_hint().lower() > cap as u64 {
-        return Err(ReadError::TooLarge);
-    }
-    let mut first = Bytes::new();
-    let mut joined: Option<BytesMut> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ReadError::Broken(e.into()))?;
-        // Trailers are not kept.
-        let Ok(chunk) = frame.into_data() else {
-            continue;
-        };
-        let len = joined.as_ref().map_or(first.len(), BytesMut::len);
-        if chunk.len() > cap - len {
+#[allow(clippy::manual_async_fn)] // an `async fn` would hold `body` twice
+fn read_body(mut body: Incoming, cap: usize) -> impl Future<Output = Result<Bytes, ReadError>> {
+    async move {
+        if body.size_hint().lower() > cap as u64 {
             return Err(ReadError::TooLarge);
         }
-        match &mut joined {
-            Some(all) => all.extend_from_slice(&chunk),
-            None if first.is_empty() => first = chunk,
-            None => {
-                let hint = usize::try_from(body.size_hint().lower()).unwrap_or(0);
-                let mut all = BytesMut::with_capacity((len + chunk.len() + hint).min(cap));
-                all.extend_from_slice(&first);
-                all.extend_from_slice(&chunk);
-                joined = Some(all);
+        let mut first = Bytes::new();
+        let mut joined: Option<BytesMut> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ReadError::Broken(e.into()))?;
+            // Trailers are not kept.
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
+            let len = joined.as_ref().map_or(first.len(), BytesMut::len);
+            if chunk.len() > cap - len {
+                return Err(ReadError::TooLarge);
+            }
+            match &mut joined {
+                Some(all) => all.extend_from_slice(&chunk),
+                None if first.is_empty() => first = chunk,
+                None => {
+                    let hint = usize::try_from(body.size_hint().lower()).unwrap_or(0);
+                    let mut all = BytesMut::with_capacity((len + chunk.len() + hint).min(cap));
+                    all.extend_from_slice(&first);
+                    all.extend_from_slice(&chunk);
+                    joined = Some(all);
+                }
             }
         }
+        Ok(joined.map_or(first, BytesMut::freeze))
     }
-    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// How an attempt counts for the breaker: 5xx answers and failed exchanges
@@ -843,14 +930,10 @@ async fn log_transitions(
 #[derive(Debug)]
 pub struct RequestBuilder<'a> {
     client: &'a ServiceClient,
-    method: Method,
-    path: &'a str,
-    headers: HeaderMap,
-    body: Bytes,
-    error: Option<Error>,
+    call: Call<'a>,
 }
 
-impl RequestBuilder<'_> {
+impl<'a> RequestBuilder<'a> {
     /// Adds a header (replacing one of the same name).
     pub fn header<K, V>(mut self, name: K, value: V) -> Self
     where
@@ -859,10 +942,13 @@ impl RequestBuilder<'_> {
     {
         match (HeaderName::try_from(name), HeaderValue::try_from(value)) {
             (Ok(name), Ok(value)) => {
-                self.headers.insert(name, value);
+                self.call
+                    .extra
+                    .get_or_insert_with(Box::default)
+                    .insert(name, value);
             }
             _ => {
-                self.error.get_or_insert_with(|| {
+                self.call.invalid.get_or_insert_with(|| {
                     self.client
                         .error(ErrorKind::InvalidRequest, "invalid header name or value")
                 });
@@ -879,7 +965,7 @@ impl RequestBuilder<'_> {
 
     /// The body.
     pub fn body(mut self, body: impl Into<Bytes>) -> Self {
-        self.body = body.into();
+        self.call.body = body.into();
         self
     }
 
@@ -887,14 +973,14 @@ impl RequestBuilder<'_> {
     pub fn json<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
         match serde_json::to_vec(value) {
             Ok(json) => {
-                self.body = json.into();
-                self.headers.insert(
+                self.call.body = json.into();
+                self.call.extra.get_or_insert_with(Box::default).insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
             }
             Err(e) => {
-                self.error.get_or_insert_with(|| {
+                self.call.invalid.get_or_insert_with(|| {
                     self.client
                         .error(ErrorKind::InvalidRequest, "body does not serialize to JSON")
                         .with_source(e)
@@ -906,21 +992,8 @@ impl RequestBuilder<'_> {
 
     /// Sends the request; the answer is read whole. A 4xx or 5xx answer is
     /// an [`Error`] of the matching kind, with its status and body.
-    pub async fn send(self) -> Result<Response, Error> {
-        if let Some(err) = self.error {
-            return Err(err);
-        }
-        let service = self.client.inner.display.clone();
-        let (exchange, request_id, _active) = self
-            .client
-            .execute(self.method, self.path, self.headers, self.body, false)
-            .await?;
-        let (parts, payload) = exchange.into_parts();
-        let body = match payload {
-            Payload::Buffered(bytes) => bytes,
-            Payload::Streaming(_) => unreachable!("a call that does not stream reads its body"),
-        };
-        Ok(Response::new(parts, body, request_id, service))
+    pub fn send(self) -> impl Future<Output = Result<Response, Error>> + Send + 'a {
+        self.client.fetch(self.call)
     }
 
     /// Sends the request and decodes the JSON answer.
@@ -931,22 +1004,27 @@ impl RequestBuilder<'_> {
     /// Sends the request; the answer's body streams as it arrives (no size
     /// limit). Retries end once the head of a success arrived; an error
     /// answer is read whole and returned as an [`Error`].
-    pub async fn send_streaming(self) -> Result<StreamingResponse, Error> {
-        if let Some(err) = self.error {
-            return Err(err);
-        }
-        let service = self.client.inner.display.clone();
-        let (exchange, request_id, active) = self
-            .client
-            .execute(self.method, self.path, self.headers, self.body, true)
-            .await?;
-        let (parts, payload) = exchange.into_parts();
-        let body = match payload {
-            Payload::Streaming(incoming) => incoming,
-            Payload::Buffered(_) => unreachable!("a streaming call leaves success bodies unread"),
-        };
-        Ok(StreamingResponse::new(
-            parts, body, request_id, service, active,
-        ))
+    pub fn send_streaming(
+        self,
+    ) -> impl Future<Output = Result<StreamingResponse, Error>> + Send + 'a {
+        self.client.stream(self.call)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every task that makes a call carries its future: moved into the
+    /// task, written over as it ends. At 2.8 KB it cost 3% of the calls a
+    /// second with 32 in flight; it is 1.2 KB now, and this keeps it near.
+    #[test]
+    fn the_future_of_a_call_stays_small() {
+        let config = ServiceConfig::new("billing", "http://127.0.0.1:1").unwrap();
+        let client = ServiceClient::new(config).unwrap();
+        let get = std::mem::size_of_val(&client.get("/"));
+        assert!(get <= 1536, "get: {get} bytes");
+        let send = std::mem::size_of_val(&client.request(Method::POST, "/").send());
+        assert!(send <= 1536, "send: {send} bytes");
     }
 }

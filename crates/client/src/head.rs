@@ -67,7 +67,7 @@ impl Template {
         &self,
         context: &Context,
         left: Option<Duration>,
-        own: &HeaderMap,
+        own: Option<&HeaderMap>,
     ) -> HeaderMap {
         let mut head = self.head.clone();
         // A policy with a deadline gives every attempt the time left.
@@ -84,7 +84,7 @@ impl Template {
             // Should one not, the header goes rather than go out empty.
             head.remove(&DEADLINE_MS);
         }
-        for (name, value) in own {
+        for (name, value) in own.into_iter().flatten() {
             if !is_propagated(name) {
                 head.insert(name, value.clone());
             }
@@ -129,11 +129,7 @@ mod tests {
         let authority: Authority = "10.0.0.1:8080".parse().unwrap();
         let template = Template::new(defaults(), &authority, false, true);
         let context = Context::default();
-        let head = template.head(
-            &context,
-            Some(Duration::from_millis(1234)),
-            &HeaderMap::new(),
-        );
+        let head = template.head(&context, Some(Duration::from_millis(1234)), None);
         assert_eq!(
             names(&head),
             [
@@ -164,7 +160,7 @@ mod tests {
         own.insert(&DEADLINE_MS, HeaderValue::from_static("1"));
         own.insert("x-extra", HeaderValue::from_static("yes"));
         let context = Context::default();
-        let head = template.head(&context, Some(Duration::from_secs(2)), &own);
+        let head = template.head(&context, Some(Duration::from_secs(2)), Some(&own));
         assert_eq!(head["host"], "svc", "port 80 is left out");
         assert_eq!(head["x-correlation-id"], context.correlation_id());
         assert_eq!(head["x-tidegate-deadline-ms"], "2000");
@@ -177,13 +173,13 @@ mod tests {
     fn http2_has_no_host_and_no_deadline_without_one() {
         let authority: Authority = "svc:81".parse().unwrap();
         let template = Template::new(HeaderMap::new(), &authority, true, false);
-        let head = template.head(&Context::default(), None, &HeaderMap::new());
+        let head = template.head(&Context::default(), None, None);
         assert_eq!(names(&head), ["x-correlation-id", "traceparent"]);
 
         let mut defaults = HeaderMap::new();
         defaults.insert(header::HOST, HeaderValue::from_static("virtual"));
         let template = Template::new(defaults, &authority, false, false);
-        let head = template.head(&Context::default(), None, &HeaderMap::new());
+        let head = template.head(&Context::default(), None, None);
         assert_eq!(head["host"], "virtual", "a configured Host is kept");
     }
 }

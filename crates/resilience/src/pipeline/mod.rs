@@ -32,6 +32,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ use crate::breaker::{CircuitBreaker, Outcome};
 use crate::bulkhead::Bulkhead;
 use crate::config::{ConfigError, PolicyConfig};
 use crate::ratelimit::RateLimiter;
-use crate::retry::{Attempt, Next, Retry, RetryAction, RetryTransient, ShouldRetry};
+use crate::retry::{Attempt, Next, Retry, RetryAction, RetryTransient, Schedule, ShouldRetry};
 use crate::throttle::AdaptiveThrottle;
 use crate::{BoxFuture, Error};
 
@@ -63,6 +64,13 @@ struct Policies<T, E> {
     classify: Option<ClassifyFn<T, E>>,
     retry_on: Option<RetryFn<T, E>>,
     fallback: Option<(WhenFn<E>, HandlerFn<T, E>)>,
+}
+
+/// What a call answers once its attempts are over.
+enum Answer<T, E> {
+    Done(Result<T, Error<E>>),
+    /// The fallback answers it.
+    FallBack(BoxFuture<Result<T, Error<E>>>),
 }
 
 /// Policies composed in the documented order; clones share their state.
@@ -299,10 +307,11 @@ impl<T, E> Pipeline<T, E> {
 
     /// Runs `op` through every policy. `op` is called once per attempt and
     /// learns the attempt number and the remaining deadline from [`Attempt`].
-    pub async fn call<F, Fut>(&self, op: F) -> Result<T, Error<E>>
+    /// The clock starts when the call is first polled.
+    pub async fn call<'a, F, Fut>(&'a self, op: F) -> Result<T, Error<E>>
     where
-        F: FnMut(Attempt) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        F: FnMut(Attempt) -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
     {
         self.call_observed_at(Instant::now(), op, |_, _, _| {})
             .await
@@ -311,43 +320,50 @@ impl<T, E> Pipeline<T, E> {
     /// [`call`](Pipeline::call) at `now`, the time as the caller just read
     /// it (one read of the clock serves both): the deadline runs from
     /// there, and the first attempt begins there.
-    pub async fn call_at<F, Fut>(&self, now: Instant, op: F) -> Result<T, Error<E>>
+    pub fn call_at<'a, F, Fut>(
+        &'a self,
+        now: Instant,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
-        F: FnMut(Attempt) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        F: FnMut(Attempt) -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
     {
-        self.call_observed_at(now, op, |_, _, _| {}).await
+        self.call_observed_at(now, op, |_, _, _| {})
     }
 
     /// [`call`](Pipeline::call), telling `on_retry` of every retry before
     /// its backoff: the result being retried, the number of the attempt
     /// that gave it, and the delay before the next one.
-    pub async fn call_observed<F, Fut, R>(&self, op: F, on_retry: R) -> Result<T, Error<E>>
+    pub async fn call_observed<'a, F, Fut, R>(&'a self, op: F, on_retry: R) -> Result<T, Error<E>>
     where
-        F: FnMut(Attempt) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+        F: FnMut(Attempt) -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
         self.call_observed_at(Instant::now(), op, on_retry).await
     }
 
     /// [`call_observed`](Pipeline::call_observed) at `now`, the time as
     /// the caller just read it (see [`call_at`](Pipeline::call_at)).
-    pub async fn call_observed_at<F, Fut, R>(
-        &self,
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments: see `run`
+    pub fn call_observed_at<'a, F, Fut, R>(
+        &'a self,
         now: Instant,
         op: F,
         on_retry: R,
-    ) -> Result<T, Error<E>>
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
-        F: FnMut(Attempt) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+        F: FnMut(Attempt) -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
-        let result = self.run(now, op, on_retry, &mut None).await;
-        match (&self.policies.fallback, result) {
-            (Some((when, handler)), Err(err)) if when(&err) => handler(err).await,
-            (_, result) => result,
+        async move {
+            let (result, _) = self.run(now, op, on_retry).await;
+            match self.answer(result) {
+                Answer::Done(result) => result,
+                Answer::FallBack(fallback) => fallback.await,
+            }
         }
     }
 
@@ -356,137 +372,191 @@ impl<T, E> Pipeline<T, E> {
     /// breaker, so a caller that times the whole call (for a metric) need
     /// not read the clock again. Read afresh when nothing read it: no
     /// breaker, or a fallback answered.
-    pub async fn call_timed_at<F, Fut, R>(
-        &self,
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments: see `run`
+    pub fn call_timed_at<'a, F, Fut, R>(
+        &'a self,
         now: Instant,
         op: F,
         on_retry: R,
-    ) -> (Result<T, Error<E>>, Instant)
+    ) -> impl Future<Output = (Result<T, Error<E>>, Instant)> + 'a
     where
-        F: FnMut(Attempt) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+        F: FnMut(Attempt) -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
-        let mut ended = None;
-        let result = self.run(now, op, on_retry, &mut ended).await;
-        match (&self.policies.fallback, result) {
-            (Some((when, handler)), Err(err)) if when(&err) => (handler(err).await, Instant::now()),
-            (_, result) => (result, ended.unwrap_or_else(Instant::now)),
+        async move {
+            // The result is moved on, never borrowed here: a borrowed local
+            // keeps its room in the future across every await.
+            let (result, ended) = self.run(now, op, on_retry).await;
+            match self.answer(result) {
+                Answer::Done(result) => (result, ended.unwrap_or_else(Instant::now)),
+                Answer::FallBack(fallback) => (fallback.await, Instant::now()),
+            }
         }
     }
 
-    async fn run<F, Fut, R>(
-        &self,
+    /// What the call answers with `result`: itself, or the fallback's answer.
+    fn answer(&self, result: Result<T, Error<E>>) -> Answer<T, E> {
+        match (&self.policies.fallback, result) {
+            (Some((when, handler)), Err(err)) if when(&err) => Answer::FallBack(handler(err)),
+            (_, result) => Answer::Done(result),
+        }
+    }
+
+    /// Every attempt of a call, with the backoffs between them.
+    ///
+    /// Not an `async fn`, nor is [`attempt`](Self::attempt): an `async fn`
+    /// keeps a second copy of its arguments in its future, and a block that
+    /// uses what it captured where it lies does not. The caller's task
+    /// carries this future, so its size is paid on every call.
+    ///
+    /// Returns the time the call ended too, if the breaker read it (see
+    /// [`call_timed_at`](Self::call_timed_at)).
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments: see above
+    fn run<'a, F, Fut, R>(
+        &'a self,
         start: Instant,
         mut op: F,
         mut on_retry: R,
-        ended: &mut Option<Instant>,
-    ) -> Result<T, Error<E>>
+    ) -> impl Future<Output = (Result<T, Error<E>>, Option<Instant>)> + 'a
     where
-        F: FnMut(Attempt) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+        F: FnMut(Attempt) -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
-        let p = &*self.policies;
-        let deadline = p.deadline.map(|d| start + d);
-        let Some(retry) = &p.retry else {
-            let attempt = Attempt::new(1, 1, deadline);
-            return self.attempt(&mut op, attempt, deadline, start, ended).await;
-        };
-        let mut schedule = retry.start(start);
-        let mut now = start;
-        loop {
-            let attempt = schedule.attempt(deadline);
-            let number = attempt.number();
-            let result = self.attempt(&mut op, attempt, deadline, now, ended).await;
-            let action = match &p.retry_on {
-                Some(retry_on) => retry_on(&result),
-                None => RetryTransient.should_retry(&result),
-            };
-            match schedule.next(action, deadline) {
-                Next::After(delay) => {
-                    on_retry(&result, number, delay);
-                    tokio::time::sleep(delay).await;
-                }
-                Next::Stop { exhausted } => return schedule.finish(result, exhausted),
+        async move {
+            let p = &*self.policies;
+            let deadline = p.deadline.map(|d| start + d);
+            let mut schedule = p.retry.as_ref().map(|retry| retry.start(start));
+            let mut now = start;
+            let mut ended = None;
+            // One place awaits an attempt, with or without retries: each
+            // place would have a slot of its own in this future.
+            loop {
+                let (number, max) = schedule.as_ref().map_or((1, 1), Schedule::numbers);
+                let result = self
+                    .attempt(&mut op, (number, max), deadline, now, &mut ended)
+                    .await;
+                // The result is moved on, never borrowed here: a borrowed
+                // local keeps its room in the future across every await.
+                let delay =
+                    match self.next(schedule.as_mut(), result, number, deadline, &mut on_retry) {
+                        ControlFlow::Continue(delay) => delay,
+                        ControlFlow::Break(result) => return (result, ended),
+                    };
+                tokio::time::sleep(delay).await;
+                now = Instant::now();
             }
-            now = Instant::now();
         }
     }
 
-    async fn attempt<F, Fut>(
+    /// After attempt `number`: the delay before the next, or the call's result.
+    fn next<R>(
         &self,
-        op: &mut F,
-        attempt: Attempt,
+        schedule: Option<&mut Schedule<'_>>,
+        result: Result<T, Error<E>>,
+        number: u32,
+        deadline: Option<Instant>,
+        on_retry: &mut R,
+    ) -> ControlFlow<Result<T, Error<E>>, Duration>
+    where
+        R: FnMut(&Result<T, Error<E>>, u32, Duration),
+    {
+        let Some(schedule) = schedule else {
+            return ControlFlow::Break(result);
+        };
+        let action = match &self.policies.retry_on {
+            Some(retry_on) => retry_on(&result),
+            None => RetryTransient.should_retry(&result),
+        };
+        match schedule.next(action, deadline) {
+            Next::After(delay) => {
+                on_retry(&result, number, delay);
+                ControlFlow::Continue(delay)
+            }
+            Next::Stop { exhausted } => ControlFlow::Break(schedule.finish(result, exhausted)),
+        }
+    }
+
+    /// One attempt through breaker, throttle, limiter, bulkhead and timeout.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments: see `run`
+    fn attempt<'a, F, Fut>(
+        &'a self,
+        op: &'a mut F,
+        (number, max): (u32, u32),
         deadline: Option<Instant>,
         now: Instant,
-        ended: &mut Option<Instant>,
-    ) -> Result<T, Error<E>>
+        ended: &'a mut Option<Instant>,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
         F: FnMut(Attempt) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        Fut: Future<Output = Result<T, E>> + 'a,
     {
-        // Only the last attempt's end counts, and only if it got that far.
-        *ended = None;
-        let p = &*self.policies;
-        let passed = || Error::deadline_exceeded(p.deadline.unwrap_or_default());
-        // One clock read serves every policy on the way in, one on the way out.
-        let breaker = p
-            .breaker
-            .as_ref()
-            .map(|b| b.try_acquire_at(now))
-            .transpose()?;
-        let throttle = p.throttle.as_ref().map(|t| t.try_acquire()).transpose()?;
-        if let Some(limiter) = &p.limiter {
-            limiter.admit_at(now, 1)?;
-        }
-        // A free slot is taken at once; only a wait in the queue moves the clock on.
-        let (_slot, now) = match &p.bulkhead {
-            None => (None, now),
-            Some(b) => match b.try_acquire() {
-                Ok(slot) => (Some(slot), now),
-                Err(_) => {
-                    let slot = match deadline {
-                        None => b.acquire().await?,
-                        Some(at) => timeout_at(at, b.acquire()).await.map_err(|_| passed())??,
-                    };
-                    (Some(slot), Instant::now())
-                }
-            },
-        };
+        async move {
+            // Only the last attempt's end counts, and only if it got that far.
+            *ended = None;
+            let p = &*self.policies;
+            let passed = || Error::deadline_exceeded(p.deadline.unwrap_or_default());
+            // One clock read serves every policy on the way in, one on the way out.
+            let breaker = p
+                .breaker
+                .as_ref()
+                .map(|b| b.try_acquire_at(now))
+                .transpose()?;
+            let throttle = p.throttle.as_ref().map(|t| t.try_acquire()).transpose()?;
+            if let Some(limiter) = &p.limiter {
+                limiter.admit_at(now, 1)?;
+            }
+            // A free slot is taken at once; only a wait in the queue moves the clock on.
+            let (_slot, begun) = match &p.bulkhead {
+                None => (None, now),
+                Some(b) => match b.try_acquire() {
+                    Ok(slot) => (Some(slot), now),
+                    Err(_) => {
+                        let slot = match deadline {
+                            None => b.acquire().await?,
+                            Some(at) => {
+                                timeout_at(at, b.acquire()).await.map_err(|_| passed())??
+                            }
+                        };
+                        (Some(slot), Instant::now())
+                    }
+                },
+            };
 
-        let attempt_end = p.timeout.map(|t| now + t);
-        let cut = match (attempt_end, deadline) {
-            (Some(a), Some(d)) => Some((a.min(d), d <= a)),
-            (Some(a), None) => Some((a, false)),
-            (None, Some(d)) => Some((d, true)),
-            (None, None) => None,
-        };
-        let attempt = attempt.beginning(now, cut);
-        let timer = cut.filter(|_| !p.cut_by_operation);
-        let timed: Result<Result<T, E>, Error<E>> = match timer {
-            None => Ok(op(attempt).await),
-            Some((at, is_deadline)) => match timeout_at(at, op(attempt)).await {
-                Ok(result) => Ok(result),
-                Err(_) if is_deadline => Err(passed()),
-                Err(_) => Err(Error::timeout(p.timeout.unwrap_or_default())),
-            },
-        };
-        let outcome = match (&timed, &p.classify) {
-            (Err(_), _) => Outcome::Failure,
-            (Ok(result), Some(classify)) => classify(result),
-            (Ok(Ok(_)), None) => Outcome::Success,
-            (Ok(Err(_)), None) => Outcome::Failure,
-        };
-        if let Some(permit) = breaker {
-            let now = Instant::now();
-            permit.record_at(outcome, now);
-            *ended = Some(now);
+            let attempt_end = p.timeout.map(|t| begun + t);
+            let cut = match (attempt_end, deadline) {
+                (Some(a), Some(d)) => Some((a.min(d), d <= a)),
+                (Some(a), None) => Some((a, false)),
+                (None, Some(d)) => Some((d, true)),
+                (None, None) => None,
+            };
+            let run = op(Attempt::new(number, max, deadline).beginning(begun, cut));
+            let timer = cut.filter(|_| !p.cut_by_operation);
+            let timed: Result<Result<T, E>, Error<E>> = match timer {
+                None => Ok(run.await),
+                Some((at, is_deadline)) => match timeout_at(at, run).await {
+                    Ok(result) => Ok(result),
+                    Err(_) if is_deadline => Err(passed()),
+                    Err(_) => Err(Error::timeout(p.timeout.unwrap_or_default())),
+                },
+            };
+            let outcome = match (&timed, &p.classify) {
+                (Err(_), _) => Outcome::Failure,
+                (Ok(result), Some(classify)) => classify(result),
+                (Ok(Ok(_)), None) => Outcome::Success,
+                (Ok(Err(_)), None) => Outcome::Failure,
+            };
+            if let Some(permit) = breaker {
+                let now = Instant::now();
+                permit.record_at(outcome, now);
+                *ended = Some(now);
+            }
+            if let Some(permit) = throttle {
+                permit.record(outcome);
+            }
+            timed.and_then(|result| result.map_err(Error::inner_error))
         }
-        if let Some(permit) = throttle {
-            permit.record(outcome);
-        }
-        timed.and_then(|result| result.map_err(Error::inner_error))
     }
 }
 

@@ -277,7 +277,13 @@ pub(crate) enum Next {
 
 impl Schedule<'_> {
     pub(crate) fn attempt(&self, deadline: Option<Instant>) -> Attempt {
-        Attempt::new(self.attempts, self.retry.config.max_attempts, deadline)
+        let (number, max) = self.numbers();
+        Attempt::new(number, max, deadline)
+    }
+
+    /// The number of the next attempt, and the most attempts allowed.
+    pub(crate) fn numbers(&self) -> (u32, u32) {
+        (self.attempts, self.retry.config.max_attempts)
     }
 
     pub(crate) fn next(&mut self, action: RetryAction, deadline: Option<Instant>) -> Next {
