@@ -1,5 +1,6 @@
 //! [`ServiceClient`]: one upstream service, every call through its policies.
 
+use std::borrow::Borrow;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -148,25 +149,27 @@ impl std::fmt::Debug for Payload {
     }
 }
 
-/// Counts a call in `active_service_connections` until dropped.
-pub(crate) struct Active(Arc<Inner>);
+/// Counts a call in `active_service_connections` until dropped: a borrow
+/// of the gauge while the call's future lives, a handle of its own past
+/// the call for a streamed body.
+pub(crate) struct Active<G: Borrow<Gauge> = Gauge>(G);
 
-impl std::fmt::Debug for Active {
+impl<G: Borrow<Gauge>> std::fmt::Debug for Active<G> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Active")
     }
 }
 
-impl Active {
-    fn new(inner: &Arc<Inner>) -> Self {
-        inner.active.inc();
-        Active(inner.clone())
+impl<G: Borrow<Gauge>> Active<G> {
+    fn new(gauge: G) -> Self {
+        gauge.borrow().inc();
+        Active(gauge)
     }
 }
 
-impl Drop for Active {
+impl<G: Borrow<Gauge>> Drop for Active<G> {
     fn drop(&mut self) {
-        self.0.active.dec();
+        self.0.borrow().dec();
     }
 }
 
@@ -428,7 +431,8 @@ impl ServiceClient {
             if let Some(err) = call.invalid.take() {
                 return Err(err);
             }
-            let (exchange, request_id, _active) = self.execute(&call).await?;
+            let _active = Active::new(&self.inner.active);
+            let (exchange, request_id) = self.execute(&call).await?;
             let (parts, payload) = exchange.into_parts();
             let body = match payload {
                 Payload::Buffered(bytes) => bytes,
@@ -451,7 +455,9 @@ impl ServiceClient {
             if let Some(err) = call.invalid.take() {
                 return Err(err);
             }
-            let (exchange, request_id, active) = self.execute(&call).await?;
+            // The call counts until its body ends.
+            let active = Active::new(self.inner.active.clone());
+            let (exchange, request_id) = self.execute(&call).await?;
             let (parts, payload) = exchange.into_parts();
             let body = match payload {
                 Payload::Streaming(incoming) => incoming,
@@ -470,10 +476,9 @@ impl ServiceClient {
         Error::new(kind, &self.inner.display, message)
     }
 
-    /// Sends `call` through the pipeline, one attempt after another; the
-    /// answer, the correlation ID it went with, and its place in the count
-    /// of calls in flight.
-    async fn execute(&self, call: &Call<'_>) -> Result<(Exchange, HeaderValue, Active), Error> {
+    /// Sends `call` through the pipeline, one attempt after another: the
+    /// answer, and the correlation ID it went with.
+    async fn execute(&self, call: &Call<'_>) -> Result<(Exchange, HeaderValue), Error> {
         let inner = &self.inner;
         let start = Instant::now();
         let context = Context::current().unwrap_or_default();
@@ -509,7 +514,6 @@ impl ServiceClient {
             context: &context,
         };
 
-        let active = Active::new(inner);
         let pipeline = if retryable {
             &inner.resend
         } else {
@@ -572,7 +576,7 @@ impl ServiceClient {
                     "[{}] ✓ {method} {path} succeeded",
                     inner.display
                 );
-                Ok((exchange, context.correlation_id().clone(), active))
+                Ok((exchange, context.correlation_id().clone()))
             }
             Err(err) => {
                 if err.is_rejected_locally() {
