@@ -478,29 +478,29 @@ impl ServiceClient {
 
     /// Sends `call` through the pipeline, one attempt after another: the
     /// answer, and the correlation ID it went with.
+    ///
+    /// Everything but the way of a success is in `#[cold]` functions of its
+    /// own (errors, logs): this function is most of a call's code, and what
+    /// runs on every call then lies close together.
     async fn execute(&self, call: &Call<'_>) -> Result<(Exchange, HeaderValue), Error> {
         let inner = &self.inner;
         let start = Instant::now();
         let context = Context::current().unwrap_or_default();
         let Some(http) = inner.http.read().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Err(self
-                .error(ErrorKind::Closed, "client is closed")
-                .with_request_id(context.correlation_id()));
+            return Err(self.refused(ErrorKind::Closed, "client is closed".into(), &context));
         };
-        let (method, path) = (&call.method, call.path);
         // CONNECT's request target is the authority itself.
-        let authority = if *method == Method::CONNECT {
+        let authority = if call.method == Method::CONNECT {
             &inner.base.authority
         } else {
             &inner.authority
         };
-        let uri = inner.base.uri_at(authority, path).map_err(|e| {
-            self.error(ErrorKind::InvalidRequest, format!("bad path `{path}`"))
-                .with_source(e)
-                .with_request_id(context.correlation_id())
-        })?;
+        let uri = match inner.base.uri_at(authority, call.path) {
+            Ok(uri) => uri,
+            Err(e) => return Err(self.bad_path(call.path, e, &context)),
+        };
 
-        let idempotent = headers::is_idempotent(method)
+        let idempotent = headers::is_idempotent(&call.method)
             || call
                 .extra
                 .as_ref()
@@ -523,26 +523,60 @@ impl ServiceClient {
             .call_timed_at(
                 start,
                 |attempt| self.attempt(&sending, attempt),
-                |result, number, delay| {
-                    if let Err(err) = result {
-                        tracing::warn!(
-                            service = &*inner.display,
-                            "[{}] {method} {path} failed on attempt {number}/{}: {err}",
-                            inner.display,
-                            inner.max_attempts,
-                        );
-                    }
-                    tracing::info!(
-                        service = &*inner.display,
-                        "[{}] retrying in {:.1?}",
-                        inner.display,
-                        delay
-                    );
-                },
+                |result, number, delay| self.log_retry(call, result, number, delay),
             )
             .await;
-        let result = match result {
-            Ok(exchange) if exchange.status().as_u16() >= 400 => {
+        let seconds = ended.saturating_duration_since(start).as_secs_f64();
+        match result {
+            Ok(exchange) if exchange.status().as_u16() < 400 => {
+                let (series, source, name) = (&inner.series, &inner.source, &inner.name);
+                let method = &call.method;
+                let status = crate::metrics::SUCCESS;
+                inner
+                    .metrics
+                    .request(series, source, name, method, status, seconds);
+                if tracing::level_enabled!(tracing::Level::DEBUG) {
+                    self.log_success(call);
+                }
+                Ok((exchange, context.into_correlation_id()))
+            }
+            result => Err(self.failed(call, result, seconds, &context)),
+        }
+    }
+
+    /// A call refused before any attempt.
+    #[cold]
+    #[inline(never)]
+    fn refused(&self, kind: ErrorKind, message: String, context: &Context) -> Error {
+        self.error(kind, message)
+            .with_request_id(context.correlation_id())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn bad_path(&self, path: &str, e: http::Error, context: &Context) -> Error {
+        self.refused(
+            ErrorKind::InvalidRequest,
+            format!("bad path `{path}`"),
+            context,
+        )
+        .with_source(e)
+    }
+
+    /// The error of a call that ended in an error answer or a failure,
+    /// counted and logged.
+    #[cold]
+    #[inline(never)]
+    fn failed(
+        &self,
+        call: &Call<'_>,
+        result: Result<Exchange, tidegate_resilience::Error<AttemptError>>,
+        seconds: f64,
+        context: &Context,
+    ) -> Error {
+        let inner = &self.inner;
+        let err = match result {
+            Ok(exchange) => {
                 // Error answers are always read whole by the attempt.
                 let (parts, payload) = exchange.into_parts();
                 let body = match payload {
@@ -550,51 +584,85 @@ impl ServiceClient {
                     Payload::Streaming(_) => Bytes::new(),
                 };
                 let kind = ErrorKind::of_status(parts.status);
-                Err(self
-                    .error(kind, format!("answered {}", parts.status))
-                    .with_status(parts.status, body))
+                self.error(kind, format!("answered {}", parts.status))
+                    .with_status(parts.status, body)
             }
-            Ok(exchange) => Ok(exchange),
-            Err(err) => Err(self.convert(err)),
+            Err(err) => self.convert(err),
         };
-        let label = match &result {
-            Ok(_) => crate::metrics::SUCCESS,
-            Err(e) => e.kind().as_str(),
-        };
-        inner.metrics.request(
-            &inner.series,
-            &inner.source,
-            &inner.name,
-            method,
-            label,
-            ended.saturating_duration_since(start).as_secs_f64(),
-        );
-        match result {
-            Ok(exchange) => {
-                tracing::debug!(
-                    service = &*inner.display,
-                    "[{}] ✓ {method} {path} succeeded",
-                    inner.display
-                );
-                Ok((exchange, context.correlation_id().clone()))
-            }
-            Err(err) => {
-                if err.is_rejected_locally() {
-                    tracing::debug!(
-                        service = &*inner.display,
-                        "[{}] {method} {path} rejected: {err}",
-                        inner.display
-                    );
-                } else {
-                    tracing::warn!(
-                        service = &*inner.display,
-                        "[{}] ✗ {method} {path} failed: {err}",
-                        inner.display
-                    );
-                }
-                Err(err.with_request_id(context.correlation_id()))
-            }
+        let status = err.kind().as_str();
+        let (series, source, name) = (&inner.series, &inner.source, &inner.name);
+        inner
+            .metrics
+            .request(series, source, name, &call.method, status, seconds);
+        let (method, path) = (&call.method, call.path);
+        if err.is_rejected_locally() {
+            tracing::debug!(
+                service = &*inner.display,
+                "[{}] {method} {path} rejected: {err}",
+                inner.display
+            );
+        } else {
+            tracing::warn!(
+                service = &*inner.display,
+                "[{}] ✗ {method} {path} failed: {err}",
+                inner.display
+            );
         }
+        err.with_request_id(context.correlation_id())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn log_success(&self, call: &Call<'_>) {
+        let inner = &self.inner;
+        let (method, path) = (&call.method, call.path);
+        tracing::debug!(
+            service = &*inner.display,
+            "[{}] ✓ {method} {path} succeeded",
+            inner.display
+        );
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn log_attempt(&self, call: &Call<'_>, attempt: &Attempt) {
+        let inner = &self.inner;
+        tracing::debug!(
+            service = &*inner.display,
+            "[{}] {} {} (attempt {}/{})",
+            inner.display,
+            call.method,
+            call.path,
+            attempt.number(),
+            attempt.max_attempts(),
+        );
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn log_retry(
+        &self,
+        call: &Call<'_>,
+        result: &Result<Exchange, tidegate_resilience::Error<AttemptError>>,
+        number: u32,
+        delay: Duration,
+    ) {
+        let inner = &self.inner;
+        let (method, path) = (&call.method, call.path);
+        if let Err(err) = result {
+            tracing::warn!(
+                service = &*inner.display,
+                "[{}] {method} {path} failed on attempt {number}/{}: {err}",
+                inner.display,
+                inner.max_attempts,
+            );
+        }
+        tracing::info!(
+            service = &*inner.display,
+            "[{}] retrying in {:.1?}",
+            inner.display,
+            delay
+        );
     }
 
     /// One attempt: send, wait for the head (and the body, unless
@@ -609,15 +677,9 @@ impl ServiceClient {
     ) -> impl Future<Output = Result<Exchange, AttemptError>> + Send + 'static {
         let inner = &*self.inner;
         let call = sending.call;
-        tracing::debug!(
-            service = &*inner.display,
-            "[{}] {} {} (attempt {}/{})",
-            inner.display,
-            call.method,
-            call.path,
-            attempt.number(),
-            attempt.max_attempts(),
-        );
+        if tracing::level_enabled!(tracing::Level::DEBUG) {
+            self.log_attempt(call, &attempt);
+        }
         let mut request = Request::new(Full::new(call.body.clone()));
         *request.method_mut() = call.method.clone();
         *request.uri_mut() = sending.uri.clone();

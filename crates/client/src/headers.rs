@@ -73,6 +73,11 @@ impl Context {
         &self.correlation_id
     }
 
+    /// The correlation ID, taken: no clone to count up and down again.
+    pub(crate) fn into_correlation_id(self) -> HeaderValue {
+        self.correlation_id
+    }
+
     /// The caller's `traceparent`, if it had one.
     pub fn traceparent(&self) -> Option<&HeaderValue> {
         self.traceparent.as_ref()
@@ -106,14 +111,12 @@ impl Context {
         values.filled(TRACEPARENT_LEN);
         let digits = write_digits(whole_millis(left), values.room());
         values.filled(digits);
-        let shared = values.into_bytes();
-        let value = |range| {
-            HeaderValue::from_maybe_shared(shared.slice(range)).expect("hex, dashes and digits")
-        };
-        (
-            value(0..TRACEPARENT_LEN),
-            value(TRACEPARENT_LEN..shared.len()),
-        )
+        // Split, not sliced twice: one count of the shared bytes fewer to
+        // take and give back.
+        let mut traceparent = values.into_bytes();
+        let deadline = traceparent.split_off(TRACEPARENT_LEN);
+        let value = |bytes| HeaderValue::from_maybe_shared(bytes).expect("hex, dashes and digits");
+        (value(traceparent), value(deadline))
     }
 }
 
