@@ -7,7 +7,7 @@
 //! [`admit_at`](crate::ratelimit::RateLimiter::admit_at)) at no further
 //! cost. A [`RateLimiter`](crate::ratelimit::RateLimiter) can read any
 //! other [`Clock`] instead.
-//! [`TscClock`] (feature `quanta`) reads the CPU's time-stamp counter, for
+//! `TscClock` (feature `quanta`) reads the CPU's time-stamp counter, for
 //! a limiter checked on its own where a clock read is most of the cost; it
 //! ignores tokio's paused time.
 
