@@ -418,9 +418,9 @@ impl ServiceClient {
 
     /// Makes `call`, its answer read whole.
     ///
-    /// Not an `async fn`, here and below: an `async fn` keeps a second copy
-    /// of its arguments in its future, and a block that borrows what it
-    /// captured does not. The future of a call is what every task that
+    /// Not an `async fn`, nor are `stream`, `attempt` and `read_body`: an
+    /// `async fn` keeps a second copy of its arguments in its future, and a
+    /// block that uses what it captured where it lies does not. The future of a call is what every task that
     /// makes one carries, so its size is paid on every call.
     #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
     fn fetch<'a>(
