@@ -782,6 +782,21 @@ mod tests {
         assert!(err.is_circuit_open(), "one breaker for both");
     }
 
+    /// What a call through every policy adds to its operation's future,
+    /// which every task that makes a call carries: 1 015 bytes when the
+    /// steps were `async fn`s, 679 now.
+    #[test]
+    fn a_call_adds_little_to_its_operation() {
+        let pipeline: Pipeline<u64, ()> = Pipeline::from_config(&PolicyConfig::default())
+            .unwrap()
+            .build();
+        let op = |_: Attempt| async { Ok::<u64, ()>(1) };
+        let alone = std::mem::size_of_val(&op(Attempt::new(1, 1, None)));
+        let timed = pipeline.call_timed_at(Instant::now(), op, |_, _, _| {});
+        let added = std::mem::size_of_val(&timed) - alone;
+        assert!(added <= 768, "{added} bytes over the operation's own");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn from_config_builds_every_configured_policy() {
         let config = PolicyConfig::default();
