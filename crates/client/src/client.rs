@@ -132,6 +132,21 @@ struct Inner {
     background: Vec<JoinHandle<()>>,
 }
 
+impl Inner {
+    /// Counts a call that ended with `status` (`success` or an error
+    /// kind) after `seconds`.
+    fn count(&self, method: &Method, status: &'static str, seconds: f64) {
+        self.metrics.request(
+            &self.series,
+            &self.source,
+            &self.name,
+            method,
+            status,
+            seconds,
+        );
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         for task in &self.background {
@@ -529,12 +544,7 @@ impl ServiceClient {
         let seconds = ended.saturating_duration_since(start).as_secs_f64();
         match result {
             Ok(exchange) if exchange.status().as_u16() < 400 => {
-                let (series, source, name) = (&inner.series, &inner.source, &inner.name);
-                let method = &call.method;
-                let status = crate::metrics::SUCCESS;
-                inner
-                    .metrics
-                    .request(series, source, name, method, status, seconds);
+                inner.count(&call.method, crate::metrics::SUCCESS, seconds);
                 if tracing::level_enabled!(tracing::Level::DEBUG) {
                     self.log_success(call);
                 }
@@ -583,17 +593,11 @@ impl ServiceClient {
                     Payload::Buffered(bytes) => bytes,
                     Payload::Streaming(_) => Bytes::new(),
                 };
-                let kind = ErrorKind::of_status(parts.status);
-                self.error(kind, format!("answered {}", parts.status))
-                    .with_status(parts.status, body)
+                self.answered(parts.status, &parts.headers, body)
             }
             Err(err) => self.convert(err),
         };
-        let status = err.kind().as_str();
-        let (series, source, name) = (&inner.series, &inner.source, &inner.name);
-        inner
-            .metrics
-            .request(series, source, name, &call.method, status, seconds);
+        inner.count(&call.method, err.kind().as_str(), seconds);
         let (method, path) = (&call.method, call.path);
         if err.is_rejected_locally() {
             tracing::debug!(
@@ -772,6 +776,14 @@ impl ServiceClient {
         .with_retry_after(err.retry_after())
     }
 
+    /// The error of an error answer, retried or not: its kind by status,
+    /// its body, and its `Retry-After`.
+    fn answered(&self, status: StatusCode, headers: &HeaderMap, body: Bytes) -> Error {
+        self.error(ErrorKind::of_status(status), format!("answered {status}"))
+            .with_status(status, body)
+            .with_retry_after(headers::retry_after(headers))
+    }
+
     fn attempt_error(&self, err: AttemptError) -> Error {
         match err {
             AttemptError::Connect(e) => self
@@ -784,10 +796,7 @@ impl ServiceClient {
                 status,
                 headers,
                 body,
-            } => self
-                .error(ErrorKind::of_status(status), format!("answered {status}"))
-                .with_status(status, body)
-                .with_retry_after(headers::retry_after(&headers)),
+            } => self.answered(status, &headers, body),
             AttemptError::TooLarge => self.error(
                 ErrorKind::Decode,
                 format!(
