@@ -1,5 +1,6 @@
-//! Wall-clock time for JSON timestamps (RFC 3339, UTC). Policies keep
-//! tokio's monotonic clock; only what users read is turned into dates.
+//! Wall-clock time: JSON timestamps (RFC 3339, UTC) and the dates a
+//! server may give in `Retry-After`. Policies keep tokio's monotonic
+//! clock; only dates that users read or servers write meet the wall clock.
 
 #![allow(clippy::disallowed_types)] // The one place that reads the wall clock.
 
@@ -29,6 +30,18 @@ pub fn instant_rfc3339(at: Instant) -> String {
         wall + (at - now)
     };
     rfc3339(wall)
+}
+
+/// The time from now until an HTTP-date (RFC 9110 §5.6.7: IMF-fixdate,
+/// or the obsolete RFC 850 and asctime forms a recipient must still
+/// accept); zero once it has passed, `None` if `text` is not a date.
+pub(crate) fn until_http_date(text: &str) -> Option<Duration> {
+    until_http_date_at(text, SystemTime::now())
+}
+
+fn until_http_date_at(text: &str, now: SystemTime) -> Option<Duration> {
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -70,5 +83,47 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(1_795_349_045_123);
         assert_eq!(rfc3339(t), "2026-11-22T12:04:05.123Z");
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn http_dates_in_all_three_forms() {
+        // Sun, 06 Nov 1994 08:49:37 GMT, RFC 9110's example.
+        let at = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let before = at - Duration::from_secs(90);
+        for text in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                until_http_date_at(text, before),
+                Some(Duration::from_secs(90)),
+                "{text}"
+            );
+            assert_eq!(
+                until_http_date_at(text, at + Duration::from_secs(5)),
+                Some(Duration::ZERO),
+                "{text}: a date gone by is now"
+            );
+        }
+        for text in [
+            "",
+            "soon",
+            "Sun, 06 Nov 1994 08:49:37",
+            "1994-11-06T08:49:37Z",
+        ] {
+            assert_eq!(until_http_date_at(text, before), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_http_date_is_read_against_the_wall_clock() {
+        let text = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let left = until_http_date(&text).unwrap();
+        // Whole seconds on the wire: up to one is lost to rounding down.
+        assert!(
+            (Duration::from_secs(118)..=Duration::from_secs(120)).contains(&left),
+            "{left:?}"
+        );
     }
 }

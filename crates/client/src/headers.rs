@@ -182,16 +182,18 @@ pub fn is_retryable_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 502..=504 | 429)
 }
 
-/// A `Retry-After` in seconds (the HTTP-date form is not honoured).
+/// A `Retry-After`: its delay in seconds, or the time until its
+/// HTTP-date (zero once that has passed). `None` when absent or neither.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers
+    let text = headers
         .get(http::header::RETRY_AFTER)?
         .to_str()
         .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs))
+        .trim();
+    match text.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => crate::clock::until_http_date(text),
+    }
 }
 
 /// The client's correlation ID if it is at most 128 safe characters, else a new one.
@@ -444,5 +446,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(" 7 "));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let gone = HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT");
+        h.insert(http::header::RETRY_AFTER, gone);
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        for neither in ["-1", "1.5", "soon"] {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(neither));
+            assert_eq!(retry_after(&h), None, "{neither}");
+        }
     }
 }

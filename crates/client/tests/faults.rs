@@ -167,25 +167,38 @@ async fn slow_headers_time_out_and_the_retry_succeeds() {
 async fn status_429_is_retried_only_with_retry_after() {
     let upstream = Upstream::start(|req| async move {
         let mut answer = text(429, "slow down");
-        if req.uri().path() == "/with" {
+        let after = match req.uri().path() {
+            "/with" => Some("0"),
+            // The HTTP-date form, here a date gone by: retry at once.
+            "/dated" => Some("Sun, 06 Nov 1994 08:49:37 GMT"),
+            "/garbled" => Some("soon"),
+            _ => None,
+        };
+        if let Some(after) = after {
             answer
                 .headers_mut()
-                .insert("retry-after", http::HeaderValue::from_static("0"));
+                .insert("retry-after", http::HeaderValue::from_static(after));
         }
         answer
     })
     .await;
     let billing = client(config(&upstream.url()));
-    let err = billing.get("/without").await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::RateLimited);
-    assert_eq!(err.retry_after(), None);
-    assert_eq!(upstream.hits(), 1);
+    for without in ["/without", "/garbled"] {
+        let before = upstream.hits();
+        let err = billing.get(without).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RateLimited, "{without}");
+        assert_eq!(err.retry_after(), None, "{without}");
+        assert_eq!(upstream.hits() - before, 1, "{without}");
+    }
 
-    let err = billing.get("/with").await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::RetryExhausted);
-    assert_eq!(err.last_error().unwrap().kind(), ErrorKind::RateLimited);
-    assert_eq!(err.retry_after(), Some(Duration::ZERO));
-    assert_eq!(upstream.hits(), 4);
+    for with in ["/with", "/dated"] {
+        let before = upstream.hits();
+        let err = billing.get(with).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RetryExhausted, "{with}");
+        assert_eq!(err.last_error().unwrap().kind(), ErrorKind::RateLimited);
+        assert_eq!(err.retry_after(), Some(Duration::ZERO), "{with}");
+        assert_eq!(upstream.hits() - before, 3, "{with}");
+    }
 }
 
 #[tokio::test]
