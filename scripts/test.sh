@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check CI runs: formatting, clippy with warnings as errors, and
-# all tests (unit, integration, property, concurrency, allocation, doc).
+# Runs every check CI runs: formatting, clippy with warnings as errors,
+# all tests (unit, integration, property, concurrency, allocation, doc),
+# and rustdoc with warnings as errors.
 # It installs what the tests need: redis-server (Debian's package; the
 # tests start their own servers on free ports, never a shared one),
 # Debian's chromium and playwright-core (npm, pinned in
@@ -47,6 +48,9 @@ fi
 
 step "doc tests"
 cargo test --workspace --doc
+
+step "cargo doc (-D warnings: broken and private links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 step "tidegate-resilience with its optional TSC clock (feature quanta)"
 cargo clippy -p tidegate-resilience --all-targets --features quanta -- -D warnings

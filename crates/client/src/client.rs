@@ -357,8 +357,8 @@ impl ServiceClient {
     /// `GET path`.
     ///
     /// This and the other calls return the call's own future rather than
-    /// being `async fn`s: one wrapping it would add a level to every
-    /// call's future (see [`fetch`](Self::fetch)). They are awaited the same.
+    /// being `async fn`s, which would wrap it in one more level that every
+    /// task making a call carries. They are awaited the same.
     pub fn get<'a>(
         &'a self,
         path: &'a str,
