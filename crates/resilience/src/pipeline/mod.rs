@@ -692,6 +692,62 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
+    /// A call waiting in the bulkhead's queue: its attempt begins (and its
+    /// timeout runs) once it has a slot, and a deadline that passes in the
+    /// queue ends it without calling the operation.
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_call_begins_when_it_has_a_slot_and_not_after_its_deadline() {
+        let ms = Duration::from_millis;
+        let bulkhead = Bulkhead::new(crate::bulkhead::Config {
+            max_concurrent: 1,
+            max_queued: 2,
+            max_wait: Duration::from_secs(60),
+        });
+        let holder: Pipeline<(), &str> = Pipeline::builder().bulkhead(bulkhead.clone()).build();
+        let queued: Pipeline<Duration, &str> = Pipeline::builder()
+            .bulkhead(bulkhead.clone())
+            .deadline(ms(1000))
+            .timeout(ms(300))
+            .build();
+        let start = Instant::now();
+
+        // The slot is held for 600 ms; the queued call's attempt then has
+        // 400 ms of its deadline left, and its own 300 ms to run.
+        let hold = holder.call(|_| async {
+            tokio::time::sleep(ms(600)).await;
+            Ok(())
+        });
+        let waited = queued.call(|a| async move {
+            assert_eq!(a.cut_off(), Some(start + ms(900)));
+            Ok(a.remaining_at_start().unwrap())
+        });
+        let (held, waited) = tokio::join!(hold, waited);
+        held.unwrap();
+        assert_eq!(waited.unwrap(), ms(400));
+
+        // Held for 5 s: the deadline passes in the queue.
+        let calls = AtomicU32::new(0);
+        let hold = holder.call(|_| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(())
+        });
+        let start = Instant::now();
+        let late = queued.call(|_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok(Duration::ZERO) }
+        });
+        let late = async {
+            let err = late.await.unwrap_err();
+            (err, start.elapsed())
+        };
+        let (held, (err, waited)) = tokio::join!(hold, late);
+        held.unwrap();
+        assert!(err.is_deadline_exceeded(), "{err:?}");
+        assert_eq!(waited, ms(1000));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert_eq!(bulkhead.queued(), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn attempts_know_the_time_left_as_they_begin() {
         let pipeline: Pipeline<(), &str> = Pipeline::builder()
