@@ -193,6 +193,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The median of `v` with a ~95 % confidence interval from its order
+/// statistics (distribution-free: the median lies between the values
+/// ranked n/2 ± 0.98·√n).
+fn median_with_interval(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let half = 0.98 * (n as f64).sqrt();
+    let low = ((n as f64 / 2.0 - half).floor().max(0.0)) as usize;
+    let high = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
+    (v[n / 2], v[low], v[high])
+}
+
 /// `GET` with the headers tidegate-client adds to every call, so that the
 /// cost of their bytes on the wire shows apart from the client's own work.
 async fn bare_get_with_headers(
@@ -269,10 +281,11 @@ fn ratio_run() {
             ratio_headers.push(got[2] / got[1]);
         }
         let [a, b, c] = rates.map(median);
+        let (r, r_low, r_high) = median_with_interval(ratio);
+        let (h, h_low, h_high) = median_with_interval(ratio_headers);
         println!(
-            "{group:<15}{a:>12.0}{b:>15.0}{c:>12.0}{:>10.2}{:>15.2}",
-            median(ratio),
-            median(ratio_headers)
+            "{group:<15}{a:>12.0}{b:>15.0}{c:>12.0}{r:>10.3}{h:>15.3}   \
+             ~95 % intervals {r_low:.3}–{r_high:.3}, {h_low:.3}–{h_high:.3}"
         );
     }
     println!("{rounds} rotating rounds; medians; target ratio >= 0.95");
