@@ -572,6 +572,8 @@ impl ServiceClient {
                     |result, number, delay| self.log_retry(call, result, number, delay),
                 )
                 .await;
+            // The breaker's read of the clock as the call ended, else one now.
+            let ended = ended.unwrap_or_else(Instant::now);
             let seconds = ended.saturating_duration_since(start).as_secs_f64();
             match result {
                 Ok(exchange) if exchange.status().as_u16() < 400 => {

@@ -66,13 +66,6 @@ struct Policies<T, E> {
     fallback: Option<(WhenFn<E>, HandlerFn<T, E>)>,
 }
 
-/// What a call answers once its attempts are over.
-enum Answer<T, E> {
-    Done(Result<T, Error<E>>),
-    /// The fallback answers it.
-    FallBack(BoxFuture<Result<T, Error<E>>>),
-}
-
 /// Policies composed in the documented order; clones share their state.
 pub struct Pipeline<T, E> {
     policies: Arc<Policies<T, E>>,
@@ -364,27 +357,22 @@ impl<T, E> Pipeline<T, E> {
     }
 
     /// [`call_observed_at`](Pipeline::call_observed_at), and the time the
-    /// call ended: the clock read that timed its last attempt for the
-    /// breaker, so a caller that times the whole call (for a metric) need
-    /// not read the clock again. Read afresh when nothing read it: no
-    /// breaker, or a fallback answered.
+    /// call ended if a clock read timed it: the breaker's after the last
+    /// attempt, so a caller that times the whole call (for a metric) need
+    /// not read the clock again. `None` when nothing read it (no breaker,
+    /// or a fallback answered): the caller reads it then.
     pub fn call_timed_at<'a, F, Fut, R>(
         &'a self,
         now: Instant,
         op: F,
         on_retry: R,
-    ) -> impl Future<Output = (Result<T, Error<E>>, Instant)> + 'a
+    ) -> impl Future<Output = (Result<T, Error<E>>, Option<Instant>)> + 'a
     where
         F: FnMut(Attempt) -> Fut + 'a,
         Fut: Future<Output = Result<T, E>> + 'a,
         R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
-        Then {
-            run: self.run(now, op, on_retry),
-            then: |(result, ended): (_, Option<Instant>)| {
-                (result, ended.unwrap_or_else(Instant::now))
-            },
-        }
+        self.run(now, op, on_retry)
     }
 
     /// The error of a call whose deadline passed.
@@ -392,12 +380,18 @@ impl<T, E> Pipeline<T, E> {
         Error::deadline_exceeded(self.policies.deadline.unwrap_or_default())
     }
 
-    /// What the call answers with `result`: itself, or the fallback's answer.
-    fn answer(&self, result: Result<T, Error<E>>) -> Answer<T, E> {
-        match (&self.policies.fallback, result) {
-            (Some((when, handler)), Err(err)) if when(&err) => Answer::FallBack(handler(err)),
-            (_, result) => Answer::Done(result),
-        }
+    /// Whether the fallback answers a call that ended in `err`.
+    fn falls_back(&self, err: &Error<E>) -> bool {
+        self.policies
+            .fallback
+            .as_ref()
+            .is_some_and(|(when, _)| when(err))
+    }
+
+    /// The fallback's answer to `err` (see [`falls_back`](Self::falls_back)).
+    fn fall_back(&self, err: Error<E>) -> BoxFuture<Result<T, Error<E>>> {
+        let (_, handler) = self.policies.fallback.as_ref().expect("a fallback is set");
+        handler(err)
     }
 
     /// A whole call: every attempt through breaker, throttle, limiter,
@@ -489,9 +483,10 @@ impl<T, E> Pipeline<T, E> {
                 tokio::time::sleep(delay).await;
                 now = Instant::now();
             };
-            match self.answer(result) {
-                Answer::Done(result) => (result, ended),
-                Answer::FallBack(fallback) => (fallback.await, None),
+            // Matched in place: the result is moved no more than it must be.
+            match result {
+                Err(err) if self.falls_back(&err) => (self.fall_back(err).await, None),
+                result => (result, ended),
             }
         }
     }
@@ -789,14 +784,13 @@ mod tests {
         let start = Instant::now();
         let (done, ended) = retrying.call_timed_at(start, slow, |_, _, _| {}).await;
         assert_eq!(done.unwrap(), 7);
-        assert_eq!(ended - start, ms(700));
+        assert_eq!(ended, Some(start + ms(700)));
 
-        // Without one, read at the end; after a fallback, once it answered.
+        // Without one, or after a fallback, nothing read it: the caller does.
         let bare: Pipeline<u32, &str> = Pipeline::builder().build();
-        let start = Instant::now();
         let (done, ended) = bare.call_timed_at(start, slow, |_, _, _| {}).await;
         assert!(done.is_err());
-        assert_eq!(ended - start, ms(300));
+        assert_eq!(ended, None);
         let falling_back: Pipeline<u32, &str> = Pipeline::builder()
             .circuit_breaker(CircuitBreaker::default())
             .fallback_when(
@@ -807,13 +801,12 @@ mod tests {
                 },
             )
             .build();
-        let start = Instant::now();
         let (done, ended) = falling_back.call_timed_at(start, slow, |_, _, _| {}).await;
         assert_eq!(done.unwrap(), 0);
-        assert_eq!(ended - start, ms(350));
+        assert_eq!(ended, None);
 
-        // A last attempt turned away before it ran read no clock: the end
-        // is after its backoff, not where the first attempt ended.
+        // A last attempt turned away before it ran read no clock either:
+        // not where the first attempt ended.
         let limited: Pipeline<u32, &str> = Pipeline::builder()
             .retry(retry())
             .circuit_breaker(CircuitBreaker::default())
@@ -822,10 +815,9 @@ mod tests {
                 Quota::per_hour(1),
             ))))
             .build();
-        let start = Instant::now();
         let (done, ended) = limited.call_timed_at(start, slow, |_, _, _| {}).await;
         assert_eq!(done.unwrap_err().kind(), crate::ErrorKind::RateLimited);
-        assert_eq!(ended - start, ms(400));
+        assert_eq!(ended, None);
     }
 
     #[tokio::test(start_paused = true)]
