@@ -46,6 +46,8 @@ use crate::retry::{Attempt, Next, Retry, RetryAction, RetryTransient, Schedule, 
 use crate::throttle::{AdaptiveThrottle, ThrottlePermit};
 use crate::{BoxFuture, Error};
 
+/// What an attempt holds from the breaker and the throttle while it runs.
+type Permits<'a> = (Option<Permit<'a>>, Option<ThrottlePermit<'a>>);
 type ClassifyFn<T, E> = Box<dyn Fn(&Result<T, E>) -> Outcome + Send + Sync>;
 type RetryFn<T, E> = Box<dyn Fn(&Result<T, Error<E>>) -> RetryAction + Send + Sync>;
 type WhenFn<E> = Box<dyn Fn(&Error<E>) -> bool + Send + Sync>;
@@ -456,6 +458,8 @@ impl<T, E> Pipeline<T, E> {
                             }
                         },
                     };
+                    // In a block: what is needed only before the await
+                    // keeps no room in the future after it.
                     let (attempt, timer) = {
                         let cut = self.cut(now, deadline);
                         let attempt = Attempt::new(number, max, deadline).beginning(now, cut);
@@ -493,11 +497,7 @@ impl<T, E> Pipeline<T, E> {
 
     /// The way into an attempt at `now`: the breaker's, the throttle's and
     /// the limiter's leave, or the first refusal.
-    #[allow(clippy::type_complexity)]
-    fn admit(
-        &self,
-        now: Instant,
-    ) -> Result<(Option<Permit<'_>>, Option<ThrottlePermit<'_>>), Error<E>> {
+    fn admit(&self, now: Instant) -> Result<Permits<'_>, Error<E>> {
         let p = &*self.policies;
         let breaker = p
             .breaker
