@@ -1131,7 +1131,7 @@ mod tests {
 
     /// Every task that makes a call carries its future: moved into the
     /// task, written over as it ends. At 2.8 KB it cost 3% of the calls a
-    /// second with 32 in flight; it is under 1 KB now (992 bytes in a
+    /// second with 32 in flight; it is under 1 KB now (960 bytes in a
     /// release build), and this keeps it near.
     #[test]
     fn the_future_of_a_call_stays_small() {

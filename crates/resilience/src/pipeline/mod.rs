@@ -39,7 +39,7 @@ use std::time::Duration;
 use tokio::time::{timeout_at, Instant};
 
 use crate::breaker::{CircuitBreaker, Outcome, Permit};
-use crate::bulkhead::Bulkhead;
+use crate::bulkhead::{Bulkhead, BulkheadPermit};
 use crate::config::{ConfigError, PolicyConfig};
 use crate::ratelimit::RateLimiter;
 use crate::retry::{Attempt, Next, Retry, RetryAction, RetryTransient, Schedule, ShouldRetry};
@@ -424,38 +424,28 @@ impl<T, E> Pipeline<T, E> {
             let deadline = p.deadline.map(|d| now + d);
             let mut schedule = p.retry.as_ref().map(|retry| retry.start(now));
             // Only the last attempt's end counts, and only if it got that far.
-            let mut ended;
-            let result = loop {
+            let (result, ended) = loop {
                 let (number, max) = schedule.as_ref().map_or((1, 1), Schedule::numbers);
-                ended = None;
-                // One attempt. A policy that turns it away ends it with its error.
-                let result: Result<T, Error<E>> = 'attempt: {
+                // One attempt, and the clock read that ended it. A policy that
+                // turns it away ends it with its error, before any read.
+                let (result, ended) = 'attempt: {
                     // One clock read serves every policy on the way in, one on the way out.
                     let (breaker, throttle) = match self.admit(now) {
                         Ok(permits) => permits,
-                        Err(err) => break 'attempt Err(err),
+                        Err(err) => break 'attempt (Err(err), None),
                     };
                     // A free slot is taken at once; only a wait in the queue moves the clock on.
                     let _slot = match &p.bulkhead {
                         None => None,
                         Some(b) => match b.try_acquire() {
                             Ok(slot) => Some(slot),
-                            Err(_) => {
-                                let queued = match deadline {
-                                    None => b.acquire().await.map_err(Error::from),
-                                    Some(at) => match timeout_at(at, b.acquire()).await {
-                                        Ok(queued) => queued.map_err(Error::from),
-                                        Err(_) => Err(self.passed()),
-                                    },
-                                };
-                                match queued {
-                                    Ok(slot) => {
-                                        now = Instant::now();
-                                        Some(slot)
-                                    }
-                                    Err(err) => break 'attempt Err(err),
+                            Err(_) => match self.queue(b, deadline).await {
+                                Ok(slot) => {
+                                    now = Instant::now();
+                                    Some(slot)
                                 }
-                            }
+                                Err(err) => break 'attempt (Err(err), None),
+                            },
                         },
                     };
                     // In a block: what is needed only before the await
@@ -473,16 +463,14 @@ impl<T, E> Pipeline<T, E> {
                             Err(_) => Err(Error::timeout(p.timeout.unwrap_or_default())),
                         },
                     };
-                    let (result, end) = self.settle(timed, breaker, throttle);
-                    ended = end;
-                    result
+                    self.settle(timed, breaker, throttle)
                 };
                 // The result is moved on, never borrowed here: a borrowed
                 // local keeps its room in the future across every await.
                 let delay =
                     match self.next(schedule.as_mut(), result, number, deadline, &mut on_retry) {
                         ControlFlow::Continue(delay) => delay,
-                        ControlFlow::Break(result) => break result,
+                        ControlFlow::Break(result) => break (result, ended),
                     };
                 tokio::time::sleep(delay).await;
                 now = Instant::now();
@@ -493,6 +481,22 @@ impl<T, E> Pipeline<T, E> {
                 result => (result, ended),
             }
         }
+    }
+
+    /// A slot of `bulkhead` once one is free, waited for in its queue no
+    /// later than `deadline`.
+    async fn queue<'b>(
+        &self,
+        bulkhead: &'b Bulkhead,
+        deadline: Option<Instant>,
+    ) -> Result<BulkheadPermit<'b>, Error<E>> {
+        let slot = match deadline {
+            None => bulkhead.acquire().await,
+            Some(at) => timeout_at(at, bulkhead.acquire())
+                .await
+                .map_err(|_| self.passed())?,
+        };
+        Ok(slot?)
     }
 
     /// The way into an attempt at `now`: the breaker's, the throttle's and
