@@ -188,9 +188,8 @@ fn rate<F: Future>(rt: &Runtime, calls: u32, batch: u64, mut call: impl FnMut() 
     f64::from(calls) * batch as f64 / start.elapsed().as_secs_f64()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    median_with_interval(v).0
 }
 
 /// The median of `v` with a ~95 % confidence interval from its order
