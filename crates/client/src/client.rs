@@ -29,7 +29,7 @@ use crate::config::{BaseUrl, FieldError, ServiceConfig};
 use crate::connect::{Connector, POOL_KEY};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::head::Template;
-use crate::headers::{self, Context};
+use crate::headers::{self, Context, Trace};
 use crate::metrics::{CallSeries, Metrics};
 use crate::response::{Response, StreamingResponse};
 use crate::status::ServiceStatus;
@@ -531,9 +531,10 @@ impl ServiceClient {
             let call = &call;
             let inner = &self.inner;
             let start = Instant::now();
-            let context = Context::current().unwrap_or_default();
+            // The caller's correlation ID and trace, or new ones.
+            let (id, trace) = Context::current().unwrap_or_default().into_call();
             let Some(http) = inner.http.read().unwrap_or_else(|e| e.into_inner()).clone() else {
-                return Err(self.refused(ErrorKind::Closed, "client is closed".into(), &context));
+                return Err(self.refused(ErrorKind::Closed, "client is closed".into(), &id));
             };
             // CONNECT's request target is the authority itself.
             let authority = if call.method == Method::CONNECT {
@@ -543,7 +544,7 @@ impl ServiceClient {
             };
             let uri = match inner.base.uri_at(authority, call.path) {
                 Ok(uri) => uri,
-                Err(e) => return Err(self.bad_path(call.path, e, &context)),
+                Err(e) => return Err(self.bad_path(call.path, e, &id)),
             };
 
             let idempotent = headers::is_idempotent(&call.method)
@@ -557,7 +558,8 @@ impl ServiceClient {
                 http: &http,
                 call,
                 uri: &uri,
-                context: &context,
+                id: &id,
+                trace: &trace,
             };
 
             let pipeline = if retryable {
@@ -581,14 +583,9 @@ impl ServiceClient {
                     if tracing::level_enabled!(tracing::Level::DEBUG) {
                         self.log_success(call);
                     }
-                    Ok(finish(
-                        self,
-                        exchange,
-                        context.into_correlation_id(),
-                        active,
-                    ))
+                    Ok(finish(self, exchange, id, active))
                 }
-                result => Err(self.failed(call, result, seconds, &context)),
+                result => Err(self.failed(call, result, seconds, &id)),
             }
         }
     }
@@ -596,20 +593,15 @@ impl ServiceClient {
     /// A call refused before any attempt.
     #[cold]
     #[inline(never)]
-    fn refused(&self, kind: ErrorKind, message: String, context: &Context) -> Error {
-        self.error(kind, message)
-            .with_request_id(context.correlation_id())
+    fn refused(&self, kind: ErrorKind, message: String, id: &HeaderValue) -> Error {
+        self.error(kind, message).with_request_id(id)
     }
 
     #[cold]
     #[inline(never)]
-    fn bad_path(&self, path: &str, e: http::Error, context: &Context) -> Error {
-        self.refused(
-            ErrorKind::InvalidRequest,
-            format!("bad path `{path}`"),
-            context,
-        )
-        .with_source(e)
+    fn bad_path(&self, path: &str, e: http::Error, id: &HeaderValue) -> Error {
+        self.refused(ErrorKind::InvalidRequest, format!("bad path `{path}`"), id)
+            .with_source(e)
     }
 
     /// The error of a call that ended in an error answer or a failure,
@@ -621,7 +613,7 @@ impl ServiceClient {
         call: &Call<'_>,
         result: Result<Exchange, tidegate_resilience::Error<AttemptError>>,
         seconds: f64,
-        context: &Context,
+        id: &HeaderValue,
     ) -> Error {
         let inner = &self.inner;
         let err = match result {
@@ -651,7 +643,7 @@ impl ServiceClient {
                 inner.display
             );
         }
-        err.with_request_id(context.correlation_id())
+        err.with_request_id(id)
     }
 
     #[cold]
@@ -727,9 +719,10 @@ impl ServiceClient {
         *request.method_mut() = call.method.clone();
         *request.uri_mut() = sending.uri.clone();
         *request.version_mut() = Version::HTTP_11;
-        // One head per attempt, each attempt a span of its own.
+        // One head per attempt, each attempt a span of its own in the call's trace.
         *request.headers_mut() = inner.template.head(
-            sending.context,
+            sending.id,
+            sending.trace,
             attempt.remaining_at_start(),
             call.extra.as_deref(),
         );
@@ -885,7 +878,10 @@ struct Sending<'a> {
     http: &'a HttpClient,
     call: &'a Call<'a>,
     uri: &'a Uri,
-    context: &'a Context,
+    /// The correlation ID.
+    id: &'a HeaderValue,
+    /// The trace all the call's attempts join.
+    trace: &'a Trace,
 }
 
 enum ReadError {

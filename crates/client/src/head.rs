@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 
-use crate::headers::{Context, CORRELATION_ID, DEADLINE_MS, TRACEPARENT};
+use crate::headers::{Trace, CORRELATION_ID, DEADLINE_MS, TRACEPARENT};
 
 /// A client's default headers, `Host` (HTTP/1: else hyper-util formats it
 /// for every request) and a slot for each value made per call: correlation
@@ -60,12 +60,14 @@ impl Template {
         }
     }
 
-    /// The head of one attempt: the template with the call's context and
-    /// the time `left` in its slots, and the call's `own` headers over the
-    /// defaults (but never over the propagated ones).
+    /// The head of one attempt: the template with the call's correlation
+    /// ID, a span of its `trace` and the time `left` in its slots, and the
+    /// call's `own` headers over the defaults (but never over the
+    /// propagated ones).
     pub(crate) fn head(
         &self,
-        context: &Context,
+        correlation_id: &HeaderValue,
+        trace: &Trace,
         left: Option<Duration>,
         own: Option<&HeaderMap>,
     ) -> HeaderMap {
@@ -74,11 +76,11 @@ impl Template {
         let left = left.filter(|_| self.deadline);
         let mut slots = head.values_mut().skip(self.slots_at);
         let mut slot = || slots.next().expect("the template holds its slots");
-        *slot() = context.correlation_id().clone();
-        let trace = slot();
+        *slot() = correlation_id.clone();
+        let span = slot();
         match left {
-            Some(left) => (*trace, *slot()) = context.child_traceparent_and_deadline(left),
-            None => *trace = context.child_traceparent(),
+            Some(left) => (*span, *slot()) = trace.child_and_deadline(left),
+            None => *span = trace.child(),
         }
         if self.deadline && left.is_none() {
             // Should one not, the header goes rather than go out empty.
@@ -110,6 +112,7 @@ fn is_propagated(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::headers::Context;
 
     fn defaults() -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -118,6 +121,16 @@ mod tests {
         h.append(header::ACCEPT, HeaderValue::from_static("a/2"));
         h.insert(&CORRELATION_ID, HeaderValue::from_static("static"));
         h
+    }
+
+    /// An attempt's head in `context`.
+    fn attempt_head(
+        template: &Template,
+        context: &Context,
+        left: Option<Duration>,
+        own: Option<&HeaderMap>,
+    ) -> HeaderMap {
+        template.head(context.correlation_id(), &context.trace(), left, own)
     }
 
     fn names(head: &HeaderMap) -> Vec<&str> {
@@ -129,7 +142,7 @@ mod tests {
         let authority: Authority = "10.0.0.1:8080".parse().unwrap();
         let template = Template::new(defaults(), &authority, false, true);
         let context = Context::default();
-        let head = template.head(&context, Some(Duration::from_millis(1234)), None);
+        let head = attempt_head(&template, &context, Some(Duration::from_millis(1234)), None);
         assert_eq!(
             names(&head),
             [
@@ -160,7 +173,12 @@ mod tests {
         own.insert(&DEADLINE_MS, HeaderValue::from_static("1"));
         own.insert("x-extra", HeaderValue::from_static("yes"));
         let context = Context::default();
-        let head = template.head(&context, Some(Duration::from_secs(2)), Some(&own));
+        let head = attempt_head(
+            &template,
+            &context,
+            Some(Duration::from_secs(2)),
+            Some(&own),
+        );
         assert_eq!(head["host"], "svc", "port 80 is left out");
         assert_eq!(head["x-correlation-id"], context.correlation_id());
         assert_eq!(head["x-tidegate-deadline-ms"], "2000");
@@ -173,13 +191,13 @@ mod tests {
     fn http2_has_no_host_and_no_deadline_without_one() {
         let authority: Authority = "svc:81".parse().unwrap();
         let template = Template::new(HeaderMap::new(), &authority, true, false);
-        let head = template.head(&Context::default(), None, None);
+        let head = attempt_head(&template, &Context::default(), None, None);
         assert_eq!(names(&head), ["x-correlation-id", "traceparent"]);
 
         let mut defaults = HeaderMap::new();
         defaults.insert(header::HOST, HeaderValue::from_static("virtual"));
         let template = Template::new(defaults, &authority, false, false);
-        let head = template.head(&Context::default(), None, None);
+        let head = attempt_head(&template, &Context::default(), None, None);
         assert_eq!(head["host"], "virtual", "a configured Host is kept");
     }
 }

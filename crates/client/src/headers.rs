@@ -73,9 +73,12 @@ impl Context {
         &self.correlation_id
     }
 
-    /// The correlation ID, taken: no clone to count up and down again.
-    pub(crate) fn into_correlation_id(self) -> HeaderValue {
-        self.correlation_id
+    /// What a call made in this context sends: the correlation ID, taken
+    /// (no clone to count up and down again), and the [`trace`](Self::trace)
+    /// its attempts join.
+    pub(crate) fn into_call(self) -> (HeaderValue, Trace) {
+        let trace = self.trace();
+        (self.correlation_id, trace)
     }
 
     /// The caller's `traceparent`, if it had one.
@@ -94,20 +97,61 @@ impl Context {
     }
 
     /// The `traceparent` for a call made in this context: the same trace
-    /// with a new span, or a new trace.
+    /// with a new span, or a new trace each time when there is none.
     pub fn child_traceparent(&self) -> HeaderValue {
-        child_traceparent(self.traceparent.as_ref())
+        self.trace().child()
     }
 
-    /// [`child_traceparent`](Context::child_traceparent) and the
-    /// [`deadline_value`] of `left`, made in one allocation that both
-    /// values share: an attempt with a deadline sends the two.
-    pub fn child_traceparent_and_deadline(&self, left: Duration) -> (HeaderValue, HeaderValue) {
+    /// The trace a call made in this context joins: the caller's, or a new
+    /// one. A call makes it once, so that all its attempts share it.
+    pub(crate) fn trace(&self) -> Trace {
+        Trace::after(self.traceparent.as_ref())
+    }
+}
+
+/// The trace of a call: the trace ID and flags every attempt's
+/// `traceparent` repeats, each with a span ID of its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Trace {
+    /// `00-<trace ID>-`: how each `traceparent` begins.
+    head: [u8; 36],
+    flags: [u8; 2],
+}
+
+impl Trace {
+    /// `parent`'s trace if it is a valid `traceparent`, else a new one,
+    /// sampled (flags `01`).
+    fn after(parent: Option<&HeaderValue>) -> Self {
+        let mut trace = Trace {
+            head: *b"00-00000000000000000000000000000000-",
+            flags: *b"01",
+        };
+        match parent
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent)
+        {
+            Some((id, flags)) => {
+                trace.head[3..35].copy_from_slice(id.as_bytes());
+                trace.flags.copy_from_slice(flags.as_bytes());
+            }
+            None => random_hex(&mut trace.head[3..35]),
+        }
+        trace
+    }
+
+    /// A `traceparent` in this trace, with a new span ID.
+    pub(crate) fn child(&self) -> HeaderValue {
+        let mut value = [0; TRACEPARENT_LEN];
+        self.write_child(&mut value);
+        shared_value(value)
+    }
+
+    /// [`child`](Trace::child) and the [`deadline_value`] of `left`, made
+    /// in one allocation that both values share: an attempt with a
+    /// deadline sends the two.
+    pub(crate) fn child_and_deadline(&self, left: Duration) -> (HeaderValue, HeaderValue) {
         let mut values = Inline::<{ TRACEPARENT_LEN + MAX_DIGITS }>::default();
-        write_traceparent(
-            self.traceparent.as_ref(),
-            &mut values.room()[..TRACEPARENT_LEN],
-        );
+        self.write_child(&mut values.room()[..TRACEPARENT_LEN]);
         values.filled(TRACEPARENT_LEN);
         let digits = write_digits(whole_millis(left), values.room());
         values.filled(digits);
@@ -117,6 +161,14 @@ impl Context {
         let deadline = traceparent.split_off(TRACEPARENT_LEN);
         let value = |bytes| HeaderValue::from_maybe_shared(bytes).expect("hex, dashes and digits");
         (value(traceparent), value(deadline))
+    }
+
+    /// `00-<trace ID>-<new span ID>-<flags>` into `out` (55 bytes).
+    fn write_child(&self, out: &mut [u8]) {
+        out[..36].copy_from_slice(&self.head);
+        random_hex(&mut out[36..52]);
+        out[52] = b'-';
+        out[53..].copy_from_slice(&self.flags);
     }
 }
 
@@ -224,26 +276,7 @@ pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
 /// The next hop's `traceparent` after `parent`: its trace with a new span,
 /// or a new sampled trace when there is no valid parent.
 pub fn child_traceparent(parent: Option<&HeaderValue>) -> HeaderValue {
-    let mut value = [0; TRACEPARENT_LEN];
-    write_traceparent(parent, &mut value);
-    shared_value(value)
-}
-
-/// [`child_traceparent`] into `value`.
-fn write_traceparent(parent: Option<&HeaderValue>, value: &mut [u8]) {
-    let incoming = parent
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent);
-    // 00-<trace id: 32>-<span id: 16>-<flags: 2>
-    value.copy_from_slice(b"00-00000000000000000000000000000000-0000000000000000-01");
-    match incoming {
-        Some((trace, flags)) => {
-            value[3..35].copy_from_slice(trace.as_bytes());
-            value[53..].copy_from_slice(flags.as_bytes());
-        }
-        None => random_hex(&mut value[3..35]),
-    }
-    random_hex(&mut value[36..52]);
+    Trace::after(parent).child()
 }
 
 /// A header value over `bytes` (hex and dashes) that is shared, not copied
@@ -379,7 +412,7 @@ mod tests {
             (Duration::from_millis(29_999), "29999"),
             (Duration::MAX, "18446744073709551615"),
         ] {
-            let (trace, deadline) = context.child_traceparent_and_deadline(left);
+            let (trace, deadline) = context.trace().child_and_deadline(left);
             let trace = trace.to_str().unwrap();
             assert!(
                 trace.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
@@ -390,8 +423,42 @@ mod tests {
             assert!(!trace.contains("00f067aa0ba902b7"));
             assert_eq!(deadline, digits);
         }
-        let (trace, _) = Context::default().child_traceparent_and_deadline(Duration::ZERO);
+        let (trace, _) = Context::default()
+            .trace()
+            .child_and_deadline(Duration::ZERO);
         assert!(parse_traceparent(trace.to_str().unwrap()).is_some());
+    }
+
+    #[test]
+    fn a_calls_attempts_share_its_trace_and_each_has_a_span() {
+        let span = |v: &HeaderValue| v.to_str().unwrap()[36..52].to_owned();
+        let trace_id = |v: &HeaderValue| v.to_str().unwrap()[3..35].to_owned();
+        // With no caller's trace, one begun for the call, sampled.
+        let trace = Context::default().trace();
+        let (first, second) = (trace.child(), trace.child_and_deadline(Duration::ZERO).0);
+        for v in [&first, &second] {
+            let (_, flags) = parse_traceparent(v.to_str().unwrap()).unwrap();
+            assert_eq!(flags, "01");
+        }
+        assert_eq!(trace_id(&first), trace_id(&second));
+        assert_ne!(span(&first), span(&second));
+        // Another call, another trace.
+        assert_ne!(
+            trace_id(&Context::default().trace().child()),
+            trace_id(&first)
+        );
+        // The caller's trace and flags are kept.
+        let mut incoming = HeaderMap::new();
+        incoming.insert(
+            &TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+        );
+        let child = Context::from_headers(&incoming).trace().child();
+        assert!(child
+            .to_str()
+            .unwrap()
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(child.to_str().unwrap().ends_with("-00"));
     }
 
     #[test]

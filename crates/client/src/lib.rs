@@ -16,7 +16,9 @@
 //!
 //! Every call carries `x-correlation-id` (from the caller's
 //! [`headers::Context`], or new), a W3C `traceparent`, and the time left
-//! before its deadline in `x-tidegate-deadline-ms`.
+//! before its deadline in `x-tidegate-deadline-ms`. Each attempt is a span
+//! of its own in the call's trace: the caller's, or one begun for the call,
+//! so that a call's retries share a trace.
 //!
 //! ```no_run
 //! use tidegate_client::Registry;

@@ -121,6 +121,47 @@ consecutive_failures = 10
 "#;
 
 #[tokio::test]
+async fn the_attempts_of_a_call_are_spans_of_one_trace() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = Upstream::start(move |_req| {
+        // Each call: two failures, then a success.
+        let failing = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 3 < 2;
+        async move { text(if failing { 503 } else { 200 }, "") }
+    })
+    .await;
+    let client = ServiceClient::new(ServiceConfig::new("trace", &upstream.url()).unwrap().retry(
+        retry::Config {
+            base_delay: Duration::from_millis(1),
+            jitter: retry::Jitter::None,
+            ..retry::Config::default()
+        },
+    ))
+    .unwrap();
+    for call in 0..2 {
+        // Outside a scope: a trace begun for the call, not one per attempt.
+        client.get("/").await.unwrap();
+        let seen = upstream.received();
+        let attempts = &seen[3 * call..];
+        assert_eq!(attempts.len(), 3);
+        let ids: Vec<(String, String)> = attempts
+            .iter()
+            .map(|r| {
+                let v = r.headers["traceparent"].to_str().unwrap();
+                assert!(v.starts_with("00-") && v.ends_with("-01"), "{v}");
+                (v[3..35].to_owned(), v[36..52].to_owned())
+            })
+            .collect();
+        assert!(ids.iter().all(|(trace, _)| *trace == ids[0].0), "{ids:?}");
+        let spans: std::collections::HashSet<_> = ids.iter().map(|(_, span)| span).collect();
+        assert_eq!(spans.len(), ids.len(), "a span per attempt: {ids:?}");
+        if call == 1 {
+            let first = seen[0].headers["traceparent"].to_str().unwrap();
+            assert_ne!(&first[3..35], ids[0].0, "a trace per call");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_registry_from_a_services_file_with_overrides() {
     let upstream = echo().await;
     let env = vec![
