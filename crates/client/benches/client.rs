@@ -85,7 +85,17 @@ async fn bare_get(client: &Client<HttpConnector, Full<Bytes>>, uri: &http::Uri) 
     response.into_body().collect().await.unwrap().to_bytes()
 }
 
+/// Calls in flight in the concurrent runs: 32, or `IN_FLIGHT` for the
+/// ratio and profile runs.
 const IN_FLIGHT: u64 = 32;
+
+fn in_flight() -> u64 {
+    std::env::var("IN_FLIGHT")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(IN_FLIGHT)
+}
 
 /// The three clients, against one server, on one runtime.
 struct Bench {
@@ -145,13 +155,13 @@ macro_rules! with_client {
     }};
 }
 
-/// `IN_FLIGHT` calls at once, each a task.
-async fn batch<F>(make: impl Fn() -> F) -> Vec<Bytes>
+/// `n` calls at once, each a task.
+async fn batch<F>(n: u64, make: impl Fn() -> F) -> Vec<Bytes>
 where
     F: Future<Output = Bytes> + Send + 'static,
 {
     let mut calls = JoinSet::new();
-    for _ in 0..IN_FLIGHT {
+    for _ in 0..n {
         calls.spawn(make());
     }
     calls.join_all().await
@@ -159,16 +169,16 @@ where
 
 fn benches(c: &mut Criterion) {
     let bench = Bench::new();
-    for (group, in_flight) in [("sequential", 1), ("concurrent_32", IN_FLIGHT)] {
+    for (group, n) in [("sequential", 1), ("concurrent_32", IN_FLIGHT)] {
         let mut group = c.benchmark_group(group);
-        group.throughput(Throughput::Elements(in_flight));
+        group.throughput(Throughput::Elements(n));
         for (name, which) in [("hyper_util", 0), ("tidegate_client", 2)] {
             with_client!(&bench, which, |make| group.bench_function(name, |b| {
                 b.to_async(&bench.rt).iter(|| async {
-                    if in_flight == 1 {
+                    if n == 1 {
                         make().await;
                     } else {
-                        batch(make).await;
+                        batch(n, make).await;
                     }
                 });
             }));
@@ -247,9 +257,12 @@ fn ratio_run() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(15);
     let bench = Bench::new();
+    let n = in_flight();
+    // ~6 400 calls a concurrent run, whatever `n` is.
+    let batches = (6400 / n).max(1) as u32;
     let run = |which: usize, concurrent: bool| {
         with_client!(&bench, which, |make| if concurrent {
-            rate(&bench.rt, 200, IN_FLIGHT, || batch(make))
+            rate(&bench.rt, batches, n, || batch(n, make))
         } else {
             rate(&bench.rt, 2000, 1, make)
         })
@@ -264,7 +277,8 @@ fn ratio_run() {
         "{:<15}{:>12}{:>15}{:>12}{:>10}{:>15}",
         "req/s", "hyper-util", "+ same headers", "tidegate", "ratio", "ratio (hdrs)"
     );
-    for (group, concurrent) in [("sequential", false), ("concurrent_32", true)] {
+    let concurrent_n = format!("concurrent_{n}");
+    for (group, concurrent) in [("sequential", false), (concurrent_n.as_str(), true)] {
         let mut rates = [Vec::new(), Vec::new(), Vec::new()];
         let (mut ratio, mut ratio_headers) = (Vec::new(), Vec::new());
         for round in 0..rounds {
@@ -290,22 +304,23 @@ fn ratio_run() {
     println!("{rounds} rotating rounds; medians; target ratio >= 0.95");
 }
 
-/// `PROFILE=0|1|2`: only client `which`, 32 in flight, 640 (or `BATCHES`) batches after a
-/// warm-up, for a profiler (`valgrind --tool=callgrind`) to count one
-/// client's work alone.
+/// `PROFILE=0|1|2`: only client `which`, 32 (or `IN_FLIGHT`) in flight,
+/// 640 (or `BATCHES`) batches after a warm-up, for a profiler (`valgrind
+/// --tool=callgrind`) to count one client's work alone.
 fn profile_run(which: usize) {
     let bench = Bench::new();
+    let n = in_flight();
     let batches = std::env::var("BATCHES")
         .ok()
         .and_then(|b| b.parse().ok())
         .unwrap_or(640);
     let rate = with_client!(&bench, which, |make| {
-        rate(&bench.rt, 10, IN_FLIGHT, || batch(make));
-        rate(&bench.rt, batches, IN_FLIGHT, || batch(make))
+        rate(&bench.rt, 10, n, || batch(n, make));
+        rate(&bench.rt, batches, n, || batch(n, make))
     });
     println!(
         "client {which}: {rate:.0} req/s ({} calls)",
-        u64::from(batches) * IN_FLIGHT
+        u64::from(batches) * n
     );
 }
 

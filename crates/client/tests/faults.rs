@@ -308,6 +308,36 @@ async fn the_bulkhead_rejects_the_excess_without_calling() {
 }
 
 #[tokio::test]
+async fn connections_stay_pooled_for_as_many_calls_as_are_in_flight() {
+    // Every request is held until 64 are in: 64 calls, 64 connections.
+    const CALLS: usize = 64;
+    let all_in = Arc::new(tokio::sync::Barrier::new(CALLS));
+    let upstream = Upstream::start(move |_req| {
+        let all_in = all_in.clone();
+        async move {
+            all_in.wait().await;
+            text(200, "ok")
+        }
+    })
+    .await;
+    let billing = client(ServiceConfig::new("billing", &upstream.url()).unwrap());
+    for _ in 0..3 {
+        let calls: Vec<_> = (0..CALLS)
+            .map(|_| {
+                let billing = billing.clone();
+                tokio::spawn(async move { billing.get("/").await })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap().text().unwrap(), "ok");
+        }
+    }
+    assert_eq!(upstream.hits(), 3 * CALLS);
+    // The second and third rounds went over the connections of the first.
+    assert_eq!(upstream.connections(), CALLS);
+}
+
+#[tokio::test]
 async fn close_refuses_new_calls_and_drops_idle_connections() {
     let server = RawServer::start(Fault::Answer(
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",

@@ -186,7 +186,11 @@ pub struct ServiceConfig {
     pub max_response_bytes: usize,
     /// Idle pooled connections close after this. Default 90 s.
     pub pool_idle_timeout: Duration,
-    /// Idle connections kept per host. Default 32.
+    /// Idle connections kept per host. Default: no cap. A client then
+    /// keeps as many as it had calls in flight at its busiest (no more
+    /// than its bulkhead lets through), each closed after
+    /// `pool_idle_timeout`. A cap below the calls usually in flight makes
+    /// every call past it open a connection of its own, and close it.
     pub pool_max_idle: usize,
 }
 
@@ -234,7 +238,7 @@ impl ServiceConfig {
             max_replay_bytes: 64 * 1024,
             max_response_bytes: 10 * 1024 * 1024,
             pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle: 32,
+            pool_max_idle: usize::MAX,
         })
     }
 
