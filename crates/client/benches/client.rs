@@ -90,11 +90,15 @@ async fn bare_get(client: &Client<HttpConnector, Full<Bytes>>, uri: &http::Uri) 
 const IN_FLIGHT: u64 = 32;
 
 fn in_flight() -> u64 {
-    std::env::var("IN_FLIGHT")
+    env_or("IN_FLIGHT", IN_FLIGHT).max(1)
+}
+
+/// The number in environment variable `name`, else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
-        .and_then(|n| n.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(IN_FLIGHT)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The three clients, against one server, on one runtime.
@@ -252,10 +256,7 @@ async fn bare_get_with_headers(
 /// rotated every round); prints the median rate of each and the median
 /// per-round ratios of tidegate-client to the two bare ones.
 fn ratio_run() {
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(15);
+    let rounds: usize = env_or("ROUNDS", 15);
     let bench = Bench::new();
     let n = in_flight();
     // ~6 400 calls a concurrent run, whatever `n` is.
@@ -310,10 +311,7 @@ fn ratio_run() {
 fn profile_run(which: usize) {
     let bench = Bench::new();
     let n = in_flight();
-    let batches = std::env::var("BATCHES")
-        .ok()
-        .and_then(|b| b.parse().ok())
-        .unwrap_or(640);
+    let batches: u32 = env_or("BATCHES", 640);
     let rate = with_client!(&bench, which, |make| {
         rate(&bench.rt, 10, n, || batch(n, make));
         rate(&bench.rt, batches, n, || batch(n, make))
