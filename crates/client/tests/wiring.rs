@@ -2,6 +2,7 @@
 //! registry from a services file, metrics, status, logs, streaming, h2c.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,10 +123,10 @@ consecutive_failures = 10
 
 #[tokio::test]
 async fn the_attempts_of_a_call_are_spans_of_one_trace() {
-    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = Arc::new(AtomicUsize::new(0));
     let upstream = Upstream::start(move |_req| {
         // Each call: two failures, then a success.
-        let failing = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 3 < 2;
+        let failing = n.fetch_add(1, Ordering::SeqCst) % 3 < 2;
         async move { text(if failing { 503 } else { 200 }, "") }
     })
     .await;
