@@ -63,7 +63,7 @@ impl Context {
             correlation_id: correlation_id(headers),
             traceparent: headers
                 .get(&TRACEPARENT)
-                .filter(|v| v.to_str().ok().and_then(parse_traceparent).is_some())
+                .filter(|v| is_traceparent(v))
                 .cloned(),
         }
     }
@@ -105,7 +105,11 @@ impl Context {
     /// The trace a call made in this context joins: the caller's, or a new
     /// one. A call makes it once, so that all its attempts share it.
     pub(crate) fn trace(&self) -> Trace {
-        Trace::after(self.traceparent.as_ref())
+        // Only a valid `traceparent` is kept: it is not checked again.
+        match &self.traceparent {
+            Some(parent) => Trace::continuing(parent),
+            None => Trace::begun(),
+        }
     }
 }
 
@@ -119,23 +123,33 @@ pub(crate) struct Trace {
 }
 
 impl Trace {
-    /// `parent`'s trace if it is a valid `traceparent`, else a new one,
-    /// sampled (flags `01`).
+    /// `parent`'s trace if it is a valid `traceparent`, else a new one.
     fn after(parent: Option<&HeaderValue>) -> Self {
+        match parent.filter(|v| is_traceparent(v)) {
+            Some(parent) => Trace::continuing(parent),
+            None => Trace::begun(),
+        }
+    }
+
+    /// The trace of `parent`, a valid `traceparent`: its trace ID and flags.
+    fn continuing(parent: &HeaderValue) -> Self {
+        let parent = parent.as_bytes();
+        let mut trace = Trace {
+            head: [0; 36],
+            flags: [0; 2],
+        };
+        trace.head.copy_from_slice(&parent[..36]);
+        trace.flags.copy_from_slice(&parent[53..]);
+        trace
+    }
+
+    /// A new trace, sampled (flags `01`).
+    fn begun() -> Self {
         let mut trace = Trace {
             head: *b"00-00000000000000000000000000000000-",
             flags: *b"01",
         };
-        match parent
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent)
-        {
-            Some((id, flags)) => {
-                trace.head[3..35].copy_from_slice(id.as_bytes());
-                trace.flags.copy_from_slice(flags.as_bytes());
-            }
-            None => random_hex(&mut trace.head[3..35]),
-        }
+        random_hex(&mut trace.head[3..35]);
         trace
     }
 
@@ -285,6 +299,11 @@ pub fn child_traceparent(parent: Option<&HeaderValue>) -> HeaderValue {
 fn shared_value(bytes: impl AsRef<[u8]> + Send + 'static) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(bytes))
         .expect("hex is a valid header value")
+}
+
+/// Whether `v` is a valid version-00 `traceparent` (55 bytes).
+fn is_traceparent(v: &HeaderValue) -> bool {
+    v.to_str().ok().and_then(parse_traceparent).is_some()
 }
 
 /// `(trace-id, flags)` of a valid version-00 traceparent.
