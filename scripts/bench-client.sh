@@ -11,6 +11,7 @@
 #   ROUNDS=25 ./scripts/bench-client.sh
 #   ROUNDS=100 ./scripts/bench-client.sh   # ~6 min, intervals ~±0.5 %
 #   IN_FLIGHT=128 ./scripts/bench-client.sh # another concurrency (default 32)
+#   NO_TIMEOUT=1 NO_DEADLINE=1 ./scripts/bench-client.sh # without the timer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATIO=1 ROUNDS=${ROUNDS:-15} IN_FLIGHT=${IN_FLIGHT:-32} cargo bench -p tidegate-client --bench client 2>/dev/null

@@ -113,9 +113,17 @@ impl Bench {
     fn new() -> Self {
         let url = format!("http://{}", server());
         let rt = runtime();
-        // Every default policy on: deadline, retry with budget, breaker, bulkhead, timeout.
+        // Every default policy on: deadline, retry with budget, breaker, bulkhead,
+        // timeout. `NO_TIMEOUT` and `NO_DEADLINE` turn one off, to see its cost.
         let tidegate = rt.block_on(async {
-            ServiceClient::new(ServiceConfig::new("bench", &url).unwrap()).unwrap()
+            let mut config = ServiceConfig::new("bench", &url).unwrap();
+            if std::env::var_os("NO_TIMEOUT").is_some() {
+                config.policy.timeout = None;
+            }
+            if std::env::var_os("NO_DEADLINE").is_some() {
+                config.policy.deadline = None;
+            }
+            ServiceClient::new(config).unwrap()
         });
         Bench {
             rt,

@@ -2,6 +2,7 @@
 
 use std::borrow::Borrow;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -42,23 +43,31 @@ pub(crate) enum Payload {
     Streaming(Incoming),
 }
 
-type Exchange = http::Response<Payload>;
+/// An attempt's answer, boxed: the pipeline hands it on from step to step,
+/// and a pointer moves where 150 bytes would be copied each time.
+type Exchange = Box<http::Response<Payload>>;
 
 /// Why one attempt failed (attempt timeouts are the pipeline's).
 #[derive(Debug)]
 enum AttemptError {
     /// No connection could be made: nothing was sent.
-    Connect(hyper_util::client::legacy::Error),
+    Connect(Box<hyper_util::client::legacy::Error>),
     /// The exchange broke after the request was (maybe) sent.
     Broken(BoxError),
     /// 502, 503, 504 or 429: worth another attempt.
-    Status {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-    },
+    Status(Box<ErrorAnswer>),
     /// The answer's body passed `max_response_bytes`.
     TooLarge,
+    /// The client was closed while the call waited for this attempt.
+    Closed,
+}
+
+/// An error answer (502, 503, 504, 429), kept for the error its call ends in.
+#[derive(Debug)]
+struct ErrorAnswer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 impl std::fmt::Display for AttemptError {
@@ -66,8 +75,9 @@ impl std::fmt::Display for AttemptError {
         match self {
             AttemptError::Connect(_) => f.write_str("connection failed"),
             AttemptError::Broken(_) => f.write_str("connection lost during the exchange"),
-            AttemptError::Status { status, .. } => write!(f, "answered {status}"),
+            AttemptError::Status(answer) => write!(f, "answered {}", answer.status),
             AttemptError::TooLarge => f.write_str("response body too large"),
+            AttemptError::Closed => f.write_str("client is closed"),
         }
     }
 }
@@ -106,9 +116,14 @@ struct Inner {
     /// The authority requests name to hyper-util: [`POOL_KEY`] over
     /// HTTP/1, where it only keys the pool; the base URL's over HTTP/2.
     authority: Authority,
-    /// Behind an `Arc` so a call takes one count, not a clone of each of
-    /// the client's parts.
-    http: RwLock<Option<Arc<HttpClient>>>,
+    /// Read only while an attempt hands its request over: the future
+    /// hyper-util returns holds what it needs, so the call holds no count
+    /// of the client, and [`close`](ServiceClient::close) drops the pool
+    /// once the calls in flight are done with it.
+    http: RwLock<Option<HttpClient>>,
+    /// Set by [`close`](ServiceClient::close): calls are refused before
+    /// they begin, without the lock.
+    closed: AtomicBool,
     /// For calls that may be sent again: idempotent, body kept.
     resend: Pipeline<Exchange, AttemptError>,
     /// For the others, over the same policies: retried only when no
@@ -281,7 +296,8 @@ impl ServiceClient {
                 display,
                 base: config.base_url,
                 authority,
-                http: RwLock::new(Some(Arc::new(http))),
+                http: RwLock::new(Some(http)),
+                closed: AtomicBool::new(false),
                 resend,
                 once,
                 attempt_timeout: policy.timeout,
@@ -334,8 +350,11 @@ impl ServiceClient {
         )
     }
 
-    /// Refuses new calls and drops idle pooled connections; calls in flight finish.
+    /// Refuses new calls and drops idle pooled connections. An attempt in
+    /// flight finishes; a call waiting to try again ends with a
+    /// [`Closed`](ErrorKind::Closed) error instead.
     pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
         let taken = self
             .inner
             .http
@@ -532,10 +551,11 @@ impl ServiceClient {
             let inner = &self.inner;
             let start = Instant::now();
             // The caller's correlation ID and trace, or new ones.
-            let (id, trace) = Context::current().unwrap_or_default().into_call();
-            let Some(http) = inner.http.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            let (id, trace) =
+                Context::current().map_or_else(Context::fresh_call, Context::into_call);
+            if inner.closed.load(Ordering::Acquire) {
                 return Err(self.refused(ErrorKind::Closed, "client is closed".into(), &id));
-            };
+            }
             // CONNECT's request target is the authority itself.
             let authority = if call.method == Method::CONNECT {
                 &inner.base.authority
@@ -555,7 +575,6 @@ impl ServiceClient {
                 || inner.keyed;
             let retryable = idempotent && call.body.len() <= inner.max_replay_bytes;
             let sending = Sending {
-                http: &http,
                 call,
                 uri: &uri,
                 id: &id,
@@ -726,35 +745,47 @@ impl ServiceClient {
             attempt.remaining_at_start(),
             call.extra.as_deref(),
         );
-        let sent = sending.http.request(request);
+        // `None` when the client was closed since the call began.
+        let sent = inner
+            .http
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|http| http.request(request));
         let (streaming, cap) = (call.streaming, inner.max_response_bytes);
         async move {
+            let Some(sent) = sent else {
+                return Err(AttemptError::Closed);
+            };
             let response = sent.await.map_err(|e| {
                 if e.is_connect() {
-                    AttemptError::Connect(e)
+                    AttemptError::Connect(Box::new(e))
                 } else {
                     AttemptError::Broken(e.into())
                 }
             })?;
             let (parts, incoming) = response.into_parts();
             if streaming && parts.status.as_u16() < 400 {
-                return Ok(http::Response::from_parts(
+                return Ok(Box::new(http::Response::from_parts(
                     parts,
                     Payload::Streaming(incoming),
-                ));
+                )));
             }
             let bytes = read_body(incoming, cap).await.map_err(|e| match e {
                 ReadError::TooLarge => AttemptError::TooLarge,
                 ReadError::Broken(error) => AttemptError::Broken(error),
             })?;
             if headers::is_retryable_status(parts.status) {
-                return Err(AttemptError::Status {
+                return Err(AttemptError::Status(Box::new(ErrorAnswer {
                     status: parts.status,
                     headers: parts.headers,
                     body: bytes,
-                });
+                })));
             }
-            Ok(http::Response::from_parts(parts, Payload::Buffered(bytes)))
+            Ok(Box::new(http::Response::from_parts(
+                parts,
+                Payload::Buffered(bytes),
+            )))
         }
     }
 
@@ -824,11 +855,15 @@ impl ServiceClient {
             AttemptError::Broken(error) => self
                 .error(ErrorKind::Connection, "connection lost during the exchange")
                 .with_source(error),
-            AttemptError::Status {
-                status,
-                headers,
-                body,
-            } => self.answered(status, &headers, body),
+            AttemptError::Status(answer) => {
+                let ErrorAnswer {
+                    status,
+                    headers,
+                    body,
+                } = *answer;
+                self.answered(status, &headers, body)
+            }
+            AttemptError::Closed => self.error(ErrorKind::Closed, "client is closed"),
             AttemptError::TooLarge => self.error(
                 ErrorKind::Decode,
                 format!(
@@ -875,7 +910,6 @@ impl<'a> Call<'a> {
 
 /// A call under way: what each attempt needs besides its [`Attempt`].
 struct Sending<'a> {
-    http: &'a HttpClient,
     call: &'a Call<'a>,
     uri: &'a Uri,
     /// The correlation ID.
@@ -932,10 +966,10 @@ fn classify(result: &Result<Exchange, AttemptError>) -> Outcome {
     match result {
         Ok(response) if response.status().is_server_error() => Outcome::Failure,
         Ok(_) => Outcome::Success,
-        Err(AttemptError::Status { status, .. }) if *status == StatusCode::TOO_MANY_REQUESTS => {
+        Err(AttemptError::Status(answer)) if answer.status == StatusCode::TOO_MANY_REQUESTS => {
             Outcome::Ignore
         }
-        Err(AttemptError::TooLarge) => Outcome::Ignore,
+        Err(AttemptError::TooLarge | AttemptError::Closed) => Outcome::Ignore,
         Err(_) => Outcome::Failure,
     }
 }
@@ -954,11 +988,9 @@ fn retry_resend(
     }
     match err.inner() {
         Some(AttemptError::Connect(_) | AttemptError::Broken(_)) => RetryAction::Retry,
-        Some(AttemptError::Status {
-            status, headers, ..
-        }) => match headers::retry_after(headers) {
+        Some(AttemptError::Status(answer)) => match headers::retry_after(&answer.headers) {
             Some(delay) => RetryAction::RetryAfter(delay),
-            None if *status == StatusCode::TOO_MANY_REQUESTS => RetryAction::Return,
+            None if answer.status == StatusCode::TOO_MANY_REQUESTS => RetryAction::Return,
             None => RetryAction::Retry,
         },
         _ => RetryAction::Return,

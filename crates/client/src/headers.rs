@@ -81,6 +81,17 @@ impl Context {
         (self.correlation_id, trace)
     }
 
+    /// What a call made outside any context sends: a new correlation ID,
+    /// and a new trace whose ID is that same one, so that the call's logs
+    /// and its trace are found by one value. One draw of 128 random bits
+    /// serves both.
+    pub(crate) fn fresh_call() -> (HeaderValue, Trace) {
+        let trace = Trace::begun();
+        let mut id = [0u8; 32];
+        id.copy_from_slice(trace.id());
+        (shared_value(id), trace)
+    }
+
     /// The caller's `traceparent`, if it had one.
     pub fn traceparent(&self) -> Option<&HeaderValue> {
         self.traceparent.as_ref()
@@ -151,6 +162,11 @@ impl Trace {
         };
         random_hex(&mut trace.head[3..35]);
         trace
+    }
+
+    /// The trace ID: 32 hex digits.
+    fn id(&self) -> &[u8] {
+        &self.head[3..35]
     }
 
     /// A `traceparent` in this trace, with a new span ID.
@@ -478,6 +494,17 @@ mod tests {
             .unwrap()
             .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(child.to_str().unwrap().ends_with("-00"));
+    }
+
+    #[test]
+    fn a_call_outside_any_context_has_its_correlation_id_for_trace_id() {
+        let (id, trace) = Context::fresh_call();
+        let parent = trace.child();
+        let (trace_id, flags) = parse_traceparent(parent.to_str().unwrap()).unwrap();
+        assert_eq!(id.to_str().unwrap(), trace_id);
+        assert_eq!(flags, "01");
+        // The next such call draws new ones.
+        assert_ne!(Context::fresh_call().0, id);
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! [`headers::Context`], or new), a W3C `traceparent`, and the time left
 //! before its deadline in `x-tidegate-deadline-ms`. Each attempt is a span
 //! of its own in the call's trace: the caller's, or one begun for the call,
-//! so that a call's retries share a trace.
+//! so that a call's retries share a trace. A call made outside any context
+//! has one new ID for both its correlation ID and its trace ID.
 //!
 //! ```no_run
 //! use tidegate_client::Registry;

@@ -353,3 +353,32 @@ async fn close_refuses_new_calls_and_drops_idle_connections() {
         .await
         .expect("the pooled connection is closed");
 }
+
+#[tokio::test]
+async fn a_call_that_would_try_again_after_close_ends_closed() {
+    // The first attempt is held at the server until the client is closed,
+    // then answered 503: the retry it earns is refused, not sent.
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let upstream = Upstream::start(move |_req| {
+        let (entered_tx, gate) = (entered_tx.clone(), gate.clone());
+        async move {
+            entered_tx.send(()).unwrap();
+            gate.acquire().await.unwrap().forget();
+            text(503, "busy")
+        }
+    })
+    .await;
+    let billing = client(config(&upstream.url()));
+    let call = tokio::spawn({
+        let billing = billing.clone();
+        async move { billing.get("/balance").await }
+    });
+    entered.recv().await.unwrap();
+    billing.close();
+    release.add_permits(1);
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    assert_eq!(upstream.hits(), 1);
+}
