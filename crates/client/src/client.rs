@@ -43,9 +43,30 @@ pub(crate) enum Payload {
     Streaming(Incoming),
 }
 
+impl Payload {
+    const EMPTY: Payload = Payload::Buffered(Bytes::new());
+
+    /// The body read whole; empty for one left to stream.
+    pub(crate) fn bytes(&self) -> &Bytes {
+        static NONE: Bytes = Bytes::new();
+        match self {
+            Payload::Buffered(bytes) => bytes,
+            Payload::Streaming(_) => &NONE,
+        }
+    }
+
+    /// [`bytes`](Payload::bytes), taken.
+    pub(crate) fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Buffered(bytes) => bytes,
+            Payload::Streaming(_) => Bytes::new(),
+        }
+    }
+}
+
 /// An attempt's answer, boxed: the pipeline hands it on from step to step,
 /// and a pointer moves where 150 bytes would be copied each time.
-type Exchange = Box<http::Response<Payload>>;
+pub(crate) type Exchange = Box<http::Response<Payload>>;
 
 /// Why one attempt failed (attempt timeouts are the pipeline's).
 #[derive(Debug)]
@@ -54,20 +75,12 @@ enum AttemptError {
     Connect(Box<hyper_util::client::legacy::Error>),
     /// The exchange broke after the request was (maybe) sent.
     Broken(BoxError),
-    /// 502, 503, 504 or 429: worth another attempt.
-    Status(Box<ErrorAnswer>),
+    /// 502, 503, 504 or 429 (read whole): worth another attempt.
+    Status(Exchange),
     /// The answer's body passed `max_response_bytes`.
     TooLarge,
     /// The client was closed while the call waited for this attempt.
     Closed,
-}
-
-/// An error answer (502, 503, 504, 429), kept for the error its call ends in.
-#[derive(Debug)]
-struct ErrorAnswer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
 }
 
 impl std::fmt::Display for AttemptError {
@@ -75,7 +88,7 @@ impl std::fmt::Display for AttemptError {
         match self {
             AttemptError::Connect(_) => f.write_str("connection failed"),
             AttemptError::Broken(_) => f.write_str("connection lost during the exchange"),
-            AttemptError::Status(answer) => write!(f, "answered {}", answer.status),
+            AttemptError::Status(answer) => write!(f, "answered {}", answer.status()),
             AttemptError::TooLarge => f.write_str("response body too large"),
             AttemptError::Closed => f.write_str("client is closed"),
         }
@@ -478,16 +491,9 @@ impl ServiceClient {
         call: Call<'a>,
     ) -> impl Future<Output = Result<Response, Error>> + Send + 'a {
         let active = |this: &'a Self| Active::new(&this.inner.active);
-        self.execute(call, active, |this, exchange, request_id, _active| {
-            let (parts, payload) = exchange.into_parts();
-            let body = match payload {
-                Payload::Buffered(bytes) => bytes,
-                Payload::Streaming(_) => {
-                    unreachable!("a call that does not stream reads its body")
-                }
-            };
+        self.execute(call, active, |this, answer, request_id, _active| {
             let service = this.inner.display.clone();
-            Response::new(parts, body, request_id, service)
+            Response::new(answer, request_id, service)
         })
     }
 
@@ -636,15 +642,8 @@ impl ServiceClient {
     ) -> Error {
         let inner = &self.inner;
         let err = match result {
-            Ok(exchange) => {
-                // Error answers are always read whole by the attempt.
-                let (parts, payload) = exchange.into_parts();
-                let body = match payload {
-                    Payload::Buffered(bytes) => bytes,
-                    Payload::Streaming(_) => Bytes::new(),
-                };
-                self.answered(parts.status, &parts.headers, body)
-            }
+            // Error answers are always read whole by the attempt.
+            Ok(answer) => self.answered(*answer),
             Err(err) => self.convert(err),
         };
         inner.count(&call.method, err.kind().as_str(), seconds);
@@ -771,21 +770,18 @@ impl ServiceClient {
                     Payload::Streaming(incoming),
                 )));
             }
+            // Boxed before the body is read: the wait holds a pointer to
+            // the head, not the head.
+            let mut answer = Box::new(http::Response::from_parts(parts, Payload::EMPTY));
             let bytes = read_body(incoming, cap).await.map_err(|e| match e {
                 ReadError::TooLarge => AttemptError::TooLarge,
                 ReadError::Broken(error) => AttemptError::Broken(error),
             })?;
-            if headers::is_retryable_status(parts.status) {
-                return Err(AttemptError::Status(Box::new(ErrorAnswer {
-                    status: parts.status,
-                    headers: parts.headers,
-                    body: bytes,
-                })));
+            *answer.body_mut() = Payload::Buffered(bytes);
+            if headers::is_retryable_status(answer.status()) {
+                return Err(AttemptError::Status(answer));
             }
-            Ok(Box::new(http::Response::from_parts(
-                parts,
-                Payload::Buffered(bytes),
-            )))
+            Ok(answer)
         }
     }
 
@@ -841,10 +837,12 @@ impl ServiceClient {
 
     /// The error of an error answer, retried or not: its kind by status,
     /// its body, and its `Retry-After`.
-    fn answered(&self, status: StatusCode, headers: &HeaderMap, body: Bytes) -> Error {
+    fn answered(&self, answer: http::Response<Payload>) -> Error {
+        let (parts, payload) = answer.into_parts();
+        let status = parts.status;
         self.error(ErrorKind::of_status(status), format!("answered {status}"))
-            .with_status(status, body)
-            .with_retry_after(headers::retry_after(headers))
+            .with_status(status, payload.into_bytes())
+            .with_retry_after(headers::retry_after(&parts.headers))
     }
 
     fn attempt_error(&self, err: AttemptError) -> Error {
@@ -855,14 +853,7 @@ impl ServiceClient {
             AttemptError::Broken(error) => self
                 .error(ErrorKind::Connection, "connection lost during the exchange")
                 .with_source(error),
-            AttemptError::Status(answer) => {
-                let ErrorAnswer {
-                    status,
-                    headers,
-                    body,
-                } = *answer;
-                self.answered(status, &headers, body)
-            }
+            AttemptError::Status(answer) => self.answered(*answer),
             AttemptError::Closed => self.error(ErrorKind::Closed, "client is closed"),
             AttemptError::TooLarge => self.error(
                 ErrorKind::Decode,
@@ -966,7 +957,7 @@ fn classify(result: &Result<Exchange, AttemptError>) -> Outcome {
     match result {
         Ok(response) if response.status().is_server_error() => Outcome::Failure,
         Ok(_) => Outcome::Success,
-        Err(AttemptError::Status(answer)) if answer.status == StatusCode::TOO_MANY_REQUESTS => {
+        Err(AttemptError::Status(answer)) if answer.status() == StatusCode::TOO_MANY_REQUESTS => {
             Outcome::Ignore
         }
         Err(AttemptError::TooLarge | AttemptError::Closed) => Outcome::Ignore,
@@ -988,9 +979,9 @@ fn retry_resend(
     }
     match err.inner() {
         Some(AttemptError::Connect(_) | AttemptError::Broken(_)) => RetryAction::Retry,
-        Some(AttemptError::Status(answer)) => match headers::retry_after(&answer.headers) {
+        Some(AttemptError::Status(answer)) => match headers::retry_after(answer.headers()) {
             Some(delay) => RetryAction::RetryAfter(delay),
-            None if answer.status == StatusCode::TOO_MANY_REQUESTS => RetryAction::Return,
+            None if answer.status() == StatusCode::TOO_MANY_REQUESTS => RetryAction::Return,
             None => RetryAction::Retry,
         },
         _ => RetryAction::Return,

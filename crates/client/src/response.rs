@@ -11,28 +11,23 @@ use serde::de::DeserializeOwned;
 
 use hyper::body::Incoming;
 
-use crate::client::Active;
+use crate::client::{Active, Exchange};
 use crate::error::{Error, ErrorKind};
 
 /// A successful answer (1xx–3xx), its body read whole.
 #[derive(Debug)]
 pub struct Response {
-    parts: Parts,
-    body: Bytes,
+    /// As the attempt boxed it: a call's result is a pointer to move, not
+    /// the head and body.
+    answer: Exchange,
     request_id: HeaderValue,
     service: Arc<str>,
 }
 
 impl Response {
-    pub(crate) fn new(
-        parts: Parts,
-        body: Bytes,
-        request_id: HeaderValue,
-        service: Arc<str>,
-    ) -> Self {
+    pub(crate) fn new(answer: Exchange, request_id: HeaderValue, service: Arc<str>) -> Self {
         Response {
-            parts,
-            body,
+            answer,
             request_id,
             service,
         }
@@ -40,12 +35,12 @@ impl Response {
 
     /// The status.
     pub fn status(&self) -> StatusCode {
-        self.parts.status
+        self.answer.status()
     }
 
     /// The headers.
     pub fn headers(&self) -> &HeaderMap {
-        &self.parts.headers
+        self.answer.headers()
     }
 
     /// The correlation ID the call was made with.
@@ -55,22 +50,22 @@ impl Response {
 
     /// The body.
     pub fn body(&self) -> &Bytes {
-        &self.body
+        self.answer.body().bytes()
     }
 
     /// The body, taken.
     pub fn into_body(self) -> Bytes {
-        self.body
+        self.answer.into_body().into_bytes()
     }
 
     /// The body as UTF-8 text.
     pub fn text(&self) -> Result<&str, Error> {
-        std::str::from_utf8(&self.body).map_err(|e| self.decode_error("body is not UTF-8", e))
+        std::str::from_utf8(self.body()).map_err(|e| self.decode_error("body is not UTF-8", e))
     }
 
     /// The body decoded from JSON.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        serde_json::from_slice(&self.body)
+        serde_json::from_slice(self.body())
             .map_err(|e| self.decode_error("body is not the expected JSON", e))
     }
 
