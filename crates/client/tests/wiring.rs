@@ -153,6 +153,10 @@ async fn the_attempts_of_a_call_are_spans_of_one_trace() {
             })
             .collect();
         assert!(ids.iter().all(|(trace, _)| *trace == ids[0].0), "{ids:?}");
+        // The call's new correlation ID is its trace ID.
+        for r in attempts {
+            assert_eq!(r.headers["x-correlation-id"], ids[0].0);
+        }
         let spans: std::collections::HashSet<_> = ids.iter().map(|(_, span)| span).collect();
         assert_eq!(spans.len(), ids.len(), "a span per attempt: {ids:?}");
         if call == 1 {
