@@ -44,6 +44,31 @@ async fn scripted(answer: fn(usize) -> (u16, &'static str)) -> Upstream {
     .await
 }
 
+/// An upstream that reports each request as it comes in, then holds it
+/// until `release` has a permit for it, and answers `status` and `body`.
+async fn gated(
+    status: u16,
+    body: &'static str,
+) -> (
+    Upstream,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    Arc<tokio::sync::Semaphore>,
+) {
+    let (entered_tx, entered) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let upstream = Upstream::start(move |_req| {
+        let (entered_tx, gate) = (entered_tx.clone(), gate.clone());
+        async move {
+            entered_tx.send(()).unwrap();
+            gate.acquire().await.unwrap().forget();
+            text(status, body)
+        }
+    })
+    .await;
+    (upstream, entered, release)
+}
+
 #[tokio::test]
 async fn a_get_is_retried_exactly_as_configured() {
     let upstream = scripted(|_| (503, "busy")).await;
@@ -268,18 +293,7 @@ async fn the_breaker_opens_rejects_without_calling_and_closes_after_a_probe() {
 
 #[tokio::test]
 async fn the_bulkhead_rejects_the_excess_without_calling() {
-    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
-    let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let gate = release.clone();
-    let upstream = Upstream::start(move |_req| {
-        let (entered_tx, gate) = (entered_tx.clone(), gate.clone());
-        async move {
-            entered_tx.send(()).unwrap();
-            gate.acquire().await.unwrap().forget();
-            text(200, "done")
-        }
-    })
-    .await;
+    let (upstream, mut entered, release) = gated(200, "done").await;
     let billing = client(config(&upstream.url()).bulkhead(bulkhead::Config {
         max_concurrent: 2,
         max_queued: 0,
@@ -358,18 +372,7 @@ async fn close_refuses_new_calls_and_drops_idle_connections() {
 async fn a_call_that_would_try_again_after_close_ends_closed() {
     // The first attempt is held at the server until the client is closed,
     // then answered 503: the retry it earns is refused, not sent.
-    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
-    let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let gate = release.clone();
-    let upstream = Upstream::start(move |_req| {
-        let (entered_tx, gate) = (entered_tx.clone(), gate.clone());
-        async move {
-            entered_tx.send(()).unwrap();
-            gate.acquire().await.unwrap().forget();
-            text(503, "busy")
-        }
-    })
-    .await;
+    let (upstream, mut entered, release) = gated(503, "busy").await;
     let billing = client(config(&upstream.url()));
     let call = tokio::spawn({
         let billing = billing.clone();
