@@ -522,7 +522,9 @@ impl Gateway {
             .pipeline
             .call(|attempt| {
                 attempts.fetch_add(1, Ordering::Relaxed);
-                let head = call.template.head(attempt.remaining_at_start());
+                let head = call
+                    .template
+                    .head(attempt.number(), attempt.remaining_at_start());
                 self.attempt(
                     call.upstream_client,
                     upstream,
@@ -988,8 +990,17 @@ struct Head {
 struct Template(Head);
 
 impl Template {
-    fn head(&self, remaining: Option<Duration>) -> Head {
+    /// The head of attempt `number` (from 1), with the time `remaining`.
+    /// A retry is a span of its own in the request's trace: the first
+    /// attempt sends the template's `traceparent`, each later one the same
+    /// trace with a new span ID.
+    fn head(&self, number: u32, remaining: Option<Duration>) -> Head {
         let mut head = self.0.clone();
+        if number > 1 {
+            let first = head.headers.get(&headers::TRACEPARENT);
+            let span = headers::child_traceparent(first);
+            head.headers.insert(&headers::TRACEPARENT, span);
+        }
         if let Some(left) = remaining {
             head.headers
                 .insert(&headers::DEADLINE_MS, headers::deadline_value(left));

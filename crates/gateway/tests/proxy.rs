@@ -111,6 +111,47 @@ async fn forwarding_chains_and_traces_are_continued() {
 }
 
 #[tokio::test]
+async fn each_attempt_is_a_span_of_the_requests_trace() {
+    // Two failures, then a success: three attempts of one request.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let upstream = Upstream::start(move |_| {
+        let failing = counter.fetch_add(1, Ordering::SeqCst) < 2;
+        async move { text(if failing { 503 } else { 200 }, "") }
+    })
+    .await;
+    let gw = gateway(&one_upstream(&upstream.url(), "")).await;
+
+    let answer = send(
+        Request::get(url(&gw, "/api/x"))
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let spans: Vec<String> = upstream
+        .received()
+        .iter()
+        .map(|r| {
+            let v = r.headers["traceparent"].to_str().unwrap();
+            assert!(
+                v.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && v.ends_with("-01"),
+                "the client's trace and flags: {v}"
+            );
+            v[36..52].to_owned()
+        })
+        .collect();
+    assert_eq!(spans.len(), 3);
+    let distinct: std::collections::HashSet<_> = spans.iter().collect();
+    assert_eq!(distinct.len(), 3, "a span per attempt: {spans:?}");
+    assert!(!spans.contains(&"00f067aa0ba902b7".to_owned()));
+}
+
+#[tokio::test]
 async fn a_get_is_retried_and_a_post_is_not() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
