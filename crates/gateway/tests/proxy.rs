@@ -77,6 +77,9 @@ async fn routes_by_prefix_strips_it_and_sets_forwarding_headers() {
     assert_eq!(upstream.hits(), 1);
 }
 
+/// A client's `traceparent`: its trace, its span `00f067aa0ba902b7`, sampled.
+const CLIENT_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 #[tokio::test]
 async fn forwarding_chains_and_traces_are_continued() {
     let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
@@ -86,10 +89,7 @@ async fn forwarding_chains_and_traces_are_continued() {
         Request::get(url(&gw, "/api/x"))
             .header("x-forwarded-for", "10.0.0.1")
             .header("x-forwarded-for", "10.0.0.2, 10.0.0.3")
-            .header(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
+            .header("traceparent", CLIENT_TRACE)
             .body(full(""))
             .unwrap(),
     )
@@ -122,17 +122,8 @@ async fn each_attempt_is_a_span_of_the_requests_trace() {
     .await;
     let gw = gateway(&one_upstream(&upstream.url(), "")).await;
 
-    let answer = send(
-        Request::get(url(&gw, "/api/x"))
-            .header(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
-            .body(full(""))
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(answer.status, 200);
+    let traced = Request::get(url(&gw, "/api/x")).header("traceparent", CLIENT_TRACE);
+    assert_eq!(send(traced.body(full("")).unwrap()).await.status, 200);
     let spans: Vec<String> = upstream
         .received()
         .iter()
