@@ -44,7 +44,7 @@ pub(crate) enum Payload {
 }
 
 impl Payload {
-    const EMPTY: Payload = Payload::Buffered(Bytes::new());
+    pub(crate) const EMPTY: Payload = Payload::Buffered(Bytes::new());
 
     /// The body read whole; empty for one left to stream.
     pub(crate) fn bytes(&self) -> &Bytes {
@@ -68,6 +68,9 @@ impl Payload {
 /// and a pointer moves where 150 bytes would be copied each time.
 pub(crate) type Exchange = Box<http::Response<Payload>>;
 
+/// The message of a call refused by a closed client, before or between attempts.
+const CLOSED: &str = "client is closed";
+
 /// Why one attempt failed (attempt timeouts are the pipeline's).
 #[derive(Debug)]
 enum AttemptError {
@@ -90,7 +93,7 @@ impl std::fmt::Display for AttemptError {
             AttemptError::Broken(_) => f.write_str("connection lost during the exchange"),
             AttemptError::Status(answer) => write!(f, "answered {}", answer.status()),
             AttemptError::TooLarge => f.write_str("response body too large"),
-            AttemptError::Closed => f.write_str("client is closed"),
+            AttemptError::Closed => f.write_str(CLOSED),
         }
     }
 }
@@ -560,7 +563,7 @@ impl ServiceClient {
             let (id, trace) =
                 Context::current().map_or_else(Context::fresh_call, Context::into_call);
             if inner.closed.load(Ordering::Acquire) {
-                return Err(self.refused(ErrorKind::Closed, "client is closed".into(), &id));
+                return Err(self.refused(ErrorKind::Closed, CLOSED.into(), &id));
             }
             // CONNECT's request target is the authority itself.
             let authority = if call.method == Method::CONNECT {
@@ -854,7 +857,7 @@ impl ServiceClient {
                 .error(ErrorKind::Connection, "connection lost during the exchange")
                 .with_source(error),
             AttemptError::Status(answer) => self.answered(*answer),
-            AttemptError::Closed => self.error(ErrorKind::Closed, "client is closed"),
+            AttemptError::Closed => self.error(ErrorKind::Closed, CLOSED),
             AttemptError::TooLarge => self.error(
                 ErrorKind::Decode,
                 format!(

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use hyper::body::Incoming;
 
-use crate::client::{Active, Exchange};
+use crate::client::{Active, Exchange, Payload};
 use crate::error::{Error, ErrorKind};
 
 /// A successful answer (1xx–3xx), its body read whole.
@@ -53,9 +53,9 @@ impl Response {
         self.answer.body().bytes()
     }
 
-    /// The body, taken.
-    pub fn into_body(self) -> Bytes {
-        self.answer.into_body().into_bytes()
+    /// The body, taken (from its box: the head is not moved out to get it).
+    pub fn into_body(mut self) -> Bytes {
+        std::mem::replace(self.answer.body_mut(), Payload::EMPTY).into_bytes()
     }
 
     /// The body as UTF-8 text.
