@@ -17,12 +17,20 @@
 //! connection closes, and nothing reaches the service or an upstream.
 //!
 //! The guard knows just enough of HTTP/1 framing to find the next head:
-//! fixed-length bodies, chunked bodies and trailers. Anything it does not
-//! understand (HTTP/2's preface, a malformed chunk line, an invalid length)
-//! switches it off for the rest of the connection; hyper's own parser then
-//! decides, and it rejects what is malformed. After a `101 Switching
-//! Protocols` the bytes belong to a tunnel, so the service flips
-//! [`Upgraded`] and the guard steps aside.
+//! fixed-length bodies, chunked bodies and trailers. It never stops
+//! following a connection that hyper's HTTP/1 parser still reads, since
+//! what it let pass unread would be the next request: a head it cannot
+//! frame (an invalid length, a final coding other than chunked, a version
+//! other than 1.x) is refused like an ambiguous one, and after a chunked
+//! body's framing line it cannot follow (a bad size, data longer than its
+//! size) it releases nothing more: hyper sees the connection end there. A
+//! long chunk extension or trailer line is followed to its end, however
+//! long (hyper has its own limits on them), keeping only its start. It
+//! steps aside only when the bytes are no longer HTTP/1: for a client that
+//! opened with HTTP/2's preface, and after a `101 Switching Protocols`,
+//! when they belong to a tunnel (the service flips [`Upgraded`]). A head
+//! longer than hyper's buffer is hyper's to refuse (431), and it closes
+//! the connection.
 
 use std::future::Future;
 use std::io;
@@ -35,8 +43,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Longest chunk-size or trailer line the guard follows before stepping aside.
-const MAX_LINE: usize = 8 * 1024;
+/// How much of a chunk-size or trailer line the guard keeps: the size and
+/// whether the line is empty are at its start; the rest is passed on unkept.
+const MAX_LINE: usize = 256;
 
 /// What a client connection speaks, from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +165,8 @@ impl<T> FramingGuard<T> {
                 return Poll::Ready(Ok(Protocol::Http1));
             }
             if seen.len() == PREFACE.len() {
+                // Frames, not HTTP/1 messages, from here on.
+                self.scanner.stop(&mut self.ready);
                 return Poll::Ready(Ok(Protocol::Http2));
             }
             let mut chunk = [0u8; 4096];
@@ -263,6 +274,10 @@ impl<T: AsyncRead + Unpin> FramingGuard<T> {
             if this.scanner.is_off() && this.ready.is_empty() {
                 return this.poll_io(cx, buf);
             }
+            if this.scanner.is_refused() && this.ready.is_empty() {
+                // hyper reads the end of the connection here.
+                return Poll::Ready(Ok(()));
+            }
             if !this.ready.is_empty() {
                 continue;
             }
@@ -344,8 +359,11 @@ enum State {
     ChunkEnd,
     /// Trailer lines after the last chunk, up to an empty line.
     Trailers,
-    /// No longer inspecting this connection.
+    /// No longer inspecting this connection: it speaks HTTP/2, is a
+    /// tunnel, or ended.
     Off,
+    /// Nothing more is released: what came last cannot be framed.
+    Refused,
 }
 
 /// What a request head says about its body.
@@ -392,6 +410,10 @@ impl Scanner {
         self.state == State::Off
     }
 
+    fn is_refused(&self) -> bool {
+        self.state == State::Refused
+    }
+
     /// Bytes scanned but not yet released.
     fn held(&self) -> usize {
         match self.state {
@@ -417,6 +439,7 @@ impl Scanner {
                     out.extend_from_slice(input);
                     return;
                 }
+                State::Refused => return,
                 State::Fixed(left) | State::ChunkData(left) => {
                     let take = usize::try_from(left).map_or(input.len(), |l| l.min(input.len()));
                     out.extend_from_slice(&input[..take]);
@@ -453,10 +476,9 @@ impl Scanner {
                     let (line, rest) = split_line(input);
                     input = rest;
                     out.extend_from_slice(line);
-                    self.line.extend_from_slice(line);
-                    if self.line.len() > MAX_LINE {
-                        self.state = State::Off;
-                    } else if line.ends_with(b"\n") {
+                    let room = MAX_LINE.saturating_sub(self.line.len());
+                    self.line.extend_from_slice(&line[..line.len().min(room)]);
+                    if line.ends_with(b"\n") {
                         self.body_line();
                         self.line.clear();
                     }
@@ -494,9 +516,16 @@ impl Scanner {
         if head.chunked_codings > 1 {
             head.refuse = Some("it names the chunked coding more than once");
         }
+        if head.http2 {
+            head.refuse = Some("its request line says HTTP/2.0");
+        }
+        match (head.content_length, head.chunked) {
+            (Some(Err(())), _) => head.refuse = Some("its Content-Length is invalid"),
+            (_, Some(false)) => head.refuse = Some("its final transfer coding is not chunked"),
+            _ => {}
+        }
         let next = match (head.content_length, head.chunked) {
             _ if !head.started => State::Head,
-            _ if head.http2 => State::Off,
             _ if head.refuse.is_some() => {
                 // A header line without a colon: hyper refuses the head.
                 out.extend_from_slice(b"ambiguous-framing\r\n");
@@ -504,14 +533,13 @@ impl Scanner {
                     reason = head.refuse,
                     "refused a request whose framing is ambiguous"
                 );
-                State::Off
+                State::Refused
             }
             (None, Some(true)) => State::ChunkSize,
             (Some(Ok(0)), None) | (None, None) => State::Head,
             (Some(Ok(length)), None) => State::Fixed(length),
-            // A bad length or a final coding other than chunked: hyper
-            // refuses the request and closes the connection.
-            _ => State::Off,
+            // Refused above.
+            _ => State::Refused,
         };
         out.append(&mut self.line);
         self.released = 0;
@@ -554,13 +582,13 @@ impl Scanner {
                 match parse_hex(digits) {
                     Some(0) => State::Trailers,
                     Some(size) => State::ChunkData(size),
-                    None => State::Off,
+                    None => State::Refused,
                 }
             }
             State::ChunkEnd if text.is_empty() => State::ChunkSize,
             State::Trailers if text.is_empty() => State::Head,
             State::Trailers => State::Trailers,
-            _ => State::Off,
+            _ => State::Refused,
         };
     }
 }
@@ -647,11 +675,15 @@ mod tests {
             let input = [&b"GET / HTTP/1.1\r\n\r\n"[..], head, b"0\r\n\r\n"].concat();
             for step in [1, 5, input.len()] {
                 let (out, state) = scan(&input, step);
-                assert_eq!(state, State::Off);
+                assert_eq!(state, State::Refused);
                 let text = String::from_utf8(out).unwrap();
-                let (head, body) = text.rsplit_once("ambiguous-framing\r\n").unwrap();
-                assert_eq!(format!("{head}{body}").as_bytes(), input, "step {step}");
-                assert!(body.starts_with('\n') || body.starts_with("\r\n"), "{body}");
+                let (before, blank) = text.rsplit_once("ambiguous-framing\r\n").unwrap();
+                // Released up to the end of the refused head, nothing after it.
+                assert_eq!(
+                    format!("{before}{blank}").as_bytes(),
+                    &input[..input.len() - 5]
+                );
+                assert!(blank == "\n" || blank == "\r\n", "{blank}");
             }
         }
     }
@@ -669,25 +701,62 @@ mod tests {
     }
 
     #[test]
-    fn steps_aside_for_http2_oversized_heads_and_bad_framing() {
-        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00";
-        assert_eq!(scan(preface, 3), (preface.to_vec(), State::Off));
-
+    fn leaves_an_oversized_head_to_hyper() {
         let mut scanner = Scanner::new(16);
         let mut out = Vec::new();
         scanner.feed(b"GET / HTTP/1.1\r\nX-Long: aaaaaaaaaaaa", &mut out);
         assert_eq!(scanner.state, State::Off);
         assert_eq!(out, b"GET / HTTP/1.1\r\nX-Long: aaaaaaaaaaaa");
+    }
 
+    #[test]
+    fn refuses_heads_it_cannot_frame_and_releases_nothing_after_them() {
         for bad in [
             &b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n",
+            b"GET / HTTP/2.0\r\n\r\n",
         ] {
-            let (out, state) = scan(bad, 1);
-            assert_eq!((out.as_slice(), state), (bad, State::Off));
+            let after = b"GET /next HTTP/1.1\r\n\r\n";
+            let (out, state) = scan(&[bad, after].concat(), 1);
+            assert_eq!(state, State::Refused);
+            let (head, blank) = bad.split_at(bad.len() - 2);
+            assert_eq!(out, [head, b"ambiguous-framing\r\n", blank].concat());
+        }
+    }
+
+    #[test]
+    fn releases_nothing_after_a_chunk_line_it_cannot_follow() {
+        for (bad, line) in [
+            (&b"zz\r\n"[..], &b"zz\r\n"[..]),
+            (b"1\r\nab\r\n", b"1\r\nab\r\n"),
+            (b"1\r\na\r\n0x\r\n", b"1\r\na\r\n0x\r\n"),
+        ] {
+            let head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+            let after = b"0\r\n\r\nGET /next HTTP/1.1\r\n\r\n";
+            let (out, state) = scan(&[&head[..], bad, after].concat(), 3);
+            assert_eq!(state, State::Refused);
+            // What was read in the same piece as the bad line may follow it.
+            assert!(out.starts_with(&[&head[..], line].concat()));
+            assert!(!String::from_utf8_lossy(&out).contains("/next"));
+        }
+    }
+
+    #[test]
+    fn follows_chunk_extensions_and_trailers_of_any_length() {
+        let long = "x".repeat(64 * 1024);
+        let input = format!(
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+             3;ext={long}\r\nabc\r\n0\r\nX-Trailer: {long}\r\n\r\n\
+             POST /b HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        for step in [1, 1000, input.len()] {
+            let (out, state) = scan(input.as_bytes(), step);
+            assert_eq!(state, State::Refused, "step {step}");
+            assert!(
+                String::from_utf8_lossy(&out).ends_with("ambiguous-framing\r\n\r\n"),
+                "step {step}"
+            );
         }
     }
 

@@ -2,6 +2,7 @@
 //! IDs, trace context and the retry rules come from `tidegate_client::headers`.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Version};
 pub use tidegate_client::headers::{
     child_traceparent, correlation_id, deadline_value, is_idempotent, new_id, retry_after,
     CORRELATION_ID, DEADLINE_MS, IDEMPOTENCY_KEY, INTERNAL_TOKEN, TRACEPARENT,
@@ -51,16 +52,16 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 }
 
 /// Removes hop-by-hop headers and every header `Connection` names.
-/// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay (a
-/// WebSocket handshake being passed on).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+/// With `websocket`, a WebSocket handshake being passed on, the message
+/// keeps `Connection: upgrade` and `Upgrade: websocket` (no other token).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
     // One pass over the names finds which are present; most messages
     // have none, or only `Connection: keep-alive`.
     let present = headers
         .keys()
         .filter_map(hop_by_hop_index)
         .fold(0u16, |mask, i| mask | 1 << i);
-    if present == 0 {
+    if present == 0 && !websocket {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -75,11 +76,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         })
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    let upgrade = if keep_upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
     for name in &named {
         headers.remove(name);
     }
@@ -88,9 +84,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
-    if let Some(upgrade) = upgrade {
+    if websocket {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
 }
 
@@ -140,15 +136,143 @@ pub fn drop_underscored(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether the request asks to switch protocols (a WebSocket handshake).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
+/// Whether `token` is among the comma-separated tokens of the `name` headers.
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The `Sec-WebSocket-Key` of a WebSocket opening handshake (RFC 6455
+/// §4.1): an HTTP/1.1 GET with `Connection: upgrade`, `websocket` among
+/// the `Upgrade` tokens and one key. Nothing else is an upgrade the
+/// gateway passes on: other tokens (`h2c`, `TLS/1.0`…) would tunnel a
+/// protocol past routing and API keys, and an HTTP/1.0 request's `Upgrade`
+/// is ignored (RFC 9110 §7.8); their `Upgrade` is stripped as hop-by-hop.
+pub fn websocket_key(
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
+) -> Option<HeaderValue> {
+    if version != Version::HTTP_11
+        || method != Method::GET
+        || !has_token(headers, header::CONNECTION, "upgrade")
+        || !has_token(headers, header::UPGRADE, "websocket")
+    {
+        return None;
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) if !key.is_empty() => Some(key.clone()),
+        _ => None,
+    }
+}
+
+/// Whether an upstream's `101 Switching Protocols` completes the WebSocket
+/// handshake of `key`: `Upgrade: websocket`, `Connection: upgrade` and the
+/// `Sec-WebSocket-Accept` the key calls for (RFC 6455 §4.2.2).
+pub fn accepts_websocket(headers: &HeaderMap, key: &HeaderValue) -> bool {
+    let upgrade = headers.get_all(header::UPGRADE).iter().collect::<Vec<_>>();
+    let accept = headers
+        .get_all(header::SEC_WEBSOCKET_ACCEPT)
+        .iter()
+        .collect::<Vec<_>>();
+    matches!(upgrade[..], [u] if u.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && has_token(headers, header::CONNECTION, "upgrade")
+        && matches!(accept[..], [a] if a.as_bytes() == websocket_accept(key.as_bytes()))
+}
+
+/// `Sec-WebSocket-Accept` for `key`: base64 of the SHA-1 of the key and
+/// the protocol's GUID.
+pub fn websocket_accept(key: &[u8]) -> [u8; 28] {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut sha1 = sha1_smol::Sha1::new();
+    sha1.update(key);
+    sha1.update(GUID);
+    let digest = sha1.digest().bytes();
+    let mut out = [b'='; 28];
+    for (i, group) in digest.chunks(3).enumerate() {
+        let n = group
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            .enumerate()
+            .fold(0u32, |n, (j, &b)| n | u32::from(b) << (16 - 8 * j));
+        for k in 0..=group.len() {
+            out[i * 4 + k] = ALPHABET[(n >> (18 - 6 * k) & 63) as usize];
+        }
+    }
+    out
+}
+
+/// Joins the `Cookie` fields of a request into one, `"; "` between them:
+/// an HTTP/2 client sends each cookie as a field of its own (RFC 9113
+/// §8.2.3), which an HTTP/1.1 upstream must get as a single line.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let header::Entry::Occupied(mut cookies) = headers.entry(header::COOKIE) else {
+        return;
+    };
+    let mut values = cookies.iter();
+    let first = values.next().expect("an occupied entry has a value");
+    if values.next().is_none() {
+        return;
+    }
+    let mut joined = first.as_bytes().to_vec();
+    for value in cookies.iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    let joined = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
+        .expect("valid values joined by \"; \" are valid");
+    cookies.insert(joined);
+}
+
+/// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9112 §3.2, RFC
+/// 3986 §3.2.2): no user information, path, query or spaces. Empty is
+/// valid (a target without an authority).
+pub fn is_valid_host(host: &[u8]) -> bool {
+    let (host, port) = match host.first() {
+        Some(b'[') => match host.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let literal = &host[1..end];
+                if literal.is_empty()
+                    || !literal
+                        .iter()
+                        .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+                {
+                    return false;
+                }
+                match &host[end + 1..] {
+                    [] => return true,
+                    [b':', port @ ..] => (&[][..], port),
+                    _ => return false,
+                }
+            }
+            None => return false,
+        },
+        _ => match host.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&host[..colon], &host[colon + 1..]),
+            None => (host, &[][..]),
+        },
+    };
+    let mut bytes = host.iter();
+    while let Some(&b) = bytes.next() {
+        let ok = match b {
+            b'%' => {
+                let hex = |b: Option<&u8>| b.is_some_and(u8::is_ascii_hexdigit);
+                hex(bytes.next()) && hex(bytes.next())
+            }
+            b'-' | b'.' | b'_' | b'~' => true,
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => true,
+            b => b.is_ascii_alphanumeric(),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    port.iter().all(u8::is_ascii_digit)
 }
 
 #[cfg(test)]
@@ -216,6 +340,124 @@ mod tests {
             let mut out = Vec::new();
             push_ip(&mut out, ip);
             assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn the_accept_value_is_the_rfcs() {
+        // RFC 6455 §1.3's example.
+        assert_eq!(
+            &websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    fn handshake(upgrade: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static(upgrade));
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        h
+    }
+
+    #[test]
+    fn only_an_http11_get_for_websocket_with_one_key_is_an_upgrade() {
+        let get = |version, upgrade| websocket_key(&Method::GET, version, &handshake(upgrade));
+        assert!(get(Version::HTTP_11, "websocket").is_some());
+        assert!(get(Version::HTTP_11, "WebSocket").is_some());
+        assert!(get(Version::HTTP_11, "h2c").is_none());
+        assert!(get(Version::HTTP_11, "TLS/1.0").is_none());
+        assert!(get(Version::HTTP_10, "websocket").is_none());
+        let post = websocket_key(&Method::POST, Version::HTTP_11, &handshake("websocket"));
+        assert!(post.is_none());
+        let mut keyless = handshake("websocket");
+        keyless.remove(header::SEC_WEBSOCKET_KEY);
+        assert!(websocket_key(&Method::GET, Version::HTTP_11, &keyless).is_none());
+        let mut two = handshake("websocket");
+        two.append(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static("x"));
+        assert!(websocket_key(&Method::GET, Version::HTTP_11, &two).is_none());
+    }
+
+    #[test]
+    fn a_101_must_carry_websocket_and_the_right_accept() {
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        let answer = |upgrade: &'static str, accept: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            if !upgrade.is_empty() {
+                h.insert(header::UPGRADE, HeaderValue::from_static(upgrade));
+            }
+            if !accept.is_empty() {
+                h.insert(
+                    header::SEC_WEBSOCKET_ACCEPT,
+                    HeaderValue::from_static(accept),
+                );
+            }
+            h
+        };
+        let right = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+        assert!(accepts_websocket(&answer("websocket", right), &key));
+        assert!(!accepts_websocket(&answer("h2c", right), &key));
+        assert!(!accepts_websocket(&answer("", right), &key));
+        assert!(!accepts_websocket(&answer("websocket", ""), &key));
+        assert!(!accepts_websocket(
+            &answer("websocket", "AAAAMBiTxaQ9kYGzzhZRbK+xOo="),
+            &key
+        ));
+        let mut closed = answer("websocket", right);
+        closed.remove(header::CONNECTION);
+        assert!(!accepts_websocket(&closed, &key));
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined_into_one_field() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h[header::COOKIE], "a=1");
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn hosts_are_a_name_or_address_and_a_port() {
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "a-b_c~d.%41",
+            "",
+            "host:",
+        ] {
+            assert!(is_valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "user@example.com",
+            "user:pass@example.com",
+            "example.com/path",
+            "example.com?x",
+            "example.com#x",
+            "exa mple.com",
+            "example.com:80a",
+            "[::1",
+            "[::1]x",
+            "[zz]",
+            "%4",
+            "a\\b",
+        ] {
+            assert!(!is_valid_host(bad.as_bytes()), "{bad}");
         }
     }
 }

@@ -353,10 +353,10 @@ impl Gateway {
                 "CONNECT is not supported: this is not an open proxy",
             ));
         }
-        if req.version() == Version::HTTP_11 && !has_one_host(req.headers()) {
+        if !has_valid_host(req.version(), req.headers()) {
             // RFC 9112 §3.2: which host was meant is not clear.
             return Err(Reply::malformed(
-                "an HTTP/1.1 request needs exactly one Host header",
+                "a request needs one valid Host header (HTTP/1.1: exactly one)",
             ));
         }
         let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
@@ -367,8 +367,10 @@ impl Gateway {
                 "request target too long",
             ));
         }
-        // The client's side of a WebSocket handshake, joined once the upstream says 101.
-        let upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        // The client's side of a WebSocket handshake, joined once the
+        // upstream completes it; any other upgrade is not passed on.
+        let websocket = headers::websocket_key(req.method(), req.version(), req.headers());
+        let upgrade = websocket.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         // Routing, API-key checks and the upstream see one path and one set of headers.
         normalize_path(&mut parts.uri, table.settings.escaped_slashes)?;
@@ -497,8 +499,25 @@ impl Gateway {
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_side) = upgrade {
-                tunnel(client_side, hyper::upgrade::on(&mut response));
+            match (upgrade, &websocket) {
+                (Some(client_side), Some(key))
+                    if headers::accepts_websocket(response.headers(), key) =>
+                {
+                    tunnel(client_side, hyper::upgrade::on(&mut response));
+                }
+                // Nothing is tunnelled; the upstream connection closes with the answer.
+                _ => {
+                    tracing::warn!(
+                        upstream = upstream.name(),
+                        "upstream answered 101 without completing a WebSocket handshake"
+                    );
+                    log.upstream_failed = true;
+                    return Err(Reply::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream switched protocols without a valid WebSocket handshake",
+                    )
+                    .service(upstream.name()));
+                }
             }
         }
         let mut response = downstream(in_flight, response);
@@ -633,6 +652,7 @@ impl Gateway {
     ) -> Template {
         let mut headers = std::mem::take(&mut parts.headers);
         headers::strip_hop_by_hop(&mut headers, upgrade);
+        headers::join_cookies(&mut headers);
         // Only the gateway sets these; a client's copy never passes.
         let reserved = [
             &headers::INTERNAL_TOKEN,
@@ -1140,9 +1160,15 @@ async fn read_body(
 }
 
 /// Whether `headers` hold exactly one `Host`.
-fn has_one_host(headers: &HeaderMap) -> bool {
+/// Whether a request's `Host` is clear (RFC 9112 §3.2): at most one, and
+/// valid; exactly one in HTTP/1.1 (HTTP/2 names the host in `:authority`).
+fn has_valid_host(version: Version, headers: &HeaderMap) -> bool {
     let mut hosts = headers.get_all(header::HOST).iter();
-    hosts.next().is_some() && hosts.next().is_none()
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => headers::is_valid_host(host.as_bytes()),
+        (None, None) => version != Version::HTTP_11,
+        _ => false,
+    }
 }
 
 /// Applies `gateway.headers_with_underscores` to the client's headers.

@@ -374,3 +374,23 @@ async fn h2c_with_prior_knowledge() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "HTTP/1.1", "the upstream hop is HTTP/1.1");
 }
+
+#[tokio::test]
+async fn an_http2_clients_cookie_crumbs_reach_an_http1_upstream_as_one_line() {
+    let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
+    let gw = gateway(&one_upstream(&upstream.url(), "")).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<tidegate_testkit::Body>();
+    let request = Request::get(url(&gw, "/api"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(full(""))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let received = upstream.received();
+    let cookies: Vec<_> = received[0].headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"]);
+}

@@ -86,6 +86,10 @@ const REFUSED: &[(&str, &str)] = &[
     ("obsolete line folding", "GET /bad HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n"),
     ("no Host", "GET /bad HTTP/1.1\r\n\r\n"),
     ("two Hosts", "GET /bad HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+    ("Host with user information", "GET /bad HTTP/1.1\r\nHost: user@x\r\n\r\n"),
+    ("Host with a path", "GET /bad HTTP/1.1\r\nHost: x/admin\r\n\r\n"),
+    ("Host with a space", "GET /bad HTTP/1.1\r\nHost: x y\r\n\r\n"),
+    ("Host with a bad port", "GET /bad HTTP/1.1\r\nHost: x:80x\r\n\r\n"),
     ("control byte in the target", "GET /bad?a=\x01 HTTP/1.1\r\nHost: x\r\n\r\n"),
     ("backslash path", "GET /x\\..\\bad HTTP/1.1\r\nHost: x\r\n\r\n"),
     ("encoded slash", "GET /x%2F..%2Fbad HTTP/1.1\r\nHost: x\r\n\r\n"),
@@ -113,6 +117,33 @@ async fn malformed_and_ambiguous_requests_are_refused_and_nothing_behind_them_is
     let paths = paths(&upstream.received());
     assert!(paths.iter().all(|p| p == "/good"), "{paths:?}");
     assert_eq!(paths.len(), REFUSED.len());
+}
+
+#[tokio::test]
+async fn a_long_chunk_extension_or_trailer_does_not_blind_the_framing_guard() {
+    let upstream = echo().await;
+    let gw = gateway(&catch_all(&upstream.url(), "")).await;
+    // Longer than the guard's old line limit (8 KiB), shorter than hyper's (16 KiB).
+    let long = "x".repeat(10 * 1024);
+    let bad = "POST /bad HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let after = "GET /after HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (what, good) in [
+        (
+            "extension",
+            format!("POST /good HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;e={long}\r\nabc\r\n0\r\n\r\n"),
+        ),
+        (
+            "trailer",
+            format!("POST /good HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: {long}\r\n\r\n"),
+        ),
+    ] {
+        let answer = exchange(gw.addr, format!("{good}{bad}{after}").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+        assert!(answer.contains("got 3HTTP/1.1 400"), "{what}: {answer}");
+        assert_eq!(responses(&answer), 2, "{what}: {answer}");
+    }
+    let paths = paths(&upstream.received());
+    assert_eq!(paths, ["/good", "/good"]);
 }
 
 #[tokio::test]
@@ -241,6 +272,157 @@ async fn an_upgrade_the_upstream_declines_leaves_the_next_request_to_routing() {
         0,
         "the pipelined request reached the upstream"
     );
+}
+
+/// An upstream that switches to any protocol it is asked for, as
+/// hypercorn does for `h2c`, and then echoes what the tunnel carries;
+/// `accept` is the `Sec-WebSocket-Accept` it sends, `None` for the right one.
+async fn eager(accept: Option<&'static str>) -> Upstream {
+    Upstream::start(move |mut req| async move {
+        let Some(protocol) = req.headers().get("upgrade").cloned() else {
+            return text(200, "plain");
+        };
+        let key = req.headers().get("sec-websocket-key").cloned();
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(io) = upgrade.await else { return };
+            let mut io = hyper_util::rt::TokioIo::new(io);
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut response = text(101, "");
+        let headers = response.headers_mut();
+        headers.insert("upgrade", protocol);
+        headers.insert("connection", "upgrade".parse().unwrap());
+        let right = key.map(|k| tidegate_gateway::headers::websocket_accept(k.as_bytes()));
+        let accept = match (accept, &right) {
+            (Some(accept), _) => accept.as_bytes(),
+            (None, Some(right)) => &right[..],
+            (None, None) => &[],
+        };
+        if !accept.is_empty() {
+            headers.insert(
+                "sec-websocket-accept",
+                http::HeaderValue::from_bytes(accept).unwrap(),
+            );
+        }
+        response
+    })
+    .await
+}
+
+/// A request for `/admin/secrets` (which needs an API key) pipelined
+/// behind an upgrade: it must be routed and refused, never tunnelled.
+const SMUGGLED: &str = "GET /admin/secrets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+#[tokio::test]
+async fn only_websocket_upgrades_are_passed_on() {
+    let private = echo().await;
+    for upgrade in [
+        "GET /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        "GET /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: TLS/1.0\r\n\r\n",
+        // RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored.
+        "GET /up HTTP/1.0\r\nHost: x\r\nConnection: Upgrade, keep-alive\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        // A WebSocket handshake without its key is no handshake.
+        "GET /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ] {
+        let public = eager(None).await;
+        let gw = gateway(&two_routes(&public, &private)).await;
+        let answer = exchange(gw.addr, format!("{upgrade}{SMUGGLED}").as_bytes()).await;
+        assert_eq!(answer.get(8..12), Some(" 200"), "{upgrade}: {answer}");
+        assert!(answer.contains("HTTP/1.1 401"), "{upgrade}: {answer}");
+        let received = public.received();
+        assert_eq!(paths(&received), ["/up"], "{upgrade}");
+        assert!(received[0].headers.get("upgrade").is_none(), "{upgrade}");
+        assert!(received[0].headers.get("http2-settings").is_none(), "{upgrade}");
+    }
+    assert_eq!(private.hits(), 0, "a request was tunnelled past its route");
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_asking_for_more_passes_on_websocket_alone() {
+    let (public, private) = (eager(None).await, echo().await);
+    let gw = gateway(&two_routes(&public, &private)).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(public.received()[0].headers["upgrade"], "websocket");
+    stream.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    stream.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    assert_eq!(private.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_101_without_a_valid_websocket_handshake_is_a_502_and_nothing_is_tunnelled() {
+    let private = echo().await;
+    let handshake = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    for (what, upstream) in [
+        (
+            "a wrong accept",
+            eager(Some("AAAAMBiTxaQ9kYGzzhZRbK+xOo=")).await,
+        ),
+        ("no accept", eager(Some("")).await),
+        (
+            "another protocol",
+            Upstream::start(|_| async {
+                let mut response = text(101, "");
+                response
+                    .headers_mut()
+                    .insert("upgrade", "h2c".parse().unwrap());
+                response
+                    .headers_mut()
+                    .insert("connection", "upgrade".parse().unwrap());
+                response
+            })
+            .await,
+        ),
+    ] {
+        let gw = gateway(&two_routes(&upstream, &private)).await;
+        let answer = exchange(gw.addr, format!("{handshake}{SMUGGLED}").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{what}: {answer}");
+        assert!(answer.contains("HTTP/1.1 401"), "{what}: {answer}");
+        assert_eq!(upstream.hits(), 1, "{what}");
+    }
+    // A 101 the client never asked for is no answer either.
+    let unasked = eager(None).await;
+    let gw = gateway(&two_routes(&unasked, &private)).await;
+    let plain = "GET /ws HTTP/1.1\r\nHost: x\r\nX-Upgrade-Me: 1\r\n\r\n";
+    let switching = Upstream::start(|_| async {
+        let mut response = text(101, "");
+        response
+            .headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        response
+    })
+    .await;
+    let gw2 = gateway(&two_routes(&switching, &private)).await;
+    let answer = exchange(gw2.addr, format!("{plain}{SMUGGLED}").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 401"), "{answer}");
+    drop(gw);
+    assert_eq!(private.hits(), 0, "a request was tunnelled past its route");
 }
 
 #[tokio::test]
