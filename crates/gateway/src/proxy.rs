@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,7 +43,7 @@ use crate::path;
 use crate::pool::{Gates, PoolGate};
 use crate::router::{self, Route, Router};
 use crate::stats::{Stats, Traffic};
-use crate::upstream::{AttemptError, EndpointState, Upstream};
+use crate::upstream::{AttemptError, EndpointState, Upstream, Verdict};
 use tidegate_client::headers::is_retryable_status;
 
 /// Everything a request needs from one config: settings, routes,
@@ -536,6 +536,8 @@ impl Gateway {
         log: &mut Access<'_>,
     ) -> Result<UpstreamResponse, Error<AttemptError>> {
         let attempts = AtomicU32::new(0);
+        // The endpoints this request's attempts went to, bit by bit.
+        let tried = AtomicU64::new(0);
         let retryable = call.idempotent && body.is_replayable();
         let result = upstream
             .pipeline
@@ -551,6 +553,7 @@ impl Gateway {
                     body.take(),
                     retryable,
                     attempt,
+                    &tried,
                 )
             })
             .await;
@@ -738,7 +741,9 @@ impl Gateway {
         })
     }
 
-    /// One attempt on the endpoint the upstream's load balancing picks.
+    /// One attempt on the endpoint the upstream's load balancing picks,
+    /// another than those in `tried` if it can, added to them.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         upstream_client: &UpstreamClient,
@@ -747,14 +752,19 @@ impl Gateway {
         body: Option<ProxyBody>,
         retryable: bool,
         told: Attempt,
+        tried: &AtomicU64,
     ) -> Result<UpstreamResponse, AttemptError> {
         let Some(body) = body else {
             // A streamed body went with an earlier attempt that never connected.
             return Err(AttemptError::BodyGone);
         };
-        let Some(endpoint) = upstream.pick(&head.headers) else {
+        let Some((index, endpoint)) = upstream.pick(&head.headers, tried.load(Ordering::Relaxed))
+        else {
             return Err(AttemptError::NoEndpoint);
         };
+        if index < 64 {
+            tried.fetch_or(1 << index, Ordering::Relaxed);
+        }
         let mut request = Request::new(body);
         *request.method_mut() = head.method;
         *request.uri_mut() = head.path_and_query.into();
@@ -802,9 +812,16 @@ impl Gateway {
         endpoint: &EndpointState,
         result: &Result<UpstreamResponse, AttemptError>,
     ) {
-        let failed = match result {
-            Ok(response) => response.status().is_server_error(),
-            Err(AttemptError::Status { response, .. }) => response.status().is_server_error(),
+        let failed = |status: StatusCode| match status.is_server_error() {
+            true => Verdict::Failed,
+            false => Verdict::Answered,
+        };
+        let verdict = match result {
+            Ok(response) => failed(response.status()),
+            Err(AttemptError::Status { response, .. }) => failed(response.status()),
+            Err(AttemptError::Connect(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Verdict::Refused
+            }
             // A deadline spent partly elsewhere (earlier attempts, their
             // backoff) says nothing about this endpoint.
             Err(
@@ -814,9 +831,9 @@ impl Gateway {
                 | AttemptError::PoolOverflow
                 | AttemptError::DeadlinePassed,
             ) => return,
-            Err(_) => true,
+            Err(_) => Verdict::Failed,
         };
-        let Some(ejected_for) = upstream.record(endpoint, failed) else {
+        let Some(ejected_for) = upstream.record(endpoint, verdict) else {
             return;
         };
         tracing::warn!(

@@ -179,6 +179,18 @@ pub struct Upstream {
     ejecting: Mutex<()>,
 }
 
+/// What an attempt says of its endpoint, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It answered, other than with a 5xx.
+    Answered,
+    /// A 5xx answer, a timeout or a broken exchange: one error in a row.
+    Failed,
+    /// The connection was refused: nothing listens there, and the endpoint
+    /// is ejected at once (within `max_ejection_percent`).
+    Refused,
+}
+
 /// The current time in nanoseconds since an upstream's origin, read once
 /// and only if needed.
 struct Now<'a> {
@@ -200,6 +212,10 @@ impl Upstream {
         // be sent again): one timer per attempt for timeout and deadline.
         let pipeline = Pipeline::from_config(&config.policy)?
             .cut_off_by_operation()
+            // A retry goes to another endpoint: a failed attempt is the
+            // endpoint's (outlier detection), the request's outcome the
+            // service's.
+            .breaker_per_call()
             .classify(classify)
             .retry_on(retry_on)
             .build();
@@ -249,12 +265,29 @@ impl Upstream {
     }
 
     /// The endpoint for a request with `headers`, by the upstream's load
-    /// balancing, among those healthy and not ejected.
-    pub fn pick(&self, headers: &HeaderMap) -> Option<&EndpointState> {
+    /// balancing, among those healthy and not ejected, with its index.
+    /// Endpoints in `tried` (bit `i` for endpoint `i`: those earlier
+    /// attempts of the request went to) are passed over while another is
+    /// available, as Envoy's `previous_hosts` retry predicate does: a
+    /// retry goes elsewhere than the attempt that failed.
+    pub fn pick(&self, headers: &HeaderMap, tried: u64) -> Option<(usize, &EndpointState)> {
         let mut now = self.now();
+        let picked = self.choose(headers, tried, &mut now);
+        if picked.is_none() && tried != 0 {
+            return self.choose(headers, 0, &mut now);
+        }
+        picked
+    }
+
+    fn choose(
+        &self,
+        headers: &HeaderMap,
+        tried: u64,
+        now: &mut Now<'_>,
+    ) -> Option<(usize, &EndpointState)> {
         match self.config.load_balancing {
-            LoadBalancing::RoundRobin => self.round_robin(&mut now),
-            LoadBalancing::LeastRequest => self.least_request(&mut now),
+            LoadBalancing::RoundRobin => self.round_robin(tried, now),
+            LoadBalancing::LeastRequest => self.least_request(tried, now),
             LoadBalancing::ConsistentHash => {
                 match self
                     .config
@@ -262,47 +295,63 @@ impl Upstream {
                     .as_ref()
                     .and_then(|h| headers.get(h))
                 {
-                    Some(value) => self.rendezvous(fnv1a(value.as_bytes()), &mut now),
-                    None => self.round_robin(&mut now),
+                    Some(value) => self.rendezvous(fnv1a(value.as_bytes()), tried, now),
+                    None => self.round_robin(tried, now),
                 }
             }
         }
     }
 
-    fn round_robin(&self, now: &mut Now<'_>) -> Option<&EndpointState> {
+    /// Whether endpoint `i` may be chosen: available and not tried.
+    fn open(&self, i: usize, tried: u64, now: &mut Now<'_>) -> bool {
+        let fresh = i >= 64 || tried & 1 << i == 0;
+        fresh && self.endpoints[i].is_available(now)
+    }
+
+    fn round_robin(&self, tried: u64, now: &mut Now<'_>) -> Option<(usize, &EndpointState)> {
         let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // A retry does not take a turn: with two endpoints, one failing,
+        // turns taken by retries would send every first attempt to the
+        // failing one.
+        let start = match tried {
+            0 => self.next.fetch_add(1, Ordering::Relaxed),
+            _ => self.next.load(Ordering::Relaxed),
+        };
         (0..n)
-            .map(|i| &self.endpoints[(start + i) % n])
-            .find(|e| e.is_available(now))
+            .map(|i| (start + i) % n)
+            .find(|&i| self.open(i, tried, now))
+            .map(|i| (i, &self.endpoints[i]))
     }
 
     /// Power of two choices: the less busy of two distinct random endpoints.
-    fn least_request(&self, now: &mut Now<'_>) -> Option<&EndpointState> {
+    fn least_request(&self, tried: u64, now: &mut Now<'_>) -> Option<(usize, &EndpointState)> {
         let n = self.endpoints.len() as u64;
         if n < 2 {
-            return self.round_robin(now);
+            return self.round_robin(tried, now);
         }
-        let a = rng::below(n);
-        let b = (a + 1 + rng::below(n - 1)) % n;
-        let (a, b) = (&self.endpoints[a as usize], &self.endpoints[b as usize]);
-        match (a.is_available(now), b.is_available(now)) {
-            (true, true) => {
-                let load = |e: &EndpointState| e.in_flight.load(Ordering::Relaxed);
-                Some(if load(b) < load(a) { b } else { a })
-            }
-            (true, false) => Some(a),
-            (false, true) => Some(b),
-            (false, false) => self.round_robin(now),
-        }
+        let a = rng::below(n) as usize;
+        let b = ((a as u64 + 1 + rng::below(n - 1)) % n) as usize;
+        let load = |i: usize| self.endpoints[i].in_flight.load(Ordering::Relaxed);
+        let i = match (self.open(a, tried, now), self.open(b, tried, now)) {
+            (true, true) if load(b) < load(a) => b,
+            (true, _) => a,
+            (false, true) => b,
+            (false, false) => return self.round_robin(tried, now),
+        };
+        Some((i, &self.endpoints[i]))
     }
 
-    /// Rendezvous hashing: the available endpoint that scores highest for `key`.
-    fn rendezvous(&self, key: u64, now: &mut Now<'_>) -> Option<&EndpointState> {
-        self.endpoints
-            .iter()
-            .filter(|e| e.is_available(now))
-            .max_by_key(|e| mix(key ^ e.hash))
+    /// Rendezvous hashing: the open endpoint that scores highest for `key`.
+    fn rendezvous(
+        &self,
+        key: u64,
+        tried: u64,
+        now: &mut Now<'_>,
+    ) -> Option<(usize, &EndpointState)> {
+        (0..self.endpoints.len())
+            .filter(|&i| self.open(i, tried, now))
+            .max_by_key(|&i| mix(key ^ self.endpoints[i].hash))
+            .map(|i| (i, &self.endpoints[i]))
     }
 
     /// Whether any endpoint can be chosen.
@@ -317,19 +366,18 @@ impl Upstream {
         until != 0 && self.now().get() < until
     }
 
-    /// Counts an attempt's result on its endpoint for outlier detection:
-    /// `failed` for a 5xx answer or a failed exchange. Returns how long the
-    /// endpoint is ejected for, if this ejected it.
-    pub fn record(&self, endpoint: &EndpointState, failed: bool) -> Option<Duration> {
+    /// Counts an attempt's result on its endpoint for outlier detection.
+    /// Returns how long the endpoint is ejected for, if this ejected it.
+    pub fn record(&self, endpoint: &EndpointState, verdict: Verdict) -> Option<Duration> {
         let detection = self.config.outlier_detection.as_ref()?;
-        if !failed {
+        if verdict == Verdict::Answered {
             if endpoint.errors.load(Ordering::Relaxed) != 0 {
                 endpoint.errors.store(0, Ordering::Relaxed);
             }
             return None;
         }
         let errors = endpoint.errors.fetch_add(1, Ordering::Relaxed) + 1;
-        if errors < detection.consecutive_errors {
+        if errors < detection.consecutive_errors && verdict != Verdict::Refused {
             return None;
         }
         self.eject(endpoint, detection)

@@ -388,3 +388,101 @@ async fn an_attempt_cut_by_the_deadline_leaves_its_endpoint_idle() {
         "least_request would shun it forever: {status}"
     );
 }
+
+#[tokio::test]
+async fn one_dead_endpoint_of_two_costs_no_request_and_never_opens_the_breaker() {
+    let dead = tidegate_testkit::refused_url().await;
+    let live = named("live").await;
+    // Default policies and outlier detection, dead endpoint first.
+    let gw = gateway(&svc(&[dead.trim_end_matches('/'), &live.url()], "")).await;
+    let mut events = gw.gateway.events.subscribe();
+    for i in 0..200 {
+        let answer = get(&url(&gw, "/")).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.body.as_str()),
+            (200, "live"),
+            "request {i}"
+        );
+    }
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    let svc = &status["services"]["svc"];
+    assert_eq!(svc["state"], "closed", "{status}");
+    assert_eq!(svc["endpoints"][0]["ejected"], true, "{status}");
+    assert_eq!(svc["endpoints"][1]["ejected"], false, "{status}");
+    // The first refused connection ejected it: one retry in 200 requests.
+    let event = events.recv().await.unwrap();
+    assert!(
+        matches!(&event, tidegate_gateway::events::Event::Ejected { .. }),
+        "{event:?}"
+    );
+    assert_eq!(live.hits(), 200);
+    let metrics = get(&admin(&gw, "/metrics")).await.body;
+    assert!(
+        metrics.contains(r#"tidegate_retries_total{upstream="svc"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_goes_to_another_endpoint_than_the_one_that_failed() {
+    let failing = Upstream::start(|_| async { text(503, "busy") }).await;
+    let live = named("live").await;
+    let gw = gateway(&svc(
+        &[&failing.url(), &live.url()],
+        // Outlier detection off: only the retry's choice keeps requests off `failing`.
+        r#"
+[upstreams.outlier_detection]
+enabled = false
+[upstreams.policy.retry]
+base_delay = "1ms"
+max_delay = "1ms"
+budget_min_per_sec = 1000
+"#,
+    ))
+    .await;
+    for _ in 0..20 {
+        let answer = get(&url(&gw, "/")).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.body.as_str()),
+            (200, "live")
+        );
+    }
+    // Round robin sends every second first attempt to `failing`; its retry goes to `live`.
+    assert_eq!(failing.hits(), 10);
+    assert_eq!(live.hits(), 20);
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    assert_eq!(status["services"]["svc"]["state"], "closed", "{status}");
+    assert_eq!(status["services"]["svc"]["failure_count"], 0, "{status}");
+}
+
+#[tokio::test]
+async fn a_request_that_fails_on_every_endpoint_counts_once_for_the_breaker() {
+    let a = Upstream::start(|_| async { text(503, "a") }).await;
+    let b = Upstream::start(|_| async { text(503, "b") }).await;
+    let gw = gateway(&svc(
+        &[&a.url(), &b.url()],
+        r#"
+[upstreams.outlier_detection]
+enabled = false
+[upstreams.policy.retry]
+max_attempts = 2
+base_delay = "1ms"
+max_delay = "1ms"
+budget_min_per_sec = 1000
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 2
+"#,
+    ))
+    .await;
+    assert_eq!(get(&url(&gw, "/")).await.status, 503);
+    assert_eq!(
+        (a.hits(), b.hits()),
+        (1, 1),
+        "the retry went to the other endpoint"
+    );
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    assert_eq!(status["services"]["svc"]["state"], "closed", "{status}");
+    assert_eq!(get(&url(&gw, "/")).await.status, 503);
+    let status = get(&admin(&gw, "/status/services")).await.json();
+    assert_eq!(status["services"]["svc"]["state"], "open", "{status}");
+}

@@ -30,6 +30,9 @@ pub enum LoadBalancing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutlierDetection {
+    /// On by default for an upstream with more than one endpoint (with one,
+    /// there is nothing to eject); `false` turns it off.
+    pub enabled: bool,
     /// 5xx answers or gateway errors (connect failure, timeout, broken
     /// exchange) in a row that eject an endpoint. Default 5.
     pub consecutive_errors: u32,
@@ -48,6 +51,7 @@ pub struct OutlierDetection {
 impl Default for OutlierDetection {
     fn default() -> Self {
         OutlierDetection {
+            enabled: true,
             consecutive_errors: 5,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),

@@ -282,7 +282,8 @@ pub struct UpstreamConfig {
     pub load_balancing: LoadBalancing,
     /// The header `consistent_hash` hashes.
     pub hash_header: Option<HeaderName>,
-    /// Passive ejection of failing endpoints, if configured.
+    /// Passive ejection of failing endpoints: as configured, else on with
+    /// the defaults when there is more than one endpoint.
     pub outlier_detection: Option<OutlierDetection>,
     /// Connection-pool limits.
     pub pool: PoolConfig,
@@ -600,12 +601,17 @@ impl Locator<'_> {
                     ))
                 }
             }
+            let outlier_detection = match u.outlier_detection {
+                Some(detection) => Some(detection).filter(|d| d.enabled),
+                None if endpoints.len() > 1 => Some(OutlierDetection::default()),
+                None => None,
+            };
             upstreams.push(UpstreamConfig {
                 name: u.name,
                 endpoints,
                 load_balancing: u.load_balancing,
                 hash_header,
-                outlier_detection: u.outlier_detection,
+                outlier_detection,
                 pool: u.pool,
                 health_check: u.health_check,
                 policy: u.policy,

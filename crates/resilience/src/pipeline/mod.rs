@@ -63,6 +63,8 @@ struct Policies<T, E> {
     timeout: Option<Duration>,
     /// The operation applies each attempt's cut-off itself.
     cut_by_operation: bool,
+    /// The breaker judges whole calls, not attempts.
+    breaker_per_call: bool,
     classify: Option<ClassifyFn<T, E>>,
     retry_on: Option<RetryFn<T, E>>,
     fallback: Option<(WhenFn<E>, HandlerFn<T, E>)>,
@@ -121,6 +123,7 @@ impl<T, E> Default for PipelineBuilder<T, E> {
                 bulkhead: None,
                 timeout: None,
                 cut_by_operation: false,
+                breaker_per_call: false,
                 classify: None,
                 retry_on: None,
                 fallback: None,
@@ -181,6 +184,24 @@ impl<T, E> PipelineBuilder<T, E> {
     /// cut-off result then counts for the breaker as `classify` says.
     pub fn cut_off_by_operation(mut self) -> Self {
         self.policies.cut_by_operation = true;
+        self
+    }
+
+    /// Has the breaker judge each call once, by the outcome of its last
+    /// attempt, rather than every attempt: a call that failed once and
+    /// then succeeded on a retry is a success. The breaker is asked before
+    /// the first attempt (an open breaker ends the call at once, and a
+    /// half-open one admits a whole call, retries included, as its probe),
+    /// and told when the last attempt ends; a slow call is one whose
+    /// attempts and backoffs together took longer than the breaker's
+    /// `slow_call_duration`. For callers whose retries go elsewhere than
+    /// the attempt that failed (a proxy retrying on another endpoint),
+    /// where a failed attempt says something of that endpoint, judged by
+    /// outlier detection, and not of the service the breaker stands for.
+    /// A call that no attempt reached (turned away by the limiter or the
+    /// bulkhead) counts for nothing.
+    pub fn breaker_per_call(mut self) -> Self {
+        self.policies.breaker_per_call = true;
         self
     }
 
@@ -272,6 +293,7 @@ impl<T, E> Pipeline<T, E> {
         builder.policies.bulkhead = p.bulkhead.clone();
         builder.policies.timeout = p.timeout;
         builder.policies.cut_by_operation = p.cut_by_operation;
+        builder.policies.breaker_per_call = p.breaker_per_call;
         builder
     }
 
@@ -423,63 +445,90 @@ impl<T, E> Pipeline<T, E> {
             // `now` is the start until the first attempt has begun.
             let deadline = p.deadline.map(|d| now + d);
             let mut schedule = p.retry.as_ref().map(|retry| retry.start(now));
-            // Only the last attempt's end counts, and only if it got that far.
-            let (result, ended) = loop {
-                let (number, max) = schedule.as_ref().map_or((1, 1), Schedule::numbers);
-                // One attempt, and the clock read that ended it. A policy that
-                // turns it away ends it with its error, before any read.
-                let (result, ended) = 'attempt: {
-                    // One clock read serves every policy on the way in, one on the way out.
-                    let (breaker, throttle) = match self.admit(now) {
-                        Ok(permits) => permits,
-                        Err(err) => break 'attempt (Err(err), None),
-                    };
-                    // A free slot is taken at once; only a wait in the queue moves the clock on.
-                    let _slot = match &p.bulkhead {
-                        None => None,
-                        Some(b) => match b.try_acquire() {
-                            Ok(slot) => Some(slot),
-                            Err(_) => match self.queue(b, deadline).await {
-                                Ok(slot) => {
-                                    now = Instant::now();
-                                    Some(slot)
-                                }
-                                Err(err) => break 'attempt (Err(err), None),
-                            },
-                        },
-                    };
-                    // In a block: what is needed only before the await
-                    // keeps no room in the future after it.
-                    let (attempt, timer) = {
-                        let cut = self.cut(now, deadline);
-                        let attempt = Attempt::new(number, max, deadline).beginning(now, cut);
-                        (attempt, cut.filter(|_| !p.cut_by_operation))
-                    };
-                    let timed: Result<Result<T, E>, Error<E>> = match timer {
-                        None => Ok(op(attempt).await),
-                        Some((at, is_deadline)) => match timeout_at(at, op(attempt)).await {
-                            Ok(result) => Ok(result),
-                            Err(_) if is_deadline => Err(self.passed()),
-                            Err(_) => Err(Error::timeout(p.timeout.unwrap_or_default())),
-                        },
-                    };
-                    self.settle(timed, breaker, throttle)
+            // A breaker that judges whole calls is asked once, before the first attempt.
+            let (result, ended) = 'call: {
+                let judge = match self.judge(now) {
+                    Ok(judge) => judge,
+                    Err(err) => break 'call (Err(err), None),
                 };
-                // The result is moved on, never borrowed here: a borrowed
-                // local keeps its room in the future across every await.
-                let delay =
-                    match self.next(schedule.as_mut(), result, number, deadline, &mut on_retry) {
-                        ControlFlow::Continue(delay) => delay,
-                        ControlFlow::Break(result) => break (result, ended),
+                // The outcome of the last attempt that ran, for such a breaker.
+                let mut outcome = Outcome::Ignore;
+                // Only the last attempt's end counts, and only if it got that far.
+                let (result, mut ended) = loop {
+                    let (number, max) = schedule.as_ref().map_or((1, 1), Schedule::numbers);
+                    // One attempt, and the clock read that ended it. A policy that
+                    // turns it away ends it with its error, before any read.
+                    let (result, ended) = 'attempt: {
+                        // One clock read serves every policy on the way in, one on the way out.
+                        let (breaker, throttle) = match self.admit(now) {
+                            Ok(permits) => permits,
+                            Err(err) => break 'attempt (Err(err), None),
+                        };
+                        // A free slot is taken at once; only a wait in the queue moves the clock on.
+                        let _slot = match &p.bulkhead {
+                            None => None,
+                            Some(b) => match b.try_acquire() {
+                                Ok(slot) => Some(slot),
+                                Err(_) => match self.queue(b, deadline).await {
+                                    Ok(slot) => {
+                                        now = Instant::now();
+                                        Some(slot)
+                                    }
+                                    Err(err) => break 'attempt (Err(err), None),
+                                },
+                            },
+                        };
+                        // In a block: what is needed only before the await
+                        // keeps no room in the future after it.
+                        let (attempt, timer) = {
+                            let cut = self.cut(now, deadline);
+                            let attempt = Attempt::new(number, max, deadline).beginning(now, cut);
+                            (attempt, cut.filter(|_| !p.cut_by_operation))
+                        };
+                        let timed: Result<Result<T, E>, Error<E>> = match timer {
+                            None => Ok(op(attempt).await),
+                            Some((at, is_deadline)) => match timeout_at(at, op(attempt)).await {
+                                Ok(result) => Ok(result),
+                                Err(_) if is_deadline => Err(self.passed()),
+                                Err(_) => Err(Error::timeout(p.timeout.unwrap_or_default())),
+                            },
+                        };
+                        let (result, ended, judged) = self.settle(timed, breaker, throttle);
+                        outcome = judged;
+                        (result, ended)
                     };
-                tokio::time::sleep(delay).await;
-                now = Instant::now();
+                    // The result is moved on, never borrowed here: a borrowed
+                    // local keeps its room in the future across every await.
+                    let delay =
+                        match self.next(schedule.as_mut(), result, number, deadline, &mut on_retry)
+                        {
+                            ControlFlow::Continue(delay) => delay,
+                            ControlFlow::Break(result) => break (result, ended),
+                        };
+                    tokio::time::sleep(delay).await;
+                    now = Instant::now();
+                };
+                if let Some(permit) = judge {
+                    let end = Instant::now();
+                    permit.record_at(outcome, end);
+                    ended = Some(end);
+                }
+                (result, ended)
             };
             // Matched in place: the result is moved no more than it must be.
             match result {
                 Err(err) if self.falls_back(&err) => (self.fall_back(err).await, None),
                 result => (result, ended),
             }
+        }
+    }
+
+    /// The breaker's leave for a whole call, when it judges calls.
+    fn judge(&self, now: Instant) -> Result<Option<Permit<'_>>, Error<E>> {
+        let p = &*self.policies;
+        match &p.breaker {
+            Some(breaker) if p.breaker_per_call => Ok(Some(breaker.try_acquire_at(now)?)),
+            _ => Ok(None),
         }
     }
 
@@ -506,6 +555,7 @@ impl<T, E> Pipeline<T, E> {
         let breaker = p
             .breaker
             .as_ref()
+            .filter(|_| !p.breaker_per_call)
             .map(|b| b.try_acquire_at(now))
             .transpose()?;
         let throttle = p.throttle.as_ref().map(|t| t.try_acquire()).transpose()?;
@@ -528,13 +578,14 @@ impl<T, E> Pipeline<T, E> {
     }
 
     /// The way out of an attempt: its outcome told to the breaker and the
-    /// throttle, and its result, with the time the breaker read.
+    /// throttle, and its result, with the time the breaker read and the
+    /// outcome.
     fn settle(
         &self,
         timed: Result<Result<T, E>, Error<E>>,
         breaker: Option<Permit<'_>>,
         throttle: Option<ThrottlePermit<'_>>,
-    ) -> (Result<T, Error<E>>, Option<Instant>) {
+    ) -> (Result<T, Error<E>>, Option<Instant>, Outcome) {
         let outcome = match (&timed, &self.policies.classify) {
             (Err(_), _) => Outcome::Failure,
             (Ok(result), Some(classify)) => classify(result),
@@ -552,6 +603,7 @@ impl<T, E> Pipeline<T, E> {
         (
             timed.and_then(|result| result.map_err(Error::inner_error)),
             ended,
+            outcome,
         )
     }
 
@@ -638,6 +690,72 @@ mod tests {
         assert_eq!(breaker.state(), CircuitState::Open);
         let rejected = pipeline.call(|_| async { Ok(()) }).await.unwrap_err();
         assert!(rejected.is_circuit_open(), "open breaker is not retried");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_breaker_per_call_judges_the_last_attempt_of_each_call() {
+        let breaker_with = |consecutive_failures| {
+            CircuitBreaker::new(BreakerConfig {
+                consecutive_failures,
+                ..BreakerConfig::default()
+            })
+        };
+        let pipeline = |breaker: &CircuitBreaker, per_call: bool| {
+            let builder: PipelineBuilder<u32, &str> = Pipeline::builder()
+                .retry(retry())
+                .circuit_breaker(breaker.clone());
+            if per_call {
+                builder.breaker_per_call()
+            } else {
+                builder
+            }
+            .build()
+        };
+        let flaky = |a: Attempt| async move {
+            if a.number() == 1 {
+                Err("refused")
+            } else {
+                Ok(a.number())
+            }
+        };
+
+        // A failed first attempt opens a breaker of one failure that judges attempts…
+        let attempts = breaker_with(1);
+        let err = pipeline(&attempts, false).call(flaky).await.unwrap_err();
+        assert!(err.is_circuit_open(), "{err:?}");
+        // …but not one that judges calls: the call succeeded.
+        let calls = breaker_with(1);
+        let per_call = pipeline(&calls, true);
+        for _ in 0..5 {
+            assert_eq!(per_call.call(flaky).await.unwrap(), 2);
+        }
+        assert_eq!(calls.state(), CircuitState::Closed);
+
+        // A call whose three attempts fail is one failure.
+        let twice = breaker_with(2);
+        let per_call = pipeline(&twice, true);
+        let ran = AtomicU32::new(0);
+        let failing = |_| {
+            ran.fetch_add(1, Ordering::SeqCst);
+            async { Err::<u32, _>("refused") }
+        };
+        let err = per_call.call(failing).await.unwrap_err();
+        assert_eq!(err.attempts(), Some(3));
+        assert_eq!(twice.state(), CircuitState::Closed);
+        per_call.call(failing).await.unwrap_err();
+        assert_eq!(twice.state(), CircuitState::Open);
+        let err = per_call.call(failing).await.unwrap_err();
+        assert!(err.is_circuit_open(), "{err:?}");
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            6,
+            "an open breaker lets no attempt run"
+        );
+
+        // Half-open, one whole call is the probe, its retries included.
+        tokio::time::advance(BreakerConfig::default().open_duration).await;
+        assert_eq!(per_call.call(flaky).await.unwrap(), 2);
+        assert_eq!(twice.state(), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
