@@ -313,18 +313,20 @@ impl Gateway {
         if let Some(kind) = log.fallback {
             self.metrics.fallback(&log.route, kind);
         }
-        tracing::info!(
-            target: "tidegate::access",
-            request_id = request_id.to_str().unwrap_or(""),
-            method = %method,
-            route = log.route.as_str(),
-            upstream = log.upstream.as_str(),
-            attempts = log.attempts,
-            status = status.as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            api_key_id = log.key_id.as_deref(),
-            fallback = log.fallback,
-        );
+        // The access line is written when the body has gone (or the client
+        // has): a streamed answer's duration is the stream's.
+        let line = tracing::enabled!(target: ACCESS, tracing::Level::INFO).then(|| AccessLine {
+            request_id,
+            method: method.clone(),
+            route: log.route.clone(),
+            upstream: log.upstream.clone(),
+            attempts: log.attempts,
+            status: status.as_u16(),
+            start,
+            ttfb: elapsed,
+            api_key_id: log.key_id,
+            fallback: log.fallback,
+        });
         self.metrics.answered(
             RequestLabels {
                 route: log.route,
@@ -335,7 +337,17 @@ impl Gateway {
             elapsed.as_secs_f64(),
             log.attempts,
         );
-        response
+        match line {
+            Some(line) => response.map(|inner| {
+                Logged {
+                    inner,
+                    line: Some(line),
+                    ended: false,
+                }
+                .boxed()
+            }),
+            None => response,
+        }
     }
 
     async fn route_and_forward<'t>(
@@ -1123,6 +1135,88 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The target of the access log's lines.
+const ACCESS: &str = "tidegate::access";
+
+/// One request's access-log line, written once its answer has gone.
+#[derive(Debug)]
+struct AccessLine {
+    request_id: HeaderValue,
+    method: Method,
+    route: Arc<String>,
+    upstream: Arc<String>,
+    attempts: u32,
+    status: u16,
+    start: Instant,
+    /// The time to the answer's head.
+    ttfb: Duration,
+    api_key_id: Option<String>,
+    fallback: Option<&'static str>,
+}
+
+impl AccessLine {
+    /// Writes the line: `complete` when the whole body was sent, not
+    /// when the client or the upstream broke it off.
+    fn write(self, complete: bool) {
+        tracing::info!(
+            target: ACCESS,
+            request_id = self.request_id.to_str().unwrap_or(""),
+            method = %self.method,
+            route = self.route.as_str(),
+            upstream = self.upstream.as_str(),
+            attempts = self.attempts,
+            status = self.status,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            ttfb_ms = self.ttfb.as_secs_f64() * 1000.0,
+            complete,
+            api_key_id = self.api_key_id.as_deref(),
+            fallback = self.fallback,
+        );
+    }
+}
+
+/// An answer's body that writes its access line when it is dropped, as
+/// hyper does once the body has ended or the connection has gone.
+struct Logged {
+    inner: ProxyBody,
+    line: Option<AccessLine>,
+    ended: bool,
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Ok(_))) => self.ended = self.inner.is_end_stream(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.take() {
+            line.write(self.ended || self.inner.is_end_stream());
+        }
     }
 }
 

@@ -49,6 +49,27 @@ fn usage_errors_exit_2() {
     assert_eq!(tidegate(&["frobnicate"]).status.code(), Some(2));
     assert_eq!(tidegate(&["check"]).status.code(), Some(2));
     assert!(tidegate(&["--version"]).status.success());
+    let out = tidegate(&["serve", "--workers", "0", "--config", "x.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("'--workers <N>'"), "{stderr}");
+}
+
+#[test]
+fn every_command_has_its_help() {
+    for (command, names) in [
+        ("serve", &["--config", "--log-format", "--workers"][..]),
+        ("check", &["--config"]),
+        ("demo", &["--quick", "--listen", "--admin"]),
+        ("status", &["--admin"]),
+    ] {
+        let out = tidegate(&[command, "--help"]);
+        assert!(out.status.success(), "{command} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for name in names {
+            assert!(help.contains(name), "{command} --help lacks {name}: {help}");
+        }
+    }
 }
 
 #[test]
@@ -77,6 +98,8 @@ fn serve_logs_json_access_lines_reloads_on_sighup_and_drains_on_sigterm() {
     assert_eq!(fields["attempts"], 1);
     assert_eq!(fields["status"], 200);
     assert!(fields["duration_ms"].as_f64().is_some(), "{access}");
+    assert!(fields["ttfb_ms"].as_f64().is_some(), "{access}");
+    assert_eq!(fields["complete"], true, "{access}");
 
     // SIGHUP reloads the file (a change is also seen by polling; either way
     // one reload is logged).
