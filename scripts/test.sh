@@ -27,7 +27,7 @@ need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-need redis-server:redis-server redis-cli:redis-tools chromium:chromium
+need redis-server:redis-server redis-cli:redis-tools chromium:chromium ss:iproute2
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     echo "the browser test needs Node.js 20 or later with npm" >&2
     exit 1

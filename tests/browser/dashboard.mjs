@@ -68,6 +68,20 @@ async function waitForState(page, word, withinMs) {
   return Date.now() - start;
 }
 
+// Waits for the flaky card's recovery line to satisfy `ok`; a line that
+// never does fails the test with what it said.
+async function cardRecovery(page, ok, what) {
+  const line = page.locator('.card[data-upstream="flaky"] [data-f="recovery"]');
+  const deadline = Date.now() + 5_000;
+  let text = "";
+  while (Date.now() < deadline) {
+    text = (await line.textContent()) || "";
+    if (ok(text)) return;
+    await page.waitForTimeout(100);
+  }
+  fail(`the flaky card's recovery line does not show ${what}: "${text}"`);
+}
+
 const { demo, ready, logs } = startDemo();
 let browser;
 let exitCode = 0;
@@ -100,6 +114,7 @@ try {
   const opened = await waitForState(page, "OPEN", OPEN_WITHIN_MS);
   console.log(`flaky card OPEN ${opened} ms after its error rate went to 100%`);
   await page.locator('#incidents tbody tr[data-upstream="flaky"] .recovery', { hasText: "–" }).waitFor({ timeout: 5_000 });
+  await cardRecovery(page, (text) => text.includes("incident under way") && !text.includes("no incident"), "an incident under way, and only that");
   await page.screenshot({ path: join(artifacts, "dashboard-open.png"), fullPage: true });
 
   await setErrorRate(urls.flaky, 0);
@@ -114,6 +129,7 @@ try {
   if (changes < 1) fail("the timeline shows no transition to CLOSED");
   if (!(await page.locator("#mttr").textContent()).includes("flaky")) fail("no mean time to recovery for flaky");
   console.log(`timeline: recovery ${seconds} s`);
+  await cardRecovery(page, (text) => text.includes("mean time to recovery") && !text.includes("under way") && !text.includes("no incident"), "the recovery the table lists");
   await page.screenshot({ path: join(artifacts, "dashboard-recovered.png"), fullPage: true });
 
   // A phone's width: everything fits without sideways scrolling.

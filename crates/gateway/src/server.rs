@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -81,6 +81,28 @@ impl UpstreamTasks {
     }
 }
 
+/// A listener on `addr` whose backlog holds the connections waiting past
+/// `max_connections`: as many again, up to the system's limit
+/// (`net.core.somaxconn`, which the kernel applies anyway).
+fn bind(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse().ok());
+    socket.listen(backlog(max_connections, somaxconn))
+}
+
+/// The listen backlog for `max_connections`, within `somaxconn` when known.
+fn backlog(max_connections: usize, somaxconn: Option<u32>) -> u32 {
+    let wanted = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    somaxconn.map_or(wanted, |limit| wanted.min(limit)).max(1)
+}
+
 /// Binds both listeners and starts serving, health checks and breaker
 /// watchers, all on the caller's runtime.
 pub async fn start(config: Config) -> Result<Running, String> {
@@ -94,8 +116,7 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
     let listen = config.gateway.listen;
     let admin_listen = config.gateway.admin_listen;
     let gateway = Gateway::new(config)?;
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = bind(listen, gateway.settings.max_connections)
         .map_err(|e| format!("cannot listen on {listen} (gateway.listen): {e}"))?;
     let admin = TcpListener::bind(admin_listen)
         .await
@@ -486,4 +507,32 @@ async fn sample(gateway: Arc<Gateway>, mut stopped: watch::Receiver<bool>) {
 /// Resolves once shutdown has begun (or the sender is gone).
 async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_follows_max_connections_up_to_somaxconn() {
+        assert_eq!(backlog(10_000, Some(4096)), 4096);
+        assert_eq!(backlog(500, Some(4096)), 500);
+        assert_eq!(backlog(10_000, None), 10_000);
+        assert_eq!(backlog(usize::MAX, None), u32::MAX);
+        assert_eq!(backlog(0, Some(4096)), 1);
+    }
+
+    #[tokio::test]
+    async fn the_listener_is_bound_with_that_backlog() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 777).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // A listening socket's backlog is its Send-Q in `ss`.
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) lists sockets");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let send_q: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(send_q.get(2), Some(&"777"), "{text}");
+    }
 }
