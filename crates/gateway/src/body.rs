@@ -63,11 +63,38 @@ pub enum RequestBody {
 impl RequestBody {
     /// Reads `body` until it ends or passes `replay_cap` bytes; more than
     /// `max` bytes in all is [`BodyTooLarge`], now or while streaming.
-    pub async fn read(mut body: Incoming, replay_cap: usize, max: u64) -> Result<Self, BoxError> {
+    /// Unless `wait`, it reads only what has arrived: a body still coming
+    /// is streamed from there. A streaming call (gRPC's client and
+    /// bidirectional streams) may send its next message only once it has
+    /// an answer, which waiting for its end would never let come.
+    pub async fn read(
+        mut body: Incoming,
+        replay_cap: usize,
+        max: u64,
+        wait: bool,
+    ) -> Result<Self, BoxError> {
+        use futures_util::FutureExt;
         let mut seen = 0u64;
         let mut trailers = None;
         let mut chunks = VecDeque::new();
-        while let Some(frame) = body.frame().await {
+        loop {
+            // Trailers end a body: their end is waited for in any case.
+            let frame = if wait || trailers.is_some() {
+                body.frame().await
+            } else {
+                match body.frame().now_or_never() {
+                    Some(frame) => frame,
+                    None => {
+                        return Ok(RequestBody::Streaming(Some(Streaming {
+                            seen,
+                            read: chunks,
+                            rest: Some(body),
+                            max,
+                        })))
+                    }
+                }
+            };
+            let Some(frame) = frame else { break };
             match frame?.into_data() {
                 Ok(bytes) => {
                     seen += bytes.len() as u64;

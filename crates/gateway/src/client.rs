@@ -1,5 +1,6 @@
-//! The upstream HTTP/1.1 client: a keep-alive connection pool over hyper's
-//! connection API, one per worker thread.
+//! The upstream HTTP client: a pool of keep-alive HTTP/1.1 connections, and
+//! of multiplexed HTTP/2 ones, over hyper's connection API, one per worker
+//! thread.
 //!
 //! Each connection is one hyper `http1` connection task on the runtime that
 //! opened it; the pool keeps its request handle while it is idle. A request
@@ -14,6 +15,13 @@
 //!
 //! Idle connections close after 30 to 60 s without a request (a sweep
 //! every 30 s closes those that were already idle at the previous one).
+//!
+//! An HTTP/2 endpoint has one connection per worker, which every request
+//! to it shares (h2c with prior knowledge): a request waits for a stream
+//! while the server's `SETTINGS_MAX_CONCURRENT_STREAMS` are in use, and
+//! a new connection opens only when the last one closed, went away
+//! (GOAWAY) or carried `max_uses` requests. A request the connection
+//! refused before sending anything goes to a new one.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -29,7 +37,8 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -93,12 +102,26 @@ struct Shared {
     sweeping: AtomicBool,
 }
 
-/// The idle connections to one endpoint.
+/// The idle connections to one endpoint, and its HTTP/2 connection.
 #[derive(Debug, Default)]
 struct HostPool {
     idle: Mutex<Vec<Idle>>,
     /// Wakes a request waiting for a connection slot when one comes back.
     returned: Notify,
+    /// The shared HTTP/2 connection, if one is open.
+    h2: Mutex<Option<H2Conn>>,
+    /// Held while an HTTP/2 connection opens, so that requests arriving
+    /// together share one instead of each opening its own.
+    h2_opening: tokio::sync::Mutex<()>,
+}
+
+/// An HTTP/2 connection's request handle.
+#[derive(Debug)]
+struct H2Conn {
+    sender: http2::SendRequest<ProxyBody>,
+    uses: u32,
+    /// Unused since the last sweep.
+    swept: bool,
 }
 
 #[derive(Debug)]
@@ -146,6 +169,40 @@ impl HostPool {
             entry.swept = true;
             keep
         });
+        drop(idle);
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        // Dropping the handle closes the connection once its streams end.
+        if h2.as_ref().is_some_and(|c| c.swept || c.sender.is_closed()) {
+            *h2 = None;
+        } else if let Some(conn) = h2.as_mut() {
+            conn.swept = true;
+        }
+    }
+
+    /// A handle on the open HTTP/2 connection, counted as one use; the
+    /// pool lets go of a connection at its `max_uses`th.
+    fn h2_checkout(&self, max_uses: Option<u32>) -> Option<http2::SendRequest<ProxyBody>> {
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = h2.as_mut().filter(|c| !c.sender.is_closed())?;
+        conn.uses += 1;
+        conn.swept = false;
+        let sender = conn.sender.clone();
+        if max_uses.is_some_and(|max| conn.uses >= max) {
+            *h2 = None;
+        }
+        Some(sender)
+    }
+
+    /// Lets go of the HTTP/2 connection `sender` is a handle on, if the
+    /// pool still holds it.
+    fn h2_forget(&self, sender: &http2::SendRequest<ProxyBody>) {
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        if h2
+            .as_ref()
+            .is_some_and(|c| c.sender.is_closed() || sender.is_closed())
+        {
+            *h2 = None;
+        }
     }
 }
 
@@ -162,10 +219,25 @@ impl UpstreamClient {
     }
 
     /// Sends `request` (origin-form target) to `authority` on a pooled
-    /// connection, opening one if none is idle; `Host` is set to
-    /// `authority` when the request has none. The connection is retired
-    /// after `max_uses` requests.
+    /// connection, over HTTP/2 when `http2`, else HTTP/1.1, opening one
+    /// if none is free; `Host` (HTTP/2: `:authority`) is the request's, or
+    /// `authority` when it has none. The connection is retired after
+    /// `max_uses` requests.
     pub async fn request(
+        &self,
+        authority: &Authority,
+        request: Request<ProxyBody>,
+        max_uses: Option<u32>,
+        http2: bool,
+    ) -> Result<UpstreamResponse, ClientError> {
+        if http2 {
+            self.request_h2(authority, request, max_uses).await
+        } else {
+            self.request_h1(authority, request, max_uses).await
+        }
+    }
+
+    async fn request_h1(
         &self,
         authority: &Authority,
         mut request: Request<ProxyBody>,
@@ -199,6 +271,105 @@ impl UpstreamClient {
                 },
             }
         }
+    }
+
+    async fn request_h2(
+        &self,
+        authority: &Authority,
+        mut request: Request<ProxyBody>,
+        max_uses: Option<u32>,
+    ) -> Result<UpstreamResponse, ClientError> {
+        // HTTP/2 names the host in `:authority`, from the target.
+        let host_header = request.headers_mut().remove(HOST);
+        let target = host_header
+            .as_ref()
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| authority.clone());
+        let mut parts = std::mem::take(request.uri_mut()).into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(target);
+        *request.uri_mut() = http::Uri::from_parts(parts).map_err(|e| {
+            ClientError::Connect(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        })?;
+        *request.version_mut() = http::Version::HTTP_2;
+        let host = self.host(authority);
+        loop {
+            let (mut sender, reused) = match host.h2_checkout(max_uses) {
+                Some(sender) => (sender, true),
+                None => self.connect_h2(authority, &host, max_uses).await?,
+            };
+            // Waits for a free stream when the server's limit is reached.
+            if sender.ready().await.is_err() {
+                host.h2_forget(&sender);
+                if reused {
+                    continue;
+                }
+                return Err(ClientError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the HTTP/2 connection closed before the request",
+                )));
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(UpstreamBody::wrap(response, None)),
+                Err(mut e) => match e.take_message() {
+                    // Refused before anything was sent (GOAWAY, closed): another connection.
+                    Some(unsent) if reused => {
+                        host.h2_forget(&sender);
+                        request = unsent;
+                    }
+                    _ => return Err(ClientError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The HTTP/2 connection to `authority`: the one another request just
+    /// opened (the flag says it is shared), or a new one within the
+    /// endpoint's gate.
+    async fn connect_h2(
+        &self,
+        authority: &Authority,
+        host: &HostPool,
+        max_uses: Option<u32>,
+    ) -> Result<(http2::SendRequest<ProxyBody>, bool), ClientError> {
+        let _opening = host.h2_opening.lock().await;
+        if let Some(sender) = host.h2_checkout(max_uses) {
+            return Ok((sender, true));
+        }
+        let gate: Option<Arc<PoolGate>> = self.shared.gates.load().get(authority).cloned();
+        let permit = match &gate {
+            None => None,
+            Some(gate) => match gate.try_enter() {
+                Some(permit) => Some(permit),
+                None => {
+                    let _waiting = gate.wait().map_err(|_| ClientError::Overflow)?;
+                    Some(gate.acquire().await)
+                }
+            },
+        };
+        let stream = open(authority).await.map_err(ClientError::Connect)?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake::<_, ProxyBody>(TokioIo::new(stream))
+            .await
+            .map_err(ClientError::Request)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+            drop(permit);
+        });
+        self.start_sweeping();
+        let mut h2 = host.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let uses = 1;
+        if max_uses.is_none_or(|max| uses < max) {
+            *h2 = Some(H2Conn {
+                sender: sender.clone(),
+                uses,
+                swept: false,
+            });
+        }
+        Ok((sender, false))
     }
 
     /// The pool of `authority`, created on first use.
@@ -292,6 +463,7 @@ impl Shared {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .is_empty()
+                || host.h2.lock().unwrap_or_else(|e| e.into_inner()).is_some()
         });
     }
 }
@@ -469,7 +641,7 @@ mod tests {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
         let (client, to) = (client(), authority(&upstream));
         for _ in 0..5 {
-            let response = client.request(&to, get("/"), None).await.unwrap();
+            let response = client.request(&to, get("/"), None, false).await.unwrap();
             assert_eq!(read(response).await, "ok");
         }
         assert_eq!(upstream.connections(), 1);
@@ -482,7 +654,7 @@ mod tests {
         assert_eq!(received[0].uri, "/");
 
         for _ in 0..4 {
-            let response = client.request(&to, get("/"), Some(2)).await.unwrap();
+            let response = client.request(&to, get("/"), Some(2), false).await.unwrap();
             read(response).await;
         }
         assert_eq!(upstream.connections(), 3, "retired after two requests each");
@@ -492,15 +664,18 @@ mod tests {
     async fn a_connection_comes_back_when_its_body_ends_not_before() {
         let (upstream, tx) = streaming_upstream().await;
         let (client, to) = (client(), authority(&upstream));
-        let streaming = client.request(&to, get("/stream"), None).await.unwrap();
+        let streaming = client
+            .request(&to, get("/stream"), None, false)
+            .await
+            .unwrap();
         // The first connection is busy with the stream: a second one opens.
-        read(client.request(&to, get("/"), None).await.unwrap()).await;
+        read(client.request(&to, get("/"), None, false).await.unwrap()).await;
         assert_eq!(upstream.connections(), 2);
         tx.send(Bytes::from_static(b"data")).await.unwrap();
         drop(tx);
         assert_eq!(read(streaming).await, "data");
         for _ in 0..3 {
-            read(client.request(&to, get("/"), None).await.unwrap()).await;
+            read(client.request(&to, get("/"), None, false).await.unwrap()).await;
         }
         assert_eq!(upstream.connections(), 2, "both are back in the pool");
     }
@@ -509,13 +684,16 @@ mod tests {
     async fn a_body_dropped_before_its_end_takes_its_connection_along() {
         let (upstream, tx) = streaming_upstream().await;
         let (client, to) = (client(), authority(&upstream));
-        let mut streaming = client.request(&to, get("/stream"), None).await.unwrap();
+        let mut streaming = client
+            .request(&to, get("/stream"), None, false)
+            .await
+            .unwrap();
         tx.send(Bytes::from_static(b"part")).await.unwrap();
         let frame = streaming.body_mut().frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "part");
         drop(streaming);
         assert_eq!(
-            read(client.request(&to, get("/"), None).await.unwrap()).await,
+            read(client.request(&to, get("/"), None, false).await.unwrap()).await,
             "ok"
         );
         assert_eq!(
@@ -530,14 +708,14 @@ mod tests {
     async fn idle_connections_close_at_the_second_sweep_and_quiet_pools_are_forgotten() {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
         let (client, to) = (client(), authority(&upstream));
-        read(client.request(&to, get("/"), None).await.unwrap()).await;
+        read(client.request(&to, get("/"), None, false).await.unwrap()).await;
         client.shared.sweep();
-        read(client.request(&to, get("/"), None).await.unwrap()).await;
+        read(client.request(&to, get("/"), None, false).await.unwrap()).await;
         assert_eq!(upstream.connections(), 1, "used since the sweep: kept");
         client.shared.sweep();
         client.shared.sweep();
         assert!(client.shared.hosts.lock().unwrap().is_empty());
-        read(client.request(&to, get("/"), None).await.unwrap()).await;
+        read(client.request(&to, get("/"), None, false).await.unwrap()).await;
         assert_eq!(upstream.connections(), 2, "idle through two sweeps: closed");
     }
 
@@ -547,7 +725,82 @@ mod tests {
             .trim_end_matches('/')
             .parse()
             .unwrap();
-        let err = client().request(&to, get("/"), None).await.unwrap_err();
+        let err = client()
+            .request(&to, get("/"), None, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection_and_carry_trailers() {
+        let upstream = Upstream::start(|req| async move {
+            let version = format!("{:?} {}", req.version(), req.uri());
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter([
+                Ok::<_, body::BoxError>(Frame::data(Bytes::from(version))),
+                Ok(Frame::trailers({
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", HeaderValue::from_static("0"));
+                    t
+                })),
+            ]));
+            Response::new(http_body_util::BodyExt::boxed(body))
+        })
+        .await;
+        let (client, to) = (client(), authority(&upstream));
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (client, to) = (client.clone(), to.clone());
+            calls.spawn(async move {
+                let response = client.request(&to, get("/x"), None, true).await.unwrap();
+                response.into_body().collect().await.unwrap()
+            });
+        }
+        while let Some(collected) = calls.join_next().await {
+            let collected = collected.unwrap();
+            assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+            let text = collected.to_bytes();
+            assert_eq!(text, format!("HTTP/2.0 http://{to}/x"));
+        }
+        assert_eq!(upstream.connections(), 1, "one multiplexed connection");
+        let received = upstream.received();
+        assert!(
+            received[0].headers.get("host").is_none(),
+            "{:?}",
+            received[0].headers
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_is_retired_after_its_uses_and_replaced_when_closed() {
+        let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
+        let (client, to) = (client(), authority(&upstream));
+        for _ in 0..4 {
+            read(client.request(&to, get("/"), Some(2), true).await.unwrap()).await;
+        }
+        assert_eq!(upstream.connections(), 2, "two requests a connection");
+        // A host the request names is its :authority.
+        let mut named = get("/n");
+        named
+            .headers_mut()
+            .insert(HOST, HeaderValue::from_static("api.example"));
+        read(client.request(&to, named, None, true).await.unwrap()).await;
+        assert_eq!(
+            upstream.received().last().unwrap().uri,
+            "http://api.example/n"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http2_refused_connection_is_a_connect_error() {
+        let to: Authority = tidegate_testkit::refused_url().await["http://".len()..]
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let err = client()
+            .request(&to, get("/"), None, true)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
     }
 }

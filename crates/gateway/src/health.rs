@@ -45,9 +45,12 @@ async fn check_endpoint(gateway: Arc<Gateway>, upstream: Arc<Upstream>, e: usize
         );
         let ok = match timeout(
             config.timeout,
-            gateway
-                .client()
-                .request(&endpoint.endpoint.authority, request, None),
+            gateway.client().request(
+                &endpoint.endpoint.authority,
+                request,
+                None,
+                upstream.config.protocol.is_http2(),
+            ),
         )
         .await
         {

@@ -16,6 +16,7 @@ pub mod edge;
 pub mod events;
 pub mod fallback;
 pub mod framing;
+pub mod grpc;
 pub mod headers;
 pub mod health;
 pub mod metrics;

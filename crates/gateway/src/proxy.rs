@@ -37,6 +37,7 @@ use crate::config::{
 use crate::edge::{self, Counters, Credential, Edge, Exceeded, Refusal, Slot};
 use crate::events::{Event, Events};
 use crate::fallback::{self as fallbacks, FALLBACK};
+use crate::grpc;
 use crate::headers::{self, CORRELATION_ID};
 use crate::metrics::{method_label, Metrics, RequestLabels};
 use crate::path;
@@ -285,6 +286,7 @@ impl Gateway {
         let start = Instant::now();
         let request_id = headers::correlation_id(req.headers());
         let method = req.method().clone();
+        let grpc = grpc::is_grpc(req.headers());
         let table = self.table();
         let mut log = Access {
             route: self.none.clone(),
@@ -296,10 +298,19 @@ impl Gateway {
             fallback: None,
         };
         let mut response = match self
-            .route_and_forward(&table, req, client, upstream_client, &request_id, &mut log)
+            .route_and_forward(
+                &table,
+                req,
+                client,
+                upstream_client,
+                &request_id,
+                grpc,
+                &mut log,
+            )
             .await
         {
             Ok(response) => response,
+            Err(reply) if grpc => reply.into_grpc_response(),
             Err(reply) => reply.into_response(&request_id),
         };
         response
@@ -350,6 +361,7 @@ impl Gateway {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn route_and_forward<'t>(
         &self,
         table: &'t Table,
@@ -357,6 +369,7 @@ impl Gateway {
         client: SocketAddr,
         upstream_client: &UpstreamClient,
         request_id: &HeaderValue,
+        grpc: bool,
         log: &mut Access<'t>,
     ) -> Result<Response<ProxyBody>, Reply> {
         if req.method() == Method::CONNECT {
@@ -449,7 +462,8 @@ impl Gateway {
                     .service(upstream.name()),
             );
         }
-        let mut body = read_body(incoming, &table.settings, max_body)
+        // A gRPC call may be a stream the client feeds as answers come.
+        let mut body = read_body(incoming, &table.settings, max_body, !grpc)
             .await
             .map_err(|reply| reply.service(upstream.name()))?;
         let stale_key = match (&route.stale, &parts.method) {
@@ -462,6 +476,12 @@ impl Gateway {
         };
         let idempotent = headers::is_idempotent(&parts.method)
             || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
+        // A gRPC call's own deadline bounds the policy's.
+        let limit = if grpc {
+            grpc::timeout(&parts.headers)
+        } else {
+            None
+        };
         let template = self.upstream_head(
             table,
             &mut parts,
@@ -470,11 +490,14 @@ impl Gateway {
             client,
             request_id,
             upgrade.is_some(),
+            upstream.config.protocol.is_http2(),
         );
         let call = Call {
             upstream_client,
             template: &template,
             idempotent,
+            grpc,
+            limit,
         };
         let result = if upstream.has_available_endpoint() {
             self.forward(&call, upstream, &mut body, log).await
@@ -551,23 +574,22 @@ impl Gateway {
         // The endpoints this request's attempts went to, bit by bit.
         let tried = AtomicU64::new(0);
         let retryable = call.idempotent && body.is_replayable();
-        let result = upstream
+        let op = |attempt: Attempt| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            let head = call.head(attempt.number(), attempt.remaining_at_start());
+            self.attempt(
+                call,
+                upstream,
+                head,
+                body.take(),
+                retryable,
+                attempt,
+                &tried,
+            )
+        };
+        let (result, _) = upstream
             .pipeline
-            .call(|attempt| {
-                attempts.fetch_add(1, Ordering::Relaxed);
-                let head = call
-                    .template
-                    .head(attempt.number(), attempt.remaining_at_start());
-                self.attempt(
-                    call.upstream_client,
-                    upstream,
-                    head,
-                    body.take(),
-                    retryable,
-                    attempt,
-                    &tried,
-                )
-            })
+            .call_timed_within(Instant::now(), call.limit, op, |_, _, _| {})
             .await;
         log.attempts += attempts.load(Ordering::Relaxed);
         result
@@ -664,9 +686,22 @@ impl Gateway {
         client: SocketAddr,
         request_id: &HeaderValue,
         upgrade: bool,
+        http2: bool,
     ) -> Template {
         let mut headers = std::mem::take(&mut parts.headers);
+        // HTTP/2 lets `TE: trailers` through (gRPC servers look for it).
+        let trailers = http2
+            && headers
+                .get(header::TE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                });
         headers::strip_hop_by_hop(&mut headers, upgrade);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         headers::join_cookies(&mut headers);
         // Only the gateway sets these; a client's copy never passes.
         let reserved = [
@@ -758,7 +793,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
-        upstream_client: &UpstreamClient,
+        call: &Call<'_>,
         upstream: &Upstream,
         head: Head,
         body: Option<ProxyBody>,
@@ -783,7 +818,10 @@ impl Gateway {
         *request.headers_mut() = head.headers;
         let max_uses = upstream.config.pool.max_requests_per_connection;
         let attempting = endpoint.attempting();
-        let sent = upstream_client.request(&endpoint.endpoint.authority, request, max_uses);
+        let http2 = upstream.config.protocol.is_http2();
+        let sent =
+            call.upstream_client
+                .request(&endpoint.endpoint.authority, request, max_uses, http2);
         // One timer for the attempt's timeout and the deadline alike (the
         // pipeline leaves the cut-off to the attempt).
         let result = match told.cut_off() {
@@ -799,13 +837,7 @@ impl Gateway {
         drop(attempting);
         let result = match result {
             Err(timeout) => Err(timeout),
-            Ok(Ok(response)) if is_retryable_status(response.status()) => {
-                Err(AttemptError::Status {
-                    response,
-                    retryable,
-                })
-            }
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => judge(response, call.grpc, retryable),
             Ok(Err(ClientError::Overflow)) => Err(AttemptError::PoolOverflow),
             Ok(Err(ClientError::Connect(e))) => Err(AttemptError::Connect(e)),
             Ok(Err(ClientError::Request(e))) if is_body_too_large(&e) => {
@@ -830,7 +862,7 @@ impl Gateway {
         };
         let verdict = match result {
             Ok(response) => failed(response.status()),
-            Err(AttemptError::Status { response, .. }) => failed(response.status()),
+            Err(AttemptError::Status { status, .. }) => failed(*status),
             Err(AttemptError::Connect(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 Verdict::Refused
             }
@@ -964,6 +996,56 @@ struct Call<'a> {
     upstream_client: &'a UpstreamClient,
     template: &'a Template,
     idempotent: bool,
+    /// A gRPC call: judged by its `grpc-status`, told its deadline in
+    /// `grpc-timeout`.
+    grpc: bool,
+    /// The call's own deadline, when shorter than the policy's.
+    limit: Option<Duration>,
+}
+
+impl Call<'_> {
+    /// The head of attempt `number` (from 1), with the time `remaining`.
+    fn head(&self, number: u32, remaining: Option<Duration>) -> Head {
+        let mut head = self.template.head(number, remaining);
+        if let (true, Some(left)) = (self.grpc, remaining) {
+            head.headers
+                .insert(&grpc::TIMEOUT, grpc::timeout_value(left));
+        }
+        head
+    }
+}
+
+/// An upstream's answer, as the gateway judges it: by its status, or a
+/// gRPC call's trailers-only answer by its `grpc-status`. An answer worth
+/// another attempt (502, 503, 504, 429; gRPC's UNAVAILABLE), and a gRPC
+/// failure in an HTTP 200, are errors of the attempt, `retryable` if it
+/// may be sent again.
+#[allow(clippy::result_large_err)] // the attempt's own result, moved on as it is
+fn judge(
+    response: UpstreamResponse,
+    grpc: bool,
+    retryable: bool,
+) -> Result<UpstreamResponse, AttemptError> {
+    let status = response.status();
+    if grpc && status == StatusCode::OK {
+        let judged = grpc::status(response.headers()).map_or(StatusCode::OK, grpc::judged_as);
+        if judged == StatusCode::OK {
+            return Ok(response);
+        }
+        return Err(AttemptError::Status {
+            response,
+            status: judged,
+            retryable: retryable && judged == StatusCode::SERVICE_UNAVAILABLE,
+        });
+    }
+    if is_retryable_status(status) {
+        return Err(AttemptError::Status {
+            response,
+            status,
+            retryable,
+        });
+    }
+    Ok(response)
 }
 
 /// The upstream of a target: the only one, or one of a split by weight.
@@ -1246,11 +1328,12 @@ async fn read_body(
     incoming: Incoming,
     settings: &GatewaySettings,
     max_body: u64,
+    wait: bool,
 ) -> Result<RequestBody, Reply> {
     if incoming.is_end_stream() {
         return Ok(RequestBody::empty());
     }
-    let read = RequestBody::read(incoming, settings.max_replay_bytes, max_body);
+    let read = RequestBody::read(incoming, settings.max_replay_bytes, max_body, wait);
     match tokio::time::timeout(settings.body_read_timeout, read).await {
         Ok(Ok(body)) => Ok(body),
         Ok(Err(e)) if is_body_too_large(&*e) => Err(Reply::new(
@@ -1339,6 +1422,29 @@ impl Reply {
     fn retry_after(mut self, after: Option<Duration>) -> Self {
         self.retry_after = after;
         self
+    }
+
+    /// The answer to a gRPC call: trailers-only, its `grpc-status` the
+    /// code for this answer's HTTP status, the message in `grpc-message`
+    /// (never JSON, which a gRPC client cannot read), a known wait in
+    /// `grpc-retry-pushback-ms` as well as `Retry-After`.
+    pub fn into_grpc_response(self) -> Response<ProxyBody> {
+        let mut response = Response::new(body::empty());
+        let code = grpc::code_for(self.status);
+        *response.headers_mut() = grpc::trailers_only(code, &self.message);
+        for (name, value) in self.headers {
+            if name != header::CONNECTION {
+                response.headers_mut().insert(name, value);
+            }
+        }
+        if let Some(after) = self.retry_after {
+            let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            let headers = response.headers_mut();
+            headers.insert(&grpc::RETRY_PUSHBACK, HeaderValue::from(millis));
+            let secs = edge::whole_seconds(after).max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 
     /// The JSON response.

@@ -40,11 +40,14 @@ pub enum AttemptError {
     },
     /// No response head before the request's deadline: nothing follows.
     DeadlinePassed,
-    /// The upstream answered with a status worth retrying (502, 503, 504, 429).
+    /// The upstream answered with a status worth retrying (502, 503, 504,
+    /// 429), or a gRPC call failed (see [`crate::proxy`]'s judging).
     Status {
         /// The answer, handed to the client if no retry follows.
         response: UpstreamResponse,
-        /// Safe to send again.
+        /// The status it counts as: its own, or its `grpc-status`'s.
+        status: StatusCode,
+        /// Worth, and safe, to send again.
         retryable: bool,
     },
     /// The client's body passed the size limit.
@@ -66,9 +69,7 @@ impl std::fmt::Display for AttemptError {
             }
             AttemptError::Timeout { .. } => f.write_str("upstream timed out"),
             AttemptError::DeadlinePassed => f.write_str("deadline passed"),
-            AttemptError::Status { response, .. } => {
-                write!(f, "upstream answered {}", response.status())
-            }
+            AttemptError::Status { status, .. } => write!(f, "upstream answered {status}"),
             AttemptError::BodyTooLarge => f.write_str("request body too large"),
             AttemptError::BodyGone => f.write_str("request body already sent"),
             AttemptError::NoEndpoint => f.write_str("no healthy endpoint"),
@@ -447,9 +448,7 @@ fn classify(result: &Result<UpstreamResponse, AttemptError>) -> Outcome {
     match result {
         Ok(response) if response.status().is_server_error() => Outcome::Failure,
         Ok(_) => Outcome::Success,
-        Err(AttemptError::Status { response, .. })
-            if response.status() == StatusCode::TOO_MANY_REQUESTS =>
-        {
+        Err(AttemptError::Status { status, .. }) if *status == StatusCode::TOO_MANY_REQUESTS => {
             Outcome::Ignore
         }
         Err(
@@ -478,10 +477,11 @@ fn retry_on(result: &Result<UpstreamResponse, Error<AttemptError>>) -> RetryActi
         ) => RetryAction::Retry,
         Some(AttemptError::Status {
             response,
+            status,
             retryable: true,
         }) => match retry_after(response.headers()) {
             Some(delay) => RetryAction::RetryAfter(delay),
-            None if response.status() == StatusCode::TOO_MANY_REQUESTS => RetryAction::Return,
+            None if *status == StatusCode::TOO_MANY_REQUESTS => RetryAction::Return,
             None => RetryAction::Retry,
         },
         _ => RetryAction::Return,

@@ -10,6 +10,27 @@ use serde::Deserialize;
 use tidegate_resilience::config::duration;
 use tidegate_resilience::ratelimit::{Algorithm, Limit};
 
+/// The HTTP version spoken to an upstream's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, a pool of keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 (h2c with prior knowledge over `http://`): requests
+    /// multiplexed on one connection per endpoint and worker. gRPC needs it.
+    Http2,
+    /// Whatever ALPN agrees on over TLS; HTTP/1.1 over `http://`.
+    Auto,
+}
+
+impl UpstreamProtocol {
+    /// Whether requests to `http://` endpoints go over HTTP/2.
+    pub fn is_http2(self) -> bool {
+        self == UpstreamProtocol::Http2
+    }
+}
+
 /// How an upstream's endpoints share its traffic. Only healthy endpoints
 /// that outlier detection has not ejected are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -37,6 +37,7 @@ use self::edge::{
 pub use self::edge::{
     redact_credentials, ApiKey, FailureMode, Fallback, Fault, LimitKey, LoadBalancing,
     OutlierDetection, RateLimitSettings, RedisUrl, RouteLimit, StoreSettings, Tier,
+    UpstreamProtocol,
 };
 
 /// The whole config, validated.
@@ -280,6 +281,8 @@ pub struct UpstreamConfig {
     pub endpoints: Vec<Endpoint>,
     /// How endpoints are chosen.
     pub load_balancing: LoadBalancing,
+    /// The HTTP version spoken to the endpoints.
+    pub protocol: UpstreamProtocol,
     /// The header `consistent_hash` hashes.
     pub hash_header: Option<HeaderName>,
     /// Passive ejection of failing endpoints: as configured, else on with
@@ -365,6 +368,8 @@ struct RawUpstream {
     endpoints: Vec<String>,
     #[serde(default)]
     load_balancing: LoadBalancing,
+    #[serde(default)]
+    protocol: UpstreamProtocol,
     hash_header: Option<String>,
     outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
@@ -610,6 +615,7 @@ impl Locator<'_> {
                 name: u.name,
                 endpoints,
                 load_balancing: u.load_balancing,
+                protocol: u.protocol,
                 hash_header,
                 outlier_detection,
                 pool: u.pool,

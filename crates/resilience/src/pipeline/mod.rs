@@ -46,8 +46,6 @@ use crate::retry::{Attempt, Next, Retry, RetryAction, RetryTransient, Schedule, 
 use crate::throttle::{AdaptiveThrottle, ThrottlePermit};
 use crate::{BoxFuture, Error};
 
-/// What an attempt holds from the breaker and the throttle while it runs.
-type Permits<'a> = (Option<Permit<'a>>, Option<ThrottlePermit<'a>>);
 type ClassifyFn<T, E> = Box<dyn Fn(&Result<T, E>) -> Outcome + Send + Sync>;
 type RetryFn<T, E> = Box<dyn Fn(&Result<T, Error<E>>) -> RetryAction + Send + Sync>;
 type WhenFn<E> = Box<dyn Fn(&Error<E>) -> bool + Send + Sync>;
@@ -375,7 +373,7 @@ impl<T, E> Pipeline<T, E> {
         R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
         Then {
-            run: self.run(now, op, on_retry),
+            run: self.run(now, None, op, on_retry),
             then: |(result, _)| result,
         }
     }
@@ -396,12 +394,40 @@ impl<T, E> Pipeline<T, E> {
         Fut: Future<Output = Result<T, E>> + 'a,
         R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
-        self.run(now, op, on_retry)
+        self.run(now, None, op, on_retry)
     }
 
-    /// The error of a call whose deadline passed.
-    fn passed(&self) -> Error<E> {
-        Error::deadline_exceeded(self.policies.deadline.unwrap_or_default())
+    /// [`call_timed_at`](Pipeline::call_timed_at), ending within `limit`
+    /// as well when that comes before the policy's deadline: a caller's
+    /// own deadline, such as a gRPC call's `grpc-timeout`. Attempts learn
+    /// the earlier of the two as their deadline.
+    pub fn call_timed_within<'a, F, Fut, R>(
+        &'a self,
+        now: Instant,
+        limit: Option<Duration>,
+        op: F,
+        on_retry: R,
+    ) -> impl Future<Output = (Result<T, Error<E>>, Option<Instant>)> + 'a
+    where
+        F: FnMut(Attempt) -> Fut + 'a,
+        Fut: Future<Output = Result<T, E>> + 'a,
+        R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
+    {
+        self.run(now, limit, op, on_retry)
+    }
+
+    /// The error of a call with a deadline of `budget` that passed.
+    fn passed(budget: Option<Duration>) -> Error<E> {
+        Error::deadline_exceeded(budget.unwrap_or_default())
+    }
+
+    /// The deadline of a call that begins now: the policy's, or `limit`
+    /// when that is shorter.
+    fn budget(&self, limit: Option<Duration>) -> Option<Duration> {
+        match (self.policies.deadline, limit) {
+            (Some(deadline), Some(limit)) => Some(deadline.min(limit)),
+            (deadline, limit) => deadline.or(limit),
+        }
     }
 
     /// Whether the fallback answers a call that ended in `err`.
@@ -432,6 +458,7 @@ impl<T, E> Pipeline<T, E> {
     fn run<'a, F, Fut, R>(
         &'a self,
         mut now: Instant,
+        limit: Option<Duration>,
         mut op: F,
         mut on_retry: R,
     ) -> impl Future<Output = (Result<T, Error<E>>, Option<Instant>)> + 'a
@@ -440,14 +467,18 @@ impl<T, E> Pipeline<T, E> {
         Fut: Future<Output = Result<T, E>> + 'a,
         R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
+        // Outside the block: only what it needs is kept in the future.
+        let budget = self.budget(limit);
         async move {
             let p = &*self.policies;
             // `now` is the start until the first attempt has begun.
-            let deadline = p.deadline.map(|d| now + d);
+            let deadline = budget.map(|d| now + d);
             let mut schedule = p.retry.as_ref().map(|retry| retry.start(now));
             // A breaker that judges whole calls is asked once, before the first attempt.
             let (result, ended) = 'call: {
-                let judge = match self.judge(now) {
+                // The breaker's leave: the call's, or (taken anew for each
+                // attempt) the attempt's; one slot in the future for both.
+                let mut breaker = match self.judge(now) {
                     Ok(judge) => judge,
                     Err(err) => break 'call (Err(err), None),
                 };
@@ -460,8 +491,8 @@ impl<T, E> Pipeline<T, E> {
                     // turns it away ends it with its error, before any read.
                     let (result, ended) = 'attempt: {
                         // One clock read serves every policy on the way in, one on the way out.
-                        let (breaker, throttle) = match self.admit(now) {
-                            Ok(permits) => permits,
+                        let throttle = match self.admit(now, &mut breaker) {
+                            Ok(throttle) => throttle,
                             Err(err) => break 'attempt (Err(err), None),
                         };
                         // A free slot is taken at once; only a wait in the queue moves the clock on.
@@ -469,7 +500,7 @@ impl<T, E> Pipeline<T, E> {
                             None => None,
                             Some(b) => match b.try_acquire() {
                                 Ok(slot) => Some(slot),
-                                Err(_) => match self.queue(b, deadline).await {
+                                Err(_) => match self.queue(b, deadline, budget).await {
                                     Ok(slot) => {
                                         now = Instant::now();
                                         Some(slot)
@@ -489,14 +520,19 @@ impl<T, E> Pipeline<T, E> {
                             None => Ok(op(attempt).await),
                             Some((at, is_deadline)) => match timeout_at(at, op(attempt)).await {
                                 Ok(result) => Ok(result),
-                                Err(_) if is_deadline => Err(self.passed()),
+                                Err(_) if is_deadline => Err(Self::passed(budget)),
                                 Err(_) => Err(Error::timeout(p.timeout.unwrap_or_default())),
                             },
                         };
-                        let (result, ended, judged) = self.settle(timed, breaker, throttle);
+                        let attempts = breaker.take_if(|_| !p.breaker_per_call);
+                        let (result, ended, judged) = self.settle(timed, attempts, throttle);
                         outcome = judged;
                         (result, ended)
                     };
+                    // An attempt the bulkhead turned away leaves its leave unused.
+                    if !p.breaker_per_call {
+                        breaker = None;
+                    }
                     // The result is moved on, never borrowed here: a borrowed
                     // local keeps its room in the future across every await.
                     let delay =
@@ -508,7 +544,7 @@ impl<T, E> Pipeline<T, E> {
                     tokio::time::sleep(delay).await;
                     now = Instant::now();
                 };
-                if let Some(permit) = judge {
+                if let Some(permit) = breaker.filter(|_| p.breaker_per_call) {
                     let end = Instant::now();
                     permit.record_at(outcome, end);
                     ended = Some(end);
@@ -533,36 +569,41 @@ impl<T, E> Pipeline<T, E> {
     }
 
     /// A slot of `bulkhead` once one is free, waited for in its queue no
-    /// later than `deadline`.
+    /// later than `deadline` (of a call with a deadline of `budget`).
     async fn queue<'b>(
         &self,
         bulkhead: &'b Bulkhead,
         deadline: Option<Instant>,
+        budget: Option<Duration>,
     ) -> Result<BulkheadPermit<'b>, Error<E>> {
         let slot = match deadline {
             None => bulkhead.acquire().await,
             Some(at) => timeout_at(at, bulkhead.acquire())
                 .await
-                .map_err(|_| self.passed())?,
+                .map_err(|_| Self::passed(budget))?,
         };
         Ok(slot?)
     }
 
-    /// The way into an attempt at `now`: the breaker's, the throttle's and
-    /// the limiter's leave, or the first refusal.
-    fn admit(&self, now: Instant) -> Result<Permits<'_>, Error<E>> {
+    /// The way into an attempt at `now`: the breaker's leave into
+    /// `breaker` (unless it judges whole calls: then `breaker` holds the
+    /// call's), the throttle's and the limiter's, or the first refusal.
+    fn admit<'b>(
+        &'b self,
+        now: Instant,
+        breaker: &mut Option<Permit<'b>>,
+    ) -> Result<Option<ThrottlePermit<'b>>, Error<E>> {
         let p = &*self.policies;
-        let breaker = p
-            .breaker
-            .as_ref()
-            .filter(|_| !p.breaker_per_call)
-            .map(|b| b.try_acquire_at(now))
-            .transpose()?;
+        let attempts = p.breaker.as_ref().filter(|_| !p.breaker_per_call);
+        let permit = attempts.map(|b| b.try_acquire_at(now)).transpose()?;
         let throttle = p.throttle.as_ref().map(|t| t.try_acquire()).transpose()?;
         if let Some(limiter) = &p.limiter {
             limiter.admit_at(now, 1)?;
         }
-        Ok((breaker, throttle))
+        if permit.is_some() {
+            *breaker = permit;
+        }
+        Ok(throttle)
     }
 
     /// When an attempt that begins at `begun` is cut off: at its timeout
@@ -756,6 +797,35 @@ mod tests {
         tokio::time::advance(BreakerConfig::default().open_duration).await;
         assert_eq!(per_call.call(flaky).await.unwrap(), 2);
         assert_eq!(twice.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_limit_shortens_the_deadline_never_lengthens_it() {
+        let pipeline: Pipeline<(), &str> = Pipeline::builder()
+            .deadline(Duration::from_secs(30))
+            .retry(retry())
+            .build();
+        for (limit, expected) in [
+            (Some(Duration::from_secs(2)), Duration::from_secs(2)),
+            (Some(Duration::from_secs(60)), Duration::from_secs(30)),
+            (None, Duration::from_secs(30)),
+        ] {
+            let start = Instant::now();
+            let (result, _) = pipeline
+                .call_timed_within(
+                    start,
+                    limit,
+                    |a| {
+                        assert_eq!(a.remaining_at_start(), Some(expected));
+                        std::future::pending()
+                    },
+                    |_, _, _| {},
+                )
+                .await;
+            let err = result.unwrap_err();
+            assert!(err.is_deadline_exceeded(), "{err:?}");
+            assert_eq!(start.elapsed(), expected);
+        }
     }
 
     #[tokio::test(start_paused = true)]
