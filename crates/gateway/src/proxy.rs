@@ -573,7 +573,7 @@ impl Gateway {
         let attempts = AtomicU32::new(0);
         // The endpoints this request's attempts went to, bit by bit.
         let tried = AtomicU64::new(0);
-        let retryable = call.idempotent && body.is_replayable();
+        let replayable = body.is_replayable();
         let op = |attempt: Attempt| {
             attempts.fetch_add(1, Ordering::Relaxed);
             let head = call.head(attempt.number(), attempt.remaining_at_start());
@@ -582,7 +582,7 @@ impl Gateway {
                 upstream,
                 head,
                 body.take(),
-                retryable,
+                replayable,
                 attempt,
                 &tried,
             )
@@ -789,7 +789,11 @@ impl Gateway {
     }
 
     /// One attempt on the endpoint the upstream's load balancing picks,
-    /// another than those in `tried` if it can, added to them.
+    /// another than those in `tried` if it can, added to them. A request
+    /// that left may be sent again if its body is `replayable` and it is
+    /// idempotent; a gRPC call also after a trailers-only UNAVAILABLE, as
+    /// gRPC's own retry policies and Envoy's `retry_on: unavailable` do
+    /// (every gRPC call is a POST).
     #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
@@ -797,10 +801,11 @@ impl Gateway {
         upstream: &Upstream,
         head: Head,
         body: Option<ProxyBody>,
-        retryable: bool,
+        replayable: bool,
         told: Attempt,
         tried: &AtomicU64,
     ) -> Result<UpstreamResponse, AttemptError> {
+        let retryable = call.idempotent && replayable;
         let Some(body) = body else {
             // A streamed body went with an earlier attempt that never connected.
             return Err(AttemptError::BodyGone);
@@ -837,7 +842,8 @@ impl Gateway {
         drop(attempting);
         let result = match result {
             Err(timeout) => Err(timeout),
-            Ok(Ok(response)) => judge(response, call.grpc, retryable),
+            Ok(Ok(response)) if call.grpc => judge(response, true, replayable),
+            Ok(Ok(response)) => judge(response, false, retryable),
             Ok(Err(ClientError::Overflow)) => Err(AttemptError::PoolOverflow),
             Ok(Err(ClientError::Connect(e))) => Err(AttemptError::Connect(e)),
             Ok(Err(ClientError::Request(e))) if is_body_too_large(&e) => {
@@ -1019,7 +1025,7 @@ impl Call<'_> {
 /// gRPC call's trailers-only answer by its `grpc-status`. An answer worth
 /// another attempt (502, 503, 504, 429; gRPC's UNAVAILABLE), and a gRPC
 /// failure in an HTTP 200, are errors of the attempt, `retryable` if it
-/// may be sent again.
+/// may be sent again (gRPC: if its body can be).
 #[allow(clippy::result_large_err)] // the attempt's own result, moved on as it is
 fn judge(
     response: UpstreamResponse,

@@ -222,8 +222,14 @@ pub enum EscapedSlashes {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthCheckConfig {
-    /// Path requested with GET; a 2xx answer is healthy.
-    pub path: String,
+    /// How endpoints are asked.
+    pub kind: HealthCheckKind,
+    /// `http`: the path requested with GET; a 2xx answer is healthy.
+    /// Default `/health`.
+    pub path: Option<String>,
+    /// `grpc`: the service asked about (`""`, the default, is the server
+    /// as a whole).
+    pub service: Option<String>,
     /// Time between checks.
     #[serde(with = "duration")]
     pub interval: Duration,
@@ -239,13 +245,34 @@ pub struct HealthCheckConfig {
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
-            path: "/health".into(),
+            kind: HealthCheckKind::Http,
+            path: None,
+            service: None,
             interval: Duration::from_secs(30),
             timeout: Duration::from_secs(10),
             healthy_threshold: 2,
             unhealthy_threshold: 3,
         }
     }
+}
+
+impl HealthCheckConfig {
+    /// The path an `http` check requests.
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/health")
+    }
+}
+
+/// How health checks ask an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// `GET path`: a 2xx answer is healthy.
+    #[default]
+    Http,
+    /// The gRPC health checking protocol (`grpc.health.v1.Health/Check`):
+    /// an answer of SERVING is healthy. The upstream must speak HTTP/2.
+    Grpc,
 }
 
 /// One endpoint of an upstream: `http://host:port`.
@@ -557,10 +584,23 @@ impl Locator<'_> {
             }
             if let Some(hc) = &u.health_check {
                 let h = at.clone().key("health_check");
-                let problem = if !hc.path.starts_with('/')
-                    || hc.path.parse::<http::uri::PathAndQuery>().is_err()
+                let grpc = hc.kind == HealthCheckKind::Grpc;
+                let problem = if !hc.path().starts_with('/')
+                    || hc.path().parse::<http::uri::PathAndQuery>().is_err()
                 {
                     Some(("path", "must be a path starting with `/`"))
+                } else if grpc && hc.path.is_some() {
+                    Some((
+                        "path",
+                        "is for kind = \"http\"; a gRPC check asks a `service`",
+                    ))
+                } else if !grpc && hc.service.is_some() {
+                    Some(("service", "is for kind = \"grpc\""))
+                } else if grpc && !u.protocol.is_http2() {
+                    Some((
+                        "kind",
+                        "gRPC health checks need the upstream's protocol = \"http2\"",
+                    ))
                 } else if hc.interval.is_zero() {
                     Some(("interval", "must be greater than 0"))
                 } else if hc.timeout.is_zero() {
