@@ -11,6 +11,11 @@
 # nothing else), which is as fast as any hyper-based proxy can be here;
 # side by side in one run.
 #
+# gRPC unary calls too (GRPC=0 leaves them out): h2load against a tonic
+# upstream (crates/gateway/examples/grpc_upstream.rs) directly, through
+# tidegate (an `http2` upstream) and through nginx (`grpc_pass`), the
+# same number of connections, STREAMS (10) streams in flight on each.
+#
 # Rounds alternate direct / tidegate / edge / shared / nginx / floor so that machine noise
 # hits all alike; the table shows each one's median over the rounds, and
 # the ratios are computed from those medians.
@@ -28,12 +33,18 @@ CONNECTIONS=${CONNECTIONS:-50} # wrk connections
 THREADS=${THREADS:-1}          # wrk threads
 DURATION=${DURATION:-10}       # seconds per measurement
 ROUNDS=${ROUNDS:-3}
+GRPC=${GRPC:-1}                # also measure gRPC unary calls
+STREAMS=${STREAMS:-10}         # h2load streams in flight per connection
 
 . scripts/bench-common.sh
 need_tools nginx wrk python3 redis-server
+# h2load and nghttp come in Debian's nghttp2-client.
+command -v h2load >/dev/null || need_tools nghttp2-client
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 cargo build --release --quiet -p tidegate --bin tidegate --example hyper_floor
+cargo build --release --quiet -p tidegate-gateway --example grpc_upstream
+GRPC_UPSTREAM=target/release/examples/grpc_upstream
 TIDEGATE=target/release/tidegate
 FLOOR=target/release/examples/hyper_floor
 
@@ -45,6 +56,8 @@ SHARED_PORT=$(free_port)
 SHARED_ADMIN_PORT=$(free_port)
 REDIS_PORT=$(free_port)
 FLOOR_PORT=$(free_port)
+GRPC_UPSTREAM_PORT=$(free_port)
+NGINX_GRPC_PORT=$(free_port)
 
 nginx_conf() { # name workers server-block
     mkdir -p "$WORK/$1"
@@ -89,8 +102,31 @@ nginx_conf proxy "$WORKERS" "upstream app {
         }
     }"
 
+# nginx in front of the gRPC upstream: HTTP/2 both ways, kept alive.
+nginx_conf grpcproxy "$WORKERS" "upstream grpc_app {
+        server 127.0.0.1:$GRPC_UPSTREAM_PORT;
+        keepalive 256;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_GRPC_PORT http2;
+        http2_max_requests 1000000;
+        location / { grpc_pass grpc://grpc_app; }
+    }"
+"$GRPC_UPSTREAM" "127.0.0.1:$GRPC_UPSTREAM_PORT" 2>"$WORK/grpc_upstream.log" &
+PIDS+=($!)
+
 tidegate_config "$TIDEGATE_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT" >"$WORK/tidegate.toml"
 cat >>"$WORK/tidegate.toml" <<EOF
+
+[[upstreams]]
+name = "grpc"
+endpoints = ["http://127.0.0.1:$GRPC_UPSTREAM_PORT"]
+protocol = "http2"
+
+[[routes]]
+name = "grpc"
+path_prefix = "/bench.Echo"
+upstream = "grpc"
 
 [[routes]]
 name = "edge"
@@ -136,6 +172,43 @@ wait_port "$NGINX_PORT"
 wait_port "$FLOOR_PORT"
 wait_port "$TIDEGATE_PORT"
 wait_port "$SHARED_PORT"
+wait_port "$GRPC_UPSTREAM_PORT"
+wait_port "$NGINX_GRPC_PORT"
+
+# One gRPC request message, framed: uncompressed, 5 bytes.
+printf '\x00\x00\x00\x00\x05hello' >"$WORK/grpc.msg"
+GRPC_PATH=/bench.Echo/Unary
+# The call succeeds, with grpc-status 0, on every path measured.
+for port in "$GRPC_UPSTREAM_PORT" "$TIDEGATE_PORT" "$NGINX_GRPC_PORT"; do
+    if ! nghttp -v -H ':method: POST' -H 'content-type: application/grpc' -H 'te: trailers' \
+        -d "$WORK/grpc.msg" "http://127.0.0.1:$port$GRPC_PATH" 2>&1 | grep -q 'grpc-status: 0'; then
+        echo "the gRPC call through port $port did not succeed" >&2
+        exit 1
+    fi
+done
+
+# One h2load run of gRPC unary calls (URL, seconds); prints
+# "requests_per_second mean_ms spread_ms" (h2load gives the mean and the
+# standard deviation of request times, not percentiles: the mean, and the
+# mean + 2 sd).
+measure_grpc() {
+    h2load -c"$CONNECTIONS" -m"$STREAMS" -t"$THREADS" -D"$2" -d "$WORK/grpc.msg" \
+        -H 'content-type: application/grpc' -H 'te: trailers' "$1" >"$WORK/h2load.out" 2>&1
+    python3 - "$WORK/h2load.out" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+if not done or int(done.group(3)) or int(done.group(4)):
+    sys.exit("h2load: failed requests\n" + text)
+rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text).group(1))
+row = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)\s+(\S+)", text)
+def ms(v):
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+mean, sd = ms(row.group(1)), ms(row.group(2))
+print(f"{rps:.0f} {mean:.3f} {mean + 2 * sd:.3f}")
+EOF
+}
 
 # One wrk run (URL, seconds, extra wrk arguments); prints
 # "requests_per_second p50_ms p99_ms".
@@ -179,16 +252,35 @@ VIA_SHARED="http://127.0.0.1:$SHARED_PORT/edge"
 VIA_FLOOR="http://127.0.0.1:$FLOOR_PORT/"
 KEY=(-H "X-API-Key: bench-key")
 
+GRPC_DIRECT="http://127.0.0.1:$GRPC_UPSTREAM_PORT$GRPC_PATH"
+GRPC_TIDEGATE="http://127.0.0.1:$TIDEGATE_PORT$GRPC_PATH"
+GRPC_NGINX="http://127.0.0.1:$NGINX_GRPC_PORT$GRPC_PATH"
+TARGETS=(direct tidegate edge shared nginx floor)
+if [ "$GRPC" = 1 ]; then TARGETS+=(grpc-direct grpc-tidegate grpc-nginx); fi
+
 echo "warming up (connection pools, page cache, CPU frequency)"
 for url in "$DIRECT" "$VIA_TIDEGATE" "$VIA_NGINX" "$VIA_FLOOR"; do measure "$url" 2 >/dev/null; done
+if [ "$GRPC" = 1 ]; then
+    for url in "$GRPC_DIRECT" "$GRPC_TIDEGATE" "$GRPC_NGINX"; do measure_grpc "$url" 2 >/dev/null; done
+fi
 measure "$VIA_EDGE" 2 "${KEY[@]}" >/dev/null
 measure "$VIA_SHARED" 2 "${KEY[@]}" >/dev/null
 
 : >"$WORK/results"
 for round in $(seq 1 "$ROUNDS"); do
-    for target in direct tidegate edge shared nginx floor; do
+    for target in "${TARGETS[@]}"; do
         extra=()
         case $target in
+            grpc-*)
+                case $target in
+                    grpc-direct) url=$GRPC_DIRECT ;;
+                    grpc-tidegate) url=$GRPC_TIDEGATE ;;
+                    grpc-nginx) url=$GRPC_NGINX ;;
+                esac
+                result=$(measure_grpc "$url" "$DURATION")
+                echo "round $round  $target  $result"
+                echo "$target $result" >>"$WORK/results"
+                continue ;;
             direct) url=$DIRECT ;;
             tidegate) url=$VIA_TIDEGATE ;;
             edge) url=$VIA_EDGE extra=("${KEY[@]}") ;;
@@ -202,13 +294,15 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-python3 - "$WORK/results" "$(cat "$RSS_PEAK")" "$WORKERS" "$CONNECTIONS" "$DURATION" "$ROUNDS" <<'EOF'
+python3 - "$WORK/results" "$(cat "$RSS_PEAK")" "$WORKERS" "$CONNECTIONS" "$DURATION" "$ROUNDS" "$STREAMS" <<'EOF'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
-rss_kib, workers, conns, duration, rounds = sys.argv[2:]
+rss_kib, workers, conns, duration, rounds, _streams = sys.argv[2:]
 median = {}
-for target in ("direct", "tidegate", "edge", "shared", "nginx", "floor"):
+for target in ("direct", "tidegate", "edge", "shared", "nginx", "floor", "grpc-direct", "grpc-tidegate", "grpc-nginx"):
     runs = [r for r in rows if r[0] == target]
+    if not runs:
+        continue
     median[target] = [statistics.median(float(r[i]) for r in runs) for i in (1, 2, 3)]
 print()
 print(f"{workers} worker(s) per proxy, wrk {conns} connections, {rounds} rounds of {duration} s; medians")
@@ -225,5 +319,10 @@ print(f"shared/edge (the same limits counted in Redis): requests/s {r[0] / e[0]:
 f = median["floor"]
 print(f"floor/nginx (bare hyper, the ceiling of a hyper proxy): requests/s {f[0] / n[0]:.2f}x, p50 {f[1] / n[1]:.2f}x, p99 {f[2] / n[2]:.2f}x")
 print(f"tidegate/floor (the cost of tidegate's own work): requests/s {t[0] / f[0]:.2f}x, p50 {t[1] / f[1]:.2f}x, p99 {t[2] / f[2]:.2f}x")
+if "grpc-tidegate" in median:
+    g, gn, gd = median["grpc-tidegate"], median["grpc-nginx"], median["grpc-direct"]
+    print(f"gRPC unary (h2load, {sys.argv[7]} streams a connection; latency columns: mean, mean + 2 sd):")
+    print(f"  tidegate/nginx requests/s {g[0] / gn[0]:.2f}x, mean {g[1] / gn[1]:.2f}x")
+    print(f"  tidegate/direct requests/s {g[0] / gd[0]:.2f}x, nginx/direct {gn[0] / gd[0]:.2f}x")
 print(f"tidegate peak RSS under load: {int(rss_kib) / 1024:.1f} MiB")
 EOF

@@ -41,6 +41,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod rng;
 mod rolling;
+mod settings;
 pub mod throttle;
 pub mod timeout;
 

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 
 pub use self::layer::{CircuitBreakerLayer, CircuitBreakerService};
 use self::state::{Machine, Phase, Ticket};
-use crate::config::{check, ConfigError};
+use crate::settings::{check, ConfigError};
 use crate::Error;
 
 /// Settings of a circuit breaker; the defaults are those of DESIGN.md.
@@ -55,7 +55,7 @@ pub struct Config {
     /// Trip when this share of the window's calls were slow. Default 1.0.
     pub slow_call_rate: f64,
     /// A call at least this long is slow. Default 5 s.
-    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration"))]
     pub slow_call_duration: Duration,
     /// The rates are judged only once the window holds this many calls. Default 20.
     pub minimum_calls: u32,
@@ -64,10 +64,10 @@ pub struct Config {
     /// Calls in a count window. Default 100.
     pub window_size: u32,
     /// Length of a time window, in 1 s buckets. Default 60 s.
-    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration"))]
     pub window_duration: Duration,
     /// How long the breaker stays open before probing. Default 60 s.
-    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration"))]
     pub open_duration: Duration,
     /// Probes admitted in half-open; all must succeed to close. Default 1.
     pub half_open_probes: u32,

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 pub use self::layer::{BulkheadLayer, BulkheadService};
-use crate::config::{check, ConfigError};
+use crate::settings::{check, ConfigError};
 use crate::Error;
 
 /// Settings of a bulkhead; the defaults are those of DESIGN.md.
@@ -40,7 +40,7 @@ pub struct Config {
     /// Calls waiting for a slot. Default 200.
     pub max_queued: u32,
     /// The longest wait for a slot. Default 1 s.
-    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration"))]
     pub max_wait: Duration,
 }
 

@@ -46,7 +46,7 @@ pub use self::store::{Store, StoreError};
 #[cfg(feature = "quanta")]
 pub use crate::clock::TscClock;
 pub use crate::clock::{Clock, TokioClock};
-use crate::config::{check, ConfigError};
+use crate::settings::{check, ConfigError};
 use crate::Error;
 
 /// Which algorithm a limiter runs.
@@ -157,7 +157,7 @@ impl Quota {
 /// An algorithm and its quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(try_from = "crate::config::RawLimit"))]
+#[cfg_attr(feature = "serde", serde(try_from = "RawLimit"))]
 pub struct Limit {
     /// The algorithm.
     pub algorithm: Algorithm,
@@ -492,5 +492,34 @@ impl<C: Clock> RateLimiter<C> {
             Engine::Gcra(cell) => cell.set_quota(quota, self.clock.now_nanos()),
             Engine::Locked(cell) => cell.lock().unwrap_or_else(|p| p.into_inner()).quota = quota,
         }
+    }
+}
+
+/// A rate limit as written in config: `{ algorithm, limit, per, burst }`.
+#[cfg(feature = "serde")]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    #[serde(default)]
+    algorithm: Algorithm,
+    limit: u32,
+    #[serde(with = "crate::settings::duration")]
+    per: Duration,
+    #[serde(default)]
+    burst: Option<u32>,
+}
+
+#[cfg(feature = "serde")]
+impl TryFrom<RawLimit> for Limit {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawLimit) -> Result<Self, ConfigError> {
+        let quota = Quota {
+            limit: raw.limit,
+            period: raw.per,
+            burst: raw.burst,
+        };
+        quota.validate()?;
+        Ok(Limit::new(raw.algorithm, quota))
     }
 }

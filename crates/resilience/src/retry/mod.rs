@@ -31,7 +31,7 @@ use tokio::time::Instant;
 pub use self::backoff::{Backoff, BackoffKind, Jitter};
 pub use self::budget::RetryBudget;
 pub use self::layer::{RetryLayer, RetryService};
-use crate::config::{check, ConfigError};
+use crate::settings::{check, ConfigError};
 use crate::Error;
 
 /// Settings of a retry policy; the defaults are those of DESIGN.md.
@@ -44,17 +44,17 @@ pub struct Config {
     /// Constant or exponential. Default exponential.
     pub backoff: BackoffKind,
     /// The first delay. Default 100 ms.
-    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration"))]
     pub base_delay: Duration,
     /// Growth per retry. Default 2.
     pub multiplier: f64,
     /// The longest delay, also the cap on a server's Retry-After. Default 5 s.
-    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration"))]
     pub max_delay: Duration,
     /// Default full.
     pub jitter: Jitter,
     /// No retry starts after this much time since the first attempt. Default none.
-    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration::option"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration::option"))]
     pub max_elapsed: Option<Duration>,
     /// Retries may be this share of recent requests... Default 0.2.
     pub budget_ratio: f64,

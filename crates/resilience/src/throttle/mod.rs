@@ -30,8 +30,8 @@ use tokio::time::Instant;
 
 pub use self::layer::{AdaptiveThrottleLayer, AdaptiveThrottleService};
 use crate::breaker::Outcome;
-use crate::config::{check, ConfigError};
 use crate::rolling::{Counts, Rolling};
+use crate::settings::{check, ConfigError};
 use crate::Error;
 
 /// Settings of adaptive throttling.
@@ -42,7 +42,7 @@ pub struct Config {
     /// K: how many requests per accept are let through before rejecting. Default 2.
     pub k: f64,
     /// How far back requests and accepts are counted. Default 2 min.
-    #[cfg_attr(feature = "serde", serde(with = "crate::config::duration"))]
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration"))]
     pub window: Duration,
 }
 
