@@ -103,13 +103,14 @@ nginx_conf proxy "$WORKERS" "upstream app {
     }"
 
 # nginx in front of the gRPC upstream: HTTP/2 both ways, kept alive.
+# nginx sends one call at a time on an upstream connection (it does not
+# multiplex), so its pool holds as many as there are calls in flight.
 nginx_conf grpcproxy "$WORKERS" "upstream grpc_app {
         server 127.0.0.1:$GRPC_UPSTREAM_PORT;
-        keepalive 256;
+        keepalive 1024;
     }
     server {
         listen 127.0.0.1:$NGINX_GRPC_PORT http2;
-        http2_max_requests 1000000;
         location / { grpc_pass grpc://grpc_app; }
     }"
 "$GRPC_UPSTREAM" "127.0.0.1:$GRPC_UPSTREAM_PORT" 2>"$WORK/grpc_upstream.log" &

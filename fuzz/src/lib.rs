@@ -10,8 +10,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tidegate_client::headers::{correlation_id as checked_correlation_id, CORRELATION_ID};
 use tidegate_gateway::config::EscapedSlashes;
-use tidegate_gateway::headers::{drop_underscored, has_underscored, strip_hop_by_hop};
-use tidegate_gateway::path::normalize;
+use tidegate_gateway::http::headers::{drop_underscored, has_underscored, strip_hop_by_hop};
+use tidegate_gateway::http::path::normalize;
 
 /// Any text: the config parser returns a config or an error that names
 /// the file, and never panics.
@@ -167,7 +167,7 @@ pub fn correlation_id(data: &[u8]) {
 /// so no two sets of parts share a count.
 pub fn rate_limit_key(data: &[u8]) {
     let parts: Vec<&[u8]> = data.split(|&b| b == 0xff).take(4).collect();
-    let key = tidegate_gateway::edge::limit_key('r', &parts);
+    let key = tidegate_gateway::proxy::admission::limit_key('r', &parts);
     let mut fields = key.split('\0');
     assert_eq!(fields.next(), Some("r"));
     let decoded: Vec<Vec<u8>> = fields.map(unescape).collect();

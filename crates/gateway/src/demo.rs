@@ -21,8 +21,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::body::{full, BoxError, ProxyBody};
 use crate::config::{self, Config};
+use crate::http::body::{full, BoxError, ProxyBody};
 
 /// The sample upstreams, serving until dropped.
 #[derive(Debug)]
@@ -112,7 +112,7 @@ async fn flaky(req: Request<Incoming>, rate: &AtomicU64) -> Response<ProxyBody> 
 
 /// A number in 0..1_000_000, spread well enough for a demo.
 fn coin() -> u64 {
-    let id = crate::headers::new_id();
+    let id = crate::http::headers::new_id();
     u64::from_str_radix(&id[..12], 16).unwrap_or(0) % 1_000_000
 }
 

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{self, Config, GatewaySettings};
-use crate::events::Event;
+use crate::observe::notices::Notice;
+use crate::observe::watch::UpstreamTasks;
 use crate::proxy::{Gateway, Table};
-use crate::server::UpstreamTasks;
 
 /// Applies new configs to a running gateway.
 #[derive(Debug, Clone)]
@@ -121,7 +121,7 @@ impl Reloader {
             .sync(&self.gateway, &current);
         self.gateway.metrics.reload("applied");
         tracing::info!(%summary, "config reloaded");
-        self.gateway.events.send(Event::Reload {
+        self.gateway.notices.send(Notice::Reload {
             applied: true,
             message: summary.to_string(),
             timestamp: tidegate_client::clock::now_rfc3339(),
@@ -145,7 +145,7 @@ impl Reloader {
     fn refused(&self, reason: &str) {
         self.gateway.metrics.reload("rejected");
         tracing::error!(error = %reason, "new config refused; the running config stays");
-        self.gateway.events.send(Event::Reload {
+        self.gateway.notices.send(Notice::Reload {
             applied: false,
             message: reason.to_owned(),
             timestamp: tidegate_client::clock::now_rfc3339(),

@@ -13,7 +13,7 @@ use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use support::{admin, gateway, url};
-use tidegate_gateway::server::Running;
+use tidegate_gateway::http::server::Running;
 use tidegate_testkit::{client, full, get, refused_url, send, text, Answer, Upstream};
 use tokio::sync::mpsc;
 

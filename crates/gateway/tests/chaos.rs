@@ -200,10 +200,12 @@ async fn chaos_soak_every_request_answered_once_within_its_deadline() {
         Scripted::start().await,
     ];
     let [killed, hung, failing] = &endpoints;
-    let gw =
-        tidegate_gateway::server::start_with_workers(parsed(&config(&[killed, hung, failing])), 1)
-            .await
-            .unwrap();
+    let gw = tidegate_gateway::http::server::start_with_workers(
+        parsed(&config(&[killed, hung, failing])),
+        1,
+    )
+    .await
+    .unwrap();
     let end = Instant::now() + Duration::from_secs(seconds());
     let (returns, sent) = tokio::join!(
         chaos(killed, hung, failing, end),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{admin, catch_all, gateway, raw, url};
-use tidegate_gateway::events::Event;
+use tidegate_gateway::observe::notices::Notice;
 use tidegate_testkit::{get, text, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -238,7 +238,7 @@ upstream = "svc"
         b.url()
     );
     let gw = gateway(&toml).await;
-    let mut events = gw.gateway.events.subscribe();
+    let mut events = gw.gateway.notices.subscribe();
     sick.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(!next_change(&mut events, &a.url()).await);
     for _ in 0..4 {
@@ -260,13 +260,16 @@ upstream = "svc"
 }
 
 /// Waits for the next health change of `endpoint`; returns its new health.
-async fn next_change(events: &mut tokio::sync::broadcast::Receiver<Event>, endpoint: &str) -> bool {
+async fn next_change(
+    events: &mut tokio::sync::broadcast::Receiver<Notice>,
+    endpoint: &str,
+) -> bool {
     loop {
         let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
             .await
             .expect("no health change within 10 s")
             .unwrap();
-        if let Event::Endpoint {
+        if let Notice::Endpoint {
             endpoint: e,
             healthy,
             ..
@@ -278,7 +281,7 @@ async fn next_change(events: &mut tokio::sync::broadcast::Receiver<Event>, endpo
     }
 }
 
-async fn futures_join(gw: &tidegate_gateway::server::Running) -> Vec<String> {
+async fn futures_join(gw: &tidegate_gateway::http::server::Running) -> Vec<String> {
     let mut bodies = Vec::new();
     for _ in 0..4 {
         bodies.push(get(&url(gw, "/")).await.body);

@@ -431,9 +431,9 @@ async fn grpc_timeout_is_the_calls_deadline_and_goes_upstream_reduced() {
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("grpc-timeout", "200m")
-        .body(tidegate_testkit::full(tidegate_gateway::grpc::frame(
-            b"\x0a\x04late",
-        )))
+        .body(tidegate_testkit::full(
+            tidegate_gateway::proxy::grpc::frame(b"\x0a\x04late"),
+        ))
         .unwrap();
     let started = tokio::time::Instant::now();
     let response = h2.request(request).await.unwrap();
@@ -464,9 +464,9 @@ async fn grpc_health_checks_follow_the_servers_serving_status() {
          unhealthy_threshold = 1\nhealthy_threshold = 1",
     ))
     .await;
-    let mut events = gw.gateway.events.subscribe();
-    let healthy = |event: tidegate_gateway::events::Event| match event {
-        tidegate_gateway::events::Event::Endpoint { healthy, .. } => Some(healthy),
+    let mut events = gw.gateway.notices.subscribe();
+    let healthy = |event: tidegate_gateway::observe::notices::Notice| match event {
+        tidegate_gateway::observe::notices::Notice::Endpoint { healthy, .. } => Some(healthy),
         _ => None,
     };
     let mut next = async || loop {

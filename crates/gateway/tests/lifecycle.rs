@@ -146,7 +146,7 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
 #[tokio::test]
 async fn worker_threads_serve_the_proxy_and_stop_with_it() {
     let upstream = Upstream::start(|req| async move { text(200, req.uri().path()) }).await;
-    let gw = tidegate_gateway::server::start_with_workers(parsed(&config(&upstream, "")), 2)
+    let gw = tidegate_gateway::http::server::start_with_workers(parsed(&config(&upstream, "")), 2)
         .await
         .unwrap();
     let addr = gw.addr;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use support::{admin, gateway, url};
-use tidegate_gateway::events::Event;
+use tidegate_gateway::observe::notices::Notice;
 use tidegate_testkit::{channel_body, full, get, send, text, Upstream};
 
 fn one_upstream(endpoint: &str, extra: &str) -> String {
@@ -290,7 +290,7 @@ async fn the_breaker_opens_rejects_without_calling_the_upstream_then_recovers() 
     // The open duration passes (the test's clock jumps; the runtime is
     // current-thread and nothing runs in between), the upstream is well
     // again, and one probe closes the breaker.
-    let mut events = gw.gateway.events.subscribe();
+    let mut events = gw.gateway.notices.subscribe();
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(61)).await;
     tokio::time::resume();
@@ -299,7 +299,7 @@ async fn the_breaker_opens_rejects_without_calling_the_upstream_then_recovers() 
     assert_eq!(upstream.hits(), 4, "exactly one probe");
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        if let Ok(Event::Circuit { from, to, .. }) = events.recv().await {
+        if let Ok(Notice::Circuit { from, to, .. }) = events.recv().await {
             seen.push((from, to));
         }
     }

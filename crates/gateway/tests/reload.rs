@@ -9,8 +9,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use support::{admin, parsed, url};
-use tidegate_gateway::events::Event;
-use tidegate_gateway::server;
+use tidegate_gateway::http::server;
+use tidegate_gateway::observe::notices::Notice;
 use tidegate_testkit::{channel_body, full, get, refused_url, text, Upstream};
 
 /// `svc` streams events on `/stream` and answers `v1` elsewhere; `bad` is
@@ -99,7 +99,7 @@ async fn a_reload_keeps_open_streams_breakers_and_counts() {
     let before = get(&url(&gw, "/svc/x")).await;
     assert_eq!(before.headers["x-ratelimit-remaining"], "98");
 
-    let mut events = gw.gateway.events.subscribe();
+    let mut events = gw.gateway.notices.subscribe();
     let new = parsed(&config(
         &svc.url(),
         &bad,
@@ -111,7 +111,7 @@ async fn a_reload_keeps_open_streams_breakers_and_counts() {
     assert_eq!(summary.routes, 3);
     assert!(matches!(
         events.recv().await.unwrap(),
-        Event::Reload { applied: true, .. }
+        Notice::Reload { applied: true, .. }
     ));
 
     assert_eq!(get(&url(&gw, "/new/x")).await.body, "v1");
@@ -154,7 +154,7 @@ async fn a_bad_config_is_refused_and_the_running_one_stays() {
     let gw = server::start(tidegate_gateway::config::load(&path).unwrap())
         .await
         .unwrap();
-    let mut events = gw.gateway.events.subscribe();
+    let mut events = gw.gateway.notices.subscribe();
     let watcher = tokio::spawn(gw.reloader().watch(path.clone(), Duration::from_millis(20)));
 
     std::fs::write(
@@ -163,7 +163,7 @@ async fn a_bad_config_is_refused_and_the_running_one_stays() {
     )
     .unwrap();
     match events.recv().await.unwrap() {
-        Event::Reload {
+        Notice::Reload {
             applied, message, ..
         } => {
             assert!(!applied);
@@ -188,7 +188,7 @@ async fn a_bad_config_is_refused_and_the_running_one_stays() {
     .unwrap();
     assert!(matches!(
         events.recv().await.unwrap(),
-        Event::Reload { applied: true, .. }
+        Notice::Reload { applied: true, .. }
     ));
     assert_eq!(get(&url(&gw, "/v2/x")).await.body, "v1");
     assert_eq!(get(&url(&gw, "/svc/x")).await.status, 404);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::Request;
 use support::{admin, gateway, url};
-use tidegate_gateway::server::Running;
+use tidegate_gateway::http::server::Running;
 use tidegate_testkit::{full, get, send, text, Answer, RedisServer, Upstream};
 use tokio::time::Instant;
 

@@ -214,7 +214,7 @@ async fn slow_clients_are_cut_at_their_timeouts_while_a_probe_is_served() {
         ),
         probed.url()
     );
-    let gw = tidegate_gateway::server::start_with_workers(parsed(&config), 1)
+    let gw = tidegate_gateway::http::server::start_with_workers(parsed(&config), 1)
         .await
         .unwrap();
 

@@ -298,7 +298,7 @@ async fn eager(accept: Option<&'static str>) -> Upstream {
         let headers = response.headers_mut();
         headers.insert("upgrade", protocol);
         headers.insert("connection", "upgrade".parse().unwrap());
-        let right = key.map(|k| tidegate_gateway::headers::websocket_accept(k.as_bytes()));
+        let right = key.map(|k| tidegate_gateway::http::headers::websocket_accept(k.as_bytes()));
         let accept = match (accept, &right) {
             (Some(accept), _) => accept.as_bytes(),
             (None, Some(right)) => &right[..],

@@ -31,7 +31,7 @@ fn svc(endpoints: &[&str], extra: &str) -> String {
 /// Sends `n` GETs of `path`, `parallel` at a time, over pooled
 /// connections; returns the answers' bodies.
 async fn bodies(
-    gw: &tidegate_gateway::server::Running,
+    gw: &tidegate_gateway::http::server::Running,
     path: &str,
     n: usize,
     header: Option<(&str, String)>,
@@ -191,7 +191,7 @@ window_size = 1000
 "#,
     ))
     .await;
-    let mut events = gw.gateway.events.subscribe();
+    let mut events = gw.gateway.notices.subscribe();
 
     // Round robin: every second request reaches the bad endpoint until its third error.
     for _ in 0..6 {
@@ -200,7 +200,7 @@ window_size = 1000
     assert_eq!(bad.hits(), 3);
     let event = events.recv().await.unwrap();
     assert!(
-        matches!(&event, tidegate_gateway::events::Event::Ejected { seconds, .. } if *seconds == 30.0),
+        matches!(&event, tidegate_gateway::observe::notices::Notice::Ejected { seconds, .. } if *seconds == 30.0),
         "{event:?}"
     );
     for _ in 0..10 {
@@ -285,7 +285,13 @@ window_size = 100000
 }
 
 /// `svc` with `[upstreams.pool]` settings; `/hold` waits for a permit.
-async fn pooled(pool: &str) -> (Upstream, Arc<Semaphore>, tidegate_gateway::server::Running) {
+async fn pooled(
+    pool: &str,
+) -> (
+    Upstream,
+    Arc<Semaphore>,
+    tidegate_gateway::http::server::Running,
+) {
     let release = Arc::new(Semaphore::new(0));
     let gate = release.clone();
     let upstream = Upstream::start(move |req| {
@@ -395,7 +401,7 @@ async fn one_dead_endpoint_of_two_costs_no_request_and_never_opens_the_breaker()
     let live = named("live").await;
     // Default policies and outlier detection, dead endpoint first.
     let gw = gateway(&svc(&[dead.trim_end_matches('/'), &live.url()], "")).await;
-    let mut events = gw.gateway.events.subscribe();
+    let mut events = gw.gateway.notices.subscribe();
     for i in 0..200 {
         let answer = get(&url(&gw, "/")).await;
         assert_eq!(
@@ -412,7 +418,10 @@ async fn one_dead_endpoint_of_two_costs_no_request_and_never_opens_the_breaker()
     // The first refused connection ejected it: one retry in 200 requests.
     let event = events.recv().await.unwrap();
     assert!(
-        matches!(&event, tidegate_gateway::events::Event::Ejected { .. }),
+        matches!(
+            &event,
+            tidegate_gateway::observe::notices::Notice::Ejected { .. }
+        ),
         "{event:?}"
     );
     assert_eq!(live.hits(), 200);

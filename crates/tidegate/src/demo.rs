@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use http_body_util::BodyExt;
-use tidegate_gateway::{demo, server};
+use tidegate_gateway::demo;
+use tidegate_gateway::http::server;
 
 use crate::cli::{self, Demo};
 

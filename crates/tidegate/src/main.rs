@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tidegate_gateway::{config, server};
+use tidegate_gateway::config;
+use tidegate_gateway::http::server;
 
 mod alloc;
 mod cli;

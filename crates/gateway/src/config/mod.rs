@@ -26,7 +26,7 @@ use tidegate_client::config::file::{deep_merge, merge_policy_defaults, KeyPath, 
 use tidegate_client::config::{check_name, BaseUrl};
 use tidegate_resilience::config::{duration, PolicyConfig};
 
-pub use crate::pool::PoolConfig;
+pub use crate::proxy::pool::PoolConfig;
 pub use tidegate_client::config::ConfigError;
 
 mod edge;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tidegate_gateway::config::{self, Config};
-use tidegate_gateway::server::{self, Running};
+use tidegate_gateway::http::server::{self, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -12,7 +12,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,17 +24,14 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::alerts::Alert;
-use crate::client::UpstreamClient;
 use crate::config::Config;
-use crate::events::Event;
-use crate::framing::{FramingGuard, Protocol, Timeouts, Upgraded};
-use crate::headers;
-use crate::proxy::{Gateway, Reply, Table};
+use crate::http::framing::{FramingGuard, Protocol, Timeouts, Upgraded};
+use crate::http::headers;
+use crate::http::resets::Resets;
+use crate::observe::watch::{sample, until_stopped, UpstreamTasks};
+use crate::proxy::client::UpstreamClient;
+use crate::proxy::{Gateway, Reply};
 use crate::reload::Reloader;
-use crate::resets::Resets;
-use crate::stats::{IncidentChange, SampleInput};
-use crate::upstream::Upstream;
 
 /// A gateway that is serving.
 #[derive(Debug)]
@@ -49,36 +45,6 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     upstream_tasks: Arc<Mutex<UpstreamTasks>>,
-}
-
-/// Health checks and breaker watchers, per upstream in use; an upstream's
-/// tasks end when it leaves the table.
-#[derive(Debug)]
-pub(crate) struct UpstreamTasks {
-    running: Vec<(Arc<Upstream>, JoinSet<()>)>,
-    stopped: watch::Receiver<bool>,
-}
-
-impl UpstreamTasks {
-    /// Starts the tasks of upstreams new in `table` and ends those of
-    /// upstreams no longer in it. Runs on the caller's runtime.
-    pub(crate) fn sync(&mut self, gateway: &Arc<Gateway>, table: &Table) {
-        self.running
-            .retain(|(u, _)| table.upstreams.iter().any(|t| Arc::ptr_eq(t, u)));
-        for upstream in &table.upstreams {
-            if self.running.iter().any(|(u, _)| Arc::ptr_eq(u, upstream)) {
-                continue;
-            }
-            let mut tasks = JoinSet::new();
-            crate::health::spawn(gateway, upstream, &mut tasks);
-            tasks.spawn(watch_breaker(
-                gateway.clone(),
-                upstream.clone(),
-                self.stopped.clone(),
-            ));
-            self.running.push((upstream.clone(), tasks));
-        }
-    }
 }
 
 /// A listener on `addr` whose backlog holds the connections waiting past
@@ -150,7 +116,7 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
         }
     }
     let mut admin_stop = stopped.clone();
-    let app = crate::admin::router(gateway.clone());
+    let app = crate::observe::admin::router(gateway.clone());
     tasks.spawn(async move {
         let shutdown = async move { until_stopped(&mut admin_stop).await };
         if let Err(e) = axum::serve(admin, app)
@@ -163,17 +129,14 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
     tasks.spawn(sample(gateway.clone(), stopped.clone()));
     if let Some(queue) = gateway.take_alert_queue() {
         let (gw, metrics, mut stop) = (gateway.clone(), gateway.metrics.clone(), stopped.clone());
-        tasks.spawn(crate::alerts::dispatch(
+        tasks.spawn(crate::observe::alerts::dispatch(
             queue,
             move || gw.table().alerts.clone(),
             metrics,
             async move { until_stopped(&mut stop).await },
         ));
     }
-    let mut upstream_tasks = UpstreamTasks {
-        running: Vec::new(),
-        stopped: stopped.clone(),
-    };
+    let mut upstream_tasks = UpstreamTasks::new(stopped.clone());
     upstream_tasks.sync(&gateway, &gateway.table());
     let upstream_tasks = Arc::new(Mutex::new(upstream_tasks));
     tracing::info!(%addr, %admin_addr, "tidegate is serving");
@@ -200,8 +163,7 @@ impl Running {
         self.upstream_tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .running
-            .clear();
+            .stop_all();
         while self.tasks.join_next().await.is_some() {}
     }
 }
@@ -416,97 +378,6 @@ where
             let _ = conn.await;
         }
     }
-}
-
-/// Logs breaker transitions, counts them and sends them to `/events`.
-async fn watch_breaker(
-    gateway: Arc<Gateway>,
-    upstream: Arc<Upstream>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let Some(breaker) = upstream.pipeline.circuit_breaker() else {
-        return;
-    };
-    let mut changes = breaker.subscribe();
-    loop {
-        let change = tokio::select! {
-            change = changes.recv() => change,
-            _ = until_stopped(&mut stopped) => return,
-        };
-        let change = match change {
-            Ok(change) => change,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
-        let (from, to) = (change.from.as_str(), change.to.as_str());
-        tracing::warn!(upstream = upstream.name(), from, to, reason = %change.reason, "circuit breaker changed state");
-        gateway.metrics.transition(upstream.name(), from, to);
-        let reason = change.reason.to_string();
-        let timestamp = tidegate_client::clock::instant_rfc3339(change.at);
-        let incident = gateway
-            .stats
-            .transition(upstream.name(), &change, reason.clone());
-        let alert = match incident {
-            IncidentChange::Opened => Some(("circuit_open", None)),
-            IncidentChange::Recovered { seconds } => Some(("circuit_closed", Some(seconds))),
-            IncidentChange::None => None,
-        };
-        if let Some((event, recovery)) = alert {
-            if !gateway.table().alerts.webhooks.is_empty() {
-                let alert = Alert::new(
-                    event,
-                    upstream.name(),
-                    from,
-                    to,
-                    reason.clone(),
-                    timestamp.clone(),
-                    recovery,
-                );
-                if !gateway.alerter.send(alert) {
-                    gateway.metrics.alert("dropped");
-                }
-            }
-        }
-        gateway.events.send(Event::Circuit {
-            upstream: upstream.name().to_owned(),
-            from,
-            to,
-            reason,
-            timestamp,
-        });
-    }
-}
-
-/// Samples every upstream's traffic once a second for the dashboard, and
-/// sends the status tick to `/events?stats=true` subscribers.
-async fn sample(gateway: Arc<Gateway>, mut stopped: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(Duration::from_secs(1));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = until_stopped(&mut stopped) => return,
-        }
-        let table = gateway.table();
-        gateway
-            .stats
-            .sample(table.upstreams.iter().map(|u| SampleInput {
-                name: u.name(),
-                traffic: &u.traffic,
-                rejected: u64::from(u.rejections.load(Ordering::Relaxed)),
-            }));
-        if gateway.events.wants_ticks() {
-            let mut status = crate::admin::services_json(&gateway);
-            status["type"] = "stats".into();
-            status["samples"] = serde_json::json!(gateway.stats.latest());
-            gateway.events.tick(status.to_string().into());
-        }
-    }
-}
-
-/// Resolves once shutdown has begun (or the sender is gone).
-async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|s| *s).await;
 }
 
 #[cfg(test)]

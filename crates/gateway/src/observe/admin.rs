@@ -326,8 +326,8 @@ async fn events(
         q.split('&')
             .any(|pair| pair == "stats=true" || pair == "stats=1")
     });
-    let changes = gateway.events.subscribe();
-    let ticks = wants_stats.then(|| gateway.events.subscribe_ticks());
+    let changes = gateway.notices.subscribe();
+    let ticks = wants_stats.then(|| gateway.notices.subscribe_ticks());
     let stream = stream::unfold((changes, ticks), |(mut changes, mut ticks)| async move {
         loop {
             let data = tokio::select! {

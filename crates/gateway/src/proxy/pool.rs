@@ -2,7 +2,7 @@
 //! endpoints (across every worker), `max_pending_requests` waiting for one,
 //! and `max_requests_per_connection` before a connection is retired.
 //!
-//! [`crate::client`] applies them: a new connection takes a slot of its
+//! [`crate::proxy::client`] applies them: a new connection takes a slot of its
 //! upstream's gate and gives it back when it closes. A request that finds
 //! no idle connection and no free slot waits (and takes a connection
 //! another request returns, if one comes first); past

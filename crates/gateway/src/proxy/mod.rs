@@ -6,6 +6,15 @@
 //! What a request needs is one [`Table`], built from a config and swapped
 //! whole on reload: a request keeps the table it started with.
 
+pub mod admission;
+pub mod client;
+pub mod fallback;
+pub mod grpc;
+pub mod health;
+pub mod pool;
+pub mod router;
+pub mod upstream;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,23 +37,22 @@ use sha2::{Digest, Sha256};
 use tidegate_resilience::{rng, Attempt, Error};
 use tokio::time::Instant;
 
-use crate::alerts::{Alert, Alerter};
-use crate::body::{self, is_body_too_large, ProxyBody, RequestBody};
-use crate::client::{ClientError, UpstreamBody, UpstreamClient, UpstreamResponse};
+use self::admission::{Counters, Credential, Edge, Exceeded, Refusal, Slot};
+use self::client::{ClientError, UpstreamBody, UpstreamClient, UpstreamResponse};
+use self::fallback::{self as fallbacks, FALLBACK};
+use self::pool::{Gates, PoolGate};
+use self::router::{Route, Router};
+use self::upstream::{AttemptError, EndpointState, Upstream, Verdict};
 use crate::config::{
     Config, EscapedSlashes, Fallback, GatewaySettings, RouteConfig, Target, Underscores,
 };
-use crate::edge::{self, Counters, Credential, Edge, Exceeded, Refusal, Slot};
-use crate::events::{Event, Events};
-use crate::fallback::{self as fallbacks, FALLBACK};
-use crate::grpc;
-use crate::headers::{self, CORRELATION_ID};
-use crate::metrics::{method_label, Metrics, RequestLabels};
-use crate::path;
-use crate::pool::{Gates, PoolGate};
-use crate::router::{self, Route, Router};
-use crate::stats::{Stats, Traffic};
-use crate::upstream::{AttemptError, EndpointState, Upstream, Verdict};
+use crate::http::body::{self, is_body_too_large, ProxyBody, RequestBody};
+use crate::http::headers::{self, CORRELATION_ID};
+use crate::http::path;
+use crate::observe::alerts::{Alert, Alerter};
+use crate::observe::metrics::{method_label, Metrics, RequestLabels};
+use crate::observe::notices::{Notice, Notices};
+use crate::observe::stats::{Stats, Traffic};
 use tidegate_client::headers::is_retryable_status;
 
 /// Everything a request needs from one config: settings, routes,
@@ -69,7 +77,7 @@ pub struct Table {
 }
 
 /// The gateway: the current [`Table`] and what outlives reloads (client,
-/// metrics, events, rate-limit counts).
+/// metrics, notices, rate-limit counts).
 #[derive(Debug)]
 pub struct Gateway {
     /// `[gateway]` as the gateway started; listeners and connection
@@ -82,7 +90,7 @@ pub struct Gateway {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// State changes, for `/events` and logs.
-    pub events: Events,
+    pub notices: Notices,
     /// Traffic history and breaker timeline, for the dashboard.
     pub stats: Stats,
     /// Queues webhook alerts.
@@ -204,7 +212,7 @@ impl Table {
             return false;
         };
         let digest: [u8; 32] = Sha256::digest(presented).into();
-        crate::edge::constant_time_eq(&digest, expected)
+        self::admission::constant_time_eq(&digest, expected)
     }
 
     /// Whether the admin API's write endpoints are enabled.
@@ -237,14 +245,14 @@ impl Gateway {
             client: UpstreamClient::new(gates.clone()),
             gates,
             metrics,
-            events: Events::default(),
+            notices: Notices::default(),
             stats: Stats::default(),
             counters,
             none: Arc::new("none".to_owned()),
         }))
     }
 
-    /// The queue of alerts for [`crate::alerts::dispatch`]; `None` once taken.
+    /// The queue of alerts for [`crate::observe::alerts::dispatch`]; `None` once taken.
     pub fn take_alert_queue(&self) -> Option<tokio::sync::mpsc::Receiver<Alert>> {
         self.alert_queue
             .lock()
@@ -657,7 +665,7 @@ impl Gateway {
                     .retry_after(decision.retry_after);
                 // A concurrency limit has no window to report.
                 if which != Exceeded::Concurrency {
-                    reply.headers.extend(edge::headers(&decision));
+                    reply.headers.extend(admission::headers(&decision));
                 }
                 reply
             }
@@ -707,8 +715,8 @@ impl Gateway {
         let reserved = [
             &headers::INTERNAL_TOKEN,
             &headers::DEADLINE_MS,
-            &edge::API_KEY_ID,
-            &edge::TIER,
+            &admission::API_KEY_ID,
+            &admission::TIER,
         ];
         if headers.keys().any(|name| reserved.contains(&name)) {
             for name in reserved {
@@ -719,10 +727,10 @@ impl Gateway {
             // The key stays at the edge; the upstream learns whose it was.
             headers.remove(from);
             if let Ok(id) = HeaderValue::from_str(&key.id) {
-                headers.insert(&edge::API_KEY_ID, id);
+                headers.insert(&admission::API_KEY_ID, id);
             }
             if let Some(tier) = table.edge.tier_header(key) {
-                headers.insert(&edge::TIER, tier.clone());
+                headers.insert(&admission::TIER, tier.clone());
             }
         }
         match headers.get(header::HOST) {
@@ -893,7 +901,7 @@ impl Gateway {
             "endpoint ejected by outlier detection"
         );
         self.metrics.ejection(upstream.name(), &endpoint.label);
-        self.events.send(Event::Ejected {
+        self.notices.send(Notice::Ejected {
             upstream: upstream.name().to_owned(),
             endpoint: endpoint.label.clone(),
             seconds: ejected_for.as_secs_f64(),
@@ -1079,7 +1087,7 @@ fn with_limits(
 ) -> Response<ProxyBody> {
     if let Some(decision) = decision {
         // The gateway's limit replaces any the upstream reported.
-        for (name, value) in edge::headers(decision) {
+        for (name, value) in admission::headers(decision) {
             response.headers_mut().insert(name, value);
         }
     }
@@ -1308,7 +1316,7 @@ impl Drop for Logged {
     }
 }
 
-/// Puts the normal form of `uri`'s path in its place (see [`crate::path`]).
+/// Puts the normal form of `uri`'s path in its place (see [`crate::http::path`]).
 fn normalize_path(uri: &mut http::Uri, escaped_slashes: EscapedSlashes) -> Result<(), Reply> {
     let path = match path::normalize(uri.path(), escaped_slashes) {
         Ok(Cow::Borrowed(_)) => return Ok(()),
@@ -1447,7 +1455,7 @@ impl Reply {
             let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
             let headers = response.headers_mut();
             headers.insert(&grpc::RETRY_PUSHBACK, HeaderValue::from(millis));
-            let secs = edge::whole_seconds(after).max(1);
+            let secs = admission::whole_seconds(after).max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
@@ -1472,7 +1480,7 @@ impl Reply {
         );
         if let Some(after) = self.retry_after {
             // At least 1: `Retry-After: 0` invites a retry storm.
-            let secs = edge::whole_seconds(after).max(1);
+            let secs = admission::whole_seconds(after).max(1);
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

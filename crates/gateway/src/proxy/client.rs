@@ -42,8 +42,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::body::ProxyBody;
-use crate::pool::{Gates, PoolGate, PoolOverflow};
+use crate::http::body::ProxyBody;
+use crate::proxy::pool::{Gates, PoolGate, PoolOverflow};
 
 /// How long a new connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -598,7 +598,7 @@ impl Body for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body;
+    use crate::http::body;
     use http_body_util::BodyExt;
     use tidegate_testkit::{channel_body, text, Upstream};
 

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 /// One state change.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum Event {
+pub enum Notice {
     /// A breaker changed state.
     Circuit {
         /// The upstream.
@@ -59,28 +59,28 @@ pub enum Event {
 
 /// The sender side; subscribers that fall behind lose the oldest events.
 #[derive(Debug, Clone)]
-pub struct Events {
-    sender: broadcast::Sender<Event>,
+pub struct Notices {
+    sender: broadcast::Sender<Notice>,
     ticks: broadcast::Sender<Arc<str>>,
 }
 
-impl Default for Events {
+impl Default for Notices {
     fn default() -> Self {
-        Events {
+        Notices {
             sender: broadcast::channel(256).0,
             ticks: broadcast::channel(8).0,
         }
     }
 }
 
-impl Events {
+impl Notices {
     /// Sends to every subscriber (none is fine).
-    pub fn send(&self, event: Event) {
+    pub fn send(&self, event: Notice) {
         let _ = self.sender.send(event);
     }
 
     /// A new subscription.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
         self.sender.subscribe()
     }
 

@@ -14,10 +14,10 @@ use tokio::time::Instant;
 
 use tidegate_client::headers::retry_after;
 
-use crate::client::UpstreamResponse;
 use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
-use crate::pool::PoolGate;
-use crate::stats::Traffic;
+use crate::observe::stats::Traffic;
+use crate::proxy::client::UpstreamResponse;
+use crate::proxy::pool::PoolGate;
 
 /// Why one attempt failed. `retryable` is decided by the attempt, which
 /// knows the method, whether the body can be sent again and whether the
@@ -73,7 +73,7 @@ impl std::fmt::Display for AttemptError {
             AttemptError::BodyTooLarge => f.write_str("request body too large"),
             AttemptError::BodyGone => f.write_str("request body already sent"),
             AttemptError::NoEndpoint => f.write_str("no healthy endpoint"),
-            AttemptError::PoolOverflow => crate::pool::PoolOverflow.fmt(f),
+            AttemptError::PoolOverflow => crate::proxy::pool::PoolOverflow.fmt(f),
         }
     }
 }

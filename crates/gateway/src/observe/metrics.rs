@@ -144,7 +144,7 @@ struct Series {
 const MAX_SERIES_KEPT: usize = 4096;
 
 thread_local! {
-    static SERIES: RefCell<HashMap<SeriesKey, Series, crate::client::Fnv>> =
+    static SERIES: RefCell<HashMap<SeriesKey, Series, crate::proxy::client::Fnv>> =
         RefCell::new(HashMap::default());
 }
 

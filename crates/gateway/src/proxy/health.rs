@@ -11,13 +11,13 @@ use http_body_util::BodyExt;
 use tokio::task::JoinSet;
 use tokio::time::{interval, timeout, MissedTickBehavior};
 
-use crate::body;
-use crate::client::UpstreamResponse;
 use crate::config::{HealthCheckConfig, HealthCheckKind};
-use crate::events::Event;
-use crate::grpc;
+use crate::http::body;
+use crate::observe::notices::Notice;
+use crate::proxy::client::UpstreamResponse;
+use crate::proxy::grpc;
+use crate::proxy::upstream::Upstream;
 use crate::proxy::Gateway;
-use crate::upstream::Upstream;
 
 /// Runs the checks of every endpoint of `upstream`, if it has them, until
 /// the set is dropped.
@@ -170,7 +170,7 @@ async fn check_endpoint(gateway: Arc<Gateway>, upstream: Arc<Upstream>, e: usize
                 gateway
                     .metrics
                     .endpoint_healthy(upstream.name(), &endpoint.label, healthy);
-                gateway.events.send(Event::Endpoint {
+                gateway.notices.send(Notice::Endpoint {
                     upstream: upstream.name().to_owned(),
                     endpoint: endpoint.label.clone(),
                     healthy,

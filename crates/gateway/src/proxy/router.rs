@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::request::Parts;
 
 use crate::config::RouteConfig;
-use crate::fallback::StaleCache;
+use crate::proxy::fallback::StaleCache;
 
 /// A route, its name as a shared metric label, and its run-time state.
 #[derive(Debug)]

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::config::{
     ApiKey, FailureMode, LimitKey, RateLimitSettings, RouteConfig, StoreSettings, Tier,
 };
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// `X-API-Key`.
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -437,7 +437,7 @@ pub fn limit_key(kind: char, parts: &[&[u8]]) -> String {
         key.push('\0');
         for &b in *part {
             if b == b'%' || !(0x20..0x7f).contains(&b) {
-                crate::path::push_escaped(&mut key, b);
+                crate::http::path::push_escaped(&mut key, b);
             } else {
                 key.push(char::from(b));
             }

@@ -23,7 +23,7 @@ use tidegate_resilience::retry::{self, BackoffKind, Jitter, Retry, RetryAction};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::{Alerts, Webhook};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// Deliveries (alert × webhook) under way at most.
 pub const MAX_DELIVERIES: usize = 256;

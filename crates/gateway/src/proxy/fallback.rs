@@ -22,7 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::body::{self, BoxError, ProxyBody};
+use crate::http::body::{self, BoxError, ProxyBody};
 
 /// `x-tidegate-fallback`: which fallback answered.
 pub static FALLBACK: HeaderName = HeaderName::from_static("x-tidegate-fallback");
