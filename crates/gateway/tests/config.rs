@@ -267,6 +267,23 @@ fn traffic_and_edge_errors_name_their_key() {
             "rate_limit.store: unknown variant `memcached`, expected `local` or `redis`",
         ),
         (
+            GOOD.replace("name = \"users\"", "name = \"users\"\nprotocol = \"h3\""),
+            "upstreams[1].protocol: unknown variant `h3`, expected one of `http1`, `http2`, `auto`",
+        ),
+        (
+            GOOD.replace("path = \"/healthz\"", "kind = \"grpc\""),
+            "upstreams[0].health_check.kind: gRPC health checks need the upstream's protocol = \"http2\"",
+        ),
+        (
+            GOOD.replace("path = \"/healthz\"", "kind = \"grpc\"\npath = \"/x\"")
+                .replace("name = \"kb\"", "name = \"kb\"\nprotocol = \"http2\""),
+            "upstreams[0].health_check.path: is for kind = \"http\"; a gRPC check asks a `service`",
+        ),
+        (
+            GOOD.replace("path = \"/healthz\"", "service = \"kb\""),
+            "upstreams[0].health_check.service: is for kind = \"grpc\"",
+        ),
+        (
             format!("{GOOD}[[api_keys]]\nid = \"a\"\nkey_sha256 = \"secret\"\n"),
             "api_keys[0].key_sha256: must be the key's SHA-256 as 64 hex digits (sha256sum prints it)",
         ),
@@ -451,4 +468,28 @@ fn alerts_are_typed_and_checked() {
         let e = err(text);
         assert!(e.contains(expected), "{text:?}: {e}");
     }
+}
+
+#[test]
+fn protocols_grpc_checks_and_outlier_detection_by_default() {
+    let config = ok(&GOOD
+        .replace("name = \"kb\"", "name = \"kb\"\nprotocol = \"http2\"")
+        .replace(
+            "path = \"/healthz\"",
+            "kind = \"grpc\"\nservice = \"kb.v1\"",
+        ));
+    let kb = &config.upstreams[0];
+    assert!(kb.protocol.is_http2());
+    let check = kb.health_check.as_ref().unwrap();
+    assert_eq!(check.kind, tidegate_gateway::config::HealthCheckKind::Grpc);
+    assert_eq!(check.service.as_deref(), Some("kb.v1"));
+    // Two endpoints: outlier detection is on; one: nothing to eject.
+    assert_eq!(kb.outlier_detection, Some(Default::default()));
+    assert_eq!(config.upstreams[1].outlier_detection, None);
+    assert!(!config.upstreams[1].protocol.is_http2());
+    let off = ok(&GOOD.replace(
+        "[upstreams.health_check]",
+        "[upstreams.outlier_detection]\nenabled = false\n[upstreams.health_check]",
+    ));
+    assert_eq!(off.upstreams[0].outlier_detection, None);
 }

@@ -394,3 +394,35 @@ async fn an_http2_clients_cookie_crumbs_reach_an_http1_upstream_as_one_line() {
     let cookies: Vec<_> = received[0].headers.get_all("cookie").iter().collect();
     assert_eq!(cookies, ["a=1; b=2; c=3"]);
 }
+
+#[tokio::test]
+async fn an_http2_upstream_gets_http1_clients_multiplexed_on_one_connection() {
+    let upstream = Upstream::start(|req| async move {
+        let upgrade = req.headers().get("upgrade").is_some();
+        text(200, &format!("{:?} upgrade={upgrade}", req.version()))
+    })
+    .await;
+    let config =
+        one_upstream(&upstream.url(), "").replace("endpoints", "protocol = \"http2\"\nendpoints");
+    let gw = gateway(&config).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let url = url(&gw, "/api");
+        calls.spawn(async move { get(&url).await });
+    }
+    while let Some(answer) = calls.join_next().await {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, "HTTP/2.0 upgrade=false");
+    }
+    assert_eq!(upstream.connections(), 1, "one multiplexed connection");
+    // A WebSocket handshake is no upgrade over HTTP/2: a plain request.
+    let answer = support::raw(
+        gw.addr,
+        b"GET /api HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("HTTP/2.0 upgrade=false"), "{answer}");
+}

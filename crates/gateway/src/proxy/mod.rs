@@ -402,8 +402,8 @@ impl Gateway {
         }
         // The client's side of a WebSocket handshake, joined once the
         // upstream completes it; any other upgrade is not passed on.
-        let websocket = headers::websocket_key(req.method(), req.version(), req.headers());
-        let upgrade = websocket.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let mut websocket = headers::websocket_key(req.method(), req.version(), req.headers());
+        let mut upgrade = websocket.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         // Routing, API-key checks and the upstream see one path and one set of headers.
         normalize_path(&mut parts.uri, table.settings.escaped_slashes)?;
@@ -415,6 +415,10 @@ impl Gateway {
             ));
         };
         let upstream = &table.upstreams[pick_target(&route.config.target)];
+        if upstream.config.protocol.is_http2() {
+            // HTTP/2 has no Upgrade (RFC 9113 §8.6): a plain request.
+            (websocket, upgrade) = (None, None);
+        }
         log.route = route.label.clone();
         log.upstream = upstream.label.clone();
         log.traffic = Some(&upstream.traffic);
