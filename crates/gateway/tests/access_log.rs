@@ -95,20 +95,33 @@ async fn next_line(lines: &mut mpsc::UnboundedReceiver<Line>) -> Line {
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_streams_line_is_written_when_the_stream_ends_with_its_whole_duration() {
-    let (_guard, mut lines) = capture();
+/// A stream through the gateway, its first event read: the access
+/// lines, the sender of the stream's events, the client's body, and what
+/// must live as long as they do.
+async fn a_stream_under_way() -> (
+    tracing::subscriber::DefaultGuard,
+    mpsc::UnboundedReceiver<Line>,
+    mpsc::Sender<Bytes>,
+    hyper::body::Incoming,
+    (Upstream, tidegate_gateway::http::server::Running),
+) {
+    let (guard, lines) = capture();
     let (upstream, events) = streaming().await;
     let gw = gateway(&catch_all(&upstream.url(), "")).await;
-    let client = tidegate_testkit::client();
     let request = Request::get(url(&gw, "/events")).body(full("")).unwrap();
-    let response = client.request(request).await.unwrap();
+    let response = tidegate_testkit::client().request(request).await.unwrap();
     let mut body = response.into_body();
     events
         .send(Bytes::from_static(b"data: 1\n\n"))
         .await
         .unwrap();
     body.frame().await.unwrap().unwrap();
+    (guard, lines, events, body, (upstream, gw))
+}
+
+#[tokio::test]
+async fn a_streams_line_is_written_when_the_stream_ends_with_its_whole_duration() {
+    let (_guard, mut lines, events, mut body, _servers) = a_stream_under_way().await;
     // Five seconds pass while the stream is open; its line waits for its end.
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(5)).await;
@@ -131,21 +144,8 @@ async fn a_streams_line_is_written_when_the_stream_ends_with_its_whole_duration(
 
 #[tokio::test]
 async fn a_stream_the_client_leaves_is_logged_incomplete() {
-    let (_guard, mut lines) = capture();
-    let (upstream, events) = streaming().await;
-    let gw = gateway(&catch_all(&upstream.url(), "")).await;
-    let client = tidegate_testkit::client();
-    let request = Request::get(url(&gw, "/events")).body(full("")).unwrap();
-    let response = client.request(request).await.unwrap();
-    let mut body = response.into_body();
-    events
-        .send(Bytes::from_static(b"data: 1\n\n"))
-        .await
-        .unwrap();
-    body.frame().await.unwrap().unwrap();
+    let (_guard, mut lines, _events, body, _servers) = a_stream_under_way().await;
     drop(body);
-    drop(client);
     let line = next_line(&mut lines).await;
     assert_eq!(line["complete"], "false", "{line:?}");
-    drop(events);
 }

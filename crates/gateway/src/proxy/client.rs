@@ -720,16 +720,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_connection_is_a_connect_error() {
+    async fn a_refused_connection_is_a_connect_error_in_either_protocol() {
         let to: Authority = tidegate_testkit::refused_url().await["http://".len()..]
             .trim_end_matches('/')
             .parse()
             .unwrap();
-        let err = client()
-            .request(&to, get("/"), None, false)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
+        for http2 in [false, true] {
+            let err = client()
+                .request(&to, get("/"), None, http2)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
+        }
     }
 
     #[tokio::test]
@@ -772,7 +774,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_http2_connection_is_retired_after_its_uses_and_replaced_when_closed() {
+    async fn an_http2_connection_is_retired_after_its_uses_and_names_the_requests_host() {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
         let (client, to) = (client(), authority(&upstream));
         for _ in 0..4 {
@@ -789,18 +791,5 @@ mod tests {
             upstream.received().last().unwrap().uri,
             "http://api.example/n"
         );
-    }
-
-    #[tokio::test]
-    async fn an_http2_refused_connection_is_a_connect_error() {
-        let to: Authority = tidegate_testkit::refused_url().await["http://".len()..]
-            .trim_end_matches('/')
-            .parse()
-            .unwrap();
-        let err = client()
-            .request(&to, get("/"), None, true)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
     }
 }

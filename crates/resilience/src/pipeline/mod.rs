@@ -394,7 +394,7 @@ impl<T, E> Pipeline<T, E> {
         Fut: Future<Output = Result<T, E>> + 'a,
         R: FnMut(&Result<T, Error<E>>, u32, Duration) + 'a,
     {
-        self.run(now, None, op, on_retry)
+        self.call_timed_within(now, None, op, on_retry)
     }
 
     /// [`call_timed_at`](Pipeline::call_timed_at), ending within `limit`
