@@ -100,15 +100,17 @@ async fn self_check(gw: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     println!("GET /healthy/hello → {status}");
     let (status, _) = fetch("PUT", &format!("http://{gw}/flaky/error-rate"), "1").await?;
     anyhow::ensure!(status == 200, "setting the error rate answered {status}");
+    // The breaker judges requests (each with its retries): five failed
+    // requests open it, and the sixth is answered by the open breaker.
     let mut statuses = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         statuses.push(
             fetch("GET", &format!("http://{gw}/flaky/order"), "")
                 .await?
                 .0,
         );
     }
-    println!("GET /flaky/order ×4 at 100% errors → {statuses:?} (503 from upstream, then the open breaker)");
+    println!("GET /flaky/order ×6 at 100% errors → {statuses:?} (503 from upstream after its retries, five in a row; then the open breaker)");
     let (_, body) = fetch("GET", &format!("http://{admin}/status/services"), "").await?;
     let state =
         serde_json::from_str::<serde_json::Value>(&body)?["services"]["flaky"]["state"].clone();

@@ -212,7 +212,7 @@ impl Table {
             return false;
         };
         let digest: [u8; 32] = Sha256::digest(presented).into();
-        self::admission::constant_time_eq(&digest, expected)
+        admission::constant_time_eq(&digest, expected)
     }
 
     /// Whether the admin API's write endpoints are enabled.
@@ -1371,7 +1371,6 @@ async fn read_body(
     }
 }
 
-/// Whether `headers` hold exactly one `Host`.
 /// Whether a request's `Host` is clear (RFC 9112 §3.2): at most one, and
 /// valid; exactly one in HTTP/1.1 (HTTP/2 names the host in `:authority`).
 fn has_valid_host(version: Version, headers: &HeaderMap) -> bool {
