@@ -157,10 +157,12 @@ pub fn websocket_key(
     version: Version,
     headers: &HeaderMap,
 ) -> Option<HeaderValue> {
+    // The cheap tests first: most requests have no `Upgrade`.
     if version != Version::HTTP_11
         || method != Method::GET
-        || !has_token(headers, header::CONNECTION, "upgrade")
+        || !headers.contains_key(header::UPGRADE)
         || !has_token(headers, header::UPGRADE, "websocket")
+        || !has_token(headers, header::CONNECTION, "upgrade")
     {
         return None;
     }

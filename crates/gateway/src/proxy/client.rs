@@ -24,6 +24,7 @@
 //! refused before sending anything goes to a new one.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -31,6 +32,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::{HeaderValue, HOST};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
@@ -223,17 +225,20 @@ impl UpstreamClient {
     /// if none is free; `Host` (HTTP/2: `:authority`) is the request's, or
     /// `authority` when it has none. The connection is retired after
     /// `max_uses` requests.
-    pub async fn request(
-        &self,
-        authority: &Authority,
+    ///
+    /// The future is either protocol's own, not one around both: every
+    /// attempt carries it, and moves it.
+    pub fn request<'a>(
+        &'a self,
+        authority: &'a Authority,
         request: Request<ProxyBody>,
         max_uses: Option<u32>,
         http2: bool,
-    ) -> Result<UpstreamResponse, ClientError> {
+    ) -> impl Future<Output = Result<UpstreamResponse, ClientError>> + 'a {
         if http2 {
-            self.request_h2(authority, request, max_uses).await
+            Either::Right(self.request_h2(authority, request, max_uses))
         } else {
-            self.request_h1(authority, request, max_uses).await
+            Either::Left(self.request_h1(authority, request, max_uses))
         }
     }
 
@@ -252,7 +257,9 @@ impl UpstreamClient {
         loop {
             let (mut conn, reused) = match host.checkout() {
                 Some(conn) => (conn, true),
-                None => self.connect(authority, &host).await?,
+                // Boxed: a new connection is rare, and its handshake's
+                // future would make every request's future larger.
+                None => Box::pin(self.connect(authority, &host)).await?,
             };
             if reused && !conn.sender.is_ready() && conn.sender.ready().await.is_err() {
                 // It closed while settling after its last response.
@@ -296,7 +303,7 @@ impl UpstreamClient {
         loop {
             let (mut sender, reused) = match host.h2_checkout(max_uses) {
                 Some(sender) => (sender, true),
-                None => self.connect_h2(authority, &host, max_uses).await?,
+                None => Box::pin(self.connect_h2(authority, &host, max_uses)).await?,
             };
             // Waits for a free stream when the server's limit is reached.
             if sender.ready().await.is_err() {

@@ -294,7 +294,8 @@ impl Gateway {
         let start = Instant::now();
         let request_id = headers::correlation_id(req.headers());
         let method = req.method().clone();
-        let grpc = grpc::is_grpc(req.headers());
+        // Every gRPC call is a POST: other requests need no header lookup.
+        let grpc = req.method() == Method::POST && grpc::is_grpc(req.headers());
         let table = self.table();
         let mut log = Access {
             route: self.none.clone(),
@@ -714,7 +715,10 @@ impl Gateway {
         if trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        headers::join_cookies(&mut headers);
+        if parts.version == Version::HTTP_2 {
+            // An HTTP/1.1 client sends one `Cookie` (RFC 6265 §5.4).
+            headers::join_cookies(&mut headers);
+        }
         // Only the gateway sets these; a client's copy never passes.
         let reserved = [
             &headers::INTERNAL_TOKEN,
