@@ -195,16 +195,12 @@ impl HostPool {
         Some(sender)
     }
 
-    /// Lets go of the HTTP/2 connection `sender` is a handle on, if the
-    /// pool still holds it.
-    fn h2_forget(&self, sender: &http2::SendRequest<ProxyBody>) {
-        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        if h2
-            .as_ref()
-            .is_some_and(|c| c.sender.is_closed() || sender.is_closed())
-        {
-            *h2 = None;
-        }
+    /// Lets go of the HTTP/2 connection that just refused a request: the
+    /// next request opens a new one. (If another request had replaced it
+    /// already, that one goes too: a connection costs less than a loop
+    /// over one that keeps refusing.)
+    fn h2_forget(&self) {
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -307,7 +303,7 @@ impl UpstreamClient {
             };
             // Waits for a free stream when the server's limit is reached.
             if sender.ready().await.is_err() {
-                host.h2_forget(&sender);
+                host.h2_forget();
                 if reused {
                     continue;
                 }
@@ -321,7 +317,7 @@ impl UpstreamClient {
                 Err(mut e) => match e.take_message() {
                     // Refused before anything was sent (GOAWAY, closed): another connection.
                     Some(unsent) if reused => {
-                        host.h2_forget(&sender);
+                        host.h2_forget();
                         request = unsent;
                     }
                     _ => return Err(ClientError::Request(e.into_error())),
@@ -798,5 +794,35 @@ mod tests {
             upstream.received().last().unwrap().uri,
             "http://api.example/n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_closed_http2_connection_is_replaced() {
+        // A raw HTTP/2 server that answers one request per connection, then
+        // sends GOAWAY and closes; it reports each closed connection.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (closed, mut closures) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(socket).await.unwrap();
+                    if let Some(Ok((_, mut respond))) = conn.accept().await {
+                        let mut body = respond.send_response(Response::new(()), false).unwrap();
+                        body.send_data(Bytes::from_static(b"ok"), true).unwrap();
+                    }
+                    conn.graceful_shutdown();
+                    while conn.accept().await.is_some() {}
+                    let _ = closed.send(());
+                });
+            }
+        });
+        let client = client();
+        for _ in 0..3 {
+            let answer = client.request(&to, get("/"), None, true).await.unwrap();
+            assert_eq!(read(answer).await, "ok");
+            closures.recv().await.unwrap();
+        }
     }
 }
