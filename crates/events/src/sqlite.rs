@@ -1,0 +1,495 @@
+//! The embedded store: one SQLite file in WAL mode, every commit synced.
+//!
+//! One writer thread owns the write connection. Appends queue for it;
+//! it takes every append waiting, runs them in one transaction (each
+//! checked against the stream as the ones before it in the group left it)
+//! and commits once: concurrent publishers share a sync to disk (group
+//! commit), and an append is answered only once its commit is on disk.
+//! Reads run on connections of their own, on tokio's blocking pool, and
+//! see every committed append.
+//!
+//! Positions come from the `topics` table and versions from `streams`, so
+//! neither goes back when retention deletes old events. Positions are
+//! gap-free: an append that stores nothing takes none.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use crate::event::{Event, ExpectedVersion, NewEvent};
+use crate::store::{Append, AppendError, Appended, BoxFuture, Store, StoreError, Stored};
+use crate::time;
+
+/// The most appends one transaction takes.
+const MAX_GROUP: usize = 1024;
+
+/// How a [`SqliteStore`] behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// An event whose id the topic saw this recently is a duplicate.
+    /// Default 2 min.
+    pub dedup_window: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            dedup_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Topics in one SQLite file; see the module documentation.
+#[derive(Debug)]
+pub struct SqliteStore {
+    appends: mpsc::Sender<Job>,
+    readers: Arc<Readers>,
+}
+
+/// An append and where its answer goes.
+type Job = (Append, oneshot::Sender<Result<Appended, AppendError>>);
+
+/// Idle read connections, opened as needed.
+#[derive(Debug)]
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store in `path`; an error names the file
+    /// and the reason.
+    pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let failed = |e: rusqlite::Error| {
+            StoreError(format!(
+                "cannot open the event store {}: {e}",
+                path.display()
+            ))
+        };
+        let conn = Connection::open(&path).map_err(failed)?;
+        conn.execute_batch(SCHEMA).map_err(failed)?;
+        let writer = Writer {
+            conn,
+            dedup_window: u64::try_from(options.dedup_window.as_millis()).unwrap_or(u64::MAX),
+            positions: HashMap::new(),
+        };
+        let (appends, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("tidegate-events-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| StoreError(format!("cannot start the event store's writer: {e}")))?;
+        Ok(SqliteStore {
+            appends,
+            readers: Arc::new(Readers {
+                path,
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Runs `query` on a read connection, on the blocking pool.
+    async fn reading<T, F>(&self, query: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.take()?;
+            let result =
+                query(&conn).map_err(|e| StoreError(format!("event store read failed: {e}")));
+            readers.put(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError(format!("event store read failed: {e}")))?
+    }
+}
+
+impl Readers {
+    fn take(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| {
+            StoreError(format!(
+                "cannot read the event store {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| StoreError(e.to_string()))?;
+        Ok(conn)
+    }
+
+    fn put(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+PRAGMA busy_timeout = 5000;
+CREATE TABLE IF NOT EXISTS topics (
+    name TEXT PRIMARY KEY,
+    last_position INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS streams (
+    topic TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (topic, key)
+);
+CREATE TABLE IF NOT EXISTS events (
+    topic TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    key TEXT,
+    version INTEGER,
+    source TEXT NOT NULL,
+    type TEXT NOT NULL,
+    time TEXT NOT NULL,
+    datacontenttype TEXT,
+    data BLOB NOT NULL,
+    extensions TEXT,
+    appended_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_position ON events (topic, position);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events (topic, key, version) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_by_id ON events (topic, id, appended_at);
+";
+
+/// The write connection and what it knows between groups.
+struct Writer {
+    conn: Connection,
+    dedup_window: u64,
+    /// Each topic's last position, as committed.
+    positions: HashMap<String, u64>,
+}
+
+impl Writer {
+    fn run(mut self, queue: mpsc::Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let answers = self.commit(jobs.iter().map(|(append, _)| append));
+            for ((_, reply), answer) in jobs.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Applies `appends` in one transaction and commits it; an answer per
+    /// append. A failure of the store fails them all: nothing was stored.
+    fn commit<'a>(
+        &mut self,
+        appends: impl ExactSizeIterator<Item = &'a Append>,
+    ) -> Vec<Result<Appended, AppendError>> {
+        let count = appends.len();
+        let now = time::now_millis();
+        let mut positions = self.positions.clone();
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut answers = Vec::with_capacity(count);
+            for append in appends {
+                answers.push(apply(&tx, append, now, self.dedup_window, &mut positions)?);
+            }
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(answers)
+        })();
+        match result {
+            Ok(answers) => {
+                self.positions = positions;
+                answers
+            }
+            Err(e) => {
+                let error = StoreError(format!("event store write failed: {e}"));
+                (0..count)
+                    .map(|_| Err(AppendError::Store(error.clone())))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// One append within the group's transaction: its answer, or a store
+/// failure that aborts the group.
+fn apply(
+    tx: &Transaction<'_>,
+    append: &Append,
+    now: u64,
+    window: u64,
+    positions: &mut HashMap<String, u64>,
+) -> rusqlite::Result<Result<Appended, AppendError>> {
+    if let Some(why) = invalid(append) {
+        return Ok(Err(AppendError::Invalid(why)));
+    }
+    let topic = append.topic.as_str();
+    // Duplicates (seen within the window, or earlier in this batch) keep
+    // the answer of the append that stored them.
+    let mut seen = HashSet::new();
+    let mut earlier = Vec::with_capacity(append.events.len());
+    let mut find = tx.prepare_cached(
+        "SELECT position, version FROM events WHERE topic = ?1 AND id = ?2 AND appended_at > ?3 LIMIT 1",
+    )?;
+    for event in &append.events {
+        let stored = find
+            .query_row(
+                params![topic, event.id, sql(now.saturating_sub(window))],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?)),
+            )
+            .optional()?;
+        earlier.push(stored.map(|(position, version)| (unsql(position), version.map(unsql))));
+        if stored.is_none() && !seen.insert(event.id.as_str()) {
+            return Ok(Err(AppendError::Invalid(format!(
+                "the id `{}` is in the batch twice",
+                event.id
+            ))));
+        }
+    }
+    if earlier.iter().all(Option::is_some) {
+        let events = append
+            .events
+            .iter()
+            .zip(earlier)
+            .map(|(event, stored)| {
+                let (position, version) = stored.expect("all are duplicates");
+                Stored {
+                    id: event.id.clone(),
+                    position,
+                    version,
+                    duplicate: true,
+                }
+            })
+            .collect();
+        return Ok(Ok(Appended { events }));
+    }
+    let actual = match &append.key {
+        Some(key) => tx
+            .prepare_cached("SELECT version FROM streams WHERE topic = ?1 AND key = ?2")?
+            .query_row(params![topic, key], |row| row.get::<_, i64>(0))
+            .optional()?
+            .map(unsql),
+        None => None,
+    };
+    if !append.expected.is_met_by(actual) {
+        return Ok(Err(AppendError::Conflict {
+            expected: append.expected,
+            actual,
+        }));
+    }
+    let mut position = match positions.get(topic) {
+        Some(&position) => position,
+        None => tx
+            .prepare_cached("SELECT last_position FROM topics WHERE name = ?1")?
+            .query_row(params![topic], |row| row.get::<_, i64>(0))
+            .optional()?
+            .map_or(0, unsql),
+    };
+    let mut version = actual.unwrap_or(0);
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO events (topic, position, id, key, version, source, type, time, \
+         datacontenttype, data, extensions, appended_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let mut stored = Vec::with_capacity(append.events.len());
+    for (event, earlier) in append.events.iter().zip(earlier) {
+        if let Some((position, version)) = earlier {
+            stored.push(Stored {
+                id: event.id.clone(),
+                position,
+                version,
+                duplicate: true,
+            });
+            continue;
+        }
+        position += 1;
+        let event_version = append.key.as_ref().map(|_| {
+            version += 1;
+            version
+        });
+        let time = event.time.clone().unwrap_or_else(|| time::rfc3339(now));
+        let extensions = (!event.extensions.is_empty())
+            .then(|| serde_json::to_string(&event.extensions).expect("strings serialize"));
+        insert.execute(params![
+            topic,
+            sql(position),
+            event.id,
+            append.key,
+            event_version.map(sql),
+            event.source,
+            event.ty,
+            time,
+            event.datacontenttype,
+            event.data,
+            extensions,
+            sql(now),
+        ])?;
+        stored.push(Stored {
+            id: event.id.clone(),
+            position,
+            version: event_version,
+            duplicate: false,
+        });
+    }
+    tx.prepare_cached(
+        "INSERT INTO topics (name, last_position) VALUES (?1, ?2) \
+         ON CONFLICT (name) DO UPDATE SET last_position = excluded.last_position",
+    )?
+    .execute(params![topic, sql(position)])?;
+    positions.insert(topic.to_owned(), position);
+    if let Some(key) = &append.key {
+        tx.prepare_cached(
+            "INSERT INTO streams (topic, key, version) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (topic, key) DO UPDATE SET version = excluded.version",
+        )?
+        .execute(params![topic, key, sql(version)])?;
+    }
+    Ok(Ok(Appended { events: stored }))
+}
+
+/// What is wrong with `append`, if anything.
+fn invalid(append: &Append) -> Option<String> {
+    if append.topic.is_empty() {
+        return Some("the topic is empty".into());
+    }
+    if append.events.is_empty() {
+        return Some("there is no event".into());
+    }
+    if append.key.is_none() && append.expected != ExpectedVersion::Any {
+        return Some(format!("expected version {} needs a key", append.expected));
+    }
+    if append.key.as_deref() == Some("") {
+        return Some("the key is empty".into());
+    }
+    append.events.iter().find_map(|e: &NewEvent| {
+        if e.id.is_empty() {
+            Some("an event has no id".into())
+        } else if e.source.is_empty() || e.ty.is_empty() {
+            Some(format!("event `{}` needs a source and a type", e.id))
+        } else {
+            None
+        }
+    })
+}
+
+/// A count as SQLite's signed integer.
+fn sql(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A count back from SQLite (never negative as this store writes them).
+fn unsql(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// The columns every read selects, in `event`'s order.
+const COLUMNS: &str =
+    "topic, position, key, version, id, source, type, time, datacontenttype, data, extensions";
+
+fn event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let extensions: Option<String> = row.get(10)?;
+    let extensions = match extensions {
+        Some(text) => serde_json::from_str::<BTreeMap<String, String>>(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        None => BTreeMap::new(),
+    };
+    Ok(Event {
+        topic: row.get(0)?,
+        position: unsql(row.get(1)?),
+        key: row.get(2)?,
+        version: row.get::<_, Option<i64>>(3)?.map(unsql),
+        id: row.get(4)?,
+        source: row.get(5)?,
+        ty: row.get(6)?,
+        time: row.get(7)?,
+        datacontenttype: row.get(8)?,
+        data: row.get(9)?,
+        extensions,
+    })
+}
+
+impl Store for SqliteStore {
+    fn append(&self, append: Append) -> BoxFuture<'_, Result<Appended, AppendError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.appends
+                .send((append, reply))
+                .map_err(|_| StoreError("the event store's writer has stopped".into()))?;
+            answer
+                .await
+                .map_err(|_| StoreError("the event store's writer has stopped".into()))?
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        from_position: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, StoreError>> {
+        let topic = topic.to_owned();
+        Box::pin(self.reading(move |conn| {
+            let mut query = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM events WHERE topic = ?1 AND position >= ?2 \
+                 ORDER BY position LIMIT ?3"
+            ))?;
+            let rows =
+                query.query_map(params![topic, sql(from_position), sql(limit as u64)], event)?;
+            rows.collect()
+        }))
+    }
+
+    fn read_stream<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+        from_version: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, StoreError>> {
+        let (topic, key) = (topic.to_owned(), key.to_owned());
+        Box::pin(self.reading(move |conn| {
+            let mut query = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM events WHERE topic = ?1 AND key = ?2 AND version >= ?3 \
+                 ORDER BY version LIMIT ?4"
+            ))?;
+            let rows = query.query_map(
+                params![topic, key, sql(from_version), sql(limit as u64)],
+                event,
+            )?;
+            rows.collect()
+        }))
+    }
+
+    fn last_position<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let topic = topic.to_owned();
+        Box::pin(self.reading(move |conn| {
+            let last = conn
+                .prepare_cached("SELECT last_position FROM topics WHERE name = ?1")?
+                .query_row(params![topic], |row| row.get::<_, i64>(0))
+                .optional()?;
+            Ok(last.map_or(0, unsql))
+        }))
+    }
+}

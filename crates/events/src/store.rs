@@ -1,0 +1,161 @@
+//! What every store does: [`Store`], the append it takes and answers, and
+//! its errors.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::event::{Event, ExpectedVersion, NewEvent};
+
+/// A store's futures, boxed so that `dyn Store` picks the store at run time.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Events to append to one topic: one event, or a batch to one key that
+/// is stored whole or not at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Append {
+    /// The topic.
+    pub topic: String,
+    /// The key every event of the batch has, if any.
+    pub key: Option<String>,
+    /// What the key's stream must be for the batch to be stored.
+    pub expected: ExpectedVersion,
+    /// The events, in order.
+    pub events: Vec<NewEvent>,
+}
+
+impl Append {
+    /// Events without a key.
+    pub fn to_topic(topic: impl Into<String>, events: Vec<NewEvent>) -> Self {
+        Append {
+            topic: topic.into(),
+            key: None,
+            expected: ExpectedVersion::Any,
+            events,
+        }
+    }
+
+    /// Events of `key`'s stream, appended if it is as `expected`.
+    pub fn to_key(
+        topic: impl Into<String>,
+        key: impl Into<String>,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Self {
+        Append {
+            topic: topic.into(),
+            key: Some(key.into()),
+            expected,
+            events,
+        }
+    }
+}
+
+/// Where each event of an append went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// One per event, in order.
+    pub events: Vec<Stored>,
+}
+
+/// Where one event went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The event's id.
+    pub id: String,
+    /// Its position in the topic.
+    pub position: u64,
+    /// Its version in its key's stream.
+    pub version: Option<u64>,
+    /// Stored by an earlier append within the dedup window: the position
+    /// and version are that append's, and nothing was stored now.
+    pub duplicate: bool,
+}
+
+/// Why an append stored nothing.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The key's stream is not as expected.
+    Conflict {
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's last version (`None`: no event).
+        actual: Option<u64>,
+    },
+    /// The append itself is wrong (no event, an expectation without a
+    /// key, an empty id…).
+    Invalid(String),
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl fmt::Display for AppendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AppendError::Conflict { expected, actual } => match actual {
+                Some(actual) => write!(f, "expected version {expected}, the stream is at {actual}"),
+                None => write!(f, "expected version {expected}, the stream has no event"),
+            },
+            AppendError::Invalid(why) => write!(f, "invalid append: {why}"),
+            AppendError::Store(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for AppendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AppendError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<StoreError> for AppendError {
+    fn from(e: StoreError) -> Self {
+        AppendError::Store(e)
+    }
+}
+
+/// A store that could not do what was asked: its message says what and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Topics of events: append with expected versions and dedup, read a
+/// topic from a position, read one key's stream from a version.
+pub trait Store: Send + Sync + 'static {
+    /// Stores `append`'s events at the end of its topic (and of its key's
+    /// stream), or nothing: on a conflict, an invalid append or a failure.
+    /// Once answered `Ok`, the events are on disk.
+    fn append(&self, append: Append) -> BoxFuture<'_, Result<Appended, AppendError>>;
+
+    /// Up to `limit` events of `topic` from `from_position` on, in order.
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        from_position: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, StoreError>>;
+
+    /// Up to `limit` events of `key`'s stream in `topic` from version
+    /// `from_version` on, in order.
+    fn read_stream<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+        from_version: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Event>, StoreError>>;
+
+    /// The position of `topic`'s last event (0: none yet).
+    fn last_position<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+}
