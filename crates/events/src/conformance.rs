@@ -12,11 +12,16 @@
 //! # }
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::event::{ExpectedVersion, NewEvent};
-use crate::store::{Append, AppendError, Store};
+use crate::store::{Append, AppendError, BoxFuture, Store};
+use crate::subscription::{Backoff, Delivery, Ordering, Seek, Start, SubscriptionConfig};
+
+/// Moves the store's clock on (a manual clock, or real waiting).
+pub type Advance<'a> = &'a (dyn Fn(Duration) -> BoxFuture<'static, ()> + Sync);
 
 /// An event of type `ty` with id `id` and a small JSON payload.
 fn event(id: &str, ty: &str) -> NewEvent {
@@ -442,4 +447,376 @@ pub async fn concurrent_publishers_get_every_position_once(
             next += 1;
         }
     }
+}
+
+/// Every subscription check below, in turn.
+pub async fn subscriptions(store: &dyn Store, prefix: &str, advance: Advance<'_>) {
+    groups_get_every_event_and_members_share_them(store, prefix).await;
+    an_unacked_delivery_comes_again_after_its_lease_and_backoff(store, prefix, advance).await;
+    nack_delays_and_extend_holds_a_lease(store, prefix, advance).await;
+    poison_goes_to_the_dead_letter_topic(store, prefix, advance).await;
+    key_ordering_holds_one_event_per_key_in_flight(store, prefix).await;
+    filters_starts_and_the_in_flight_cap(store, prefix).await;
+    seek_delivers_again_from_where_asked(store, prefix).await;
+    a_member_that_dies_mid_lease_loses_nothing(store, prefix, advance).await;
+    appends_and_settles_move_the_changes_counter(store, prefix).await;
+}
+
+/// A group `name` on `topic`, short timings, no ordering.
+fn group(name: String, topic: &str) -> SubscriptionConfig {
+    SubscriptionConfig {
+        ack_wait: Duration::from_secs(10),
+        max_in_flight: 100,
+        backoff: Backoff {
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+        },
+        ..SubscriptionConfig::new(name, topic)
+    }
+}
+
+async fn append_ids(store: &dyn Store, topic: &str, ids: impl IntoIterator<Item = String>) {
+    for id in ids {
+        store
+            .append(Append::to_topic(topic, vec![event(&id, "T")]))
+            .await
+            .unwrap();
+    }
+}
+
+fn ids(deliveries: &[Delivery]) -> Vec<String> {
+    deliveries.iter().map(|d| d.event.id.clone()).collect()
+}
+
+async fn ack_all(store: &dyn Store, name: &str, deliveries: &[Delivery]) {
+    let ack_ids: Vec<String> = deliveries.iter().map(|d| d.ack_id.clone()).collect();
+    let acked = store.ack(name, &ack_ids).await.unwrap();
+    assert!(acked.iter().all(|a| *a), "{name}: {acked:?}");
+}
+
+/// Two groups each get all 30 events; three members of one group,
+/// fetching and acking in turns, share them, each event once.
+pub async fn groups_get_every_event_and_members_share_them(store: &dyn Store, prefix: &str) {
+    let topic = format!("{prefix}.share");
+    append_ids(store, &topic, (0..30).map(|i| format!("s{i}"))).await;
+    let (shared, whole) = (format!("{prefix}-shared"), format!("{prefix}-whole"));
+    store
+        .subscribe(group(shared.clone(), &topic))
+        .await
+        .unwrap();
+    store.subscribe(group(whole.clone(), &topic)).await.unwrap();
+    let mut by_member: HashMap<usize, Vec<String>> = HashMap::new();
+    loop {
+        let mut any = false;
+        for member in 0..3 {
+            let got = store.fetch(&shared, 4).await.unwrap();
+            any |= !got.is_empty();
+            ack_all(store, &shared, &got).await;
+            by_member.entry(member).or_default().extend(ids(&got));
+        }
+        if !any {
+            break;
+        }
+    }
+    let mut all: Vec<String> = by_member.values().flatten().cloned().collect();
+    assert_eq!(all.len(), 30, "{by_member:?}");
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 30, "an event went to two members");
+    assert!(
+        by_member.values().all(|got| !got.is_empty()),
+        "{by_member:?}"
+    );
+    let got = store.fetch(&whole, 100).await.unwrap();
+    assert_eq!(got.len(), 30, "the other group gets every event");
+    assert!(got.iter().all(|d| d.delivery == 1));
+}
+
+/// A delivery not acked within `ack_wait` is delivered again once its
+/// backoff has passed too; the first delivery's ack id then acks nothing.
+pub async fn an_unacked_delivery_comes_again_after_its_lease_and_backoff(
+    store: &dyn Store,
+    prefix: &str,
+    advance: Advance<'_>,
+) {
+    let topic = format!("{prefix}.lease");
+    let name = format!("{prefix}-lease");
+    append_ids(store, &topic, ["l0".to_owned()]).await;
+    store.subscribe(group(name.clone(), &topic)).await.unwrap();
+    let first = store.fetch(&name, 10).await.unwrap();
+    assert_eq!(ids(&first), ["l0"]);
+    assert!(store.fetch(&name, 10).await.unwrap().is_empty(), "leased");
+    advance(Duration::from_secs(10)).await;
+    assert!(
+        store.fetch(&name, 10).await.unwrap().is_empty(),
+        "in its backoff"
+    );
+    advance(Duration::from_secs(1)).await;
+    let second = store.fetch(&name, 10).await.unwrap();
+    assert_eq!(
+        (ids(&second), second[0].delivery),
+        (vec!["l0".to_owned()], 2)
+    );
+    let stale = store.ack(&name, &[first[0].ack_id.clone()]).await.unwrap();
+    assert_eq!(stale, [false], "an old delivery's ack id acks nothing");
+    ack_all(store, &name, &second).await;
+    advance(Duration::from_secs(60)).await;
+    assert!(
+        store.fetch(&name, 10).await.unwrap().is_empty(),
+        "acked: done"
+    );
+}
+
+/// A nack's delay holds the event back that long; extend keeps a lease
+/// past its first `ack_wait`.
+pub async fn nack_delays_and_extend_holds_a_lease(
+    store: &dyn Store,
+    prefix: &str,
+    advance: Advance<'_>,
+) {
+    let topic = format!("{prefix}.nack");
+    let name = format!("{prefix}-nack");
+    append_ids(store, &topic, ["n0".to_owned(), "n1".to_owned()]).await;
+    store.subscribe(group(name.clone(), &topic)).await.unwrap();
+    let got = store.fetch(&name, 10).await.unwrap();
+    assert_eq!(ids(&got), ["n0", "n1"]);
+    assert!(store
+        .nack(&name, &got[0].ack_id, Some(Duration::from_secs(5)))
+        .await
+        .unwrap());
+    advance(Duration::from_secs(4)).await;
+    assert!(store.fetch(&name, 10).await.unwrap().is_empty());
+    assert!(store.extend(&name, &got[1].ack_id).await.unwrap());
+    advance(Duration::from_secs(1)).await;
+    let again = store.fetch(&name, 10).await.unwrap();
+    assert_eq!(ids(&again), ["n0"], "n0 after its delay; n1 still leased");
+    // n1's lease was renewed 5 s ago for 10 s: still good at 9 s, gone at 11 s.
+    advance(Duration::from_secs(8)).await;
+    assert!(store.extend(&name, &got[1].ack_id).await.unwrap());
+    advance(Duration::from_secs(11)).await;
+    assert_eq!(
+        store.ack(&name, &[got[1].ack_id.clone()]).await.unwrap(),
+        [false]
+    );
+    assert!(!store.nack(&name, &got[1].ack_id, None).await.unwrap());
+}
+
+/// After `max_deliveries`, or at once when dead-lettered, an event goes to
+/// the dead-letter topic with its reason and subscription, and leaves the
+/// group.
+pub async fn poison_goes_to_the_dead_letter_topic(
+    store: &dyn Store,
+    prefix: &str,
+    advance: Advance<'_>,
+) {
+    let topic = format!("{prefix}.poison");
+    let name = format!("{prefix}-poison");
+    append_ids(store, &topic, ["p0".to_owned(), "p1".to_owned()]).await;
+    store
+        .subscribe(SubscriptionConfig {
+            max_deliveries: 2,
+            ..group(name.clone(), &topic)
+        })
+        .await
+        .unwrap();
+    let got = store.fetch(&name, 10).await.unwrap();
+    assert!(store
+        .dead_letter(&name, &got[1].ack_id, "unparseable")
+        .await
+        .unwrap());
+    assert!(store
+        .nack(&name, &got[0].ack_id, Some(Duration::ZERO))
+        .await
+        .unwrap());
+    let second = store.fetch(&name, 10).await.unwrap();
+    assert_eq!(
+        (ids(&second), second[0].delivery),
+        (vec!["p0".to_owned()], 2)
+    );
+    assert!(store
+        .nack(&name, &second[0].ack_id, Some(Duration::ZERO))
+        .await
+        .unwrap());
+    advance(Duration::from_secs(1)).await;
+    assert!(
+        store.fetch(&name, 10).await.unwrap().is_empty(),
+        "out of deliveries"
+    );
+    let letters = store.read(&format!("{topic}.dead"), 1, 10).await.unwrap();
+    let found: Vec<(&str, &str, &str)> = letters
+        .iter()
+        .map(|e| {
+            (
+                e.id.as_str(),
+                e.extensions["deadletterreason"].as_str(),
+                e.extensions["deadlettersubscription"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("p1", "unparseable", name.as_str()),
+            ("p0", "max_deliveries", name.as_str())
+        ]
+    );
+    assert_eq!(letters[1].data, br#"{"id":"p0"}"#);
+}
+
+/// `ordering = "key"`: at most one event per key in flight, each key's
+/// events in version order; events without a key are not held.
+pub async fn key_ordering_holds_one_event_per_key_in_flight(store: &dyn Store, prefix: &str) {
+    let topic = format!("{prefix}.ordered");
+    for (key, id) in [
+        ("a", "a1"),
+        ("b", "b1"),
+        ("a", "a2"),
+        ("a", "a3"),
+        ("b", "b2"),
+    ] {
+        store
+            .append(Append::to_key(
+                &topic,
+                key,
+                ExpectedVersion::Any,
+                vec![event(id, "T")],
+            ))
+            .await
+            .unwrap();
+    }
+    append_ids(store, &topic, ["free".to_owned()]).await;
+    let (ordered, free) = (format!("{prefix}-ordered"), format!("{prefix}-unordered"));
+    store
+        .subscribe(SubscriptionConfig {
+            ordering: Ordering::Key,
+            ..group(ordered.clone(), &topic)
+        })
+        .await
+        .unwrap();
+    store.subscribe(group(free.clone(), &topic)).await.unwrap();
+    let mut rounds = Vec::new();
+    loop {
+        let got = store.fetch(&ordered, 10).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        rounds.push(ids(&got));
+        ack_all(store, &ordered, &got).await;
+    }
+    assert_eq!(
+        rounds,
+        [vec!["a1", "b1", "free"], vec!["a2", "b2"], vec!["a3"]],
+        "one per key in flight, in version order"
+    );
+    assert_eq!(
+        store.fetch(&free, 10).await.unwrap().len(),
+        6,
+        "no ordering: all at once"
+    );
+}
+
+/// A type filter passes other events by; `start = latest` skips what was
+/// there; `max_in_flight` caps the leases out at once.
+pub async fn filters_starts_and_the_in_flight_cap(store: &dyn Store, prefix: &str) {
+    let topic = format!("{prefix}.filters");
+    for (id, ty) in [("f0", "Wanted"), ("f1", "Other"), ("f2", "Wanted")] {
+        store
+            .append(Append::to_topic(&topic, vec![event(id, ty)]))
+            .await
+            .unwrap();
+    }
+    let typed = format!("{prefix}-typed");
+    store
+        .subscribe(SubscriptionConfig {
+            types: vec!["Wanted".into()],
+            ..group(typed.clone(), &topic)
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&store.fetch(&typed, 10).await.unwrap()), ["f0", "f2"]);
+    let latest = format!("{prefix}-latest");
+    store
+        .subscribe(SubscriptionConfig {
+            start: Start::Latest,
+            ..group(latest.clone(), &topic)
+        })
+        .await
+        .unwrap();
+    assert!(store.fetch(&latest, 10).await.unwrap().is_empty());
+    append_ids(store, &topic, (3..8).map(|i| format!("f{i}"))).await;
+    assert_eq!(store.fetch(&latest, 10).await.unwrap().len(), 5);
+    let capped = format!("{prefix}-capped");
+    store
+        .subscribe(SubscriptionConfig {
+            max_in_flight: 3,
+            ..group(capped.clone(), &topic)
+        })
+        .await
+        .unwrap();
+    let first = store.fetch(&capped, 10).await.unwrap();
+    assert_eq!(first.len(), 3);
+    assert!(
+        store.fetch(&capped, 10).await.unwrap().is_empty(),
+        "three in flight"
+    );
+    ack_all(store, &capped, &first[..1]).await;
+    assert_eq!(store.fetch(&capped, 10).await.unwrap().len(), 1);
+}
+
+/// Seek moves a group's cursor: back to the start delivers every event
+/// again (a read model rebuilt), to a position delivers from there.
+pub async fn seek_delivers_again_from_where_asked(store: &dyn Store, prefix: &str) {
+    let topic = format!("{prefix}.seek");
+    let name = format!("{prefix}-seek");
+    append_ids(store, &topic, (0..5).map(|i| format!("k{i}"))).await;
+    store.subscribe(group(name.clone(), &topic)).await.unwrap();
+    let all = store.fetch(&name, 10).await.unwrap();
+    ack_all(store, &name, &all).await;
+    store.seek(&name, Seek::Earliest).await.unwrap();
+    assert_eq!(
+        ids(&store.fetch(&name, 10).await.unwrap()),
+        ["k0", "k1", "k2", "k3", "k4"]
+    );
+    store.seek(&name, Seek::Position(4)).await.unwrap();
+    assert_eq!(ids(&store.fetch(&name, 10).await.unwrap()), ["k3", "k4"]);
+    store.seek(&name, Seek::Latest).await.unwrap();
+    assert!(store.fetch(&name, 10).await.unwrap().is_empty());
+}
+
+/// A member that takes events and dies loses none of them: once their
+/// leases run out they go to another member, and the dead member's ack
+/// ids ack nothing, so no event is acked twice.
+pub async fn a_member_that_dies_mid_lease_loses_nothing(
+    store: &dyn Store,
+    prefix: &str,
+    advance: Advance<'_>,
+) {
+    let topic = format!("{prefix}.dies");
+    let name = format!("{prefix}-dies");
+    append_ids(store, &topic, (0..5).map(|i| format!("d{i}"))).await;
+    store.subscribe(group(name.clone(), &topic)).await.unwrap();
+    let dead = store.fetch(&name, 10).await.unwrap();
+    assert_eq!(dead.len(), 5);
+    advance(Duration::from_secs(11)).await;
+    let alive = store.fetch(&name, 10).await.unwrap();
+    assert_eq!(ids(&alive), ids(&dead));
+    ack_all(store, &name, &alive).await;
+    let late: Vec<String> = dead.iter().map(|d| d.ack_id.clone()).collect();
+    assert!(store.ack(&name, &late).await.unwrap().iter().all(|a| !a));
+}
+
+/// The changes counter moves when events are appended and when a
+/// delivery is given back, so waiting consumers wake.
+pub async fn appends_and_settles_move_the_changes_counter(store: &dyn Store, prefix: &str) {
+    let topic = format!("{prefix}.changes");
+    let mut changes = store.changes();
+    changes.borrow_and_update();
+    append_ids(store, &topic, ["c0".to_owned()]).await;
+    assert!(changes.has_changed().unwrap(), "an append");
+    let name = format!("{prefix}-changes");
+    store.subscribe(group(name.clone(), &topic)).await.unwrap();
+    let got = store.fetch(&name, 1).await.unwrap();
+    changes.borrow_and_update();
+    store.nack(&name, &got[0].ack_id, None).await.unwrap();
+    assert!(changes.has_changed().unwrap(), "a nack");
 }

@@ -31,8 +31,11 @@ pub mod conformance;
 mod event;
 mod sqlite;
 mod store;
+mod subscription;
 mod time;
 
 pub use crate::event::{Event, ExpectedVersion, NewEvent};
 pub use crate::sqlite::{Options, SqliteStore};
 pub use crate::store::{Append, AppendError, Appended, BoxFuture, Store, StoreError, Stored};
+pub use crate::subscription::{Backoff, Delivery, Ordering, Seek, Start, SubscriptionConfig};
+pub use crate::time::Clock;

@@ -5,7 +5,12 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
+use std::time::Duration;
+
+use tokio::sync::watch;
+
 use crate::event::{Event, ExpectedVersion, NewEvent};
+use crate::subscription::{Delivery, Seek, SubscriptionConfig};
 
 /// A store's futures, boxed so that `dyn Store` picks the store at run time.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -158,4 +163,64 @@ pub trait Store: Send + Sync + 'static {
 
     /// The position of `topic`'s last event (0: none yet).
     fn last_position<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Creates the consumer group of `config`, its cursor where
+    /// `config.start` says, or gives an existing one these settings (its
+    /// cursor and pending events stay).
+    fn subscribe(&self, config: SubscriptionConfig) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Up to `max` events for a member of group `subscription`, leased
+    /// for its `ack_wait`: events not yet delivered, and those whose lease
+    /// ran out or that were nacked, once their backoff has passed. Events
+    /// past `max_deliveries` go to the dead-letter topic instead. Empty
+    /// when nothing is due; [`changes`](Store::changes) tells when to ask
+    /// again.
+    fn fetch<'a>(
+        &'a self,
+        subscription: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>>;
+
+    /// Acks deliveries: their events are done for this group. An ack id
+    /// whose lease has run out (or that another delivery replaced) acks
+    /// nothing: `false` in its place.
+    fn ack<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>>;
+
+    /// Gives a delivery back, to be delivered again after `delay` (else
+    /// the backoff); `false` if its lease is gone.
+    fn nack<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        delay: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Leases a delivery for another `ack_wait`; `false` if its lease is gone.
+    fn extend<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Sends a delivery's event to the dead-letter topic now, with
+    /// `reason`; `false` if its lease is gone.
+    fn dead_letter<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Moves a group's cursor (to rebuild a read model, or skip a
+    /// backlog); what was pending is forgotten.
+    fn seek<'a>(&'a self, subscription: &'a str, to: Seek)
+        -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// A counter that moves on every change of the store: new events,
+    /// deliveries given back. Waiting consumers watch it.
+    fn changes(&self) -> watch::Receiver<u64>;
 }

@@ -3,7 +3,42 @@
 
 #![allow(clippy::disallowed_types)] // The store's one reader of the wall clock: event times and the dedup window are wall-clock facts.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A store's clock: the wall clock, or one a test moves by hand.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    /// The system's wall clock.
+    #[default]
+    Wall,
+    /// Milliseconds since the epoch that stand still until advanced.
+    Manual(Arc<AtomicU64>),
+}
+
+impl Clock {
+    /// A manual clock at the wall clock's time now.
+    pub fn manual() -> Self {
+        Clock::Manual(Arc::new(AtomicU64::new(now_millis())))
+    }
+
+    /// Moves a manual clock on by `by`; the wall clock cannot be moved.
+    pub fn advance(&self, by: Duration) {
+        if let Clock::Manual(millis) = self {
+            let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+            millis.fetch_add(by, Ordering::Relaxed);
+        }
+    }
+
+    /// Milliseconds since the epoch, as this clock has it.
+    pub fn now_millis(&self) -> u64 {
+        match self {
+            Clock::Wall => now_millis(),
+            Clock::Manual(millis) => millis.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// Milliseconds since the Unix epoch now.
 pub(crate) fn now_millis() -> u64 {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidegate_events::{
-    conformance, Append, ExpectedVersion, NewEvent, Options, SqliteStore, Store,
+    conformance, Append, Clock, ExpectedVersion, NewEvent, Options, SqliteStore, Store,
 };
 
 /// A fresh directory for one test's database, removed when dropped.
@@ -41,6 +41,22 @@ async fn the_sqlite_store_keeps_every_rule() {
     let dir = TempDir::new("conformance");
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.db(), Options::default()).unwrap());
     conformance::all(store, "sqlite", 64, 1000).await;
+}
+
+#[tokio::test]
+async fn the_sqlite_stores_subscriptions_keep_every_rule() {
+    let dir = TempDir::new("subscriptions");
+    let clock = Clock::manual();
+    let options = Options {
+        clock: clock.clone(),
+        ..Options::default()
+    };
+    let store = SqliteStore::open(dir.db(), options).unwrap();
+    let advance = move |by: Duration| -> tidegate_events::BoxFuture<'static, ()> {
+        clock.advance(by);
+        Box::pin(async {})
+    };
+    conformance::subscriptions(&store, "sqlite", &advance).await;
 }
 
 #[tokio::test]
@@ -86,6 +102,7 @@ async fn past_the_dedup_window_an_id_is_stored_again() {
     let dir = TempDir::new("window");
     let options = Options {
         dedup_window: Duration::ZERO,
+        ..Options::default()
     };
     let store = SqliteStore::open(dir.db(), options).unwrap();
     for _ in 0..2 {

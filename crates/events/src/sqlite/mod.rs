@@ -11,6 +11,11 @@
 //! Positions come from the `topics` table and versions from `streams`, so
 //! neither goes back when retention deletes old events. Positions are
 //! gap-free: an append that stores nothing takes none.
+//!
+//! Subscriptions (see [`subscriptions`]) go through the writer too: a
+//! group's cursor and its pending events (leased or waiting) are rows, so
+//! a lease outlives the consumer that held it and a restart loses nothing.
+//! Every commit bumps [`Store::changes`], which wakes waiting consumers.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,11 +23,14 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::event::{Event, ExpectedVersion, NewEvent};
 use crate::store::{Append, AppendError, Appended, BoxFuture, Store, StoreError, Stored};
-use crate::time;
+use crate::subscription::{Delivery, Seek, SubscriptionConfig};
+use crate::time::Clock;
+
+mod subscriptions;
 
 /// The most appends one transaction takes.
 const MAX_GROUP: usize = 1024;
@@ -33,12 +41,16 @@ pub struct Options {
     /// An event whose id the topic saw this recently is a duplicate.
     /// Default 2 min.
     pub dedup_window: Duration,
+    /// The clock of event times, the dedup window and leases (the wall
+    /// clock; a manual one in tests).
+    pub clock: Clock,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             dedup_window: Duration::from_secs(120),
+            clock: Clock::Wall,
         }
     }
 }
@@ -46,12 +58,74 @@ impl Default for Options {
 /// Topics in one SQLite file; see the module documentation.
 #[derive(Debug)]
 pub struct SqliteStore {
-    appends: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Job>,
     readers: Arc<Readers>,
+    changes: watch::Receiver<u64>,
 }
 
-/// An append and where its answer goes.
-type Job = (Append, oneshot::Sender<Result<Appended, AppendError>>);
+/// Work for the writer, run in a group's transaction.
+type Job = Box<dyn Work>;
+
+/// Sends a job's answer, given whether its group was committed.
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A job: run in a group's transaction, it returns what to answer once
+/// the group is committed (or not) and the failure of the store that
+/// rolls the group back, if any; or it is told the group failed before
+/// it could run.
+trait Work: Send {
+    fn run(
+        self: Box<Self>,
+        tx: &Transaction<'_>,
+        group: &mut Group,
+    ) -> (Reply, Option<rusqlite::Error>);
+    fn fail(self: Box<Self>, error: StoreError);
+}
+
+/// A closure's work and where its answer goes.
+struct Op<T, F> {
+    work: F,
+    answer: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Work for Op<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Transaction<'_>, &mut Group) -> rusqlite::Result<T> + Send,
+{
+    fn run(
+        self: Box<Self>,
+        tx: &Transaction<'_>,
+        group: &mut Group,
+    ) -> (Reply, Option<rusqlite::Error>) {
+        let Op { work, answer } = *self;
+        let (value, failure) = match work(tx, group) {
+            Ok(value) => (Some(value), None),
+            Err(e) => (None, Some(e)),
+        };
+        let reply: Reply = Box::new(move |committed| {
+            let result = committed
+                .and_then(|()| value.ok_or_else(|| StoreError("event store write failed".into())));
+            let _ = answer.send(result);
+        });
+        (reply, failure)
+    }
+
+    fn fail(self: Box<Self>, error: StoreError) {
+        let _ = self.answer.send(Err(error));
+    }
+}
+
+/// What the jobs of one group share.
+pub(crate) struct Group {
+    /// The time of the group, from the store's clock, in milliseconds.
+    now: u64,
+    dedup_window: u64,
+    /// Each topic's last position, as this group has left it.
+    positions: HashMap<String, u64>,
+    /// The subscriptions' settings.
+    subscriptions: HashMap<String, SubscriptionConfig>,
+}
 
 /// Idle read connections, opened as needed.
 #[derive(Debug)]
@@ -73,22 +147,54 @@ impl SqliteStore {
         };
         let conn = Connection::open(&path).map_err(failed)?;
         conn.execute_batch(SCHEMA).map_err(failed)?;
+        let (changed, changes) = watch::channel(0);
         let writer = Writer {
             conn,
+            clock: options.clock,
             dedup_window: u64::try_from(options.dedup_window.as_millis()).unwrap_or(u64::MAX),
             positions: HashMap::new(),
+            subscriptions: HashMap::new(),
+            changed,
         };
-        let (appends, queue) = mpsc::channel();
+        let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()
             .name("tidegate-events-writer".into())
             .spawn(move || writer.run(queue))
             .map_err(|e| StoreError(format!("cannot start the event store's writer: {e}")))?;
         Ok(SqliteStore {
-            appends,
+            jobs,
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
             }),
+            changes,
+        })
+    }
+
+    /// Runs `work` in the writer's next group; its answer once the group
+    /// is committed. An error of the store rolls the group back.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut Group) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let job: Job = Box::new(Op { work, answer });
+        self.jobs.send(job).map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
+    }
+
+    /// Settles a leased delivery as `how` (see [`subscriptions::settle`]).
+    fn settle<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        how: subscriptions::Settle,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let (name, ack_id) = (subscription.to_owned(), ack_id.to_owned());
+        Box::pin(async move {
+            self.write(move |tx, group| subscriptions::settle(tx, group, &name, &ack_id, how))
+                .await?
         })
     }
 
@@ -139,6 +245,11 @@ impl Readers {
     }
 }
 
+/// The error of a store whose writer is gone.
+fn stopped() -> StoreError {
+    StoreError("the event store's writer has stopped".into())
+}
+
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = FULL;
@@ -170,14 +281,33 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_position ON events (topic, position);
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events (topic, key, version) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_by_id ON events (topic, id, appended_at);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    name TEXT PRIMARY KEY,
+    topic TEXT NOT NULL,
+    cursor INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending (
+    subscription TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    key TEXT,
+    deliveries INTEGER NOT NULL,
+    available_at INTEGER NOT NULL,
+    leased_until INTEGER,
+    PRIMARY KEY (subscription, position)
+);
 ";
 
 /// The write connection and what it knows between groups.
 struct Writer {
     conn: Connection,
+    clock: Clock,
     dedup_window: u64,
     /// Each topic's last position, as committed.
     positions: HashMap<String, u64>,
+    /// The subscriptions' settings.
+    subscriptions: HashMap<String, SubscriptionConfig>,
+    /// Bumped after every commit.
+    changed: watch::Sender<u64>,
 }
 
 impl Writer {
@@ -190,57 +320,68 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let answers = self.commit(jobs.iter().map(|(append, _)| append));
-            for ((_, reply), answer) in jobs.into_iter().zip(answers) {
-                let _ = reply.send(answer);
-            }
+            self.commit(jobs);
         }
     }
 
-    /// Applies `appends` in one transaction and commits it; an answer per
-    /// append. A failure of the store fails them all: nothing was stored.
-    fn commit<'a>(
-        &mut self,
-        appends: impl ExactSizeIterator<Item = &'a Append>,
-    ) -> Vec<Result<Appended, AppendError>> {
-        let count = appends.len();
-        let now = time::now_millis();
-        let mut positions = self.positions.clone();
-        let result = (|| {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut answers = Vec::with_capacity(count);
-            for append in appends {
-                answers.push(apply(&tx, append, now, self.dedup_window, &mut positions)?);
-            }
-            tx.commit()?;
-            Ok::<_, rusqlite::Error>(answers)
-        })();
-        match result {
-            Ok(answers) => {
-                self.positions = positions;
-                answers
-            }
+    /// Runs `jobs` in one transaction and commits it, then answers each.
+    /// A failure of the store rolls the whole group back and fails every
+    /// job: nothing of it was stored.
+    fn commit(&mut self, jobs: Vec<Job>) {
+        let mut group = Group {
+            now: self.clock.now_millis(),
+            dedup_window: self.dedup_window,
+            positions: self.positions.clone(),
+            subscriptions: self.subscriptions.clone(),
+        };
+        let tx = match self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
             Err(e) => {
                 let error = StoreError(format!("event store write failed: {e}"));
-                (0..count)
-                    .map(|_| Err(AppendError::Store(error.clone())))
-                    .collect()
+                for job in jobs {
+                    job.fail(error.clone());
+                }
+                return;
             }
+        };
+        let mut replies = Vec::with_capacity(jobs.len());
+        let mut failure = None;
+        for job in jobs {
+            let (reply, failed) = job.run(&tx, &mut group);
+            replies.push(reply);
+            failure = failure.or(failed);
+        }
+        let outcome = match failure {
+            None => tx.commit(),
+            Some(e) => Err(e),
+        };
+        let outcome = match outcome {
+            Ok(()) => {
+                self.positions = group.positions;
+                self.subscriptions = group.subscriptions;
+                self.changed.send_modify(|n| *n += 1);
+                Ok(())
+            }
+            Err(e) => Err(StoreError(format!("event store write failed: {e}"))),
+        };
+        for reply in replies {
+            reply(outcome.clone());
         }
     }
 }
 
 /// One append within the group's transaction: its answer, or a store
 /// failure that aborts the group.
-fn apply(
+pub(crate) fn apply(
     tx: &Transaction<'_>,
     append: &Append,
-    now: u64,
-    window: u64,
-    positions: &mut HashMap<String, u64>,
+    group: &mut Group,
 ) -> rusqlite::Result<Result<Appended, AppendError>> {
+    let (now, window) = (group.now, group.dedup_window);
+    let positions = &mut group.positions;
     if let Some(why) = invalid(append) {
         return Ok(Err(AppendError::Invalid(why)));
     }
@@ -328,7 +469,10 @@ fn apply(
             version += 1;
             version
         });
-        let time = event.time.clone().unwrap_or_else(|| time::rfc3339(now));
+        let time = event
+            .time
+            .clone()
+            .unwrap_or_else(|| crate::time::rfc3339(now));
         let extensions = (!event.extensions.is_empty())
             .then(|| serde_json::to_string(&event.extensions).expect("strings serialize"));
         insert.execute(params![
@@ -433,13 +577,8 @@ fn event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 impl Store for SqliteStore {
     fn append(&self, append: Append) -> BoxFuture<'_, Result<Appended, AppendError>> {
         Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            self.appends
-                .send((append, reply))
-                .map_err(|_| StoreError("the event store's writer has stopped".into()))?;
-            answer
-                .await
-                .map_err(|_| StoreError("the event store's writer has stopped".into()))?
+            self.write(move |tx, group| apply(tx, &append, group))
+                .await?
         })
     }
 
@@ -491,5 +630,80 @@ impl Store for SqliteStore {
                 .optional()?;
             Ok(last.map_or(0, unsql))
         }))
+    }
+
+    fn subscribe(&self, config: SubscriptionConfig) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.write(move |tx, group| subscriptions::subscribe(tx, group, config))
+                .await?
+        })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        subscription: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
+        let name = subscription.to_owned();
+        Box::pin(async move {
+            self.write(move |tx, group| subscriptions::fetch(tx, group, &name, max))
+                .await?
+        })
+    }
+
+    fn ack<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+        let (name, ack_ids) = (subscription.to_owned(), ack_ids.to_vec());
+        Box::pin(async move {
+            self.write(move |tx, group| subscriptions::ack(tx, group, &name, &ack_ids))
+                .await?
+        })
+    }
+
+    fn nack<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        delay: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let delay = delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.settle(subscription, ack_id, subscriptions::Settle::Nack(delay))
+    }
+
+    fn extend<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.settle(subscription, ack_id, subscriptions::Settle::Extend)
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let how = subscriptions::Settle::DeadLetter(reason.to_owned());
+        self.settle(subscription, ack_id, how)
+    }
+
+    fn seek<'a>(
+        &'a self,
+        subscription: &'a str,
+        to: Seek,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let name = subscription.to_owned();
+        Box::pin(async move {
+            self.write(move |tx, group| subscriptions::seek(tx, group, &name, to))
+                .await?
+        })
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
     }
 }
