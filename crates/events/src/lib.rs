@@ -28,12 +28,14 @@
 #![warn(missing_docs)]
 
 pub mod conformance;
+mod consumer;
 mod event;
 mod sqlite;
 mod store;
 mod subscription;
 mod time;
 
+pub use crate::consumer::{Consumer, Failure, Outcome, Policies};
 pub use crate::event::{Event, ExpectedVersion, NewEvent};
 pub use crate::sqlite::{Options, SqliteStore};
 pub use crate::store::{Append, AppendError, Appended, BoxFuture, Store, StoreError, Stored};

@@ -220,7 +220,16 @@ pub trait Store: Send + Sync + 'static {
     fn seek<'a>(&'a self, subscription: &'a str, to: Seek)
         -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// A counter that moves on every change of the store: new events,
-    /// deliveries given back. Waiting consumers watch it.
+    /// How long until one of group `subscription`'s pending events comes
+    /// due by time alone (a lease and its backoff run out, a nack's delay
+    /// ends); `None` when none waits on time.
+    fn next_due<'a>(
+        &'a self,
+        subscription: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Duration>, StoreError>>;
+
+    /// A counter that moves when events are stored or deliveries given
+    /// back (acked, nacked, dead-lettered, a seek): waiting consumers
+    /// watch it, and look again when it moves.
     fn changes(&self) -> watch::Receiver<u64>;
 }

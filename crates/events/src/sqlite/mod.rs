@@ -15,7 +15,10 @@
 //! Subscriptions (see [`subscriptions`]) go through the writer too: a
 //! group's cursor and its pending events (leased or waiting) are rows, so
 //! a lease outlives the consumer that held it and a restart loses nothing.
-//! Every commit bumps [`Store::changes`], which wakes waiting consumers.
+//! A commit that stores events or gives deliveries back (ack, nack,
+//! dead letter, seek) bumps [`Store::changes`], which wakes waiting
+//! consumers; a fetch that changes nothing of the kind does not, so a
+//! consumer that finds nothing does not wake itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -125,6 +128,8 @@ pub(crate) struct Group {
     positions: HashMap<String, u64>,
     /// The subscriptions' settings.
     subscriptions: HashMap<String, SubscriptionConfig>,
+    /// Whether consumers should look again once this group is committed.
+    wake: bool,
 }
 
 /// Idle read connections, opened as needed.
@@ -333,6 +338,7 @@ impl Writer {
             dedup_window: self.dedup_window,
             positions: self.positions.clone(),
             subscriptions: self.subscriptions.clone(),
+            wake: false,
         };
         let tx = match self
             .conn
@@ -362,7 +368,9 @@ impl Writer {
             Ok(()) => {
                 self.positions = group.positions;
                 self.subscriptions = group.subscriptions;
-                self.changed.send_modify(|n| *n += 1);
+                if group.wake {
+                    self.changed.send_modify(|n| *n += 1);
+                }
                 Ok(())
             }
             Err(e) => Err(StoreError(format!("event store write failed: {e}"))),
@@ -502,6 +510,7 @@ pub(crate) fn apply(
     )?
     .execute(params![topic, sql(position)])?;
     positions.insert(topic.to_owned(), position);
+    group.wake = true;
     if let Some(key) = &append.key {
         tx.prepare_cached(
             "INSERT INTO streams (topic, key, version) VALUES (?1, ?2, ?3) \
@@ -700,6 +709,19 @@ impl Store for SqliteStore {
         Box::pin(async move {
             self.write(move |tx, group| subscriptions::seek(tx, group, &name, to))
                 .await?
+        })
+    }
+
+    fn next_due<'a>(
+        &'a self,
+        subscription: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Duration>, StoreError>> {
+        let name = subscription.to_owned();
+        Box::pin(async move {
+            let millis = self
+                .write(move |tx, group| subscriptions::next_due(tx, group, &name))
+                .await??;
+            Ok(millis.map(Duration::from_millis))
         })
     }
 

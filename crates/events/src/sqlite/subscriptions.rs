@@ -328,6 +328,8 @@ pub(super) fn ack(
         }
         acked.push(position.is_some());
     }
+    // Room in flight: members held back by max_in_flight or a key may go on.
+    group.wake |= acked.contains(&true);
     Ok(Ok(acked))
 }
 
@@ -357,6 +359,8 @@ pub(super) fn settle(
         return Ok(Ok(false));
     };
     let now = group.now;
+    // A nack or a dead letter gives the event up; an extension keeps it.
+    let frees = !matches!(how, Settle::Extend);
     let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     match how {
         Settle::Nack(delay) => {
@@ -386,6 +390,7 @@ pub(super) fn settle(
             }
         }
     }
+    group.wake |= frees;
     Ok(Ok(true))
 }
 
@@ -409,5 +414,48 @@ pub(super) fn seek(
         .execute(params![name])?;
     tx.prepare_cached("UPDATE subscriptions SET cursor = ?2 WHERE name = ?1")?
         .execute(params![name, sql(cursor)])?;
+    group.wake = true;
     Ok(Ok(()))
+}
+
+/// How long until one of group `name`'s pending events comes due (a lease
+/// runs out and its backoff passes, a nack's delay ends); `None` when none
+/// waits on time. Events due now but held back (max_in_flight, a key in
+/// flight) wait on an ack, which wakes consumers.
+pub(super) fn next_due(
+    tx: &Transaction<'_>,
+    group: &mut Group,
+    name: &str,
+) -> rusqlite::Result<Result<Option<u64>, StoreError>> {
+    let config = match config(group, name) {
+        Ok(config) => config,
+        Err(e) => return Ok(Err(e)),
+    };
+    let now = group.now;
+    let mut next: Option<u64> = None;
+    let mut rows = tx.prepare_cached(
+        "SELECT deliveries, available_at, leased_until FROM pending WHERE subscription = ?1",
+    )?;
+    let rows = rows.query_map(params![name], |row| {
+        Ok((
+            u32::try_from(row.get::<_, i64>(0)?).unwrap_or(u32::MAX),
+            unsql(row.get(1)?),
+            row.get::<_, Option<i64>>(2)?.map(unsql),
+        ))
+    })?;
+    for row in rows {
+        let (deliveries, available_at, leased_until) = row?;
+        let due = match leased_until {
+            Some(until) => {
+                let wait =
+                    u64::try_from(config.backoff.after(deliveries).as_millis()).unwrap_or(u64::MAX);
+                until.saturating_add(wait).max(available_at)
+            }
+            None => available_at,
+        };
+        if due > now {
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
+    }
+    Ok(Ok(next.map(|due| due - now)))
 }
