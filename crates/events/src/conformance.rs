@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::event::{ExpectedVersion, NewEvent};
-use crate::store::{Append, AppendError, BoxFuture, Store};
+use crate::store::{Append, AppendError, BoxFuture, Retention, Store};
 use crate::subscription::{Backoff, Delivery, Ordering, Seek, Start, SubscriptionConfig};
 
 /// Moves the store's clock on (a manual clock, or real waiting).
@@ -460,6 +460,7 @@ pub async fn subscriptions(store: &dyn Store, prefix: &str, advance: Advance<'_>
     seek_delivers_again_from_where_asked(store, prefix).await;
     a_member_that_dies_mid_lease_loses_nothing(store, prefix, advance).await;
     appends_and_settles_move_the_changes_counter(store, prefix).await;
+    retention_deletes_the_oldest_and_positions_go_on(store, prefix, advance).await;
 }
 
 /// A group `name` on `topic`, short timings, no ordering.
@@ -819,4 +820,90 @@ pub async fn appends_and_settles_move_the_changes_counter(store: &dyn Store, pre
     changes.borrow_and_update();
     store.nack(&name, &got[0].ack_id, None).await.unwrap();
     assert!(changes.has_changed().unwrap(), "a nack");
+}
+
+/// `max_events` keeps the newest events, `max_age` the recent ones; the
+/// deleted ones are gone from reads and from a group's deliveries, and
+/// positions and versions go on from where they were.
+pub async fn retention_deletes_the_oldest_and_positions_go_on(
+    store: &dyn Store,
+    prefix: &str,
+    advance: Advance<'_>,
+) {
+    let counted = format!("{prefix}.retained-count");
+    for i in 0..5 {
+        store
+            .append(Append::to_key(
+                &counted,
+                "k",
+                ExpectedVersion::Any,
+                vec![event(&format!("m{i}"), "T")],
+            ))
+            .await
+            .unwrap();
+    }
+    let name = format!("{prefix}-retained");
+    store
+        .subscribe(group(name.clone(), &counted))
+        .await
+        .unwrap();
+    store
+        .retain(Retention {
+            topic: counted.clone(),
+            max_age: None,
+            max_events: Some(3),
+        })
+        .await
+        .unwrap();
+    // (The store may have applied it by itself already.)
+    store.enforce_retention().await.unwrap();
+    let kept: Vec<u64> = store
+        .read(&counted, 1, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(kept, [3, 4, 5]);
+    let next = store
+        .append(Append::to_key(
+            &counted,
+            "k",
+            ExpectedVersion::Exactly(5),
+            vec![event("m5", "T")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (next.events[0].position, next.events[0].version),
+        (6, Some(6))
+    );
+    let delivered = ids(&store.fetch(&name, 10).await.unwrap());
+    assert_eq!(
+        delivered.first().map(String::as_str),
+        Some("m2"),
+        "{delivered:?}"
+    );
+
+    let aged = format!("{prefix}.retained-age");
+    append_ids(store, &aged, ["old0".to_owned(), "old1".to_owned()]).await;
+    advance(Duration::from_secs(3600)).await;
+    append_ids(store, &aged, ["new0".to_owned()]).await;
+    store
+        .retain(Retention {
+            topic: aged.clone(),
+            max_age: Some(Duration::from_secs(1800)),
+            max_events: None,
+        })
+        .await
+        .unwrap();
+    store.enforce_retention().await.unwrap();
+    let kept: Vec<String> = store
+        .read(&aged, 1, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(kept, ["new0"]);
 }

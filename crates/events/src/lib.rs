@@ -38,6 +38,8 @@ mod time;
 pub use crate::consumer::{Consumer, Failure, Outcome, Policies};
 pub use crate::event::{Event, ExpectedVersion, NewEvent};
 pub use crate::sqlite::{Options, SqliteStore};
-pub use crate::store::{Append, AppendError, Appended, BoxFuture, Store, StoreError, Stored};
+pub use crate::store::{
+    Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError, Stored,
+};
 pub use crate::subscription::{Backoff, Delivery, Ordering, Seek, Start, SubscriptionConfig};
 pub use crate::time::Clock;

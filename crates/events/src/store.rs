@@ -135,6 +135,17 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// How long a topic keeps its events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// The topic.
+    pub topic: String,
+    /// Events older than this go.
+    pub max_age: Option<Duration>,
+    /// All but the newest this many go.
+    pub max_events: Option<u64>,
+}
+
 /// Topics of events: append with expected versions and dedup, read a
 /// topic from a position, read one key's stream from a version.
 pub trait Store: Send + Sync + 'static {
@@ -163,6 +174,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The position of `topic`'s last event (0: none yet).
     fn last_position<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Sets `topic`'s retention: events older than `max_age`, and all but
+    /// the newest `max_events`, are deleted (positions and versions go on
+    /// from where they were). The store applies it by itself from time to
+    /// time, and at once on [`enforce_retention`](Store::enforce_retention).
+    fn retain<'a>(&'a self, retention: Retention) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Deletes what every topic's retention says is past keeping; how many
+    /// events went.
+    fn enforce_retention(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
 
     /// Creates the consumer group of `config`, its cursor where
     /// `config.start` says, or gives an existing one these settings (its

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidegate_events::{
-    Append, BoxFuture, Consumer, Delivery, Event, Failure, NewEvent, Seek, SqliteStore, Store,
-    StoreError, SubscriptionConfig,
+    Append, BoxFuture, Consumer, Delivery, Event, Failure, NewEvent, Retention, Seek, SqliteStore,
+    Store, StoreError, SubscriptionConfig,
 };
 use tidegate_resilience::Pipeline;
 use tokio::sync::{mpsc, watch};
@@ -71,6 +71,12 @@ impl Store for Observed {
     }
     fn last_position<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.inner.last_position(topic)
+    }
+    fn retain<'a>(&'a self, retention: Retention) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.retain(retention)
+    }
+    fn enforce_retention(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.inner.enforce_retention()
     }
     fn subscribe(&self, config: SubscriptionConfig) -> BoxFuture<'_, Result<(), StoreError>> {
         self.inner.subscribe(config)

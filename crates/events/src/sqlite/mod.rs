@@ -29,7 +29,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 use tokio::sync::{oneshot, watch};
 
 use crate::event::{Event, ExpectedVersion, NewEvent};
-use crate::store::{Append, AppendError, Appended, BoxFuture, Store, StoreError, Stored};
+use crate::store::{
+    Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError, Stored,
+};
 use crate::subscription::{Delivery, Seek, SubscriptionConfig};
 use crate::time::Clock;
 
@@ -37,6 +39,9 @@ mod subscriptions;
 
 /// The most appends one transaction takes.
 const MAX_GROUP: usize = 1024;
+
+/// How often, in the store's milliseconds, retention runs by itself.
+const RETAIN_EVERY: u64 = 60_000;
 
 /// How a [`SqliteStore`] behaves.
 #[derive(Debug, Clone)]
@@ -128,6 +133,8 @@ pub(crate) struct Group {
     positions: HashMap<String, u64>,
     /// The subscriptions' settings.
     subscriptions: HashMap<String, SubscriptionConfig>,
+    /// The topics' retention.
+    retention: HashMap<String, Retention>,
     /// Whether consumers should look again once this group is committed.
     wake: bool,
 }
@@ -159,6 +166,8 @@ impl SqliteStore {
             dedup_window: u64::try_from(options.dedup_window.as_millis()).unwrap_or(u64::MAX),
             positions: HashMap::new(),
             subscriptions: HashMap::new(),
+            retention: HashMap::new(),
+            retained_at: 0,
             changed,
         };
         let (jobs, queue) = mpsc::channel();
@@ -311,7 +320,11 @@ struct Writer {
     positions: HashMap<String, u64>,
     /// The subscriptions' settings.
     subscriptions: HashMap<String, SubscriptionConfig>,
-    /// Bumped after every commit.
+    /// The topics' retention.
+    retention: HashMap<String, Retention>,
+    /// When retention last ran, by the store's clock.
+    retained_at: u64,
+    /// Bumped after commits that wake consumers.
     changed: watch::Sender<u64>,
 }
 
@@ -326,6 +339,17 @@ impl Writer {
                 }
             }
             self.commit(jobs);
+            // Retention by itself, at most once a minute of the store's clock.
+            let now = self.clock.now_millis();
+            if !self.retention.is_empty() && now.saturating_sub(self.retained_at) >= RETAIN_EVERY {
+                self.retained_at = now;
+                // Nobody waits for its answer: the receiver is dropped.
+                let sweep: Job = Box::new(Op {
+                    work: |tx: &Transaction<'_>, group: &mut Group| retain_all(tx, group),
+                    answer: oneshot::channel().0,
+                });
+                self.commit(vec![sweep]);
+            }
         }
     }
 
@@ -338,6 +362,7 @@ impl Writer {
             dedup_window: self.dedup_window,
             positions: self.positions.clone(),
             subscriptions: self.subscriptions.clone(),
+            retention: self.retention.clone(),
             wake: false,
         };
         let tx = match self
@@ -368,6 +393,7 @@ impl Writer {
             Ok(()) => {
                 self.positions = group.positions;
                 self.subscriptions = group.subscriptions;
+                self.retention = group.retention;
                 if group.wake {
                     self.changed.send_modify(|n| *n += 1);
                 }
@@ -449,11 +475,7 @@ pub(crate) fn apply(
     }
     let mut position = match positions.get(topic) {
         Some(&position) => position,
-        None => tx
-            .prepare_cached("SELECT last_position FROM topics WHERE name = ?1")?
-            .query_row(params![topic], |row| row.get::<_, i64>(0))
-            .optional()?
-            .map_or(0, unsql),
+        None => last_position(tx, topic)?,
     };
     let mut version = actual.unwrap_or(0);
     let mut insert = tx.prepare_cached(
@@ -519,6 +541,66 @@ pub(crate) fn apply(
         .execute(params![topic, key, sql(version)])?;
     }
     Ok(Ok(Appended { events: stored }))
+}
+
+/// The position of `topic`'s last event as committed (0: none).
+fn last_position(tx: &Transaction<'_>, topic: &str) -> rusqlite::Result<u64> {
+    Ok(tx
+        .prepare_cached("SELECT last_position FROM topics WHERE name = ?1")?
+        .query_row(params![topic], |row| row.get::<_, i64>(0))
+        .optional()?
+        .map_or(0, unsql))
+}
+
+/// Deletes what each topic's retention says is past keeping; the count.
+fn retain_all(tx: &Transaction<'_>, group: &mut Group) -> rusqlite::Result<u64> {
+    let mut deleted = 0;
+    for retention in group.retention.values() {
+        let topic = retention.topic.as_str();
+        let mut cutoff = 0;
+        if let Some(max_events) = retention.max_events {
+            let last = match group.positions.get(topic) {
+                Some(&last) => last,
+                None => last_position(tx, topic)?,
+            };
+            cutoff = last.saturating_sub(max_events);
+        }
+        if let Some(max_age) = retention.max_age {
+            let before = group
+                .now
+                .saturating_sub(u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX));
+            // Append times rise with positions: the last position older
+            // than the cut is found from the front, a page at a time.
+            let mut oldest = tx.prepare_cached(
+                "SELECT position, appended_at FROM events WHERE topic = ?1 AND position > ?2 \
+                 ORDER BY position LIMIT 1000",
+            )?;
+            let mut from = cutoff;
+            'scan: loop {
+                let page: Vec<(u64, u64)> = oldest
+                    .query_map(params![topic, sql(from)], |row| {
+                        Ok((unsql(row.get(0)?), unsql(row.get(1)?)))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                if page.is_empty() {
+                    break;
+                }
+                for (position, appended_at) in page {
+                    if appended_at >= before {
+                        break 'scan;
+                    }
+                    from = position;
+                }
+            }
+            cutoff = cutoff.max(from);
+        }
+        if cutoff > 0 {
+            deleted += tx
+                .prepare_cached("DELETE FROM events WHERE topic = ?1 AND position <= ?2")?
+                .execute(params![topic, sql(cutoff)])? as u64;
+        }
+    }
+    Ok(deleted)
 }
 
 /// What is wrong with `append`, if anything.
@@ -639,6 +721,17 @@ impl Store for SqliteStore {
                 .optional()?;
             Ok(last.map_or(0, unsql))
         }))
+    }
+
+    fn retain<'a>(&'a self, retention: Retention) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write(move |_, group| {
+            group.retention.insert(retention.topic.clone(), retention);
+            Ok(())
+        }))
+    }
+
+    fn enforce_retention(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.write(retain_all))
     }
 
     fn subscribe(&self, config: SubscriptionConfig) -> BoxFuture<'_, Result<(), StoreError>> {

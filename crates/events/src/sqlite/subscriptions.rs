@@ -9,7 +9,7 @@ use std::collections::HashSet;
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::{apply, event, sql, unsql, Group, COLUMNS};
+use super::{apply, event, last_position, sql, unsql, Group, COLUMNS};
 use crate::event::{Event, ExpectedVersion, NewEvent};
 use crate::store::{Append, StoreError};
 use crate::subscription::{
@@ -54,14 +54,6 @@ pub(super) fn subscribe(
     }
     group.subscriptions.insert(config.name.clone(), config);
     Ok(Ok(()))
-}
-
-fn last_position(tx: &Transaction<'_>, topic: &str) -> rusqlite::Result<u64> {
-    Ok(tx
-        .prepare_cached("SELECT last_position FROM topics WHERE name = ?1")?
-        .query_row(params![topic], |row| row.get::<_, i64>(0))
-        .optional()?
-        .map_or(0, unsql))
 }
 
 /// The settings of group `name`, or the error of asking for an unknown one.
