@@ -137,6 +137,9 @@ pub(crate) struct Group {
     retention: HashMap<String, Retention>,
     /// Whether consumers should look again once this group is committed.
     wake: bool,
+    /// Topics this group appended to: their last positions are written
+    /// once, at its end.
+    appended: HashSet<String>,
 }
 
 /// Idle read connections, opened as needed.
@@ -159,6 +162,9 @@ impl SqliteStore {
         };
         let conn = Connection::open(&path).map_err(failed)?;
         conn.execute_batch(SCHEMA).map_err(failed)?;
+        // Every statement the writer runs stays prepared (the default
+        // cache of 16 would evict and parse them again).
+        conn.set_prepared_statement_cache_capacity(64);
         let (changed, changes) = watch::channel(0);
         let writer = Writer {
             conn,
@@ -364,6 +370,7 @@ impl Writer {
             subscriptions: self.subscriptions.clone(),
             retention: self.retention.clone(),
             wake: false,
+            appended: HashSet::new(),
         };
         let tx = match self
             .conn
@@ -386,7 +393,7 @@ impl Writer {
             failure = failure.or(failed);
         }
         let outcome = match failure {
-            None => tx.commit(),
+            None => save_positions(&tx, &group).and_then(|()| tx.commit()),
             Some(e) => Err(e),
         };
         let outcome = match outcome {
@@ -415,7 +422,6 @@ pub(crate) fn apply(
     group: &mut Group,
 ) -> rusqlite::Result<Result<Appended, AppendError>> {
     let (now, window) = (group.now, group.dedup_window);
-    let positions = &mut group.positions;
     if let Some(why) = invalid(append) {
         return Ok(Err(AppendError::Invalid(why)));
     }
@@ -473,10 +479,8 @@ pub(crate) fn apply(
             actual,
         }));
     }
-    let mut position = match positions.get(topic) {
-        Some(&position) => position,
-        None => last_position(tx, topic)?,
-    };
+    let mut position = last_position(tx, group, topic)?;
+    let positions = &mut group.positions;
     let mut version = actual.unwrap_or(0);
     let mut insert = tx.prepare_cached(
         "INSERT INTO events (topic, position, id, key, version, source, type, time, \
@@ -526,12 +530,10 @@ pub(crate) fn apply(
             duplicate: false,
         });
     }
-    tx.prepare_cached(
-        "INSERT INTO topics (name, last_position) VALUES (?1, ?2) \
-         ON CONFLICT (name) DO UPDATE SET last_position = excluded.last_position",
-    )?
-    .execute(params![topic, sql(position)])?;
     positions.insert(topic.to_owned(), position);
+    if !group.appended.contains(topic) {
+        group.appended.insert(topic.to_owned());
+    }
     group.wake = true;
     if let Some(key) = &append.key {
         tx.prepare_cached(
@@ -543,8 +545,24 @@ pub(crate) fn apply(
     Ok(Ok(Appended { events: stored }))
 }
 
-/// The position of `topic`'s last event as committed (0: none).
-fn last_position(tx: &Transaction<'_>, topic: &str) -> rusqlite::Result<u64> {
+/// Writes the last position of each topic `group` appended to.
+fn save_positions(tx: &Transaction<'_>, group: &Group) -> rusqlite::Result<()> {
+    let mut save = tx.prepare_cached(
+        "INSERT INTO topics (name, last_position) VALUES (?1, ?2) \
+         ON CONFLICT (name) DO UPDATE SET last_position = excluded.last_position",
+    )?;
+    for topic in &group.appended {
+        save.execute(params![topic, sql(group.positions[topic])])?;
+    }
+    Ok(())
+}
+
+/// The position of `topic`'s last event as `group` has left it so far
+/// (0: none).
+fn last_position(tx: &Transaction<'_>, group: &Group, topic: &str) -> rusqlite::Result<u64> {
+    if let Some(&last) = group.positions.get(topic) {
+        return Ok(last);
+    }
     Ok(tx
         .prepare_cached("SELECT last_position FROM topics WHERE name = ?1")?
         .query_row(params![topic], |row| row.get::<_, i64>(0))
@@ -559,11 +577,7 @@ fn retain_all(tx: &Transaction<'_>, group: &mut Group) -> rusqlite::Result<u64> 
         let topic = retention.topic.as_str();
         let mut cutoff = 0;
         if let Some(max_events) = retention.max_events {
-            let last = match group.positions.get(topic) {
-                Some(&last) => last,
-                None => last_position(tx, topic)?,
-            };
-            cutoff = last.saturating_sub(max_events);
+            cutoff = last_position(tx, group, topic)?.saturating_sub(max_events);
         }
         if let Some(max_age) = retention.max_age {
             let before = group

@@ -44,7 +44,7 @@ pub(super) fn subscribe(
         None => {
             let cursor = match config.start {
                 Start::Earliest => 0,
-                Start::Latest => last_position(tx, &config.topic)?,
+                Start::Latest => last_position(tx, group, &config.topic)?,
             };
             tx.prepare_cached(
                 "INSERT INTO subscriptions (name, topic, cursor) VALUES (?1, ?2, ?3)",
@@ -399,7 +399,7 @@ pub(super) fn seek(
     };
     let cursor = match to {
         Seek::Earliest => 0,
-        Seek::Latest => last_position(tx, &config.topic)?,
+        Seek::Latest => last_position(tx, group, &config.topic)?,
         Seek::Position(position) => position.saturating_sub(1),
     };
     tx.prepare_cached("DELETE FROM pending WHERE subscription = ?1")?

@@ -1,0 +1,206 @@
+//! The SQLite store's speed, whole: appends/s with 1 and 64 concurrent
+//! publishers (1 KiB events, every commit synced), each append's latency,
+//! publish-to-delivery latency to a waiting consumer, and deliveries/s to
+//! an in-process consumer that acks; beside the machine's own limit, one
+//! synced SQLite transaction per append, measured in the same run.
+//!
+//! ```sh
+//! cargo bench -p tidegate-events --bench events            # or ./scripts/bench-events.sh
+//! EVENTS=20000 cargo bench -p tidegate-events --bench events
+//! ```
+#![allow(clippy::disallowed_types)] // a benchmark times itself with the wall clock
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidegate_events::{Append, Consumer, NewEvent, SqliteStore, Store, SubscriptionConfig};
+
+fn events() -> usize {
+    std::env::var("EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
+
+fn payload() -> Vec<u8> {
+    vec![b'x'; 1024]
+}
+
+fn fresh(name: &str) -> (Arc<SqliteStore>, std::path::PathBuf) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = SqliteStore::open(dir.join("events.db"), Default::default()).unwrap();
+    (Arc::new(store), dir)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// `publishers` tasks append `total` events between them; appends/s and
+/// each append's latency (p50, p99).
+async fn appends(publishers: usize, total: usize) -> (f64, Duration, Duration) {
+    let (store, _dir) = fresh(&format!("appends-{publishers}"));
+    let each = total / publishers;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..publishers {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut latencies = Vec::with_capacity(each);
+            for i in 0..each {
+                let event = NewEvent::new(format!("{p}-{i}"), "bench", "Benched", payload());
+                let begun = Instant::now();
+                store
+                    .append(Append::to_topic("bench", vec![event]))
+                    .await
+                    .unwrap();
+                latencies.push(begun.elapsed());
+            }
+            latencies
+        });
+    }
+    let mut latencies = Vec::with_capacity(total);
+    while let Some(done) = tasks.join_next().await {
+        latencies.extend(done.unwrap());
+    }
+    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    latencies.sort();
+    (
+        rate,
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+    )
+}
+
+/// One synced SQLite transaction per 1 KiB insert, as fast as it goes:
+/// what this machine's disk allows a store that commits each append alone.
+fn machine_limit(total: usize) -> f64 {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-raw");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let conn = rusqlite::Connection::open(dir.join("raw.db")).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+         CREATE TABLE t (position INTEGER PRIMARY KEY, data BLOB NOT NULL);",
+    )
+    .unwrap();
+    let data = payload();
+    let started = Instant::now();
+    for i in 0..total {
+        conn.execute(
+            "INSERT INTO t (position, data) VALUES (?1, ?2)",
+            rusqlite::params![i as i64, data],
+        )
+        .unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A consumer waiting on a group: the time from each append to its
+/// delivery (p50, p99), one event at a time.
+async fn delivery_latency(count: usize) -> (Duration, Duration) {
+    let (store, _dir) = fresh("latency");
+    let store: Arc<dyn Store> = store;
+    store
+        .subscribe(SubscriptionConfig::new("g", "t"))
+        .await
+        .unwrap();
+    let consumer = Consumer::new(store.clone(), "g");
+    let mut latencies = Vec::with_capacity(count);
+    for i in 0..count {
+        let waiting = {
+            let consumer = consumer.clone();
+            tokio::spawn(async move { consumer.next().await.unwrap() })
+        };
+        tokio::task::yield_now().await;
+        let begun = Instant::now();
+        let event = NewEvent::new(format!("l{i}"), "bench", "Benched", payload());
+        store
+            .append(Append::to_topic("t", vec![event]))
+            .await
+            .unwrap();
+        let got = waiting.await.unwrap();
+        latencies.push(begun.elapsed());
+        let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
+        store.ack("g", &ids).await.unwrap();
+    }
+    latencies.sort();
+    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+}
+
+/// Deliveries/s to one consumer that takes 100 at a time and acks them.
+async fn deliveries(total: usize) -> f64 {
+    let (store, _dir) = fresh("deliveries");
+    let store: Arc<dyn Store> = store;
+    for chunk in 0..total / 100 {
+        let batch = (0..100)
+            .map(|i| NewEvent::new(format!("d{chunk}-{i}"), "bench", "Benched", payload()))
+            .collect();
+        store
+            .append(Append::to_key(
+                "t",
+                format!("k{chunk}"),
+                Default::default(),
+                batch,
+            ))
+            .await
+            .unwrap();
+    }
+    store
+        .subscribe(SubscriptionConfig {
+            max_in_flight: 1000,
+            ..SubscriptionConfig::new("g", "t")
+        })
+        .await
+        .unwrap();
+    let consumer = Consumer::new(store.clone(), "g").batch(100);
+    let started = Instant::now();
+    let mut done = 0;
+    while done < total / 100 * 100 {
+        let got = consumer.next().await.unwrap();
+        let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
+        store.ack("g", &ids).await.unwrap();
+        done += got.len();
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    // `cargo test --benches` runs benches once in test mode: keep that quick.
+    let total = if std::env::args().any(|a| a == "--bench") {
+        events()
+    } else {
+        640
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let limit = machine_limit(total.min(5_000));
+    let (one, one_p50, one_p99) = runtime.block_on(appends(1, total.min(5_000)));
+    let (many, many_p50, many_p99) = runtime.block_on(appends(64, total));
+    let (latency_p50, latency_p99) = runtime.block_on(delivery_latency(total.min(2_000)));
+    let delivered = runtime.block_on(deliveries(total));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!("one synced SQLite transaction per 1 KiB insert (the machine's limit): {limit:.0}/s");
+    println!(
+        "appends, 1 publisher:   {one:.0}/s ({:.2} of the limit), p50 {:.3} ms, p99 {:.3} ms",
+        one / limit,
+        ms(one_p50),
+        ms(one_p99)
+    );
+    println!(
+        "appends, 64 publishers: {many:.0}/s, p50 {:.3} ms, p99 {:.3} ms",
+        ms(many_p50),
+        ms(many_p99)
+    );
+    println!(
+        "publish to delivery:    p50 {:.3} ms, p99 {:.3} ms",
+        ms(latency_p50),
+        ms(latency_p99)
+    );
+    println!("deliveries (acked, 100 a batch): {delivered:.0}/s");
+}
