@@ -7,6 +7,7 @@
 //! ```sh
 //! cargo bench -p tidegate-events --bench events            # or ./scripts/bench-events.sh
 //! EVENTS=20000 cargo bench -p tidegate-events --bench events
+//! WORKERS=1 cargo bench -p tidegate-events --bench events   # tokio worker threads (default 2)
 //! ```
 #![allow(clippy::disallowed_types)] // a benchmark times itself with the wall clock
 
@@ -175,7 +176,12 @@ fn main() {
         640
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("WORKERS")
+                .ok()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
         .unwrap();
