@@ -662,6 +662,21 @@ pub async fn poison_goes_to_the_dead_letter_topic(
         ]
     );
     assert_eq!(letters[1].data, br#"{"id":"p0"}"#);
+
+    // Redriven, both are pending again in the group, deliveries afresh, once.
+    let dead = format!("{topic}.dead");
+    assert_eq!(store.redrive(&dead, 10).await.unwrap(), 2);
+    assert_eq!(
+        store.redrive(&dead, 10).await.unwrap(),
+        0,
+        "each letter goes back once"
+    );
+    let back = store.fetch(&name, 10).await.unwrap();
+    let back: Vec<(String, u32)> = back
+        .iter()
+        .map(|d| (d.event.id.clone(), d.delivery))
+        .collect();
+    assert_eq!(back, [("p0".to_owned(), 1), ("p1".to_owned(), 1)]);
 }
 
 /// `ordering = "key"`: at most one event per key in flight, each key's

@@ -236,6 +236,16 @@ pub trait Store: Send + Sync + 'static {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
+    /// Puts up to `limit` dead letters of `dead_letter_topic`, not yet
+    /// redriven, back to work: each becomes pending again in the group that
+    /// dead-lettered it, at its place in its topic, with its deliveries
+    /// counted afresh. How many went back; each letter goes back once.
+    fn redrive<'a>(
+        &'a self,
+        dead_letter_topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
     /// Moves a group's cursor (to rebuild a read model, or skip a
     /// backlog); what was pending is forgotten.
     fn seek<'a>(&'a self, subscription: &'a str, to: Seek)

@@ -124,6 +124,13 @@ impl Store for Observed {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.inner.dead_letter(subscription, id, reason)
     }
+    fn redrive<'a>(
+        &'a self,
+        topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.redrive(topic, limit)
+    }
     fn seek<'a>(
         &'a self,
         subscription: &'a str,

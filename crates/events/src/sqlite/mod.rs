@@ -315,6 +315,10 @@ CREATE TABLE IF NOT EXISTS pending (
     leased_until INTEGER,
     PRIMARY KEY (subscription, position)
 );
+CREATE TABLE IF NOT EXISTS redrives (
+    topic TEXT PRIMARY KEY,
+    cursor INTEGER NOT NULL
+);
 ";
 
 /// The write connection and what it knows between groups.
@@ -805,6 +809,15 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         let how = subscriptions::Settle::DeadLetter(reason.to_owned());
         self.settle(subscription, ack_id, how)
+    }
+
+    fn redrive<'a>(
+        &'a self,
+        dead_letter_topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let topic = dead_letter_topic.to_owned();
+        Box::pin(self.write(move |tx, group| subscriptions::redrive(tx, group, &topic, limit)))
     }
 
     fn seek<'a>(

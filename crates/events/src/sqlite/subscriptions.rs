@@ -386,6 +386,54 @@ pub(super) fn settle(
     Ok(Ok(true))
 }
 
+/// Puts up to `limit` letters of `dead_letters` after its redrive cursor
+/// back in their groups' pending events; the count.
+pub(super) fn redrive(
+    tx: &Transaction<'_>,
+    group: &mut Group,
+    dead_letters: &str,
+    limit: usize,
+) -> rusqlite::Result<u64> {
+    let cursor = tx
+        .prepare_cached("SELECT cursor FROM redrives WHERE topic = ?1")?
+        .query_row(params![dead_letters], |row| row.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0);
+    let letters: Vec<Event> = tx
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM events WHERE topic = ?1 AND position > ?2 ORDER BY position LIMIT ?3"
+        ))?
+        .query_map(params![dead_letters, cursor, sql(limit as u64)], event)?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut back = 0;
+    let mut put_back = tx.prepare_cached(
+        "INSERT INTO pending (subscription, position, key, deliveries, available_at) \
+         SELECT ?1, ?2, ?3, 0, ?4 WHERE EXISTS (SELECT 1 FROM subscriptions WHERE name = ?1) \
+         ON CONFLICT (subscription, position) DO UPDATE \
+         SET deliveries = 0, available_at = excluded.available_at, leased_until = NULL",
+    )?;
+    for letter in &letters {
+        let ext = &letter.extensions;
+        let (Some(name), Some(position)) = (
+            ext.get("deadlettersubscription"),
+            ext.get("deadletterposition")
+                .and_then(|p| p.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        back += put_back.execute(params![name, sql(position), letter.key, sql(group.now)])? as u64;
+    }
+    if let Some(last) = letters.last() {
+        tx.prepare_cached(
+            "INSERT INTO redrives (topic, cursor) VALUES (?1, ?2) \
+             ON CONFLICT (topic) DO UPDATE SET cursor = excluded.cursor",
+        )?
+        .execute(params![dead_letters, sql(last.position)])?;
+    }
+    group.wake |= back > 0;
+    Ok(back)
+}
+
 /// Moves group `name`'s cursor; its pending events are forgotten.
 pub(super) fn seek(
     tx: &Transaction<'_>,
