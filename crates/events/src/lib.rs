@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod aggregate;
 pub mod conformance;
 mod consumer;
 mod event;
@@ -35,6 +36,7 @@ mod store;
 mod subscription;
 mod time;
 
+pub use crate::aggregate::{execute, load, Aggregate, ExecuteError, Executed, Loaded};
 pub use crate::consumer::{Consumer, Failure, Outcome, Policies};
 pub use crate::event::{Event, ExpectedVersion, NewEvent};
 pub use crate::sqlite::{Options, SqliteStore};
