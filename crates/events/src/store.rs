@@ -251,6 +251,10 @@ pub trait Store: Send + Sync + 'static {
     fn seek<'a>(&'a self, subscription: &'a str, to: Seek)
         -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// How many events group `subscription` has not finished: those after
+    /// its cursor (its type filter may pass some by) and its pending ones.
+    fn lag<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
     /// How long until one of group `subscription`'s pending events comes
     /// due by time alone (a lease and its backoff run out, a nack's delay
     /// ends); `None` when none waits on time.

@@ -144,6 +144,9 @@ impl Store for Observed {
     ) -> BoxFuture<'a, Result<Option<Duration>, StoreError>> {
         self.inner.next_due(subscription)
     }
+    fn lag<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.lag(subscription)
+    }
     fn changes(&self) -> watch::Receiver<u64> {
         self.inner.changes()
     }

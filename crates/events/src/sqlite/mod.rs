@@ -845,6 +845,21 @@ impl Store for SqliteStore {
         })
     }
 
+    fn lag<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let name = subscription.to_owned();
+        Box::pin(self.reading(move |conn| {
+            let lag = conn
+                .prepare_cached(
+                    "SELECT COALESCE((SELECT last_position FROM topics WHERE name = s.topic), 0) - s.cursor \
+                     + (SELECT COUNT(*) FROM pending WHERE subscription = s.name) \
+                     FROM subscriptions s WHERE s.name = ?1",
+                )?
+                .query_row(params![name], |row| row.get::<_, i64>(0))
+                .optional()?;
+            Ok(lag.map_or(0, unsql))
+        }))
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
     }
