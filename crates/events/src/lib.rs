@@ -33,6 +33,7 @@ mod consumer;
 mod event;
 pub mod metrics;
 pub mod outbox;
+mod projection;
 mod sqlite;
 mod store;
 mod subscription;
@@ -41,6 +42,7 @@ mod time;
 pub use crate::aggregate::{execute, load, Aggregate, ExecuteError, Executed, Loaded};
 pub use crate::consumer::{Consumer, Failure, Outcome, Policies};
 pub use crate::event::{Event, ExpectedVersion, NewEvent};
+pub use crate::projection::{Projection, Projector};
 pub use crate::sqlite::{Options, SqliteStore};
 pub use crate::store::{
     Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError, Stored,
