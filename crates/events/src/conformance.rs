@@ -318,15 +318,7 @@ pub async fn invalid_appends_store_nothing(store: &dyn Store, prefix: &str) {
 pub async fn reads_start_where_asked_and_stop_at_the_limit(store: &dyn Store, prefix: &str) {
     let topic = format!("{prefix}.reads");
     for i in 0..10 {
-        store
-            .append(Append::to_key(
-                &topic,
-                "k",
-                ExpectedVersion::Any,
-                vec![event(&format!("r{i}"), "T")],
-            ))
-            .await
-            .unwrap();
+        append_keyed(store, &topic, "k", &format!("r{i}")).await;
     }
     let page: Vec<u64> = store
         .read(&topic, 4, 3)
@@ -483,6 +475,19 @@ async fn append_ids(store: &dyn Store, topic: &str, ids: impl IntoIterator<Item 
             .await
             .unwrap();
     }
+}
+
+/// Appends event `id` (type `T`) to `key`'s stream, whatever its version.
+async fn append_keyed(store: &dyn Store, topic: &str, key: &str, id: &str) {
+    store
+        .append(Append::to_key(
+            topic,
+            key,
+            ExpectedVersion::Any,
+            vec![event(id, "T")],
+        ))
+        .await
+        .unwrap();
 }
 
 fn ids(deliveries: &[Delivery]) -> Vec<String> {
@@ -690,15 +695,7 @@ pub async fn key_ordering_holds_one_event_per_key_in_flight(store: &dyn Store, p
         ("a", "a3"),
         ("b", "b2"),
     ] {
-        store
-            .append(Append::to_key(
-                &topic,
-                key,
-                ExpectedVersion::Any,
-                vec![event(id, "T")],
-            ))
-            .await
-            .unwrap();
+        append_keyed(store, &topic, key, id).await;
     }
     append_ids(store, &topic, ["free".to_owned()]).await;
     let (ordered, free) = (format!("{prefix}-ordered"), format!("{prefix}-unordered"));
@@ -847,15 +844,7 @@ pub async fn retention_deletes_the_oldest_and_positions_go_on(
 ) {
     let counted = format!("{prefix}.retained-count");
     for i in 0..5 {
-        store
-            .append(Append::to_key(
-                &counted,
-                "k",
-                ExpectedVersion::Any,
-                vec![event(&format!("m{i}"), "T")],
-            ))
-            .await
-            .unwrap();
+        append_keyed(store, &counted, "k", &format!("m{i}")).await;
     }
     let name = format!("{prefix}-retained");
     store
