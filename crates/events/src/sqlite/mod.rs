@@ -146,6 +146,17 @@ pub(crate) struct Group {
     recent: Recent,
     /// The ids this group noted in `recent`, taken out again if it fails.
     noted: Vec<(u64, u64)>,
+    /// `now` as RFC 3339, once it is needed.
+    time_text: Option<String>,
+}
+
+impl Group {
+    /// The group's time as events carry it.
+    fn time_text(&mut self) -> &str {
+        let now = self.now;
+        self.time_text
+            .get_or_insert_with(|| crate::time::rfc3339(now))
+    }
 }
 
 /// Idle read connections, opened as needed.
@@ -395,6 +406,7 @@ impl Writer {
             appended: HashSet::new(),
             recent,
             noted: Vec::new(),
+            time_text: None,
         };
         let tx = match self
             .conn
@@ -458,9 +470,17 @@ pub(crate) fn apply(
         return Ok(Err(AppendError::Invalid(why)));
     }
     let topic = append.topic.as_str();
-    // Duplicates (seen within the window, or earlier in this batch) keep
-    // the answer of the append that stored them.
-    let mut seen = HashSet::new();
+    if append.events.len() > 1 {
+        let mut ids = HashSet::with_capacity(append.events.len());
+        if let Some(twice) = append.events.iter().find(|e| !ids.insert(e.id.as_str())) {
+            return Ok(Err(AppendError::Invalid(format!(
+                "the id `{}` is in the batch twice",
+                twice.id
+            ))));
+        }
+    }
+    // Duplicates (seen within the window) keep the answer of the append
+    // that stored them.
     let mut earlier = Vec::with_capacity(append.events.len());
     let mut hashes = Vec::with_capacity(append.events.len());
     for event in &append.events {
@@ -476,12 +496,6 @@ pub(crate) fn apply(
             }
         }
         earlier.push(stored);
-        if stored.is_none() && !seen.insert(event.id.as_str()) {
-            return Ok(Err(AppendError::Invalid(format!(
-                "the id `{}` is in the batch twice",
-                event.id
-            ))));
-        }
     }
     if earlier.iter().all(Option::is_some) {
         let events = append
@@ -515,7 +529,8 @@ pub(crate) fn apply(
         }));
     }
     let mut position = last_position(tx, group, topic)?;
-    let positions = &mut group.positions;
+    // The store's time for events that bring none: formatted once a group.
+    let group_time = group.time_text().to_owned();
     let mut version = actual.unwrap_or(0);
     let mut insert = tx.prepare_cached(
         "INSERT INTO events (topic, position, id, key, version, source, type, time, \
@@ -538,10 +553,7 @@ pub(crate) fn apply(
             version += 1;
             version
         });
-        let time = event
-            .time
-            .clone()
-            .unwrap_or_else(|| crate::time::rfc3339(now));
+        let time = event.time.as_deref().unwrap_or(&group_time);
         let extensions = (!event.extensions.is_empty())
             .then(|| serde_json::to_string(&event.extensions).expect("strings serialize"));
         insert.execute(params![
@@ -567,7 +579,7 @@ pub(crate) fn apply(
             duplicate: false,
         });
     }
-    positions.insert(topic.to_owned(), position);
+    group.positions.insert(topic.to_owned(), position);
     if !group.appended.contains(topic) {
         group.appended.insert(topic.to_owned());
     }
