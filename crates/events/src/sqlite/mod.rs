@@ -133,10 +133,11 @@ pub(crate) struct Group {
     now: u64,
     /// Each topic's last position, as this group has left it.
     positions: HashMap<String, u64>,
-    /// The subscriptions' settings.
-    subscriptions: HashMap<String, SubscriptionConfig>,
-    /// The topics' retention.
-    retention: HashMap<String, Retention>,
+    /// The subscriptions' settings (shared with the writer until a job
+    /// changes them).
+    subscriptions: Arc<HashMap<String, Arc<SubscriptionConfig>>>,
+    /// The topics' retention (the same).
+    retention: Arc<HashMap<String, Retention>>,
     /// Whether consumers should look again once this group is committed.
     wake: bool,
     /// Topics this group appended to: their last positions are written
@@ -195,10 +196,10 @@ impl SqliteStore {
         let writer = Writer {
             conn,
             clock: options.clock,
-            recent,
-            positions: HashMap::new(),
-            subscriptions: HashMap::new(),
-            retention: HashMap::new(),
+            state: State {
+                recent,
+                ..State::default()
+            },
             retained_at: 0,
             changed,
         };
@@ -351,18 +352,64 @@ CREATE TABLE IF NOT EXISTS redrives (
 struct Writer {
     conn: Connection,
     clock: Clock,
+    /// What each group is lent.
+    state: State,
+    /// When retention last ran, by the store's clock.
+    retained_at: u64,
+    /// Bumped after commits that wake consumers.
+    changed: watch::Sender<u64>,
+}
+
+/// What the writer knows between groups, lent to each.
+#[derive(Default)]
+struct State {
     /// The ids seen within the dedup window.
     recent: Recent,
     /// Each topic's last position, as committed.
     positions: HashMap<String, u64>,
     /// The subscriptions' settings.
-    subscriptions: HashMap<String, SubscriptionConfig>,
+    subscriptions: Arc<HashMap<String, Arc<SubscriptionConfig>>>,
     /// The topics' retention.
-    retention: HashMap<String, Retention>,
-    /// When retention last ran, by the store's clock.
-    retained_at: u64,
-    /// Bumped after commits that wake consumers.
-    changed: watch::Sender<u64>,
+    retention: Arc<HashMap<String, Retention>>,
+}
+
+impl State {
+    /// Lends itself to a group at `now`: nothing is copied.
+    fn lend(&mut self, now: u64) -> Group {
+        let mut recent = std::mem::take(&mut self.recent);
+        recent.expire(now);
+        Group {
+            now,
+            positions: std::mem::take(&mut self.positions),
+            subscriptions: self.subscriptions.clone(),
+            retention: self.retention.clone(),
+            wake: false,
+            appended: HashSet::new(),
+            recent,
+            noted: Vec::new(),
+            time_text: None,
+        }
+    }
+
+    /// Takes back what it lent `group`: as the group left it if it was
+    /// `committed`, else without its changes.
+    fn take_back(&mut self, mut group: Group, committed: bool) {
+        if committed {
+            self.subscriptions = group.subscriptions;
+            self.retention = group.retention;
+        } else {
+            // Positions it moved are read again from the table; the ids it
+            // noted were never stored.
+            for topic in &group.appended {
+                group.positions.remove(topic);
+            }
+            for (hash, position) in group.noted.drain(..) {
+                group.recent.remove(hash, position);
+            }
+        }
+        self.positions = group.positions;
+        self.recent = group.recent;
+    }
 }
 
 impl Writer {
@@ -378,7 +425,9 @@ impl Writer {
             self.commit(jobs);
             // Retention by itself, at most once a minute of the store's clock.
             let now = self.clock.now_millis();
-            if !self.retention.is_empty() && now.saturating_sub(self.retained_at) >= RETAIN_EVERY {
+            if !self.state.retention.is_empty()
+                && now.saturating_sub(self.retained_at) >= RETAIN_EVERY
+            {
                 self.retained_at = now;
                 // Nobody waits for its answer: the receiver is dropped.
                 let sweep: Job = Box::new(Op {
@@ -393,28 +442,18 @@ impl Writer {
     /// Runs `jobs` in one transaction and commits it, then answers each.
     /// A failure of the store rolls the whole group back and fails every
     /// job: nothing of it was stored.
+    ///
+    /// The group works on the writer's own state, lent to it (nothing is
+    /// copied per group); a group that fails gives back what it changed.
     fn commit(&mut self, jobs: Vec<Job>) {
-        let now = self.clock.now_millis();
-        let mut recent = std::mem::take(&mut self.recent);
-        recent.expire(now);
-        let mut group = Group {
-            now,
-            positions: self.positions.clone(),
-            subscriptions: self.subscriptions.clone(),
-            retention: self.retention.clone(),
-            wake: false,
-            appended: HashSet::new(),
-            recent,
-            noted: Vec::new(),
-            time_text: None,
-        };
-        let tx = match self
+        let mut group = self.state.lend(self.clock.now_millis());
+        let begun = self
             .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-        {
+            .transaction_with_behavior(TransactionBehavior::Immediate);
+        let tx = match begun {
             Ok(tx) => tx,
             Err(e) => {
-                self.recent = group.recent;
+                self.state.take_back(group, false);
                 let error = StoreError(format!("event store write failed: {e}"));
                 for job in jobs {
                     job.fail(error.clone());
@@ -431,27 +470,17 @@ impl Writer {
         }
         let outcome = match failure {
             None => save_positions(&tx, &group).and_then(|()| tx.commit()),
-            Some(e) => Err(e),
-        };
-        let outcome = match outcome {
-            Ok(()) => {
-                self.positions = group.positions;
-                self.subscriptions = group.subscriptions;
-                self.retention = group.retention;
-                if group.wake {
-                    self.changed.send_modify(|n| *n += 1);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // Rolled back: the ids it noted were never stored.
-                for (hash, position) in group.noted.drain(..) {
-                    group.recent.remove(hash, position);
-                }
-                Err(StoreError(format!("event store write failed: {e}")))
+            Some(e) => {
+                drop(tx); // rolls back
+                Err(e)
             }
         };
-        self.recent = group.recent;
+        let committed = outcome.is_ok();
+        if committed && group.wake {
+            self.changed.send_modify(|n| *n += 1);
+        }
+        self.state.take_back(group, committed);
+        let outcome = outcome.map_err(|e| StoreError(format!("event store write failed: {e}")));
         for reply in replies {
             reply(outcome.clone());
         }
@@ -788,7 +817,7 @@ impl Store for SqliteStore {
 
     fn retain<'a>(&'a self, retention: Retention) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.write(move |_, group| {
-            group.retention.insert(retention.topic.clone(), retention);
+            Arc::make_mut(&mut group.retention).insert(retention.topic.clone(), retention);
             Ok(())
         }))
     }

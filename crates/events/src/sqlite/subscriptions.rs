@@ -6,6 +6,7 @@
 //! are each all or nothing.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
@@ -52,12 +53,12 @@ pub(super) fn subscribe(
             .execute(params![config.name, config.topic, sql(cursor)])?;
         }
     }
-    group.subscriptions.insert(config.name.clone(), config);
+    Arc::make_mut(&mut group.subscriptions).insert(config.name.clone(), Arc::new(config));
     Ok(Ok(()))
 }
 
 /// The settings of group `name`, or the error of asking for an unknown one.
-fn config(group: &Group, name: &str) -> Result<SubscriptionConfig, StoreError> {
+fn config(group: &Group, name: &str) -> Result<Arc<SubscriptionConfig>, StoreError> {
     group
         .subscriptions
         .get(name)
