@@ -274,13 +274,7 @@ pub async fn duplicates_within_the_window_are_not_stored_again(store: &dyn Store
         mixed.events[0].duplicate && !mixed.events[1].duplicate,
         "{mixed:?}"
     );
-    let ids: Vec<String> = store
-        .read(&topic, 1, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<String> = read_ids(store, &topic).await;
     assert_eq!(ids, ["same", "k1", "k2", "new"]);
 }
 
@@ -320,13 +314,7 @@ pub async fn reads_start_where_asked_and_stop_at_the_limit(store: &dyn Store, pr
     for i in 0..10 {
         append_keyed(store, &topic, "k", &format!("r{i}")).await;
     }
-    let page: Vec<u64> = store
-        .read(&topic, 4, 3)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.position)
-        .collect();
+    let page: Vec<u64> = read_positions(store, &topic, 4, 3).await;
     assert_eq!(page, [4, 5, 6]);
     let page: Vec<_> = store
         .read_stream(&topic, "k", 9, 100)
@@ -488,6 +476,18 @@ async fn append_keyed(store: &dyn Store, topic: &str, key: &str, id: &str) {
         ))
         .await
         .unwrap();
+}
+
+/// The ids of `topic`'s events, in order.
+async fn read_ids(store: &dyn Store, topic: &str) -> Vec<String> {
+    let events = store.read(topic, 1, 10_000).await.unwrap();
+    events.into_iter().map(|e| e.id).collect()
+}
+
+/// The positions of up to `limit` of `topic`'s events from `from` on.
+async fn read_positions(store: &dyn Store, topic: &str, from: u64, limit: usize) -> Vec<u64> {
+    let events = store.read(topic, from, limit).await.unwrap();
+    events.iter().map(|e| e.position).collect()
 }
 
 fn ids(deliveries: &[Delivery]) -> Vec<String> {
@@ -861,13 +861,7 @@ pub async fn retention_deletes_the_oldest_and_positions_go_on(
         .unwrap();
     // (The store may have applied it by itself already.)
     store.enforce_retention().await.unwrap();
-    let kept: Vec<u64> = store
-        .read(&counted, 1, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.position)
-        .collect();
+    let kept: Vec<u64> = read_positions(store, &counted, 1, 10).await;
     assert_eq!(kept, [3, 4, 5]);
     let next = store
         .append(Append::to_key(
@@ -902,12 +896,6 @@ pub async fn retention_deletes_the_oldest_and_positions_go_on(
         .await
         .unwrap();
     store.enforce_retention().await.unwrap();
-    let kept: Vec<String> = store
-        .read(&aged, 1, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let kept: Vec<String> = read_ids(store, &aged).await;
     assert_eq!(kept, ["new0"]);
 }
