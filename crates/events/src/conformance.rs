@@ -102,43 +102,23 @@ pub async fn expected_versions_are_checked(store: &dyn Store, prefix: &str) {
         Err(AppendError::Conflict { actual, .. }) => actual,
         other => panic!("expected a conflict, got {other:?}"),
     };
-    assert_eq!(
-        conflict(store.append(append("e0", ExpectedVersion::Exists)).await),
-        None
-    );
-    assert_eq!(
-        conflict(
-            store
-                .append(append("e0", ExpectedVersion::Exactly(1)))
-                .await
-        ),
-        None
-    );
+    for expected in [ExpectedVersion::Exists, ExpectedVersion::Exactly(1)] {
+        let refused = store.append(append("e0", expected)).await;
+        assert_eq!(conflict(refused), None, "{expected} of no stream");
+    }
     let first = store
         .append(append("e1", ExpectedVersion::NoStream))
         .await
         .unwrap();
     assert_eq!(first.events[0].version, Some(1));
-    assert_eq!(
-        conflict(store.append(append("e2", ExpectedVersion::NoStream)).await),
-        Some(1)
-    );
-    assert_eq!(
-        conflict(
-            store
-                .append(append("e2", ExpectedVersion::Exactly(0)))
-                .await
-        ),
-        Some(1)
-    );
-    assert_eq!(
-        conflict(
-            store
-                .append(append("e2", ExpectedVersion::Exactly(2)))
-                .await
-        ),
-        Some(1)
-    );
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Exactly(0),
+        ExpectedVersion::Exactly(2),
+    ] {
+        let refused = store.append(append("e2", expected)).await;
+        assert_eq!(conflict(refused), Some(1), "{expected} of a stream at 1");
+    }
     let second = store
         .append(append("e2", ExpectedVersion::Exactly(1)))
         .await

@@ -31,7 +31,6 @@
 //! # }
 //! ```
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,8 +67,7 @@ pub fn enqueue(
     key: Option<&str>,
     event: &NewEvent,
 ) -> rusqlite::Result<()> {
-    let extensions = (!event.extensions.is_empty())
-        .then(|| serde_json::to_string(&event.extensions).expect("strings serialize"));
+    let extensions = crate::sqlite::extensions_column(&event.extensions);
     tx.prepare_cached(
         "INSERT INTO tidegate_outbox (topic, key, id, source, type, time, datacontenttype, data, extensions) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -211,7 +209,6 @@ fn read_queue(db: &std::path::Path, limit: usize) -> Result<Vec<Queued>, StoreEr
         .map_err(failed(db))?;
     let rows = query
         .query_map(params![limit as i64], |row| {
-            let extensions: Option<String> = row.get(9)?;
             Ok(Queued {
                 seq: row.get(0)?,
                 topic: row.get(1)?,
@@ -223,17 +220,7 @@ fn read_queue(db: &std::path::Path, limit: usize) -> Result<Vec<Queued>, StoreEr
                     time: row.get(6)?,
                     datacontenttype: row.get(7)?,
                     data: row.get(8)?,
-                    extensions: match extensions {
-                        Some(text) => serde_json::from_str::<BTreeMap<String, String>>(&text)
-                            .map_err(|e| {
-                                rusqlite::Error::FromSqlConversionFailure(
-                                    9,
-                                    rusqlite::types::Type::Text,
-                                    Box::new(e),
-                                )
-                            })?,
-                        None => BTreeMap::new(),
-                    },
+                    extensions: crate::sqlite::extensions_from(row, 9)?,
                 },
             })
         })

@@ -583,8 +583,7 @@ pub(crate) fn apply(
             version
         });
         let time = event.time.as_deref().unwrap_or(&group_time);
-        let extensions = (!event.extensions.is_empty())
-            .then(|| serde_json::to_string(&event.extensions).expect("strings serialize"));
+        let extensions = extensions_column(&event.extensions);
         insert.execute(params![
             topic,
             sql(position),
@@ -734,14 +733,30 @@ fn unsql(n: i64) -> u64 {
 const COLUMNS: &str =
     "topic, position, key, version, id, source, type, time, datacontenttype, data, extensions";
 
+/// Extension attributes as their column holds them: JSON, or NULL for none.
+pub(crate) fn extensions_column(extensions: &BTreeMap<String, String>) -> Option<String> {
+    (!extensions.is_empty()).then(|| serde_json::to_string(extensions).expect("strings serialize"))
+}
+
+/// Extension attributes back from column `index` of `row`.
+pub(crate) fn extensions_from(
+    row: &rusqlite::Row<'_>,
+    index: usize,
+) -> rusqlite::Result<BTreeMap<String, String>> {
+    match row.get::<_, Option<String>>(index)? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(
+                index,
+                rusqlite::types::Type::Text,
+                Box::new(e),
+            )
+        }),
+        None => Ok(BTreeMap::new()),
+    }
+}
+
 fn event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
-    let extensions: Option<String> = row.get(10)?;
-    let extensions = match extensions {
-        Some(text) => serde_json::from_str::<BTreeMap<String, String>>(&text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, Box::new(e))
-        })?,
-        None => BTreeMap::new(),
-    };
+    let extensions = extensions_from(row, 10)?;
     Ok(Event {
         topic: row.get(0)?,
         position: unsql(row.get(1)?),
