@@ -72,6 +72,22 @@ pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     readers: Arc<Readers>,
     changes: watch::Receiver<u64>,
+    /// The writer thread, joined when the store is dropped.
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SqliteStore {
+    /// Waits for the writer to finish the group under way and close the
+    /// file: once the store is dropped, the same path can be opened again
+    /// (a writer still closing would delete the new store's WAL file).
+    fn drop(&mut self) {
+        // The writer ends when its queue's last sender is gone.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, closed));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 /// Work for the writer, run in a group's transaction.
@@ -204,12 +220,13 @@ impl SqliteStore {
             changed,
         };
         let (jobs, queue) = mpsc::channel();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("tidegate-events-writer".into())
             .spawn(move || writer.run(queue))
             .map_err(|e| StoreError(format!("cannot start the event store's writer: {e}")))?;
         Ok(SqliteStore {
             jobs,
+            writer: Some(writer),
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
