@@ -98,6 +98,41 @@ async fn what_was_answered_is_there_after_reopening_and_positions_go_on() {
 }
 
 #[tokio::test]
+async fn positions_go_on_after_retention_deleted_every_event_and_a_restart() {
+    let dir = TempDir::new("emptied");
+    {
+        let store = SqliteStore::open(dir.db(), Options::default()).unwrap();
+        for i in 0..4 {
+            let id = format!("e{i}");
+            store
+                .append(Append::to_topic("t", vec![event(&id)]))
+                .await
+                .unwrap();
+        }
+        store
+            .retain(tidegate_events::Retention {
+                topic: "t".into(),
+                max_age: None,
+                max_events: Some(0),
+            })
+            .await
+            .unwrap();
+        // (The store may have applied it by itself already.)
+        store.enforce_retention().await.unwrap();
+        assert!(store.read("t", 1, 10).await.unwrap().is_empty());
+    }
+    let store = SqliteStore::open(dir.db(), Options::default()).unwrap();
+    assert!(store.read("t", 1, 10).await.unwrap().is_empty());
+    assert_eq!(store.last_position("t").await.unwrap(), 4);
+    let next = store
+        .append(Append::to_topic("t", vec![event("e4")]))
+        .await
+        .unwrap();
+    assert_eq!(next.events[0].position, 5);
+    assert_eq!(store.last_position("t").await.unwrap(), 5);
+}
+
+#[tokio::test]
 async fn past_the_dedup_window_an_id_is_stored_again() {
     let dir = TempDir::new("window");
     let options = Options {
@@ -113,6 +148,19 @@ async fn past_the_dedup_window_an_id_is_stored_again() {
         assert!(!stored.events[0].duplicate);
     }
     assert_eq!(store.read("t", 1, 10).await.unwrap().len(), 2);
+}
+
+#[test]
+fn a_file_of_another_schema_is_refused_by_name() {
+    let dir = TempDir::new("schema");
+    rusqlite::Connection::open(dir.db())
+        .unwrap()
+        .execute_batch("CREATE TABLE events (topic TEXT, position INTEGER)")
+        .unwrap();
+    let err = SqliteStore::open(dir.db(), Options::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&dir.db().display().to_string()), "{text}");
+    assert!(text.contains("schema is version 0"), "{text}");
 }
 
 #[test]

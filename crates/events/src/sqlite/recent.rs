@@ -39,9 +39,10 @@ impl Recent {
             .prepare("SELECT name FROM topics")?
             .query_map([], |row| row.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        let mut newest = conn.prepare(
-            "SELECT position, id, appended_at FROM events WHERE topic = ?1 ORDER BY position DESC",
-        )?;
+        let mut newest = conn.prepare(&format!(
+            "SELECT position, id, appended_at FROM events WHERE {} ORDER BY seq DESC",
+            super::in_topic("?1", ">", "0")
+        ))?;
         let mut found = Vec::new();
         for topic in &topics {
             let rows = newest.query_map(params![topic], |row| {
@@ -143,11 +144,14 @@ pub(super) fn stored(
     position: u64,
 ) -> rusqlite::Result<Option<(String, Option<u64>)>> {
     use rusqlite::OptionalExtension;
-    conn.prepare_cached("SELECT id, version FROM events WHERE topic = ?1 AND position = ?2")?
-        .query_row(params![topic, sql(position)], |row| {
-            Ok((row.get(0)?, row.get::<_, Option<i64>>(1)?.map(unsql)))
-        })
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT id, version FROM events WHERE seq = {}",
+        super::seq_sql("?1", "?2")
+    ))?
+    .query_row(params![topic, sql(position)], |row| {
+        Ok((row.get(0)?, row.get::<_, Option<i64>>(1)?.map(unsql)))
+    })
+    .optional()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::{apply, event, last_position, sql, unsql, Group, COLUMNS};
+use super::{apply, event, in_topic, last_position, seq_sql, sql, unsql, Group, COLUMNS};
 use crate::event::{Event, ExpectedVersion, NewEvent};
 use crate::store::{Append, StoreError};
 use crate::subscription::{
@@ -189,10 +189,10 @@ fn refill(tx: &Transaction<'_>, config: &SubscriptionConfig) -> rusqlite::Result
     if room == 0 {
         return Ok(());
     }
-    let mut next = tx.prepare_cached(
-        "SELECT position, key, type FROM events WHERE topic = ?1 AND position > ?2 \
-         ORDER BY position LIMIT ?3",
-    )?;
+    let mut next = tx.prepare_cached(&format!(
+        "SELECT position, key, type FROM events WHERE {} ORDER BY seq LIMIT ?3",
+        in_topic("?1", ">", "?2")
+    ))?;
     let rows = next.query_map(params![config.topic, cursor, sql(SCAN)], |row| {
         Ok((
             unsql(row.get(0)?),
@@ -229,7 +229,8 @@ fn stored_event(
     position: u64,
 ) -> rusqlite::Result<Option<Event>> {
     tx.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM events WHERE topic = ?1 AND position = ?2"
+        "SELECT {COLUMNS} FROM events WHERE seq = {}",
+        seq_sql("?1", "?2")
     ))?
     .query_row(params![topic, sql(position)], event)
     .optional()
@@ -402,7 +403,8 @@ pub(super) fn redrive(
         .unwrap_or(0);
     let letters: Vec<Event> = tx
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM events WHERE topic = ?1 AND position > ?2 ORDER BY position LIMIT ?3"
+            "SELECT {COLUMNS} FROM events WHERE {} ORDER BY seq LIMIT ?3",
+            in_topic("?1", ">", "?2")
         ))?
         .query_map(params![dead_letters, cursor, sql(limit as u64)], event)?
         .collect::<rusqlite::Result<_>>()?;
