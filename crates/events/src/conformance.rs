@@ -43,7 +43,26 @@ pub async fn all(store: Arc<dyn Store>, prefix: &str, publishers: usize, each: u
     invalid_appends_store_nothing(&*store, prefix).await;
     reads_start_where_asked_and_stop_at_the_limit(&*store, prefix).await;
     concurrent_appends_at_one_expected_version_one_wins(store.clone(), prefix).await;
+    topics_are_listed_with_what_they_keep(&*store, prefix).await;
     concurrent_publishers_get_every_position_once(store, prefix, publishers, each).await;
+}
+
+/// Every topic that has had events is listed, with its first and last
+/// positions.
+pub async fn topics_are_listed_with_what_they_keep(store: &dyn Store, prefix: &str) {
+    let topic = format!("{prefix}.listed");
+    append_ids(store, &topic, (0..3).map(|i| format!("l{i}"))).await;
+    let topics = store.topics().await.unwrap();
+    let listed = topics
+        .iter()
+        .find(|t| t.name == topic)
+        .unwrap_or_else(|| panic!("{topic} is not in {topics:?}"));
+    assert_eq!((listed.first_position, listed.last_position), (Some(1), 3));
+    assert_eq!(listed.events(), 3);
+    let mut names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+    let listed_order = names.clone();
+    names.sort_unstable();
+    assert_eq!(names, listed_order, "by name");
 }
 
 /// Positions run 1, 2, 3… through a topic whatever the keys; each key's
@@ -421,6 +440,56 @@ pub async fn subscriptions(store: &dyn Store, prefix: &str, advance: Advance<'_>
     a_member_that_dies_mid_lease_loses_nothing(store, prefix, advance).await;
     appends_and_settles_move_the_changes_counter(store, prefix).await;
     retention_deletes_the_oldest_and_positions_go_on(store, prefix, advance).await;
+    a_groups_status_counts_what_it_has_not_finished(store, prefix, advance).await;
+}
+
+/// A group's status: its lag, what is in flight, what waits to be
+/// delivered again, and the age of the oldest event it has not finished.
+pub async fn a_groups_status_counts_what_it_has_not_finished(
+    store: &dyn Store,
+    prefix: &str,
+    advance: Advance<'_>,
+) {
+    let topic = format!("{prefix}.status");
+    let name = format!("{prefix}-status");
+    append_ids(store, &topic, (0..3).map(|i| format!("st{i}"))).await;
+    store.subscribe(group(name.clone(), &topic)).await.unwrap();
+    advance(Duration::from_secs(5)).await;
+    let status = store.subscription_status(&name).await.unwrap();
+    assert_eq!(
+        (status.lag, status.in_flight, status.redelivering),
+        (3, 0, 0)
+    );
+    assert!(
+        status.oldest_unfinished_age_ms.unwrap() >= 5000,
+        "{status:?}"
+    );
+    let taken = store.fetch(&name, 2).await.unwrap();
+    assert_eq!(taken.len(), 2);
+    let status = store.subscription_status(&name).await.unwrap();
+    assert_eq!((status.lag, status.in_flight), (3, 2), "{status:?}");
+    assert!(store.ack(&name, &[taken[0].ack_id.clone()]).await.unwrap()[0]);
+    let delay = Some(Duration::from_secs(30));
+    assert!(store.nack(&name, &taken[1].ack_id, delay).await.unwrap());
+    let status = store.subscription_status(&name).await.unwrap();
+    assert_eq!(
+        (status.lag, status.in_flight, status.redelivering),
+        (2, 0, 1),
+        "{status:?}"
+    );
+    let rest = store.fetch(&name, 10).await.unwrap();
+    assert_eq!(ids(&rest), ["st2"]);
+    assert!(store.ack(&name, &[rest[0].ack_id.clone()]).await.unwrap()[0]);
+    advance(Duration::from_secs(31)).await;
+    let again = store.fetch(&name, 10).await.unwrap();
+    assert!(store.ack(&name, &[again[0].ack_id.clone()]).await.unwrap()[0]);
+    let done = store.subscription_status(&name).await.unwrap();
+    assert_eq!(
+        (done.lag, done.oldest_unfinished_age_ms),
+        (0, None),
+        "{done:?}"
+    );
+    assert!(store.subscription_status("no-such-group").await.is_err());
 }
 
 /// A group `name` on `topic`, short timings, no ordering.

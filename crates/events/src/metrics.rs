@@ -24,7 +24,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::event::Event;
-use crate::store::{Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError};
+use crate::store::{
+    Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError, SubscriptionStatus,
+    TopicInfo,
+};
 use crate::subscription::{Delivery, Seek, SubscriptionConfig};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -352,6 +355,17 @@ impl<S: Store> Store for Metered<S> {
 
     fn lag<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.inner.lag(subscription)
+    }
+
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<TopicInfo>, StoreError>> {
+        self.inner.topics()
+    }
+
+    fn subscription_status<'a>(
+        &'a self,
+        subscription: &'a str,
+    ) -> BoxFuture<'a, Result<SubscriptionStatus, StoreError>> {
+        self.inner.subscription_status(subscription)
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

@@ -146,6 +146,42 @@ pub struct Retention {
     pub max_events: Option<u64>,
 }
 
+/// What a topic holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// The topic.
+    pub name: String,
+    /// The position of its oldest event kept (`None`: it keeps none).
+    pub first_position: Option<u64>,
+    /// The position of its last event (retention does not move it back).
+    pub last_position: u64,
+}
+
+impl TopicInfo {
+    /// How many events it keeps (positions are gap-free and retention
+    /// deletes from the front).
+    pub fn events(&self) -> u64 {
+        self.first_position
+            .map_or(0, |first| (self.last_position + 1).saturating_sub(first))
+    }
+}
+
+/// Where a consumer group stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionStatus {
+    /// The position up to which the group has taken events on.
+    pub cursor: u64,
+    /// Events it has not finished: after its cursor, and pending.
+    pub lag: u64,
+    /// Deliveries leased now (with a member, not yet settled).
+    pub in_flight: u64,
+    /// Pending events delivered before and waiting to be delivered again.
+    pub redelivering: u64,
+    /// How long ago, in milliseconds, the oldest event the group has not
+    /// finished was appended (`None`: it is done with every event).
+    pub oldest_unfinished_age_ms: Option<u64>,
+}
+
 /// Topics of events: append with expected versions and dedup, read a
 /// topic from a position, read one key's stream from a version.
 pub trait Store: Send + Sync + 'static {
@@ -174,6 +210,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The position of `topic`'s last event (0: none yet).
     fn last_position<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Every topic that has had events, by name.
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<TopicInfo>, StoreError>>;
 
     /// Sets `topic`'s retention: events older than `max_age`, and all but
     /// the newest `max_events`, are deleted (positions and versions go on
@@ -254,6 +293,12 @@ pub trait Store: Send + Sync + 'static {
     /// How many events group `subscription` has not finished: those after
     /// its cursor (its type filter may pass some by) and its pending ones.
     fn lag<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Where group `subscription` stands (an error for an unknown group).
+    fn subscription_status<'a>(
+        &'a self,
+        subscription: &'a str,
+    ) -> BoxFuture<'a, Result<SubscriptionStatus, StoreError>>;
 
     /// How long until one of group `subscription`'s pending events comes
     /// due by time alone (a lease and its backoff run out, a nack's delay

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tidegate_events::{
     Append, BoxFuture, Consumer, Delivery, Event, Failure, NewEvent, Retention, Seek, SqliteStore,
-    Store, StoreError, SubscriptionConfig,
+    Store, StoreError, SubscriptionConfig, SubscriptionStatus, TopicInfo,
 };
 use tidegate_resilience::Pipeline;
 use tokio::sync::{mpsc, watch};
@@ -146,6 +146,15 @@ impl Store for Observed {
     }
     fn lag<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.inner.lag(subscription)
+    }
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<TopicInfo>, StoreError>> {
+        self.inner.topics()
+    }
+    fn subscription_status<'a>(
+        &'a self,
+        subscription: &'a str,
+    ) -> BoxFuture<'a, Result<SubscriptionStatus, StoreError>> {
+        self.inner.subscription_status(subscription)
     }
     fn changes(&self) -> watch::Receiver<u64> {
         self.inner.changes()

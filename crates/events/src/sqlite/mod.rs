@@ -36,6 +36,7 @@ use tokio::sync::{oneshot, watch};
 use crate::event::{Event, ExpectedVersion, NewEvent};
 use crate::store::{
     Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError, Stored,
+    SubscriptionStatus, TopicInfo,
 };
 use crate::subscription::{Delivery, Seek, SubscriptionConfig};
 use crate::time::Clock;
@@ -87,6 +88,8 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     durable: Arc<Durable>,
     changes: watch::Receiver<u64>,
+    /// The store's clock (leases are times by it).
+    clock: Clock,
     /// The writer thread, joined when the store is dropped.
     writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -240,6 +243,7 @@ impl SqliteStore {
         let dedup_window = u64::try_from(options.dedup_window.as_millis()).unwrap_or(u64::MAX);
         let recent =
             Recent::load(&conn, dedup_window, options.clock.now_millis()).map_err(failed)?;
+        let clock = options.clock.clone();
         let writer = Writer {
             conn,
             clock: options.clock,
@@ -266,6 +270,7 @@ impl SqliteStore {
             }),
             durable,
             changes,
+            clock,
         })
     }
 
@@ -1161,6 +1166,71 @@ impl Store for SqliteStore {
                 .optional()?;
             Ok(lag.map_or(0, unsql))
         }))
+    }
+
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<TopicInfo>, StoreError>> {
+        Box::pin(self.reading(move |conn| {
+            let mut query = conn.prepare_cached(&format!(
+                "SELECT t.name, \
+                 (SELECT position FROM events WHERE {} ORDER BY seq LIMIT 1), {} \
+                 FROM topics t ORDER BY t.name",
+                in_topic("t.name", ">", "0"),
+                last_position_sql("t.name"),
+            ))?;
+            let rows = query.query_map([], |row| {
+                Ok(TopicInfo {
+                    name: row.get(0)?,
+                    first_position: row.get::<_, Option<i64>>(1)?.map(unsql),
+                    last_position: unsql(row.get(2)?),
+                })
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn subscription_status<'a>(
+        &'a self,
+        subscription: &'a str,
+    ) -> BoxFuture<'a, Result<SubscriptionStatus, StoreError>> {
+        let name = subscription.to_owned();
+        let now = self.clock.now_millis();
+        Box::pin(async move {
+            let status = self
+                .reading(move |conn| {
+                    conn.prepare_cached(&format!(
+                        "SELECT s.cursor, \
+                         {last} - s.cursor + (SELECT COUNT(*) FROM pending WHERE subscription = s.name), \
+                         (SELECT COUNT(*) FROM pending WHERE subscription = s.name \
+                            AND leased_until IS NOT NULL AND leased_until > ?2), \
+                         (SELECT COUNT(*) FROM pending WHERE subscription = s.name AND deliveries > 0 \
+                            AND (leased_until IS NULL OR leased_until <= ?2)), \
+                         COALESCE( \
+                           (SELECT MIN(e.appended_at) FROM pending p JOIN events e \
+                              ON e.seq = {seq} WHERE p.subscription = s.name), \
+                           (SELECT appended_at FROM events WHERE {after} ORDER BY seq LIMIT 1)) \
+                         FROM subscriptions s WHERE s.name = ?1",
+                        last = last_position_sql("s.topic"),
+                        seq = seq_sql("s.topic", "p.position"),
+                        after = in_topic("s.topic", ">", "s.cursor"),
+                    ))?
+                    .query_row(params![name, sql(now)], |row| {
+                        Ok(SubscriptionStatus {
+                            cursor: unsql(row.get(0)?),
+                            lag: unsql(row.get(1)?),
+                            in_flight: unsql(row.get(2)?),
+                            redelivering: unsql(row.get(3)?),
+                            oldest_unfinished_age_ms: row
+                                .get::<_, Option<i64>>(4)?
+                                .map(|at| now.saturating_sub(unsql(at))),
+                        })
+                    })
+                    .optional()
+                })
+                .await?;
+            status.ok_or_else(|| {
+                StoreError(format!("there is no subscription named `{subscription}`"))
+            })
+        })
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

@@ -309,6 +309,9 @@ pub struct ApiKey {
     pub sha256: [u8; 32],
     /// Index into [`RateLimitSettings::tiers`].
     pub tier: Option<usize>,
+    /// The event topics the key may publish to and read (with
+    /// `events.require_api_key`); none: no topic.
+    pub topics: Vec<super::TopicGlob>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -317,6 +320,8 @@ pub(crate) struct RawApiKey {
     pub(crate) id: String,
     pub(crate) key_sha256: String,
     pub(crate) tier: Option<String>,
+    #[serde(default)]
+    pub(crate) topics: Vec<String>,
 }
 
 /// Parses 64 hex digits.

@@ -30,6 +30,7 @@ pub use crate::proxy::pool::PoolConfig;
 pub use tidegate_client::config::ConfigError;
 
 mod edge;
+mod events;
 
 use self::edge::{
     parse_sha256, RawApiKey, RawFallback, RawRateLimit, RawRouteLimit, RawSplit, StoreKind,
@@ -39,6 +40,7 @@ pub use self::edge::{
     OutlierDetection, RateLimitSettings, RedisUrl, RouteLimit, StoreSettings, Tier,
     UpstreamProtocol,
 };
+pub use self::events::{EventsSettings, Push, PushMode, Subscription, TopicGlob, TopicSettings};
 
 /// The whole config, validated.
 #[derive(Debug, Clone)]
@@ -55,6 +57,8 @@ pub struct Config {
     pub api_keys: Vec<ApiKey>,
     /// `[alerts]`: webhooks told of breaker changes.
     pub alerts: Alerts,
+    /// `[events]`: the event store and its API, when the file has the table.
+    pub events: Option<EventsSettings>,
     /// The config in effect as JSON, for `GET /config`: the file with
     /// environment overrides, built-in defaults filled in, secrets redacted.
     pub effective: std::sync::Arc<serde_json::Value>,
@@ -379,6 +383,7 @@ struct RawConfig {
     api_keys: Vec<RawApiKey>,
     #[serde(default)]
     alerts: RawAlerts,
+    events: Option<self::events::RawEvents>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -666,6 +671,10 @@ impl Locator<'_> {
         let alerts = self.alerts(raw.alerts)?;
         let rate_limit = self.rate_limit(raw.rate_limit)?;
         let api_keys = self.api_keys(raw.api_keys, &rate_limit.tiers)?;
+        let events = match raw.events {
+            Some(events) => Some(self.events(events, &upstreams)?),
+            None => None,
+        };
 
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(raw.routes.len());
@@ -793,6 +802,7 @@ impl Locator<'_> {
             rate_limit,
             api_keys,
             alerts,
+            events,
             effective: std::sync::Arc::default(),
         })
     }
@@ -936,10 +946,18 @@ impl Locator<'_> {
                 }
                 None => None,
             };
+            let mut topics = Vec::with_capacity(k.topics.len());
+            for (j, pattern) in k.topics.iter().enumerate() {
+                topics.push(
+                    TopicGlob::parse(pattern)
+                        .map_err(|r| self.error(&at.clone().key("topics").index(j), r))?,
+                );
+            }
             keys.push(ApiKey {
                 id: k.id,
                 sha256,
                 tier,
+                topics,
             });
         }
         Ok(keys)
