@@ -120,20 +120,45 @@ impl Consumer {
     /// soon as the store has some (new events, deliveries given back) or
     /// a lease or a delay runs out.
     pub async fn next(&self) -> Result<Vec<Delivery>, StoreError> {
+        self.wait(None).await
+    }
+
+    /// Like [`next`](Consumer::next), but waits at most `wait`: then the
+    /// answer is empty. A fetch under way is never cut off (its events
+    /// would stay leased to nobody until their lease ran out), so the
+    /// answer may come a fetch's time after `wait`.
+    pub async fn next_within(&self, wait: Duration) -> Result<Vec<Delivery>, StoreError> {
+        self.wait(Some(tokio::time::Instant::now() + wait)).await
+    }
+
+    async fn wait(
+        &self,
+        until: Option<tokio::time::Instant>,
+    ) -> Result<Vec<Delivery>, StoreError> {
         let mut changes = self.store.changes();
         loop {
             // Marked seen before looking: a change during the fetch wakes the wait below.
             changes.borrow_and_update();
             let deliveries = self.store.fetch(&self.subscription, self.batch).await?;
-            if !deliveries.is_empty() {
+            let now = tokio::time::Instant::now();
+            if !deliveries.is_empty() || until.is_some_and(|until| now >= until) {
                 return Ok(deliveries);
             }
             let changed = changes.changed();
-            match self.store.next_due(&self.subscription).await? {
-                Some(wait) => {
+            let due = self
+                .store
+                .next_due(&self.subscription)
+                .await?
+                .map(|wait| now + wait);
+            let wake = match (due, until) {
+                (Some(due), Some(until)) => Some(due.min(until)),
+                (due, until) => due.or(until),
+            };
+            match wake {
+                Some(at) => {
                     tokio::select! {
                         changed = changed => changed.map_err(|_| closed())?,
-                        () = tokio::time::sleep(wait) => {}
+                        () = tokio::time::sleep_until(at) => {}
                     }
                 }
                 None => changed.await.map_err(|_| closed())?,

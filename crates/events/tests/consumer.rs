@@ -194,6 +194,22 @@ async fn a_waiting_consumer_wakes_when_an_event_arrives_with_no_timer() {
     assert_eq!(got[0].event.id, "e1");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_bounded_wait_ends_empty_at_its_deadline() {
+    // (Woken by the store before it: the unbounded wait's test, the same code.)
+    let fresh = Fresh::new("within");
+    let store: Arc<dyn Store> = fresh.store.clone();
+    store
+        .subscribe(SubscriptionConfig::new("g", "t"))
+        .await
+        .unwrap();
+    let consumer = Consumer::new(store.clone(), "g");
+    let begun = tokio::time::Instant::now();
+    let got = consumer.next_within(Duration::from_secs(30)).await.unwrap();
+    assert!(got.is_empty());
+    assert!(begun.elapsed() >= Duration::from_secs(30), "{:?}", begun.elapsed());
+}
+
 #[tokio::test]
 async fn handler_results_become_acks_redeliveries_and_dead_letters() {
     let fresh = Fresh::new("handle");

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod events;
 pub mod demo;
 pub mod http;
 pub mod observe;

@@ -167,21 +167,24 @@ fn structured(value: Value) -> Result<NewEvent, String> {
     let datacontenttype = optional_string(&mut attributes, "datacontenttype")?;
     let data = attributes.remove("data");
     let data_base64 = attributes.remove("data_base64");
-    let (data, datacontenttype) = match (data, data_base64) {
-        (Some(_), Some(_)) => return Err("an event has data or data_base64, not both".into()),
-        (None, Some(Value::String(text))) => (
+    let (data, datacontenttype) = match (data, data_base64, datacontenttype) {
+        (Some(_), Some(_), _) => return Err("an event has data or data_base64, not both".into()),
+        (None, Some(Value::String(text)), ty) => (
             base64::engine::general_purpose::STANDARD
                 .decode(text.as_bytes())
                 .map_err(|e| format!("data_base64 is not base64: {e}"))?,
-            datacontenttype,
+            ty,
         ),
-        (None, Some(_)) => return Err("data_base64 must be a string".into()),
-        (Some(Value::String(text)), Some(ty)) if !is_json(&ty) => (text.into_bytes(), Some(ty)),
-        (Some(value), ty) => (
+        (None, Some(_), _) => return Err("data_base64 must be a string".into()),
+        // Text data of a type that is not JSON is the text itself.
+        (Some(Value::String(text)), None, Some(ty)) if !is_json(&ty) => {
+            (text.into_bytes(), Some(ty))
+        }
+        (Some(value), None, ty) => (
             serde_json::to_vec(&value).expect("a JSON value serializes"),
             Some(ty.unwrap_or_else(|| "application/json".to_owned())),
         ),
-        (None, None) => (Vec::new(), datacontenttype),
+        (None, None, ty) => (Vec::new(), ty),
     };
     let mut extensions = BTreeMap::new();
     for (name, value) in attributes {

@@ -40,6 +40,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where the admin API is served.
     pub admin_addr: SocketAddr,
+    /// Where the events API is served, with `[events]`.
+    pub events_addr: Option<SocketAddr>,
     /// The shared state.
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
@@ -81,6 +83,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
 pub async fn start_with_workers(config: Config, workers: usize) -> Result<Running, String> {
     let listen = config.gateway.listen;
     let admin_listen = config.gateway.admin_listen;
+    let events_settings = config.events.clone();
     let gateway = Gateway::new(config)?;
     let listener = bind(listen, gateway.settings.max_connections)
         .map_err(|e| format!("cannot listen on {listen} (gateway.listen): {e}"))?;
@@ -126,6 +129,10 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
             tracing::error!(error = %e, "admin server failed");
         }
     });
+    let events_addr = match events_settings {
+        Some(settings) => Some(serve_events(&gateway, settings, &mut tasks, stopped.clone()).await?),
+        None => None,
+    };
     tasks.spawn(sample(gateway.clone(), stopped.clone()));
     if let Some(queue) = gateway.take_alert_queue() {
         let (gw, metrics, mut stop) = (gateway.clone(), gateway.metrics.clone(), stopped.clone());
@@ -139,15 +146,46 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
     let mut upstream_tasks = UpstreamTasks::new(stopped.clone());
     upstream_tasks.sync(&gateway, &gateway.table());
     let upstream_tasks = Arc::new(Mutex::new(upstream_tasks));
-    tracing::info!(%addr, %admin_addr, "tidegate is serving");
+    tracing::info!(%addr, %admin_addr, ?events_addr, "tidegate is serving");
     Ok(Running {
         addr,
         admin_addr,
+        events_addr,
         gateway,
         stop,
         tasks,
         upstream_tasks,
     })
+}
+
+/// Opens the event store and serves the events API on its listener.
+async fn serve_events(
+    gateway: &Arc<Gateway>,
+    settings: crate::config::EventsSettings,
+    tasks: &mut JoinSet<()>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<SocketAddr, String> {
+    let listen = settings.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen} (events.listen): {e}"))?;
+    if !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "the events API is reachable from other machines");
+    }
+    let events = crate::events::Events::open(settings, gateway.metrics.events.clone()).await?;
+    gateway.set_events(events.clone());
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = crate::events::api::router(gateway.clone(), events);
+    tasks.spawn(async move {
+        let shutdown = async move { until_stopped(&mut stopped).await };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "events server failed");
+        }
+    });
+    Ok(addr)
 }
 
 impl Running {

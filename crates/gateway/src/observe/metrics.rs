@@ -116,6 +116,8 @@ pub struct Metrics {
     store_duration: Histogram,
     store_fallbacks: Family<FailureModeLabels, Counter>,
     store_up: Gauge,
+    /// The event store's metrics (`tidegate_events_*`).
+    pub events: tidegate_events::metrics::EventMetrics,
 }
 
 /// A request's series in [`SERIES`]: which metrics, and the addresses of
@@ -262,7 +264,10 @@ impl Default for Metrics {
             store_up.clone(),
         );
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        let events = tidegate_events::metrics::EventMetrics::default();
+        events.register(&mut registry);
         Metrics {
+            events,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,

@@ -101,6 +101,8 @@ pub struct Gateway {
     pub counters: Arc<Counters>,
     /// The `none` label of requests no route matched.
     none: Arc<String>,
+    /// The event store and its API, with `[events]`.
+    events: std::sync::OnceLock<Arc<crate::events::Events>>,
 }
 
 /// Sets `tidegate_endpoint_healthy` for every endpoint of `table`.
@@ -249,7 +251,18 @@ impl Gateway {
             stats: Stats::default(),
             counters,
             none: Arc::new("none".to_owned()),
+            events: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The event store and its settings, when `[events]` is configured.
+    pub fn events(&self) -> Option<&Arc<crate::events::Events>> {
+        self.events.get()
+    }
+
+    /// Sets the event service, once, as the gateway starts.
+    pub fn set_events(&self, events: Arc<crate::events::Events>) {
+        let _ = self.events.set(events);
     }
 
     /// The queue of alerts for [`crate::observe::alerts::dispatch`]; `None` once taken.

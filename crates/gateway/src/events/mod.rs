@@ -1,0 +1,139 @@
+//! The asynchronous half in the gateway: the event store (tidegate-events),
+//! the events API on its own listener ([`api`]), and push subscriptions
+//! delivered to upstreams through their policies ([`push`]).
+//!
+//! `[events]` opens the store when the gateway starts. A reload applies
+//! new topics' retention and new or changed subscriptions (cursors and
+//! leases stay: a group keeps its rows); the store, its file and the
+//! listener need a restart.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tidegate_events::metrics::{EventMetrics, Metered};
+use tidegate_events::{Options, Retention, SqliteStore, Store, StoreError};
+
+use crate::config::{EventsSettings, Subscription};
+
+pub mod api;
+pub mod cloudevents;
+
+/// The event store and the settings in effect.
+pub struct Events {
+    store: Arc<dyn Store>,
+    settings: ArcSwap<EventsSettings>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Events {
+    /// Opens the store of `settings` (counting into `metrics`) and applies
+    /// its topics and subscriptions.
+    pub async fn open(settings: EventsSettings, metrics: EventMetrics) -> Result<Arc<Self>, String> {
+        let options = Options {
+            dedup_window: settings.dedup_window,
+            ..Options::default()
+        };
+        let path = settings.path.clone();
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(path, options))
+            .await
+            .map_err(|e| format!("cannot open the event store: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let store: Arc<dyn Store> = Arc::new(Metered::new(store, metrics, "sqlite"));
+        Self::with_store(store, settings).await
+    }
+
+    /// The service over `store`, with `settings` applied.
+    pub async fn with_store(
+        store: Arc<dyn Store>,
+        settings: EventsSettings,
+    ) -> Result<Arc<Self>, String> {
+        apply(&*store, None, &settings)
+            .await
+            .map_err(|e| format!("events: {e}"))?;
+        Ok(Arc::new(Events {
+            store,
+            settings: ArcSwap::from_pointee(settings),
+        }))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The settings in effect.
+    pub fn settings(&self) -> Arc<EventsSettings> {
+        self.settings.load_full()
+    }
+
+    /// The subscription named `name` in the settings in effect.
+    pub fn subscription(&self, name: &str) -> Option<Subscription> {
+        self.settings
+            .load()
+            .subscriptions
+            .iter()
+            .find(|s| s.config.name == name)
+            .cloned()
+    }
+
+    /// Applies `new` settings (a reload); what of them needs a restart,
+    /// for the reload's answer.
+    pub async fn reload(&self, new: EventsSettings) -> Result<Vec<String>, StoreError> {
+        let old = self.settings();
+        let mut restart = Vec::new();
+        if new.path != old.path {
+            restart.push("events.path".to_owned());
+        }
+        if new.listen != old.listen {
+            restart.push("events.listen".to_owned());
+        }
+        if new.dedup_window != old.dedup_window {
+            restart.push("events.dedup_window".to_owned());
+        }
+        apply(&*self.store, Some(&old), &new).await?;
+        self.settings.store(Arc::new(new));
+        Ok(restart)
+    }
+}
+
+/// Gives the store `new`'s retention and subscriptions; a topic `old` had
+/// and `new` has not keeps its events from now on.
+async fn apply(
+    store: &dyn Store,
+    old: Option<&EventsSettings>,
+    new: &EventsSettings,
+) -> Result<(), StoreError> {
+    for topic in &new.topics {
+        store
+            .retain(Retention {
+                topic: topic.name.clone(),
+                max_age: topic.max_age,
+                max_events: topic.max_events,
+            })
+            .await?;
+    }
+    for gone in old
+        .into_iter()
+        .flat_map(|old| &old.topics)
+        .filter(|t| !new.topics.iter().any(|n| n.name == t.name))
+    {
+        store
+            .retain(Retention {
+                topic: gone.name.clone(),
+                max_age: None,
+                max_events: None,
+            })
+            .await?;
+    }
+    for subscription in &new.subscriptions {
+        store.subscribe(subscription.config.clone()).await?;
+    }
+    Ok(())
+}
