@@ -131,10 +131,7 @@ impl Consumer {
         self.wait(Some(tokio::time::Instant::now() + wait)).await
     }
 
-    async fn wait(
-        &self,
-        until: Option<tokio::time::Instant>,
-    ) -> Result<Vec<Delivery>, StoreError> {
+    async fn wait(&self, until: Option<tokio::time::Instant>) -> Result<Vec<Delivery>, StoreError> {
         let mut changes = self.store.changes();
         loop {
             // Marked seen before looking: a change during the fetch wakes the wait below.

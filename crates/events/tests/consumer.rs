@@ -207,7 +207,11 @@ async fn a_bounded_wait_ends_empty_at_its_deadline() {
     let begun = tokio::time::Instant::now();
     let got = consumer.next_within(Duration::from_secs(30)).await.unwrap();
     assert!(got.is_empty());
-    assert!(begun.elapsed() >= Duration::from_secs(30), "{:?}", begun.elapsed());
+    assert!(
+        begun.elapsed() >= Duration::from_secs(30),
+        "{:?}",
+        begun.elapsed()
+    );
 }
 
 #[tokio::test]

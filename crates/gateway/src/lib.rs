@@ -7,8 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod config;
-pub mod events;
 pub mod demo;
+pub mod events;
 pub mod http;
 pub mod observe;
 pub mod proxy;

@@ -493,3 +493,103 @@ fn protocols_grpc_checks_and_outlier_detection_by_default() {
     ));
     assert_eq!(off.upstreams[0].outlier_detection, None);
 }
+
+#[test]
+fn events_are_typed_and_their_errors_name_the_key() {
+    let events = |extra: &str| format!("{GOOD}\n[events]\npath = \"e.db\"\n{extra}\n");
+    let config = ok(&events(
+        "[[events.topics]]\nname = \"content\"\nmax_age = \"7d\"\n\
+         [[events.subscriptions]]\nname = \"analytics\"\ntopic = \"content\"\ntypes = [\"Uploaded\"]\n\
+         push = { upstream = \"kb\", path = \"/events\", mode = \"structured\" }\nordering = \"key\"\n\
+         backoff = { base_delay = \"2s\", max_delay = \"1m\" }",
+    ));
+    let settings = config.events.expect("[events] is there");
+    assert_eq!(
+        settings.listen.to_string(),
+        "127.0.0.1:9902",
+        "loopback by default"
+    );
+    assert_eq!(settings.dedup_window, Duration::from_secs(120));
+    assert_eq!(
+        settings.topics[0].max_age,
+        Some(Duration::from_secs(7 * 86400))
+    );
+    let sub = &settings.subscriptions[0];
+    assert_eq!(sub.config.ordering, tidegate_events::Ordering::Key);
+    assert_eq!(sub.config.backoff.base_delay, Duration::from_secs(2));
+    assert_eq!(sub.config.dead_letter_topic(), "content.dead");
+    let push = sub.push.as_ref().unwrap();
+    assert_eq!(
+        (push.upstream.as_str(), push.mode),
+        ("kb", tidegate_gateway::config::PushMode::Structured)
+    );
+    assert!(ok(GOOD).events.is_none(), "no [events], no events listener");
+
+    let sub = |extra: &str| {
+        events(&format!(
+            "[[events.subscriptions]]\nname = \"s\"\ntopic = \"t\"\n{extra}"
+        ))
+    };
+    for (text, says) in [
+        (events("colour = \"blue\""), "t.toml:"),
+        (
+            events("store = \"kafka\""),
+            "events.store: unknown store `kafka`",
+        ),
+        (
+            events("store = \"nats\""),
+            "events.store: the NATS JetStream store is not in this build yet",
+        ),
+        (
+            events("nats_url = \"nats://x\""),
+            "events.nats_url: applies only with store = \"nats\"",
+        ),
+        (
+            events("[[events.topics]]\nname = \"a b\""),
+            "events.topics[0].name: must be 1 to 64",
+        ),
+        (
+            events("[[events.topics]]\nname = \"a\"\nmax_age = \"0s\""),
+            "events.topics[0].max_age: must be greater than 0",
+        ),
+        (
+            sub("push = { upstream = \"nope\", path = \"/e\" }"),
+            "events.subscriptions[0].push.upstream: no upstream named `nope`",
+        ),
+        (
+            sub("push = { upstream = \"kb\", path = \"e\" }"),
+            "events.subscriptions[0].push.path: must be a path",
+        ),
+        (
+            sub("max_in_flight = 0"),
+            "events.subscriptions[0].max_in_flight: must be at least 1",
+        ),
+        (
+            sub("ack_wait = \"0s\""),
+            "events.subscriptions[0].ack_wait: must be greater than 0",
+        ),
+        (
+            sub("dead_letter_topic = \"t\""),
+            "events.subscriptions[0].dead_letter_topic: must be another topic",
+        ),
+        (
+            sub("ordering = \"total\""),
+            "events.subscriptions[0].ordering",
+        ),
+        (
+            sub("backoff = { base_delay = \"1m\", max_delay = \"1s\" }"),
+            "events.subscriptions[0].backoff: base_delay must not exceed max_delay",
+        ),
+        (
+            format!(
+                "{GOOD}\n[[api_keys]]\nid = \"a\"\nkey_sha256 = \"{}\"\ntopics = [\"a/b\"]\n",
+                "0".repeat(64)
+            ),
+            "api_keys[0].topics[0]: must be 1 to 64",
+        ),
+    ] {
+        let error = err(&text);
+        assert!(error.contains(says), "{error}\n  should say: {says}");
+        assert!(error.starts_with("t.toml:"), "{error}");
+    }
+}

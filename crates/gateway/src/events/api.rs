@@ -57,24 +57,52 @@ pub fn router(gateway: Arc<Gateway>, events: Arc<Events>) -> Router {
         .route("/v1/subscriptions/{name}/nack", post(nack))
         .route("/v1/subscriptions/{name}/extend", post(extend))
         .route("/v1/subscriptions/{name}/dead-letter", post(dead_letter))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint").into_response() })
         .with_state(Api { gateway, events })
 }
 
 fn json_response(status: StatusCode, value: Value) -> Response {
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         value.to_string(),
     )
         .into_response()
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    json_response(status, json!({ "error": message.to_string() }))
+/// An error answer: `{"error": …}` (and more for a conflict).
+struct Refusal {
+    status: StatusCode,
+    body: Value,
+    /// 401: with `WWW-Authenticate`.
+    challenge: bool,
 }
 
-fn store_failed(e: impl std::fmt::Display) -> Response {
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = json_response(self.status, self.body);
+        if self.challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tidegate\""),
+            );
+        }
+        response
+    }
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Refusal {
+    Refusal {
+        status,
+        body: json!({ "error": message.to_string() }),
+        challenge: false,
+    }
+}
+
+fn store_failed(e: impl std::fmt::Display) -> Refusal {
     tracing::warn!(error = %e, "event store failed");
     error(StatusCode::SERVICE_UNAVAILABLE, e)
 }
@@ -82,7 +110,7 @@ fn store_failed(e: impl std::fmt::Display) -> Response {
 impl Api {
     /// With `events.require_api_key`, the caller's key must be valid (401)
     /// and one of its `topics` patterns must match `topic` (403).
-    fn authorize(&self, headers: &HeaderMap, topic: &str) -> Result<(), Response> {
+    fn authorize(&self, headers: &HeaderMap, topic: &str) -> Result<(), Refusal> {
         if !self.events.settings().require_api_key {
             return Ok(());
         }
@@ -93,23 +121,19 @@ impl Api {
                 StatusCode::FORBIDDEN,
                 format!("this API key may not use topic `{topic}`"),
             )),
-            Credential::Unknown | Credential::Anonymous => {
-                let mut response = error(
+            Credential::Unknown | Credential::Anonymous => Err(Refusal {
+                challenge: true,
+                ..error(
                     StatusCode::UNAUTHORIZED,
                     "an API key is required (X-API-Key or Authorization: Bearer)",
-                );
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"tidegate\""),
-                );
-                Err(response)
-            }
+                )
+            }),
         }
     }
 
     /// The pull subscription `name` and its topic, after the caller's
     /// key is checked for that topic.
-    fn pull_subscription(&self, name: &str, headers: &HeaderMap) -> Result<String, Response> {
+    fn pull_subscription(&self, name: &str, headers: &HeaderMap) -> Result<String, Refusal> {
         let Some(subscription) = self.events.subscription(name) else {
             return Err(error(
                 StatusCode::NOT_FOUND,
@@ -130,7 +154,7 @@ impl Api {
     }
 
     /// The request's body, at most `events.max_body_bytes` (else 413).
-    async fn body(&self, body: Body) -> Result<Bytes, Response> {
+    async fn body(&self, body: Body) -> Result<Bytes, Refusal> {
         let limit = self.events.settings().max_body_bytes;
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         match http_body_util::Limited::new(body, limit).collect().await {
@@ -147,14 +171,14 @@ impl Api {
     }
 }
 
-fn check_topic(topic: &str) -> Result<(), Response> {
+fn check_topic(topic: &str) -> Result<(), Refusal> {
     check_name(topic)
         .map_err(|why| error(StatusCode::BAD_REQUEST, format!("topic `{topic}`: {why}")))
 }
 
 /// `name=value` pairs of a query string (values as written: the ones read
 /// here are numbers).
-fn query_number(query: Option<&str>, name: &str, default: u64) -> Result<u64, Response> {
+fn query_number(query: Option<&str>, name: &str, default: u64) -> Result<u64, Refusal> {
     let Some(query) = query else {
         return Ok(default);
     };
@@ -172,7 +196,7 @@ fn query_number(query: Option<&str>, name: &str, default: u64) -> Result<u64, Re
     Ok(default)
 }
 
-fn limit(query: Option<&str>) -> Result<usize, Response> {
+fn limit(query: Option<&str>) -> Result<usize, Refusal> {
     let limit = query_number(query, "limit", 100)?;
     if limit == 0 || limit > MAX_LIMIT {
         return Err(error(
@@ -216,22 +240,13 @@ async fn publish(
     State(api): State<Api>,
     Path(topic): Path<String>,
     request: Request,
-) -> Response {
-    if let Err(response) = check_topic(&topic) {
-        return response;
-    }
+) -> Result<Response, Refusal> {
+    check_topic(&topic)?;
     let (parts, body) = request.into_parts();
-    if let Err(response) = api.authorize(&parts.headers, &topic) {
-        return response;
-    }
-    let body = match api.body(body).await {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let mut publish = match cloudevents::parse(&parts.headers, &body) {
-        Ok(publish) => publish,
-        Err(why) => return error(StatusCode::BAD_REQUEST, why),
-    };
+    api.authorize(&parts.headers, &topic)?;
+    let body = api.body(body).await?;
+    let mut publish = cloudevents::parse(&parts.headers, &body)
+        .map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
     // The publisher's correlation and trace travel inside its events.
     let correlation = headers::correlation_id(&parts.headers);
     let traceparent = parts
@@ -260,33 +275,34 @@ async fn publish(
         expected: publish.expected,
         events: publish.events,
     };
-    let mut response = match api.events.store().append(append).await {
-        Ok(appended) => {
-            let mut answers = appended
-                .events
-                .iter()
-                .map(|stored| stored_json(&topic, key.as_deref(), stored));
-            let body = if publish.batch {
-                json!({ "events": answers.collect::<Vec<_>>() })
-            } else {
-                answers.next().unwrap_or(Value::Null)
-            };
-            json_response(StatusCode::CREATED, body)
+    let appended = match api.events.store().append(append).await {
+        Ok(appended) => appended,
+        Err(AppendError::Conflict { expected, actual }) => {
+            return Err(Refusal {
+                status: StatusCode::CONFLICT,
+                body: json!({
+                    "error": AppendError::Conflict { expected, actual }.to_string(),
+                    "expected": expected.to_string(),
+                    "actual": actual,
+                }),
+                challenge: false,
+            })
         }
-        Err(AppendError::Conflict { expected, actual }) => json_response(
-            StatusCode::CONFLICT,
-            json!({
-                "error": AppendError::Conflict { expected, actual }.to_string(),
-                "expected": expected.to_string(),
-                "actual": actual,
-            }),
-        ),
-        Err(AppendError::Invalid(why)) => error(StatusCode::BAD_REQUEST, why),
-        Err(AppendError::Store(e)) => store_failed(e),
-        Err(e) => store_failed(e),
+        Err(AppendError::Invalid(why)) => return Err(error(StatusCode::BAD_REQUEST, why)),
+        Err(e) => return Err(store_failed(e)),
     };
+    let mut answers = appended
+        .events
+        .iter()
+        .map(|stored| stored_json(&topic, key.as_deref(), stored));
+    let body = if publish.batch {
+        json!({ "events": answers.collect::<Vec<_>>() })
+    } else {
+        answers.next().unwrap_or(Value::Null)
+    };
+    let mut response = json_response(StatusCode::CREATED, body);
     response.headers_mut().insert(&CORRELATION_ID, correlation);
-    response
+    Ok(response)
 }
 
 fn events_json(events: &[Event]) -> Vec<Value> {
@@ -298,26 +314,22 @@ async fn read(
     Path(topic): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = check_topic(&topic).and_then(|()| api.authorize(&headers, &topic)) {
-        return response;
-    }
-    let (from, limit) = match query_number(query.as_deref(), "from_position", 1)
-        .and_then(|from| Ok((from, limit(query.as_deref())?)))
-    {
-        Ok(read) => read,
-        Err(response) => return response,
-    };
-    match api.events.store().read(&topic, from.max(1), limit).await {
-        Ok(events) => {
-            let next = events.last().map_or(from.max(1), |e| e.position + 1);
-            json_response(
-                StatusCode::OK,
-                json!({ "topic": topic, "events": events_json(&events), "next_position": next }),
-            )
-        }
-        Err(e) => store_failed(e),
-    }
+) -> Result<Response, Refusal> {
+    check_topic(&topic)?;
+    api.authorize(&headers, &topic)?;
+    let from = query_number(query.as_deref(), "from_position", 1)?.max(1);
+    let limit = limit(query.as_deref())?;
+    let events = api
+        .events
+        .store()
+        .read(&topic, from, limit)
+        .await
+        .map_err(store_failed)?;
+    let next = events.last().map_or(from, |e| e.position + 1);
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "topic": topic, "events": events_json(&events), "next_position": next }),
+    ))
 }
 
 async fn stream(
@@ -325,44 +337,40 @@ async fn stream(
     Path((topic, key)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = check_topic(&topic).and_then(|()| api.authorize(&headers, &topic)) {
-        return response;
-    }
-    let (from, limit) = match query_number(query.as_deref(), "from_version", 1)
-        .and_then(|from| Ok((from, limit(query.as_deref())?)))
-    {
-        Ok(read) => read,
-        Err(response) => return response,
-    };
-    match api
+) -> Result<Response, Refusal> {
+    check_topic(&topic)?;
+    api.authorize(&headers, &topic)?;
+    let from = query_number(query.as_deref(), "from_version", 1)?.max(1);
+    let limit = limit(query.as_deref())?;
+    let events = api
         .events
         .store()
-        .read_stream(&topic, &key, from.max(1), limit)
+        .read_stream(&topic, &key, from, limit)
         .await
-    {
-        Ok(events) => {
-            let next = events
-                .last()
-                .and_then(|e| e.version)
-                .map_or(from.max(1), |v| v + 1);
-            json_response(
-                StatusCode::OK,
-                json!({ "topic": topic, "key": key, "events": events_json(&events), "next_version": next }),
-            )
-        }
-        Err(e) => store_failed(e),
-    }
+        .map_err(store_failed)?;
+    let next = events
+        .last()
+        .and_then(|e| e.version)
+        .map_or(from, |v| v + 1);
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "topic": topic, "key": key, "events": events_json(&events), "next_version": next }),
+    ))
 }
 
 /// The JSON of every topic the store has or the config names, with its
 /// retention and subscriptions; `only`: just that one.
-async fn topics_json(api: &Api, only: Option<&str>) -> Result<Vec<Value>, Response> {
+async fn topics_json(api: &Api, only: Option<&str>) -> Result<Vec<Value>, Refusal> {
     let settings = api.events.settings();
     let stored = api.events.store().topics().await.map_err(store_failed)?;
     let mut names: Vec<&str> = stored.iter().map(|t| t.name.as_str()).collect();
     names.extend(settings.topics.iter().map(|t| t.name.as_str()));
-    names.extend(settings.subscriptions.iter().map(|s| s.config.topic.as_str()));
+    names.extend(
+        settings
+            .subscriptions
+            .iter()
+            .map(|s| s.config.topic.as_str()),
+    );
     names.sort_unstable();
     names.dedup();
     let mut out = Vec::new();
@@ -375,7 +383,11 @@ async fn topics_json(api: &Api, only: Option<&str>) -> Result<Vec<Value>, Respon
             })
         });
         let mut subscriptions = Vec::new();
-        for s in settings.subscriptions.iter().filter(|s| s.config.topic == name) {
+        for s in settings
+            .subscriptions
+            .iter()
+            .filter(|s| s.config.topic == name)
+        {
             let lag = api
                 .events
                 .store()
@@ -400,56 +412,52 @@ async fn topics_json(api: &Api, only: Option<&str>) -> Result<Vec<Value>, Respon
     Ok(out)
 }
 
-async fn topics(State(api): State<Api>, headers: HeaderMap) -> Response {
-    let settings = api.events.settings();
-    let mut listed = match topics_json(&api, None).await {
-        Ok(listed) => listed,
-        Err(response) => return response,
-    };
-    if settings.require_api_key {
-        // Only the topics the caller's key may use.
+async fn topics(State(api): State<Api>, headers: HeaderMap) -> Result<Response, Refusal> {
+    let mut listed = topics_json(&api, None).await?;
+    if api.events.settings().require_api_key {
+        // A key is needed to list; the list holds the topics it may use.
+        if let Err(refusal) = api.authorize(&headers, "") {
+            if refusal.status == StatusCode::UNAUTHORIZED {
+                return Err(refusal);
+            }
+        }
         listed.retain(|t| {
             t["name"]
                 .as_str()
                 .is_some_and(|name| api.authorize(&headers, name).is_ok())
         });
-        if listed.is_empty() {
-            if let Err(response) = api.authorize(&headers, "") {
-                if response.status() == StatusCode::UNAUTHORIZED {
-                    return response;
-                }
-            }
-        }
     }
-    json_response(StatusCode::OK, json!({ "topics": listed }))
+    Ok(json_response(StatusCode::OK, json!({ "topics": listed })))
 }
 
 async fn topic(
     State(api): State<Api>,
     Path(topic): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(response) = check_topic(&topic).and_then(|()| api.authorize(&headers, &topic)) {
-        return response;
-    }
-    match topics_json(&api, Some(&topic)).await {
-        Ok(mut found) if !found.is_empty() => json_response(StatusCode::OK, found.remove(0)),
-        Ok(_) => error(
+) -> Result<Response, Refusal> {
+    check_topic(&topic)?;
+    api.authorize(&headers, &topic)?;
+    let mut found = topics_json(&api, Some(&topic)).await?;
+    if found.is_empty() {
+        return Err(error(
             StatusCode::NOT_FOUND,
             format!("topic `{topic}` has no event and no settings"),
-        ),
-        Err(response) => response,
+        ));
     }
+    Ok(json_response(StatusCode::OK, found.remove(0)))
 }
 
 /// A JSON object body (an empty body is `{}`).
-fn object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Response> {
+fn object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Refusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Map::new());
     }
     match serde_json::from_slice(body) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(error(StatusCode::BAD_REQUEST, "the body must be a JSON object")),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object",
+        )),
         Err(e) => Err(error(
             StatusCode::BAD_REQUEST,
             format!("the body is not JSON: {e}"),
@@ -461,7 +469,7 @@ fn object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Response> {
 fn duration_field(
     body: &serde_json::Map<String, Value>,
     name: &str,
-) -> Result<Option<Duration>, Response> {
+) -> Result<Option<Duration>, Refusal> {
     match body.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => tidegate_resilience::config::parse_duration(text)
@@ -474,52 +482,47 @@ fn duration_field(
     }
 }
 
-async fn fetch(State(api): State<Api>, Path(name): Path<String>, request: Request) -> Response {
+async fn fetch(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, Refusal> {
     let (parts, body) = request.into_parts();
-    if let Err(response) = api.pull_subscription(&name, &parts.headers) {
-        return response;
-    }
-    let body = match api.body(body).await.and_then(|b| object(&b)) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
+    api.pull_subscription(&name, &parts.headers)?;
+    let body = object(&api.body(body).await?)?;
     let max = match body.get("max") {
         None => 10,
-        Some(value) => match value.as_u64() {
-            Some(max) if (1..=MAX_LIMIT).contains(&max) => max,
-            _ => {
-                return error(
+        Some(value) => value
+            .as_u64()
+            .filter(|max| (1..=MAX_LIMIT).contains(max))
+            .ok_or_else(|| {
+                error(
                     StatusCode::BAD_REQUEST,
                     format!("max must be from 1 to {MAX_LIMIT}"),
                 )
-            }
-        },
+            })?,
     };
-    let wait = match duration_field(&body, "wait") {
-        Ok(wait) => wait.unwrap_or(Duration::ZERO),
-        Err(response) => return response,
-    };
+    let wait = duration_field(&body, "wait")?.unwrap_or(Duration::ZERO);
     if wait > MAX_WAIT {
-        return error(StatusCode::BAD_REQUEST, "wait must be at most 60s");
+        return Err(error(StatusCode::BAD_REQUEST, "wait must be at most 60s"));
     }
     let consumer = Consumer::new(api.events.store().clone(), name)
         .batch(usize::try_from(max).unwrap_or(usize::MAX));
-    match consumer.next_within(wait).await {
-        Ok(deliveries) => {
-            let messages: Vec<Value> = deliveries
-                .iter()
-                .map(|d| {
-                    json!({
-                        "ack_id": d.ack_id,
-                        "delivery": d.delivery,
-                        "event": cloudevents::to_json(&d.event),
-                    })
-                })
-                .collect();
-            json_response(StatusCode::OK, json!({ "messages": messages }))
-        }
-        Err(e) => store_failed(e),
-    }
+    let deliveries = consumer.next_within(wait).await.map_err(store_failed)?;
+    let messages: Vec<Value> = deliveries
+        .iter()
+        .map(|d| {
+            json!({
+                "ack_id": d.ack_id,
+                "delivery": d.delivery,
+                "event": cloudevents::to_json(&d.event),
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "messages": messages }),
+    ))
 }
 
 /// How a settle endpoint settles each ack id.
@@ -530,36 +533,35 @@ enum Settle {
     DeadLetter(String),
 }
 
-async fn settle(api: Api, name: String, request: Request, how: fn(&serde_json::Map<String, Value>) -> Result<Settle, Response>) -> Response {
+/// Settles the `ack_ids` of the body as `how` reads it from the body.
+async fn settle(
+    api: Api,
+    name: String,
+    request: Request,
+    how: fn(&serde_json::Map<String, Value>) -> Result<Settle, Refusal>,
+) -> Result<Response, Refusal> {
     let (parts, body) = request.into_parts();
-    if let Err(response) = api.pull_subscription(&name, &parts.headers) {
-        return response;
-    }
-    let body = match api.body(body).await.and_then(|b| object(&b)) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let ack_ids: Vec<String> = match body.get("ack_ids") {
-        Some(Value::Array(ids)) if !ids.is_empty() && ids.len() <= MAX_LIMIT as usize => {
-            match ids.iter().map(|id| id.as_str().map(str::to_owned)).collect() {
-                Some(ids) => ids,
-                None => return error(StatusCode::BAD_REQUEST, "ack_ids must be strings"),
-            }
-        }
-        _ => {
-            return error(
+    api.pull_subscription(&name, &parts.headers)?;
+    let body = object(&api.body(body).await?)?;
+    let ack_ids: Vec<String> = body
+        .get("ack_ids")
+        .and_then(Value::as_array)
+        .filter(|ids| !ids.is_empty() && ids.len() <= MAX_LIMIT as usize)
+        .and_then(|ids| {
+            ids.iter()
+                .map(|id| id.as_str().map(str::to_owned))
+                .collect()
+        })
+        .ok_or_else(|| {
+            error(
                 StatusCode::BAD_REQUEST,
                 format!("ack_ids must be a list of 1 to {MAX_LIMIT} ack ids"),
             )
-        }
-    };
-    let how = match how(&body) {
-        Ok(how) => how,
-        Err(response) => return response,
-    };
+        })?;
+    let how = how(&body)?;
     let store = api.events.store();
-    let done: Result<Vec<bool>, _> = match &how {
-        Settle::Ack => store.ack(&name, &ack_ids).await,
+    let done = match &how {
+        Settle::Ack => store.ack(&name, &ack_ids).await.map_err(store_failed)?,
         _ => {
             let mut done = Vec::with_capacity(ack_ids.len());
             for id in &ack_ids {
@@ -569,43 +571,47 @@ async fn settle(api: Api, name: String, request: Request, how: fn(&serde_json::M
                     Settle::DeadLetter(reason) => store.dead_letter(&name, id, reason).await,
                     Settle::Ack => unreachable!("acked above"),
                 };
-                match settled {
-                    Ok(settled) => done.push(settled),
-                    Err(e) => return store_failed(e),
-                }
+                done.push(settled.map_err(store_failed)?);
             }
-            Ok(done)
+            done
         }
     };
-    match done {
-        Ok(done) => {
-            let expired: Vec<&String> = ack_ids
-                .iter()
-                .zip(&done)
-                .filter(|(_, ok)| !**ok)
-                .map(|(id, _)| id)
-                .collect();
-            json_response(
-                StatusCode::OK,
-                json!({ "settled": done.iter().filter(|ok| **ok).count(), "expired": expired }),
-            )
-        }
-        Err(e) => store_failed(e),
-    }
+    let expired: Vec<&String> = ack_ids
+        .iter()
+        .zip(&done)
+        .filter(|(_, ok)| !**ok)
+        .map(|(id, _)| id)
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "settled": done.iter().filter(|ok| **ok).count(), "expired": expired }),
+    ))
 }
 
-async fn ack(State(api): State<Api>, Path(name): Path<String>, request: Request) -> Response {
+async fn ack(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, Refusal> {
     settle(api, name, request, |_| Ok(Settle::Ack)).await
 }
 
-async fn nack(State(api): State<Api>, Path(name): Path<String>, request: Request) -> Response {
+async fn nack(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, Refusal> {
     settle(api, name, request, |body| {
         Ok(Settle::Nack(duration_field(body, "delay")?))
     })
     .await
 }
 
-async fn extend(State(api): State<Api>, Path(name): Path<String>, request: Request) -> Response {
+async fn extend(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, Refusal> {
     settle(api, name, request, |_| Ok(Settle::Extend)).await
 }
 
@@ -613,21 +619,16 @@ async fn dead_letter(
     State(api): State<Api>,
     Path(name): Path<String>,
     request: Request,
-) -> Response {
-    settle(api, name, request, |body| {
-        let reason = match body.get("reason") {
-            None | Some(Value::Null) => "dead-lettered by a worker".to_owned(),
-            Some(Value::String(reason)) if !reason.is_empty() && reason.len() <= 1024 => {
-                reason.clone()
-            }
-            Some(_) => {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "reason must be a string of 1 to 1024 bytes",
-                ))
-            }
-        };
-        Ok(Settle::DeadLetter(reason))
+) -> Result<Response, Refusal> {
+    settle(api, name, request, |body| match body.get("reason") {
+        None | Some(Value::Null) => Ok(Settle::DeadLetter("dead-lettered by a worker".into())),
+        Some(Value::String(reason)) if !reason.is_empty() && reason.len() <= 1024 => {
+            Ok(Settle::DeadLetter(reason.clone()))
+        }
+        Some(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "reason must be a string of 1 to 1024 bytes",
+        )),
     })
     .await
 }

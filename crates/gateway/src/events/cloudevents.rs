@@ -51,9 +51,13 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Publish, String> {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_owned());
-    let media = content_type
-        .as_deref()
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let media = content_type.as_deref().map(|v| {
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
     let (mut events, batch) = match media.as_deref() {
         Some(STRUCTURED) => (vec![structured(parse_json(body)?)?], false),
         Some(BATCH) => {
@@ -75,7 +79,10 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Publish, String> {
     // The key and expected version: headers, or the events' extensions
     // (the same in every event of a batch).
     let key = agreed(headers, KEY_HEADER, &mut events, KEY_ATTRIBUTE)?;
-    if key.as_deref().is_some_and(|k| k.is_empty() || k.len() > MAX_ATTRIBUTE) {
+    if key
+        .as_deref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_ATTRIBUTE)
+    {
         return Err(format!("the key must be 1 to {MAX_ATTRIBUTE} bytes"));
     }
     let expected = match agreed(headers, EXPECTED_HEADER, &mut events, EXPECTED_ATTRIBUTE)? {
@@ -212,7 +219,10 @@ fn structured(value: Value) -> Result<NewEvent, String> {
     })
 }
 
-fn optional_string(attributes: &mut Map<String, Value>, name: &str) -> Result<Option<String>, String> {
+fn optional_string(
+    attributes: &mut Map<String, Value>,
+    name: &str,
+) -> Result<Option<String>, String> {
     match attributes.remove(name) {
         Some(Value::String(v)) => Ok(Some(v)),
         Some(Value::Null) | None => Ok(None),
@@ -236,7 +246,8 @@ fn binary(
         let value = value
             .to_str()
             .map_err(|_| format!("{name} must be visible ASCII (percent-encode the rest)"))?;
-        let value = percent_decode(value).ok_or_else(|| format!("{name} is not valid percent-encoded UTF-8"))?;
+        let value = percent_decode(value)
+            .ok_or_else(|| format!("{name} is not valid percent-encoded UTF-8"))?;
         if attributes.insert(attribute.to_owned(), value).is_some() {
             return Err(format!("{name} is given twice"));
         }
@@ -264,7 +275,9 @@ fn binary(
         check_time(time)?;
     }
     if attributes.remove("datacontenttype").is_some() {
-        return Err("in binary mode the data's type is Content-Type, not ce-datacontenttype".into());
+        return Err(
+            "in binary mode the data's type is Content-Type, not ce-datacontenttype".into(),
+        );
     }
     for name in attributes.keys() {
         check_extension_name(name)?;
@@ -416,7 +429,10 @@ pub fn to_json(event: &Event) -> Value {
     if let Some(ty) = &event.datacontenttype {
         out.insert("datacontenttype".into(), ty.clone().into());
     }
-    let ty = event.datacontenttype.as_deref().unwrap_or("application/json");
+    let ty = event
+        .datacontenttype
+        .as_deref()
+        .unwrap_or("application/json");
     let inline = if is_json(ty) {
         serde_json::from_slice::<Value>(&event.data).ok()
     } else if is_text(ty) {
@@ -514,7 +530,10 @@ mod tests {
         assert_eq!((event.id.as_str(), event.ty.as_str()), ("e1", "Uploaded"));
         assert_eq!(event.data, br#"{"size":3}"#);
         assert_eq!(event.datacontenttype.as_deref(), Some("application/json"));
-        assert_eq!(event.extensions.get("subject").map(String::as_str), Some("x"));
+        assert_eq!(
+            event.extensions.get("subject").map(String::as_str),
+            Some("x")
+        );
         assert!(!event.extensions.contains_key("partitionkey"));
     }
 
@@ -535,7 +554,10 @@ mod tests {
         .unwrap();
         assert_eq!(publish.expected, ExpectedVersion::NoStream);
         let event = &publish.events[0];
-        assert_eq!(event.extensions.get("comment").map(String::as_str), Some("café"));
+        assert_eq!(
+            event.extensions.get("comment").map(String::as_str),
+            Some("café")
+        );
         assert_eq!(event.datacontenttype.as_deref(), Some("application/json"));
         // Only a type: an id is made, the source is the gateway.
         let plain = parse(
@@ -598,7 +620,10 @@ mod tests {
         };
         let json = to_json(&event);
         assert_eq!(json["data"]["a"], 1);
-        assert_eq!((json["position"].as_u64(), json["version"].as_u64()), (Some(7), Some(2)));
+        assert_eq!(
+            (json["position"].as_u64(), json["version"].as_u64()),
+            (Some(7), Some(2))
+        );
         let headers = binary_headers(&event);
         assert_eq!(headers["ce-comment"], "caf%C3%A9 %22x%22");
         assert_eq!(headers["ce-partitionkey"], "k");

@@ -35,7 +35,10 @@ impl std::fmt::Debug for Events {
 impl Events {
     /// Opens the store of `settings` (counting into `metrics`) and applies
     /// its topics and subscriptions.
-    pub async fn open(settings: EventsSettings, metrics: EventMetrics) -> Result<Arc<Self>, String> {
+    pub async fn open(
+        settings: EventsSettings,
+        metrics: EventMetrics,
+    ) -> Result<Arc<Self>, String> {
         let options = Options {
             dedup_window: settings.dedup_window,
             ..Options::default()

@@ -130,7 +130,9 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
         }
     });
     let events_addr = match events_settings {
-        Some(settings) => Some(serve_events(&gateway, settings, &mut tasks, stopped.clone()).await?),
+        Some(settings) => {
+            Some(serve_events(&gateway, settings, &mut tasks, stopped.clone()).await?)
+        }
         None => None,
     };
     tasks.spawn(sample(gateway.clone(), stopped.clone()));

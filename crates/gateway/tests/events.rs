@@ -1,0 +1,608 @@
+//! The events API over real sockets: publish in every mode, dedup,
+//! expected versions, bad input storing nothing, reads, pull
+//! subscriptions shared by workers, API keys with topic patterns.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{header, Request, StatusCode};
+use serde_json::{json, Value};
+use tidegate_gateway::http::server::Running;
+use tidegate_testkit::{full, get, send, Answer};
+
+/// A directory for one test's event store, removed when dropped.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-gateway-events-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A gateway with `[events]` (`events_extra` under it, then `rest`).
+async fn gateway(dir: &Dir, events_extra: &str, rest: &str) -> Running {
+    support::gateway(&format!(
+        "[events]\npath = \"{}\"\nlisten = \"127.0.0.1:0\"\n{events_extra}\n{rest}",
+        dir.0.join("events.db").display()
+    ))
+    .await
+}
+
+fn events_url(running: &Running, path: &str) -> String {
+    format!(
+        "http://{}{path}",
+        running.events_addr.expect("events listener")
+    )
+}
+
+async fn post(url: &str, headers: &[(&str, &str)], body: impl Into<String>) -> Answer {
+    let mut request = Request::post(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(request.body(full(body.into())).unwrap()).await
+}
+
+async fn post_json(url: &str, body: Value) -> Answer {
+    post(
+        url,
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await
+}
+
+fn structured(id: &str, ty: &str, extra: Value) -> Value {
+    let mut event = json!({"specversion": "1.0", "id": id, "source": "/test", "type": ty});
+    if let (Value::Object(event), Value::Object(extra)) = (&mut event, extra) {
+        event.extend(extra);
+    }
+    event
+}
+
+async fn publish(running: &Running, topic: &str, event: Value) -> Answer {
+    post(
+        &events_url(running, &format!("/v1/topics/{topic}/events")),
+        &[("content-type", "application/cloudevents+json")],
+        event.to_string(),
+    )
+    .await
+}
+
+async fn read_ids(running: &Running, topic: &str) -> Vec<String> {
+    let answer = get(&events_url(running, &format!("/v1/topics/{topic}/events"))).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    answer.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_publish_mode_is_stored_and_read_back() {
+    let dir = Dir::new("modes");
+    let running = gateway(&dir, "", "").await;
+    // Structured, with JSON data and an extension.
+    let answer = publish(
+        &running,
+        "content",
+        structured(
+            "e1",
+            "Uploaded",
+            json!({"data": {"size": 3}, "subject": "a.txt"}),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert_eq!(
+        answer.json(),
+        json!({"id": "e1", "topic": "content", "position": 1, "key": null, "version": null, "duplicate": false})
+    );
+    // Binary mode: ce-* headers, the data as body.
+    let answer = post(
+        &events_url(&running, "/v1/topics/content/events"),
+        &[
+            ("content-type", "text/plain"),
+            ("ce-specversion", "1.0"),
+            ("ce-id", "e2"),
+            ("ce-source", "/test"),
+            ("ce-type", "Noted"),
+            ("tidegate-key", "doc-1"),
+        ],
+        "hello",
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert_eq!(
+        (
+            answer.json()["position"].as_u64(),
+            answer.json()["version"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    // Plain JSON with only a type: the gateway names it.
+    let answer = post(
+        &events_url(&running, "/v1/topics/content/events"),
+        &[("content-type", "application/json"), ("ce-type", "Plain")],
+        r#"{"n":1}"#,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    // A batch to one key, atomic.
+    let batch = json!([
+        structured("b1", "Edited", json!({"partitionkey": "doc-1"})),
+        structured(
+            "b2",
+            "Edited",
+            json!({"partitionkey": "doc-1", "data_base64": "AAE="})
+        ),
+    ]);
+    let answer = post(
+        &events_url(&running, "/v1/topics/content/events"),
+        &[("content-type", "application/cloudevents-batch+json")],
+        batch.to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let versions: Vec<u64> = answer.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [2, 3]);
+
+    let read = get(&events_url(
+        &running,
+        "/v1/topics/content/events?from_position=1&limit=10",
+    ))
+    .await;
+    let body = read.json();
+    let events = body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 5);
+    assert_eq!(events[0]["data"], json!({"size": 3}));
+    assert_eq!(events[0]["subject"], "a.txt");
+    assert_eq!(events[1]["data"], "hello");
+    assert_eq!(events[1]["datacontenttype"], "text/plain");
+    assert_eq!(events[2]["source"], "tidegate");
+    assert_eq!(events[4]["data_base64"], "AAE=");
+    assert_eq!(body["next_position"], 6);
+    // Reads page.
+    let page = get(&events_url(
+        &running,
+        "/v1/topics/content/events?from_position=4&limit=1",
+    ))
+    .await;
+    assert_eq!(page.json()["events"][0]["id"], "b1");
+    assert_eq!(page.json()["next_position"], 5);
+    // One key's stream.
+    let stream = get(&events_url(
+        &running,
+        "/v1/topics/content/streams/doc-1?from_version=2",
+    ))
+    .await;
+    let ids: Vec<String> = stream.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["b1", "b2"]);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn duplicates_conflicts_and_bad_input_store_nothing() {
+    let dir = Dir::new("refusals");
+    let running = gateway(&dir, "max_body_bytes = 2048", "").await;
+    let keyed = |id: &str, expected: &str| {
+        structured(
+            id,
+            "Created",
+            json!({"partitionkey": "order-1", "expectedversion": expected}),
+        )
+    };
+    assert_eq!(
+        publish(&running, "orders", keyed("o1", "no_stream"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    // The same id again: answered as the first, not stored again.
+    let again = publish(&running, "orders", keyed("o1", "no_stream")).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert_eq!(
+        (
+            again.json()["duplicate"].as_bool(),
+            again.json()["position"].as_u64()
+        ),
+        (Some(true), Some(1))
+    );
+    // A stale expected version: 409 with the actual one.
+    let stale = publish(&running, "orders", keyed("o2", "0")).await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    assert_eq!(
+        (
+            stale.json()["expected"].as_str(),
+            stale.json()["actual"].as_u64()
+        ),
+        (Some("0"), Some(1))
+    );
+    let url = events_url(&running, "/v1/topics/orders/events");
+    for (headers, body, says) in [
+        (
+            vec![("content-type", "application/cloudevents+json")],
+            "{".to_owned(),
+            "not JSON",
+        ),
+        (
+            vec![("content-type", "application/cloudevents+json")],
+            r#"{"specversion":"1.0","source":"s","type":"T"}"#.to_owned(),
+            "id is missing",
+        ),
+        (
+            vec![("content-type", "application/json")],
+            "{}".to_owned(),
+            "ce-type",
+        ),
+        (
+            vec![
+                ("content-type", "application/json"),
+                ("ce-type", "T"),
+                ("tidegate-expected-version", "soon"),
+                ("tidegate-key", "k"),
+            ],
+            "{}".to_owned(),
+            "expected version",
+        ),
+    ] {
+        let answer = post(&url, &headers, body).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+        assert!(
+            answer.json()["error"].as_str().unwrap().contains(says),
+            "{}",
+            answer.body
+        );
+    }
+    // Over max_body_bytes: 413.
+    let big = structured("o3", "Created", json!({"data": "x".repeat(4096)}));
+    assert_eq!(
+        publish(&running, "orders", big).await.status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    // A topic name that is not one.
+    let answer = post(
+        &events_url(&running, "/v1/topics/no%20way/events"),
+        &[("content-type", "application/json"), ("ce-type", "T")],
+        "{}",
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    assert_eq!(
+        read_ids(&running, "orders").await,
+        ["o1"],
+        "nothing else was stored"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_publishers_correlation_and_trace_travel_in_the_event() {
+    let dir = Dir::new("trace");
+    let running = gateway(&dir, "", "").await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let answer = post(
+        &events_url(&running, "/v1/topics/t/events"),
+        &[
+            ("content-type", "application/json"),
+            ("ce-type", "T"),
+            ("x-correlation-id", "req-42"),
+            ("traceparent", traceparent),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert_eq!(answer.headers["x-correlation-id"], "req-42");
+    let read = get(&events_url(&running, "/v1/topics/t/events"))
+        .await
+        .json();
+    assert_eq!(read["events"][0]["correlationid"], "req-42");
+    assert_eq!(read["events"][0]["traceparent"], traceparent);
+    running.shutdown().await;
+}
+
+const PULL: &str = "
+[[events.subscriptions]]
+name = \"workers\"
+topic = \"jobs\"
+ack_wait = \"30s\"
+max_deliveries = 3
+backoff = { base_delay = \"10ms\", max_delay = \"10ms\" }
+";
+
+async fn fetch(running: &Running, body: Value) -> Vec<Value> {
+    let answer = post_json(
+        &events_url(running, "/v1/subscriptions/workers/fetch"),
+        body,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    answer.json()["messages"].as_array().unwrap().clone()
+}
+
+async fn settle(running: &Running, how: &str, body: Value) -> Value {
+    let answer = post_json(
+        &events_url(running, &format!("/v1/subscriptions/workers/{how}")),
+        body,
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{how}: {}", answer.body);
+    answer.json()
+}
+
+#[tokio::test]
+async fn workers_pull_ack_nack_extend_and_dead_letter() {
+    let dir = Dir::new("pull");
+    let running = gateway(&dir, "", PULL).await;
+    // A long poll is woken by the publish, with no interval to wait out.
+    let waiting = {
+        let url = events_url(&running, "/v1/subscriptions/workers/fetch");
+        tokio::spawn(async move { post_json(&url, json!({"max": 5, "wait": "60s"})).await })
+    };
+    let published = publish(&running, "jobs", structured("j1", "Job", json!({}))).await;
+    assert_eq!(published.status, StatusCode::CREATED);
+    let answer = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the long poll was not woken")
+        .unwrap();
+    let messages = answer.json()["messages"].as_array().unwrap().clone();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["event"]["id"], "j1");
+    assert_eq!(messages[0]["delivery"], 1);
+    let j1 = messages[0]["ack_id"].as_str().unwrap().to_owned();
+    // Nothing else is due: a fetch without wait answers empty at once.
+    assert!(fetch(&running, json!({})).await.is_empty());
+    assert_eq!(
+        settle(&running, "extend", json!({"ack_ids": [j1]})).await["settled"],
+        1
+    );
+    assert_eq!(
+        settle(&running, "ack", json!({"ack_ids": [j1]})).await["settled"],
+        1
+    );
+    // Acked twice: the lease is gone.
+    assert_eq!(
+        settle(&running, "ack", json!({"ack_ids": [j1]})).await["expired"],
+        json!([j1])
+    );
+
+    for id in ["j2", "j3"] {
+        publish(&running, "jobs", structured(id, "Job", json!({}))).await;
+    }
+    let taken = fetch(&running, json!({"max": 10})).await;
+    assert_eq!(taken.len(), 2);
+    let (j2, j3) = (
+        taken[0]["ack_id"].as_str().unwrap(),
+        taken[1]["ack_id"].as_str().unwrap(),
+    );
+    assert_eq!(
+        settle(&running, "nack", json!({"ack_ids": [j2], "delay": "10ms"})).await["settled"],
+        1
+    );
+    let dead = settle(
+        &running,
+        "dead-letter",
+        json!({"ack_ids": [j3], "reason": "cannot parse"}),
+    )
+    .await;
+    assert_eq!(dead["settled"], 1);
+    let again = fetch(&running, json!({"wait": "10s"})).await;
+    assert_eq!(again[0]["event"]["id"], "j2");
+    assert_eq!(again[0]["delivery"], 2);
+    let letters = get(&events_url(&running, "/v1/topics/jobs.dead/events"))
+        .await
+        .json();
+    assert_eq!(letters["events"][0]["id"], "j3");
+    assert_eq!(letters["events"][0]["deadletterreason"], "cannot parse");
+    assert_eq!(letters["events"][0]["deadlettersubscription"], "workers");
+
+    // Bad requests.
+    for (path, body, status) in [
+        (
+            "/v1/subscriptions/nobody/fetch",
+            json!({}),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/v1/subscriptions/workers/fetch",
+            json!({"max": 0}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/subscriptions/workers/fetch",
+            json!({"wait": "2h"}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/subscriptions/workers/ack",
+            json!({"ack_ids": []}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/subscriptions/workers/nack",
+            json!({"ack_ids": ["1.1"], "delay": "soon"}),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let answer = post_json(&events_url(&running, path), body).await;
+        assert_eq!(answer.status, status, "{path}: {}", answer.body);
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_workers_share_a_subscription_and_a_dead_worker_loses_nothing() {
+    let dir = Dir::new("share");
+    let pull = PULL.replace("ack_wait = \"30s\"", "ack_wait = \"200ms\"");
+    let running = gateway(&dir, "", &pull).await;
+    for i in 0..20 {
+        publish(
+            &running,
+            "jobs",
+            structured(&format!("s{i}"), "Job", json!({})),
+        )
+        .await;
+    }
+    // Worker A takes five and dies with them.
+    let lost = fetch(&running, json!({"max": 5})).await;
+    assert_eq!(lost.len(), 5);
+    // Worker B takes the rest, and A's five once their lease runs out.
+    let mut done = std::collections::BTreeSet::new();
+    while done.len() < 20 {
+        let got = fetch(&running, json!({"max": 10, "wait": "10s"})).await;
+        assert!(
+            !got.is_empty(),
+            "worker B waited in vain with {} done",
+            done.len()
+        );
+        let ids: Vec<&str> = got.iter().map(|m| m["ack_id"].as_str().unwrap()).collect();
+        assert_eq!(
+            settle(&running, "ack", json!({"ack_ids": ids})).await["settled"],
+            got.len()
+        );
+        for m in &got {
+            assert!(
+                done.insert(m["event"]["id"].as_str().unwrap().to_owned()),
+                "delivered twice after an ack"
+            );
+        }
+    }
+    // A's late acks ack nothing.
+    let late: Vec<&str> = lost.iter().map(|m| m["ack_id"].as_str().unwrap()).collect();
+    assert_eq!(
+        settle(&running, "ack", json!({"ack_ids": late})).await["settled"],
+        0
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn topics_are_listed_with_positions_retention_and_subscriptions() {
+    let dir = Dir::new("topics");
+    let extra =
+        format!("[[events.topics]]\nname = \"jobs\"\nmax_events = 1000\nmax_age = \"7d\"\n{PULL}");
+    let running = gateway(&dir, "", &extra).await;
+    for id in ["a", "b"] {
+        publish(&running, "jobs", structured(id, "Job", json!({}))).await;
+    }
+    publish(&running, "other", structured("c", "Job", json!({}))).await;
+    let listed = get(&events_url(&running, "/v1/topics")).await.json();
+    let names: Vec<&str> = listed["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["jobs", "other"]);
+    let jobs = get(&events_url(&running, "/v1/topics/jobs")).await.json();
+    assert_eq!(
+        (
+            jobs["first_position"].as_u64(),
+            jobs["last_position"].as_u64(),
+            jobs["events"].as_u64()
+        ),
+        (Some(1), Some(2), Some(2))
+    );
+    assert_eq!(jobs["retention"]["max_events"], 1000);
+    assert_eq!(jobs["retention"]["max_age_seconds"], 604800.0);
+    assert_eq!(
+        jobs["subscriptions"],
+        json!([{"name": "workers", "lag": 2, "push": null}])
+    );
+    assert_eq!(
+        get(&events_url(&running, "/v1/topics/none")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn api_keys_open_only_their_topics() {
+    let dir = Dir::new("keys");
+    // sha256("orders-key") and sha256("other-key").
+    let digest = |key: &str| {
+        use sha2::Digest;
+        sha2::Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let rest = format!(
+        "[[api_keys]]\nid = \"orders-team\"\nkey_sha256 = \"{}\"\ntopics = [\"orders*\"]\n\
+         [[api_keys]]\nid = \"routes-only\"\nkey_sha256 = \"{}\"\n",
+        digest("orders-key"),
+        digest("other-key")
+    );
+    let running = gateway(&dir, "require_api_key = true", &rest).await;
+    let url = events_url(&running, "/v1/topics/orders/events");
+    let event = structured("k1", "T", json!({})).to_string();
+    let with = |key: Option<&'static str>| {
+        let mut headers = vec![("content-type", "application/cloudevents+json")];
+        if let Some(key) = key {
+            headers.push(("x-api-key", key));
+        }
+        headers
+    };
+    let none = post(&url, &with(None), event.clone()).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED, "{}", none.body);
+    assert!(none.headers.contains_key(header::WWW_AUTHENTICATE));
+    assert_eq!(
+        post(&url, &with(Some("wrong")), event.clone()).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        post(&url, &with(Some("other-key")), event.clone())
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let elsewhere = events_url(&running, "/v1/topics/billing/events");
+    assert_eq!(
+        post(&elsewhere, &with(Some("orders-key")), event.clone())
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post(&url, &with(Some("orders-key")), event.clone())
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let read = send(
+        Request::get(events_url(&running, "/v1/topics/orders.dead/events"))
+            .header("x-api-key", "orders-key")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(read.status, StatusCode::OK, "orders* covers orders.dead");
+    running.shutdown().await;
+}
