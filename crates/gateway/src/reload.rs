@@ -14,7 +14,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
+use tokio::sync::Mutex as AsyncMutex;
 
 use crate::config::{self, Config, GatewaySettings};
 use crate::observe::notices::Notice;
@@ -27,7 +29,7 @@ pub struct Reloader {
     gateway: Arc<Gateway>,
     tasks: Arc<Mutex<UpstreamTasks>>,
     /// One reload at a time.
-    serial: Arc<Mutex<()>>,
+    serial: Arc<AsyncMutex<()>>,
 }
 
 /// What a reload changed.
@@ -71,16 +73,23 @@ impl Reloader {
         Reloader {
             gateway,
             tasks,
-            serial: Arc::new(Mutex::new(())),
+            serial: Arc::new(AsyncMutex::new(())),
         }
     }
 
     /// Puts a validated `config` in use. Fails (and changes nothing) when
     /// its run-time state cannot be built, e.g. an internal token variable
     /// is not set. Must run inside the gateway's runtime.
-    pub fn apply(&self, config: Config) -> Result<Summary, String> {
-        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+    pub async fn apply(&self, mut config: Config) -> Result<Summary, String> {
+        let _serial = self.serial.lock().await;
         let mut needs_restart = restart_only_changes(&self.gateway.settings, &config.gateway);
+        let events = config.events.take();
+        match (self.gateway.events(), &events) {
+            (Some(running), Some(new)) => needs_restart.extend(running.restart_needed(new)),
+            (None, None) => {}
+            // The events listener and store start and stop with the gateway.
+            _ => needs_restart.push("events"),
+        }
         if config.rate_limit.max_keys != self.gateway.counters.max_keys() {
             needs_restart.push("rate_limit.max_keys");
         }
@@ -114,6 +123,13 @@ impl Reloader {
             }
         }
         self.gateway.swap(table);
+        if let (Some(running), Some(new)) = (self.gateway.events(), events) {
+            if let Err(e) = running.reload(new).await {
+                let e = format!("events: {e}");
+                self.refused(&e);
+                return Err(e);
+            }
+        }
         let current = self.gateway.table();
         self.tasks
             .lock()
@@ -131,9 +147,9 @@ impl Reloader {
 
     /// Reads, validates and applies the config at `path`; on any error the
     /// running config stays and the error is logged and returned.
-    pub fn reload_file(&self, path: &Path) -> Result<Summary, String> {
+    pub async fn reload_file(&self, path: &Path) -> Result<Summary, String> {
         match config::load(path) {
-            Ok(config) => self.apply(config),
+            Ok(config) => self.apply(config).await,
             Err(e) => {
                 let e = e.to_string();
                 self.refused(&e);
@@ -175,7 +191,7 @@ impl Reloader {
                         tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
                     }
                     // The outcome is logged either way.
-                    let _ = self.reload_file(&path);
+                    let _ = self.reload_file(&path).await;
                 }
             }
         }

@@ -606,3 +606,261 @@ async fn api_keys_open_only_their_topics() {
     assert_eq!(read.status, StatusCode::OK, "orders* covers orders.dead");
     running.shutdown().await;
 }
+
+/// What a push subscriber saw: each event id's deliveries, in order, with
+/// their headers and bodies.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, http::HeaderMap, String)>>>;
+
+/// A subscriber answering by the event's id: `ok*` 200; `busy` 503 with
+/// `Retry-After: 0` at first; `flaky` 500 at first; `slow` no answer in
+/// time at first; `bad` 400.
+async fn subscriber(seen: Seen) -> tidegate_testkit::Upstream {
+    tidegate_testkit::Upstream::start(move |req: Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let headers = req.headers().clone();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let id = headers
+                .get("ce-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| {
+                    serde_json::from_slice::<Value>(&body)
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(str::to_owned))
+                })
+                .unwrap_or_default();
+            let first = headers["tidegate-delivery"] == "1";
+            seen.lock().unwrap().push((
+                id.clone(),
+                headers,
+                String::from_utf8_lossy(&body).into_owned(),
+            ));
+            match id.as_str() {
+                "busy" if first => {
+                    let mut answer = tidegate_testkit::text(503, "busy");
+                    answer
+                        .headers_mut()
+                        .insert("retry-after", "0".parse().unwrap());
+                    answer
+                }
+                "flaky" if first => tidegate_testkit::text(500, "oops"),
+                "slow" if first => {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tidegate_testkit::text(200, "late")
+                }
+                "bad" => tidegate_testkit::text(400, "no"),
+                _ => tidegate_testkit::text(200, "ok"),
+            }
+        }
+    })
+    .await
+}
+
+/// Waits (up to 30 s, failing after) until `done` holds for what `seen` has.
+async fn until(
+    seen: &Seen,
+    what: &str,
+    done: impl Fn(&[(String, http::HeaderMap, String)]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if done(&seen.lock().unwrap()) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn count(seen: &[(String, http::HeaderMap, String)], id: &str) -> usize {
+    seen.iter().filter(|(seen, _, _)| seen == id).count()
+}
+
+#[tokio::test]
+async fn pushed_events_follow_the_answer_rules() {
+    let dir = Dir::new("push");
+    let seen = Seen::default();
+    let sub = subscriber(seen.clone()).await;
+    let rest = format!(
+        "[[upstreams]]\nname = \"analytics\"\nendpoints = [\"{}\"]\n\
+         [upstreams.policy]\ntimeout = \"300ms\"\n\
+         [upstreams.policy.circuit_breaker]\nconsecutive_failures = 100\n\
+         [[events.subscriptions]]\nname = \"analytics\"\ntopic = \"content\"\n\
+         push = {{ upstream = \"analytics\", path = \"/events/content\" }}\n\
+         max_deliveries = 5\nack_wait = \"5s\"\nbackoff = {{ base_delay = \"10ms\", max_delay = \"10ms\" }}\n\
+         [[events.subscriptions]]\nname = \"archive\"\ntopic = \"content\"\ntypes = [\"Kept\"]\n\
+         push = {{ upstream = \"analytics\", path = \"/archive\", mode = \"structured\" }}\n",
+        sub.url()
+    );
+    let running = gateway(&dir, "", &rest).await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    for id in ["ok", "busy", "flaky", "slow", "bad"] {
+        let answer = post(
+            &events_url(&running, "/v1/topics/content/events"),
+            &[
+                ("content-type", "application/json"),
+                ("ce-type", "Uploaded"),
+                ("ce-id", id),
+                ("ce-source", "/web"),
+                ("x-correlation-id", &format!("corr-{id}")),
+                ("traceparent", traceparent),
+            ],
+            format!(r#"{{"name":"{id}"}}"#),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    }
+    publish(
+        &running,
+        "content",
+        structured("kept", "Kept", json!({"data": {"k": 1}})),
+    )
+    .await;
+    until(&seen, "every rule to play out", |seen| {
+        count(seen, "busy") == 2
+            && count(seen, "flaky") == 2
+            && count(seen, "slow") == 2
+            && count(seen, "bad") == 1
+            && count(seen, "kept") == 2
+    })
+    .await;
+    // The dead letter, with its reason.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let letters = loop {
+        let letters = get(&events_url(&running, "/v1/topics/content.dead/events"))
+            .await
+            .json();
+        if !letters["events"].as_array().unwrap().is_empty() {
+            break letters;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(letters["events"][0]["id"], "bad");
+    assert_eq!(
+        letters["events"][0]["deadletterreason"],
+        "the subscriber answered 400 Bad Request"
+    );
+    // Every group finished, nothing left to deliver.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = get(&events_url(&running, "/v1/topics/content"))
+            .await
+            .json();
+        if info["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["lag"] == 0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still lagging: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    // Acked once answered 2xx: never delivered again.
+    assert_eq!(count(&seen, "ok"), 1);
+    let (_, headers, body) = seen.iter().find(|(id, _, _)| id == "ok").unwrap();
+    assert_eq!(headers["ce-type"], "Uploaded");
+    assert_eq!(headers["ce-source"], "/web");
+    assert_eq!(headers["ce-topic"], "content");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["x-correlation-id"], "corr-ok");
+    assert!(headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
+    assert_ne!(
+        headers["traceparent"], traceparent,
+        "a child span, not the publisher's"
+    );
+    assert_eq!(body, r#"{"name":"ok"}"#);
+    let retried: Vec<&str> = seen
+        .iter()
+        .filter(|(id, _, _)| id == "busy")
+        .map(|(_, h, _)| h["tidegate-delivery"].to_str().unwrap())
+        .collect();
+    assert_eq!(retried, ["1", "2"]);
+    // Structured mode, filtered by type: the whole event as JSON.
+    let (_, headers, body) = seen
+        .iter()
+        .find(|(id, h, _)| id == "kept" && h.get("ce-id").is_none())
+        .unwrap();
+    assert_eq!(headers["content-type"], "application/cloudevents+json");
+    let event: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (event["type"].as_str(), event["data"]["k"].as_u64()),
+        (Some("Kept"), Some(1))
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_open_breaker_pauses_delivery_and_counts_none() {
+    let dir = Dir::new("paused");
+    let sub = tidegate_testkit::Scripted::start().await;
+    sub.set(tidegate_testkit::Behavior::Status(500));
+    let rest = format!(
+        "[[upstreams]]\nname = \"down\"\nendpoints = [\"{}\"]\n\
+         [upstreams.policy.retry]\nmax_attempts = 1\n\
+         [upstreams.policy.circuit_breaker]\nconsecutive_failures = 2\nopen_duration = \"500ms\"\n\
+         [[events.subscriptions]]\nname = \"paused\"\ntopic = \"t\"\n\
+         push = {{ upstream = \"down\", path = \"/e\" }}\n\
+         max_deliveries = 3\nbackoff = {{ base_delay = \"10ms\", max_delay = \"10ms\" }}\n",
+        sub.url()
+    );
+    let running = gateway(&dir, "", &rest).await;
+    let answer = post(
+        &events_url(&running, "/v1/topics/t/events"),
+        &[
+            ("content-type", "application/json"),
+            ("ce-type", "T"),
+            ("x-correlation-id", "e1"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    // Two failures open the breaker; the subscriber comes back meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sub.hits() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery reached the subscriber"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    sub.set(tidegate_testkit::Behavior::Answer);
+    // Paused for the open duration, not burning deliveries: the half-open
+    // probe is the third delivery, and it is acked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = get(&events_url(&running, "/v1/topics/t")).await.json();
+        if info["subscriptions"][0]["lag"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never delivered: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(sub.hits(), 3, "{:?}", sub.ledger());
+    let letters = get(&events_url(&running, "/v1/topics/t.dead/events"))
+        .await
+        .json();
+    assert!(
+        letters["events"].as_array().unwrap().is_empty(),
+        "{letters}"
+    );
+    running.shutdown().await;
+}

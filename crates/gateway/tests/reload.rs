@@ -105,7 +105,7 @@ async fn a_reload_keeps_open_streams_breakers_and_counts() {
         &bad,
         "[[routes]]\nname = \"new\"\npath_prefix = \"/new\"\nupstream = \"svc\"\n",
     ));
-    let summary = gw.reloader().apply(new).unwrap();
+    let summary = gw.reloader().apply(new).await.unwrap();
     assert_eq!(summary.kept, ["svc", "bad"]);
     assert!(summary.rebuilt.is_empty() && summary.removed.is_empty());
     assert_eq!(summary.routes, 3);
@@ -131,7 +131,7 @@ async fn a_reload_keeps_open_streams_breakers_and_counts() {
     // A changed upstream starts afresh; a removed route is gone.
     let changed = config(&svc.url(), &bad, "")
         .replace("consecutive_failures = 1\n", "consecutive_failures = 2\n");
-    let summary = gw.reloader().apply(parsed(&changed)).unwrap();
+    let summary = gw.reloader().apply(parsed(&changed)).await.unwrap();
     assert_eq!(summary.rebuilt, ["bad"]);
     let status = get(&admin(&gw, "/status/services")).await.json();
     assert_eq!(status["services"]["bad"]["state"], "closed");

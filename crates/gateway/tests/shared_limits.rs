@@ -207,6 +207,7 @@ async fn a_reload_applies_the_failure_mode_and_says_the_store_needs_a_restart() 
             "closed",
             100,
         )))
+        .await
         .unwrap();
     assert!(
         summary.needs_restart.is_empty(),
@@ -223,6 +224,6 @@ async fn a_reload_applies_the_failure_mode_and_says_the_store_needs_a_restart() 
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let summary = gw.reloader().apply(support::parsed(&local)).unwrap();
+    let summary = gw.reloader().apply(support::parsed(&local)).await.unwrap();
     assert_eq!(summary.needs_restart, ["rate_limit.store"]);
 }

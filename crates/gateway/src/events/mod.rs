@@ -17,11 +17,16 @@ use crate::config::{EventsSettings, Subscription};
 
 pub mod api;
 pub mod cloudevents;
+pub mod push;
 
 /// The event store and the settings in effect.
 pub struct Events {
     store: Arc<dyn Store>,
     settings: ArcSwap<EventsSettings>,
+    /// Bumped by each reload: push tasks look at their settings again.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// The push tasks, once started.
+    pushers: std::sync::OnceLock<push::Pushers>,
 }
 
 impl std::fmt::Debug for Events {
@@ -63,7 +68,22 @@ impl Events {
         Ok(Arc::new(Events {
             store,
             settings: ArcSwap::from_pointee(settings),
+            generation: tokio::sync::watch::channel(0).0,
+            pushers: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Starts pushing the push subscriptions' events through `gateway`'s
+    /// upstreams, until `stop`; a reload starts those it adds.
+    pub fn start_push(
+        self: &Arc<Self>,
+        gateway: &Arc<crate::proxy::Gateway>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let _ = self
+            .pushers
+            .set(push::Pushers::new(Arc::downgrade(gateway), stop));
+        push::start(self);
     }
 
     /// The store.
@@ -86,23 +106,33 @@ impl Events {
             .cloned()
     }
 
-    /// Applies `new` settings (a reload); what of them needs a restart,
-    /// for the reload's answer.
-    pub async fn reload(&self, new: EventsSettings) -> Result<Vec<String>, StoreError> {
+    /// What of `new` settings takes effect only after a restart (the
+    /// store and the listener are bound when the gateway starts).
+    pub fn restart_needed(&self, new: &EventsSettings) -> Vec<&'static str> {
         let old = self.settings();
         let mut restart = Vec::new();
         if new.path != old.path {
-            restart.push("events.path".to_owned());
+            restart.push("events.path");
         }
         if new.listen != old.listen {
-            restart.push("events.listen".to_owned());
+            restart.push("events.listen");
         }
         if new.dedup_window != old.dedup_window {
-            restart.push("events.dedup_window".to_owned());
+            restart.push("events.dedup_window");
         }
+        restart
+    }
+
+    /// Applies `new` settings (a reload): topics' retention, new and
+    /// changed subscriptions (cursors, pending events and leases stay),
+    /// push tasks for new push subscriptions.
+    pub async fn reload(self: &Arc<Self>, new: EventsSettings) -> Result<(), StoreError> {
+        let old = self.settings();
         apply(&*self.store, Some(&old), &new).await?;
         self.settings.store(Arc::new(new));
-        Ok(restart)
+        self.generation.send_modify(|n| *n += 1);
+        push::start(self);
+        Ok(())
     }
 }
 

@@ -176,6 +176,7 @@ async fn serve_events(
     }
     let events = crate::events::Events::open(settings, gateway.metrics.events.clone()).await?;
     gateway.set_events(events.clone());
+    events.start_push(gateway, stopped.clone());
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let app = crate::events::api::router(gateway.clone(), events);
     tasks.spawn(async move {

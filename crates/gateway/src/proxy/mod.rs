@@ -659,6 +659,90 @@ impl Gateway {
         Some(response)
     }
 
+    /// A call the gateway makes on its own behalf (an event pushed to a
+    /// subscriber): `POST path` with `headers` and `body` through
+    /// `upstream`'s policies (breaker, bulkhead, limits, timeout), never
+    /// sent twice once it may have arrived, bounded by `limit`. The
+    /// answer's body is read (a little of it) and dropped, so the
+    /// connection serves the next call.
+    pub(crate) async fn call_upstream(
+        &self,
+        upstream: &Arc<Upstream>,
+        path: PathAndQuery,
+        headers: HeaderMap,
+        body: Bytes,
+        limit: Duration,
+    ) -> Called {
+        let template = Template(Head {
+            method: Method::POST,
+            path_and_query: path,
+            headers,
+        });
+        let call = Call {
+            upstream_client: &self.client,
+            template: &template,
+            idempotent: false,
+            grpc: false,
+            limit: Some(limit),
+        };
+        let mut body = RequestBody::Replayable {
+            data: body,
+            trailers: None,
+        };
+        let mut log = Access {
+            route: self.none.clone(),
+            upstream: upstream.label.clone(),
+            traffic: Some(&upstream.traffic),
+            upstream_failed: false,
+            attempts: 0,
+            key_id: None,
+            fallback: None,
+        };
+        let in_flight = InFlight::new(upstream, None);
+        let result = if upstream.has_available_endpoint() {
+            self.forward(&call, upstream, &mut body, &mut log).await
+        } else {
+            self.metrics
+                .rejection(upstream.name(), "no_healthy_endpoint");
+            Err(Error::inner_error(AttemptError::NoEndpoint))
+        };
+        let answered = |response: UpstreamResponse| async move {
+            let status = response.status();
+            let retry_after = headers::retry_after(response.headers());
+            // Enough of the body to finish a small answer.
+            let _ = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+                .collect()
+                .await;
+            Called::Answered {
+                status,
+                retry_after,
+            }
+        };
+        let called = match result {
+            Ok(response) => answered(response).await,
+            Err(err) => {
+                self.count_rejection(upstream, &err);
+                let refused = err.is_circuit_open()
+                    || err.is_bulkhead_full()
+                    || err.is_throttled()
+                    || err.is_rate_limited()
+                    || matches!(err.inner(), Some(AttemptError::PoolOverflow));
+                let retry_after = err.retry_after();
+                if refused {
+                    Called::Refused { retry_after }
+                } else {
+                    match err.into_inner() {
+                        Some(AttemptError::Status { response, .. }) => answered(response).await,
+                        Some(e) => Called::Failed(e.to_string()),
+                        None => Called::Failed("timed out".to_owned()),
+                    }
+                }
+            }
+        };
+        drop(in_flight);
+        called
+    }
+
     /// The answer to a request the edge refused.
     fn refused(&self, refusal: Refusal, upstream: &Upstream) -> Reply {
         match refusal {
@@ -1024,6 +1108,26 @@ impl Gateway {
             None => Err(Reply::new(StatusCode::BAD_GATEWAY, "upstream failed").service(name)),
         }
     }
+}
+
+/// What became of [`Gateway::call_upstream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Called {
+    /// The upstream answered.
+    Answered {
+        /// Its status.
+        status: StatusCode,
+        /// Its `Retry-After`, if any.
+        retry_after: Option<Duration>,
+    },
+    /// The policies turned the call away (breaker open, bulkhead full,
+    /// throttled, rate limited): nothing was sent.
+    Refused {
+        /// When to try again, when the policy knows.
+        retry_after: Option<Duration>,
+    },
+    /// No answer: unreachable, timed out, the exchange broke.
+    Failed(String),
 }
 
 /// What every upstream call of one request shares.
