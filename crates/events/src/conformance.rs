@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::event::{ExpectedVersion, NewEvent};
+use crate::event::{Event, ExpectedVersion, NewEvent};
 use crate::store::{Append, AppendError, BoxFuture, Retention, Store};
 use crate::subscription::{Backoff, Delivery, Ordering, Seek, Start, SubscriptionConfig};
 
@@ -539,6 +539,10 @@ async fn read_positions(store: &dyn Store, topic: &str, from: u64, limit: usize)
     events.iter().map(|e| e.position).collect()
 }
 
+fn ids_of(events: &[Event]) -> Vec<String> {
+    events.iter().map(|e| e.id.clone()).collect()
+}
+
 fn ids(deliveries: &[Delivery]) -> Vec<String> {
     deliveries.iter().map(|d| d.event.id.clone()).collect()
 }
@@ -719,7 +723,16 @@ pub async fn poison_goes_to_the_dead_letter_topic(
 
     // Redriven, both are pending again in the group, deliveries afresh, once.
     let dead = format!("{topic}.dead");
+    let waiting = store.dead_letters(&dead, 1).await.unwrap();
+    assert_eq!(waiting.waiting, 2);
+    assert_eq!(ids_of(&waiting.oldest), ["p1"]);
     assert_eq!(store.redrive(&dead, 10).await.unwrap(), 2);
+    let waiting = store.dead_letters(&dead, 10).await.unwrap();
+    assert_eq!(
+        (waiting.waiting, waiting.oldest.len()),
+        (0, 0),
+        "redriven letters wait no more"
+    );
     assert_eq!(
         store.redrive(&dead, 10).await.unwrap(),
         0,

@@ -45,7 +45,7 @@ pub use crate::event::{Event, ExpectedVersion, NewEvent};
 pub use crate::projection::{Projection, Projector};
 pub use crate::sqlite::{Options, SqliteStore};
 pub use crate::store::{
-    Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError, Stored,
+    Append, AppendError, Appended, BoxFuture, DeadLetters, Retention, Store, StoreError, Stored,
     SubscriptionStatus, TopicInfo,
 };
 pub use crate::subscription::{Backoff, Delivery, Ordering, Seek, Start, SubscriptionConfig};

@@ -25,8 +25,8 @@ use tokio::time::Instant;
 
 use crate::event::Event;
 use crate::store::{
-    Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError, SubscriptionStatus,
-    TopicInfo,
+    Append, AppendError, Appended, BoxFuture, DeadLetters, Retention, Store, StoreError,
+    SubscriptionStatus, TopicInfo,
 };
 use crate::subscription::{Delivery, Seek, SubscriptionConfig};
 
@@ -359,6 +359,14 @@ impl<S: Store> Store for Metered<S> {
 
     fn topics(&self) -> BoxFuture<'_, Result<Vec<TopicInfo>, StoreError>> {
         self.inner.topics()
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        dead_letter_topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DeadLetters, StoreError>> {
+        self.inner.dead_letters(dead_letter_topic, limit)
     }
 
     fn subscription_status<'a>(

@@ -182,6 +182,15 @@ pub struct SubscriptionStatus {
     pub oldest_unfinished_age_ms: Option<u64>,
 }
 
+/// The dead letters of a dead-letter topic not yet redriven.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetters {
+    /// How many wait.
+    pub waiting: u64,
+    /// The oldest of them, as many as asked for.
+    pub oldest: Vec<Event>,
+}
+
 /// Topics of events: append with expected versions and dedup, read a
 /// topic from a position, read one key's stream from a version.
 pub trait Store: Send + Sync + 'static {
@@ -284,6 +293,14 @@ pub trait Store: Send + Sync + 'static {
         dead_letter_topic: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// The letters of `dead_letter_topic` that no redrive has put back to
+    /// work yet: how many, and the oldest `limit` of them.
+    fn dead_letters<'a>(
+        &'a self,
+        dead_letter_topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DeadLetters, StoreError>>;
 
     /// Moves a group's cursor (to rebuild a read model, or skip a
     /// backlog); what was pending is forgotten.

@@ -150,6 +150,13 @@ impl Store for Observed {
     fn topics(&self) -> BoxFuture<'_, Result<Vec<TopicInfo>, StoreError>> {
         self.inner.topics()
     }
+    fn dead_letters<'a>(
+        &'a self,
+        dead_letter_topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<tidegate_events::DeadLetters, StoreError>> {
+        self.inner.dead_letters(dead_letter_topic, limit)
+    }
     fn subscription_status<'a>(
         &'a self,
         subscription: &'a str,

@@ -176,7 +176,10 @@ async fn every_admin_endpoint_answers_as_its_openapi_document_says() {
         "/status/history",
         "/status/services",
         "/status/timeline",
+        "/status/events",
         "/upstreams/{name}/circuit",
+        "/v1/subscriptions/{name}/seek",
+        "/v1/topics/{topic}/redrive",
     ]
     .map(String::from)
     .into();
@@ -194,6 +197,7 @@ async fn every_admin_endpoint_answers_as_its_openapi_document_says() {
         "/config",
         "/metrics",
         "/openapi.json",
+        "/status/events",
         "/",
     ] {
         conforms(&doc, path, "get", &get(&admin(&running, path)).await);
@@ -549,4 +553,151 @@ fn rule_selectors() -> Vec<(String, Vec<String>)> {
     }
     assert!(found.len() >= 5, "no rules found in {path}");
     found
+}
+
+#[tokio::test]
+async fn the_events_admin_endpoints_answer_as_documented() {
+    let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
+    let dir = std::env::temp_dir().join(format!("tidegate-admin-events-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let events = format!(
+        "[events]\npath = \"{}\"\nlisten = \"127.0.0.1:0\"\n\
+         [[events.subscriptions]]\nname = \"workers\"\ntopic = \"jobs\"\n",
+        dir.join("events.db").display()
+    );
+    let running = gateway(&with_token(&upstream.url(), &events)).await;
+    let doc = get(&admin(&running, "/openapi.json")).await.json();
+    let api = |path: &str| format!("http://{}{path}", running.events_addr.unwrap());
+    // Before anything happens: nothing to show yet.
+    conforms(
+        &doc,
+        "/status/events",
+        "get",
+        &get(&admin(&running, "/status/events")).await,
+    );
+    for id in ["a", "b"] {
+        let published = send(
+            Request::post(api("/v1/topics/jobs/events"))
+                .header("content-type", "application/json")
+                .header("ce-type", "Job")
+                .header("ce-id", id)
+                .body(full("{}"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(published.status, 201, "{}", published.body);
+    }
+    let fetched = post(
+        &api("/v1/subscriptions/workers/fetch"),
+        None,
+        r#"{"max": 1}"#,
+    )
+    .await
+    .json();
+    let ack_id = fetched["messages"][0]["ack_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dead = post(
+        &api("/v1/subscriptions/workers/dead-letter"),
+        None,
+        &json!({"ack_ids": [ack_id], "reason": "malformed"}).to_string(),
+    )
+    .await;
+    assert_eq!(dead.json()["settled"], 1);
+
+    let status = get(&admin(&running, "/status/events")).await;
+    conforms(&doc, "/status/events", "get", &status);
+    let status = status.json();
+    assert_eq!(status["subscriptions"][0]["lag"], 1);
+    assert_eq!(status["dead_letters"][0]["topic"], "jobs.dead");
+    assert_eq!(status["dead_letters"][0]["waiting"], 1);
+    assert_eq!(
+        status["dead_letters"][0]["oldest"][0]["reason"],
+        "malformed"
+    );
+    assert_eq!(
+        status["dead_letters"][0]["oldest"][0]["subscription"],
+        "workers"
+    );
+
+    let redrive = "/v1/topics/{topic}/redrive";
+    let target = admin(&running, "/v1/topics/jobs.dead/redrive");
+    for (token, body, code) in [
+        (None, "{}", StatusCode::UNAUTHORIZED),
+        (
+            Some(TOKEN),
+            r#"{"to": "elsewhere"}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (Some(TOKEN), r#"{"limit": 0}"#, StatusCode::BAD_REQUEST),
+    ] {
+        let answer = post(&target, token, body).await;
+        assert_eq!(answer.status, code, "{}", answer.body);
+        conforms(&doc, redrive, "post", &answer);
+    }
+    let unknown = post(
+        &admin(&running, "/v1/topics/nothing.dead/redrive"),
+        Some(TOKEN),
+        "{}",
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    conforms(&doc, redrive, "post", &unknown);
+    let done = post(&target, Some(TOKEN), r#"{"to": "jobs", "limit": 10}"#).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    conforms(&doc, redrive, "post", &done);
+    assert_eq!(
+        (
+            done.json()["redriven"].as_u64(),
+            done.json()["waiting"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+    let status = get(&admin(&running, "/status/events")).await.json();
+    assert_eq!(
+        status["dead_letters"][0]["waiting"], 0,
+        "a redrive empties it"
+    );
+    assert_eq!(status["subscriptions"][0]["lag"], 2, "both are to do again");
+
+    let seek = "/v1/subscriptions/{name}/seek";
+    let target = admin(&running, "/v1/subscriptions/workers/seek");
+    for (token, body, code) in [
+        (None, r#"{"position": "latest"}"#, StatusCode::UNAUTHORIZED),
+        (
+            Some(TOKEN),
+            r#"{"position": "soon"}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let answer = post(&target, token, body).await;
+        assert_eq!(answer.status, code, "{}", answer.body);
+        conforms(&doc, seek, "post", &answer);
+    }
+    let unknown = post(
+        &admin(&running, "/v1/subscriptions/nobody/seek"),
+        Some(TOKEN),
+        r#"{"position": 1}"#,
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    conforms(&doc, seek, "post", &unknown);
+    let latest = post(&target, Some(TOKEN), r#"{"position": "latest"}"#).await;
+    assert_eq!(latest.status, 200, "{}", latest.body);
+    conforms(&doc, seek, "post", &latest);
+    assert_eq!(
+        (
+            latest.json()["cursor"].as_u64(),
+            latest.json()["lag"].as_u64()
+        ),
+        (Some(2), Some(0))
+    );
+
+    let ready = get(&admin(&running, "/ready")).await;
+    conforms(&doc, "/ready", "get", &ready);
+    assert_eq!(ready.json()["checks"]["event_store"]["status"], "ok");
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -35,7 +35,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::event::{Event, ExpectedVersion, NewEvent};
 use crate::store::{
-    Append, AppendError, Appended, BoxFuture, Retention, Store, StoreError, Stored,
+    Append, AppendError, Appended, BoxFuture, DeadLetters, Retention, Store, StoreError, Stored,
     SubscriptionStatus, TopicInfo,
 };
 use crate::subscription::{Delivery, Seek, SubscriptionConfig};
@@ -1185,6 +1185,35 @@ impl Store for SqliteStore {
                 })
             })?;
             rows.collect()
+        }))
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        dead_letter_topic: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DeadLetters, StoreError>> {
+        let topic = dead_letter_topic.to_owned();
+        Box::pin(self.reading(move |conn| {
+            let cursor = conn
+                .prepare_cached("SELECT cursor FROM redrives WHERE topic = ?1")?
+                .query_row(params![topic], |row| row.get::<_, i64>(0))
+                .optional()?
+                .unwrap_or(0);
+            let last = conn
+                .prepare_cached(&format!("SELECT {}", last_position_sql("?1")))?
+                .query_row(params![topic], |row| row.get::<_, i64>(0))?;
+            let oldest = conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM events WHERE {} ORDER BY seq LIMIT ?3",
+                    in_topic("?1", ">", "?2")
+                ))?
+                .query_map(params![topic, cursor, sql(limit as u64)], event)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(DeadLetters {
+                waiting: unsql(last.saturating_sub(cursor)),
+                oldest,
+            })
         }))
     }
 

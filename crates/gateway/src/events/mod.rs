@@ -15,6 +15,7 @@ use tidegate_events::{Options, Retention, SqliteStore, Store, StoreError};
 
 use crate::config::{EventsSettings, Subscription};
 
+pub mod admin;
 pub mod api;
 pub mod cloudevents;
 pub mod push;

@@ -45,6 +45,15 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/status/timeline", get(timeline))
         .route("/config", get(config))
         .route("/upstreams/{name}/circuit", post(circuit))
+        .route("/status/events", get(crate::events::admin::status))
+        .route(
+            "/v1/subscriptions/{name}/seek",
+            post(crate::events::admin::seek),
+        )
+        .route(
+            "/v1/topics/{topic}/redrive",
+            post(crate::events::admin::redrive),
+        )
         .route("/openapi.json", get(openapi))
         .route("/", get(dashboard))
         .with_state(gateway)
@@ -122,7 +131,31 @@ async fn config(State(gateway): State<Arc<Gateway>>) -> Response {
     json_response(StatusCode::OK, &gateway.table().effective)
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
+/// Whether `headers` carry the admin token a write endpoint needs: 403
+/// when writes are off (no token configured), 401 without the token.
+pub(crate) fn admin_write(gateway: &Gateway, headers: &HeaderMap) -> Result<(), Response> {
+    let table = gateway.table();
+    if !table.has_admin_token() {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "admin writes are off: set gateway.admin_token_env to the variable holding the admin token",
+        ));
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if !presented.is_some_and(|token| table.is_admin_token(token)) {
+        let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tidegate-admin\""),
+        );
+        return Err(response);
+    }
+    Ok(())
+}
+
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     json_response(
         status,
         &json!({ "error": message, "timestamp": now_rfc3339() }),
@@ -135,24 +168,10 @@ async fn circuit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(refused) = admin_write(&gateway, &headers) {
+        return refused;
+    }
     let table = gateway.table();
-    if !table.has_admin_token() {
-        return error(
-            StatusCode::FORBIDDEN,
-            "admin writes are off: set gateway.admin_token_env to the variable holding the admin token",
-        );
-    }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-    if !presented.is_some_and(|token| table.is_admin_token(token)) {
-        let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"tidegate-admin\""),
-        );
-        return response;
-    }
     let Some(upstream) = table.upstream(&name) else {
         return error(StatusCode::NOT_FOUND, "no upstream by that name");
     };
@@ -186,7 +205,7 @@ async fn circuit(
     )
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response {
     (
         status,
         [(
@@ -236,6 +255,16 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
             "rate_limit_store".to_owned(),
             json!({ "status": status, "up": up }),
         );
+    }
+    if let Some(events) = gateway.events() {
+        let check = match events.store().topics().await {
+            Ok(_) => json!({ "status": "ok", "store": "sqlite" }),
+            Err(e) => {
+                ready = false;
+                json!({ "status": e.to_string(), "store": "sqlite" })
+            }
+        };
+        checks.insert("event_store".to_owned(), check);
     }
     let (status, word) = if ready {
         (StatusCode::OK, "ready")
