@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tidegate_client::clock::now_rfc3339;
 use tidegate_events::{Seek, Store};
 
-use crate::observe::admin::{admin_write, error, json_response};
+use crate::observe::admin::{error, json_response, refused_write};
 use crate::proxy::Gateway;
 
 /// Letters of each dead-letter topic shown, oldest first.
@@ -123,7 +123,7 @@ pub async fn seek(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = admin_write(&gateway, &headers) {
+    if let Some(refused) = refused_write(&gateway, &headers) {
         return refused;
     }
     let Some(events) = gateway.events() else {
@@ -171,7 +171,7 @@ pub async fn redrive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = admin_write(&gateway, &headers) {
+    if let Some(refused) = refused_write(&gateway, &headers) {
         return refused;
     }
     let Some(events) = gateway.events() else {

@@ -131,12 +131,13 @@ async fn config(State(gateway): State<Arc<Gateway>>) -> Response {
     json_response(StatusCode::OK, &gateway.table().effective)
 }
 
-/// Whether `headers` carry the admin token a write endpoint needs: 403
-/// when writes are off (no token configured), 401 without the token.
-pub(crate) fn admin_write(gateway: &Gateway, headers: &HeaderMap) -> Result<(), Response> {
+/// The refusal of a write endpoint's request unless `headers` carry the
+/// admin token: 403 when writes are off (no token configured), 401
+/// without the token.
+pub(crate) fn refused_write(gateway: &Gateway, headers: &HeaderMap) -> Option<Response> {
     let table = gateway.table();
     if !table.has_admin_token() {
-        return Err(error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "admin writes are off: set gateway.admin_token_env to the variable holding the admin token",
         ));
@@ -150,9 +151,9 @@ pub(crate) fn admin_write(gateway: &Gateway, headers: &HeaderMap) -> Result<(), 
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"tidegate-admin\""),
         );
-        return Err(response);
+        return Some(response);
     }
-    Ok(())
+    None
 }
 
 pub(crate) fn error(status: StatusCode, message: &str) -> Response {
@@ -168,7 +169,7 @@ async fn circuit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = admin_write(&gateway, &headers) {
+    if let Some(refused) = refused_write(&gateway, &headers) {
         return refused;
     }
     let table = gateway.table();
