@@ -864,3 +864,47 @@ async fn an_open_breaker_pauses_delivery_and_counts_none() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_followed_topic_streams_each_event_as_it_is_stored() {
+    use http_body_util::BodyExt;
+    let dir = Dir::new("follow");
+    let running = gateway(&dir, "", "").await;
+    publish(&running, "t", structured("f1", "T", json!({}))).await;
+    let response = tidegate_testkit::client()
+        .request(
+            Request::get(events_url(
+                &running,
+                "/v1/topics/t/events?follow=true&from_position=1",
+            ))
+            .body(full(""))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    let mut body = response.into_body();
+    let mut text = String::new();
+    async fn until_id(body: &mut hyper::body::Incoming, text: &mut String, id: &str) {
+        while !text.contains(&format!("\"id\":\"{id}\"")) {
+            let frame = tokio::time::timeout(Duration::from_secs(30), body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("{id} never came: {text}"))
+                .unwrap()
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    }
+    until_id(&mut body, &mut text, "f1").await;
+    assert!(text.contains("id: 1") || text.contains("id:1"), "{text}");
+    // A new event is streamed when stored, not on a timer.
+    publish(&running, "t", structured("f2", "T", json!({}))).await;
+    until_id(&mut body, &mut text, "f2").await;
+    running.shutdown().await;
+}

@@ -29,6 +29,9 @@ pub(crate) enum Command {
     Demo(Demo),
     /// Upstreams and breaker states, as a table.
     Status(Status),
+    /// Topics and subscriptions: positions, lag, in flight, dead letters
+    /// (or `events tail TOPIC`).
+    Events(Events),
 }
 
 /// `--config FILE`.
@@ -71,6 +74,37 @@ pub(crate) struct Status {
     /// The gateway's admin API.
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9901")]
     pub(crate) admin: String,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct Events {
+    #[command(subcommand)]
+    pub(crate) command: Option<EventsCommand>,
+    /// The gateway's admin API.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9901")]
+    pub(crate) admin: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum EventsCommand {
+    /// Follow a topic: each event on a line as it is stored, until ^C.
+    Tail(Tail),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct Tail {
+    /// The topic.
+    pub(crate) topic: String,
+    /// The gateway's events API.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9902")]
+    pub(crate) events: String,
+    /// Start at this position [default: after the last event].
+    #[arg(long, value_name = "N")]
+    pub(crate) from: Option<u64>,
+    /// Print each event as its whole JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

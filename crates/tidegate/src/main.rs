@@ -11,6 +11,7 @@ use tidegate_gateway::http::server;
 mod alloc;
 mod cli;
 mod demo;
+mod events;
 mod status;
 
 use cli::{Cli, Command, ConfigFile, LogFormat};
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check(args),
         Command::Demo(args) => demo::run(args),
         Command::Status(args) => status::run(args),
+        Command::Events(args) => events::run(args),
     };
     result.unwrap_or_else(|err| {
         eprintln!("tidegate: {err:#}");

@@ -62,6 +62,7 @@ fn every_command_has_its_help() {
         ("check", &["--config"]),
         ("demo", &["--quick", "--listen", "--admin"]),
         ("status", &["--admin"]),
+        ("events", &["--admin", "tail"]),
     ] {
         let out = tidegate(&[command, "--help"]);
         assert!(out.status.success(), "{command} --help");

@@ -8,7 +8,7 @@
 //! | endpoint | what |
 //! |---|---|
 //! | `POST /v1/topics/{topic}/events` | publish: one CloudEvent (structured `application/cloudevents+json`, or binary `ce-*` headers and the data as body), or a batch (`application/cloudevents-batch+json`, one key, atomic); key and expected version by `tidegate-key` / `tidegate-expected-version` or the `partitionkey` / `expectedversion` extensions; 201 `{"id","topic","position","key","version","duplicate"}` (a batch: `{"events":[…]}`) |
-//! | `GET /v1/topics/{topic}/events?from_position=&limit=` | the topic's events in order: `{"topic","events":[…],"next_position"}` |
+//! | `GET /v1/topics/{topic}/events?from_position=&limit=` | the topic's events in order: `{"topic","events":[…],"next_position"}`; with `follow=true`, server-sent events, one event each, as they are stored (`from_position` defaults to after the last) |
 //! | `GET /v1/topics/{topic}/streams/{key}?from_version=&limit=` | one key's stream: `{"topic","key","events":[…],"next_version"}` |
 //! | `GET /v1/topics`, `GET /v1/topics/{topic}` | positions, event counts, retention, subscriptions and their lag |
 //! | `POST /v1/subscriptions/{name}/fetch` | pull `{"max":10,"wait":"5s"}` → `{"messages":[{"ack_id","delivery","event"}]}` |
@@ -31,6 +31,7 @@ use tidegate_events::{Append, AppendError, Consumer, Event, Stored};
 use super::cloudevents::{self, CORRELATION_ATTRIBUTE, TRACEPARENT_ATTRIBUTE};
 use super::Events;
 use crate::http::headers::{self, CORRELATION_ID, TRACEPARENT};
+use crate::observe::watch::until_stopped;
 use crate::proxy::admission::Credential;
 use crate::proxy::Gateway;
 
@@ -43,10 +44,16 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 struct Api {
     gateway: Arc<Gateway>,
     events: Arc<Events>,
+    /// Becomes true when the gateway stops: followed topics end.
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The events API's routes.
-pub fn router(gateway: Arc<Gateway>, events: Arc<Events>) -> Router {
+/// The events API's routes; streams end when `stopped` turns true.
+pub fn router(
+    gateway: Arc<Gateway>,
+    events: Arc<Events>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> Router {
     Router::new()
         .route("/v1/topics", get(topics))
         .route("/v1/topics/{topic}", get(topic))
@@ -58,7 +65,11 @@ pub fn router(gateway: Arc<Gateway>, events: Arc<Events>) -> Router {
         .route("/v1/subscriptions/{name}/extend", post(extend))
         .route("/v1/subscriptions/{name}/dead-letter", post(dead_letter))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint").into_response() })
-        .with_state(Api { gateway, events })
+        .with_state(Api {
+            gateway,
+            events,
+            stopped,
+        })
 }
 
 fn json_response(status: StatusCode, value: Value) -> Response {
@@ -196,6 +207,55 @@ fn query_number(query: Option<&str>, name: &str, default: u64) -> Result<u64, Re
     Ok(default)
 }
 
+/// Whether `name=true` (or a bare `name`) is in the query.
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair == name || pair == format!("{name}=true"))
+    })
+}
+
+/// `topic`'s events from position `from` on as server-sent events, each
+/// as it is stored: the store's change counter wakes the stream, no
+/// interval is polled. Ends if the store fails.
+fn follow(
+    store: Arc<dyn tidegate_events::Store>,
+    topic: String,
+    from: u64,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use futures_util::stream::{self, StreamExt};
+    let changes = store.changes();
+    let batches = stream::unfold(
+        (store, topic, from, changes, stopped),
+        |(store, topic, next, mut changes, mut stopped)| async move {
+            loop {
+                changes.borrow_and_update();
+                let events = store.read(&topic, next, 100).await.ok()?;
+                if let Some(last) = events.last() {
+                    let next = last.position + 1;
+                    return Some((events, (store, topic, next, changes, stopped)));
+                }
+                tokio::select! {
+                    changed = changes.changed() => changed.ok()?,
+                    () = until_stopped(&mut stopped) => return None,
+                }
+            }
+        },
+    );
+    let events = batches.flat_map(|events| {
+        stream::iter(events.into_iter().map(|event| {
+            Ok(SseEvent::default()
+                .id(event.position.to_string())
+                .data(cloudevents::to_json(&event).to_string()))
+        }))
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
 fn limit(query: Option<&str>) -> Result<usize, Refusal> {
     let limit = query_number(query, "limit", 100)?;
     if limit == 0 || limit > MAX_LIMIT {
@@ -317,6 +377,12 @@ async fn read(
 ) -> Result<Response, Refusal> {
     check_topic(&topic)?;
     api.authorize(&headers, &topic)?;
+    if query_flag(query.as_deref(), "follow") {
+        let store = api.events.store().clone();
+        let last = store.last_position(&topic).await.map_err(store_failed)?;
+        let from = query_number(query.as_deref(), "from_position", last + 1)?.max(1);
+        return Ok(follow(store, topic, from, api.stopped.clone()).into_response());
+    }
     let from = query_number(query.as_deref(), "from_position", 1)?.max(1);
     let limit = limit(query.as_deref())?;
     let events = api

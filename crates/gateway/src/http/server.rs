@@ -148,7 +148,8 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
     let mut upstream_tasks = UpstreamTasks::new(stopped.clone());
     upstream_tasks.sync(&gateway, &gateway.table());
     let upstream_tasks = Arc::new(Mutex::new(upstream_tasks));
-    tracing::info!(%addr, %admin_addr, ?events_addr, "tidegate is serving");
+    let events_at = events_addr.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%addr, %admin_addr, events_addr = %events_at, "tidegate is serving");
     Ok(Running {
         addr,
         admin_addr,
@@ -178,7 +179,7 @@ async fn serve_events(
     gateway.set_events(events.clone());
     events.start_push(gateway, stopped.clone());
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = crate::events::api::router(gateway.clone(), events);
+    let app = crate::events::api::router(gateway.clone(), events, stopped.clone());
     tasks.spawn(async move {
         let shutdown = async move { until_stopped(&mut stopped).await };
         if let Err(e) = axum::serve(listener, app)

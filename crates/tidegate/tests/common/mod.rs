@@ -16,6 +16,8 @@ pub(crate) struct Serve {
     pub(crate) addr: String,
     /// The admin listener.
     pub(crate) admin: String,
+    /// The events listener, or empty.
+    pub(crate) events_addr: String,
 }
 
 impl Serve {
@@ -44,10 +46,15 @@ impl Serve {
             events,
             addr: String::new(),
             admin: String::new(),
+            events_addr: String::new(),
         };
         let serving = serve.next_event(&|e| e["fields"]["message"] == "tidegate is serving");
         serve.addr = serving["fields"]["addr"].as_str().unwrap().to_owned();
         serve.admin = serving["fields"]["admin_addr"].as_str().unwrap().to_owned();
+        serve.events_addr = serving["fields"]["events_addr"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
         serve
     }
 
@@ -74,6 +81,12 @@ impl Serve {
     pub(crate) fn stop(self) {
         self.signal("TERM");
         self.stop_after_signal();
+    }
+
+    /// SIGKILL: no goodbye, nothing flushed that was not already.
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for the exit a signal already asked for; it must be clean.
