@@ -12,104 +12,10 @@ use std::time::Duration;
 use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use support::{admin, gateway, url};
+use support::{admin, conforms, gateway, url, validate};
 use tidegate_gateway::http::server::Running;
 use tidegate_testkit::{client, full, get, refused_url, send, text, Answer, Upstream};
 use tokio::sync::mpsc;
-
-/// Checks `value` against the JSON schema `schema` (the OpenAPI subset the
-/// document uses: $ref, type, enum, required, properties,
-/// additionalProperties, items, minimum, maximum).
-fn validate(value: &Value, schema: &Value, doc: &Value, at: &str) -> Result<(), String> {
-    if let Some(reference) = schema["$ref"].as_str() {
-        let name = reference.trim_start_matches("#/components/schemas/");
-        return validate(value, &doc["components"]["schemas"][name], doc, at);
-    }
-    let type_of = |v: &Value| match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    };
-    let actual = type_of(value);
-    let allowed: Vec<&str> = match &schema["type"] {
-        Value::String(t) => vec![t.as_str()],
-        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
-        _ => vec![],
-    };
-    let fits = |t: &&str| *t == actual || (*t == "number" && actual == "integer");
-    if !allowed.is_empty() && !allowed.iter().any(fits) {
-        return Err(format!("{at}: {actual} where {allowed:?} is documented"));
-    }
-    if let Some(choices) = schema["enum"].as_array() {
-        if !choices.contains(value) {
-            return Err(format!("{at}: {value} is not one of {choices:?}"));
-        }
-    }
-    if let (Some(n), Some(min)) = (value.as_f64(), schema["minimum"].as_f64()) {
-        if n < min {
-            return Err(format!("{at}: {n} < minimum {min}"));
-        }
-    }
-    if let (Some(n), Some(max)) = (value.as_f64(), schema["maximum"].as_f64()) {
-        if n > max {
-            return Err(format!("{at}: {n} > maximum {max}"));
-        }
-    }
-    if let Value::Object(map) = value {
-        for key in schema["required"].as_array().into_iter().flatten() {
-            let key = key.as_str().unwrap_or_default();
-            if !map.contains_key(key) {
-                return Err(format!("{at}: required `{key}` is missing"));
-            }
-        }
-        for (key, v) in map {
-            let inner = &schema["properties"][key];
-            if !inner.is_null() {
-                validate(v, inner, doc, &format!("{at}.{key}"))?;
-            } else if schema["additionalProperties"].is_object() {
-                validate(
-                    v,
-                    &schema["additionalProperties"],
-                    doc,
-                    &format!("{at}.{key}"),
-                )?;
-            }
-        }
-    }
-    if let (Value::Array(items), Some(_)) = (value, schema["items"].as_object()) {
-        for (i, item) in items.iter().enumerate() {
-            validate(item, &schema["items"], doc, &format!("{at}[{i}]"))?;
-        }
-    }
-    Ok(())
-}
-
-/// Checks an answer against what `doc` says `method path` answers.
-fn conforms(doc: &Value, path: &str, method: &str, answer: &Answer) {
-    let documented = &doc["paths"][path][method]["responses"][answer.status.as_str()];
-    assert!(
-        documented.is_object(),
-        "{method} {path} answered {} which is not documented: {}",
-        answer.status,
-        answer.body
-    );
-    let content_type = answer.headers[header::CONTENT_TYPE].to_str().unwrap();
-    let contents = documented["content"].as_object().unwrap();
-    let (_, media) = contents
-        .iter()
-        .find(|(kind, _)| content_type.starts_with(kind.as_str()))
-        .unwrap_or_else(|| panic!("{method} {path}: {content_type} is not documented"));
-    if content_type.starts_with("application/json") {
-        let value: Value = serde_json::from_str(&answer.body).unwrap();
-        if let Err(e) = validate(&value, &media["schema"], doc, "$") {
-            panic!("{method} {path} → {}: {e}\n{}", answer.status, answer.body);
-        }
-    }
-}
 
 async fn post(url: &str, token: Option<&str>, body: &str) -> Answer {
     let mut request = Request::post(url).header(header::CONTENT_TYPE, "application/json");

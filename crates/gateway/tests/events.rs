@@ -974,3 +974,134 @@ async fn a_reload_adds_and_changes_subscriptions_keeping_cursors_and_leases() {
     assert_eq!(summary.needs_restart, ["events.dedup_window"]);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn every_events_endpoint_answers_as_its_openapi_document_says() {
+    use support::conforms;
+    let dir = Dir::new("openapi");
+    let sub =
+        tidegate_testkit::Upstream::start(|_| async { tidegate_testkit::text(200, "ok") }).await;
+    let rest = format!(
+        "[[upstreams]]\nname = \"sink\"\nendpoints = [\"{}\"]\n{PULL}\
+         [[events.subscriptions]]\nname = \"pushed\"\ntopic = \"jobs\"\n\
+         push = {{ upstream = \"sink\", path = \"/e\" }}\n",
+        sub.url()
+    );
+    let running = gateway(&dir, "max_body_bytes = 4096", &rest).await;
+    let doc = get(&events_url(&running, "/openapi.json")).await.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let documented: std::collections::BTreeSet<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let served: std::collections::BTreeSet<&str> = [
+        "/openapi.json",
+        "/v1/topics",
+        "/v1/topics/{topic}",
+        "/v1/topics/{topic}/events",
+        "/v1/topics/{topic}/streams/{key}",
+        "/v1/subscriptions/{name}/fetch",
+        "/v1/subscriptions/{name}/ack",
+        "/v1/subscriptions/{name}/nack",
+        "/v1/subscriptions/{name}/extend",
+        "/v1/subscriptions/{name}/dead-letter",
+    ]
+    .into();
+    assert_eq!(
+        documented, served,
+        "the document lists exactly the served endpoints"
+    );
+
+    let events = "/v1/topics/{topic}/events";
+    let keyed = |id: &str, expected: &str| {
+        structured(
+            id,
+            "Job",
+            json!({"partitionkey": "k", "expectedversion": expected}),
+        )
+    };
+    let answers = [
+        publish(&running, "jobs", keyed("a", "no_stream")).await,
+        publish(&running, "jobs", keyed("b", "0")).await,
+        publish(
+            &running,
+            "jobs",
+            structured("c", "Job", json!({"data": "x".repeat(8000)})),
+        )
+        .await,
+        post(
+            &events_url(&running, "/v1/topics/jobs/events"),
+            &[("content-type", "application/json")],
+            "{}",
+        )
+        .await,
+        post(
+            &events_url(&running, "/v1/topics/jobs/events"),
+            &[("content-type", "application/cloudevents-batch+json")],
+            json!([
+                structured("d", "Job", json!({})),
+                structured("e", "Job", json!({}))
+            ])
+            .to_string(),
+        )
+        .await,
+    ];
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status.as_u16()).collect();
+    assert_eq!(statuses, [201, 409, 413, 400, 201]);
+    for answer in &answers {
+        conforms(&doc, events, "post", answer);
+    }
+    for (path, target) in [
+        (events, "/v1/topics/jobs/events?from_position=2&limit=2"),
+        (events, "/v1/topics/jobs/events?limit=0"),
+        (
+            "/v1/topics/{topic}/streams/{key}",
+            "/v1/topics/jobs/streams/k",
+        ),
+        ("/v1/topics", "/v1/topics"),
+        ("/v1/topics/{topic}", "/v1/topics/jobs"),
+        ("/v1/topics/{topic}", "/v1/topics/nothing"),
+        ("/openapi.json", "/openapi.json"),
+    ] {
+        conforms(&doc, path, "get", &get(&events_url(&running, target)).await);
+    }
+    let fetch_path = "/v1/subscriptions/{name}/fetch";
+    let url =
+        |name: &str, how: &str| events_url(&running, &format!("/v1/subscriptions/{name}/{how}"));
+    let fetched = post_json(&url("workers", "fetch"), json!({"max": 3})).await;
+    conforms(&doc, fetch_path, "post", &fetched);
+    let ids: Vec<String> = fetched.json()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["ack_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    for (name, body, status) in [
+        ("workers", json!({"max": 5000}), 400),
+        ("nobody", json!({}), 404),
+        ("pushed", json!({}), 409),
+    ] {
+        let answer = post_json(&url(name, "fetch"), body).await;
+        assert_eq!(answer.status.as_u16(), status, "{}", answer.body);
+        conforms(&doc, fetch_path, "post", &answer);
+    }
+    for (how, body) in [
+        ("extend", json!({"ack_ids": [ids[0]]})),
+        ("ack", json!({"ack_ids": [ids[0], "9.9"]})),
+        ("nack", json!({"ack_ids": [ids[1]], "delay": "1s"})),
+        ("dead-letter", json!({"ack_ids": [ids[2]], "reason": "no"})),
+        ("ack", json!({"ack_ids": []})),
+    ] {
+        let answer = post_json(&url("workers", how), body).await;
+        conforms(
+            &doc,
+            &format!("/v1/subscriptions/{{name}}/{how}"),
+            "post",
+            &answer,
+        );
+    }
+    running.shutdown().await;
+}

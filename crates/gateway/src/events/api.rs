@@ -13,6 +13,7 @@
 //! | `GET /v1/topics`, `GET /v1/topics/{topic}` | positions, event counts, retention, subscriptions and their lag |
 //! | `POST /v1/subscriptions/{name}/fetch` | pull `{"max":10,"wait":"5s"}` → `{"messages":[{"ack_id","delivery","event"}]}` |
 //! | `POST /v1/subscriptions/{name}/ack` · `/nack` · `/extend` · `/dead-letter` | `{"ack_ids":[…]}` (`nack`: `"delay"`; `dead-letter`: `"reason"`) → `{"settled":N,"expired":[…]}` |
+//! | `GET /openapi.json` | the OpenAPI 3 description of all of these |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,12 +65,27 @@ pub fn router(
         .route("/v1/subscriptions/{name}/nack", post(nack))
         .route("/v1/subscriptions/{name}/extend", post(extend))
         .route("/v1/subscriptions/{name}/dead-letter", post(dead_letter))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint").into_response() })
         .with_state(Api {
             gateway,
             events,
             stopped,
         })
+}
+
+/// The OpenAPI 3 document of the events API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI,
+    )
+        .into_response()
 }
 
 fn json_response(status: StatusCode, value: Value) -> Response {

@@ -8,6 +8,10 @@ use tidegate_gateway::http::server::{self, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use http::header;
+use serde_json::Value;
+use tidegate_testkit::Answer;
+
 /// Parses `toml` (listeners on 127.0.0.1:0 unless a `[gateway]` is given).
 pub(crate) fn parsed(toml: &str) -> Config {
     let text = if toml.contains("[gateway]") {
@@ -74,4 +78,108 @@ pub(crate) async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Checks `value` against the JSON schema `schema` (the OpenAPI subset the
+/// document uses: $ref, type, enum, required, properties,
+/// additionalProperties, items, minimum, maximum).
+pub(crate) fn validate(value: &Value, schema: &Value, doc: &Value, at: &str) -> Result<(), String> {
+    if let Some(choices) = schema["oneOf"].as_array() {
+        let fits = choices
+            .iter()
+            .filter(|choice| validate(value, choice, doc, at).is_ok())
+            .count();
+        return match fits {
+            1 => Ok(()),
+            n => Err(format!("{at}: fits {n} of the oneOf choices, not one")),
+        };
+    }
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference.trim_start_matches("#/components/schemas/");
+        return validate(value, &doc["components"]["schemas"][name], doc, at);
+    }
+    let type_of = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    let actual = type_of(value);
+    let allowed: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    let fits = |t: &&str| *t == actual || (*t == "number" && actual == "integer");
+    if !allowed.is_empty() && !allowed.iter().any(fits) {
+        return Err(format!("{at}: {actual} where {allowed:?} is documented"));
+    }
+    if let Some(choices) = schema["enum"].as_array() {
+        if !choices.contains(value) {
+            return Err(format!("{at}: {value} is not one of {choices:?}"));
+        }
+    }
+    if let (Some(n), Some(min)) = (value.as_f64(), schema["minimum"].as_f64()) {
+        if n < min {
+            return Err(format!("{at}: {n} < minimum {min}"));
+        }
+    }
+    if let (Some(n), Some(max)) = (value.as_f64(), schema["maximum"].as_f64()) {
+        if n > max {
+            return Err(format!("{at}: {n} > maximum {max}"));
+        }
+    }
+    if let Value::Object(map) = value {
+        for key in schema["required"].as_array().into_iter().flatten() {
+            let key = key.as_str().unwrap_or_default();
+            if !map.contains_key(key) {
+                return Err(format!("{at}: required `{key}` is missing"));
+            }
+        }
+        for (key, v) in map {
+            let inner = &schema["properties"][key];
+            if !inner.is_null() {
+                validate(v, inner, doc, &format!("{at}.{key}"))?;
+            } else if schema["additionalProperties"].is_object() {
+                validate(
+                    v,
+                    &schema["additionalProperties"],
+                    doc,
+                    &format!("{at}.{key}"),
+                )?;
+            }
+        }
+    }
+    if let (Value::Array(items), Some(_)) = (value, schema["items"].as_object()) {
+        for (i, item) in items.iter().enumerate() {
+            validate(item, &schema["items"], doc, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks an answer against what `doc` says `method path` answers.
+pub(crate) fn conforms(doc: &Value, path: &str, method: &str, answer: &Answer) {
+    let documented = &doc["paths"][path][method]["responses"][answer.status.as_str()];
+    assert!(
+        documented.is_object(),
+        "{method} {path} answered {} which is not documented: {}",
+        answer.status,
+        answer.body
+    );
+    let content_type = answer.headers[header::CONTENT_TYPE].to_str().unwrap();
+    let contents = documented["content"].as_object().unwrap();
+    let (_, media) = contents
+        .iter()
+        .find(|(kind, _)| content_type.starts_with(kind.as_str()))
+        .unwrap_or_else(|| panic!("{method} {path}: {content_type} is not documented"));
+    if content_type.starts_with("application/json") {
+        let value: Value = serde_json::from_str(&answer.body).unwrap();
+        if let Err(e) = validate(&value, &media["schema"], doc, "$") {
+            panic!("{method} {path} → {}: {e}\n{}", answer.status, answer.body);
+        }
+    }
 }
