@@ -801,6 +801,24 @@ async fn pushed_events_follow_the_answer_rules() {
         (event["type"].as_str(), event["data"]["k"].as_u64()),
         (Some("Kept"), Some(1))
     );
+    // The event metrics, the lag as the sampler last saw it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = get(&support::admin(&running, "/metrics")).await.body;
+        let has = |line: &str| metrics.lines().any(|l| l == line);
+        if has("tidegate_events_lag{subscription=\"analytics\"} 0")
+            && has("tidegate_events_published_total{topic=\"content\",result=\"stored\"} 6")
+            && has("tidegate_events_deliveries_total{subscription=\"analytics\",result=\"dead_letter\"} 1")
+            && has("tidegate_events_deliveries_total{subscription=\"analytics\",result=\"retry\"} 3")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never showed it:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     running.shutdown().await;
 }
 

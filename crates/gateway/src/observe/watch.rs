@@ -136,10 +136,22 @@ pub(crate) async fn sample(gateway: Arc<Gateway>, mut stopped: watch::Receiver<b
                 traffic: &u.traffic,
                 rejected: u64::from(u.rejections.load(Ordering::Relaxed)),
             }));
+        if let Some(events) = gateway.events() {
+            for s in &events.settings().subscriptions {
+                if let Ok(lag) = events.store().lag(&s.config.name).await {
+                    gateway.metrics.events.set_lag(&s.config.name, lag);
+                }
+            }
+        }
         if gateway.notices.wants_ticks() {
             let mut status = crate::observe::admin::services_json(&gateway);
             status["type"] = "stats".into();
             status["samples"] = serde_json::json!(gateway.stats.latest());
+            if gateway.events().is_some() {
+                if let Ok(events) = crate::events::admin::status_json(&gateway).await {
+                    status["events"] = events;
+                }
+            }
             gateway.notices.tick(status.to_string().into());
         }
     }
