@@ -1,5 +1,9 @@
 //! `tidegate demo`: sample upstreams on loopback (healthy, flaky, slow, an
-//! SSE stream) and a gateway in front of them.
+//! SSE stream, an analytics service that takes pushed events) and a gateway
+//! in front of them, with an `orders` topic: pushed to analytics (which
+//! fails a share of deliveries, and refuses a few events outright, so
+//! redeliveries and dead letters show on the dashboard) and pulled by a
+//! fulfilment group.
 //!
 //! The flaky service fails a share of requests; change the share on the
 //! sample itself with `curl -X PUT http://ADDR/error-rate -d 0.9` (`demo`
@@ -35,6 +39,9 @@ pub struct Samples {
     pub slow: SocketAddr,
     /// A server-sent event every second.
     pub events: SocketAddr,
+    /// Takes pushed events: 503 for one in five, 400 the first time it
+    /// sees an order whose total is a multiple of 97 (taken when redriven).
+    pub analytics: SocketAddr,
     _tasks: JoinSet<()>,
 }
 
@@ -68,13 +75,61 @@ pub async fn start_samples() -> std::io::Result<Samples> {
     })
     .await?;
     let events = serve(&mut tasks, |_req| async move { ticker() }).await?;
+    let refused = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let analytics = serve(&mut tasks, move |req| {
+        let refused = refused.clone();
+        async move { analytics(req, &refused).await }
+    })
+    .await?;
     Ok(Samples {
         healthy,
         flaky,
         slow,
         events,
+        analytics,
         _tasks: tasks,
     })
+}
+
+/// A pushed event: refused when its order's total is a multiple of 97 (a
+/// dead letter) the first time, taken when it comes back (redriven, once
+/// analytics was "fixed"); unavailable one time in five (redelivered);
+/// else taken.
+async fn analytics(
+    req: Request<Incoming>,
+    refused: &std::sync::Mutex<std::collections::HashSet<String>>,
+) -> Response<ProxyBody> {
+    let id = req
+        .headers()
+        .get("ce-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let total = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["total"].as_u64());
+    let first_time = || {
+        refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone())
+    };
+    if total.is_some_and(|t| t % 97 == 0) && first_time() {
+        return json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"analytics cannot read this order"}"#,
+        );
+    }
+    if coin() < 200_000 {
+        return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"busy"}"#);
+    }
+    json(StatusCode::OK, r#"{"service":"analytics","ok":true}"#)
 }
 
 async fn flaky(req: Request<Incoming>, rate: &AtomicU64) -> Response<ProxyBody> {
@@ -182,14 +237,37 @@ where
 /// Sends a little traffic through the gateway at `gateway`, so the
 /// dashboard has something to draw: every 200 ms one request to the
 /// healthy, flaky and slow samples (one slow request in five passes the
-/// 1 s timeout). Runs until the task is aborted.
-pub fn traffic(gateway: SocketAddr) -> tokio::task::JoinHandle<()> {
+/// 1 s timeout), and an order published to the `orders` topic of the
+/// events API at `events`. Runs until the task is aborted.
+pub fn traffic(gateway: SocketAddr, events: Option<SocketAddr>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .build_http::<http_body_util::Empty<Bytes>>();
+        let publisher = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<http_body_util::Full<Bytes>>();
         let mut every = tokio::time::interval(Duration::from_millis(200));
         for n in 0u64.. {
             every.tick().await;
+            if let Some(events) = events {
+                let order = n % 40;
+                let total = 10 + n * 29 % 500;
+                let request = Request::post(format!("http://{events}/v1/topics/orders/events"))
+                    .header("content-type", "application/json")
+                    .header("ce-type", "OrderPlaced")
+                    .header("ce-source", "/demo/shop")
+                    .header("tidegate-key", format!("order-{order}"))
+                    .body(http_body_util::Full::new(Bytes::from(format!(
+                        r#"{{"order":"order-{order}","total":{total}}}"#
+                    ))));
+                if let Ok(request) = request {
+                    let sent = publisher.request(request);
+                    tokio::spawn(async move {
+                        if let Ok(response) = sent.await {
+                            let _ = response.into_body().collect().await;
+                        }
+                    });
+                }
+            }
             let slow = if n % 5 == 4 { 1200 } else { 20 + n % 7 * 40 };
             let paths = [
                 "/healthy/hello".to_owned(),
@@ -212,11 +290,14 @@ pub fn traffic(gateway: SocketAddr) -> tokio::task::JoinHandle<()> {
 }
 
 /// The demo gateway's config: a route per sample, health checks, and
-/// policies tight enough to watch them work.
+/// policies tight enough to watch them work; the `orders` topic in the
+/// store at `store`, served on `events`.
 pub fn config(
     samples: &Samples,
     listen: SocketAddr,
     admin: SocketAddr,
+    events: SocketAddr,
+    store: &std::path::Path,
 ) -> Result<Config, config::ConfigError> {
     let text = format!(
         r#"
@@ -224,6 +305,7 @@ pub fn config(
 listen = "{listen}"
 admin_listen = "{admin}"
 drain_timeout = "5s"
+admin_token_env = "TIDEGATE_DEMO_ADMIN_TOKEN"
 
 [defaults.policy]
 timeout = "1s"
@@ -280,16 +362,48 @@ path_prefix = "/slow"
 strip_prefix = true
 upstream = "slow"
 
+[[upstreams]]
+name = "analytics"
+endpoints = ["http://{analytics}"]
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 20
+
 [[routes]]
 name = "events"
 path_prefix = "/events"
 strip_prefix = true
 upstream = "events"
+
+[events]
+path = "{store}"
+listen = "{events_listen}"
+
+[[events.topics]]
+name = "orders"
+max_events = 100000
+
+[[events.subscriptions]]
+name = "analytics"
+topic = "orders"
+push = {{ upstream = "analytics", path = "/events/orders" }}
+max_in_flight = 20
+max_deliveries = 3
+backoff = {{ base_delay = "200ms", max_delay = "2s" }}
+
+[[events.subscriptions]]
+name = "fulfilment"
+topic = "orders"
+ordering = "key"
+ack_wait = "30s"
+start = "latest"
 "#,
         healthy = samples.healthy,
         flaky = samples.flaky,
         slow = samples.slow,
         events = samples.events,
+        analytics = samples.analytics,
+        store = store.display(),
+        events_listen = events,
     );
     config::parse(&text, "demo", [])
 }

@@ -17,6 +17,14 @@ pub(crate) fn run(args: Demo) -> anyhow::Result<ExitCode> {
     if !args.quick {
         crate::logging(cli::LogFormat::Text)?;
     }
+    // The admin token of the demo's write endpoints (redrive, breaker
+    // control), set while this is the process's only thread.
+    if std::env::var_os("TIDEGATE_DEMO_ADMIN_TOKEN").is_none() {
+        std::env::set_var(
+            "TIDEGATE_DEMO_ADMIN_TOKEN",
+            tidegate_gateway::http::headers::new_id(),
+        );
+    }
     crate::runtime()?.block_on(run_demo(args.quick, args.listen, args.admin))
 }
 
@@ -49,12 +57,19 @@ async fn run_demo(
         Some(addr) => addr,
         None => free_or(9901).await,
     };
-    let config = demo::config(&samples, listen, admin)?;
+    let events = free_or(9902).await;
+    // A fresh store each run, in the system's temp directory.
+    let dir = std::env::temp_dir().join(format!("tidegate-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config = demo::config(&samples, listen, admin, events, &dir.join("events.db"))?;
     let running = server::start_with_workers(config, cli::workers(None))
         .await
         .map_err(anyhow::Error::msg)?;
     let (gw, admin) = (running.addr, running.admin_addr);
+    let ev = running.events_addr.context("the events listener")?;
     let flaky = samples.flaky;
+    let token = std::env::var("TIDEGATE_DEMO_ADMIN_TOKEN").unwrap_or_default();
     println!(
         "\
 tidegate demo: the gateway is on http://{gw}, its admin API on http://{admin}
@@ -76,25 +91,46 @@ try:
   curl http://{admin}/status/timeline               breaker transitions, incidents, time to recovery
   curl http://{admin}/openapi.json                  the admin API, described
   tidegate status --admin http://{admin}            the same as a table
+
+events (the orders topic; its events API on http://{ev}):
+  curl -i http://{ev}/v1/topics/orders/events -H 'content-type: application/json' \\
+       -H 'ce-type: OrderPlaced' -H 'tidegate-key: order-1' -d '{{\"order\":\"order-1\",\"total\":42}}'
+                                                    publish (201 with its position and version)
+  curl http://{ev}/v1/topics/orders/streams/order-1  one order's stream, in version order
+  curl -N 'http://{ev}/v1/topics/orders/events?follow=true'
+                                                    follow the topic as orders are stored
+  curl http://{ev}/v1/subscriptions/fulfilment/fetch -d '{{\"max\":5,\"wait\":\"5s\"}}'
+                                                    pull orders as a worker, then ack their ack_ids:
+  curl http://{ev}/v1/subscriptions/fulfilment/ack -d '{{\"ack_ids\":[\"ACK_ID\"]}}'
+  curl http://{admin}/status/events                 lag, in flight, redeliveries, dead letters (analytics
+                                                    refuses orders whose total is a multiple of 97)
+  curl -X POST http://{admin}/v1/topics/orders.dead/redrive -H 'authorization: Bearer {token}' -d '{{}}'
+                                                    dead letters back to work (the demo's admin token;
+                                                    the dashboard's redrive button asks for it)
+  tidegate events --admin http://{admin}            topics and subscriptions as tables
+  tidegate events tail orders --events http://{ev}  each order as it is stored
 "
     );
     if quick {
-        let outcome = self_check(gw, admin).await;
+        let outcome = self_check(gw, admin, ev).await;
         running.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
         outcome?;
         println!("demo self-check passed");
         return Ok(ExitCode::SUCCESS);
     }
-    println!("A little traffic runs through every route; Ctrl-C stops it all.");
-    let traffic = demo::traffic(gw);
+    println!("A little traffic runs through every route, and an order a tick to the orders topic; Ctrl-C stops it all.");
+    let traffic = demo::traffic(gw, Some(ev));
     crate::shutdown_signal()?.await;
     traffic.abort();
     running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(ExitCode::SUCCESS)
 }
 
-/// `demo --quick`: one request per sample, and the breaker tripping.
-async fn self_check(gw: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+/// `demo --quick`: one request per sample, the breaker tripping, an order
+/// published, pushed to analytics and pulled by fulfilment.
+async fn self_check(gw: SocketAddr, admin: SocketAddr, ev: SocketAddr) -> anyhow::Result<()> {
     let (status, _) = fetch("GET", &format!("http://{gw}/healthy/hello"), "").await?;
     anyhow::ensure!(status == 200, "healthy answered {status}");
     println!("GET /healthy/hello → {status}");
@@ -119,19 +155,78 @@ async fn self_check(gw: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     let (status, _) = fetch("GET", &format!("http://{gw}/slow/report?ms=1500"), "").await?;
     anyhow::ensure!(status == 504, "slow answered {status}, not 504");
     println!("GET /slow/report?ms=1500 → {status} (the attempt timeout is 1 s)");
-    Ok(())
+
+    // An order in, pushed to analytics (redelivered if it was busy) and
+    // waiting for a fulfilment worker.
+    let order = r#"{"specversion":"1.0","id":"check-1","source":"/demo","type":"OrderPlaced","partitionkey":"order-1","data":{"order":"order-1","total":42}}"#;
+    let (status, body) = fetch_typed(
+        "POST",
+        &format!("http://{ev}/v1/topics/orders/events"),
+        "application/cloudevents+json",
+        order,
+    )
+    .await?;
+    anyhow::ensure!(status == 201, "publishing answered {status}: {body}");
+    println!("POST /v1/topics/orders/events → {status} {body}");
+    let (status, body) = fetch(
+        "POST",
+        &format!("http://{ev}/v1/subscriptions/fulfilment/fetch"),
+        r#"{"max":1,"wait":"5s"}"#,
+    )
+    .await?;
+    let fetched: serde_json::Value = serde_json::from_str(&body)?;
+    let ack_id = fetched["messages"][0]["ack_id"].as_str().map(str::to_owned);
+    anyhow::ensure!(
+        status == 200 && ack_id.is_some(),
+        "fulfilment fetched {status}: {body}"
+    );
+    let ack = format!(r#"{{"ack_ids":["{}"]}}"#, ack_id.unwrap_or_default());
+    let (status, body) = fetch(
+        "POST",
+        &format!("http://{ev}/v1/subscriptions/fulfilment/ack"),
+        &ack,
+    )
+    .await?;
+    anyhow::ensure!(
+        status == 200 && body.contains(r#""settled":1"#),
+        "ack answered {status}: {body}"
+    );
+    println!("fulfilment pulled and acked order-1");
+    for _ in 0..100 {
+        let (_, body) = fetch("GET", &format!("http://{admin}/status/events"), "").await?;
+        let status: serde_json::Value = serde_json::from_str(&body)?;
+        let analytics = status["subscriptions"]
+            .as_array()
+            .and_then(|subs| subs.iter().find(|s| s["name"] == "analytics").cloned());
+        if analytics.as_ref().is_some_and(|a| a["lag"] == 0) {
+            println!("analytics: the order was pushed and acked");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("analytics never took the order")
 }
 
 pub(crate) async fn fetch(method: &str, url: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    fetch_typed(method, url, "application/json", body).await
+}
+
+/// Like [`fetch`], with the body's `Content-Type`.
+pub(crate) async fn fetch_typed(
+    method: &str,
+    url: &str,
+    content_type: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<hyper::body::Bytes>>();
-    let request =
-        http::Request::builder()
-            .method(method)
-            .uri(url)
-            .body(http_body_util::Full::new(hyper::body::Bytes::from(
-                body.to_owned(),
-            )))?;
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", content_type)
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            body.to_owned(),
+        )))?;
     let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
         .await
         .context("no answer within 30 s")??;

@@ -699,6 +699,7 @@ impl Gateway {
             fallback: None,
         };
         let in_flight = InFlight::new(upstream, None);
+        let start = Instant::now();
         let result = if upstream.has_available_endpoint() {
             self.forward(&call, upstream, &mut body, &mut log).await
         } else {
@@ -706,6 +707,13 @@ impl Gateway {
                 .rejection(upstream.name(), "no_healthy_endpoint");
             Err(Error::inner_error(AttemptError::NoEndpoint))
         };
+        // On the upstream's card like any request: a failure is an error
+        // or a 5xx.
+        let failed = match &result {
+            Ok(response) => response.status().is_server_error(),
+            Err(_) => true,
+        };
+        upstream.traffic.record(failed, start.elapsed());
         let answered = |response: UpstreamResponse| async move {
             let status = response.status();
             let retry_after = headers::retry_after(response.headers());
