@@ -5,7 +5,8 @@
 # It installs what the tests need: redis-server (Debian's package; the
 # tests start their own servers on free ports, never a shared one),
 # Debian's chromium and playwright-core (npm, pinned in
-# tests/browser/package-lock.json) for the dashboard's browser test.
+# tests/browser/package-lock.json) for the dashboard's browser test,
+# python3 for the Python examples of the events API.
 # cargo-nextest is used when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-need redis-server:redis-server redis-cli:redis-tools chromium:chromium ss:iproute2
+need redis-server:redis-server redis-cli:redis-tools chromium:chromium ss:iproute2 python3:python3
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     echo "the browser test needs Node.js 20 or later with npm" >&2
     exit 1
@@ -58,6 +59,10 @@ cargo test -p tidegate-resilience --features quanta --lib
 
 step "demo runs"
 cargo run --quiet -- demo --quick >/dev/null
+
+step "the Python examples (publisher, push subscriber, pull worker) against tidegate serve"
+cargo build --quiet --bin tidegate
+python3 examples/python/run_examples.py target/debug/tidegate
 
 step "browser test: the dashboard in headless Chromium"
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
