@@ -433,6 +433,7 @@ pub async fn subscriptions(store: &dyn Store, prefix: &str, advance: Advance<'_>
     groups_get_every_event_and_members_share_them(store, prefix).await;
     an_unacked_delivery_comes_again_after_its_lease_and_backoff(store, prefix, advance).await;
     nack_delays_and_extend_holds_a_lease(store, prefix, advance).await;
+    a_released_delivery_is_not_counted(store, prefix, advance).await;
     poison_goes_to_the_dead_letter_topic(store, prefix, advance).await;
     key_ordering_holds_one_event_per_key_in_flight(store, prefix).await;
     filters_starts_and_the_in_flight_cap(store, prefix).await;
@@ -658,6 +659,46 @@ pub async fn nack_delays_and_extend_holds_a_lease(
         [false]
     );
     assert!(!store.nack(&name, &got[1].ack_id, None).await.unwrap());
+}
+
+/// A released delivery (nothing reached the consumer) comes again with the
+/// same delivery number, after its delay, and never counts toward
+/// `max_deliveries`.
+pub async fn a_released_delivery_is_not_counted(
+    store: &dyn Store,
+    prefix: &str,
+    advance: Advance<'_>,
+) {
+    let topic = format!("{prefix}.released");
+    let name = format!("{prefix}-released");
+    append_ids(store, &topic, ["r0".to_owned()]).await;
+    store
+        .subscribe(SubscriptionConfig {
+            max_deliveries: 2,
+            ..group(name.clone(), &topic)
+        })
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let got = store.fetch(&name, 10).await.unwrap();
+        assert_eq!(got.len(), 1, "still there, never dead-lettered");
+        assert_eq!(got[0].delivery, 1, "released deliveries are not counted");
+        let delay = Some(Duration::from_secs(2));
+        assert!(store.release(&name, &got[0].ack_id, delay).await.unwrap());
+        assert!(
+            store.fetch(&name, 10).await.unwrap().is_empty(),
+            "not before its delay"
+        );
+        advance(Duration::from_secs(2)).await;
+    }
+    let got = store.fetch(&name, 10).await.unwrap();
+    assert!(store.ack(&name, &[got[0].ack_id.clone()]).await.unwrap()[0]);
+    let letters = store.read(&format!("{topic}.dead"), 1, 10).await.unwrap();
+    assert!(letters.is_empty(), "{letters:?}");
+    assert!(
+        !store.release(&name, &got[0].ack_id, None).await.unwrap(),
+        "acked: nothing to release"
+    );
 }
 
 /// After `max_deliveries`, or at once when dead-lettered, an event goes to

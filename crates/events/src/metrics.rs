@@ -301,6 +301,22 @@ impl<S: Store> Store for Metered<S> {
         })
     }
 
+    fn release<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        delay: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let released = self.inner.release(subscription, ack_id, delay).await?;
+            let leased = self.settle(subscription, ack_id);
+            if released {
+                self.metrics.settled(subscription, "retry", leased);
+            }
+            Ok(released)
+        })
+    }
+
     fn extend<'a>(
         &'a self,
         subscription: &'a str,

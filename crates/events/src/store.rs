@@ -268,6 +268,18 @@ pub trait Store: Send + Sync + 'static {
         delay: Option<Duration>,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
+    /// Gives a delivery back as though it had not been made: nothing of it
+    /// reached the consumer (its endpoint refused the connection, or the
+    /// caller's own policies turned the call away), so it does not count
+    /// against `max_deliveries`. Delivered again after `delay` (else at
+    /// once); `false` if its lease is gone.
+    fn release<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        delay: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
     /// Leases a delivery for another `ack_wait`; `false` if its lease is gone.
     fn extend<'a>(
         &'a self,

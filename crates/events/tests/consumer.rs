@@ -147,6 +147,14 @@ impl Store for Observed {
     fn lag<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.inner.lag(subscription)
     }
+    fn release<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        delay: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.release(subscription, ack_id, delay)
+    }
     fn topics(&self) -> BoxFuture<'_, Result<Vec<TopicInfo>, StoreError>> {
         self.inner.topics()
     }

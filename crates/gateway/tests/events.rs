@@ -1125,3 +1125,89 @@ async fn every_events_endpoint_answers_as_its_openapi_document_says() {
     }
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_subscriber_that_refuses_connections_pauses_its_subscription_until_it_returns() {
+    let dir = Dir::new("refusing");
+    let sub = tidegate_testkit::Scripted::start().await;
+    sub.stop();
+    let rest = format!(
+        "[[upstreams]]\nname = \"gone\"\nendpoints = [\"{}\"]\n\
+         [upstreams.policy.retry]\nmax_attempts = 1\n\
+         [upstreams.policy.circuit_breaker]\nconsecutive_failures = 2\nopen_duration = \"200ms\"\n\
+         [[events.subscriptions]]\nname = \"waiting\"\ntopic = \"t\"\n\
+         push = {{ upstream = \"gone\", path = \"/e\" }}\n\
+         max_deliveries = 3\nbackoff = {{ base_delay = \"10ms\", max_delay = \"10ms\" }}\n",
+        sub.url()
+    );
+    let running = gateway(&dir, "", &rest).await;
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            publish(&running, "t", structured(id, "T", json!({})))
+                .await
+                .status,
+            StatusCode::CREATED
+        );
+    }
+    // Refused twice: the breaker opens, and the subscription waits.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let services = get(&support::admin(&running, "/status/services"))
+            .await
+            .json();
+        if services["services"]["gone"]["state"] == "open" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the breaker never opened: {services}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Probes fail while it is away (half-open, then open again), each
+    // releasing its event uncounted: after more failed probes than
+    // max_deliveries allows, no event is a dead letter.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let timeline = get(&support::admin(&running, "/status/timeline"))
+            .await
+            .json();
+        let failed_probes = timeline["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["upstream"] == "gone" && t["from"] == "half_open" && t["to"] == "open")
+            .count();
+        if failed_probes >= 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed probes: {timeline}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let letters = get(&events_url(&running, "/v1/topics/t.dead/events"))
+        .await
+        .json();
+    assert!(
+        letters["events"].as_array().unwrap().is_empty(),
+        "burnt into the dead-letter topic: {letters}"
+    );
+    // The subscriber returns: everything is delivered.
+    sub.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = get(&events_url(&running, "/v1/topics/t")).await.json();
+        if info["subscriptions"][0]["lag"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never delivered: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(sub.hits(), 3, "{:?}", sub.ledger());
+    running.shutdown().await;
+}

@@ -1100,6 +1100,16 @@ impl Store for SqliteStore {
         self.settle(subscription, ack_id, subscriptions::Settle::Nack(delay))
     }
 
+    fn release<'a>(
+        &'a self,
+        subscription: &'a str,
+        ack_id: &'a str,
+        delay: Option<Duration>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let delay = delay.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.settle(subscription, ack_id, subscriptions::Settle::Release(delay))
+    }
+
     fn extend<'a>(
         &'a self,
         subscription: &'a str,

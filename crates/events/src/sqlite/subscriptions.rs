@@ -331,6 +331,9 @@ pub(super) fn ack(
 pub(super) enum Settle {
     /// Delivered again after this many milliseconds (else the backoff).
     Nack(Option<u64>),
+    /// Delivered again after this many milliseconds, this delivery not
+    /// counted.
+    Release(u64),
     /// Leased for another `ack_wait`.
     Extend,
     /// Sent to the dead-letter topic with this reason.
@@ -365,6 +368,13 @@ pub(super) fn settle(
                  WHERE subscription = ?1 AND position = ?2",
             )?
             .execute(params![name, sql(position), sql(now.saturating_add(wait))])?;
+        }
+        Settle::Release(delay) => {
+            tx.prepare_cached(
+                "UPDATE pending SET leased_until = NULL, available_at = ?3, \
+                 deliveries = MAX(deliveries - 1, 0) WHERE subscription = ?1 AND position = ?2",
+            )?
+            .execute(params![name, sql(position), sql(now.saturating_add(delay))])?;
         }
         Settle::Extend => {
             tx.prepare_cached(

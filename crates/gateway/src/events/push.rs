@@ -6,12 +6,16 @@
 //! within the lease and never followed by a redelivery.
 //!
 //! The answer decides: 2xx acks; 429 and 503 (after their `Retry-After`),
-//! 408, 425, other 5xx, timeouts and connection errors deliver again after
-//! the backoff; any other 4xx is poison, straight to the dead-letter topic.
-//! While the upstream's breaker is open nothing is taken from the group,
-//! so no delivery is counted against `max_deliveries`: a dead subscriber
-//! pauses its subscription instead of burning its events into the
-//! dead-letter topic.
+//! 408, 425, other 5xx and timeouts deliver again after the backoff; any
+//! other 4xx is poison, straight to the dead-letter topic. A delivery
+//! counts against `max_deliveries` only if it may have reached the
+//! subscriber: one whose connection was refused (or found no healthy
+//! endpoint), or that the upstream's own policies turned away, is given
+//! back uncounted. While the upstream's breaker is open, or no endpoint
+//! is healthy, nothing is taken from the group; while it is half-open,
+//! one event at a time (the probe). So a dead subscriber pauses its
+//! subscription instead of burning its events into the dead-letter
+//! topic.
 //!
 //! Binary mode (the default) sends the attributes as `ce-*` headers and the
 //! data as the body; structured mode sends the event as
@@ -29,6 +33,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, StatusCode};
 use tidegate_events::{Consumer, Delivery, Store};
+use tidegate_resilience::breaker::CircuitState;
 use tokio::sync::watch;
 
 use super::cloudevents::{self, CORRELATION_ATTRIBUTE, TRACEPARENT_ATTRIBUTE};
@@ -101,22 +106,32 @@ async fn run(
         let Some(upstream) = gateway.table().upstream(&push.upstream).cloned() else {
             break;
         };
-        // Paused while the breaker is open: nothing is taken.
+        // Paused while the breaker is open or no endpoint is healthy:
+        // nothing is taken.
+        let mut wait = (!upstream.has_available_endpoint()).then_some(Duration::from_secs(1));
+        let mut probing = false;
         if let Some(breaker) = upstream.pipeline.circuit_breaker() {
-            if let Err(open) = breaker.try_acquire() {
-                let wait = open
-                    .retry_after()
-                    .unwrap_or(Duration::from_secs(1))
-                    .max(Duration::from_millis(10));
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    _ = generation.changed() => {}
-                    () = until_stopped(&mut stop) => break,
+            match breaker.try_acquire() {
+                Err(open) => {
+                    wait = Some(open.retry_after().unwrap_or(Duration::from_secs(1)));
                 }
-                continue;
+                Ok(_permit) => probing = breaker.state() == CircuitState::HalfOpen,
             }
         }
-        let batch = usize::try_from(subscription.config.max_in_flight).unwrap_or(1);
+        if let Some(wait) = wait {
+            tokio::select! {
+                () = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+                _ = generation.changed() => {}
+                () = until_stopped(&mut stop) => break,
+            }
+            continue;
+        }
+        // Half-open: one event, the probe.
+        let batch = if probing {
+            1
+        } else {
+            usize::try_from(subscription.config.max_in_flight).unwrap_or(1)
+        };
         let consumer = Consumer::new(events.store().clone(), name.clone()).batch(batch);
         let deliveries = tokio::select! {
             deliveries = consumer.next() => deliveries,
@@ -194,7 +209,11 @@ fn request(push: &Push, delivery: &Delivery) -> (HeaderMap, Bytes) {
 #[derive(Debug, PartialEq, Eq)]
 enum Settle {
     Ack,
+    /// Delivered again, after this or the backoff.
     Again(Option<Duration>),
+    /// Nothing reached the subscriber: again, uncounted, after this or
+    /// the backoff's first delay.
+    Uncounted(Option<Duration>),
     Poison(String),
 }
 
@@ -214,7 +233,8 @@ fn settle_for(called: &Called) -> Settle {
             Settle::Poison(format!("the subscriber answered {status}"))
         }
         Called::Answered { .. } | Called::Failed(_) => Settle::Again(None),
-        Called::Refused { retry_after } => Settle::Again(*retry_after),
+        Called::NotSent(_) => Settle::Uncounted(None),
+        Called::Refused { retry_after } => Settle::Uncounted(*retry_after),
     }
 }
 
@@ -244,6 +264,13 @@ async fn deliver(
                 tracing::debug!(subscription = %name, error = %why, "push failed; delivering again later");
             }
             store.nack(name, &delivery.ack_id, delay).await
+        }
+        Settle::Uncounted(delay) => {
+            if let Called::NotSent(why) = &called {
+                tracing::debug!(subscription = %name, error = %why, "push not sent; delivering again later");
+            }
+            let delay = delay.unwrap_or(subscription.config.backoff.base_delay);
+            store.release(name, &delivery.ack_id, Some(delay)).await
         }
         Settle::Poison(reason) => store.dead_letter(name, &delivery.ack_id, &reason).await,
     };
@@ -289,12 +316,13 @@ mod tests {
                 answered(404, None),
                 Settle::Poison("the subscriber answered 404 Not Found".into()),
             ),
-            (Called::Failed("refused".into()), Settle::Again(None)),
+            (Called::Failed("timed out".into()), Settle::Again(None)),
+            (Called::NotSent("refused".into()), Settle::Uncounted(None)),
             (
                 Called::Refused {
                     retry_after: Some(Duration::from_secs(3)),
                 },
-                Settle::Again(Some(Duration::from_secs(3))),
+                Settle::Uncounted(Some(Duration::from_secs(3))),
             ),
         ] {
             assert_eq!(settle_for(&called), settle, "{called:?}");

@@ -741,6 +741,10 @@ impl Gateway {
                 } else {
                     match err.into_inner() {
                         Some(AttemptError::Status { response, .. }) => answered(response).await,
+                        // Nothing left the gateway.
+                        Some(e @ (AttemptError::Connect(_) | AttemptError::NoEndpoint)) => {
+                            Called::NotSent(e.to_string())
+                        }
                         Some(e) => Called::Failed(e.to_string()),
                         None => Called::Failed("timed out".to_owned()),
                     }
@@ -1134,7 +1138,10 @@ pub(crate) enum Called {
         /// When to try again, when the policy knows.
         retry_after: Option<Duration>,
     },
-    /// No answer: unreachable, timed out, the exchange broke.
+    /// Not sent: no endpoint could be reached (refused, unroutable, none
+    /// healthy).
+    NotSent(String),
+    /// No answer to what may have arrived: timed out, the exchange broke.
     Failed(String),
 }
 
