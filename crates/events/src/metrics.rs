@@ -184,6 +184,15 @@ impl<S: Store> Metered<S> {
             .remove(&(subscription.to_owned(), ack_id.to_owned()))
             .map(|since| since.elapsed())
     }
+
+    /// Counts a delivery settled as `result` if it was (`done`); `done`.
+    fn counted(&self, subscription: &str, ack_id: &str, result: &'static str, done: bool) -> bool {
+        let leased = self.settle(subscription, ack_id);
+        if done {
+            self.metrics.settled(subscription, result, leased);
+        }
+        done
+    }
 }
 
 impl<S: Store> Store for Metered<S> {
@@ -293,11 +302,7 @@ impl<S: Store> Store for Metered<S> {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let nacked = self.inner.nack(subscription, ack_id, delay).await?;
-            let leased = self.settle(subscription, ack_id);
-            if nacked {
-                self.metrics.settled(subscription, "retry", leased);
-            }
-            Ok(nacked)
+            Ok(self.counted(subscription, ack_id, "retry", nacked))
         })
     }
 
@@ -309,11 +314,7 @@ impl<S: Store> Store for Metered<S> {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let released = self.inner.release(subscription, ack_id, delay).await?;
-            let leased = self.settle(subscription, ack_id);
-            if released {
-                self.metrics.settled(subscription, "retry", leased);
-            }
-            Ok(released)
+            Ok(self.counted(subscription, ack_id, "retry", released))
         })
     }
 
@@ -333,11 +334,7 @@ impl<S: Store> Store for Metered<S> {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let done = self.inner.dead_letter(subscription, ack_id, reason).await?;
-            let leased = self.settle(subscription, ack_id);
-            if done {
-                self.metrics.settled(subscription, "dead_letter", leased);
-            }
-            Ok(done)
+            Ok(self.counted(subscription, ack_id, "dead_letter", done))
         })
     }
 

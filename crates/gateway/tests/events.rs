@@ -658,23 +658,75 @@ async fn subscriber(seen: Seen) -> tidegate_testkit::Upstream {
     .await
 }
 
-/// Waits (up to 30 s, failing after) until `done` holds for what `seen` has.
+/// Asks `check` every few milliseconds until it answers `Ok`, for up to
+/// 30 s; then fails with `what` and its last `Err`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match check().await {
+            Ok(done) => return done,
+            Err(last) if tokio::time::Instant::now() > deadline => {
+                panic!("timed out waiting for {what}: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Waits until `done` holds for what `seen` has.
 async fn until(
     seen: &Seen,
     what: &str,
     done: impl Fn(&[(String, http::HeaderMap, String)]) -> bool,
 ) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if done(&seen.lock().unwrap()) {
-            return;
+    eventually(what, || async {
+        let seen = seen.lock().unwrap().clone();
+        if done(&seen) {
+            Ok(())
+        } else {
+            Err(format!("{} deliveries so far", seen.len()))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await
+}
+
+/// Waits until every subscription of `topic` has finished its events.
+async fn finished(running: &Running, topic: &str) {
+    eventually("every subscription to finish", || async {
+        let info = get(&events_url(running, &format!("/v1/topics/{topic}")))
+            .await
+            .json();
+        let done = info["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["lag"] == 0);
+        if done {
+            Ok(())
+        } else {
+            Err(info.to_string())
+        }
+    })
+    .await
+}
+
+/// Waits until `topic` holds an event; its events.
+async fn some_events(running: &Running, topic: &str) -> Value {
+    eventually("an event", || async {
+        let read = get(&events_url(running, &format!("/v1/topics/{topic}/events")))
+            .await
+            .json();
+        if read["events"].as_array().unwrap().is_empty() {
+            Err(read.to_string())
+        } else {
+            Ok(read)
+        }
+    })
+    .await
 }
 
 fn count(seen: &[(String, http::HeaderMap, String)], id: &str) -> usize {
@@ -732,42 +784,14 @@ async fn pushed_events_follow_the_answer_rules() {
     })
     .await;
     // The dead letter, with its reason.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let letters = loop {
-        let letters = get(&events_url(&running, "/v1/topics/content.dead/events"))
-            .await
-            .json();
-        if !letters["events"].as_array().unwrap().is_empty() {
-            break letters;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let letters = some_events(&running, "content.dead").await;
     assert_eq!(letters["events"][0]["id"], "bad");
     assert_eq!(
         letters["events"][0]["deadletterreason"],
         "the subscriber answered 400 Bad Request"
     );
     // Every group finished, nothing left to deliver.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = get(&events_url(&running, "/v1/topics/content"))
-            .await
-            .json();
-        if info["subscriptions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["lag"] == 0)
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still lagging: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    finished(&running, "content").await;
     let seen = seen.lock().unwrap().clone();
     // Acked once answered 2xx: never delivered again.
     assert_eq!(count(&seen, "ok"), 1);
@@ -804,23 +828,20 @@ async fn pushed_events_follow_the_answer_rules() {
         (Some("Kept"), Some(1))
     );
     // The event metrics, the lag as the sampler last saw it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually("the event metrics", || async {
         let metrics = get(&support::admin(&running, "/metrics")).await.body;
         let has = |line: &str| metrics.lines().any(|l| l == line);
-        if has("tidegate_events_lag{subscription=\"analytics\"} 0")
+        let shown = has("tidegate_events_lag{subscription=\"analytics\"} 0")
             && has("tidegate_events_published_total{topic=\"content\",result=\"stored\"} 6")
             && has("tidegate_events_deliveries_total{subscription=\"analytics\",result=\"dead_letter\"} 1")
-            && has("tidegate_events_deliveries_total{subscription=\"analytics\",result=\"retry\"} 3")
-        {
-            break;
+            && has("tidegate_events_deliveries_total{subscription=\"analytics\",result=\"retry\"} 3");
+        if shown {
+            Ok(())
+        } else {
+            Err(metrics)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "metrics never showed it:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     running.shutdown().await;
 }
 
@@ -851,29 +872,17 @@ async fn an_open_breaker_pauses_delivery_and_counts_none() {
     .await;
     assert_eq!(answer.status, StatusCode::CREATED);
     // Two failures open the breaker; the subscriber comes back meanwhile.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sub.hits() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no delivery reached the subscriber"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    eventually("two deliveries", || async {
+        match sub.hits() {
+            hits if hits >= 2 => Ok(()),
+            hits => Err(format!("{hits} so far")),
+        }
+    })
+    .await;
     sub.set(tidegate_testkit::Behavior::Answer);
     // Paused for the open duration, not burning deliveries: the half-open
     // probe is the third delivery, and it is acked.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = get(&events_url(&running, "/v1/topics/t")).await.json();
-        if info["subscriptions"][0]["lag"] == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never delivered: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    finished(&running, "t").await;
     assert_eq!(sub.hits(), 3, "{:?}", sub.ledger());
     let letters = get(&events_url(&running, "/v1/topics/t.dead/events"))
         .await
@@ -1149,26 +1158,11 @@ async fn a_subscriber_that_refuses_connections_pauses_its_subscription_until_it_
             StatusCode::CREATED
         );
     }
-    // Refused twice: the breaker opens, and the subscription waits.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let services = get(&support::admin(&running, "/status/services"))
-            .await
-            .json();
-        if services["services"]["gone"]["state"] == "open" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the breaker never opened: {services}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // Probes fail while it is away (half-open, then open again), each
-    // releasing its event uncounted: after more failed probes than
-    // max_deliveries allows, no event is a dead letter.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    // Refused twice, the breaker opens; probes fail while the subscriber
+    // is away (half-open, then open again), each releasing its event
+    // uncounted: after more failed probes than max_deliveries allows, no
+    // event is a dead letter.
+    eventually("three failed probes", || async {
         let timeline = get(&support::admin(&running, "/status/timeline"))
             .await
             .json();
@@ -1179,14 +1173,12 @@ async fn a_subscriber_that_refuses_connections_pauses_its_subscription_until_it_
             .filter(|t| t["upstream"] == "gone" && t["from"] == "half_open" && t["to"] == "open")
             .count();
         if failed_probes >= 3 {
-            break;
+            Ok(())
+        } else {
+            Err(timeline.to_string())
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no failed probes: {timeline}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let letters = get(&events_url(&running, "/v1/topics/t.dead/events"))
         .await
         .json();
@@ -1196,18 +1188,7 @@ async fn a_subscriber_that_refuses_connections_pauses_its_subscription_until_it_
     );
     // The subscriber returns: everything is delivered.
     sub.restart().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = get(&events_url(&running, "/v1/topics/t")).await.json();
-        if info["subscriptions"][0]["lag"] == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never delivered: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    finished(&running, "t").await;
     assert_eq!(sub.hits(), 3, "{:?}", sub.ledger());
     running.shutdown().await;
 }

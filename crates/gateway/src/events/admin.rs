@@ -17,11 +17,24 @@ use serde_json::{json, Value};
 use tidegate_client::clock::now_rfc3339;
 use tidegate_events::{Seek, Store};
 
+use super::Events;
 use crate::observe::admin::{error, json_response, refused_write};
 use crate::proxy::Gateway;
 
 /// Letters of each dead-letter topic shown, oldest first.
 const LETTERS_SHOWN: usize = 20;
+
+/// The events service for an admin write, or the answer refusing it: no
+/// admin token, or no `[events]`.
+fn for_write(gateway: &Gateway, headers: &HeaderMap) -> Result<Arc<Events>, Box<Response>> {
+    if let Some(refused) = refused_write(gateway, headers) {
+        return Err(Box::new(refused));
+    }
+    gateway
+        .events()
+        .cloned()
+        .ok_or_else(|| Box::new(events_off()))
+}
 
 fn events_off() -> Response {
     error(
@@ -123,11 +136,9 @@ pub async fn seek(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refused_write(&gateway, &headers) {
-        return refused;
-    }
-    let Some(events) = gateway.events() else {
-        return events_off();
+    let events = match for_write(&gateway, &headers) {
+        Ok(events) => events,
+        Err(refused) => return *refused,
     };
     if events.subscription(&name).is_none() {
         return error(StatusCode::NOT_FOUND, "no subscription by that name");
@@ -171,11 +182,9 @@ pub async fn redrive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refused_write(&gateway, &headers) {
-        return refused;
-    }
-    let Some(events) = gateway.events() else {
-        return events_off();
+    let events = match for_write(&gateway, &headers) {
+        Ok(events) => events,
+        Err(refused) => return *refused,
     };
     let body = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
