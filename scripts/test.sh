@@ -2,8 +2,9 @@
 # Runs every check CI runs: formatting, clippy with warnings as errors,
 # all tests (unit, integration, property, concurrency, allocation, doc),
 # and rustdoc with warnings as errors.
-# It installs what the tests need: redis-server (Debian's package; the
-# tests start their own servers on free ports, never a shared one),
+# It installs what the tests need: redis-server and nats-server (Debian's
+# packages; the tests start their own servers on free ports, never a
+# shared one),
 # Debian's chromium and playwright-core (npm, pinned in
 # tests/browser/package-lock.json) for the dashboard's browser test,
 # python3 for the Python examples of the events API.
@@ -28,7 +29,7 @@ need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-need redis-server:redis-server redis-cli:redis-tools chromium:chromium ss:iproute2 python3:python3
+need redis-server:redis-server redis-cli:redis-tools nats-server:nats-server chromium:chromium ss:iproute2 python3:python3
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     echo "the browser test needs Node.js 20 or later with npm" >&2
     exit 1

@@ -30,6 +30,35 @@ pub struct Append {
 }
 
 impl Append {
+    /// What is wrong with this append, if anything: every store refuses
+    /// it as [`AppendError::Invalid`] and stores nothing.
+    pub fn problem(&self) -> Option<String> {
+        if self.topic.is_empty() {
+            return Some("the topic is empty".into());
+        }
+        if self.events.is_empty() {
+            return Some("there is no event".into());
+        }
+        if self.key.is_none() && self.expected != ExpectedVersion::Any {
+            return Some(format!("expected version {} needs a key", self.expected));
+        }
+        if self.key.as_deref() == Some("") {
+            return Some("the key is empty".into());
+        }
+        let mut ids = std::collections::HashSet::with_capacity(self.events.len());
+        self.events.iter().find_map(|e| {
+            if e.id.is_empty() {
+                Some("an event has no id".into())
+            } else if e.source.is_empty() || e.ty.is_empty() {
+                Some(format!("event `{}` needs a source and a type", e.id))
+            } else if !ids.insert(e.id.as_str()) {
+                Some(format!("the id `{}` is in the batch twice", e.id))
+            } else {
+                None
+            }
+        })
+    }
+
     /// Events without a key.
     pub fn to_topic(topic: impl Into<String>, events: Vec<NewEvent>) -> Self {
         Append {

@@ -31,6 +31,12 @@ impl Clock {
         }
     }
 
+    /// Now by this clock, as events carry their time (RFC 3339, UTC,
+    /// milliseconds).
+    pub fn now_rfc3339(&self) -> String {
+        rfc3339(self.now_millis())
+    }
+
     /// Milliseconds since the epoch, as this clock has it.
     pub fn now_millis(&self) -> u64 {
         match self {

@@ -10,9 +10,11 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod nats;
 mod redis;
 mod scripted;
 
+pub use crate::nats::{NatsCluster, NatsServer};
 pub use crate::redis::{signal, RedisCluster, RedisServer};
 pub use crate::scripted::{Behavior, Delivery, Scripted};
 

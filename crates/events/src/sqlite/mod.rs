@@ -33,7 +33,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::{oneshot, watch};
 
-use crate::event::{Event, ExpectedVersion, NewEvent};
+use crate::event::Event;
 use crate::store::{
     Append, AppendError, Appended, BoxFuture, DeadLetters, Retention, Store, StoreError, Stored,
     SubscriptionStatus, TopicInfo,
@@ -657,19 +657,10 @@ pub(crate) fn apply(
     group: &mut Group,
 ) -> rusqlite::Result<Result<Appended, AppendError>> {
     let now = group.now;
-    if let Some(why) = invalid(append) {
+    if let Some(why) = append.problem() {
         return Ok(Err(AppendError::Invalid(why)));
     }
     let topic = append.topic.as_str();
-    if append.events.len() > 1 {
-        let mut ids = HashSet::with_capacity(append.events.len());
-        if let Some(twice) = append.events.iter().find(|e| !ids.insert(e.id.as_str())) {
-            return Ok(Err(AppendError::Invalid(format!(
-                "the id `{}` is in the batch twice",
-                twice.id
-            ))));
-        }
-    }
     // Duplicates (seen within the window) keep the answer of the append
     // that stored them.
     let mut earlier = Vec::with_capacity(append.events.len());
@@ -911,31 +902,6 @@ fn retain_all(tx: &Transaction<'_>, group: &mut Group) -> rusqlite::Result<u64> 
         }
     }
     Ok(deleted)
-}
-
-/// What is wrong with `append`, if anything.
-fn invalid(append: &Append) -> Option<String> {
-    if append.topic.is_empty() {
-        return Some("the topic is empty".into());
-    }
-    if append.events.is_empty() {
-        return Some("there is no event".into());
-    }
-    if append.key.is_none() && append.expected != ExpectedVersion::Any {
-        return Some(format!("expected version {} needs a key", append.expected));
-    }
-    if append.key.as_deref() == Some("") {
-        return Some("the key is empty".into());
-    }
-    append.events.iter().find_map(|e: &NewEvent| {
-        if e.id.is_empty() {
-            Some("an event has no id".into())
-        } else if e.source.is_empty() || e.ty.is_empty() {
-            Some(format!("event `{}` needs a source and a type", e.id))
-        } else {
-            None
-        }
-    })
 }
 
 /// A count as SQLite's signed integer.

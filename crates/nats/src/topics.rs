@@ -1,0 +1,477 @@
+//! Topics on JetStream: appends (dedup, exact expected versions, atomic
+//! batches, gap-free positions) and reads. See the crate documentation
+//! for the mapping.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
+use async_nats::jetstream::context::{Context, PublishErrorKind};
+use async_nats::jetstream::stream::{Config, DirectGetErrorKind, Stream};
+use tidegate_events::{Append, AppendError, Appended, Event, StoreError, Stored};
+use tokio::sync::Mutex;
+
+use crate::envelope::{self, Place, COUNT, POSITION, VERSION};
+use crate::names;
+
+/// Most events one append may hold (one message holds them all).
+pub const MAX_BATCH: usize = 1000;
+
+/// The message id of every stream's first message.
+const GENESIS: &str = "tidegate-genesis";
+
+/// Times an append is tried again after another writer got in first.
+const RETRIES: usize = 64;
+
+/// Topics on a JetStream server.
+#[derive(Clone)]
+pub struct NatsTopics {
+    js: Context,
+    dedup_window: Duration,
+    /// Each topic's writer state, one append at a time per topic here.
+    writers: Arc<std::sync::Mutex<HashMap<String, Arc<Mutex<Writer>>>>>,
+}
+
+impl std::fmt::Debug for NatsTopics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsTopics")
+            .field("dedup_window", &self.dedup_window)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What this process knows of a topic's stream since it last read it.
+#[derive(Default)]
+struct Writer {
+    stream: Option<Stream>,
+    /// The stream's last sequence, and the position the next append
+    /// takes, as last read or written here; `None`: read them again.
+    last: Option<(u64, u64)>,
+    /// Keys' versions written or read here since `last` was read.
+    versions: HashMap<String, Option<u64>>,
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("NATS JetStream: {what}: {e}"))
+}
+
+/// A header as a number.
+fn number(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.as_str().parse().ok()
+}
+
+impl NatsTopics {
+    /// Topics on the server(s) at `url` (comma-separated), an event id
+    /// seen within `dedup_window` being a duplicate.
+    pub async fn connect(url: &str, dedup_window: Duration) -> Result<Self, StoreError> {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|e| failed(&format!("cannot connect to {url}"), e))?;
+        Ok(NatsTopics {
+            js: async_nats::jetstream::new(client),
+            dedup_window,
+            writers: Arc::default(),
+        })
+    }
+
+    fn writer(&self, topic: &str) -> Arc<Mutex<Writer>> {
+        self.writers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(topic.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// `topic`'s stream, created if it is new.
+    async fn stream(&self, topic: &str) -> Result<Stream, StoreError> {
+        self.js
+            .get_or_create_stream(Config {
+                name: names::stream(topic),
+                subjects: vec![names::all_subjects(topic)],
+                duplicate_window: self.dedup_window,
+                allow_direct: true,
+                ..Config::default()
+            })
+            .await
+            .map_err(|e| failed(&format!("cannot open the stream of topic `{topic}`"), e))
+    }
+
+    /// Makes sure `topic`'s stream holds its first message, which holds no
+    /// event: JetStream checks an expected last sequence only when it is
+    /// above 0, so an empty stream could take two first appends at once.
+    /// Every writer publishes it with the same message id: the server
+    /// keeps one.
+    async fn genesis(&self, topic: &str) -> Result<(), StoreError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, GENESIS);
+        headers.insert(POSITION, "1");
+        headers.insert(COUNT, "0");
+        let empty = envelope::encode(None, &[], "");
+        match self
+            .js
+            .publish_with_headers(names::genesis(topic), headers, empty)
+            .await
+            .map_err(|e| failed("cannot publish", e))?
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => Err(failed("cannot start the topic's stream", e)),
+        }
+    }
+
+    /// `topic`'s stream if it has one.
+    async fn existing(&self, topic: &str) -> Result<Option<Stream>, StoreError> {
+        match self.js.get_stream(names::stream(topic)).await {
+            Ok(stream) => Ok(Some(stream)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(inner)
+                        if inner.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(failed("cannot read a stream", e)),
+        }
+    }
+
+    /// Stores `append`'s events (see the crate documentation).
+    pub async fn append(&self, append: Append) -> Result<Appended, AppendError> {
+        if let Some(why) = append.problem() {
+            return Err(AppendError::Invalid(why));
+        }
+        if append.events.len() > MAX_BATCH {
+            return Err(AppendError::Invalid(format!(
+                "a batch holds at most {MAX_BATCH} events on NATS"
+            )));
+        }
+        let writer = self.writer(&append.topic);
+        let mut writer = writer.lock().await;
+        if writer.stream.is_none() {
+            let stream = self.stream(&append.topic).await?;
+            self.genesis(&append.topic).await?;
+            writer.stream = Some(stream);
+        }
+        let subject = names::subject(&append.topic, append.key.as_deref());
+        let time = tidegate_events_time();
+        let payload = envelope::encode(append.key.as_deref(), &append.events, &time);
+        let count = append.events.len() as u64;
+        for _ in 0..RETRIES {
+            let stream = writer.stream.clone().expect("opened above");
+            let (last_seq, position) = match writer.last {
+                Some(last) => last,
+                None => {
+                    let last = last_of(&stream).await?;
+                    writer.versions.clear();
+                    writer.last = Some(last);
+                    last
+                }
+            };
+            let actual = match &append.key {
+                Some(key) => match writer.versions.get(key) {
+                    Some(version) => *version,
+                    None => {
+                        let version = key_version(&stream, &subject).await?;
+                        writer.versions.insert(key.clone(), version);
+                        version
+                    }
+                },
+                None => None,
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, append.events[0].id.as_str());
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, last_seq.to_string().as_str());
+            headers.insert(POSITION, position.to_string().as_str());
+            headers.insert(COUNT, count.to_string().as_str());
+            let version = append.key.as_ref().map(|_| actual.unwrap_or(0) + 1);
+            if let Some(version) = version {
+                headers.insert(VERSION, version.to_string().as_str());
+            }
+            // A duplicate is answered before the expected version is
+            // looked at: publish first when the ids may have been seen.
+            if !append.expected.is_met_by(actual) {
+                if let Some(earlier) = self.earlier(&append, &stream, last_seq).await? {
+                    return Ok(earlier);
+                }
+                return Err(AppendError::Conflict {
+                    expected: append.expected,
+                    actual,
+                });
+            }
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.clone())
+                .await
+                .map_err(|e| failed("cannot publish", e))?
+                .await;
+            match sent {
+                Ok(ack) if ack.duplicate => {
+                    return self
+                        .stored_at(&append, &stream, ack.sequence)
+                        .await
+                        .map_err(AppendError::Store)
+                }
+                Ok(ack) => {
+                    writer.last = Some((ack.sequence, position + count));
+                    if let (Some(key), Some(first)) = (&append.key, version) {
+                        writer.versions.insert(key.clone(), Some(first + count - 1));
+                    }
+                    let events = append
+                        .events
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| Stored {
+                            id: e.id.clone(),
+                            position: position + i as u64,
+                            version: version.map(|v| v + i as u64),
+                            duplicate: false,
+                        })
+                        .collect();
+                    return Ok(Appended { events });
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    // Another writer got in first: read again.
+                    writer.last = None;
+                }
+                Err(e) => return Err(AppendError::Store(failed("the server refused", e))),
+            }
+        }
+        Err(AppendError::Store(StoreError(format!(
+            "topic `{}` changed under this append {RETRIES} times in a row",
+            append.topic
+        ))))
+    }
+
+    /// The answer to `append` if its first id was stored within the dedup
+    /// window (a duplicate is answered as such before its expected version
+    /// is looked at, as on SQLite); `None` if the id is new.
+    ///
+    /// The server is asked by publishing the append with an expected last
+    /// sequence the stream can never have: it checks the message id first
+    /// and answers a duplicate with the original's sequence, else refuses
+    /// the message, which is not stored.
+    async fn earlier(
+        &self,
+        append: &Append,
+        stream: &Stream,
+        last_seq: u64,
+    ) -> Result<Option<Appended>, AppendError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, append.events[0].id.as_str());
+        let never = last_seq.saturating_add(1 << 48);
+        headers.insert(NATS_EXPECTED_LAST_SEQUENCE, never.to_string().as_str());
+        let subject = names::subject(&append.topic, append.key.as_deref());
+        let sent = self
+            .js
+            .publish_with_headers(subject, headers, bytes::Bytes::new())
+            .await
+            .map_err(|e| failed("cannot publish", e))?
+            .await;
+        match sent {
+            Ok(ack) if ack.duplicate => Ok(Some(
+                self.stored_at(append, stream, ack.sequence)
+                    .await
+                    .map_err(AppendError::Store)?,
+            )),
+            Ok(ack) => Err(AppendError::Store(StoreError(format!(
+                "the server stored a probe at sequence {} against its expected sequence",
+                ack.sequence
+            )))),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) => Err(AppendError::Store(failed("the server refused", e))),
+        }
+    }
+
+    /// The events stored at `sequence`, answered as duplicates of `append`.
+    async fn stored_at(
+        &self,
+        append: &Append,
+        stream: &Stream,
+        sequence: u64,
+    ) -> Result<Appended, StoreError> {
+        let events = read_message(stream, &append.topic, sequence)
+            .await?
+            .ok_or_else(|| StoreError("the duplicate's original is gone".into()))?;
+        Ok(Appended {
+            events: events
+                .into_iter()
+                .map(|e| Stored {
+                    id: e.id,
+                    position: e.position,
+                    version: e.version,
+                    duplicate: true,
+                })
+                .collect(),
+        })
+    }
+
+    /// Up to `limit` events of `topic` from `from_position` on.
+    pub async fn read(
+        &self,
+        topic: &str,
+        from_position: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let Some(stream) = self.existing(topic).await? else {
+            return Ok(Vec::new());
+        };
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| failed("stream info", e))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        if last == 0 || first > last {
+            return Ok(Vec::new());
+        }
+        // The message holding `from_position`: positions grow with
+        // sequences, so a binary search over the stream finds it.
+        let (mut low, mut high) = (first, last);
+        while low < high {
+            let middle = low + (high - low).div_ceil(2);
+            match first_position_at_or_after(&stream, middle).await? {
+                Some((_, position)) if position <= from_position => low = middle,
+                _ => high = middle - 1,
+            }
+        }
+        let mut out = Vec::new();
+        let mut sequence = low;
+        while out.len() < limit && sequence <= last {
+            if let Some(events) = read_message(&stream, topic, sequence).await? {
+                out.extend(
+                    events
+                        .into_iter()
+                        .filter(|e| e.position >= from_position)
+                        .take(limit - out.len()),
+                );
+            }
+            sequence += 1;
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` events of `key`'s stream in `topic` from version
+    /// `from_version` on.
+    pub async fn read_stream(
+        &self,
+        topic: &str,
+        key: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let Some(stream) = self.existing(topic).await? else {
+            return Ok(Vec::new());
+        };
+        let subject = names::subject(topic, Some(key));
+        let mut out = Vec::new();
+        let mut sequence = 1;
+        while out.len() < limit {
+            let message = match stream
+                .direct_get_next_for_subject(subject.as_str(), Some(sequence))
+                .await
+            {
+                Ok(message) => message,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(failed("read a key's stream", e)),
+            };
+            sequence = message.sequence + 1;
+            let place = Place {
+                topic,
+                position: number(&message.headers, POSITION).unwrap_or(0),
+                version: number(&message.headers, VERSION),
+            };
+            let events = envelope::decode(&message.payload, place).map_err(StoreError)?;
+            out.extend(
+                events
+                    .into_iter()
+                    .filter(|e| e.version.is_some_and(|v| v >= from_version))
+                    .take(limit - out.len()),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The position of `topic`'s last event (0: none yet).
+    pub async fn last_position(&self, topic: &str) -> Result<u64, StoreError> {
+        match self.existing(topic).await? {
+            Some(stream) => Ok(last_of(&stream).await?.1 - 1),
+            None => Ok(0),
+        }
+    }
+}
+
+/// The stream's last sequence and the position the next append takes.
+async fn last_of(stream: &Stream) -> Result<(u64, u64), StoreError> {
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| failed("stream info", e))?;
+    let last = info.state.last_sequence;
+    if last == 0 {
+        return Ok((0, 1));
+    }
+    let message = stream
+        .direct_get(last)
+        .await
+        .map_err(|e| failed("read the stream's last append", e))?;
+    let position = number(&message.headers, POSITION).unwrap_or(0);
+    let count = number(&message.headers, COUNT).unwrap_or(1);
+    Ok((last, position + count))
+}
+
+/// The version of the last event on `subject` (a key's), if any.
+async fn key_version(stream: &Stream, subject: &str) -> Result<Option<u64>, StoreError> {
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(message) => {
+            let first = number(&message.headers, VERSION).unwrap_or(0);
+            let count = number(&message.headers, COUNT).unwrap_or(1);
+            Ok(Some(first + count - 1))
+        }
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failed("read a key's version", e)),
+    }
+}
+
+/// The sequence and first position of the first message at or after
+/// `sequence` (retention may have deleted some).
+async fn first_position_at_or_after(
+    stream: &Stream,
+    sequence: u64,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    match stream.direct_get(sequence).await {
+        Ok(message) => Ok(Some((
+            message.sequence,
+            number(&message.headers, POSITION).unwrap_or(0),
+        ))),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failed("read a message", e)),
+    }
+}
+
+/// The events of the message at `sequence`, if it is there.
+async fn read_message(
+    stream: &Stream,
+    topic: &str,
+    sequence: u64,
+) -> Result<Option<Vec<Event>>, StoreError> {
+    let message = match stream.direct_get(sequence).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(failed("read a message", e)),
+    };
+    let place = Place {
+        topic,
+        position: number(&message.headers, POSITION).unwrap_or(0),
+        version: number(&message.headers, VERSION),
+    };
+    envelope::decode(&message.payload, place)
+        .map(Some)
+        .map_err(StoreError)
+}
+
+/// Now, as events carry it.
+fn tidegate_events_time() -> String {
+    tidegate_events::Clock::Wall.now_rfc3339()
+}
