@@ -29,6 +29,8 @@ const RETRIES: usize = 64;
 pub struct NatsTopics {
     js: Context,
     dedup_window: Duration,
+    /// Copies of each stream a cluster keeps (1 on a single server).
+    replicas: usize,
     /// Each topic's writer state, one append at a time per topic here.
     writers: Arc<std::sync::Mutex<HashMap<String, Arc<Mutex<Writer>>>>>,
 }
@@ -65,14 +67,28 @@ impl NatsTopics {
     /// Topics on the server(s) at `url` (comma-separated), an event id
     /// seen within `dedup_window` being a duplicate.
     pub async fn connect(url: &str, dedup_window: Duration) -> Result<Self, StoreError> {
-        let client = async_nats::connect(url)
+        let servers = url
+            .split(',')
+            .map(|one| one.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| failed(&format!("`{url}` is not a list of server URLs"), e))?;
+        let client = async_nats::connect(servers)
             .await
             .map_err(|e| failed(&format!("cannot connect to {url}"), e))?;
         Ok(NatsTopics {
             js: async_nats::jetstream::new(client),
             dedup_window,
+            replicas: 1,
             writers: Arc::default(),
         })
+    }
+
+    /// Streams made from now on keep `replicas` copies (3 on a cluster of
+    /// three: a stream survives the loss of one node).
+    #[must_use]
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.max(1);
+        self
     }
 
     fn writer(&self, topic: &str) -> Arc<Mutex<Writer>> {
@@ -91,6 +107,7 @@ impl NatsTopics {
                 name: names::stream(topic),
                 subjects: vec![names::all_subjects(topic)],
                 duplicate_window: self.dedup_window,
+                num_replicas: self.replicas,
                 allow_direct: true,
                 ..Config::default()
             })
