@@ -8,6 +8,11 @@ pub(crate) fn stream(topic: &str) -> String {
     format!("TG_{}", topic.replace('.', "~"))
 }
 
+/// The topic of a stream made by [`stream`], if it is one.
+pub(crate) fn topic_of(stream: &str) -> Option<String> {
+    stream.strip_prefix("TG_").map(|t| t.replace('~', "."))
+}
+
 /// The subject token of `topic` (a dot would split it).
 fn token(topic: &str) -> String {
     topic.replace('.', "~")

@@ -9,7 +9,10 @@ use std::time::Duration;
 use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{Context, PublishErrorKind};
 use async_nats::jetstream::stream::{Config, DirectGetErrorKind, Stream};
-use tidegate_events::{Append, AppendError, Appended, Event, StoreError, Stored};
+use futures_util::StreamExt;
+use tidegate_events::{
+    Append, AppendError, Appended, Clock, Event, Retention, StoreError, Stored, TopicInfo,
+};
 use tokio::sync::Mutex;
 
 use crate::envelope::{self, Place, COUNT, POSITION, VERSION};
@@ -33,6 +36,10 @@ pub struct NatsTopics {
     replicas: usize,
     /// Each topic's writer state, one append at a time per topic here.
     writers: Arc<std::sync::Mutex<HashMap<String, Arc<Mutex<Writer>>>>>,
+    /// Topics' retention, as this process was told (every replica is
+    /// told the same by its config).
+    retention: Arc<std::sync::Mutex<HashMap<String, Retention>>>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for NatsTopics {
@@ -80,7 +87,16 @@ impl NatsTopics {
             dedup_window,
             replicas: 1,
             writers: Arc::default(),
+            retention: Arc::default(),
+            clock: Clock::Wall,
         })
+    }
+
+    /// Reads the time from `clock` (a manual one in tests).
+    #[must_use]
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Streams made from now on keep `replicas` copies (3 on a cluster of
@@ -417,6 +433,146 @@ impl NatsTopics {
             None => Ok(0),
         }
     }
+}
+
+impl NatsTopics {
+    /// Every topic that has a stream, by name.
+    pub async fn topics(&self) -> Result<Vec<TopicInfo>, StoreError> {
+        let mut names = self.js.stream_names();
+        let mut topics = Vec::new();
+        while let Some(name) = names.next().await {
+            let name = name.map_err(|e| failed("list the streams", e))?;
+            let Some(topic) = names::topic_of(&name) else {
+                continue;
+            };
+            let stream = self
+                .js
+                .get_stream(&name)
+                .await
+                .map_err(|e| failed("read a stream", e))?;
+            let info = stream
+                .get_info()
+                .await
+                .map_err(|e| failed("stream info", e))?;
+            let next = last_of(&stream).await?.1;
+            let first = match first_position_at_or_after(&stream, info.state.first_sequence).await?
+            {
+                Some((_, position)) if position < next => Some(position),
+                _ => None,
+            };
+            topics.push(TopicInfo {
+                name: topic,
+                first_position: first,
+                last_position: next - 1,
+            });
+        }
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(topics)
+    }
+
+    /// Sets `retention.topic`'s retention, applied by
+    /// [`enforce_retention`](Self::enforce_retention).
+    pub fn retain(&self, retention: Retention) {
+        self.retention
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(retention.topic.clone(), retention);
+    }
+
+    /// Deletes (purges) what every topic's retention says is past keeping;
+    /// how many events went. A topic's last append is always kept: it
+    /// carries the position the next one takes, which JetStream's own
+    /// sequences cannot tell.
+    pub async fn enforce_retention(&self) -> Result<u64, StoreError> {
+        let retention: Vec<Retention> = self
+            .retention
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut deleted = 0;
+        for r in retention {
+            let Some(stream) = self.existing(&r.topic).await? else {
+                continue;
+            };
+            let info = stream
+                .get_info()
+                .await
+                .map_err(|e| failed("stream info", e))?;
+            let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+            if last <= first {
+                continue;
+            }
+            let next = last_of(&stream).await?.1;
+            let mut cut = first;
+            if let Some(max_events) = r.max_events {
+                // The first message holding an event the limit keeps.
+                let keep_from = (next - 1).saturating_sub(max_events) + 1;
+                cut = cut.max(
+                    first_message_where(&stream, first, last, |m| {
+                        number(&m.headers, POSITION).unwrap_or(0)
+                            + number(&m.headers, COUNT).unwrap_or(1)
+                            > keep_from
+                    })
+                    .await?,
+                );
+            }
+            if let Some(max_age) = r.max_age {
+                let now = self.clock.now_millis();
+                let before =
+                    now.saturating_sub(u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX));
+                cut = cut.max(
+                    first_message_where(&stream, first, last, |m| {
+                        u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+                            >= before
+                    })
+                    .await?,
+                );
+            }
+            let cut = cut.min(last);
+            if cut <= first {
+                continue;
+            }
+            let from = first_position_at_or_after(&stream, first)
+                .await?
+                .map_or(0, |p| p.1);
+            let to = first_position_at_or_after(&stream, cut)
+                .await?
+                .map_or(from, |p| p.1);
+            stream
+                .purge()
+                .sequence(cut)
+                .await
+                .map_err(|e| failed("delete old events", e))?;
+            deleted += to.saturating_sub(from);
+        }
+        Ok(deleted)
+    }
+}
+
+/// The first sequence in `first..=last` whose message `keep` holds for
+/// (it holds for every later one too); `last` if none before it does.
+async fn first_message_where(
+    stream: &Stream,
+    first: u64,
+    last: u64,
+    keep: impl Fn(&async_nats::jetstream::message::StreamMessage) -> bool,
+) -> Result<u64, StoreError> {
+    let (mut low, mut high) = (first, last);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let message = stream
+            .direct_get(middle)
+            .await
+            .map_err(|e| failed("read a message", e))?;
+        if keep(&message) {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
+    }
+    Ok(low)
 }
 
 /// The stream's last sequence and the position the next append takes.

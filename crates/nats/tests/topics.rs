@@ -275,3 +275,59 @@ async fn on_a_three_node_cluster_appends_go_on_when_a_node_dies() {
     let read = topics.read("replicated", 1, 100).await.unwrap();
     assert_eq!(read.len(), 20);
 }
+
+#[tokio::test]
+async fn retention_deletes_whole_old_appends_keeps_the_last_and_positions_go_on() {
+    let server = NatsServer::start();
+    let clock = tidegate_events::Clock::manual();
+    let topics = topics(&server).await.clock(clock.clone());
+    for i in 0..6 {
+        topics
+            .append(Append::to_topic("kept", vec![event(&format!("e{i}"))]))
+            .await
+            .unwrap();
+    }
+    topics.retain(tidegate_events::Retention {
+        topic: "kept".into(),
+        max_age: None,
+        max_events: Some(3),
+    });
+    assert_eq!(topics.enforce_retention().await.unwrap(), 3);
+    let positions = |events: Vec<tidegate_events::Event>| -> Vec<u64> {
+        events.iter().map(|e| e.position).collect()
+    };
+    assert_eq!(
+        positions(topics.read("kept", 1, 10).await.unwrap()),
+        [4, 5, 6]
+    );
+    let next = topics
+        .append(Append::to_topic("kept", vec![event("e6")]))
+        .await
+        .unwrap();
+    assert_eq!(next.events[0].position, 7, "positions go on");
+    let listed = topics.topics().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].name.as_str(),
+            listed[0].first_position,
+            listed[0].last_position
+        ),
+        ("kept", Some(4), 7)
+    );
+    // Everything past its age: all but the last append go.
+    let wall = Duration::from_millis(tidegate_events::Clock::Wall.now_millis());
+    clock.advance(wall + Duration::from_secs(3600));
+    topics.retain(tidegate_events::Retention {
+        topic: "kept".into(),
+        max_age: Some(Duration::from_secs(60)),
+        max_events: None,
+    });
+    assert_eq!(topics.enforce_retention().await.unwrap(), 3);
+    assert_eq!(positions(topics.read("kept", 1, 10).await.unwrap()), [7]);
+    let next = topics
+        .append(Append::to_topic("kept", vec![event("e7")]))
+        .await
+        .unwrap();
+    assert_eq!(next.events[0].position, 8);
+}
