@@ -28,6 +28,37 @@
 //!   server checks it before the expected sequence, and a duplicate is
 //!   answered with the first append's positions and versions.
 
+//! # Consumer groups (the design being built)
+//! JetStream keeps the events and each group's place; the store keeps
+//! the group's leases, delays and delivery counts itself, by its own
+//! [`Clock`](tidegate_events::Clock), as SQLite's store does, so every
+//! rule of the model holds as written (and the conformance suite's
+//! manual clock drives it):
+//! - A group is a durable pull consumer `TGC_{group}` on its topic's
+//!   stream (explicit ack; an `ack_wait` far longer than the group's,
+//!   only a safety net; no `max_deliver`: the store dead-letters itself).
+//!   JetStream holds every message the group took and has not finished as
+//!   "ack pending".
+//! - Each such message has a record in the KV bucket `TG_GROUPS`, key
+//!   `{group}.{sequence}`: deliveries so far, leased until, due at, the
+//!   message's ack subject, which of its events are done. Updates are
+//!   compare-and-set on the record's revision, so two replicas cannot
+//!   both settle one lease.
+//! - `fetch` first looks at the group's records: an expired lease becomes
+//!   due after its backoff; a due message is given back to JetStream
+//!   (`-NAK`), which delivers it again on the pull that follows. Then it
+//!   pulls, leases each message's unfinished events (one delivery each,
+//!   ack id `{sequence}.{index}.{delivery}`), and dead-letters a message
+//!   past `max_deliveries`. A message is acked to JetStream (`+ACK`, or
+//!   `+TERM` for a dead letter) once all its events are done.
+//! - `ordering = "key"`: a message whose key has an earlier unfinished
+//!   message waits in its record (not leased) until that one is done.
+//! - Redrive: letters go back through a redrive queue per group, taken
+//!   before the stream's own messages, each at its original position.
+//! - New events wake waiting consumers through a core NATS subscription
+//!   to the topic's subjects; a delay or a lease coming due, through
+//!   `next_due` from the records.
+
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
