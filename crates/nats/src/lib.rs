@@ -63,7 +63,11 @@
 #![warn(missing_docs)]
 
 pub mod envelope;
+mod groups;
 mod names;
+mod records;
+mod store;
 mod topics;
 
+pub use crate::store::NatsStore;
 pub use crate::topics::{NatsTopics, MAX_BATCH};

@@ -11,7 +11,8 @@ use async_nats::jetstream::context::{Context, PublishErrorKind};
 use async_nats::jetstream::stream::{Config, DirectGetErrorKind, Stream};
 use futures_util::StreamExt;
 use tidegate_events::{
-    Append, AppendError, Appended, Clock, Event, Retention, StoreError, Stored, TopicInfo,
+    Append, AppendError, Appended, Clock, Event, NewEvent, Retention, StoreError, Stored,
+    TopicInfo,
 };
 use tokio::sync::Mutex;
 
@@ -57,16 +58,41 @@ struct Writer {
     /// The stream's last sequence, and the position the next append
     /// takes, as last read or written here; `None`: read them again.
     last: Option<(u64, u64)>,
-    /// Keys' versions written or read here since `last` was read.
+    /// Keys' versions as of `last` (a key not here is read when needed).
     versions: HashMap<String, Option<u64>>,
+    /// The ids stored within the dedup window, as of `last`: each with its
+    /// position, version and when it was stored (server milliseconds).
+    seen: HashMap<String, (u64, Option<u64>, u64)>,
+    /// Whether `seen` was loaded from the stream.
+    loaded: bool,
+    /// The stream's last sequence and next position as of the last catch
+    /// up or own append (kept when `last` is cleared).
+    last_known: Option<(u64, u64)>,
 }
 
-fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
+impl Writer {
+    /// Notes the events of one message stored at `at` (milliseconds).
+    fn note(&mut self, events: &[Event], at: u64) {
+        for e in events {
+            self.seen.insert(e.id.clone(), (e.position, e.version, at));
+            if let Some(key) = &e.key {
+                self.versions.insert(key.clone(), e.version);
+            }
+        }
+    }
+}
+
+/// A stream message's time, in milliseconds.
+fn millis_of(message: &async_nats::jetstream::message::StreamMessage) -> u64 {
+    u64::try_from(message.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+pub(crate) fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError(format!("NATS JetStream: {what}: {e}"))
 }
 
 /// A header as a number.
-fn number(headers: &HeaderMap, name: &str) -> Option<u64> {
+pub(crate) fn number(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.as_str().parse().ok()
 }
 
@@ -117,7 +143,7 @@ impl NatsTopics {
     }
 
     /// `topic`'s stream, created if it is new.
-    async fn stream(&self, topic: &str) -> Result<Stream, StoreError> {
+    pub(crate) async fn stream(&self, topic: &str) -> Result<Stream, StoreError> {
         self.js
             .get_or_create_stream(Config {
                 name: names::stream(topic),
@@ -155,7 +181,7 @@ impl NatsTopics {
     }
 
     /// `topic`'s stream if it has one.
-    async fn existing(&self, topic: &str) -> Result<Option<Stream>, StoreError> {
+    pub(crate) async fn existing(&self, topic: &str) -> Result<Option<Stream>, StoreError> {
         match self.js.get_stream(names::stream(topic)).await {
             Ok(stream) => Ok(Some(stream)),
             Err(e)
@@ -189,20 +215,37 @@ impl NatsTopics {
             writer.stream = Some(stream);
         }
         let subject = names::subject(&append.topic, append.key.as_deref());
-        let time = tidegate_events_time();
-        let payload = envelope::encode(append.key.as_deref(), &append.events, &time);
-        let count = append.events.len() as u64;
+        let time = self.clock.now_rfc3339();
         for _ in 0..RETRIES {
             let stream = writer.stream.clone().expect("opened above");
-            let (last_seq, position) = match writer.last {
-                Some(last) => last,
-                None => {
-                    let last = last_of(&stream).await?;
-                    writer.versions.clear();
-                    writer.last = Some(last);
-                    last
-                }
-            };
+            if writer.last.is_none() {
+                self.catch_up(&mut writer, &stream, &append.topic).await?;
+            }
+            let (last_seq, position) = writer.last.expect("caught up");
+            // Duplicates (ids stored within the window) keep the answer of
+            // the append that stored them; the rest is stored.
+            let earlier: Vec<Option<(u64, Option<u64>)>> = append
+                .events
+                .iter()
+                .map(|e| writer.seen.get(&e.id).map(|&(p, v, _)| (p, v)))
+                .collect();
+            if earlier.iter().all(Option::is_some) {
+                let events = append
+                    .events
+                    .iter()
+                    .zip(&earlier)
+                    .map(|(e, seen)| {
+                        let (position, version) = seen.expect("all seen");
+                        Stored {
+                            id: e.id.clone(),
+                            position,
+                            version,
+                            duplicate: true,
+                        }
+                    })
+                    .collect();
+                return Ok(Appended { events });
+            }
             let actual = match &append.key {
                 Some(key) => match writer.versions.get(key) {
                     Some(version) => *version,
@@ -214,59 +257,81 @@ impl NatsTopics {
                 },
                 None => None,
             };
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_MESSAGE_ID, append.events[0].id.as_str());
-            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, last_seq.to_string().as_str());
-            headers.insert(POSITION, position.to_string().as_str());
-            headers.insert(COUNT, count.to_string().as_str());
-            let version = append.key.as_ref().map(|_| actual.unwrap_or(0) + 1);
-            if let Some(version) = version {
-                headers.insert(VERSION, version.to_string().as_str());
-            }
-            // A duplicate is answered before the expected version is
-            // looked at: publish first when the ids may have been seen.
             if !append.expected.is_met_by(actual) {
-                if let Some(earlier) = self.earlier(&append, &stream, last_seq).await? {
-                    return Ok(earlier);
-                }
                 return Err(AppendError::Conflict {
                     expected: append.expected,
                     actual,
                 });
             }
+            let new: Vec<NewEvent> = append
+                .events
+                .iter()
+                .zip(&earlier)
+                .filter(|(_, seen)| seen.is_none())
+                .map(|(e, _)| e.clone())
+                .collect();
+            let count = new.len() as u64;
+            let version = append.key.as_ref().map(|_| actual.unwrap_or(0) + 1);
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, new[0].id.as_str());
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, last_seq.to_string().as_str());
+            headers.insert(POSITION, position.to_string().as_str());
+            headers.insert(COUNT, count.to_string().as_str());
+            if let Some(version) = version {
+                headers.insert(VERSION, version.to_string().as_str());
+            }
+            let payload = envelope::encode(append.key.as_deref(), &new, &time);
             let sent = self
                 .js
-                .publish_with_headers(subject.clone(), headers, payload.clone())
+                .publish_with_headers(subject.clone(), headers, payload)
                 .await
                 .map_err(|e| failed("cannot publish", e))?
                 .await;
             match sent {
                 Ok(ack) if ack.duplicate => {
+                    // Past this process's window but within the server's.
                     return self
                         .stored_at(&append, &stream, ack.sequence)
                         .await
-                        .map_err(AppendError::Store)
+                        .map_err(AppendError::Store);
                 }
                 Ok(ack) => {
-                    writer.last = Some((ack.sequence, position + count));
+                    let at = Clock::Wall.now_millis();
+                    let mut new_place = 0;
+                    let mut events = Vec::with_capacity(append.events.len());
+                    for (e, seen) in append.events.iter().zip(&earlier) {
+                        let stored = match seen {
+                            Some((position, version)) => Stored {
+                                id: e.id.clone(),
+                                position: *position,
+                                version: *version,
+                                duplicate: true,
+                            },
+                            None => {
+                                let stored = Stored {
+                                    id: e.id.clone(),
+                                    position: position + new_place,
+                                    version: version.map(|v| v + new_place),
+                                    duplicate: false,
+                                };
+                                new_place += 1;
+                                writer
+                                    .seen
+                                    .insert(e.id.clone(), (stored.position, stored.version, at));
+                                stored
+                            }
+                        };
+                        events.push(stored);
+                    }
                     if let (Some(key), Some(first)) = (&append.key, version) {
                         writer.versions.insert(key.clone(), Some(first + count - 1));
                     }
-                    let events = append
-                        .events
-                        .iter()
-                        .enumerate()
-                        .map(|(i, e)| Stored {
-                            id: e.id.clone(),
-                            position: position + i as u64,
-                            version: version.map(|v| v + i as u64),
-                            duplicate: false,
-                        })
-                        .collect();
+                    writer.last = Some((ack.sequence, position + count));
+                    writer.last_known = writer.last;
                     return Ok(Appended { events });
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    // Another writer got in first: read again.
+                    // Another writer got in first: read what it stored.
                     writer.last = None;
                 }
                 Err(e) => return Err(AppendError::Store(failed("the server refused", e))),
@@ -278,44 +343,63 @@ impl NatsTopics {
         ))))
     }
 
-    /// The answer to `append` if its first id was stored within the dedup
-    /// window (a duplicate is answered as such before its expected version
-    /// is looked at, as on SQLite); `None` if the id is new.
-    ///
-    /// The server is asked by publishing the append with an expected last
-    /// sequence the stream can never have: it checks the message id first
-    /// and answers a duplicate with the original's sequence, else refuses
-    /// the message, which is not stored.
-    async fn earlier(
+    /// Brings `writer` up to the stream's last message: the first time,
+    /// the ids of the dedup window read from the stream's end backwards;
+    /// after that, the messages other writers stored since.
+    async fn catch_up(
         &self,
-        append: &Append,
+        writer: &mut Writer,
         stream: &Stream,
-        last_seq: u64,
-    ) -> Result<Option<Appended>, AppendError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, append.events[0].id.as_str());
-        let never = last_seq.saturating_add(1 << 48);
-        headers.insert(NATS_EXPECTED_LAST_SEQUENCE, never.to_string().as_str());
-        let subject = names::subject(&append.topic, append.key.as_deref());
-        let sent = self
-            .js
-            .publish_with_headers(subject, headers, bytes::Bytes::new())
-            .await
-            .map_err(|e| failed("cannot publish", e))?
-            .await;
-        match sent {
-            Ok(ack) if ack.duplicate => Ok(Some(
-                self.stored_at(append, stream, ack.sequence)
-                    .await
-                    .map_err(AppendError::Store)?,
-            )),
-            Ok(ack) => Err(AppendError::Store(StoreError(format!(
-                "the server stored a probe at sequence {} against its expected sequence",
-                ack.sequence
-            )))),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
-            Err(e) => Err(AppendError::Store(failed("the server refused", e))),
+        topic: &str,
+    ) -> Result<(), StoreError> {
+        let info = stream.get_info().await.map_err(|e| failed("stream info", e))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let window = u64::try_from(self.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let since = Clock::Wall.now_millis().saturating_sub(window);
+        if !writer.loaded {
+            let mut sequence = last;
+            while sequence >= first.max(1) {
+                let Ok(message) = stream.direct_get(sequence).await else {
+                    break;
+                };
+                let at = millis_of(&message);
+                if at < since {
+                    break;
+                }
+                let place = Place {
+                    topic,
+                    position: number(&message.headers, POSITION).unwrap_or(0),
+                    version: number(&message.headers, VERSION),
+                };
+                for e in envelope::decode(&message.payload, place).map_err(StoreError)? {
+                    writer.seen.entry(e.id.clone()).or_insert((e.position, e.version, at));
+                    if let Some(key) = &e.key {
+                        writer.versions.entry(key.clone()).or_insert(e.version);
+                    }
+                }
+                sequence -= 1;
+            }
+            writer.loaded = true;
+        } else if let Some((known, _)) = writer.last_known {
+            for sequence in (known + 1).max(first)..=last {
+                let Ok(message) = stream.direct_get(sequence).await else {
+                    continue;
+                };
+                let at = millis_of(&message);
+                let place = Place {
+                    topic,
+                    position: number(&message.headers, POSITION).unwrap_or(0),
+                    version: number(&message.headers, VERSION),
+                };
+                let events = envelope::decode(&message.payload, place).map_err(StoreError)?;
+                writer.note(&events, at);
+            }
         }
+        writer.seen.retain(|_, (_, _, at)| *at >= since);
+        let next = last_of(stream).await?;
+        writer.last = Some(next);
+        writer.last_known = Some(next);
+        Ok(())
     }
 
     /// The events stored at `sequence`, answered as duplicates of `append`.
@@ -553,7 +637,7 @@ impl NatsTopics {
 
 /// The first sequence in `first..=last` whose message `keep` holds for
 /// (it holds for every later one too); `last` if none before it does.
-async fn first_message_where(
+pub(crate) async fn first_message_where(
     stream: &Stream,
     first: u64,
     last: u64,
@@ -609,7 +693,7 @@ async fn key_version(stream: &Stream, subject: &str) -> Result<Option<u64>, Stor
 
 /// The sequence and first position of the first message at or after
 /// `sequence` (retention may have deleted some).
-async fn first_position_at_or_after(
+pub(crate) async fn first_position_at_or_after(
     stream: &Stream,
     sequence: u64,
 ) -> Result<Option<(u64, u64)>, StoreError> {
@@ -624,7 +708,7 @@ async fn first_position_at_or_after(
 }
 
 /// The events of the message at `sequence`, if it is there.
-async fn read_message(
+pub(crate) async fn read_message(
     stream: &Stream,
     topic: &str,
     sequence: u64,
@@ -644,7 +728,19 @@ async fn read_message(
         .map_err(StoreError)
 }
 
-/// Now, as events carry it.
-fn tidegate_events_time() -> String {
-    tidegate_events::Clock::Wall.now_rfc3339()
+impl NatsTopics {
+    /// The JetStream context.
+    pub(crate) fn jetstream(&self) -> &Context {
+        &self.js
+    }
+
+    /// Copies kept of each stream.
+    pub(crate) fn replica_count(&self) -> usize {
+        self.replicas
+    }
+
+    /// The clock of leases, delays and event times.
+    pub(crate) fn now_millis(&self) -> u64 {
+        self.clock.now_millis()
+    }
 }
