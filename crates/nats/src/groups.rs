@@ -262,13 +262,15 @@ impl Groups {
         Ok(out)
     }
 
+    /// Writes `record` if it is still at `revision` (`None`: new); its
+    /// new revision, `None` if another replica wrote it first.
     async fn put(
         &self,
         group: &Group,
         sequence: u64,
         record: &Record,
         revision: Option<u64>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         // A lost compare-and-set: another replica settled it first.
         group
             .records
@@ -314,7 +316,7 @@ impl Groups {
         // JetStream, which delivers them again on the pull below. With
         // `ordering = "key"`, a message waits (held) while an earlier
         // message of its key is unfinished.
-        for (sequence, mut record, revision) in self.records(&group).await? {
+        for (sequence, mut record, mut revision) in self.records(&group).await? {
             let blocked = config.ordering == Ordering::Key
                 && record
                     .key
@@ -328,11 +330,14 @@ impl Groups {
                 continue;
             }
             if record.leased_until > 0 {
+                // The lease ran out: due after its backoff.
+                record.due_at =
+                    record.leased_until + millis(config.backoff.after(record.deliveries));
                 record.leased_until = 0;
-                record.due_at = now.max(record.due_at)
-                    + millis(config.backoff.after(record.deliveries));
-                self.put(&group, sequence, &record, Some(revision)).await?;
-                continue;
+                match self.put(&group, sequence, &record, Some(revision)).await? {
+                    Some(written) => revision = written,
+                    None => continue,
+                }
             }
             if blocked || record.given {
                 continue;
@@ -372,67 +377,90 @@ impl Groups {
                 self.forget(&group, sequence).await?;
                 continue;
             };
-            self.lease(&group, sequence, record, Some(revision), events, None, now, &mut out)
-                .await?;
+            self.lease(
+                &group,
+                sequence,
+                record,
+                Some(revision),
+                events,
+                None,
+                now,
+                &mut out,
+            )
+            .await?;
         }
         if out.len() >= room {
             return Ok(out);
         }
-        let mut batch = group
-            .consumer
-            .fetch()
-            .max_messages(room - out.len())
-            .messages()
-            .await
-            .map_err(|e| failed("pull from the group's consumer", e))?;
-        while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| failed("pull from the group's consumer", e))?;
-            let Ok(info) = message.info() else {
-                continue;
-            };
-            let sequence = info.stream_sequence;
-            let reply = message.reply.as_ref().map(|r| r.to_string());
-            let headers = message.headers.clone().unwrap_or_default();
-            let place = Place {
-                topic: &config.topic,
-                position: number(&headers, POSITION).unwrap_or(0),
-                version: number(&headers, VERSION),
-            };
-            let events = envelope::decode(&message.payload, place).map_err(StoreError)?;
-            let entry = group.records.entry(&sequence.to_string()).await?;
-            let (record, revision) = match entry.and_then(|(value, revision)| Some((Record::from_bytes(&value)?, revision))) {
-                Some((record, revision)) => (record, Some(revision)),
-                None => (
-                    Record {
-                        events: u32::try_from(events.len()).unwrap_or(u32::MAX),
-                        key: events.first().and_then(|e| e.key.clone()),
-                        ..Record::default()
-                    },
-                    None,
-                ),
-            };
-            if record.leased(now) {
-                // JetStream's safety net went off under a live lease.
-                continue;
-            }
-            // One unfinished message per key at a time, in stream order.
-            if config.ordering == Ordering::Key {
-                if let Some(key) = &record.key {
-                    if busy_keys.get(key).is_some_and(|first| *first < sequence) {
-                        let held = Record {
-                            reply: reply.clone(),
-                            given: false,
-                            due_at: u64::MAX,
-                            ..record
-                        };
-                        self.put(&group, sequence, &held, revision).await?;
-                        continue;
-                    }
-                    busy_keys.entry(key.clone()).or_insert(sequence);
+        // Messages with nothing to deliver (a stream's first message, types
+        // the group does not want) are finished and more are pulled.
+        loop {
+            let wanted = room - out.len();
+            let mut pulled = 0;
+            let mut batch = group
+                .consumer
+                .fetch()
+                .max_messages(wanted)
+                .messages()
+                .await
+                .map_err(|e| failed("pull from the group's consumer", e))?;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| failed("pull from the group's consumer", e))?;
+                pulled += 1;
+                let Ok(info) = message.info() else {
+                    continue;
+                };
+                let sequence = info.stream_sequence;
+                let reply = message.reply.as_ref().map(|r| r.to_string());
+                let headers = message.headers.clone().unwrap_or_default();
+                let place = Place {
+                    topic: &config.topic,
+                    position: number(&headers, POSITION).unwrap_or(0),
+                    version: number(&headers, VERSION),
+                };
+                let events = envelope::decode(&message.payload, place).map_err(StoreError)?;
+                let entry = group.records.entry(&sequence.to_string()).await?;
+                let (record, revision) = match entry
+                    .and_then(|(value, revision)| Some((Record::from_bytes(&value)?, revision)))
+                {
+                    Some((record, revision)) => (record, Some(revision)),
+                    None => (
+                        Record {
+                            events: u32::try_from(events.len()).unwrap_or(u32::MAX),
+                            key: events.first().and_then(|e| e.key.clone()),
+                            ..Record::default()
+                        },
+                        None,
+                    ),
+                };
+                if record.leased(now) {
+                    // JetStream's safety net went off under a live lease.
+                    continue;
                 }
-            }
-            self.lease(&group, sequence, record, revision, events, reply, now, &mut out)
+                // One unfinished message per key at a time, in stream order.
+                if config.ordering == Ordering::Key {
+                    if let Some(key) = &record.key {
+                        if busy_keys.get(key).is_some_and(|first| *first < sequence) {
+                            let held = Record {
+                                reply: reply.clone(),
+                                given: false,
+                                due_at: u64::MAX,
+                                ..record
+                            };
+                            self.put(&group, sequence, &held, revision).await?;
+                            continue;
+                        }
+                        busy_keys.entry(key.clone()).or_insert(sequence);
+                    }
+                }
+                self.lease(
+                    &group, sequence, record, revision, events, reply, now, &mut out,
+                )
                 .await?;
+            }
+            if pulled < wanted || out.len() >= room {
+                break;
+            }
         }
         Ok(out)
     }
@@ -472,7 +500,8 @@ impl Groups {
         if delivery > config.max_deliveries {
             for (i, event) in events.into_iter().enumerate() {
                 if !record.done.contains(&(i as u32)) {
-                    self.to_dead_letters(config, event, "max_deliveries").await?;
+                    self.to_dead_letters(config, event, "max_deliveries")
+                        .await?;
                 }
             }
             self.finish(record.reply.as_deref(), true).await?;
@@ -486,7 +515,11 @@ impl Groups {
         record.leased_until = now + millis(config.ack_wait);
         record.given = false;
         record.due_at = 0;
-        if !self.put(group, sequence, &record, revision).await? {
+        if self
+            .put(group, sequence, &record, revision)
+            .await?
+            .is_none()
+        {
             return Ok(());
         }
         for (i, event) in events.into_iter().enumerate() {
@@ -560,12 +593,17 @@ impl Groups {
     }
 
     /// Acks deliveries of group `name`: `false` for a lease that is gone.
-    pub(crate) async fn ack(&self, name: &str, ack_ids: &[String]) -> Result<Vec<bool>, StoreError> {
+    pub(crate) async fn ack(
+        &self,
+        name: &str,
+        ack_ids: &[String],
+    ) -> Result<Vec<bool>, StoreError> {
         let group = self.group(name)?;
         let now = self.topics.now_millis();
         let mut out = Vec::with_capacity(ack_ids.len());
         for id in ack_ids {
-            let Some((sequence, index, mut record, revision)) = self.leased(&group, id, now).await?
+            let Some((sequence, index, mut record, revision)) =
+                self.leased(&group, id, now).await?
             else {
                 out.push(false);
                 continue;
@@ -577,7 +615,11 @@ impl Groups {
                 out.push(true);
                 self.wake();
             } else {
-                out.push(self.put(&group, sequence, &record, Some(revision)).await?);
+                out.push(
+                    self.put(&group, sequence, &record, Some(revision))
+                        .await?
+                        .is_some(),
+                );
             }
         }
         Ok(out)
@@ -585,11 +627,17 @@ impl Groups {
 
     /// Settles lease `ack_id` of group `name` as `how`; `false` if it is
     /// gone.
-    pub(crate) async fn settle(&self, name: &str, ack_id: &str, how: Settle) -> Result<bool, StoreError> {
+    pub(crate) async fn settle(
+        &self,
+        name: &str,
+        ack_id: &str,
+        how: Settle,
+    ) -> Result<bool, StoreError> {
         let group = self.group(name)?;
         let config = &group.config;
         let now = self.topics.now_millis();
-        let Some((sequence, index, mut record, revision)) = self.leased(&group, ack_id, now).await?
+        let Some((sequence, index, mut record, revision)) =
+            self.leased(&group, ack_id, now).await?
         else {
             return Ok(false);
         };
@@ -635,7 +683,10 @@ impl Groups {
                 }
             }
         }
-        let written = self.put(&group, sequence, &record, Some(revision)).await?;
+        let written = self
+            .put(&group, sequence, &record, Some(revision))
+            .await?
+            .is_some();
         if written && !matches!(record.leased_until, u if u > now) {
             self.wake();
         }
@@ -710,7 +761,8 @@ impl Groups {
         };
         if let (Some(stream), Some(sequence)) = (&stream, oldest) {
             if let Ok(message) = stream.direct_get(sequence).await {
-                let at = u64::try_from(message.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                let at =
+                    u64::try_from(message.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
                 status.oldest_unfinished_age_ms = Some(now.saturating_sub(at));
             }
         }
@@ -731,15 +783,18 @@ impl Groups {
             Seek::Earliest => self.open(config, DeliverPolicy::All).await?,
             Seek::Latest => self.open(config, DeliverPolicy::New).await?,
             Seek::Position(position) => {
-                // From the message holding the event after `position`; its
-                // events up to `position` are finished for the group.
-                let info = stream.get_info().await.map_err(|e| failed("stream info", e))?;
+                // From the message holding the event at `position`; its
+                // events before it are finished for the group.
+                let info = stream
+                    .get_info()
+                    .await
+                    .map_err(|e| failed("stream info", e))?;
                 let (first, last) = (info.state.first_sequence, info.state.last_sequence);
                 let from = if last >= first && last > 0 {
                     first_message_where(&stream, first, last, |m| {
                         number(&m.headers, POSITION).unwrap_or(0)
                             + number(&m.headers, COUNT).unwrap_or(1)
-                            > position + 1
+                            > position
                     })
                     .await?
                 } else {
@@ -756,7 +811,7 @@ impl Groups {
                     let first_position = number(&message.headers, POSITION).unwrap_or(0);
                     let count = number(&message.headers, COUNT).unwrap_or(1);
                     let done: Vec<u32> = (0..count)
-                        .filter(|i| first_position + i <= position)
+                        .filter(|i| first_position + i < position)
                         .map(|i| i as u32)
                         .collect();
                     if !done.is_empty() {
@@ -786,7 +841,10 @@ impl Groups {
         let Some(stream) = self.topics.existing(&group.config.topic).await? else {
             return Ok(false);
         };
-        let info = stream.get_info().await.map_err(|e| failed("stream info", e))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| failed("stream info", e))?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         if last < first || last == 0 {
             return Ok(false);
@@ -816,7 +874,9 @@ impl Groups {
             .and_then(|e| e.key.clone());
         let now = self.topics.now_millis();
         let entry = group.records.entry(&sequence.to_string()).await?;
-        let (record, revision) = match entry.and_then(|(value, revision)| Some((Record::from_bytes(&value)?, revision))) {
+        let (record, revision) = match entry
+            .and_then(|(value, revision)| Some((Record::from_bytes(&value)?, revision)))
+        {
             // Still pending here (another of its events): this one again.
             Some((mut record, revision)) => {
                 record.done.retain(|i| *i != index);
@@ -835,6 +895,9 @@ impl Groups {
                 None,
             ),
         };
-        self.put(&group, sequence, &record, revision).await
+        Ok(self
+            .put(&group, sequence, &record, revision)
+            .await?
+            .is_some())
     }
 }

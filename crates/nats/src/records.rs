@@ -29,7 +29,11 @@ fn token(key: &str) -> String {
 
 impl Records {
     /// Opens (or makes) table `name`, kept in `replicas` copies.
-    pub(crate) async fn open(js: &Context, name: &str, replicas: usize) -> Result<Self, StoreError> {
+    pub(crate) async fn open(
+        js: &Context,
+        name: &str,
+        replicas: usize,
+    ) -> Result<Self, StoreError> {
         let prefix = format!("tgr.{}", token(name));
         let stream = js
             .get_or_create_stream(Config {
@@ -55,7 +59,11 @@ impl Records {
 
     /// `key`'s value and revision, if it has one.
     pub(crate) async fn entry(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
-        match self.stream.direct_get_last_for_subject(self.subject(key)).await {
+        match self
+            .stream
+            .direct_get_last_for_subject(self.subject(key))
+            .await
+        {
             Ok(message) if message.payload.is_empty() => Ok(None),
             Ok(message) => Ok(Some((message.payload, message.sequence))),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
@@ -64,20 +72,24 @@ impl Records {
     }
 
     /// Writes `value` if `key` is still at `revision` (`None`: has no
-    /// value, or a removed one); whether it was written.
+    /// value, or a removed one); its new revision if it was written.
     pub(crate) async fn put(
         &self,
         key: &str,
         value: Bytes,
         revision: Option<u64>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         // To create: the subject may hold the empty value of a removed
         // record (it keeps one message), which is as good as none.
         let expected = match revision {
             Some(revision) => revision,
-            None => match self.stream.direct_get_last_for_subject(self.subject(key)).await {
+            None => match self
+                .stream
+                .direct_get_last_for_subject(self.subject(key))
+                .await
+            {
                 Ok(message) if message.payload.is_empty() => message.sequence,
-                Ok(_) => return Ok(false),
+                Ok(_) => return Ok(None),
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => 0,
                 Err(e) => return Err(failed("read a record", e)),
             },
@@ -94,8 +106,8 @@ impl Records {
             .map_err(|e| failed("write a record", e))?
             .await;
         match sent {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
             Err(e) => Err(failed("write a record", e)),
         }
     }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tidegate_events::{
-    Append, AppendError, Appended, BoxFuture, Clock, DeadLetters, Delivery, Event, Retention,
-    Seek, Store, StoreError, SubscriptionConfig, SubscriptionStatus, TopicInfo,
+    Append, AppendError, Appended, BoxFuture, Clock, DeadLetters, Delivery, Event, Retention, Seek,
+    Store, StoreError, SubscriptionConfig, SubscriptionStatus, TopicInfo,
 };
 use tokio::sync::watch;
 
@@ -141,7 +141,10 @@ impl Store for NatsStore {
         ack_id: &'a str,
         delay: Option<Duration>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.groups.settle(subscription, ack_id, Settle::Nack(delay)))
+        Box::pin(
+            self.groups
+                .settle(subscription, ack_id, Settle::Nack(delay)),
+        )
     }
 
     fn release<'a>(
@@ -151,7 +154,10 @@ impl Store for NatsStore {
         delay: Option<Duration>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         let delay = delay.unwrap_or(Duration::ZERO);
-        Box::pin(self.groups.settle(subscription, ack_id, Settle::Release(delay)))
+        Box::pin(
+            self.groups
+                .settle(subscription, ack_id, Settle::Release(delay)),
+        )
     }
 
     fn extend<'a>(
@@ -179,7 +185,10 @@ impl Store for NatsStore {
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
             let (cursor, revision) = self.redriven_to(dead_letter_topic).await?;
-            let letters = self.topics.read(dead_letter_topic, cursor + 1, limit).await?;
+            let letters = self
+                .topics
+                .read(dead_letter_topic, cursor + 1, limit)
+                .await?;
             let Some(last) = letters.last().map(|l| l.position) else {
                 return Ok(0);
             };
@@ -195,7 +204,12 @@ impl Store for NatsStore {
                 back += u64::from(self.groups.redrive(group, position).await?);
             }
             let value = Bytes::from(last.to_string());
-            if !self.redrives.put(dead_letter_topic, value, revision).await? {
+            if self
+                .redrives
+                .put(dead_letter_topic, value, revision)
+                .await?
+                .is_none()
+            {
                 return Err(StoreError(format!(
                     "another redrive of {dead_letter_topic} ran at the same time; try again"
                 )));
@@ -218,7 +232,9 @@ impl Store for NatsStore {
             let oldest = if limit == 0 {
                 Vec::new()
             } else {
-                self.topics.read(dead_letter_topic, cursor + 1, limit).await?
+                self.topics
+                    .read(dead_letter_topic, cursor + 1, limit)
+                    .await?
             };
             Ok(DeadLetters {
                 waiting: last.saturating_sub(cursor),
@@ -227,7 +243,11 @@ impl Store for NatsStore {
         })
     }
 
-    fn seek<'a>(&'a self, subscription: &'a str, to: Seek) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn seek<'a>(
+        &'a self,
+        subscription: &'a str,
+        to: Seek,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.groups.seek(subscription, to))
     }
 

@@ -11,8 +11,7 @@ use async_nats::jetstream::context::{Context, PublishErrorKind};
 use async_nats::jetstream::stream::{Config, DirectGetErrorKind, Stream};
 use futures_util::StreamExt;
 use tidegate_events::{
-    Append, AppendError, Appended, Clock, Event, NewEvent, Retention, StoreError, Stored,
-    TopicInfo,
+    Append, AppendError, Appended, Clock, Event, NewEvent, Retention, StoreError, Stored, TopicInfo,
 };
 use tokio::sync::Mutex;
 
@@ -352,7 +351,10 @@ impl NatsTopics {
         stream: &Stream,
         topic: &str,
     ) -> Result<(), StoreError> {
-        let info = stream.get_info().await.map_err(|e| failed("stream info", e))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| failed("stream info", e))?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         let window = u64::try_from(self.dedup_window.as_millis()).unwrap_or(u64::MAX);
         let since = Clock::Wall.now_millis().saturating_sub(window);
@@ -372,7 +374,10 @@ impl NatsTopics {
                     version: number(&message.headers, VERSION),
                 };
                 for e in envelope::decode(&message.payload, place).map_err(StoreError)? {
-                    writer.seen.entry(e.id.clone()).or_insert((e.position, e.version, at));
+                    writer
+                        .seen
+                        .entry(e.id.clone())
+                        .or_insert((e.position, e.version, at));
                     if let Some(key) = &e.key {
                         writer.versions.entry(key.clone()).or_insert(e.version);
                     }
