@@ -15,7 +15,7 @@ async fn the_nats_store_keeps_every_rule() {
         .await
         .unwrap();
     let store: Arc<dyn Store> = Arc::new(store);
-    conformance::all(store, "nats", 16, 100).await;
+    conformance::all(store, "nats", 64, 1000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
