@@ -36,6 +36,8 @@ pub(crate) struct Groups {
     topics: NatsTopics,
     groups: Arc<Mutex<HashMap<String, Arc<Group>>>>,
     changed: Arc<watch::Sender<u64>>,
+    /// Topics whose appends (by any replica) wake this store's consumers.
+    watched: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 /// One group: its settings, consumer and records.
@@ -155,6 +157,7 @@ impl Groups {
             topics,
             groups: Arc::default(),
             changed: Arc::new(watch::channel(0).0),
+            watched: Arc::default(),
         }
     }
 
@@ -231,6 +234,7 @@ impl Groups {
             .map_err(|e| failed("open the group's consumer", e))?;
         let records =
             Records::open(js, &bucket_name(&config.name), self.topics.replica_count()).await?;
+        self.watch(&config.topic).await?;
         self.groups
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -242,6 +246,38 @@ impl Groups {
                     records,
                 }),
             );
+        Ok(())
+    }
+
+    /// Wakes this store's waiting consumers whenever any replica appends
+    /// to `topic`: a core NATS subscription to the topic's subjects (the
+    /// stream's messages are ordinary messages too). It ends with the
+    /// store.
+    async fn watch(&self, topic: &str) -> Result<(), StoreError> {
+        if !self
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_owned())
+        {
+            return Ok(());
+        }
+        let mut appends = self
+            .topics
+            .jetstream()
+            .client()
+            .subscribe(names::all_subjects(topic))
+            .await
+            .map_err(|e| failed("watch a topic", e))?;
+        let changed = Arc::downgrade(&self.changed);
+        tokio::spawn(async move {
+            while appends.next().await.is_some() {
+                let Some(changed) = changed.upgrade() else {
+                    break;
+                };
+                changed.send_modify(|n| *n += 1);
+            }
+        });
         Ok(())
     }
 
