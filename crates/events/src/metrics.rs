@@ -9,6 +9,7 @@
 //! | `tidegate_events_lag{subscription}` | events the group has not finished (set by [`EventMetrics::set_lag`] from [`Store::lag`]) |
 //! | `tidegate_events_delivery_duration_seconds{subscription}` | a delivery's lease until it was settled |
 //! | `tidegate_events_append_duration_seconds{store}` | an append, until it was on disk |
+//! | `tidegate_events_store_up{store}` | 1 while the store answers (set by the gateway's sampler) |
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -68,6 +69,7 @@ pub struct EventMetrics {
     lag: Family<SubscriptionLabels, Gauge>,
     delivery_duration: Family<SubscriptionLabels, Histogram>,
     append_duration: Family<StoreLabels, Histogram>,
+    store_up: Family<StoreLabels, Gauge>,
 }
 
 impl Default for EventMetrics {
@@ -78,6 +80,7 @@ impl Default for EventMetrics {
             lag: Family::default(),
             delivery_duration: Family::new_with_constructor(histogram),
             append_duration: Family::new_with_constructor(histogram),
+            store_up: Family::default(),
         }
     }
 }
@@ -110,6 +113,18 @@ impl EventMetrics {
             "An append until it is on disk",
             self.append_duration.clone(),
         );
+        registry.register(
+            "tidegate_events_store_up",
+            "1 while the event store answers (a NATS server reachable), else 0",
+            self.store_up.clone(),
+        );
+    }
+
+    /// Sets whether the `store` answers.
+    pub fn set_store_up(&self, store: &'static str, up: bool) {
+        self.store_up
+            .get_or_create(&StoreLabels { store })
+            .set(i64::from(up));
     }
 
     /// Sets `subscription`'s lag.

@@ -524,21 +524,47 @@ fn events_are_typed_and_their_errors_name_the_key() {
         ("kb", tidegate_gateway::config::PushMode::Structured)
     );
     assert!(ok(GOOD).events.is_none(), "no [events], no events listener");
+    let on_nats = ok(&format!(
+        "{GOOD}\n[events]\nstore = \"nats\"\nnats_url = \"nats://a:4222, nats://b:4222\"\n\
+         nats_credentials_env = \"NATS_CREDS\"\nnats_replicas = 3\n"
+    ));
+    assert_eq!(
+        on_nats.events.unwrap().store,
+        tidegate_gateway::config::EventStore::Nats {
+            url: "nats://a:4222, nats://b:4222".into(),
+            credentials_env: Some("NATS_CREDS".into()),
+            replicas: 3,
+        }
+    );
 
     let sub = |extra: &str| {
         events(&format!(
             "[[events.subscriptions]]\nname = \"s\"\ntopic = \"t\"\n{extra}"
         ))
     };
+    let nats = |extra: &str| format!("{GOOD}\n[events]\nstore = \"nats\"\n{extra}\n");
     for (text, says) in [
         (events("colour = \"blue\""), "t.toml:"),
         (
             events("store = \"kafka\""),
             "events.store: unknown store `kafka`",
         ),
+        (nats(""), "events.store: store = \"nats\" needs nats_url"),
         (
-            events("store = \"nats\""),
-            "events.store: the NATS JetStream store is not in this build yet",
+            nats("nats_url = \"http://x:4222\""),
+            "events.nats_url: must be nats://host:port",
+        ),
+        (
+            nats("nats_url = \"nats://me:secret@x:4222\""),
+            "events.nats_url: must be nats://host:port",
+        ),
+        (
+            nats("nats_url = \"nats://x:4222\"\nnats_replicas = 9"),
+            "events.nats_replicas: must be from 1 to 5",
+        ),
+        (
+            nats("nats_url = \"nats://x:4222\"\npath = \"e.db\""),
+            "events.path: applies only with store = \"sqlite\"",
         ),
         (
             events("nats_url = \"nats://x\""),

@@ -40,7 +40,19 @@ impl NatsStore {
         clock: Clock,
         replicas: usize,
     ) -> Result<Self, StoreError> {
-        let topics = NatsTopics::connect(url, dedup_window)
+        Self::connect_with(url, dedup_window, clock, replicas, None).await
+    }
+
+    /// [`connect`](Self::connect) with `credentials` (`user:password`, or
+    /// a token; never logged).
+    pub async fn connect_with(
+        url: &str,
+        dedup_window: Duration,
+        clock: Clock,
+        replicas: usize,
+        credentials: Option<&str>,
+    ) -> Result<Self, StoreError> {
+        let topics = NatsTopics::connect_with(url, dedup_window, credentials)
             .await?
             .clock(clock)
             .replicas(replicas);

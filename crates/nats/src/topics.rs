@@ -24,6 +24,12 @@ pub const MAX_BATCH: usize = 1000;
 /// The message id of every stream's first message.
 const GENESIS: &str = "tidegate-genesis";
 
+/// How long connecting may take before the store gives up.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a JetStream request may wait for its answer.
+const REQUEST_WAIT: Duration = Duration::from_secs(2);
+
 /// Times an append is tried again after another writer got in first.
 const RETRIES: usize = 64;
 
@@ -99,16 +105,41 @@ impl NatsTopics {
     /// Topics on the server(s) at `url` (comma-separated), an event id
     /// seen within `dedup_window` being a duplicate.
     pub async fn connect(url: &str, dedup_window: Duration) -> Result<Self, StoreError> {
+        Self::connect_with(url, dedup_window, None).await
+    }
+
+    /// [`connect`](Self::connect) with `credentials`: `user:password`, or
+    /// a token (never logged).
+    pub async fn connect_with(
+        url: &str,
+        dedup_window: Duration,
+        credentials: Option<&str>,
+    ) -> Result<Self, StoreError> {
         let servers = url
             .split(',')
             .map(|one| one.trim().parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| failed(&format!("`{url}` is not a list of server URLs"), e))?;
-        let client = async_nats::connect(servers)
+        // Once connected, the client reconnects by itself; meanwhile calls
+        // fail at once (see `connected`).
+        let mut options = async_nats::ConnectOptions::new();
+        options = match credentials {
+            Some(both) if both.contains(':') => {
+                let (user, password) = both.split_once(':').expect("checked");
+                options.user_and_password(user.to_owned(), password.to_owned())
+            }
+            Some(token) => options.token(token.to_owned()),
+            None => options,
+        };
+        let client = tokio::time::timeout(CONNECT_WAIT, options.connect(servers))
             .await
+            .map_err(|_| StoreError(format!("NATS JetStream: no server answered at {url}")))?
             .map_err(|e| failed(&format!("cannot connect to {url}"), e))?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(REQUEST_WAIT)
+            .build(client);
         Ok(NatsTopics {
-            js: async_nats::jetstream::new(client),
+            js,
             dedup_window,
             replicas: 1,
             writers: Arc::default(),
@@ -181,6 +212,7 @@ impl NatsTopics {
 
     /// `topic`'s stream if it has one.
     pub(crate) async fn existing(&self, topic: &str) -> Result<Option<Stream>, StoreError> {
+        self.connected()?;
         match self.js.get_stream(names::stream(topic)).await {
             Ok(stream) => Ok(Some(stream)),
             Err(e)
@@ -196,8 +228,20 @@ impl NatsTopics {
         }
     }
 
+    /// An error at once when the connection to the server is down (it
+    /// comes back by itself): nothing waits for a server that is away.
+    pub(crate) fn connected(&self) -> Result<(), StoreError> {
+        match self.js.client().connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(StoreError(
+                "NATS JetStream is unreachable; try again shortly".into(),
+            )),
+        }
+    }
+
     /// Stores `append`'s events (see the crate documentation).
     pub async fn append(&self, append: Append) -> Result<Appended, AppendError> {
+        self.connected()?;
         if let Some(why) = append.problem() {
             return Err(AppendError::Invalid(why));
         }

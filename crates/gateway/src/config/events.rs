@@ -18,8 +18,10 @@ use super::{ConfigError, Locator, UpstreamConfig};
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RawEvents {
     store: String,
-    path: PathBuf,
+    path: Option<PathBuf>,
     nats_url: Option<String>,
+    nats_credentials_env: Option<String>,
+    nats_replicas: Option<usize>,
     listen: SocketAddr,
     require_api_key: bool,
     #[serde(with = "duration")]
@@ -33,8 +35,10 @@ impl Default for RawEvents {
     fn default() -> Self {
         RawEvents {
             store: "sqlite".into(),
-            path: PathBuf::from("tidegate-events.db"),
+            path: None,
             nats_url: None,
+            nats_credentials_env: None,
+            nats_replicas: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 9902)),
             require_api_key: false,
             dedup_window: Duration::from_secs(120),
@@ -144,11 +148,30 @@ pub enum PushMode {
     Structured,
 }
 
+/// Where the events are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventStore {
+    /// One SQLite file (`events.path`, default `tidegate-events.db`).
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+    },
+    /// NATS JetStream, shared by gateway replicas.
+    Nats {
+        /// `nats://host:port`, several separated by commas (a cluster).
+        url: String,
+        /// The environment variable holding `user:password` or a token.
+        credentials_env: Option<String>,
+        /// Copies of each stream (3 on a cluster of three).
+        replicas: usize,
+    },
+}
+
 /// `[events]`, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventsSettings {
-    /// The embedded store's file.
-    pub path: PathBuf,
+    /// Where the events are kept.
+    pub store: EventStore,
     /// Where the events API is served (loopback by default).
     pub listen: SocketAddr,
     /// Only callers with an API key whose `topics` match may use a topic.
@@ -202,27 +225,73 @@ impl Locator<'_> {
         upstreams: &[UpstreamConfig],
     ) -> Result<EventsSettings, ConfigError> {
         let at = KeyPath::default().key("events");
-        match raw.store.as_str() {
-            "sqlite" => {}
+        let only = |key: &str, store: &str| {
+            self.error(
+                &at.clone().key(key),
+                format!("applies only with store = \"{store}\""),
+            )
+        };
+        let store = match raw.store.as_str() {
+            "sqlite" => {
+                for (key, set) in [
+                    ("nats_url", raw.nats_url.is_some()),
+                    ("nats_credentials_env", raw.nats_credentials_env.is_some()),
+                    ("nats_replicas", raw.nats_replicas.is_some()),
+                ] {
+                    if set {
+                        return Err(only(key, "nats"));
+                    }
+                }
+                let path = raw
+                    .path
+                    .unwrap_or_else(|| PathBuf::from("tidegate-events.db"));
+                if path.as_os_str().is_empty() {
+                    return Err(self.error(&at.key("path"), "must name a file"));
+                }
+                EventStore::Sqlite { path }
+            }
             "nats" => {
-                return Err(self.error(
-                    &at.key("store"),
-                    "the NATS JetStream store is not in this build yet; use \"sqlite\"",
-                ))
+                if raw.path.is_some() {
+                    return Err(only("path", "sqlite"));
+                }
+                let Some(url) = raw.nats_url else {
+                    return Err(self.error(&at.key("store"), "store = \"nats\" needs nats_url"));
+                };
+                let bad_url = url.split(',').any(|one| {
+                    let one = one.trim();
+                    !(one.starts_with("nats://") && one.len() > 7) || one.contains('@')
+                });
+                if bad_url {
+                    return Err(self.error(
+                        &at.key("nats_url"),
+                        "must be nats://host:port (several separated by commas), with no user or password: name them with nats_credentials_env",
+                    ));
+                }
+                if let Some(var) = &raw.nats_credentials_env {
+                    if var.is_empty() || var.contains('=') {
+                        return Err(self.error(
+                            &at.key("nats_credentials_env"),
+                            "must be an environment variable name",
+                        ));
+                    }
+                }
+                let replicas = raw.nats_replicas.unwrap_or(1);
+                if !(1..=5).contains(&replicas) {
+                    return Err(self.error(&at.key("nats_replicas"), "must be from 1 to 5"));
+                }
+                EventStore::Nats {
+                    url,
+                    credentials_env: raw.nats_credentials_env,
+                    replicas,
+                }
             }
             other => {
                 return Err(self.error(
                     &at.key("store"),
-                    format!("unknown store `{other}` (expected \"sqlite\")"),
+                    format!("unknown store `{other}` (expected \"sqlite\" or \"nats\")"),
                 ))
             }
-        }
-        if raw.nats_url.is_some() {
-            return Err(self.error(&at.key("nats_url"), "applies only with store = \"nats\""));
-        }
-        if raw.path.as_os_str().is_empty() {
-            return Err(self.error(&at.key("path"), "must name a file"));
-        }
+        };
         if raw.max_body_bytes == 0 {
             return Err(self.error(&at.key("max_body_bytes"), "must be at least 1"));
         }
@@ -333,7 +402,7 @@ impl Locator<'_> {
             });
         }
         Ok(EventsSettings {
-            path: raw.path,
+            store,
             listen: raw.listen,
             require_api_key: raw.require_api_key,
             dedup_window: raw.dedup_window,

@@ -40,7 +40,9 @@ pub use self::edge::{
     OutlierDetection, RateLimitSettings, RedisUrl, RouteLimit, StoreSettings, Tier,
     UpstreamProtocol,
 };
-pub use self::events::{EventsSettings, Push, PushMode, Subscription, TopicGlob, TopicSettings};
+pub use self::events::{
+    EventStore, EventsSettings, Push, PushMode, Subscription, TopicGlob, TopicSettings,
+};
 
 /// The whole config, validated.
 #[derive(Debug, Clone)]

@@ -106,6 +106,8 @@ struct Refusal {
     body: Value,
     /// 401: with `WWW-Authenticate`.
     challenge: bool,
+    /// 503 from the store: with `Retry-After` (seconds).
+    retry_after: Option<u32>,
 }
 
 impl IntoResponse for Refusal {
@@ -117,6 +119,11 @@ impl IntoResponse for Refusal {
                 HeaderValue::from_static("Bearer realm=\"tidegate\""),
             );
         }
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }
@@ -126,12 +133,18 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Refusal {
         status,
         body: json!({ "error": message.to_string() }),
         challenge: false,
+        retry_after: None,
     }
 }
 
+/// 503 with `Retry-After: 1`: the store failed or is unreachable (a NATS
+/// server away); nothing waits for it.
 fn store_failed(e: impl std::fmt::Display) -> Refusal {
     tracing::warn!(error = %e, "event store failed");
-    error(StatusCode::SERVICE_UNAVAILABLE, e)
+    Refusal {
+        retry_after: Some(1),
+        ..error(StatusCode::SERVICE_UNAVAILABLE, e)
+    }
 }
 
 impl Api {
@@ -362,6 +375,7 @@ async fn publish(
                     "actual": actual,
                 }),
                 challenge: false,
+                retry_after: None,
             })
         }
         Err(AppendError::Invalid(why)) => return Err(error(StatusCode::BAD_REQUEST, why)),

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tidegate_events::metrics::{EventMetrics, Metered};
 use tidegate_events::{Options, Retention, SqliteStore, Store, StoreError};
 
-use crate::config::{EventsSettings, Subscription};
+use crate::config::{EventStore, EventsSettings, Subscription};
 
 pub mod admin;
 pub mod api;
@@ -23,6 +23,8 @@ pub mod push;
 /// The event store and the settings in effect.
 pub struct Events {
     store: Arc<dyn Store>,
+    /// `sqlite` or `nats`, for metrics and `/ready`.
+    kind: &'static str,
     settings: ArcSwap<EventsSettings>,
     /// Bumped by each reload: push tasks look at their settings again.
     generation: tokio::sync::watch::Sender<u64>,
@@ -49,25 +51,58 @@ impl Events {
             dedup_window: settings.dedup_window,
             ..Options::default()
         };
-        let path = settings.path.clone();
-        let store = tokio::task::spawn_blocking(move || SqliteStore::open(path, options))
-            .await
-            .map_err(|e| format!("cannot open the event store: {e}"))?
-            .map_err(|e| e.to_string())?;
-        let store: Arc<dyn Store> = Arc::new(Metered::new(store, metrics, "sqlite"));
-        Self::with_store(store, settings).await
+        let store: Arc<dyn Store> = match &settings.store {
+            EventStore::Sqlite { path } => {
+                let path = path.clone();
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open(path, options))
+                    .await
+                    .map_err(|e| format!("cannot open the event store: {e}"))?
+                    .map_err(|e| e.to_string())?;
+                Arc::new(Metered::new(store, metrics, "sqlite"))
+            }
+            EventStore::Nats {
+                url,
+                credentials_env,
+                replicas,
+            } => {
+                let credentials = match credentials_env {
+                    Some(var) => Some(std::env::var(var).map_err(|_| {
+                        format!("events.nats_credentials_env: the variable {var} is not set")
+                    })?),
+                    None => None,
+                };
+                let store = tidegate_nats::NatsStore::connect_with(
+                    url,
+                    settings.dedup_window,
+                    tidegate_events::Clock::Wall,
+                    *replicas,
+                    credentials.as_deref(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Arc::new(Metered::new(store, metrics, "nats"))
+            }
+        };
+        let kind = match settings.store {
+            EventStore::Sqlite { .. } => "sqlite",
+            EventStore::Nats { .. } => "nats",
+        };
+        Self::with_store(store, settings, kind).await
     }
 
-    /// The service over `store`, with `settings` applied.
+    /// The service over `store` (of `kind`: `sqlite`, `nats`), with
+    /// `settings` applied.
     pub async fn with_store(
         store: Arc<dyn Store>,
         settings: EventsSettings,
+        kind: &'static str,
     ) -> Result<Arc<Self>, String> {
         apply(&*store, None, &settings)
             .await
             .map_err(|e| format!("events: {e}"))?;
         Ok(Arc::new(Events {
             store,
+            kind,
             settings: ArcSwap::from_pointee(settings),
             generation: tokio::sync::watch::channel(0).0,
             pushers: std::sync::OnceLock::new(),
@@ -92,6 +127,17 @@ impl Events {
         &self.store
     }
 
+    /// `sqlite` or `nats`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// Whether the store answers now: a cheap read (on NATS, a request to
+    /// the server, failing at once while it is unreachable).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.store.last_position("tidegate.probe").await.map(drop)
+    }
+
     /// The settings in effect.
     pub fn settings(&self) -> Arc<EventsSettings> {
         self.settings.load_full()
@@ -112,8 +158,8 @@ impl Events {
     pub fn restart_needed(&self, new: &EventsSettings) -> Vec<&'static str> {
         let old = self.settings();
         let mut restart = Vec::new();
-        if new.path != old.path {
-            restart.push("events.path");
+        if new.store != old.store {
+            restart.push("events.store");
         }
         if new.listen != old.listen {
             restart.push("events.listen");

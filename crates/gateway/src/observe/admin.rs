@@ -258,11 +258,11 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
         );
     }
     if let Some(events) = gateway.events() {
-        let check = match events.store().topics().await {
-            Ok(_) => json!({ "status": "ok", "store": "sqlite" }),
+        let check = match events.probe().await {
+            Ok(()) => json!({ "status": "ok", "store": events.kind() }),
             Err(e) => {
                 ready = false;
-                json!({ "status": e.to_string(), "store": "sqlite" })
+                json!({ "status": e.to_string(), "store": events.kind() })
             }
         };
         checks.insert("event_store".to_owned(), check);

@@ -137,6 +137,8 @@ pub(crate) async fn sample(gateway: Arc<Gateway>, mut stopped: watch::Receiver<b
                 rejected: u64::from(u.rejections.load(Ordering::Relaxed)),
             }));
         if let Some(events) = gateway.events() {
+            let up = events.probe().await.is_ok();
+            gateway.metrics.events.set_store_up(events.kind(), up);
             for s in &events.settings().subscriptions {
                 if let Ok(lag) = events.store().lag(&s.config.name).await {
                     gateway.metrics.events.set_lag(&s.config.name, lag);

@@ -1,0 +1,177 @@
+//! The events API on NATS JetStream (`events.store = "nats"`, a private
+//! `nats-server -js`): publish, read, pull and push as on SQLite; with the
+//! server away, publishes fail at once with 503 and `Retry-After`, `/ready`
+//! says so, and everything resumes by itself when it returns.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use serde_json::{json, Value};
+use tidegate_gateway::http::server::Running;
+use tidegate_testkit::{full, get, send, Answer, NatsServer};
+
+fn events_url(running: &Running, path: &str) -> String {
+    format!("http://{}{path}", running.events_addr.unwrap())
+}
+
+async fn publish(running: &Running, topic: &str, id: &str) -> Answer {
+    let request = Request::post(events_url(running, &format!("/v1/topics/{topic}/events")))
+        .header("content-type", "application/json")
+        .header("ce-type", "Job")
+        .header("ce-id", id);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        send(request.body(full("{}")).unwrap()),
+    )
+    .await
+    .expect("a publish hung")
+}
+
+async fn post_json(url: &str, body: Value) -> Answer {
+    send(
+        Request::post(url)
+            .header("content-type", "application/json")
+            .body(full(body.to_string()))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Asks `check` until it answers `Ok`, for up to 30 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(last) if tokio::time::Instant::now() > deadline => {
+                panic!("timed out waiting for {what}: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_api_on_nats_publishes_reads_pulls_and_pushes() {
+    let mut server = NatsServer::start();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let noted = seen.clone();
+    let subscriber =
+        tidegate_testkit::Upstream::start(move |req: Request<hyper::body::Incoming>| {
+            let noted = noted.clone();
+            async move {
+                if let Some(id) = req.headers().get("ce-id").and_then(|v| v.to_str().ok()) {
+                    noted.lock().unwrap().push(id.to_owned());
+                }
+                tidegate_testkit::text(200, "ok")
+            }
+        })
+        .await;
+    let running = support::gateway(&format!(
+        "[[upstreams]]\nname = \"sink\"\nendpoints = [\"{}\"]\n\
+         [events]\nstore = \"nats\"\nnats_url = \"{}\"\nlisten = \"127.0.0.1:0\"\n\
+         [[events.subscriptions]]\nname = \"workers\"\ntopic = \"jobs\"\n\
+         [[events.subscriptions]]\nname = \"mirror\"\ntopic = \"jobs\"\n\
+         push = {{ upstream = \"sink\", path = \"/e\" }}\n",
+        subscriber.url(),
+        server.url()
+    ))
+    .await;
+    for id in ["a", "b"] {
+        let answer = publish(&running, "jobs", id).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    }
+    let again = publish(&running, "jobs", "a").await;
+    assert_eq!(again.json()["duplicate"], true);
+    let read = get(&events_url(&running, "/v1/topics/jobs/events"))
+        .await
+        .json();
+    let positions: Vec<u64> = read["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(positions, [1, 2]);
+    let fetched = post_json(
+        &events_url(&running, "/v1/subscriptions/workers/fetch"),
+        json!({"max": 10, "wait": "5s"}),
+    )
+    .await
+    .json();
+    let ids: Vec<&str> = fetched["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["ack_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let acked = post_json(
+        &events_url(&running, "/v1/subscriptions/workers/ack"),
+        json!({"ack_ids": ids}),
+    )
+    .await
+    .json();
+    assert_eq!(acked["settled"], 2);
+    eventually("the pushes", || async {
+        let seen = seen.lock().unwrap().clone();
+        if seen.len() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+    let ready = get(&support::admin(&running, "/ready")).await.json();
+    assert_eq!(ready["checks"]["event_store"]["store"], "nats");
+    assert_eq!(ready["checks"]["event_store"]["status"], "ok");
+
+    // The server goes away: publishes fail at once, never hang.
+    server.kill();
+    eventually("the gateway to see the server gone", || async {
+        let answer = publish(&running, "jobs", "c").await;
+        if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(answer.headers["retry-after"], "1");
+            Ok(())
+        } else {
+            Err(format!("{} {}", answer.status, answer.body))
+        }
+    })
+    .await;
+    let ready = get(&support::admin(&running, "/ready")).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.body
+    );
+
+    // It returns: publishing and pushing resume by themselves.
+    server.restart();
+    eventually("publishing to resume", || async {
+        let answer = publish(&running, "jobs", "d").await;
+        if answer.status == StatusCode::CREATED {
+            Ok(())
+        } else {
+            Err(answer.body)
+        }
+    })
+    .await;
+    eventually("pushing to resume", || async {
+        let seen = seen.lock().unwrap().clone();
+        if seen.iter().any(|id| id == "d") {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+    running.shutdown().await;
+}
