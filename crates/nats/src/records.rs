@@ -79,8 +79,8 @@ impl Records {
         value: Bytes,
         revision: Option<u64>,
     ) -> Result<Option<u64>, StoreError> {
-        // To create: the subject may hold the empty value of a removed
-        // record (it keeps one message), which is as good as none.
+        // To create: a subject with no message (never written, or
+        // purged), or an empty value, is as good as none.
         let expected = match revision {
             Some(revision) => revision,
             None => match self
@@ -112,15 +112,15 @@ impl Records {
         }
     }
 
-    /// Removes `key` (an empty value: the subject keeps one message).
+    /// Removes `key`: its subject is purged, so listing keys stays as
+    /// short as the table.
     pub(crate) async fn remove(&self, key: &str) -> Result<(), StoreError> {
-        self.js
-            .publish(self.subject(key), Bytes::new())
+        self.stream
+            .purge()
+            .filter(self.subject(key))
             .await
-            .map_err(|e| failed("remove a record", e))?
-            .await
-            .map_err(|e| failed("remove a record", e))?;
-        Ok(())
+            .map(|_| ())
+            .map_err(|e| failed("remove a record", e))
     }
 
     /// Every key that has a value.

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A `tidegate serve` process logging JSON; its log lines arrive on a
@@ -139,4 +140,65 @@ pub(crate) fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tidegate-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A subscriber on 127.0.0.1:0 that notes each pushed event's `ce-id` and
+/// answers 200 after `delay`.
+pub(crate) fn subscriber(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let noted = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let noted = noted.clone();
+            std::thread::spawn(move || loop {
+                let mut reader = BufReader::new(&mut stream);
+                let (mut id, mut length) = (None, 0usize);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("ce-id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    } else if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; length];
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+                std::thread::sleep(delay);
+                if stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .is_err()
+                {
+                    return;
+                }
+                noted.lock().unwrap().extend(id);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// `POST /v1/topics/{topic}/events` in binary mode; the status code.
+pub(crate) fn publish(events: &str, topic: &str, id: &str) -> u16 {
+    let mut stream = std::net::TcpStream::connect(events).unwrap();
+    write!(
+        stream,
+        "POST /v1/topics/{topic}/events HTTP/1.1\r\nHost: e\r\nce-type: Job\r\nce-id: {id}\r\n\
+         content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer[9..12].parse().unwrap()
 }
