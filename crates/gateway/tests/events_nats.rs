@@ -175,3 +175,111 @@ async fn the_events_api_on_nats_publishes_reads_pulls_and_pushes() {
     .await;
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_and_restarted_under_load_loses_no_answered_event_and_stores_none_twice() {
+    let mut server = NatsServer::start();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let noted = seen.clone();
+    let subscriber =
+        tidegate_testkit::Upstream::start(move |req: Request<hyper::body::Incoming>| {
+            let noted = noted.clone();
+            async move {
+                if let Some(id) = req.headers().get("ce-id").and_then(|v| v.to_str().ok()) {
+                    noted.lock().unwrap().push(id.to_owned());
+                }
+                tidegate_testkit::text(200, "ok")
+            }
+        })
+        .await;
+    let running = Arc::new(
+        support::gateway(&format!(
+            "[[upstreams]]\nname = \"sink\"\nendpoints = [\"{}\"]\n\
+             [events]\nstore = \"nats\"\nnats_url = \"{}\"\nlisten = \"127.0.0.1:0\"\n\
+             [[events.subscriptions]]\nname = \"mirror\"\ntopic = \"load\"\nack_wait = \"3s\"\n\
+             push = {{ upstream = \"sink\", path = \"/e\" }}\n",
+            subscriber.url(),
+            server.url()
+        ))
+        .await,
+    );
+    // Four publishers, each sending its ids in turn, an id again until it
+    // is answered 201 (stored, or a duplicate of the one stored before
+    // the answer was lost).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let (running, stop, answered) = (running.clone(), stop.clone(), answered.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("p{p}-{n}");
+                let answer = publish(&running, "load", &id).await;
+                if answer.status == StatusCode::CREATED {
+                    answered.lock().unwrap().push(id);
+                    n += 1;
+                }
+            }
+        }));
+    }
+    let count = || answered.lock().unwrap().len();
+    eventually("some load", || async {
+        if count() >= 200 {
+            Ok(())
+        } else {
+            Err(count().to_string())
+        }
+    })
+    .await;
+    // SIGKILL, then the same store on the same port again.
+    server.restart();
+    let before = count();
+    eventually("publishing to resume after the restart", || async {
+        if count() >= before + 200 {
+            Ok(())
+        } else {
+            Err(count().to_string())
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    // Every event answered 201 is in the topic, and none is there twice.
+    let mut stored = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = get(&events_url(
+            &running,
+            &format!("/v1/topics/load/events?from_position={from}&limit=1000"),
+        ))
+        .await
+        .json();
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            break;
+        }
+        stored.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        from = page["next_position"].as_u64().unwrap();
+    }
+    let unique: std::collections::BTreeSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "an event stored twice");
+    let missing: Vec<&String> = answered.iter().filter(|id| !unique.contains(id)).collect();
+    assert!(missing.is_empty(), "answered 201 but lost: {missing:?}");
+    // And every one reaches the subscriber.
+    eventually("every answered event pushed", || async {
+        let seen = seen.lock().unwrap().clone();
+        let seen: std::collections::BTreeSet<&String> = seen.iter().collect();
+        let left = answered.iter().filter(|id| !seen.contains(id)).count();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} not pushed yet"))
+        }
+    })
+    .await;
+    Arc::try_unwrap(running).unwrap().shutdown().await;
+}
