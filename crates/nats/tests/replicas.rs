@@ -92,3 +92,78 @@ async fn members_on_two_replicas_share_a_group_and_a_dead_ones_events_go_to_the_
     assert!(two.ack("shared", &ids).await.unwrap().iter().all(|a| *a));
     assert_eq!(two.lag("shared").await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_three_node_cluster_publishing_and_delivery_go_on_when_a_node_dies() {
+    let mut cluster = tidegate_testkit::NatsCluster::start();
+    let clock = Clock::manual();
+    // Until the cluster has elected its JetStream leaders.
+    let store = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let tried = async {
+                let store =
+                    NatsStore::connect(&cluster.url(), Duration::from_secs(120), clock.clone(), 3)
+                        .await?;
+                store.subscribe(group("replicated")).await?;
+                Ok::<_, tidegate_events::StoreError>(store)
+            };
+            match tried.await {
+                Ok(store) => break store,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the cluster never served: {e}"),
+            }
+        }
+    };
+    // Appends and deliveries, retried while a leader is being elected.
+    async fn round(store: &NatsStore, from: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut i = from;
+        while i < from + 10 {
+            match store
+                .append(Append::to_topic(
+                    "replicated",
+                    vec![event(&format!("r{i}"))],
+                ))
+                .await
+            {
+                Ok(_) => i += 1,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "no append: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        let mut done = 0;
+        while done < 10 {
+            match store.fetch("shared", 10).await {
+                Ok(got) => {
+                    let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
+                    if let Ok(acked) = store.ack("shared", &ids).await {
+                        done += acked.iter().filter(|a| **a).count();
+                    }
+                }
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "no delivery: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    round(&store, 0).await;
+    cluster.nodes[0].kill();
+    round(&store, 10).await;
+    let positions: Vec<u64> = store
+        .read("replicated", 1, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(
+        positions,
+        (1..=20).collect::<Vec<_>>(),
+        "gap-free across the loss"
+    );
+}

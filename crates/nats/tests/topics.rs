@@ -228,54 +228,6 @@ async fn what_was_answered_survives_a_server_restart() {
     assert_eq!(next.events[0].position, 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_three_node_cluster_appends_go_on_when_a_node_dies() {
-    let mut cluster = tidegate_testkit::NatsCluster::start();
-    let topics = NatsTopics::connect(&cluster.url(), Duration::from_secs(120))
-        .await
-        .unwrap()
-        .replicas(3);
-    // Appends are answered once the cluster has a JetStream leader.
-    let append = |id: String| Append::to_topic("replicated", vec![event(&id)]);
-    let mut answered = 0u64;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while answered < 10 {
-        match topics.append(append(format!("r{answered}"))).await {
-            Ok(stored) => {
-                answered += 1;
-                assert_eq!(stored.events[0].position, answered);
-            }
-            Err(e) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never answered: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    cluster.nodes[0].kill();
-    // The stream's other copies elect a leader; appends go on, gap-free.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while answered < 20 {
-        match topics.append(append(format!("r{answered}"))).await {
-            Ok(stored) => {
-                answered += 1;
-                assert_eq!(stored.events[0].position, answered);
-            }
-            Err(e) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no append after the loss: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    let read = topics.read("replicated", 1, 100).await.unwrap();
-    assert_eq!(read.len(), 20);
-}
-
 #[tokio::test]
 async fn retention_deletes_whole_old_appends_keeps_the_last_and_positions_go_on() {
     let server = NatsServer::start();
