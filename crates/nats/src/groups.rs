@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -25,6 +26,9 @@ use crate::names;
 use crate::topics::{
     failed, first_message_where, first_position_at_or_after, number, read_message, NatsTopics,
 };
+
+/// The longest one pull from a group's consumer may take.
+const PULL_WAIT: Duration = Duration::from_secs(1);
 
 /// JetStream's own ack wait for a group's consumer: only a safety net
 /// (the store's leases, by its clock, decide).
@@ -433,14 +437,21 @@ impl Groups {
         loop {
             let wanted = room - out.len();
             let mut pulled = 0;
+            // What is there now; a pull no server answers (a leader lost
+            // in a failover) ends with its expiry instead of waiting on.
             let mut batch = group
                 .consumer
                 .fetch()
                 .max_messages(wanted)
+                .expires(PULL_WAIT)
                 .messages()
                 .await
                 .map_err(|e| failed("pull from the group's consumer", e))?;
-            while let Some(message) = batch.next().await {
+            loop {
+                let next = tokio::time::timeout(PULL_WAIT * 2, batch.next()).await;
+                let Ok(Some(message)) = next else {
+                    break;
+                };
                 let message = message.map_err(|e| failed("pull from the group's consumer", e))?;
                 pulled += 1;
                 let Ok(info) = message.info() else {
@@ -843,7 +854,12 @@ impl Groups {
                     },
                 )
                 .await?;
-                if let Ok(message) = stream.direct_get(from).await {
+                let message = match stream.direct_get(from).await {
+                    Ok(message) => Some(message),
+                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
+                    Err(e) => return Err(failed("read where to start", e)),
+                };
+                if let Some(message) = message {
                     let first_position = number(&message.headers, POSITION).unwrap_or(0);
                     let count = number(&message.headers, COUNT).unwrap_or(1);
                     let done: Vec<u32> = (0..count)
@@ -890,8 +906,10 @@ impl Groups {
                 > position
         })
         .await?;
-        let Ok(message) = stream.direct_get(sequence).await else {
-            return Ok(false);
+        let message = match stream.direct_get(sequence).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(failed("read a dead letter's event", e)),
         };
         let first_position = number(&message.headers, POSITION).unwrap_or(0);
         let count = number(&message.headers, COUNT).unwrap_or(1);

@@ -405,8 +405,13 @@ impl NatsTopics {
         if !writer.loaded {
             let mut sequence = last;
             while sequence >= first.max(1) {
-                let Ok(message) = stream.direct_get(sequence).await else {
-                    break;
+                // Deleted (retention): the window starts after it. Any other
+                // failure fails the append: an id or a version missed here
+                // would let a duplicate or a stale version through.
+                let message = match stream.direct_get(sequence).await {
+                    Ok(message) => message,
+                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                    Err(e) => return Err(failed("read the topic's recent ids", e)),
                 };
                 let at = millis_of(&message);
                 if at < since {
@@ -431,8 +436,10 @@ impl NatsTopics {
             writer.loaded = true;
         } else if let Some((known, _)) = writer.last_known {
             for sequence in (known + 1).max(first)..=last {
-                let Ok(message) = stream.direct_get(sequence).await else {
-                    continue;
+                let message = match stream.direct_get(sequence).await {
+                    Ok(message) => message,
+                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => continue,
+                    Err(e) => return Err(failed("read what other writers stored", e)),
                 };
                 let at = millis_of(&message);
                 let place = Place {

@@ -96,7 +96,8 @@ async fn members_on_two_replicas_share_a_group_and_a_dead_ones_events_go_to_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_three_node_cluster_publishing_and_delivery_go_on_when_a_node_dies() {
     let mut cluster = tidegate_testkit::NatsCluster::start();
-    let clock = Clock::manual();
+    // The wall clock: a lease whose ack was lost in the failover runs out.
+    let clock = Clock::Wall;
     // Until the cluster has elected its JetStream leaders.
     let store = {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -105,7 +106,16 @@ async fn on_a_three_node_cluster_publishing_and_delivery_go_on_when_a_node_dies(
                 let store =
                     NatsStore::connect(&cluster.url(), Duration::from_secs(120), clock.clone(), 3)
                         .await?;
-                store.subscribe(group("replicated")).await?;
+                store
+                    .subscribe(SubscriptionConfig {
+                        ack_wait: Duration::from_secs(2),
+                        backoff: tidegate_events::Backoff {
+                            base_delay: Duration::from_millis(100),
+                            max_delay: Duration::from_millis(100),
+                        },
+                        ..group("replicated")
+                    })
+                    .await?;
                 Ok::<_, tidegate_events::StoreError>(store)
             };
             match tried.await {
@@ -139,6 +149,10 @@ async fn on_a_three_node_cluster_publishing_and_delivery_go_on_when_a_node_dies(
         }
         let mut done = 0;
         while done < 10 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{done} of 10 delivered and acked"
+            );
             match store.fetch("shared", 10).await {
                 Ok(got) => {
                     let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
