@@ -8,6 +8,9 @@
 #     `tidegate serve` as its own process: events published over HTTP per
 #     second (64 connections) and the gateway's CPU per event; publish to
 #     push delivery at a steady 1 000 events/s; the gateway's RSS.
+#  3. Both stores side by side (crates/nats/benches/stores.rs): appends/s
+#     with 64 publishers and delivery p99 on SQLite and on NATS JetStream
+#     (a private nats-server), and the ratio.
 #
 #   ./scripts/bench-events.sh                    # 20 000 events a store phase
 #   EVENTS=100000 ./scripts/bench-events.sh
@@ -16,3 +19,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo bench -p tidegate-events --bench events
 cargo bench -p tidegate --bench events_e2e
+cargo bench -p tidegate-nats --bench stores
