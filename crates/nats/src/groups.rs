@@ -220,7 +220,7 @@ impl Groups {
             }
         }
         let stream = self.topics.stream(&config.topic).await?;
-        let consumer: PullConsumer = stream
+        let made = stream
             .get_or_create_consumer(
                 &consumer_name(&config.name),
                 PullConfig {
@@ -234,8 +234,15 @@ impl Groups {
                     ..PullConfig::default()
                 },
             )
-            .await
-            .map_err(|e| failed("open the group's consumer", e))?;
+            .await;
+        let consumer: PullConsumer = match made {
+            Ok(consumer) => consumer,
+            // Another replica made it between our look and our create.
+            Err(e) => stream
+                .get_consumer(&consumer_name(&config.name))
+                .await
+                .map_err(|_| failed("open the group's consumer", e))?,
+        };
         let records =
             Records::open(js, &bucket_name(&config.name), self.topics.replica_count()).await?;
         self.watch(&config.topic).await?;

@@ -1,34 +1,33 @@
 //! The event model of tidegate-events on NATS JetStream, for gateways
 //! that run as several replicas or on several machines.
 //!
-//! Being built (issue 28): the topics half is here (appends with dedup,
-//! exact expected versions and atomic batches; reads); consumer groups,
-//! the `Store` trait and the gateway's `events.store = "nats"` come next.
-//!
 //! # Mapping
 //! - A topic is a stream, `TG_{topic}` (a `.` of the name written `~`:
 //!   stream names take no dot), over the subjects `tg.{topic}.>`; an event
 //!   without a key goes to `tg.{topic}.e`, one with a key to
 //!   `tg.{topic}.k.{key}` (the key in unpadded URL-safe base64: a key may
-//!   hold any character, a subject token may not).
+//!   hold any character, a subject token may not). Each stream starts
+//!   with a message of no event on `tg.{topic}.g`.
 //! - An append (one event, or a batch to one key) is **one message**, so
 //!   a batch is stored whole or not at all (JetStream 2.9 has no atomic
 //!   batch of messages). Its headers hold the first event's position and
 //!   version and the count; its payload, the events (see [`envelope`]).
 //! - **Positions and versions come from one optimistic check.** Each
 //!   append is published with `Nats-Expected-Last-Sequence`, the stream's
-//!   last sequence when its position and the key's version were read: any
-//!   append in between (from this process or another replica) makes the
-//!   server refuse it, and the writer reads again and retries. So
+//!   last sequence its position and the key's version were computed from:
+//!   any append in between (from another replica) makes the server refuse
+//!   it, and the writer reads what was stored and computes it again. So
 //!   positions are gap-free and versions exact per key, whichever replica
-//!   appends, as on SQLite; the price is that appends to one topic are
-//!   serialised through the stream's last sequence.
-//! - **Dedup** is JetStream's: `Nats-Msg-Id` is the append's first event
-//!   id, within the stream's `duplicate_window` (`dedup_window`); the
-//!   server checks it before the expected sequence, and a duplicate is
-//!   answered with the first append's positions and versions.
-
-//! # Consumer groups (the design being built)
+//!   appends, as on SQLite.
+//! - **A writer per topic keeps many appends in flight** (the `writer`
+//!   module): each message is computed as if those before it were stored,
+//!   and names the one before it with `Nats-Expected-Last-Msg-Id`, so a
+//!   refusal refuses the rest of the run too.
+//! - **Dedup** is the writer's: the ids of the dedup window, read from the
+//!   stream when the writer starts and from what other writers stored
+//!   whenever one got in first.
+//!
+//! # Consumer groups
 //! JetStream keeps the events and each group's place; the store keeps
 //! the group's leases, delays and delivery counts itself, by its own
 //! [`Clock`](tidegate_events::Clock), as SQLite's store does, so every
@@ -39,11 +38,13 @@
 //!   only a safety net; no `max_deliver`: the store dead-letters itself).
 //!   JetStream holds every message the group took and has not finished as
 //!   "ack pending".
-//! - Each such message has a record in the KV bucket `TG_GROUPS`, key
-//!   `{group}.{sequence}`: deliveries so far, leased until, due at, the
-//!   message's ack subject, which of its events are done. Updates are
-//!   compare-and-set on the record's revision, so two replicas cannot
-//!   both settle one lease.
+//! - Each such message has a record in the group's table `TGG_{group}` (a
+//!   stream keeping one message per subject, read with direct gets):
+//!   deliveries so far, leased until, due at, the message's ack subject,
+//!   which of its events are done. Updates are compare-and-set
+//!   (`Nats-Expected-Last-Subject-Sequence`), so two replicas cannot both
+//!   settle one lease. (JetStream's key-value buckets do the same, but
+//!   the client's need a newer server than Debian's 2.9.10.)
 //! - `fetch` first looks at the group's records: an expired lease becomes
 //!   due after its backoff; a due message is given back to JetStream
 //!   (`-NAK`), which delivers it again on the pull that follows. Then it
@@ -68,6 +69,7 @@ mod names;
 mod records;
 mod store;
 mod topics;
+mod writer;
 
 pub use crate::store::NatsStore;
 pub use crate::topics::{NatsTopics, MAX_BATCH};

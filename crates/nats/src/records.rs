@@ -35,17 +35,25 @@ impl Records {
         replicas: usize,
     ) -> Result<Self, StoreError> {
         let prefix = format!("tgr.{}", token(name));
-        let stream = js
+        let stream_name = name.replace('.', "~");
+        let made = js
             .get_or_create_stream(Config {
-                name: name.replace('.', "~"),
+                name: stream_name.clone(),
                 subjects: vec![format!("{prefix}.>")],
                 max_messages_per_subject: 1,
                 num_replicas: replicas,
                 allow_direct: true,
                 ..Config::default()
             })
-            .await
-            .map_err(|e| failed(&format!("open the table {name}"), e))?;
+            .await;
+        let stream = match made {
+            Ok(stream) => stream,
+            // Another replica made it between our look and our create.
+            Err(e) => js
+                .get_stream(&stream_name)
+                .await
+                .map_err(|_| failed(&format!("open the table {name}"), e))?,
+        };
         Ok(Records {
             js: js.clone(),
             stream,

@@ -6,17 +6,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::{Context, PublishErrorKind};
+use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
+use async_nats::jetstream::context::Context;
 use async_nats::jetstream::stream::{Config, DirectGetErrorKind, Stream};
 use futures_util::StreamExt;
 use tidegate_events::{
-    Append, AppendError, Appended, Clock, Event, NewEvent, Retention, StoreError, Stored, TopicInfo,
+    Append, AppendError, Appended, Clock, Event, Retention, StoreError, TopicInfo,
 };
-use tokio::sync::Mutex;
+use tokio::sync::mpsc;
 
 use crate::envelope::{self, Place, COUNT, POSITION, VERSION};
 use crate::names;
+use crate::writer::{self, Pending};
 
 /// Most events one append may hold (one message holds them all).
 pub const MAX_BATCH: usize = 1000;
@@ -30,9 +31,6 @@ const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// How long a JetStream request may wait for its answer.
 const REQUEST_WAIT: Duration = Duration::from_secs(2);
 
-/// Times an append is tried again after another writer got in first.
-const RETRIES: usize = 64;
-
 /// Topics on a JetStream server.
 #[derive(Clone)]
 pub struct NatsTopics {
@@ -40,8 +38,8 @@ pub struct NatsTopics {
     dedup_window: Duration,
     /// Copies of each stream a cluster keeps (1 on a single server).
     replicas: usize,
-    /// Each topic's writer state, one append at a time per topic here.
-    writers: Arc<std::sync::Mutex<HashMap<String, Arc<Mutex<Writer>>>>>,
+    /// Each topic's writer (see [`writer`](crate::writer)).
+    writers: Arc<std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Pending>>>>,
     /// Topics' retention, as this process was told (every replica is
     /// told the same by its config).
     retention: Arc<std::sync::Mutex<HashMap<String, Retention>>>,
@@ -56,39 +54,8 @@ impl std::fmt::Debug for NatsTopics {
     }
 }
 
-/// What this process knows of a topic's stream since it last read it.
-#[derive(Default)]
-struct Writer {
-    stream: Option<Stream>,
-    /// The stream's last sequence, and the position the next append
-    /// takes, as last read or written here; `None`: read them again.
-    last: Option<(u64, u64)>,
-    /// Keys' versions as of `last` (a key not here is read when needed).
-    versions: HashMap<String, Option<u64>>,
-    /// The ids stored within the dedup window, as of `last`: each with its
-    /// position, version and when it was stored (server milliseconds).
-    seen: HashMap<String, (u64, Option<u64>, u64)>,
-    /// Whether `seen` was loaded from the stream.
-    loaded: bool,
-    /// The stream's last sequence and next position as of the last catch
-    /// up or own append (kept when `last` is cleared).
-    last_known: Option<(u64, u64)>,
-}
-
-impl Writer {
-    /// Notes the events of one message stored at `at` (milliseconds).
-    fn note(&mut self, events: &[Event], at: u64) {
-        for e in events {
-            self.seen.insert(e.id.clone(), (e.position, e.version, at));
-            if let Some(key) = &e.key {
-                self.versions.insert(key.clone(), e.version);
-            }
-        }
-    }
-}
-
 /// A stream message's time, in milliseconds.
-fn millis_of(message: &async_nats::jetstream::message::StreamMessage) -> u64 {
+pub(crate) fn millis_of(message: &async_nats::jetstream::message::StreamMessage) -> u64 {
     u64::try_from(message.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
@@ -163,18 +130,41 @@ impl NatsTopics {
         self
     }
 
-    fn writer(&self, topic: &str) -> Arc<Mutex<Writer>> {
-        self.writers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(topic.to_owned())
-            .or_default()
-            .clone()
+    /// Hands `pending` to its topic's writer, started if need be.
+    fn hand_over(&self, topic: &str, pending: Pending) {
+        let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = match writers.get(topic) {
+            Some(writer) => match writer.send(pending) {
+                Ok(()) => return,
+                Err(refused) => refused.0,
+            },
+            None => pending,
+        };
+        // The writer's own clone holds no writers: dropping the store
+        // drops every sender, and each writer ends.
+        let detached = NatsTopics {
+            writers: Arc::default(),
+            ..self.clone()
+        };
+        let writer = writer::spawn(detached, topic);
+        let _ = writer.send(pending);
+        writers.insert(topic.to_owned(), writer);
+    }
+
+    /// The window within which an event id is a duplicate.
+    pub(crate) fn dedup_window(&self) -> Duration {
+        self.dedup_window
+    }
+
+    /// Now, as an event's time.
+    pub(crate) fn clock_now_rfc3339(&self) -> String {
+        self.clock.now_rfc3339()
     }
 
     /// `topic`'s stream, created if it is new.
     pub(crate) async fn stream(&self, topic: &str) -> Result<Stream, StoreError> {
-        self.js
+        let made = self
+            .js
             .get_or_create_stream(Config {
                 name: names::stream(topic),
                 subjects: vec![names::all_subjects(topic)],
@@ -183,8 +173,19 @@ impl NatsTopics {
                 allow_direct: true,
                 ..Config::default()
             })
-            .await
-            .map_err(|e| failed(&format!("cannot open the stream of topic `{topic}`"), e))
+            .await;
+        match made {
+            Ok(stream) => Ok(stream),
+            // Another replica made it between our look and our create (the
+            // server says its subjects overlap ours): it is there now.
+            Err(e) => match self.existing(topic).await {
+                Ok(Some(stream)) => Ok(stream),
+                _ => Err(failed(
+                    &format!("cannot open the stream of topic `{topic}`"),
+                    e,
+                )),
+            },
+        }
     }
 
     /// Makes sure `topic`'s stream holds its first message, which holds no
@@ -192,7 +193,7 @@ impl NatsTopics {
     /// above 0, so an empty stream could take two first appends at once.
     /// Every writer publishes it with the same message id: the server
     /// keeps one.
-    async fn genesis(&self, topic: &str) -> Result<(), StoreError> {
+    pub(crate) async fn genesis(&self, topic: &str) -> Result<(), StoreError> {
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, GENESIS);
         headers.insert(POSITION, "1");
@@ -250,234 +251,13 @@ impl NatsTopics {
                 "a batch holds at most {MAX_BATCH} events on NATS"
             )));
         }
-        let writer = self.writer(&append.topic);
-        let mut writer = writer.lock().await;
-        if writer.stream.is_none() {
-            let stream = self.stream(&append.topic).await?;
-            self.genesis(&append.topic).await?;
-            writer.stream = Some(stream);
-        }
-        let subject = names::subject(&append.topic, append.key.as_deref());
-        let time = self.clock.now_rfc3339();
-        for _ in 0..RETRIES {
-            let stream = writer.stream.clone().expect("opened above");
-            if writer.last.is_none() {
-                self.catch_up(&mut writer, &stream, &append.topic).await?;
-            }
-            let (last_seq, position) = writer.last.expect("caught up");
-            // Duplicates (ids stored within the window) keep the answer of
-            // the append that stored them; the rest is stored.
-            let earlier: Vec<Option<(u64, Option<u64>)>> = append
-                .events
-                .iter()
-                .map(|e| writer.seen.get(&e.id).map(|&(p, v, _)| (p, v)))
-                .collect();
-            if earlier.iter().all(Option::is_some) {
-                let events = append
-                    .events
-                    .iter()
-                    .zip(&earlier)
-                    .map(|(e, seen)| {
-                        let (position, version) = seen.expect("all seen");
-                        Stored {
-                            id: e.id.clone(),
-                            position,
-                            version,
-                            duplicate: true,
-                        }
-                    })
-                    .collect();
-                return Ok(Appended { events });
-            }
-            let actual = match &append.key {
-                Some(key) => match writer.versions.get(key) {
-                    Some(version) => *version,
-                    None => {
-                        let version = key_version(&stream, &subject).await?;
-                        writer.versions.insert(key.clone(), version);
-                        version
-                    }
-                },
-                None => None,
-            };
-            if !append.expected.is_met_by(actual) {
-                return Err(AppendError::Conflict {
-                    expected: append.expected,
-                    actual,
-                });
-            }
-            let new: Vec<NewEvent> = append
-                .events
-                .iter()
-                .zip(&earlier)
-                .filter(|(_, seen)| seen.is_none())
-                .map(|(e, _)| e.clone())
-                .collect();
-            let count = new.len() as u64;
-            let version = append.key.as_ref().map(|_| actual.unwrap_or(0) + 1);
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_MESSAGE_ID, new[0].id.as_str());
-            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, last_seq.to_string().as_str());
-            headers.insert(POSITION, position.to_string().as_str());
-            headers.insert(COUNT, count.to_string().as_str());
-            if let Some(version) = version {
-                headers.insert(VERSION, version.to_string().as_str());
-            }
-            let payload = envelope::encode(append.key.as_deref(), &new, &time);
-            let sent = self
-                .js
-                .publish_with_headers(subject.clone(), headers, payload)
-                .await
-                .map_err(|e| failed("cannot publish", e))?
-                .await;
-            match sent {
-                Ok(ack) if ack.duplicate => {
-                    // Past this process's window but within the server's.
-                    return self
-                        .stored_at(&append, &stream, ack.sequence)
-                        .await
-                        .map_err(AppendError::Store);
-                }
-                Ok(ack) => {
-                    let at = Clock::Wall.now_millis();
-                    let mut new_place = 0;
-                    let mut events = Vec::with_capacity(append.events.len());
-                    for (e, seen) in append.events.iter().zip(&earlier) {
-                        let stored = match seen {
-                            Some((position, version)) => Stored {
-                                id: e.id.clone(),
-                                position: *position,
-                                version: *version,
-                                duplicate: true,
-                            },
-                            None => {
-                                let stored = Stored {
-                                    id: e.id.clone(),
-                                    position: position + new_place,
-                                    version: version.map(|v| v + new_place),
-                                    duplicate: false,
-                                };
-                                new_place += 1;
-                                writer
-                                    .seen
-                                    .insert(e.id.clone(), (stored.position, stored.version, at));
-                                stored
-                            }
-                        };
-                        events.push(stored);
-                    }
-                    if let (Some(key), Some(first)) = (&append.key, version) {
-                        writer.versions.insert(key.clone(), Some(first + count - 1));
-                    }
-                    writer.last = Some((ack.sequence, position + count));
-                    writer.last_known = writer.last;
-                    return Ok(Appended { events });
-                }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    // Another writer got in first: read what it stored.
-                    writer.last = None;
-                }
-                Err(e) => return Err(AppendError::Store(failed("the server refused", e))),
-            }
-        }
-        Err(AppendError::Store(StoreError(format!(
-            "topic `{}` changed under this append {RETRIES} times in a row",
-            append.topic
-        ))))
-    }
-
-    /// Brings `writer` up to the stream's last message: the first time,
-    /// the ids of the dedup window read from the stream's end backwards;
-    /// after that, the messages other writers stored since.
-    async fn catch_up(
-        &self,
-        writer: &mut Writer,
-        stream: &Stream,
-        topic: &str,
-    ) -> Result<(), StoreError> {
-        let info = stream
-            .get_info()
-            .await
-            .map_err(|e| failed("stream info", e))?;
-        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-        let window = u64::try_from(self.dedup_window.as_millis()).unwrap_or(u64::MAX);
-        let since = Clock::Wall.now_millis().saturating_sub(window);
-        if !writer.loaded {
-            let mut sequence = last;
-            while sequence >= first.max(1) {
-                // Deleted (retention): the window starts after it. Any other
-                // failure fails the append: an id or a version missed here
-                // would let a duplicate or a stale version through.
-                let message = match stream.direct_get(sequence).await {
-                    Ok(message) => message,
-                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-                    Err(e) => return Err(failed("read the topic's recent ids", e)),
-                };
-                let at = millis_of(&message);
-                if at < since {
-                    break;
-                }
-                let place = Place {
-                    topic,
-                    position: number(&message.headers, POSITION).unwrap_or(0),
-                    version: number(&message.headers, VERSION),
-                };
-                for e in envelope::decode(&message.payload, place).map_err(StoreError)? {
-                    writer
-                        .seen
-                        .entry(e.id.clone())
-                        .or_insert((e.position, e.version, at));
-                    if let Some(key) = &e.key {
-                        writer.versions.entry(key.clone()).or_insert(e.version);
-                    }
-                }
-                sequence -= 1;
-            }
-            writer.loaded = true;
-        } else if let Some((known, _)) = writer.last_known {
-            for sequence in (known + 1).max(first)..=last {
-                let message = match stream.direct_get(sequence).await {
-                    Ok(message) => message,
-                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => continue,
-                    Err(e) => return Err(failed("read what other writers stored", e)),
-                };
-                let at = millis_of(&message);
-                let place = Place {
-                    topic,
-                    position: number(&message.headers, POSITION).unwrap_or(0),
-                    version: number(&message.headers, VERSION),
-                };
-                let events = envelope::decode(&message.payload, place).map_err(StoreError)?;
-                writer.note(&events, at);
-            }
-        }
-        writer.seen.retain(|_, (_, _, at)| *at >= since);
-        let next = last_of(stream).await?;
-        writer.last = Some(next);
-        writer.last_known = Some(next);
-        Ok(())
-    }
-
-    /// The events stored at `sequence`, answered as duplicates of `append`.
-    async fn stored_at(
-        &self,
-        append: &Append,
-        stream: &Stream,
-        sequence: u64,
-    ) -> Result<Appended, StoreError> {
-        let events = read_message(stream, &append.topic, sequence)
-            .await?
-            .ok_or_else(|| StoreError("the duplicate's original is gone".into()))?;
-        Ok(Appended {
-            events: events
-                .into_iter()
-                .map(|e| Stored {
-                    id: e.id,
-                    position: e.position,
-                    version: e.version,
-                    duplicate: true,
-                })
-                .collect(),
+        let topic = append.topic.clone();
+        let (pending, answer) = Pending::new(append);
+        self.hand_over(&topic, pending);
+        answer.await.unwrap_or_else(|_| {
+            Err(AppendError::Store(StoreError(
+                "the topic's writer stopped".into(),
+            )))
         })
     }
 
@@ -721,7 +501,12 @@ async fn last_of(stream: &Stream) -> Result<(u64, u64), StoreError> {
         .get_info()
         .await
         .map_err(|e| failed("stream info", e))?;
-    let last = info.state.last_sequence;
+    after(stream, info.state.last_sequence).await
+}
+
+/// `last` (a stream's last sequence) and the position the append after
+/// it takes.
+pub(crate) async fn after(stream: &Stream, last: u64) -> Result<(u64, u64), StoreError> {
     if last == 0 {
         return Ok((0, 1));
     }
@@ -735,7 +520,7 @@ async fn last_of(stream: &Stream) -> Result<(u64, u64), StoreError> {
 }
 
 /// The version of the last event on `subject` (a key's), if any.
-async fn key_version(stream: &Stream, subject: &str) -> Result<Option<u64>, StoreError> {
+pub(crate) async fn key_version(stream: &Stream, subject: &str) -> Result<Option<u64>, StoreError> {
     match stream.direct_get_last_for_subject(subject).await {
         Ok(message) => {
             let first = number(&message.headers, VERSION).unwrap_or(0);

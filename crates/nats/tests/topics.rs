@@ -206,6 +206,100 @@ async fn two_replicas_share_one_gap_free_topic_and_one_expected_version_wins() {
     assert_eq!(won, 1);
 }
 
+/// Each replica's writer keeps many appends in flight at once; when the
+/// other replica gets one in between, every later one of the run must be
+/// refused and computed again, never stored on the stale positions and
+/// versions it was computed from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_many_appends_in_flight_store_each_once_at_its_own_place() {
+    let server = NatsServer::start();
+    let (one, two) = (topics(&server).await, topics(&server).await);
+    // The window is narrow: three topics, three chances.
+    for topic in ["busy-1", "busy-2", "busy-3"] {
+        in_flight_race(&one, &two, topic).await;
+    }
+}
+
+async fn in_flight_race(one: &NatsTopics, two: &NatsTopics, topic: &'static str) {
+    let mut tasks = tokio::task::JoinSet::new();
+    // Many in flight through one; one at a time through the other, whose
+    // single messages land between those of a run.
+    for (name, writer, publishers, appends) in
+        [("one", one.clone(), 16, 40), ("two", two.clone(), 1, 120)]
+    {
+        for publisher in 0..publishers {
+            let writer = writer.clone();
+            tasks.spawn(async move {
+                let mut answered = Vec::new();
+                for i in 0..appends {
+                    let id = format!("{name}-{publisher}-{i}");
+                    let key = format!("k{}", i % 4);
+                    // Batches of one and two: a message computed on a stale
+                    // position would land off by one.
+                    let mut batch = vec![event(&id)];
+                    if i % 3 == 0 {
+                        batch.push(event(&format!("{id}+")));
+                    }
+                    let append = if i % 2 == 0 {
+                        Append::to_topic(topic, batch)
+                    } else {
+                        Append::to_key(topic, &key, ExpectedVersion::Any, batch)
+                    };
+                    let stored = writer.append(append).await.unwrap().events;
+                    for e in &stored {
+                        answered.push((e.id.clone(), e.position, e.version));
+                    }
+                    // Each one sent again is answered as the first was.
+                    if i % 10 == 0 {
+                        let again = Append::to_topic(
+                            topic,
+                            vec![event(&format!("{name}-{publisher}-{i}"))],
+                        );
+                        let stored_again = writer.append(again).await.unwrap().events;
+                        assert!(stored_again[0].duplicate);
+                        assert_eq!(stored_again[0].position, stored[0].position);
+                    }
+                }
+                answered
+            });
+        }
+    }
+    let mut answered = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        answered.extend(done.unwrap());
+    }
+    let events = one.read(topic, 1, 10_000).await.unwrap();
+    assert_eq!(answered.len(), 16 * 54 + 160);
+    assert_eq!(events.len(), answered.len(), "every event stored once");
+    let first_off = events
+        .iter()
+        .enumerate()
+        .find(|(i, e)| e.position != *i as u64 + 1);
+    assert!(
+        first_off.is_none(),
+        "a gap or a position twice: {first_off:?}"
+    );
+    let mut ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), events.len(), "no id stored twice");
+    for (id, position, version) in &answered {
+        let stored = &events[*position as usize - 1];
+        assert_eq!(&stored.id, id, "answered at the place it is stored");
+        assert_eq!(&stored.version, version);
+    }
+    for k in 0..4 {
+        let key = format!("k{k}");
+        let versions: Vec<Option<u64>> = events
+            .iter()
+            .filter(|e| e.key.as_deref() == Some(key.as_str()))
+            .map(|e| e.version)
+            .collect();
+        let expected: Vec<Option<u64>> = (1..=versions.len() as u64).map(Some).collect();
+        assert_eq!(versions, expected, "key {key}'s versions count one by one");
+    }
+}
+
 #[tokio::test]
 async fn what_was_answered_survives_a_server_restart() {
     let mut server = NatsServer::start();
