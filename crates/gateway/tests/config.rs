@@ -619,3 +619,119 @@ fn events_are_typed_and_their_errors_name_the_key() {
         assert!(error.starts_with("t.toml:"), "{error}");
     }
 }
+
+const COMPOSED: &str = r#"
+[[upstreams]]
+name = "auth"
+endpoints = ["http://127.0.0.1:8003"]
+[upstreams.policy]
+deadline = "4s"
+
+[[upstreams]]
+name = "content"
+endpoints = ["http://127.0.0.1:8004"]
+[upstreams.policy]
+deadline = "7s"
+
+[[routes]]
+name = "web"
+path_prefix = "/bff/web"
+compose = [
+  { name = "user", upstream = "auth", path = "/users/{header.x-user-id}" },
+  { name = "feed", upstream = "content", path = "/feed{path}?n={query.n}", required = false, fields = ["id", "author.name"], fallback = { kind = "static", body = "[]" } },
+]
+"#;
+
+#[test]
+fn a_composition_route_is_typed() {
+    let config = ok(COMPOSED);
+    let route = &config.routes[0];
+    let Target::Compose(composition) = &route.target else {
+        panic!("{:?}", route.target);
+    };
+    assert_eq!(composition.parts.len(), 2);
+    assert!(composition.parts[0].required);
+    assert!(!composition.parts[1].required);
+    assert_eq!(
+        composition.parts[1].fields,
+        vec![
+            vec!["id".to_owned()],
+            vec!["author".to_owned(), "name".to_owned()]
+        ]
+    );
+    assert_eq!(
+        composition.deadline,
+        Duration::from_secs(7),
+        "by default the longest deadline of its parts' upstreams"
+    );
+    assert_eq!(route.methods, vec![http::Method::GET, http::Method::HEAD]);
+    let with_deadline = ok(&COMPOSED.replace(
+        "path_prefix = \"/bff/web\"",
+        "path_prefix = \"/bff/web\"\ndeadline = \"800ms\"",
+    ));
+    let Target::Compose(composition) = &with_deadline.routes[0].target else {
+        panic!()
+    };
+    assert_eq!(composition.deadline, Duration::from_millis(800));
+}
+
+#[test]
+fn composition_errors_name_their_key() {
+    let cases = [
+        (
+            COMPOSED.replace("{header.x-user-id}", "{body.id}"),
+            "t.toml:18:39: routes[0].compose[0].path: unknown placeholder `{body.id}`: use {header.NAME}, {query.NAME} or {path}",
+        ),
+        (
+            COMPOSED.replace("upstream = \"auth\"", "upstream = \"nope\""),
+            "t.toml:18:20: routes[0].compose[0].upstream: no upstream named `nope`",
+        ),
+        (
+            COMPOSED.replace("name = \"feed\"", "name = \"user\""),
+            "t.toml:19:5: routes[0].compose[1].name: duplicate part name `user`",
+        ),
+        (
+            COMPOSED.replace("body = \"[]\"", "body = \"[\""),
+            "t.toml:19:156: routes[0].compose[1].fallback.body: must be JSON",
+        ),
+        (
+            COMPOSED.replace(
+                "fallback = { kind = \"static\", body = \"[]\" }",
+                "fallback = { kind = \"stale\" }",
+            ),
+            "t.toml:19:126: routes[0].compose[1].fallback: a part's fallback is `static` (a JSON value) or `upstream`",
+        ),
+        (
+            COMPOSED.replace("\"author.name\"", "\"author.\""),
+            "t.toml:19:110: routes[0].compose[1].fields[1]: a field is a name, or names joined by `.` (`author.name`)",
+        ),
+        (
+            COMPOSED.replace(
+                "path_prefix = \"/bff/web\"",
+                "path_prefix = \"/bff/web\"\nupstream = \"auth\"",
+            ),
+            "t.toml:18:1: routes[0].compose: a route has one of `upstream`, `split` or `compose`",
+        ),
+        (
+            COMPOSED.replace(
+                "path_prefix = \"/bff/web\"",
+                "path_prefix = \"/bff/web\"\nmethods = [\"POST\"]",
+            ),
+            "t.toml:17:12: routes[0].methods[0]: a composition route answers GET and HEAD",
+        ),
+        (
+            COMPOSED.replace(
+                "path_prefix = \"/bff/web\"",
+                "path_prefix = \"/bff/web\"\nstrip_prefix = true",
+            ),
+            "t.toml:17:1: routes[0].strip_prefix: not on a composition route (its parts are GETs of their own paths, each with its own `fallback`)",
+        ),
+        (
+            GOOD.replace("upstream = \"kb\"", "upstream = \"kb\"\ndeadline = \"1s\""),
+            "t.toml:32:1: routes[0].deadline: `deadline` bounds a composition route; a route to one upstream has its upstream's `policy.deadline`",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(err(&text), want);
+    }
+}

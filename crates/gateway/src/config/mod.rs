@@ -29,8 +29,11 @@ use tidegate_resilience::config::{duration, PolicyConfig};
 pub use crate::proxy::pool::PoolConfig;
 pub use tidegate_client::config::ConfigError;
 
+mod compose;
 mod edge;
 mod events;
+
+pub use self::compose::{Composition, Part, Piece};
 
 use self::edge::{
     parse_sha256, RawApiKey, RawFallback, RawRateLimit, RawRouteLimit, RawSplit, StoreKind,
@@ -366,6 +369,8 @@ pub enum Target {
     Upstream(usize),
     /// (upstream index, weight) pairs; weights sum to more than 0.
     Split(Vec<(usize, u32)>),
+    /// Parts of several upstreams, answered as one JSON object.
+    Compose(std::sync::Arc<Composition>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -434,6 +439,9 @@ struct RawRoute {
     tiers: Vec<String>,
     fallback: Option<RawFallback>,
     fault: Option<Fault>,
+    compose: Option<Vec<self::compose::RawPart>>,
+    #[serde(default, with = "duration::option")]
+    deadline: Option<Duration>,
 }
 
 /// Reads and validates the config at `path`, with overrides from the
@@ -680,7 +688,7 @@ impl Locator<'_> {
 
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(raw.routes.len());
-        for (i, r) in raw.routes.into_iter().enumerate() {
+        for (i, mut r) in raw.routes.into_iter().enumerate() {
             let at = root.clone().key("routes").index(i);
             check_name(&r.name).map_err(|reason| self.error(&at.clone().key("name"), reason))?;
             if !route_names.insert(r.name.clone()) {
@@ -701,7 +709,38 @@ impl Locator<'_> {
                     .position(|u| u.name == name)
                     .ok_or_else(|| self.error(key, format!("no upstream named `{name}`")))
             };
+            if r.compose.is_none() && r.deadline.is_some() {
+                return Err(self.error(
+                    &at.key("deadline"),
+                    "`deadline` bounds a composition route; a route to one upstream \
+                     has its upstream's `policy.deadline`",
+                ));
+            }
             let target = match (&r.upstream, &r.split) {
+                (None, None) if r.compose.is_some() => {
+                    for (key, set) in [
+                        ("strip_prefix", r.strip_prefix),
+                        ("max_body_bytes", r.max_body_bytes.is_some()),
+                        ("fallback", r.fallback.is_some()),
+                    ] {
+                        if set {
+                            return Err(self.error(
+                                &at.key(key),
+                                "not on a composition route (its parts are GETs of their \
+                                 own paths, each with its own `fallback`)",
+                            ));
+                        }
+                    }
+                    let parts = r.compose.take().unwrap_or_default();
+                    let composition = self.composition(parts, r.deadline, &upstreams, &at)?;
+                    Target::Compose(std::sync::Arc::new(composition))
+                }
+                (Some(_), _) | (_, Some(_)) if r.compose.is_some() => {
+                    return Err(self.error(
+                        &at.key("compose"),
+                        "a route has one of `upstream`, `split` or `compose`",
+                    ))
+                }
                 (Some(name), None) => Target::Upstream(find(name, &at.clone().key("upstream"))?),
                 (None, Some(split)) => {
                     let mut shares = Vec::with_capacity(split.len());
@@ -730,9 +769,10 @@ impl Locator<'_> {
                     ))
                 }
                 (None, None) => {
-                    return Err(
-                        self.error(&at.key("upstream"), "a route needs `upstream` or `split`")
-                    )
+                    return Err(self.error(
+                        &at.key("upstream"),
+                        "a route needs `upstream`, `split` or `compose`",
+                    ))
                 }
             };
             let mut methods = Vec::with_capacity(r.methods.len());
@@ -744,7 +784,19 @@ impl Locator<'_> {
                             format!("`{m}` is not an HTTP method"),
                         )
                     })?;
+                if matches!(target, Target::Compose(_))
+                    && method != Method::GET
+                    && method != Method::HEAD
+                {
+                    return Err(self.error(
+                        &at.clone().key("methods").index(j),
+                        "a composition route answers GET and HEAD",
+                    ));
+                }
                 methods.push(method);
+            }
+            if methods.is_empty() && matches!(target, Target::Compose(_)) {
+                methods = vec![Method::GET, Method::HEAD];
             }
             let mut headers = Vec::with_capacity(r.headers.len());
             for (name, value) in &r.headers {
@@ -1026,6 +1078,7 @@ impl Locator<'_> {
                 let own = match target {
                     Target::Upstream(u) => *u == index,
                     Target::Split(shares) => shares.iter().any(|&(u, _)| u == index),
+                    Target::Compose(_) => false,
                 };
                 if own {
                     return Err(self.error(

@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod client;
+pub mod compose;
 pub mod fallback;
 pub mod grpc;
 pub mod health;
@@ -428,49 +429,41 @@ impl Gateway {
                 "no route matches this request",
             ));
         };
-        let upstream = &table.upstreams[pick_target(&route.config.target)];
+        log.route = route.label.clone();
+        let upstream = match &route.config.target {
+            Target::Compose(composition) => {
+                drop(incoming);
+                let credential = self.credential(table, &parts.headers, log);
+                let admission = self
+                    .admit(table, route, &parts, credential, client, None)
+                    .await?;
+                let response = self
+                    .compose(
+                        table,
+                        composition,
+                        &route.config,
+                        parts,
+                        credential,
+                        client,
+                        upstream_client,
+                        request_id,
+                        log,
+                    )
+                    .await?;
+                return Ok(with_limits(response, admission.decision.as_ref()));
+            }
+            target => &table.upstreams[pick_target(target)],
+        };
         if upstream.config.protocol.is_http2() {
             // HTTP/2 has no Upgrade (RFC 9113 §8.6): a plain request.
             (websocket, upgrade) = (None, None);
         }
-        log.route = route.label.clone();
         log.upstream = upstream.label.clone();
         log.traffic = Some(&upstream.traffic);
-
-        let credential = if table.edge.has_keys() {
-            table.edge.authenticate(&parts.headers)
-        } else {
-            Credential::Anonymous
-        };
-        if let Credential::Valid(key, _) = credential {
-            log.key_id = Some(key.id.clone());
-        }
-        let admission = table
-            .edge
-            .admit(
-                &route.config,
-                credential,
-                client.ip(),
-                &parts.headers,
-                &self.metrics,
-            )
-            .await
-            .map_err(|refusal| self.refused(refusal, upstream))?;
-        if let Some(fault) = &route.config.fault {
-            if let Some(delay) = fault.delay {
-                if rng::unit() * 100.0 < fault.delay_percent {
-                    self.metrics.fault(&route.label, "delay");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-            if let Some(status) = fault.abort_status {
-                if rng::unit() * 100.0 < fault.abort_percent {
-                    self.metrics.fault(&route.label, "abort");
-                    let status = StatusCode::from_u16(status).expect("checked by the config");
-                    return Err(Reply::new(status, "fault injected").service(upstream.name()));
-                }
-            }
-        }
+        let credential = self.credential(table, &parts.headers, log);
+        let admission = self
+            .admit(table, route, &parts, credential, client, Some(upstream))
+            .await?;
         let in_flight = InFlight::new(upstream, admission.slot);
 
         let max_body = route
@@ -586,6 +579,68 @@ impl Gateway {
             response = cache.record(key, response);
         }
         Ok(with_limits(response, admission.decision.as_ref()))
+    }
+
+    /// The request's API key, as the edge sees it (noted in the log).
+    fn credential<'t>(
+        &self,
+        table: &'t Table,
+        headers: &HeaderMap,
+        log: &mut Access<'_>,
+    ) -> Credential<'t> {
+        let credential = if table.edge.has_keys() {
+            table.edge.authenticate(headers)
+        } else {
+            Credential::Anonymous
+        };
+        if let Credential::Valid(key, _) = credential {
+            log.key_id = Some(key.id.clone());
+        }
+        credential
+    }
+
+    /// The route's key requirement, limits and injected faults; `upstream`
+    /// is the route's own (a composition route has none).
+    async fn admit(
+        &self,
+        table: &Table,
+        route: &Route,
+        parts: &http::request::Parts,
+        credential: Credential<'_>,
+        client: SocketAddr,
+        upstream: Option<&Upstream>,
+    ) -> Result<admission::Admission, Reply> {
+        let admission = table
+            .edge
+            .admit(
+                &route.config,
+                credential,
+                client.ip(),
+                &parts.headers,
+                &self.metrics,
+            )
+            .await
+            .map_err(|refusal| self.refused(refusal, upstream))?;
+        if let Some(fault) = &route.config.fault {
+            if let Some(delay) = fault.delay {
+                if rng::unit() * 100.0 < fault.delay_percent {
+                    self.metrics.fault(&route.label, "delay");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if let Some(status) = fault.abort_status {
+                if rng::unit() * 100.0 < fault.abort_percent {
+                    self.metrics.fault(&route.label, "abort");
+                    let status = StatusCode::from_u16(status).expect("checked by the config");
+                    let reply = Reply::new(status, "fault injected");
+                    return Err(match upstream {
+                        Some(upstream) => reply.service(upstream.name()),
+                        None => reply,
+                    });
+                }
+            }
+        }
+        Ok(admission)
     }
 
     /// Sends the request through `upstream`'s policies.
@@ -756,7 +811,7 @@ impl Gateway {
     }
 
     /// The answer to a request the edge refused.
-    fn refused(&self, refusal: Refusal, upstream: &Upstream) -> Reply {
+    fn refused(&self, refusal: Refusal, upstream: Option<&Upstream>) -> Reply {
         match refusal {
             Refusal::Unauthenticated(why) => {
                 let mut reply = Reply::new(StatusCode::UNAUTHORIZED, why);
@@ -771,12 +826,14 @@ impl Gateway {
                 "this API key's tier may not use this route",
             ),
             Refusal::Limited(decision, which) => {
-                upstream.rejections.fetch_add(1, Ordering::Relaxed);
-                upstream.traffic.rate_limited();
-                self.metrics.rejection(upstream.name(), which.reason());
                 let mut reply = Reply::new(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded")
-                    .service(upstream.name())
                     .retry_after(decision.retry_after);
+                if let Some(upstream) = upstream {
+                    upstream.rejections.fetch_add(1, Ordering::Relaxed);
+                    upstream.traffic.rate_limited();
+                    self.metrics.rejection(upstream.name(), which.reason());
+                    reply = reply.service(upstream.name());
+                }
                 // A concurrency limit has no window to report.
                 if which != Exceeded::Concurrency {
                     reply.headers.extend(admission::headers(&decision));
@@ -784,15 +841,20 @@ impl Gateway {
                 reply
             }
             Refusal::StoreUnavailable => {
-                upstream.rejections.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .rejection(upstream.name(), "rate_limit_store_unavailable");
-                Reply::new(
+                let reply = Reply::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "rate limits cannot be checked now",
                 )
-                .service(upstream.name())
-                .retry_after(Some(Duration::from_secs(1)))
+                .retry_after(Some(Duration::from_secs(1)));
+                match upstream {
+                    Some(upstream) => {
+                        upstream.rejections.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .rejection(upstream.name(), "rate_limit_store_unavailable");
+                        reply.service(upstream.name())
+                    }
+                    None => reply,
+                }
             }
         }
     }
@@ -1206,6 +1268,7 @@ fn judge(
 fn pick_target(target: &Target) -> usize {
     match target {
         Target::Upstream(index) => *index,
+        Target::Compose(_) => unreachable!("a composition route has no one upstream"),
         Target::Split(shares) => {
             let total: u64 = shares.iter().map(|&(_, w)| u64::from(w)).sum();
             let mut point = rng::below(total);
