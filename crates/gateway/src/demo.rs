@@ -1,6 +1,7 @@
 //! `tidegate demo`: sample upstreams on loopback (healthy, flaky, slow, an
 //! SSE stream, an analytics service that takes pushed events) and a gateway
-//! in front of them, with an `orders` topic: pushed to analytics (which
+//! in front of them, with a composition route `/bff/home` over three of
+//! them, and an `orders` topic: pushed to analytics (which
 //! fails a share of deliveries, and refuses a few events outright, so
 //! redeliveries and dead letters show on the dashboard) and pulled by a
 //! fulfilment group.
@@ -273,6 +274,7 @@ pub fn traffic(gateway: SocketAddr, events: Option<SocketAddr>) -> tokio::task::
                 "/healthy/hello".to_owned(),
                 "/flaky/order".to_owned(),
                 format!("/slow/report?ms={slow}"),
+                format!("/bff/home?name=demo&ms={slow}"),
             ];
             for path in paths {
                 let Ok(uri) = format!("http://{gateway}{path}").parse::<http::Uri>() else {
@@ -361,6 +363,16 @@ name = "slow"
 path_prefix = "/slow"
 strip_prefix = true
 upstream = "slow"
+
+[[routes]]
+name = "home"
+path_prefix = "/bff/home"
+deadline = "1s"
+compose = [
+  {{ name = "greeting", upstream = "healthy", path = "/hello/{{query.name}}" }},
+  {{ name = "order", upstream = "flaky", path = "/order", required = false }},
+  {{ name = "report", upstream = "slow", path = "/report?ms={{query.ms}}", required = false, fields = ["waited_ms"] }},
+]
 
 [[upstreams]]
 name = "analytics"

@@ -85,6 +85,9 @@ try:
                                                     -d 0 heals it, and the next probe closes the breaker
   curl -i 'http://{gw}/slow/report?ms=3000'         slower than the 1 s timeout: 504
   curl -N http://{gw}/events/                       server-sent events, one a second
+  curl -i 'http://{gw}/bff/home?name=ada&ms=100'    one JSON answer from healthy, flaky and slow at once;
+                                                    a failed optional part is null and named in
+                                                    x-tidegate-partial; ms=1500 passes the 1 s deadline
   curl http://{admin}/status/services               breaker states, endpoints, in-flight
   curl http://{admin}/metrics                       Prometheus metrics
   curl -N http://{admin}/events                     state changes as they happen
@@ -155,6 +158,14 @@ async fn self_check(gw: SocketAddr, admin: SocketAddr, ev: SocketAddr) -> anyhow
     let (status, _) = fetch("GET", &format!("http://{gw}/slow/report?ms=1500"), "").await?;
     anyhow::ensure!(status == 504, "slow answered {status}, not 504");
     println!("GET /slow/report?ms=1500 → {status} (the attempt timeout is 1 s)");
+    let home = format!("http://{gw}/bff/home?name=ada&ms=10");
+    let (status, body) = fetch("GET", &home, "").await?;
+    let composed: serde_json::Value = serde_json::from_str(&body)?;
+    anyhow::ensure!(
+        status == 200 && composed["order"].is_null() && composed["report"]["waited_ms"] == 10.0,
+        "the composition route answered {status}: {body}"
+    );
+    println!("GET /bff/home → {status} {body} (flaky's breaker is open: its part is null)");
 
     // An order in, pushed to analytics (redelivered if it was busy) and
     // waiting for a fulfilment worker.
