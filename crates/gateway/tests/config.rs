@@ -735,3 +735,51 @@ fn composition_errors_name_their_key() {
         assert_eq!(err(&text), want);
     }
 }
+
+#[test]
+fn tidegate_check_refuses_schema_versions_that_break_the_evolution_rules() {
+    let dir = std::env::temp_dir().join(format!("tidegate-config-schemas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let v1 = r#"{"type":"object","required":["id"],"properties":{
+        "id":{"type":"string"},"size":{"type":"integer"},"old":{"type":"string","deprecated":true}}}"#;
+    let cases = [
+        // Fine: optional field added, deprecated field removed.
+        (r#"{"type":"object","required":["id"],"properties":{"id":{"type":"string"},"size":{"type":"integer"},"tag":{"type":"string"}}}"#, None),
+        (
+            r#"{"type":"object","required":["id","owner"],"properties":{"id":{"type":"string"},"size":{"type":"integer"},"old":{"type":"string"},"owner":{"type":"string"}}}"#,
+            Some("field `owner` is added as required without a default from v1.json to v2.json: a field may be added only as optional or with a default"),
+        ),
+        (
+            r#"{"type":"object","required":["id"],"properties":{"id":{"type":"string"},"old":{"type":"string"}}}"#,
+            Some("field `size` is removed without being marked `deprecated` first from v1.json to v2.json: a field is removed only after a version that marks it `deprecated`"),
+        ),
+        (
+            r#"{"type":"object","required":["id"],"properties":{"id":{"type":"string"},"size":{"type":"string"},"old":{"type":"string"}}}"#,
+            Some("field `size` changes type from integer to string from v1.json to v2.json: a type change (or a rename) needs a new event type"),
+        ),
+        (r#"{"type": 7}"#, Some("is not a usable JSON Schema")),
+        ("{", Some("is not JSON")),
+    ];
+    std::fs::write(dir.join("v1.json"), v1).unwrap();
+    let config_file = dir.join("tidegate.toml");
+    let text = "[events]\npath = \"e.db\"\n[[events.schemas]]\ntopic = \"content\"\ntype = \"Uploaded\"\nversions = [\"v1.json\", \"v2.json\"]\n";
+    for (v2, want) in cases {
+        std::fs::write(dir.join("v2.json"), v2).unwrap();
+        let file = config_file.display().to_string();
+        match (parse(text, &file, []), want) {
+            (Ok(config), None) => {
+                let schemas = &config.events.unwrap().schemas;
+                assert_eq!(schemas[0].versions.len(), 2);
+                assert_eq!(schemas[0].versions[1].file, "v2.json", "named as written");
+            }
+            (Err(e), Some(want)) => {
+                let e = e.to_string();
+                assert!(e.starts_with(&format!("{file}:6:")), "{e}");
+                assert!(e.contains("events.schemas[0].versions[1]: "), "{e}");
+                assert!(e.contains(want), "{e}\nwants: {want}");
+            }
+            (got, want) => panic!("{v2}: {:?}, wanted {want:?}", got.map(drop)),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

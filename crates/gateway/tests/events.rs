@@ -1192,3 +1192,130 @@ async fn a_subscriber_that_refuses_connections_pauses_its_subscription_until_it_
     assert_eq!(sub.hits(), 3, "{:?}", sub.ledger());
     running.shutdown().await;
 }
+
+/// Two versions of `ContentUploaded`'s schema in `dir`; the config lines
+/// that name them.
+fn content_schemas(dir: &Dir) -> String {
+    let v1 = dir.0.join("uploaded.v1.json");
+    let v2 = dir.0.join("uploaded.v2.json");
+    std::fs::write(
+        &v1,
+        r#"{"type":"object","required":["id","title"],
+            "properties":{"id":{"type":"string"},"title":{"type":"string"}}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        &v2,
+        r#"{"type":"object","required":["id","title"],
+            "properties":{"id":{"type":"string"},"title":{"type":"string","maxLength":20},
+                          "size":{"type":"integer","minimum":0}}}"#,
+    )
+    .unwrap();
+    format!(
+        "[[events.schemas]]\ntopic = \"content\"\ntype = \"ContentUploaded\"\nversions = [\"{}\", \"{}\"]\n",
+        v1.display(),
+        v2.display()
+    )
+}
+
+#[tokio::test]
+async fn events_that_break_their_schema_are_refused_with_the_pointer_and_rule_and_nothing_is_stored(
+) {
+    let dir = Dir::new("schemas");
+    let running = gateway(&dir, "", &content_schemas(&dir)).await;
+    let uploaded =
+        |id: &str, data: Value| structured(id, "ContentUploaded", json!({ "data": data }));
+    let ok = publish(
+        &running,
+        "content",
+        uploaded("c1", json!({"id": "1", "title": "Rust", "size": 3})),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::CREATED, "{}", ok.body);
+
+    let cases = [
+        (json!({"id": "2"}), "", "required"),
+        (
+            json!({"id": "2", "title": "T", "size": -1}),
+            "/size",
+            "minimum",
+        ),
+        (
+            json!({"id": "2", "title": "T", "size": "big"}),
+            "/size",
+            "type",
+        ),
+    ];
+    for (data, pointer, rule) in cases {
+        let refused = publish(&running, "content", uploaded("c2", data.clone())).await;
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY, "{data}");
+        let body = refused.json();
+        assert_eq!(body["pointer"], pointer, "{body}");
+        assert_eq!(body["rule"], rule, "{body}");
+        assert_eq!(body["id"], "c2");
+        assert!(body["schema"]
+            .as_str()
+            .unwrap()
+            .ends_with("uploaded.v2.json"));
+    }
+    // The version the event names judges it: v1 has no `size` rule.
+    let v1 = structured(
+        "c3",
+        "ContentUploaded",
+        json!({"dataschema": "https://example.com/schemas/uploaded.v1.json",
+               "data": {"id": "3", "title": "T", "size": -1}}),
+    );
+    assert_eq!(
+        publish(&running, "content", v1).await.status,
+        StatusCode::CREATED
+    );
+    // Binary mode with data that is not JSON.
+    let binary = post(
+        &events_url(&running, "/v1/topics/content/events"),
+        &[
+            ("content-type", "text/plain"),
+            ("ce-type", "ContentUploaded"),
+            ("ce-id", "c4"),
+            ("ce-source", "/t"),
+        ],
+        "not json",
+    )
+    .await;
+    assert_eq!(binary.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(binary.json()["rule"], "json");
+    // One bad event in a batch refuses the whole batch.
+    let batch = json!([
+        uploaded("c5", json!({"id": "5", "title": "ok"})),
+        uploaded(
+            "c6",
+            json!({"id": "6", "title": "a title far longer than twenty"})
+        ),
+    ]);
+    let refused = post(
+        &events_url(&running, "/v1/topics/content/events"),
+        &[("content-type", "application/cloudevents-batch+json")],
+        batch.to_string(),
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        refused.body
+    );
+    assert_eq!(refused.json()["index"], 1);
+    assert_eq!(refused.json()["pointer"], "/title");
+    // Other types of the topic are not checked.
+    let other = publish(
+        &running,
+        "content",
+        structured("c7", "ContentDeleted", json!({"data": "x"})),
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::CREATED);
+    assert_eq!(
+        read_ids(&running, "content").await,
+        ["c1", "c3", "c7"],
+        "nothing refused was stored"
+    );
+}

@@ -159,6 +159,11 @@ impl<'a> Source<'a> {
         })
     }
 
+    /// The file the text came from, as named when it was parsed.
+    pub fn file(&self) -> &str {
+        self.file
+    }
+
     /// An error about the value at `path`, located in the file (or the
     /// environment variable that set it).
     pub fn error(&self, path: &KeyPath, reason: impl fmt::Display) -> ConfigError {

@@ -29,6 +29,7 @@ pub(crate) struct RawEvents {
     max_body_bytes: u64,
     topics: Vec<RawTopic>,
     subscriptions: Vec<RawSubscription>,
+    schemas: Vec<super::schemas::RawSchema>,
 }
 
 impl Default for RawEvents {
@@ -45,6 +46,7 @@ impl Default for RawEvents {
             max_body_bytes: 1024 * 1024,
             topics: Vec::new(),
             subscriptions: Vec::new(),
+            schemas: Vec::new(),
         }
     }
 }
@@ -184,6 +186,8 @@ pub struct EventsSettings {
     pub topics: Vec<TopicSettings>,
     /// `[[events.subscriptions]]`.
     pub subscriptions: Vec<Subscription>,
+    /// `[[events.schemas]]`: event contracts.
+    pub schemas: Vec<super::schemas::SchemaSettings>,
 }
 
 /// `[[events.topics]]`.
@@ -401,6 +405,11 @@ impl Locator<'_> {
                 push,
             });
         }
+        // Schema files are found beside the config file.
+        let base = std::path::Path::new(self.0.file())
+            .parent()
+            .unwrap_or(std::path::Path::new(""));
+        let schemas = self.schemas(raw.schemas, base, &at)?;
         Ok(EventsSettings {
             store,
             listen: raw.listen,
@@ -409,6 +418,7 @@ impl Locator<'_> {
             max_body_bytes: raw.max_body_bytes,
             topics,
             subscriptions,
+            schemas,
         })
     }
 }

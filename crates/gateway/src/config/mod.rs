@@ -32,8 +32,10 @@ pub use tidegate_client::config::ConfigError;
 mod compose;
 mod edge;
 mod events;
+mod schemas;
 
 pub use self::compose::{Composition, Part, Piece};
+pub use self::schemas::{evolution, Broken, SchemaSettings, SchemaVersion};
 
 use self::edge::{
     parse_sha256, RawApiKey, RawFallback, RawRateLimit, RawRouteLimit, RawSplit, StoreKind,

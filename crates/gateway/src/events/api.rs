@@ -357,6 +357,29 @@ async fn publish(
                 .or_insert_with(|| parent.to_owned());
         }
     }
+    let contracts = api.events.contracts();
+    if !contracts.is_empty() {
+        for (index, event) in publish.events.iter().enumerate() {
+            if let Some(violation) = contracts.check(&topic, event) {
+                let mut body = json!({
+                    "error": violation.error,
+                    "pointer": violation.pointer,
+                    "rule": violation.rule,
+                    "schema": violation.schema,
+                    "id": event.id,
+                });
+                if publish.batch {
+                    body["index"] = json!(index);
+                }
+                return Err(Refusal {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    body,
+                    challenge: false,
+                    retry_after: None,
+                });
+            }
+        }
+    }
     let key = publish.key.clone();
     let append = Append {
         topic: topic.clone(),

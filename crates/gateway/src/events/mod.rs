@@ -18,6 +18,7 @@ use crate::config::{EventStore, EventsSettings, Subscription};
 pub mod admin;
 pub mod api;
 pub mod cloudevents;
+pub mod contracts;
 pub mod push;
 
 /// The event store and the settings in effect.
@@ -26,6 +27,8 @@ pub struct Events {
     /// `sqlite` or `nats`, for metrics and `/ready`.
     kind: &'static str,
     settings: ArcSwap<EventsSettings>,
+    /// The event contracts of the settings in effect, compiled.
+    contracts: ArcSwap<contracts::Contracts>,
     /// Bumped by each reload: push tasks look at their settings again.
     generation: tokio::sync::watch::Sender<u64>,
     /// The push tasks, once started.
@@ -100,10 +103,13 @@ impl Events {
         apply(&*store, None, &settings)
             .await
             .map_err(|e| format!("events: {e}"))?;
+        let contracts = contracts::Contracts::compile(&settings.schemas)
+            .map_err(|e| format!("events.schemas: {e}"))?;
         Ok(Arc::new(Events {
             store,
             kind,
             settings: ArcSwap::from_pointee(settings),
+            contracts: ArcSwap::from_pointee(contracts),
             generation: tokio::sync::watch::channel(0).0,
             pushers: std::sync::OnceLock::new(),
         }))
@@ -136,6 +142,11 @@ impl Events {
     /// the server, failing at once while it is unreachable).
     pub async fn probe(&self) -> Result<(), StoreError> {
         self.store.last_position("tidegate.probe").await.map(drop)
+    }
+
+    /// The event contracts in effect.
+    pub fn contracts(&self) -> Arc<contracts::Contracts> {
+        self.contracts.load_full()
     }
 
     /// The settings in effect.
@@ -175,7 +186,10 @@ impl Events {
     /// push tasks for new push subscriptions.
     pub async fn reload(self: &Arc<Self>, new: EventsSettings) -> Result<(), StoreError> {
         let old = self.settings();
+        let contracts = contracts::Contracts::compile(&new.schemas)
+            .map_err(|e| StoreError(format!("events.schemas: {e}")))?;
         apply(&*self.store, Some(&old), &new).await?;
+        self.contracts.store(Arc::new(contracts));
         self.settings.store(Arc::new(new));
         self.generation.send_modify(|n| *n += 1);
         push::start(self);
