@@ -32,9 +32,11 @@ pub use tidegate_client::config::ConfigError;
 mod compose;
 mod edge;
 mod events;
+mod sagas;
 mod schemas;
 
 pub use self::compose::{Composition, Part, Piece};
+pub use self::sagas::{BodyTemplate, Ref, Root, SagaCall, SagaConfig, Scope, Segment, Step};
 pub use self::schemas::{evolution, Broken, SchemaSettings, SchemaVersion};
 
 use self::edge::{
@@ -66,6 +68,8 @@ pub struct Config {
     pub alerts: Alerts,
     /// `[events]`: the event store and its API, when the file has the table.
     pub events: Option<EventsSettings>,
+    /// `[[sagas]]`, kept in the event store (so only with `[events]`).
+    pub sagas: Vec<SagaConfig>,
     /// The config in effect as JSON, for `GET /config`: the file with
     /// environment overrides, built-in defaults filled in, secrets redacted.
     pub effective: std::sync::Arc<serde_json::Value>,
@@ -393,6 +397,8 @@ struct RawConfig {
     #[serde(default)]
     alerts: RawAlerts,
     events: Option<self::events::RawEvents>,
+    #[serde(default)]
+    sagas: Vec<self::sagas::RawSaga>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -687,6 +693,13 @@ impl Locator<'_> {
             Some(events) => Some(self.events(events, &upstreams)?),
             None => None,
         };
+        if events.is_none() && !raw.sagas.is_empty() {
+            return Err(self.error(
+                &root.clone().key("sagas"),
+                "sagas are kept in the event store: add an [events] table",
+            ));
+        }
+        let sagas = self.sagas(raw.sagas, &upstreams)?;
 
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(raw.routes.len());
@@ -859,6 +872,7 @@ impl Locator<'_> {
             api_keys,
             alerts,
             events,
+            sagas,
             effective: std::sync::Arc::default(),
         })
     }

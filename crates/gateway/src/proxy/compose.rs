@@ -4,23 +4,19 @@
 //! the route's deadline.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, Method, Response, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::{Map, Value};
-use tidegate_resilience::Error;
 use tokio::time::Instant;
 
 use super::admission::Credential;
 use super::client::UpstreamClient;
-use super::upstream::AttemptError;
-use super::{router, Access, Call, Gateway, Head, InFlight, Reply, Table, Template};
+use super::{router, Access, Gateway, Reply, Table, Template};
 use crate::config::{Composition, Fallback, Part, Piece, RouteConfig};
-use crate::http::body::{self, ProxyBody, RequestBody};
+use crate::http::body::{self, ProxyBody};
 
 /// Names the optional parts that failed (and are `null`).
 pub static PARTIAL: HeaderName = HeaderName::from_static("x-tidegate-partial");
@@ -107,9 +103,10 @@ impl Gateway {
         ] {
             headers.remove(name);
         }
-        let fetches = composition.parts.iter().zip(paths).map(|(part, path)| {
-            self.part(table, part, path, &headers, upstream_client, deadline, log)
-        });
+        let fetches =
+            composition.parts.iter().zip(paths).map(|(part, path)| {
+                self.part(table, part, path, &headers, upstream_client, deadline)
+            });
         let outcomes = futures_util::future::join_all(fetches).await;
         let mut answer = Vec::with_capacity(1024);
         answer.push(b'{');
@@ -162,9 +159,7 @@ impl Gateway {
         headers: &HeaderMap,
         upstream_client: &UpstreamClient,
         deadline: Instant,
-        log: &Access<'_>,
     ) -> (Result<Value, Failure>, u32, Option<&'static str>) {
-        let route = &log.route;
         let (mut outcome, mut attempts) = self
             .fetch(
                 table,
@@ -173,7 +168,6 @@ impl Gateway {
                 headers,
                 upstream_client,
                 deadline,
-                route,
             )
             .await;
         let mut used = None;
@@ -185,15 +179,7 @@ impl Gateway {
                 }
                 Some(Fallback::Upstream(other)) => {
                     let (other, more) = self
-                        .fetch(
-                            table,
-                            *other,
-                            path,
-                            headers,
-                            upstream_client,
-                            deadline,
-                            route,
-                        )
+                        .fetch(table, *other, path, headers, upstream_client, deadline)
                         .await;
                     attempts += more;
                     if other.is_ok() {
@@ -219,84 +205,29 @@ impl Gateway {
         headers: &HeaderMap,
         upstream_client: &UpstreamClient,
         deadline: Instant,
-        route: &Arc<String>,
     ) -> (Result<Value, Failure>, u32) {
         let upstream = &table.upstreams[index];
-        let template = Template(Head {
-            method: Method::GET,
-            path_and_query: path,
-            headers: headers.clone(),
-        });
-        let call = Call {
-            upstream_client,
-            template: &template,
-            idempotent: true,
-            grpc: false,
-            limit: Some(deadline.saturating_duration_since(Instant::now())),
-        };
-        let mut log = Access {
-            route: route.clone(),
-            upstream: upstream.label.clone(),
-            traffic: Some(&upstream.traffic),
-            upstream_failed: false,
-            attempts: 0,
-            key_id: None,
-            fallback: None,
-        };
-        let max_bytes = table.settings.max_body_bytes;
+        let max_bytes = usize::try_from(table.settings.max_body_bytes).unwrap_or(usize::MAX);
+        let mut attempts = 0;
         let fetched = async {
-            let mut body = RequestBody::Replayable {
-                data: Bytes::new(),
-                trailers: None,
-            };
-            let in_flight = InFlight::new(upstream, None);
-            let start = Instant::now();
-            let result = if upstream.has_available_endpoint() {
-                self.forward(&call, upstream, &mut body, &mut log).await
-            } else {
-                self.metrics
-                    .rejection(upstream.name(), "no_healthy_endpoint");
-                Err(Error::inner_error(AttemptError::NoEndpoint))
-            };
-            let response = match result {
-                Ok(response) => response,
-                Err(err) => {
-                    self.count_rejection(upstream, &err);
-                    match self.failed(upstream, err) {
-                        Ok(response) => response,
-                        Err(reply) => {
-                            upstream.traffic.record(true, start.elapsed());
-                            return Err(Failure::Reply(reply));
-                        }
-                    }
-                }
-            };
-            let status = response.status();
-            let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-            let read = http_body_util::Limited::new(
-                response.into_body(),
-                usize::try_from(max_bytes).unwrap_or(usize::MAX),
-            )
-            .collect()
-            .await;
-            upstream
-                .traffic
-                .record(status.is_server_error() || read.is_err(), start.elapsed());
-            drop(in_flight);
-            let Ok(read) = read else {
-                return Err(Failure::Reply(
-                    Reply::new(
-                        StatusCode::BAD_GATEWAY,
-                        "the answer broke off or is larger than max_body_bytes",
-                    )
-                    .service(upstream.name()),
-                ));
-            };
-            let body = read.to_bytes();
+            let (exchanged, tries) = self
+                .exchange(
+                    upstream_client,
+                    upstream,
+                    Method::GET,
+                    path,
+                    headers.clone(),
+                    Bytes::new(),
+                    deadline.saturating_duration_since(Instant::now()),
+                    max_bytes,
+                )
+                .await;
+            attempts = tries;
+            let (status, answer_headers, body) = exchanged.map_err(Failure::Reply)?;
             if !status.is_success() {
                 return Err(Failure::Answered {
                     status,
-                    content_type,
+                    content_type: answer_headers.get(header::CONTENT_TYPE).cloned(),
                     body,
                 });
             }
@@ -314,7 +245,7 @@ impl Gateway {
                     .service(upstream.name()),
             )),
         };
-        (outcome, log.attempts)
+        (outcome, attempts)
     }
 }
 

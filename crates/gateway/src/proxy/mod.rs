@@ -714,6 +714,91 @@ impl Gateway {
         Some(response)
     }
 
+    /// A whole exchange the gateway makes on its own behalf (a part of a
+    /// composition route, a saga's step): `method path` with `headers` and
+    /// `body` through `upstream`'s policies, retried by them as an
+    /// idempotent request, bounded by `limit`; the answer read whole, up
+    /// to `max_bytes`. A call the gateway could not complete is the error
+    /// it would have answered.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn exchange(
+        &self,
+        upstream_client: &UpstreamClient,
+        upstream: &Arc<Upstream>,
+        method: Method,
+        path_and_query: PathAndQuery,
+        headers: HeaderMap,
+        body: Bytes,
+        limit: Duration,
+        max_bytes: usize,
+    ) -> (Result<(StatusCode, HeaderMap, Bytes), Reply>, u32) {
+        let template = Template(Head {
+            method,
+            path_and_query,
+            headers,
+        });
+        let call = Call {
+            upstream_client,
+            template: &template,
+            idempotent: true,
+            grpc: false,
+            limit: Some(limit),
+        };
+        let mut log = Access {
+            route: self.none.clone(),
+            upstream: upstream.label.clone(),
+            traffic: Some(&upstream.traffic),
+            upstream_failed: false,
+            attempts: 0,
+            key_id: None,
+            fallback: None,
+        };
+        let mut body = RequestBody::Replayable {
+            data: body,
+            trailers: None,
+        };
+        let in_flight = InFlight::new(upstream, None);
+        let start = Instant::now();
+        let result = if upstream.has_available_endpoint() {
+            self.forward(&call, upstream, &mut body, &mut log).await
+        } else {
+            self.metrics
+                .rejection(upstream.name(), "no_healthy_endpoint");
+            Err(Error::inner_error(AttemptError::NoEndpoint))
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(err) => {
+                self.count_rejection(upstream, &err);
+                match self.failed(upstream, err) {
+                    Ok(response) => response,
+                    Err(reply) => {
+                        upstream.traffic.record(true, start.elapsed());
+                        return (Err(reply), log.attempts);
+                    }
+                }
+            }
+        };
+        let (parts, incoming) = response.into_parts();
+        let read = http_body_util::Limited::new(incoming, max_bytes)
+            .collect()
+            .await;
+        upstream.traffic.record(
+            parts.status.is_server_error() || read.is_err(),
+            start.elapsed(),
+        );
+        drop(in_flight);
+        let outcome = match read {
+            Ok(read) => Ok((parts.status, parts.headers, read.to_bytes())),
+            Err(_) => Err(Reply::new(
+                StatusCode::BAD_GATEWAY,
+                "the answer broke off or is too large",
+            )
+            .service(upstream.name())),
+        };
+        (outcome, log.attempts)
+    }
+
     /// A call the gateway makes on its own behalf (an event pushed to a
     /// subscriber): `POST path` with `headers` and `body` through
     /// `upstream`'s policies (breaker, bulkhead, limits, timeout), never
