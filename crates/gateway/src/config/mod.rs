@@ -36,7 +36,9 @@ mod sagas;
 mod schemas;
 
 pub use self::compose::{Composition, Part, Piece};
-pub use self::sagas::{BodyTemplate, Ref, Root, SagaCall, SagaConfig, Scope, Segment, Step};
+pub use self::sagas::{
+    BodyTemplate, Compensation, Ref, Root, SagaCall, SagaConfig, Scope, Segment, Step,
+};
 pub use self::schemas::{evolution, Broken, SchemaSettings, SchemaVersion};
 
 use self::edge::{

@@ -23,6 +23,42 @@ use super::{ConfigError, Locator, UpstreamConfig};
 pub(crate) struct RawSaga {
     name: String,
     steps: Vec<RawStep>,
+    #[serde(default)]
+    compensation: Compensation,
+}
+
+/// How a failed compensation is tried again before the saga is `stuck`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Compensation {
+    /// Tries of each compensation (the first included). Default 5.
+    pub max_attempts: u32,
+    /// The wait after the first failure, doubled after each. Default 500 ms.
+    #[serde(with = "duration")]
+    pub base_delay: Duration,
+    /// The longest wait. Default 30 s.
+    #[serde(with = "duration")]
+    pub max_delay: Duration,
+}
+
+impl Default for Compensation {
+    fn default() -> Self {
+        Compensation {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Compensation {
+    /// The wait after failed try `attempt` (from 1).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let doubled = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
+        doubled.min(self.max_delay)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +92,8 @@ pub struct SagaConfig {
     pub name: String,
     /// Run in order; compensated in reverse.
     pub steps: Vec<Step>,
+    /// How compensations are tried again.
+    pub compensation: Compensation,
 }
 
 /// One step of a saga.
@@ -418,6 +456,12 @@ impl Locator<'_> {
                     format!("duplicate saga name `{}`", saga.name),
                 ));
             }
+            if saga.compensation.max_attempts == 0 {
+                return Err(self.error(
+                    &at.key("compensation").key("max_attempts"),
+                    "must be at least 1",
+                ));
+            }
             if saga.steps.is_empty() {
                 return Err(self.error(&at.key("steps"), "needs at least one step"));
             }
@@ -464,6 +508,7 @@ impl Locator<'_> {
             out.push(SagaConfig {
                 name: saga.name,
                 steps,
+                compensation: saga.compensation,
             });
         }
         Ok(out)

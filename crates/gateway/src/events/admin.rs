@@ -5,6 +5,8 @@
 //! | `GET /status/events` | topics (positions, events kept), subscriptions (cursor, lag, in flight, redelivering, oldest unacked age) and dead-letter topics (letters waiting, the oldest with their reasons) |
 //! | `POST /v1/subscriptions/{name}/seek` | `{"position": N \| "earliest" \| "latest"}`: the group starts again there (rebuild a read model); admin token |
 //! | `POST /v1/topics/{topic}/redrive` | `{"limit": 100}` (and optionally `"to"`, the topic the letters came from): dead letters of `topic` back to work in the groups that dead-lettered them; admin token |
+//! | `GET /status/sagas` | sagas by name and status (running, compensating, completed, compensated, stuck), and the latest 20 with each step's status and attempts |
+//! | `POST /v1/sagas/{name}/{id}/retry` | a stuck saga's compensations tried again (after the upstream was fixed); admin token |
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -243,5 +245,56 @@ pub async fn redrive(
             )
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// Sagas shown by `/status/sagas`, the latest first.
+const SAGAS_SHOWN: usize = 20;
+
+/// `GET /status/sagas`.
+pub async fn sagas_status(State(gateway): State<Arc<Gateway>>) -> Response {
+    let Some(events) = gateway.events() else {
+        return events_off();
+    };
+    let Some(sagas) = events.sagas() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "sagas are not running yet");
+    };
+    match sagas.status(SAGAS_SHOWN).await {
+        Ok(mut status) => {
+            status["timestamp"] = json!(now_rfc3339());
+            json_response(StatusCode::OK, &status)
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// `POST /v1/sagas/{name}/{id}/retry`.
+pub async fn retry_saga(
+    State(gateway): State<Arc<Gateway>>,
+    Path((name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    use super::sagas::RetryError;
+    let events = match for_write(&gateway, &headers) {
+        Ok(events) => events,
+        Err(refused) => return *refused,
+    };
+    let Some(sagas) = events.sagas() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "sagas are not running yet");
+    };
+    match sagas.retry(&name, &id).await {
+        Ok(state) => {
+            tracing::warn!(saga = %name, saga_id = %id, "a stuck saga retried through the admin API");
+            json_response(
+                StatusCode::OK,
+                &serde_json::to_value(&state).unwrap_or(Value::Null),
+            )
+        }
+        Err(RetryError::Unknown) => error(StatusCode::NOT_FOUND, "no saga by that name and id"),
+        Err(RetryError::NotStuck(status)) => error(
+            StatusCode::CONFLICT,
+            &format!("the saga is {status}, not stuck"),
+        ),
+        Err(RetryError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }

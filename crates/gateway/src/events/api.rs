@@ -13,6 +13,8 @@
 //! | `GET /v1/topics`, `GET /v1/topics/{topic}` | positions, event counts, retention, subscriptions and their lag |
 //! | `POST /v1/subscriptions/{name}/fetch` | pull `{"max":10,"wait":"5s"}` → `{"messages":[{"ack_id","delivery","event"}]}` |
 //! | `POST /v1/subscriptions/{name}/ack` · `/nack` · `/extend` · `/dead-letter` | `{"ack_ids":[…]}` (`nack`: `"delay"`; `dead-letter`: `"reason"`) → `{"settled":N,"expired":[…]}` |
+//! | `POST /v1/sagas/{name}` | start a saga with the JSON body as its input (`Idempotency-Key`: its id, so a start sent again is the same saga); 202 + `Location` and its state, or with `?wait=10s` 200 once it has ended (or is stuck) |
+//! | `GET /v1/sagas/{name}/{id}` | a saga's state: status, each step's status, attempts, response and error |
 //! | `GET /openapi.json` | the OpenAPI 3 description of all of these |
 
 use std::sync::Arc;
@@ -65,6 +67,8 @@ pub fn router(
         .route("/v1/subscriptions/{name}/nack", post(nack))
         .route("/v1/subscriptions/{name}/extend", post(extend))
         .route("/v1/subscriptions/{name}/dead-letter", post(dead_letter))
+        .route("/v1/sagas/{name}", post(start_saga))
+        .route("/v1/sagas/{name}/{id}", get(saga))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint").into_response() })
         .with_state(Api {
@@ -599,6 +603,135 @@ fn duration_field(
             format!("{name} must be a duration like \"5s\""),
         )),
     }
+}
+
+/// The sagas, or 503 while they are not running.
+fn sagas(api: &Api) -> Result<Arc<super::sagas::Sagas>, Refusal> {
+    api.events
+        .sagas()
+        .cloned()
+        .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "sagas are not running yet"))
+}
+
+/// The value of `name` in a query string.
+fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn saga_answer(status: StatusCode, state: &super::sagas::SagaState) -> Response {
+    let body = serde_json::to_value(state).unwrap_or(Value::Null);
+    let mut response = json_response(status, body);
+    let location = format!("/v1/sagas/{}/{}", state.saga, state.id);
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+async fn start_saga(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Result<Response, Refusal> {
+    use super::sagas::StartError;
+    let (parts, body) = request.into_parts();
+    api.authorize(&parts.headers, super::sagas::TOPIC)?;
+    let sagas = sagas(&api)?;
+    let wait = match query_value(query.as_deref(), "wait") {
+        Some(text) => Some(
+            tidegate_resilience::config::parse_duration(text)
+                .map_err(|why| error(StatusCode::BAD_REQUEST, format!("wait: {why}")))?
+                .min(Duration::from_secs(60)),
+        ),
+        None => None,
+    };
+    let id = match parts.headers.get(&super::sagas::IDEMPOTENCY_KEY) {
+        None => None,
+        Some(key) => {
+            let key = key.to_str().ok().filter(|k| {
+                !k.is_empty()
+                    && k.len() <= 100
+                    && k.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~')
+                    })
+            });
+            Some(
+                key.ok_or_else(|| {
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        "Idempotency-Key (the saga's id): 1 to 100 letters, digits, - _ . ~",
+                    )
+                })?
+                .to_owned(),
+            )
+        }
+    };
+    let body = api.body(body).await?;
+    let input: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("the input must be JSON: {e}"),
+            )
+        })?
+    };
+    let started = match sagas.start(&name, id, input).await {
+        Ok(state) => state,
+        Err(StartError::Unknown) => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!("there is no saga named `{name}`"),
+            ))
+        }
+        Err(StartError::Input(why)) => return Err(error(StatusCode::BAD_REQUEST, why)),
+        Err(StartError::Taken(other)) => {
+            return Err(error(
+                StatusCode::CONFLICT,
+                format!("that id is a saga of `{other}`"),
+            ))
+        }
+        Err(StartError::Store(e)) => return Err(store_failed(e)),
+    };
+    let state = match wait {
+        Some(wait) => sagas
+            .wait(&started.id, tokio::time::Instant::now() + wait)
+            .await
+            .map_err(store_failed)?
+            .unwrap_or(started),
+        None => started,
+    };
+    let settled = state.is_finished() || state.status == "stuck";
+    let status = if wait.is_some() && settled {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(saga_answer(status, &state))
+}
+
+async fn saga(
+    State(api): State<Api>,
+    Path((name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    api.authorize(&headers, super::sagas::TOPIC)?;
+    let state = sagas(&api)?
+        .state(&id)
+        .await
+        .map_err(store_failed)?
+        .filter(|s| s.saga == name)
+        .ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("there is no saga `{name}` with id `{id}`"),
+            )
+        })?;
+    Ok(saga_answer(StatusCode::OK, &state))
 }
 
 async fn fetch(

@@ -20,6 +20,7 @@ pub mod api;
 pub mod cloudevents;
 pub mod contracts;
 pub mod push;
+pub mod sagas;
 
 /// The event store and the settings in effect.
 pub struct Events {
@@ -33,6 +34,8 @@ pub struct Events {
     generation: tokio::sync::watch::Sender<u64>,
     /// The push tasks, once started.
     pushers: std::sync::OnceLock<push::Pushers>,
+    /// The sagas' drivers, once started.
+    sagas: std::sync::OnceLock<Arc<sagas::Sagas>>,
 }
 
 impl std::fmt::Debug for Events {
@@ -112,6 +115,7 @@ impl Events {
             contracts: ArcSwap::from_pointee(contracts),
             generation: tokio::sync::watch::channel(0).0,
             pushers: std::sync::OnceLock::new(),
+            sagas: std::sync::OnceLock::new(),
         }))
     }
 
@@ -126,6 +130,31 @@ impl Events {
             .pushers
             .set(push::Pushers::new(Arc::downgrade(gateway), stop));
         push::start(self);
+    }
+
+    /// Starts driving sagas through `gateway`'s upstreams until `stop`,
+    /// first those that were running when the gateway last stopped.
+    pub async fn start_sagas(
+        &self,
+        gateway: &Arc<crate::proxy::Gateway>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
+        let sagas = Arc::new(sagas::Sagas::new(
+            self.store.clone(),
+            Arc::downgrade(gateway),
+            stop,
+        ));
+        let _ = self.sagas.set(sagas.clone());
+        let resumed = sagas.resume().await?;
+        if resumed > 0 {
+            tracing::info!(resumed, "sagas that were running go on");
+        }
+        Ok(())
+    }
+
+    /// The sagas, once started.
+    pub fn sagas(&self) -> Option<&Arc<sagas::Sagas>> {
+        self.sagas.get()
     }
 
     /// The store.

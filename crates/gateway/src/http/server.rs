@@ -178,6 +178,10 @@ async fn serve_events(
     let events = crate::events::Events::open(settings, gateway.metrics.events.clone()).await?;
     gateway.set_events(events.clone());
     events.start_push(gateway, stopped.clone());
+    events
+        .start_sagas(gateway, stopped.clone())
+        .await
+        .map_err(|e| format!("cannot resume the sagas: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let app = crate::events::api::router(gateway.clone(), events, stopped.clone());
     tasks.spawn(async move {

@@ -54,6 +54,11 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/v1/topics/{topic}/redrive",
             post(crate::events::admin::redrive),
         )
+        .route("/status/sagas", get(crate::events::admin::sagas_status))
+        .route(
+            "/v1/sagas/{name}/{id}/retry",
+            post(crate::events::admin::retry_saga),
+        )
         .route("/openapi.json", get(openapi))
         .route("/", get(dashboard))
         .with_state(gateway)

@@ -78,6 +78,12 @@ struct FallbackLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SagaLabels {
+    saga: String,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -108,6 +114,7 @@ pub struct Metrics {
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     ejections: Family<EndpointLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
+    sagas: Family<SagaLabels, Counter>,
     faults: Family<FallbackLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     alerts: Family<ResultLabels, Counter>,
@@ -168,6 +175,7 @@ impl Default for Metrics {
         let endpoint_healthy = Family::default();
         let ejections = Family::default();
         let fallbacks = Family::default();
+        let sagas = Family::default();
         let faults = Family::default();
         let reloads = Family::default();
         let alerts = Family::default();
@@ -222,6 +230,11 @@ impl Default for Metrics {
             "tidegate_fallbacks",
             "Requests answered by a route's fallback",
             fallbacks.clone(),
+        );
+        registry.register(
+            "tidegate_sagas",
+            "Sagas ended: completed, compensated, or stuck (waiting for an operator's retry)",
+            sagas.clone(),
         );
         registry.register(
             "tidegate_faults",
@@ -280,6 +293,7 @@ impl Default for Metrics {
             endpoint_healthy,
             ejections,
             fallbacks,
+            sagas,
             faults,
             reloads,
             alerts,
@@ -403,6 +417,16 @@ impl Metrics {
             .get_or_create(&FallbackLabels {
                 route: route.clone(),
                 kind,
+            })
+            .inc();
+    }
+
+    /// Counts a saga that ended `result` (completed, compensated, stuck).
+    pub fn saga(&self, saga: &str, result: &'static str) {
+        self.sagas
+            .get_or_create(&SagaLabels {
+                saga: saga.to_owned(),
+                result,
             })
             .inc();
     }

@@ -73,6 +73,8 @@ pub struct Table {
     admin_token: Option<[u8; 32]>,
     /// `[alerts]`.
     pub alerts: crate::config::Alerts,
+    /// `[[sagas]]` (their calls index into `upstreams`).
+    pub sagas: Arc<Vec<crate::config::SagaConfig>>,
     /// The config in effect, redacted, for `GET /config`.
     pub effective: Arc<serde_json::Value>,
 }
@@ -205,6 +207,7 @@ impl Table {
             internal_token,
             admin_token,
             alerts: config.alerts,
+            sagas: Arc::new(config.sagas),
             effective: config.effective,
         })
     }
@@ -1691,6 +1694,11 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// What it says.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// An error answer.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Reply {
