@@ -373,6 +373,15 @@ impl Sagas {
         input: Value,
     ) -> Result<SagaState, StartError> {
         let config = self.config(name).ok_or(StartError::Unknown)?;
+        // A start sent again (the same key) is the saga it started.
+        if let Some(id) = &id {
+            if let Some(state) = self.state(id).await.map_err(StartError::Store)? {
+                if state.saga != name {
+                    return Err(StartError::Taken(state.saga));
+                }
+                return Ok(state);
+            }
+        }
         if let Some(missing) = config.missing_input(&input) {
             return Err(StartError::Input(missing));
         }
