@@ -238,6 +238,12 @@ fn sagas_killed_at_random_points_all_end_and_each_call_is_applied_once() {
         let id = format!("s-{i}");
         let applied =
             |step: &str, kind: &str| ledger.answers.contains_key(&format!("{id}:{step}:{kind}"));
+        let keys = ledger
+            .answers
+            .keys()
+            .filter(|k| k.starts_with(&format!("{id}:")))
+            .count();
+        assert_eq!(keys, 3, "{id}: a call sent again keeps its key");
         if i % 2 == 0 {
             assert_eq!(state["status"], "compensated", "{state}");
             assert!(
