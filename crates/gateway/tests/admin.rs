@@ -86,6 +86,8 @@ async fn every_admin_endpoint_answers_as_its_openapi_document_says() {
         "/upstreams/{name}/circuit",
         "/v1/subscriptions/{name}/seek",
         "/v1/topics/{topic}/redrive",
+        "/status/sagas",
+        "/v1/sagas/{name}/{id}/retry",
     ]
     .map(String::from)
     .into();
@@ -482,6 +484,18 @@ async fn the_events_admin_endpoints_answer_as_documented() {
         "get",
         &get(&admin(&running, "/status/events")).await,
     );
+    let sagas = get(&admin(&running, "/status/sagas")).await;
+    assert_eq!(sagas.status, 200, "{}", sagas.body);
+    conforms(&doc, "/status/sagas", "get", &sagas);
+    let retry = send(
+        Request::post(admin(&running, "/v1/sagas/checkout/nothing/retry"))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(retry.status, 404);
+    conforms(&doc, "/v1/sagas/{name}/{id}/retry", "post", &retry);
     for id in ["a", "b"] {
         let published = send(
             Request::post(api("/v1/topics/jobs/events"))

@@ -1036,6 +1036,8 @@ async fn every_events_endpoint_answers_as_its_openapi_document_says() {
         "/v1/subscriptions/{name}/nack",
         "/v1/subscriptions/{name}/extend",
         "/v1/subscriptions/{name}/dead-letter",
+        "/v1/sagas/{name}",
+        "/v1/sagas/{name}/{id}",
     ]
     .into();
     assert_eq!(
@@ -1079,6 +1081,9 @@ async fn every_events_endpoint_answers_as_its_openapi_document_says() {
     ];
     let statuses: Vec<u16> = answers.iter().map(|a| a.status.as_u16()).collect();
     assert_eq!(statuses, [201, 409, 413, 400, 201]);
+    let no_saga = post_json(&events_url(&running, "/v1/sagas/checkout"), json!({})).await;
+    assert_eq!(no_saga.status, StatusCode::NOT_FOUND);
+    conforms(&doc, "/v1/sagas/{name}", "post", &no_saga);
     for answer in &answers {
         conforms(&doc, events, "post", answer);
     }
@@ -1093,6 +1098,7 @@ async fn every_events_endpoint_answers_as_its_openapi_document_says() {
         ("/v1/topics/{topic}", "/v1/topics/jobs"),
         ("/v1/topics/{topic}", "/v1/topics/nothing"),
         ("/openapi.json", "/openapi.json"),
+        ("/v1/sagas/{name}/{id}", "/v1/sagas/checkout/nothing"),
     ] {
         conforms(&doc, path, "get", &get(&events_url(&running, target)).await);
     }
