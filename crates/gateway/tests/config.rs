@@ -783,3 +783,77 @@ fn tidegate_check_refuses_schema_versions_that_break_the_evolution_rules() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const SAGA: &str = r#"
+[[upstreams]]
+name = "inventory"
+endpoints = ["http://127.0.0.1:8005"]
+
+[events]
+path = "e.db"
+
+[[sagas]]
+name = "checkout"
+[[sagas.steps]]
+name = "reserve"
+action = { upstream = "inventory", path = "/reservations", body = { items = "{input.items}" } }
+compensate = { upstream = "inventory", method = "DELETE", path = "/reservations/{steps.reserve.response.id}" }
+timeout = "2s"
+[[sagas.steps]]
+name = "charge"
+action = { upstream = "inventory", path = "/charges/{steps.reserve.response.id}" }
+"#;
+
+#[test]
+fn a_saga_is_typed_and_its_errors_name_their_key() {
+    let config = ok(SAGA);
+    let saga = &config.sagas[0];
+    assert_eq!(saga.steps.len(), 2);
+    assert_eq!(saga.steps[0].timeout, Some(Duration::from_secs(2)));
+    assert_eq!(
+        saga.steps[0].compensate.as_ref().unwrap().method,
+        http::Method::DELETE
+    );
+    assert_eq!(
+        saga.steps[1].action.method,
+        http::Method::POST,
+        "POST unless said"
+    );
+    assert_eq!(saga.compensation.max_attempts, 5);
+    let cases = [
+        (
+            SAGA.replace("[events]\npath = \"e.db\"", ""),
+            "t.toml:8:3: sagas: sagas are kept in the event store: add an [events] table",
+        ),
+        (
+            SAGA.replace("/charges/{steps.reserve.response.id}", "/charges/{steps.ship.response.id}"),
+            "t.toml:18:36: sagas[0].steps[1].action.path: `{steps.ship.response.id}`: there is no step `ship`",
+        ),
+        (
+            SAGA.replace(
+                "/reservations\", body",
+                "/reservations/{steps.charge.response.id}\", body",
+            ),
+            "t.toml:13:36: sagas[0].steps[0].action.path: `{steps.charge.response.id}`: step `charge` has not run by then (a step sees the responses of the steps before it; a compensation, its own step's too)",
+        ),
+        (
+            SAGA.replace("{input.items}", "{output.items}"),
+            "t.toml:13:60: sagas[0].steps[0].action.body: `{output.items}` is not a reference: use {input}, {input.KEY}, {steps.STEP.response.KEY} or {saga.id}",
+        ),
+        (
+            SAGA.replace("method = \"DELETE\"", "method = \"DE LETE\""),
+            "t.toml:14:40: sagas[0].steps[0].compensate.method: `DE LETE` is not an HTTP method",
+        ),
+        (
+            SAGA.replace("name = \"charge\"", "name = \"reserve\""),
+            "t.toml:17:1: sagas[0].steps[1].name: duplicate step name `reserve`",
+        ),
+        (
+            SAGA.replace("name = \"checkout\"", "name = \"checkout\"\ncompensation = { max_attempts = 0 }"),
+            "t.toml:11:18: sagas[0].compensation.max_attempts: must be at least 1",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(err(&text), want);
+    }
+}
