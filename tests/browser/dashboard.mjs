@@ -3,7 +3,8 @@
 // upstream fail and checks that its card turns OPEN, restores it and checks
 // CLOSED with a recovery time on the timeline; in the events panel, waits
 // for a dead letter of the orders topic and redrives it with the admin
-// token (the letter leaves the list). Screenshots go to
+// token (the letter leaves the list); the sagas panel shows the demo's
+// checkouts completed and compensated. Screenshots go to
 // target/artifacts/. Run by scripts/test.sh; TIDEGATE_BIN and CHROMIUM
 // override the binary paths.
 
@@ -155,6 +156,19 @@ try {
   console.log(`timeline: recovery ${seconds} s`);
   await cardRecovery(page, (text) => text.includes("mean time to recovery") && !text.includes("under way") && !text.includes("no incident"), "the recovery the table lists");
   await page.screenshot({ path: join(artifacts, "dashboard-recovered.png"), fullPage: true });
+
+  // The sagas panel: the demo's checkouts, some completed, some
+  // compensated (a declined card undoes the reservation).
+  const checkout = page.locator('#saga-counts tbody tr[data-saga="checkout"]');
+  await checkout.waitFor({ timeout: 10_000 }).catch(() => fail("no checkout saga in the sagas panel"));
+  await page.waitForFunction(() => {
+    const cells = document.querySelectorAll('#saga-counts tbody tr[data-saga="checkout"] td');
+    return cells.length === 5 && Number(cells[2].textContent) > 0 && Number(cells[3].textContent) > 0;
+  }, null, { timeout: 15_000 })
+    .catch(async () => fail(`the sagas panel shows no completed and no compensated checkout: ${await checkout.textContent()}`));
+  if ((await page.locator("#saga-latest tbody tr").count()) < 2) fail("the latest sagas are not listed");
+  console.log(`sagas panel: checkout ${(await checkout.locator("td").allTextContents()).slice(1).join(" / ")} (running / completed / compensated / stuck)`);
+  await page.screenshot({ path: join(artifacts, "dashboard-sagas.png"), fullPage: true });
 
   // A phone's width: everything fits without sideways scrolling.
   await page.setViewportSize({ width: 390, height: 844 });

@@ -43,6 +43,13 @@ pub struct Samples {
     /// Takes pushed events: 503 for one in five, 400 the first time it
     /// sees an order whose total is a multiple of 97 (taken when redriven).
     pub analytics: SocketAddr,
+    /// Reserves items and ships them (the `checkout` saga's first and
+    /// last steps): refuses to ship to `nowhere`.
+    pub inventory: SocketAddr,
+    /// Charges and refunds (the saga's middle step): declines over 1 000;
+    /// `PUT /refunds -d fail` makes refunds fail (a saga gets stuck), `-d ok`
+    /// heals them.
+    pub billing: SocketAddr,
     _tasks: JoinSet<()>,
 }
 
@@ -82,12 +89,21 @@ pub async fn start_samples() -> std::io::Result<Samples> {
         async move { analytics(req, &refused).await }
     })
     .await?;
+    let inventory = serve(&mut tasks, |req| async move { inventory(req).await }).await?;
+    let refunds_fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let billing = serve(&mut tasks, move |req| {
+        let refunds_fail = refunds_fail.clone();
+        async move { billing(req, &refunds_fail).await }
+    })
+    .await?;
     Ok(Samples {
         healthy,
         flaky,
         slow,
         events,
         analytics,
+        inventory,
+        billing,
         _tasks: tasks,
     })
 }
@@ -131,6 +147,82 @@ async fn analytics(
         return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"busy"}"#);
     }
     json(StatusCode::OK, r#"{"service":"analytics","ok":true}"#)
+}
+
+/// The request's body as JSON (`null` if it is not).
+async fn body_json(req: Request<Incoming>) -> serde_json::Value {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
+}
+
+/// `POST /reservations` → 201 with an id; `DELETE /reservations/{id}`
+/// → 204; `POST /shipments` → 201, or 422 for the address `nowhere`.
+async fn inventory(req: Request<Incoming>) -> Response<ProxyBody> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    match (method, path.as_str()) {
+        (Method::POST, "/reservations") => json(
+            StatusCode::CREATED,
+            &format!(r#"{{"id":"r-{}"}}"#, &crate::http::headers::new_id()[..8]),
+        ),
+        (Method::DELETE, p) if p.starts_with("/reservations/") => json(StatusCode::OK, "{}"),
+        (Method::POST, "/shipments") => {
+            if body_json(req).await["address"] == "nowhere" {
+                return json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    r#"{"error":"we do not ship to nowhere"}"#,
+                );
+            }
+            json(StatusCode::CREATED, r#"{"shipped":true}"#)
+        }
+        _ => json(StatusCode::NOT_FOUND, r#"{"error":"no such thing"}"#),
+    }
+}
+
+/// `POST /charges` → 201 with an id, or 402 over 1 000;
+/// `POST /charges/{id}/refund` → 200, or 503 while refunds are set to
+/// fail; `PUT /refunds` with `fail` or `ok`.
+async fn billing(
+    req: Request<Incoming>,
+    refunds_fail: &std::sync::atomic::AtomicBool,
+) -> Response<ProxyBody> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    match (method, path.as_str()) {
+        (Method::PUT, "/refunds") => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let fail = body.as_ref() == b"fail";
+            refunds_fail.store(fail, Ordering::Relaxed);
+            json(StatusCode::OK, &format!(r#"{{"refunds_fail":{fail}}}"#))
+        }
+        (Method::POST, "/charges") => {
+            if body_json(req).await["amount"].as_f64().unwrap_or(0.0) > 1000.0 {
+                return json(StatusCode::PAYMENT_REQUIRED, r#"{"error":"card declined"}"#);
+            }
+            json(
+                StatusCode::CREATED,
+                &format!(r#"{{"id":"c-{}"}}"#, &crate::http::headers::new_id()[..8]),
+            )
+        }
+        (Method::POST, p) if p.starts_with("/charges/") && p.ends_with("/refund") => {
+            if refunds_fail.load(Ordering::Relaxed) {
+                return json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    r#"{"error":"refunds are down"}"#,
+                );
+            }
+            json(StatusCode::OK, r#"{"refunded":true}"#)
+        }
+        _ => json(StatusCode::NOT_FOUND, r#"{"error":"no such thing"}"#),
+    }
 }
 
 async fn flaky(req: Request<Incoming>, rate: &AtomicU64) -> Response<ProxyBody> {
@@ -259,6 +351,34 @@ pub fn traffic(gateway: SocketAddr, events: Option<SocketAddr>) -> tokio::task::
                     .header("tidegate-key", format!("order-{order}"))
                     .body(http_body_util::Full::new(Bytes::from(format!(
                         r#"{{"order":"order-{order}","total":{total}}}"#
+                    ))));
+                if let Ok(request) = request {
+                    let sent = publisher.request(request);
+                    tokio::spawn(async move {
+                        if let Ok(response) = sent.await {
+                            let _ = response.into_body().collect().await;
+                        }
+                    });
+                }
+            }
+            if let (Some(events), 0) = (events, n % 10) {
+                // A checkout every 2 s: one in three declined (compensated),
+                // one in five shipped nowhere (refunded and unreserved).
+                let round = n / 10;
+                let amount = if round % 3 == 2 {
+                    5000
+                } else {
+                    30 + round % 50
+                };
+                let address = if round % 5 == 4 {
+                    "nowhere"
+                } else {
+                    "221B Baker Street"
+                };
+                let request = Request::post(format!("http://{events}/v1/sagas/checkout"))
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(Bytes::from(format!(
+                        r#"{{"items":["book-{round}"],"amount":{amount},"address":"{address}"}}"#
                     ))));
                 if let Ok(request) = request {
                     let sent = publisher.request(request);
@@ -402,6 +522,31 @@ max_in_flight = 20
 max_deliveries = 3
 backoff = {{ base_delay = "200ms", max_delay = "2s" }}
 
+[[upstreams]]
+name = "inventory"
+endpoints = ["http://{inventory}"]
+
+[[upstreams]]
+name = "billing"
+endpoints = ["http://{billing}"]
+[upstreams.policy.retry]
+max_attempts = 1
+
+[[sagas]]
+name = "checkout"
+compensation = {{ max_attempts = 3, base_delay = "500ms" }}
+[[sagas.steps]]
+name = "reserve"
+action = {{ upstream = "inventory", path = "/reservations", body = {{ items = "{{input.items}}" }} }}
+compensate = {{ upstream = "inventory", method = "DELETE", path = "/reservations/{{steps.reserve.response.id}}" }}
+[[sagas.steps]]
+name = "charge"
+action = {{ upstream = "billing", path = "/charges", body = {{ amount = "{{input.amount}}" }} }}
+compensate = {{ upstream = "billing", path = "/charges/{{steps.charge.response.id}}/refund" }}
+[[sagas.steps]]
+name = "ship"
+action = {{ upstream = "inventory", path = "/shipments", body = {{ address = "{{input.address}}" }} }}
+
 [[events.subscriptions]]
 name = "fulfilment"
 topic = "orders"
@@ -414,6 +559,8 @@ start = "latest"
         slow = samples.slow,
         events = samples.events,
         analytics = samples.analytics,
+        inventory = samples.inventory,
+        billing = samples.billing,
         store = store.display(),
         events_listen = events,
     );

@@ -69,6 +69,7 @@ async fn run_demo(
     let (gw, admin) = (running.addr, running.admin_addr);
     let ev = running.events_addr.context("the events listener")?;
     let flaky = samples.flaky;
+    let billing = samples.billing;
     let token = std::env::var("TIDEGATE_DEMO_ADMIN_TOKEN").unwrap_or_default();
     println!(
         "\
@@ -110,6 +111,17 @@ events (the orders topic; its events API on http://{ev}):
   curl -X POST http://{admin}/v1/topics/orders.dead/redrive -H 'authorization: Bearer {token}' -d '{{}}'
                                                     dead letters back to work (the demo's admin token;
                                                     the dashboard's redrive button asks for it)
+
+sagas (checkout: reserve on inventory, charge on billing, ship on inventory; one starts every 2 s):
+  curl -i 'http://{ev}/v1/sagas/checkout?wait=5s' -d '{{\"items\":[\"book\"],\"amount\":30,\"address\":\"here\"}}'
+                                                    completed: each step's response in the state
+  curl -i 'http://{ev}/v1/sagas/checkout?wait=5s' -d '{{\"items\":[\"book\"],\"amount\":5000,\"address\":\"here\"}}'
+                                                    the card is declined: the reservation is undone
+  curl -X PUT http://{billing}/refunds -d fail     refunds fail: a saga shipping to \"nowhere\" gets stuck;
+                                                    -d ok heals them, and the dashboard's retry (or
+  curl -X POST http://{admin}/v1/sagas/checkout/ID/retry -H 'authorization: Bearer {token}')
+                                                    finishes it
+  curl http://{admin}/status/sagas                  running, completed, compensated, stuck; each step
   tidegate events --admin http://{admin}            topics and subscriptions as tables
   tidegate events tail orders --events http://{ev}  each order as it is stored
 "
@@ -166,6 +178,17 @@ async fn self_check(gw: SocketAddr, admin: SocketAddr, ev: SocketAddr) -> anyhow
         "the composition route answered {status}: {body}"
     );
     println!("GET /bff/home → {status} {body} (flaky's breaker is open: its part is null)");
+    for (amount, outcome) in [(30, "completed"), (5000, "compensated")] {
+        let input = format!(r#"{{"items":["book"],"amount":{amount},"address":"here"}}"#);
+        let url = format!("http://{ev}/v1/sagas/checkout?wait=10s");
+        let (status, body) = fetch("POST", &url, &input).await?;
+        let state: serde_json::Value = serde_json::from_str(&body)?;
+        anyhow::ensure!(
+            status == 200 && state["status"] == outcome,
+            "checkout of {amount} answered {status}: {body}"
+        );
+        println!("POST /v1/sagas/checkout (amount {amount}) → {outcome}");
+    }
 
     // An order in, pushed to analytics (redelivered if it was busy) and
     // waiting for a fulfilment worker.
