@@ -30,9 +30,18 @@ use crate::topics::{
 /// The longest one pull from a group's consumer may take.
 const PULL_WAIT: Duration = Duration::from_secs(1);
 
-/// JetStream's own ack wait for a group's consumer: only a safety net
-/// (the store's leases, by its clock, decide).
-const SAFETY_ACK_WAIT: Duration = Duration::from_secs(3600);
+/// JetStream's own ack wait for a group's consumer: twice the group's
+/// `ack_wait`, at least this. The store's leases (by its clock) decide
+/// who holds a message; JetStream's wait only brings back a message a
+/// member pulled and died before recording (its lease never written), so
+/// another member takes it. A message JetStream brings back under a live
+/// lease or before its delay is left alone.
+const SAFETY_ACK_WAIT_MIN: Duration = Duration::from_secs(5);
+
+/// JetStream's ack wait for the consumer of a group with `config`.
+fn safety_ack_wait(config: &SubscriptionConfig) -> Duration {
+    (config.ack_wait * 2).max(SAFETY_ACK_WAIT_MIN)
+}
 
 /// The group-keeping of one store: groups' settings, consumers, records.
 #[derive(Clone)]
@@ -227,7 +236,7 @@ impl Groups {
                     durable_name: Some(consumer_name(&config.name)),
                     deliver_policy,
                     ack_policy: AckPolicy::Explicit,
-                    ack_wait: SAFETY_ACK_WAIT,
+                    ack_wait: safety_ack_wait(&config),
                     max_deliver: -1,
                     max_ack_pending: -1,
                     filter_subject: names::all_subjects(&config.topic),
@@ -489,6 +498,15 @@ impl Groups {
                 };
                 if record.leased(now) {
                     // JetStream's safety net went off under a live lease.
+                    continue;
+                }
+                let delayed = revision.is_some()
+                    && !record.given
+                    && record.due_at != u64::MAX
+                    && record.due_at > now;
+                if delayed {
+                    // Back from JetStream before its delay ran out: it
+                    // is given back when due (the records, above).
                     continue;
                 }
                 // One unfinished message per key at a time, in stream order.
@@ -763,7 +781,12 @@ impl Groups {
                 (false, false) => Some(r.due_at),
             })
             .min();
-        Ok(soonest.map(|at| Duration::from_millis(at.saturating_sub(now))))
+        // A message a member pulled and died before recording has no
+        // record: JetStream brings it back after its ack wait, and only a
+        // fetch sees it. So a group never waits longer than that.
+        let safety = u64::try_from(safety_ack_wait(&group.config).as_millis()).unwrap_or(u64::MAX);
+        let at = soonest.map_or(now + safety, |at| at.min(now + safety));
+        Ok(Some(Duration::from_millis(at.saturating_sub(now))))
     }
 
     /// Where group `name` stands.

@@ -34,8 +34,12 @@
 //! rule of the model holds as written (and the conformance suite's
 //! manual clock drives it):
 //! - A group is a durable pull consumer `TGC_{group}` on its topic's
-//!   stream (explicit ack; an `ack_wait` far longer than the group's,
-//!   only a safety net; no `max_deliver`: the store dead-letters itself).
+//!   stream (explicit ack; no `max_deliver`: the store dead-letters
+//!   itself). Its `ack_wait`, twice the group's (at least 5 s), only
+//!   brings back a message a member pulled and died before recording;
+//!   a message it brings back under a live lease or before its delay is
+//!   left alone, and `next_due` makes waiting members look again that
+//!   often.
 //!   JetStream holds every message the group took and has not finished as
 //!   "ack pending".
 //! - Each such message has a record in the group's table `TGG_{group}` (a
