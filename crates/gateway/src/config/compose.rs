@@ -4,14 +4,15 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use http::uri::PathAndQuery;
 use http::HeaderName;
 use serde::Deserialize;
 use tidegate_client::config::check_name;
 use tidegate_client::config::file::KeyPath;
 
 use super::edge::RawFallback;
-use super::{ConfigError, Fallback, Locator, Target, UpstreamConfig};
+use super::{
+    is_path_template, placeholders, Chunk, ConfigError, Fallback, Locator, Target, UpstreamConfig,
+};
 
 /// The deadline of a composition route whose parts' upstreams name none.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
@@ -79,41 +80,26 @@ fn yes() -> bool {
 /// `text` as pieces, or why not.
 pub(crate) fn template(text: &str) -> Result<Vec<Piece>, String> {
     let mut pieces = Vec::new();
-    let mut literal = String::new();
-    let mut rest = text;
-    while let Some(open) = rest.find(['{', '}']) {
-        if rest[open..].starts_with('}') {
-            return Err("a `}` without its `{`".into());
-        }
-        literal.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| format!("`{{{after}` is not closed with `}}`"))?;
-        let name = &after[..close];
-        let piece = if name == "path" {
-            Piece::Path
-        } else if let Some(header) = name.strip_prefix("header.") {
-            Piece::Header(
-                HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
-                    .map_err(|_| format!("`{header}` in `{{{name}}}` is not a header name"))?,
-            )
-        } else if let Some(query) = name.strip_prefix("query.").filter(|q| !q.is_empty()) {
-            Piece::Query(query.to_owned())
-        } else {
-            return Err(format!(
-                "unknown placeholder `{{{name}}}`: use {{header.NAME}}, {{query.NAME}} or {{path}}"
-            ));
-        };
-        if !literal.is_empty() {
-            pieces.push(Piece::Text(std::mem::take(&mut literal)));
-        }
-        pieces.push(piece);
-        rest = &after[close + 1..];
-    }
-    literal.push_str(rest);
-    if !literal.is_empty() {
-        pieces.push(Piece::Text(literal));
+    for chunk in placeholders(text)? {
+        pieces.push(match chunk {
+            Chunk::Text(text) => Piece::Text(text.to_owned()),
+            Chunk::Name("path") => Piece::Path,
+            Chunk::Name(name) => {
+                if let Some(header) = name.strip_prefix("header.") {
+                    Piece::Header(
+                        HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes()).map_err(
+                            |_| format!("`{header}` in `{{{name}}}` is not a header name"),
+                        )?,
+                    )
+                } else if let Some(query) = name.strip_prefix("query.").filter(|q| !q.is_empty()) {
+                    Piece::Query(query.to_owned())
+                } else {
+                    return Err(format!(
+                        "unknown placeholder `{{{name}}}`: use {{header.NAME}}, {{query.NAME}} or {{path}}"
+                    ));
+                }
+            }
+        });
     }
     // Each placeholder stands for something a path may hold.
     let example: String = pieces
@@ -124,10 +110,7 @@ pub(crate) fn template(text: &str) -> Result<Vec<Piece>, String> {
             Piece::Header(_) | Piece::Query(_) => "v",
         })
         .collect();
-    if !example.starts_with('/')
-        || example.parse::<PathAndQuery>().is_err()
-        || example.contains('#')
-    {
+    if !is_path_template(&example) {
         return Err("must be a path (and query) starting with `/`".into());
     }
     Ok(pieces)

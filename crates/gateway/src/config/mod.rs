@@ -1132,6 +1132,42 @@ impl Locator<'_> {
     }
 }
 
+/// A run of a template: text as written, or the name inside `{…}`.
+pub(crate) enum Chunk<'a> {
+    Text(&'a str),
+    Name(&'a str),
+}
+
+/// `text` split at its `{name}` placeholders, or why it cannot be.
+pub(crate) fn placeholders(text: &str) -> Result<Vec<Chunk<'_>>, String> {
+    let mut chunks = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest[open..].starts_with('}') {
+            return Err("a `}` without its `{`".into());
+        }
+        if open > 0 {
+            chunks.push(Chunk::Text(&rest[..open]));
+        }
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| format!("`{{{after}` is not closed with `}}`"))?;
+        chunks.push(Chunk::Name(&after[..close]));
+        rest = &after[close + 1..];
+    }
+    if !rest.is_empty() {
+        chunks.push(Chunk::Text(rest));
+    }
+    Ok(chunks)
+}
+
+/// Whether `example` (a template with a value in each placeholder) is a
+/// path, and query, starting with `/`.
+pub(crate) fn is_path_template(example: &str) -> bool {
+    example.starts_with('/') && example.parse::<PathAndQuery>().is_ok() && !example.contains('#')
+}
+
 fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     let base = BaseUrl::parse(text)?;
     if !base.path.is_empty() {

@@ -16,7 +16,7 @@ use tidegate_client::config::check_name;
 use tidegate_client::config::file::KeyPath;
 use tidegate_resilience::config::duration;
 
-use super::{ConfigError, Locator, UpstreamConfig};
+use super::{is_path_template, placeholders, Chunk, ConfigError, Locator, UpstreamConfig};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,7 +227,7 @@ fn fill(segments: &[Segment], scope: Scope<'_>, encode: bool) -> Result<String, 
                     .ok_or_else(|| format!("`{{{}}}` resolves to nothing", reference.text))?;
                 let text = scalar(reference, &value)?;
                 if encode {
-                    percent_encode(&text, &mut out);
+                    crate::http::path::push_component(&mut out, text.as_bytes());
                 } else {
                     out.push_str(&text);
                 }
@@ -235,16 +235,6 @@ fn fill(segments: &[Segment], scope: Scope<'_>, encode: bool) -> Result<String, 
         }
     }
     Ok(out)
-}
-
-fn percent_encode(value: &str, out: &mut String) {
-    for &byte in value.as_bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
 }
 
 impl SagaCall {
@@ -335,29 +325,13 @@ impl SagaConfig {
 /// Parses `{...}` references in `text`: the steps before `visible` (an
 /// index into `steps`) may be referred to.
 fn segments(text: &str, steps: &[String], visible: usize) -> Result<Vec<Segment>, String> {
-    let mut out = Vec::new();
-    let mut literal = String::new();
-    let mut rest = text;
-    while let Some(open) = rest.find(['{', '}']) {
-        if rest[open..].starts_with('}') {
-            return Err("a `}` without its `{`".into());
-        }
-        literal.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| format!("`{{{after}` is not closed with `}}`"))?;
-        if !literal.is_empty() {
-            out.push(Segment::Text(std::mem::take(&mut literal)));
-        }
-        out.push(Segment::Ref(reference(&after[..close], steps, visible)?));
-        rest = &after[close + 1..];
-    }
-    literal.push_str(rest);
-    if !literal.is_empty() {
-        out.push(Segment::Text(literal));
-    }
-    Ok(out)
+    placeholders(text)?
+        .into_iter()
+        .map(|chunk| match chunk {
+            Chunk::Text(text) => Ok(Segment::Text(text.to_owned())),
+            Chunk::Name(name) => reference(name, steps, visible).map(Segment::Ref),
+        })
+        .collect()
 }
 
 fn reference(text: &str, steps: &[String], visible: usize) -> Result<Ref, String> {
@@ -547,10 +521,7 @@ impl Locator<'_> {
                 Segment::Ref(_) => "v",
             })
             .collect();
-        if !example.starts_with('/')
-            || example.parse::<PathAndQuery>().is_err()
-            || example.contains('#')
-        {
+        if !is_path_template(&example) {
             return Err(self.error(
                 &at.clone().key("path"),
                 "must be a path (and query) starting with `/`",

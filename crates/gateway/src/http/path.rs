@@ -92,6 +92,19 @@ pub(crate) fn push_escaped(out: &mut String, byte: u8) {
     out.push(char::from(HEX[usize::from(byte & 0xf)]));
 }
 
+/// Appends `value` as one path segment or query value: only unreserved
+/// characters (RFC 3986 §2.3) stay as they are, so a value cannot add a
+/// segment or a parameter.
+pub(crate) fn push_component(out: &mut String, value: &[u8]) {
+    for &byte in value {
+        if is_unreserved(byte) {
+            out.push(char::from(byte));
+        } else {
+            push_escaped(out, byte);
+        }
+    }
+}
+
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }

@@ -17,6 +17,7 @@ use super::client::UpstreamClient;
 use super::{router, Access, Gateway, Reply, Table, Template};
 use crate::config::{Composition, Fallback, Part, Piece, RouteConfig};
 use crate::http::body::{self, ProxyBody};
+use crate::http::path::push_component;
 
 /// Names the optional parts that failed (and are `null`).
 pub static PARTIAL: HeaderName = HeaderName::from_static("x-tidegate-partial");
@@ -264,12 +265,12 @@ fn fill(
                     .headers
                     .get(name)
                     .ok_or_else(|| format!("header `{name}`"))?;
-                encode(value.as_bytes(), &mut out);
+                push_component(&mut out, value.as_bytes());
             }
             Piece::Query(name) => {
                 let value = query_value(request.uri.query().unwrap_or(""), name)
                     .ok_or_else(|| format!("query parameter `{name}`"))?;
-                encode(&value, &mut out);
+                push_component(&mut out, &value);
             }
             Piece::Path => out.push_str(&router::strip(prefix, request.uri.path())),
         }
@@ -304,19 +305,6 @@ fn decode(text: &[u8]) -> Vec<u8> {
         i += 1;
     }
     out
-}
-
-/// Appends `value` percent-encoded: only unreserved characters (RFC 3986
-/// §2.3) stay as they are, so a value cannot add a path segment or a
-/// query parameter.
-fn encode(value: &[u8], out: &mut String) {
-    for &byte in value {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
 }
 
 /// `value` with only the paths `fields` (of each element of an array).
@@ -389,7 +377,7 @@ mod tests {
     #[test]
     fn values_are_encoded_so_they_cannot_add_segments_or_parameters() {
         let mut out = String::new();
-        encode(b"a/b?c=d&e f~_-.", &mut out);
+        push_component(&mut out, b"a/b?c=d&e f~_-.");
         assert_eq!(out, "a%2Fb%3Fc%3Dd%26e%20f~_-.");
         assert_eq!(
             query_value("a=1&user=J%C3%B6+D&user=x", "user").unwrap(),

@@ -717,6 +717,34 @@ impl Gateway {
         Some(response)
     }
 
+    /// Sends a call the gateway makes on its own behalf through
+    /// `upstream`'s policies (none when no endpoint is healthy); the
+    /// result and the attempts it took.
+    async fn on_behalf(
+        &self,
+        call: &Call<'_>,
+        upstream: &Arc<Upstream>,
+        body: &mut RequestBody,
+    ) -> (Result<UpstreamResponse, Error<AttemptError>>, u32) {
+        let mut log = Access {
+            route: self.none.clone(),
+            upstream: upstream.label.clone(),
+            traffic: Some(&upstream.traffic),
+            upstream_failed: false,
+            attempts: 0,
+            key_id: None,
+            fallback: None,
+        };
+        let result = if upstream.has_available_endpoint() {
+            self.forward(call, upstream, body, &mut log).await
+        } else {
+            self.metrics
+                .rejection(upstream.name(), "no_healthy_endpoint");
+            Err(Error::inner_error(AttemptError::NoEndpoint))
+        };
+        (result, log.attempts)
+    }
+
     /// A whole exchange the gateway makes on its own behalf (a part of a
     /// composition route, a saga's step): `method path` with `headers` and
     /// `body` through `upstream`'s policies, retried by them as an
@@ -747,28 +775,13 @@ impl Gateway {
             grpc: false,
             limit: Some(limit),
         };
-        let mut log = Access {
-            route: self.none.clone(),
-            upstream: upstream.label.clone(),
-            traffic: Some(&upstream.traffic),
-            upstream_failed: false,
-            attempts: 0,
-            key_id: None,
-            fallback: None,
-        };
         let mut body = RequestBody::Replayable {
             data: body,
             trailers: None,
         };
         let in_flight = InFlight::new(upstream, None);
         let start = Instant::now();
-        let result = if upstream.has_available_endpoint() {
-            self.forward(&call, upstream, &mut body, &mut log).await
-        } else {
-            self.metrics
-                .rejection(upstream.name(), "no_healthy_endpoint");
-            Err(Error::inner_error(AttemptError::NoEndpoint))
-        };
+        let (result, attempts) = self.on_behalf(&call, upstream, &mut body).await;
         let response = match result {
             Ok(response) => response,
             Err(err) => {
@@ -777,7 +790,7 @@ impl Gateway {
                     Ok(response) => response,
                     Err(reply) => {
                         upstream.traffic.record(true, start.elapsed());
-                        return (Err(reply), log.attempts);
+                        return (Err(reply), attempts);
                     }
                 }
             }
@@ -799,7 +812,7 @@ impl Gateway {
             )
             .service(upstream.name())),
         };
-        (outcome, log.attempts)
+        (outcome, attempts)
     }
 
     /// A call the gateway makes on its own behalf (an event pushed to a
@@ -832,24 +845,9 @@ impl Gateway {
             data: body,
             trailers: None,
         };
-        let mut log = Access {
-            route: self.none.clone(),
-            upstream: upstream.label.clone(),
-            traffic: Some(&upstream.traffic),
-            upstream_failed: false,
-            attempts: 0,
-            key_id: None,
-            fallback: None,
-        };
         let in_flight = InFlight::new(upstream, None);
         let start = Instant::now();
-        let result = if upstream.has_available_endpoint() {
-            self.forward(&call, upstream, &mut body, &mut log).await
-        } else {
-            self.metrics
-                .rejection(upstream.name(), "no_healthy_endpoint");
-            Err(Error::inner_error(AttemptError::NoEndpoint))
-        };
+        let (result, _) = self.on_behalf(&call, upstream, &mut body).await;
         // On the upstream's card like any request: a failure is an error
         // or a 5xx.
         let failed = match &result {
