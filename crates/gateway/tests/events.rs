@@ -4,34 +4,14 @@
 
 mod support;
 
-use std::path::PathBuf;
+use support::Dir;
+
 use std::time::Duration;
 
 use http::{header, Request, StatusCode};
 use serde_json::{json, Value};
 use tidegate_gateway::http::server::Running;
 use tidegate_testkit::{full, get, send, Answer};
-
-/// A directory for one test's event store, removed when dropped.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-gateway-events-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A gateway with `[events]` (`events_extra` under it, then `rest`).
 async fn gateway(dir: &Dir, events_extra: &str, rest: &str) -> Running {
@@ -96,7 +76,7 @@ async fn read_ids(running: &Running, topic: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn every_publish_mode_is_stored_and_read_back() {
-    let dir = Dir::new("modes");
+    let dir = Dir::new("events-modes");
     let running = gateway(&dir, "", "").await;
     // Structured, with JSON data and an extension.
     let answer = publish(
@@ -209,7 +189,7 @@ async fn every_publish_mode_is_stored_and_read_back() {
 
 #[tokio::test]
 async fn duplicates_conflicts_and_bad_input_store_nothing() {
-    let dir = Dir::new("refusals");
+    let dir = Dir::new("events-refusals");
     let running = gateway(&dir, "max_body_bytes = 2048", "").await;
     let keyed = |id: &str, expected: &str| {
         structured(
@@ -304,7 +284,7 @@ async fn duplicates_conflicts_and_bad_input_store_nothing() {
 
 #[tokio::test]
 async fn the_publishers_correlation_and_trace_travel_in_the_event() {
-    let dir = Dir::new("trace");
+    let dir = Dir::new("events-trace");
     let running = gateway(&dir, "", "").await;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let answer = post(
@@ -359,7 +339,7 @@ async fn settle(running: &Running, how: &str, body: Value) -> Value {
 
 #[tokio::test]
 async fn workers_pull_ack_nack_extend_and_dead_letter() {
-    let dir = Dir::new("pull");
+    let dir = Dir::new("events-pull");
     let running = gateway(&dir, "", PULL).await;
     // A long poll is woken by the publish, with no interval to wait out.
     let waiting = {
@@ -459,7 +439,7 @@ async fn workers_pull_ack_nack_extend_and_dead_letter() {
 
 #[tokio::test]
 async fn two_workers_share_a_subscription_and_a_dead_worker_loses_nothing() {
-    let dir = Dir::new("share");
+    let dir = Dir::new("events-share");
     let pull = PULL.replace("ack_wait = \"30s\"", "ack_wait = \"200ms\"");
     let running = gateway(&dir, "", &pull).await;
     for i in 0..20 {
@@ -505,7 +485,7 @@ async fn two_workers_share_a_subscription_and_a_dead_worker_loses_nothing() {
 
 #[tokio::test]
 async fn topics_are_listed_with_positions_retention_and_subscriptions() {
-    let dir = Dir::new("topics");
+    let dir = Dir::new("events-topics");
     let extra =
         format!("[[events.topics]]\nname = \"jobs\"\nmax_events = 1000\nmax_age = \"7d\"\n{PULL}");
     let running = gateway(&dir, "", &extra).await;
@@ -545,7 +525,7 @@ async fn topics_are_listed_with_positions_retention_and_subscriptions() {
 
 #[tokio::test]
 async fn api_keys_open_only_their_topics() {
-    let dir = Dir::new("keys");
+    let dir = Dir::new("events-keys");
     // sha256("orders-key") and sha256("other-key").
     let digest = |key: &str| {
         use sha2::Digest;
@@ -735,7 +715,7 @@ fn count(seen: &[(String, http::HeaderMap, String)], id: &str) -> usize {
 
 #[tokio::test]
 async fn pushed_events_follow_the_answer_rules() {
-    let dir = Dir::new("push");
+    let dir = Dir::new("events-push");
     let seen = Seen::default();
     let sub = subscriber(seen.clone()).await;
     let rest = format!(
@@ -847,7 +827,7 @@ async fn pushed_events_follow_the_answer_rules() {
 
 #[tokio::test]
 async fn an_open_breaker_pauses_delivery_and_counts_none() {
-    let dir = Dir::new("paused");
+    let dir = Dir::new("events-paused");
     let sub = tidegate_testkit::Scripted::start().await;
     sub.set(tidegate_testkit::Behavior::Status(500));
     let rest = format!(
@@ -897,7 +877,7 @@ async fn an_open_breaker_pauses_delivery_and_counts_none() {
 #[tokio::test]
 async fn a_followed_topic_streams_each_event_as_it_is_stored() {
     use http_body_util::BodyExt;
-    let dir = Dir::new("follow");
+    let dir = Dir::new("events-follow");
     let running = gateway(&dir, "", "").await;
     publish(&running, "t", structured("f1", "T", json!({}))).await;
     let response = tidegate_testkit::client()
@@ -940,7 +920,7 @@ async fn a_followed_topic_streams_each_event_as_it_is_stored() {
 
 #[tokio::test]
 async fn a_reload_adds_and_changes_subscriptions_keeping_cursors_and_leases() {
-    let dir = Dir::new("reload");
+    let dir = Dir::new("events-reload");
     let seen = Seen::default();
     let sub = subscriber(seen.clone()).await;
     let base = format!(
@@ -1007,7 +987,7 @@ async fn a_reload_adds_and_changes_subscriptions_keeping_cursors_and_leases() {
 #[tokio::test]
 async fn every_events_endpoint_answers_as_its_openapi_document_says() {
     use support::conforms;
-    let dir = Dir::new("openapi");
+    let dir = Dir::new("events-openapi");
     let sub =
         tidegate_testkit::Upstream::start(|_| async { tidegate_testkit::text(200, "ok") }).await;
     let rest = format!(
@@ -1143,7 +1123,7 @@ async fn every_events_endpoint_answers_as_its_openapi_document_says() {
 
 #[tokio::test]
 async fn a_subscriber_that_refuses_connections_pauses_its_subscription_until_it_returns() {
-    let dir = Dir::new("refusing");
+    let dir = Dir::new("events-refusing");
     let sub = tidegate_testkit::Scripted::start().await;
     sub.stop();
     let rest = format!(
@@ -1227,7 +1207,7 @@ fn content_schemas(dir: &Dir) -> String {
 #[tokio::test]
 async fn events_that_break_their_schema_are_refused_with_the_pointer_and_rule_and_nothing_is_stored(
 ) {
-    let dir = Dir::new("schemas");
+    let dir = Dir::new("events-schemas");
     let running = gateway(&dir, "", &content_schemas(&dir)).await;
     let uploaded =
         |id: &str, data: Value| structured(id, "ContentUploaded", json!({ "data": data }));

@@ -58,9 +58,8 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_events_api_on_nats_publishes_reads_pulls_and_pushes() {
-    let mut server = NatsServer::start();
+/// A push subscriber noting each delivery's `ce-id`, answering 200.
+async fn subscriber() -> (tidegate_testkit::Upstream, Arc<Mutex<Vec<String>>>) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let noted = seen.clone();
     let subscriber =
@@ -74,6 +73,13 @@ async fn the_events_api_on_nats_publishes_reads_pulls_and_pushes() {
             }
         })
         .await;
+    (subscriber, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_api_on_nats_publishes_reads_pulls_and_pushes() {
+    let mut server = NatsServer::start();
+    let (subscriber, seen) = subscriber().await;
     let running = support::gateway(&format!(
         "[[upstreams]]\nname = \"sink\"\nendpoints = [\"{}\"]\n\
          [events]\nstore = \"nats\"\nnats_url = \"{}\"\nlisten = \"127.0.0.1:0\"\n\
@@ -179,19 +185,7 @@ async fn the_events_api_on_nats_publishes_reads_pulls_and_pushes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_killed_and_restarted_under_load_loses_no_answered_event_and_stores_none_twice() {
     let mut server = NatsServer::start();
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let noted = seen.clone();
-    let subscriber =
-        tidegate_testkit::Upstream::start(move |req: Request<hyper::body::Incoming>| {
-            let noted = noted.clone();
-            async move {
-                if let Some(id) = req.headers().get("ce-id").and_then(|v| v.to_str().ok()) {
-                    noted.lock().unwrap().push(id.to_owned());
-                }
-                tidegate_testkit::text(200, "ok")
-            }
-        })
-        .await;
+    let (subscriber, seen) = subscriber().await;
     let running = Arc::new(
         support::gateway(&format!(
             "[[upstreams]]\nname = \"sink\"\nendpoints = [\"{}\"]\n\

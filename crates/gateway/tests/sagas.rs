@@ -6,8 +6,9 @@
 
 mod support;
 
+use support::Dir;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use http::{Request, StatusCode};
@@ -17,27 +18,6 @@ use tidegate_testkit::{full, get, send, text, Answer, Upstream};
 
 const TOKEN_VAR: &str = "TIDEGATE_TEST_SAGAS_ADMIN_TOKEN";
 const TOKEN: &str = "sagas-admin-token";
-
-/// A directory for one test's event store, removed when dropped.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-gateway-sagas-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One call the shop received.
 #[derive(Debug, Clone)]
@@ -229,7 +209,7 @@ fn steps(state: &Value) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn a_saga_runs_its_steps_in_order_with_templates_and_idempotency_keys() {
-    let dir = Dir::new("happy");
+    let dir = Dir::new("sagas-happy");
     let shop = Shop::start().await;
     let running = gateway(&dir, &shop, 3).await;
     let input = json!({"items": [{"sku": "a", "n": 2}], "amount": 42, "fail": "none"});
@@ -293,7 +273,7 @@ async fn a_saga_runs_its_steps_in_order_with_templates_and_idempotency_keys() {
 
 #[tokio::test]
 async fn a_failure_at_each_step_compensates_the_steps_done_in_reverse_and_none_other() {
-    let dir = Dir::new("fail-each");
+    let dir = Dir::new("sagas-fail-each");
     let shop = Shop::start().await;
     let running = gateway(&dir, &shop, 3).await;
     let expected: [(&str, &[&str]); 3] = [
@@ -338,7 +318,7 @@ async fn a_failure_at_each_step_compensates_the_steps_done_in_reverse_and_none_o
 
 #[tokio::test]
 async fn a_compensation_that_fails_twice_is_tried_again_until_it_succeeds() {
-    let dir = Dir::new("comp-retry");
+    let dir = Dir::new("sagas-comp-retry");
     let shop = Shop::start().await;
     let running = gateway(&dir, &shop, 5).await;
     shop.script
@@ -386,7 +366,7 @@ async fn a_compensation_that_fails_twice_is_tried_again_until_it_succeeds() {
 
 #[tokio::test]
 async fn a_compensation_that_never_succeeds_leaves_the_saga_stuck_until_an_operator_retries() {
-    let dir = Dir::new("stuck");
+    let dir = Dir::new("sagas-stuck");
     let shop = Shop::start().await;
     let running = gateway(&dir, &shop, 2).await;
     shop.script.lock().unwrap().broken = Some("/reserve/".into());
@@ -440,7 +420,7 @@ async fn a_compensation_that_never_succeeds_leaves_the_saga_stuck_until_an_opera
 
 #[tokio::test]
 async fn starts_are_idempotent_by_key_and_refused_when_the_input_lacks_a_reference() {
-    let dir = Dir::new("starts");
+    let dir = Dir::new("sagas-starts");
     let shop = Shop::start().await;
     let running = gateway(&dir, &shop, 3).await;
     let input = json!({"items": [], "amount": 5, "fail": "none"});

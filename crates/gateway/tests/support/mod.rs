@@ -183,3 +183,23 @@ pub(crate) fn conforms(doc: &Value, path: &str, method: &str, answer: &Answer) {
         }
     }
 }
+
+/// A directory for one test's files (an event store), removed when dropped.
+pub(crate) struct Dir(pub(crate) std::path::PathBuf);
+
+impl Dir {
+    /// `tidegate-gateway-{name}-{pid}` under the system's temp directory, empty.
+    pub(crate) fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("tidegate-gateway-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
