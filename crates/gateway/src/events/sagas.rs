@@ -356,12 +356,44 @@ impl Sagas {
                 break;
             }
         }
+        Ok(self.fold(&events))
+    }
+
+    /// The saga told by `events` (one saga's, in version order), with the
+    /// steps its config lists now.
+    fn fold(&self, events: &[Event]) -> Option<SagaState> {
         let name = events
             .first()
             .and_then(|e| serde_json::from_slice::<Value>(&e.data).ok())
             .and_then(|d| d["saga"].as_str().map(str::to_owned));
         let config = name.as_deref().and_then(|n| self.config(n));
-        Ok(SagaState::fold(&events, config.as_ref()))
+        SagaState::fold(events, config.as_ref())
+    }
+
+    /// Every saga's events, read from the topic in one pass, sagas in the
+    /// order they started.
+    async fn all(&self) -> Result<Vec<Vec<Event>>, StoreError> {
+        let mut sagas: Vec<Vec<Event>> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut from = 1;
+        loop {
+            let page = self.store.read(TOPIC, from, 1000).await?;
+            let Some(end) = page.last().map(|e| e.position) else {
+                break;
+            };
+            for event in page {
+                let Some(key) = event.key.clone() else {
+                    continue;
+                };
+                let at = *index.entry(key).or_insert_with(|| {
+                    sagas.push(Vec::new());
+                    sagas.len() - 1
+                });
+                sagas[at].push(event);
+            }
+            from = end + 1;
+        }
+        Ok(sagas)
     }
 
     /// Starts saga `name` with `input`, as `id` (a caller's idempotency
@@ -466,26 +498,16 @@ impl Sagas {
     /// Drives again every saga of the topic that was running or
     /// compensating when the gateway stopped.
     pub async fn resume(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let mut last: HashMap<String, String> = HashMap::new();
-        let mut from = 1;
-        loop {
-            let page = self.store.read(TOPIC, from, 1000).await?;
-            let Some(end) = page.last().map(|e| e.position) else {
-                break;
-            };
-            for event in page {
-                if let Some(key) = event.key {
-                    last.insert(key, event.ty);
-                }
-            }
-            from = end + 1;
-        }
         let mut resumed = 0;
-        for (id, ty) in last {
-            if !matches!(
-                ty.as_str(),
+        for events in self.all().await? {
+            let (Some(first), Some(last)) = (events.first(), events.last()) else {
+                continue;
+            };
+            let ended = matches!(
+                last.ty.as_str(),
                 types::COMPLETED | types::COMPENSATED | types::STUCK
-            ) {
+            );
+            if let (false, Some(id)) = (ended, first.key.clone()) {
                 self.drive(id);
                 resumed += 1;
             }
@@ -496,27 +518,10 @@ impl Sagas {
     /// Counts of sagas by name and status, and the latest of them (for
     /// `/status/sagas` and the dashboard).
     pub async fn status(&self, latest: usize) -> Result<Value, StoreError> {
-        let mut ids: Vec<String> = Vec::new();
-        let mut seen = HashSet::new();
-        let mut from = 1;
-        loop {
-            let page = self.store.read(TOPIC, from, 1000).await?;
-            let Some(end) = page.last().map(|e| e.position) else {
-                break;
-            };
-            for event in page {
-                if let Some(key) = event.key {
-                    if seen.insert(key.clone()) {
-                        ids.push(key);
-                    }
-                }
-            }
-            from = end + 1;
-        }
         let mut counts: HashMap<String, HashMap<&'static str, u64>> = HashMap::new();
         let mut states = Vec::new();
-        for id in &ids {
-            if let Some(state) = self.state(id).await? {
+        for events in self.all().await? {
+            if let Some(state) = self.fold(&events) {
                 *counts
                     .entry(state.saga.clone())
                     .or_default()
