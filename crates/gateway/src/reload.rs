@@ -96,6 +96,13 @@ impl Reloader {
         if config.rate_limit.store != *self.gateway.counters.store_settings() {
             needs_restart.push("rate_limit.store");
         }
+        if let (Some(running), Some(new)) = (self.gateway.tls(), &config.gateway.tls) {
+            if let Err(e) = running.refresh(new) {
+                let e = e.to_string();
+                self.refused(&e);
+                return Err(e);
+            }
+        }
         let old = self.gateway.table();
         let table = match Table::build(config, Some(&old), self.gateway.counters.clone()) {
             Ok(table) => table,
@@ -221,6 +228,10 @@ fn restart_only_changes(running: &GatewaySettings, new: &GatewaySettings) -> Vec
     }
     if running.drain_timeout != new.drain_timeout {
         changed.push("gateway.drain_timeout");
+    }
+    // Certificates change with a reload; turning TLS on or off does not.
+    if running.tls.is_some() != new.tls.is_some() {
+        changed.push("gateway.tls");
     }
     changed
 }

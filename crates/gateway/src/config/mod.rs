@@ -188,6 +188,35 @@ pub struct GatewaySettings {
     /// endpoints require (`Authorization: Bearer …`); without it they
     /// are refused.
     pub admin_token_env: Option<String>,
+    /// `[gateway.tls]`: TLS on the main listener.
+    pub tls: Option<ListenerTlsSettings>,
+}
+
+/// `[gateway.tls]`: the main listener's certificate and key, more
+/// certificates chosen by SNI, and the CA of client certificates (mTLS).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSettings {
+    /// The certificate chain (PEM), served when no `sni` entry matches.
+    pub cert: std::path::PathBuf,
+    /// Its private key (PEM).
+    pub key: std::path::PathBuf,
+    /// When set, clients must present a certificate this CA (PEM)
+    /// signed; its identity goes upstream in `x-tidegate-client-identity`.
+    pub client_ca: Option<std::path::PathBuf>,
+    /// More certificates, each served for the DNS names it holds.
+    #[serde(default)]
+    pub sni: Vec<CertFiles>,
+}
+
+/// A certificate chain and its key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    /// The certificate chain.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
 }
 
 impl Default for GatewaySettings {
@@ -208,6 +237,7 @@ impl Default for GatewaySettings {
             drain_timeout: Duration::from_secs(30),
             internal_token_env: None,
             admin_token_env: None,
+            tls: None,
         }
     }
 }
@@ -573,6 +603,16 @@ impl Locator<'_> {
             {
                 return Err(self.error(&g.clone().key(key), "must be an environment variable name"));
             }
+        }
+        if let Some(tls) = &gateway.tls {
+            crate::http::tls::server_config(tls).map_err(|e| {
+                let at = g.clone().key("tls");
+                let at = match e.sni {
+                    Some(i) => at.key("sni").index(i).key(e.field),
+                    None => at.key(e.field),
+                };
+                self.error(&at, &e.reason)
+            })?;
         }
         raw.defaults.policy.validate().map_err(|e| {
             self.error(

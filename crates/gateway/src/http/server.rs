@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -136,6 +136,9 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
         None => None,
     };
     tasks.spawn(sample(gateway.clone(), stopped.clone()));
+    if let Some(tls) = gateway.tls().cloned() {
+        tasks.spawn(watch_certificates(tls, stopped.clone()));
+    }
     if let Some(queue) = gateway.take_alert_queue() {
         let (gw, metrics, mut stop) = (gateway.clone(), gateway.metrics.clone(), stopped.clone());
         tasks.spawn(crate::observe::alerts::dispatch(
@@ -159,6 +162,39 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
         tasks,
         upstream_tasks,
     })
+}
+
+/// Reads the listener's certificate files again when they change
+/// (checked every 2 s, as the config file is): new connections get the new
+/// ones, open connections keep theirs. A file that fails to load leaves
+/// the running certificates in place and is said once.
+async fn watch_certificates(
+    tls: Arc<crate::http::tls::ListenerTls>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(2));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut said = None;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = until_stopped(&mut stopped) => return,
+        }
+        match tls.refresh(&tls.settings()) {
+            Ok(true) => {
+                said = None;
+                tracing::info!("TLS certificates read again; new connections get them");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                let e = e.to_string();
+                if said.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "TLS certificates changed but cannot be used; the running ones stay");
+                    said = Some(e);
+                }
+            }
+        }
+    }
 }
 
 /// Opens the event store and serves the events API on its listener.
@@ -296,64 +332,55 @@ async fn serve_proxy(
             _ = until_stopped(&mut stopped) => break,
         };
         let _ = stream.set_nodelay(true);
-        let gateway = gateway.clone();
-        let client = client.clone();
-        let http1 = http1.clone();
-        let http2 = http2.clone();
-        let mut stop = stopped.clone();
-        let upgraded = Upgraded::default();
-        let mut stream = FramingGuard::new(stream, max_head, upgraded.clone(), timeouts);
-        let resets = Arc::new(Resets::default());
-        let abuse = resets.clone();
-        connections.spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |req: Request<Incoming>| {
-                let gateway = gateway.clone();
-                let client = client.clone();
-                let upgraded = upgraded.clone();
-                // Only HTTP/2 can cancel a request and keep its connection.
-                let resets = (req.version() == Version::HTTP_2).then(|| resets.clone());
-                async move {
-                    if resets.as_ref().is_some_and(|r| r.tripped()) {
-                        let reply = Reply::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "this connection is closing: too many cancelled requests",
-                        );
-                        let request_id = headers::correlation_id(req.headers());
-                        return Ok::<_, Infallible>(reply.into_response(&request_id));
-                    }
-                    let started = resets.as_deref().map(Resets::start);
-                    let response = gateway.handle(req, peer, &client).await;
-                    if let Some(started) = started {
-                        started.finish();
-                    }
-                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        upgraded.set();
-                    }
-                    Ok(response)
-                }
-            });
-            // The protocol is told from the first bytes, the way hyper-util's
-            // `auto` builder does, but by the guard that reads them anyway:
-            // no rewinding layer between hyper and the socket.
-            let protocol = tokio::select! {
-                protocol = stream.protocol() => protocol,
-                _ = until_stopped(&mut stop) => return,
-            };
-            match protocol {
-                Ok(Protocol::Http1) => {
-                    let conn = http1
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades();
-                    drive(conn, peer, &abuse, &mut stop).await;
-                }
-                Ok(Protocol::Http2) => {
-                    let conn = http2.serve_connection(TokioIo::new(stream), service);
-                    drive(conn, peer, &abuse, &mut stop).await;
-                }
-                Err(e) => tracing::debug!(%peer, error = %e, "connection ended before a request"),
+        let serving = Serving {
+            gateway: gateway.clone(),
+            client: client.clone(),
+            http1: http1.clone(),
+            http2: http2.clone(),
+            stop: stopped.clone(),
+            max_head,
+            timeouts,
+        };
+        match gateway.tls() {
+            None => {
+                connections.spawn(async move {
+                    let _slot = slot;
+                    serving.serve(stream, peer, None).await;
+                });
             }
-        });
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+                let handshake_within = settings.header_read_timeout;
+                let metrics = gateway.metrics.clone();
+                let tls = tls.clone();
+                connections.spawn(async move {
+                    let _slot = slot;
+                    let accepted =
+                        tokio::time::timeout(handshake_within, acceptor.accept(stream)).await;
+                    let stream = match accepted {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            metrics.tls_handshake_failed();
+                            tls.handshake_failed(peer.ip(), &e);
+                            return;
+                        }
+                        Err(_) => {
+                            metrics.tls_handshake_failed();
+                            tls.handshake_failed(peer.ip(), &"timed out");
+                            return;
+                        }
+                    };
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .map(crate::http::tls::identity)
+                        .and_then(|id| http::HeaderValue::from_str(&id).ok());
+                    serving.serve(stream, peer, identity).await;
+                });
+            }
+        }
     }
     drop(listener);
     let drained = async { while connections.join_next().await.is_some() {} };
@@ -369,14 +396,103 @@ async fn serve_proxy(
     }
 }
 
+/// What every connection of a worker is served with.
+struct Serving {
+    gateway: Arc<Gateway>,
+    client: UpstreamClient,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    stop: watch::Receiver<bool>,
+    max_head: usize,
+    timeouts: Timeouts,
+}
+
+impl Serving {
+    /// Serves one client connection (plain, or TLS once its handshake is
+    /// done) until it ends. `identity` is its verified client
+    /// certificate's, set on each of its requests; a client's own copy of
+    /// that header never passes.
+    async fn serve<I>(self, io: I, peer: SocketAddr, identity: Option<http::HeaderValue>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Serving {
+            gateway,
+            client,
+            http1,
+            http2,
+            mut stop,
+            max_head,
+            timeouts,
+        } = self;
+        let upgraded = Upgraded::default();
+        let mut stream = FramingGuard::new(io, max_head, upgraded.clone(), timeouts);
+        let resets = Arc::new(Resets::default());
+        let abuse = resets.clone();
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            let gateway = gateway.clone();
+            let client = client.clone();
+            let upgraded = upgraded.clone();
+            // Only HTTP/2 can cancel a request and keep its connection.
+            let resets = (req.version() == Version::HTTP_2).then(|| resets.clone());
+            let headers = req.headers_mut();
+            headers.remove(&crate::http::tls::CLIENT_IDENTITY);
+            if let Some(identity) = &identity {
+                headers.insert(&crate::http::tls::CLIENT_IDENTITY, identity.clone());
+            }
+            async move {
+                if resets.as_ref().is_some_and(|r| r.tripped()) {
+                    let reply = Reply::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "this connection is closing: too many cancelled requests",
+                    );
+                    let request_id = headers::correlation_id(req.headers());
+                    return Ok::<_, Infallible>(reply.into_response(&request_id));
+                }
+                let started = resets.as_deref().map(Resets::start);
+                let response = gateway.handle(req, peer, &client).await;
+                if let Some(started) = started {
+                    started.finish();
+                }
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    upgraded.set();
+                }
+                Ok(response)
+            }
+        });
+        // The protocol is told from the first bytes, the way hyper-util's
+        // `auto` builder does, but by the guard that reads them anyway:
+        // no rewinding layer between hyper and the socket. (Over TLS,
+        // ALPN said it already; the preface says the same.)
+        let protocol = tokio::select! {
+            protocol = stream.protocol() => protocol,
+            _ = until_stopped(&mut stop) => return,
+        };
+        match protocol {
+            Ok(Protocol::Http1) => {
+                let conn = http1
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                drive(conn, peer, &abuse, &mut stop).await;
+            }
+            Ok(Protocol::Http2) => {
+                let conn = http2.serve_connection(TokioIo::new(stream), service);
+                drive(conn, peer, &abuse, &mut stop).await;
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "connection ended before a request"),
+        }
+    }
+}
+
 /// A client connection hyper serves, of either protocol.
 trait Connection: Future<Output = hyper::Result<()>> {
     /// Finishes the requests under way, takes no more.
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl<S, B> Connection for http1::UpgradeableConnection<TokioIo<FramingGuard<TcpStream>>, S>
+impl<I, S, B> Connection for http1::UpgradeableConnection<TokioIo<FramingGuard<I>>, S>
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + 'static,
@@ -387,8 +503,9 @@ where
     }
 }
 
-impl<S, B> Connection for http2::Connection<TokioIo<FramingGuard<TcpStream>>, S, TokioExecutor>
+impl<I, S, B> Connection for http2::Connection<TokioIo<FramingGuard<I>>, S, TokioExecutor>
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + Send + 'static,

@@ -117,6 +117,7 @@ pub struct Metrics {
     sagas: Family<SagaLabels, Counter>,
     faults: Family<FallbackLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    tls_failures: Counter,
     alerts: Family<ResultLabels, Counter>,
     store_decisions: Family<ResultLabels, Counter>,
     store_errors: Family<KindLabels, Counter>,
@@ -178,6 +179,7 @@ impl Default for Metrics {
         let sagas = Family::default();
         let faults = Family::default();
         let reloads = Family::default();
+        let tls_failures = Counter::default();
         let alerts = Family::default();
         let store_decisions = Family::default();
         let store_errors = Family::default();
@@ -242,6 +244,11 @@ impl Default for Metrics {
             faults.clone(),
         );
         registry.register(
+            "tidegate_tls_handshake_failures",
+            "TLS handshakes on the main listener that failed or timed out",
+            tls_failures.clone(),
+        );
+        registry.register(
             "tidegate_config_reloads",
             "Config reloads, applied or rejected",
             reloads.clone(),
@@ -296,6 +303,7 @@ impl Default for Metrics {
             sagas,
             faults,
             reloads,
+            tls_failures,
             alerts,
             store_decisions,
             store_errors,
@@ -439,6 +447,12 @@ impl Metrics {
                 kind,
             })
             .inc();
+    }
+
+    /// Counts a config reload: `applied` or `rejected`.
+    /// Counts a TLS handshake that failed or timed out.
+    pub fn tls_handshake_failed(&self) {
+        self.tls_failures.inc();
     }
 
     /// Counts a config reload: `applied` or `rejected`.

@@ -106,6 +106,8 @@ pub struct Gateway {
     none: Arc<String>,
     /// The event store and its API, with `[events]`.
     events: std::sync::OnceLock<Arc<crate::events::Events>>,
+    /// The main listener's TLS, with `[gateway.tls]`.
+    tls: Option<Arc<crate::http::tls::ListenerTls>>,
 }
 
 /// Sets `tidegate_endpoint_healthy` for every endpoint of `table`.
@@ -238,6 +240,12 @@ impl Gateway {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let counters = Counters::new(&config.rate_limit)?;
         let settings = config.gateway.clone();
+        let tls = match &settings.tls {
+            Some(tls) => Some(Arc::new(
+                crate::http::tls::ListenerTls::new(tls).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
         let table = Table::build(config, None, counters.clone())?;
         let metrics = Arc::new(Metrics::default());
         let gates: Gates = Arc::new(ArcSwap::from_pointee(gates_of(&table)));
@@ -256,7 +264,13 @@ impl Gateway {
             counters,
             none: Arc::new("none".to_owned()),
             events: std::sync::OnceLock::new(),
+            tls,
         }))
+    }
+
+    /// The main listener's TLS, with `[gateway.tls]`.
+    pub fn tls(&self) -> Option<&Arc<crate::http::tls::ListenerTls>> {
+        self.tls.as_ref()
     }
 
     /// The event store and its settings, when `[events]` is configured.
