@@ -7,7 +7,7 @@
 //!
 //! rustls with *ring* as its crypto provider: async-nats already builds
 //! it, where aws-lc-rs would add a C build of minutes on two cores (see
-//! [`provider`]).
+//! `provider` below).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
