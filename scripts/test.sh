@@ -7,7 +7,8 @@
 # shared one),
 # Debian's chromium and playwright-core (npm, pinned in
 # tests/browser/package-lock.json) for the dashboard's browser test,
-# python3 for the Python examples of the events API, curl as a TLS client.
+# python3 for the Python examples of the events API, curl as a TLS client,
+# ca-certificates for the system roots https webhooks are checked against.
 # cargo-nextest is used when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-need redis-server:redis-server redis-cli:redis-tools nats-server:nats-server chromium:chromium ss:iproute2 python3:python3 curl:curl
+need redis-server:redis-server redis-cli:redis-tools nats-server:nats-server chromium:chromium ss:iproute2 python3:python3 curl:curl update-ca-certificates:ca-certificates
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     echo "the browser test needs Node.js 20 or later with npm" >&2
     exit 1

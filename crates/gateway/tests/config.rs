@@ -439,14 +439,17 @@ fn alerts_are_typed_and_checked() {
     assert_eq!(config.alerts.webhooks[0].uri, "http://127.0.0.1:9/a");
     assert_eq!(config.alerts.max_attempts, 2);
     assert_eq!(config.alerts.timeout, Duration::from_secs(5));
+    // https receivers are checked against the system's roots, on 443
+    // unless the URL names a port.
+    let config = ok("[alerts]\nwebhooks = [\"https://hooks.example/x\"]\n");
+    assert_eq!(
+        config.alerts.webhooks[0].to.authority(),
+        "hooks.example:443"
+    );
     for (text, expected) in [
         (
-            "[alerts]\nwebhooks = [\"https://hooks.example/x\"]",
-            "alerts.webhooks[0]: https webhooks are not supported",
-        ),
-        (
             "[alerts]\nwebhooks = [\"ftp://x/\"]",
-            "alerts.webhooks[0]: must start with http://",
+            "alerts.webhooks[0]: must start with http:// or https://",
         ),
         (
             "[alerts]\nwebhooks = [\"http://u:p@x/\"]",

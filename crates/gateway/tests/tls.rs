@@ -3,7 +3,10 @@
 //! choosing between two certificates; client certificates required, and
 //! their identity passed upstream and matched by a route; a rotated
 //! certificate served to new connections while an open one keeps working;
-//! bad files refused by name.
+//! bad files refused by name. And the gateway as a TLS client: https
+//! upstreams with a private CA and mTLS in HTTP/1.1, HTTP/2 and ALPN's
+//! choice, health checks over TLS, a wrong CA refused and counted, an https
+//! webhook.
 
 #![allow(deprecated)] // ring's provider, as the gateway uses it (src/http/tls.rs)
 
@@ -407,7 +410,7 @@ async fn client_certificates_are_required_and_their_identity_goes_upstream_and_o
         .body;
     let failures: u64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("tidegate_tls_handshake_failures_total "))
+        .find_map(|l| l.strip_prefix("tidegate_tls_handshake_failures_total{side=\"listener\"} "))
         .unwrap()
         .parse()
         .unwrap();
@@ -515,4 +518,346 @@ fn bad_certificate_files_are_refused_with_their_key_file_and_reason() {
             && mismatched.contains("is not the key of the certificate in"),
         "{mismatched}"
     );
+}
+
+/// An HTTPS upstream: `cert`/`key` (PEM), client certificates of
+/// `client_ca` required when given, ALPN offering `alpn`. It answers
+/// `{version} {client identity}` and sends every path it serves to the
+/// returned channel.
+async fn https_upstream(
+    cert: &(String, String),
+    client_ca: Option<&Ca>,
+    alpn: &[&[u8]],
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+                .unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert.0.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(cert.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen, paths) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                // A handshake the gateway gives up on is no test failure.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let identity = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map_or("anonymous".to_owned(), |certs| {
+                        tidegate_gateway::http::tls::identity(&certs[0])
+                    });
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let _ = seen.send(req.uri().path().to_owned());
+                        let said = format!("{:?} {identity}", req.version());
+                        async move { Ok::<_, std::convert::Infallible>(text(200, &said)) }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, paths)
+}
+
+/// Files for the gateway as a client of HTTPS upstreams: the upstreams'
+/// CA, a certificate for `upstream.test` and 127.0.0.1, the CA upstreams
+/// trust clients of, and the gateway's client certificate.
+struct UpstreamFiles {
+    files: Files,
+    upstream: (String, String),
+    client_ca: Ca,
+}
+
+impl UpstreamFiles {
+    fn new(name: &str) -> UpstreamFiles {
+        let files = Files::new(name);
+        let upstream = leaf(
+            &files.server_ca,
+            vec![
+                dns("upstream.test"),
+                SanType::IpAddress([127, 0, 0, 1].into()),
+            ],
+        );
+        let client_ca = ca("upstreams' client ca");
+        let gateway = leaf(
+            &client_ca,
+            vec![SanType::URI(
+                "spiffe://tidegate.test/gateway".try_into().unwrap(),
+            )],
+        );
+        let write = |file: &str, text: &str| std::fs::write(files.dir.0.join(file), text).unwrap();
+        write("upstream-ca.pem", &files.server_ca.pem);
+        write("gateway.pem", &gateway.0);
+        write("gateway.key", &gateway.1);
+        UpstreamFiles {
+            files,
+            upstream,
+            client_ca,
+        }
+    }
+
+    /// `[upstreams.tls]` trusting the upstreams' CA, with the gateway's
+    /// client certificate.
+    fn tls(&self, server_name: Option<&str>) -> String {
+        let name = server_name.map_or(String::new(), |n| format!("server_name = \"{n}\"\n"));
+        format!(
+            "[upstreams.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n{name}",
+            self.files.path("upstream-ca.pem"),
+            self.files.path("gateway.pem"),
+            self.files.path("gateway.key"),
+        )
+    }
+}
+
+fn route(name: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nstrip_prefix = true\nupstream = \"{name}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn https_upstreams_with_a_private_ca_and_mtls_over_http1_http2_and_alpn_with_health_checks() {
+    let files = UpstreamFiles::new("upstreams");
+    let both: &[&[u8]] = &[b"h2", b"http/1.1"];
+    let (mtls, mut mtls_paths) =
+        https_upstream(&files.upstream, Some(&files.client_ca), both).await;
+    let (http1_only, _) = https_upstream(&files.upstream, None, &[b"http/1.1"]).await;
+    let config = format!(
+        r#"[[upstreams]]
+name = "h1"
+endpoints = ["https://localhost:{port}"]
+{tls_named}[upstreams.health_check]
+path = "/health"
+interval = "100ms"
+
+[[upstreams]]
+name = "h2"
+endpoints = ["https://127.0.0.1:{port}"]
+protocol = "http2"
+{tls}
+[[upstreams]]
+name = "auto"
+endpoints = ["https://127.0.0.1:{port}"]
+protocol = "auto"
+{tls}
+[[upstreams]]
+name = "auto1"
+endpoints = ["https://127.0.0.1:{port1}"]
+protocol = "auto"
+{tls}
+{r1}{r2}{r3}{r4}"#,
+        port = mtls.port(),
+        port1 = http1_only.port(),
+        tls_named = files.tls(Some("upstream.test")),
+        tls = files.tls(None),
+        r1 = route("h1"),
+        r2 = route("h2"),
+        r3 = route("auto"),
+        r4 = route("auto1"),
+    );
+    let running = support::gateway(&config).await;
+    let gateway = "spiffe://tidegate.test/gateway";
+    for (path, said) in [
+        ("/h1/x", format!("HTTP/1.1 {gateway}")),
+        ("/h2/x", format!("HTTP/2.0 {gateway}")),
+        ("/auto/x", format!("HTTP/2.0 {gateway}")),
+        ("/auto1/x", "HTTP/1.1 anonymous".to_owned()),
+        // The chosen version sticks to the endpoint's pool.
+        ("/auto/x", format!("HTTP/2.0 {gateway}")),
+        ("/auto1/x", "HTTP/1.1 anonymous".to_owned()),
+    ] {
+        let answer = tidegate_testkit::get(&support::url(&running, path)).await;
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (StatusCode::OK, said.as_str()),
+            "{path}"
+        );
+    }
+    // The health checks reach the endpoint over TLS, as `upstream.test`.
+    loop {
+        if mtls_paths.recv().await.unwrap() == "/health" {
+            break;
+        }
+    }
+    let metrics = tidegate_testkit::get(&support::admin(&running, "/metrics"))
+        .await
+        .body;
+    assert!(
+        metrics.contains("tidegate_tls_handshake_failures_total{side=\"upstream\"} 0\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_of_another_ca_is_refused_with_a_clear_error_counted_each_time() {
+    let files = UpstreamFiles::new("wrong-ca");
+    let stranger = leaf(
+        &ca("stranger ca"),
+        vec![SanType::IpAddress([127, 0, 0, 1].into())],
+    );
+    let (addr, _) = https_upstream(&stranger, None, &[b"http/1.1"]).await;
+    let config = format!(
+        "[[upstreams]]\nname = \"svc\"\nendpoints = [\"https://{addr}\"]\n{}\n{}",
+        files.tls(None),
+        route("svc")
+    );
+    let running = support::gateway(&config).await;
+    for _ in 0..2 {
+        let answer = tidegate_testkit::get(&support::url(&running, "/svc/x")).await;
+        assert_eq!(answer.status, 502);
+        assert!(
+            answer.body.contains("upstream TLS handshake failed"),
+            "{}",
+            answer.body
+        );
+    }
+    let metrics = tidegate_testkit::get(&support::admin(&running, "/metrics"))
+        .await
+        .body;
+    let failures: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidegate_tls_handshake_failures_total{side=\"upstream\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Each request tried (with its retry) and failed again.
+    assert!(failures >= 2, "{failures}");
+}
+
+#[test]
+fn bad_upstream_tls_settings_are_refused_with_their_key_file_and_reason() {
+    let files = UpstreamFiles::new("bad-upstream");
+    let err = |text: String| {
+        tidegate_gateway::config::parse(&text, "t.toml", [])
+            .unwrap_err()
+            .to_string()
+    };
+    let upstream = |endpoint: &str, tls: &str| {
+        format!("[[upstreams]]\nname = \"svc\"\nendpoints = [\"{endpoint}\"]\n{tls}")
+    };
+    let missing = err(upstream(
+        "https://127.0.0.1:9",
+        "[upstreams.tls]\nca = \"/nonexistent/ca.pem\"\n",
+    ));
+    assert!(
+        missing.contains("upstreams[0].tls.ca: cannot read /nonexistent/ca.pem"),
+        "{missing}"
+    );
+    let plain = err(upstream("http://127.0.0.1:9", &files.tls(None)));
+    assert!(
+        plain.contains("upstreams[0].tls: is for https:// endpoints, and this upstream has none"),
+        "{plain}"
+    );
+    let half = err(upstream(
+        "https://127.0.0.1:9",
+        &format!(
+            "[upstreams.tls]\nclient_cert = \"{}\"\n",
+            files.files.path("gateway.pem")
+        ),
+    ));
+    assert!(
+        half.contains("upstreams[0].tls.client_key: needed with client_cert"),
+        "{half}"
+    );
+    let mismatched = err(upstream(
+        "https://127.0.0.1:9",
+        &format!(
+            "[upstreams.tls]\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            files.files.path("gateway.pem"),
+            files.files.path("a.key")
+        ),
+    ));
+    assert!(
+        mismatched.contains("upstreams[0].tls.client_key: ")
+            && mismatched.contains("does not go with"),
+        "{mismatched}"
+    );
+    // An https endpoint without a port is on 443.
+    let config = tidegate_gateway::config::parse(
+        &upstream("https://upstream.test", &files.tls(None)),
+        "t.toml",
+        [],
+    )
+    .unwrap();
+    assert_eq!(
+        config.upstreams[0].endpoints[0].to_string(),
+        "https://upstream.test:443"
+    );
+}
+
+#[tokio::test]
+async fn alerts_reach_an_https_webhook_checked_against_the_system_roots() {
+    let files = UpstreamFiles::new("webhook");
+    // The system's roots, as the OpenSSL variable names them: the test's
+    // CA only (each test is its own process under nextest).
+    std::env::set_var("SSL_CERT_FILE", files.files.path("upstream-ca.pem"));
+    let (hook, mut hooked) = https_upstream(&files.upstream, None, &[b"http/1.1"]).await;
+    let failing = Upstream::start(|_| async { text(500, "down") }).await;
+    let config = format!(
+        r#"[[upstreams]]
+name = "svc"
+endpoints = ["{failing}"]
+[upstreams.policy.circuit_breaker]
+consecutive_failures = 2
+[upstreams.policy.retry]
+max_attempts = 1
+
+[[routes]]
+name = "svc"
+path_prefix = "/"
+upstream = "svc"
+
+[alerts]
+webhooks = ["https://127.0.0.1:{port}/hook"]
+"#,
+        failing = failing.url(),
+        port = hook.port(),
+    );
+    let running = support::gateway(&config).await;
+    for _ in 0..2 {
+        tidegate_testkit::get(&support::url(&running, "/x")).await;
+    }
+    let hooked = tokio::time::timeout(Duration::from_secs(20), hooked.recv()).await;
+    assert_eq!(
+        hooked
+            .expect("no alert reached the https receiver")
+            .unwrap(),
+        "/hook"
+    );
+    running.shutdown().await;
 }

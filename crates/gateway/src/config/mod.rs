@@ -26,7 +26,9 @@ use tidegate_client::config::file::{deep_merge, merge_policy_defaults, KeyPath, 
 use tidegate_client::config::{check_name, BaseUrl};
 use tidegate_resilience::config::{duration, PolicyConfig};
 
+use crate::proxy::client::Destination;
 pub use crate::proxy::pool::PoolConfig;
+pub use crate::proxy::tls::{ClientTls, UpstreamTlsSettings};
 pub use tidegate_client::config::ConfigError;
 
 mod compose;
@@ -107,7 +109,7 @@ impl Default for RawAlerts {
 /// hard each delivery is tried.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alerts {
-    /// The receivers (`http://…` URLs).
+    /// The receivers (`http://…` or `https://…` URLs).
     pub webhooks: Vec<Webhook>,
     /// Per-attempt timeout.
     pub timeout: Duration,
@@ -137,6 +139,8 @@ impl Default for Alerts {
 pub struct Webhook {
     /// Where to POST.
     pub uri: Uri,
+    /// Its endpoint, and TLS for an `https://` one (the system's roots).
+    pub to: Destination,
     /// The URL without its query (which may hold a token), for logs and metrics.
     pub label: String,
 }
@@ -322,18 +326,24 @@ pub enum HealthCheckKind {
     Grpc,
 }
 
-/// One endpoint of an upstream: `http://host:port`.
+/// One endpoint of an upstream: `http://host:port` or `https://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// `host:port`.
+    /// `host:port` (port 80, or 443 with TLS, when the URL has none).
     pub authority: Authority,
+    /// Reached over TLS (`https://`), with the upstream's `[upstreams.tls]`.
+    pub tls: bool,
 }
 
 impl Endpoint {
     /// The URI of `path_and_query` on this endpoint.
     pub fn uri(&self, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
         Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(if self.tls {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            })
             .authority(self.authority.clone())
             .path_and_query(path_and_query)
             .build()
@@ -342,7 +352,8 @@ impl Endpoint {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.authority)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.authority)
     }
 }
 
@@ -368,6 +379,9 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheckConfig>,
     /// `[defaults.policy]` with this upstream's overrides.
     pub policy: PolicyConfig,
+    /// TLS for its `https://` endpoints (`[upstreams.tls]`, or the system's
+    /// roots); `None` when every endpoint is `http://`.
+    pub tls: Option<ClientTls>,
 }
 
 /// `[[routes]]`: which requests go to which upstream.
@@ -456,6 +470,7 @@ struct RawUpstream {
     health_check: Option<HealthCheckConfig>,
     #[serde(default)]
     policy: PolicyConfig,
+    tls: Option<UpstreamTlsSettings>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -647,6 +662,7 @@ impl Locator<'_> {
                 }
                 endpoints.push(endpoint);
             }
+            let tls = self.upstream_tls(&at, &u, &endpoints)?;
             if let Some(hc) = &u.health_check {
                 let h = at.clone().key("health_check");
                 let grpc = hc.kind == HealthCheckKind::Grpc;
@@ -726,6 +742,7 @@ impl Locator<'_> {
                 pool: u.pool,
                 health_check: u.health_check,
                 policy: u.policy,
+                tls,
             });
         }
         let alerts = self.alerts(raw.alerts)?;
@@ -919,6 +936,39 @@ impl Locator<'_> {
         })
     }
 
+    /// The TLS of an upstream with `https://` endpoints, its files read
+    /// and checked; `[upstreams.tls]` without such endpoints is refused.
+    fn upstream_tls(
+        &self,
+        at: &KeyPath,
+        u: &RawUpstream,
+        endpoints: &[Endpoint],
+    ) -> Result<Option<ClientTls>, ConfigError> {
+        let Some(first) = endpoints.iter().position(|e| e.tls) else {
+            return match u.tls {
+                Some(_) => Err(self.error(
+                    &at.clone().key("tls"),
+                    "is for https:// endpoints, and this upstream has none",
+                )),
+                None => Ok(None),
+            };
+        };
+        let settings = u.tls.clone().unwrap_or_default();
+        let tls = ClientTls::new(&settings, u.protocol)
+            .map_err(|e| self.error(&at.clone().key("tls").key(e.field), &e.reason))?;
+        for (j, e) in endpoints.iter().enumerate().skip(first) {
+            if e.tls {
+                tls.server_name(e.authority.host()).map_err(|why| {
+                    self.error(
+                        &at.clone().key("endpoints").index(j),
+                        format!("{why}: set tls.server_name"),
+                    )
+                })?;
+            }
+        }
+        Ok(Some(tls))
+    }
+
     fn alerts(&self, raw: RawAlerts) -> Result<Alerts, ConfigError> {
         let at = KeyPath::default().key("alerts");
         let mut webhooks = Vec::with_capacity(raw.webhooks.len());
@@ -927,22 +977,36 @@ impl Locator<'_> {
             let uri: Uri = url
                 .parse()
                 .map_err(|_| self.error(&key, "not a URL (expected http://host:port/path)"))?;
-            match uri.scheme_str() {
-                Some("http") => {}
+            let tls = match uri.scheme_str() {
+                Some("http") => None,
                 Some("https") => {
-                    return Err(self.error(
-                        &key,
-                        "https webhooks are not supported; use an http:// receiver or relay",
-                    ))
+                    let tls =
+                        ClientTls::new(&UpstreamTlsSettings::default(), UpstreamProtocol::Http1)
+                            .map_err(|e| self.error(&key, &e.reason))?;
+                    Some(tls)
                 }
-                _ => return Err(self.error(&key, "must start with http://")),
-            }
+                _ => return Err(self.error(&key, "must start with http:// or https://")),
+            };
             if uri.host().is_none_or(str::is_empty) || url.contains('@') {
                 return Err(self.error(&key, "needs a host, and no user or password"));
             }
+            let default_port = if tls.is_some() { 443 } else { 80 };
+            let authority: Authority = format!(
+                "{}:{}",
+                uri.host().unwrap_or_default(),
+                uri.port_u16().unwrap_or(default_port)
+            )
+            .parse()
+            .map_err(|_| self.error(&key, "has a bad host"))?;
+            let to = match &tls {
+                None => Destination::plain(authority, UpstreamProtocol::Http1),
+                Some(tls) => Destination::tls(authority, UpstreamProtocol::Http1, tls)
+                    .map_err(|why| self.error(&key, why))?,
+            };
             webhooks.push(Webhook {
                 label: webhook_label(url),
                 uri,
+                to,
             });
         }
         if raw.timeout.is_zero() {
@@ -1209,13 +1273,31 @@ pub(crate) fn is_path_template(example: &str) -> bool {
 }
 
 fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
-    let base = BaseUrl::parse(text)?;
-    if !base.path.is_empty() {
-        return Err(format!(
-            "`{text}` must not have a path; routes decide the path"
-        ));
+    let Some(rest) = text.strip_prefix("https://") else {
+        let base = BaseUrl::parse(text)?;
+        if !base.path.is_empty() {
+            return Err(format!(
+                "`{text}` must not have a path; routes decide the path"
+            ));
+        }
+        return Ok(Endpoint {
+            authority: base.authority,
+            tls: false,
+        });
+    };
+    // As an http:// URL, but 443 when it names no port.
+    let plain = format!("http://{rest}");
+    let mut endpoint = parse_endpoint(&plain).map_err(|e| e.replace(&plain, text))?;
+    endpoint.tls = true;
+    let named_port = plain
+        .parse::<Uri>()
+        .ok()
+        .and_then(|u| u.port_u16())
+        .is_some();
+    if !named_port {
+        endpoint.authority = format!("{}:443", endpoint.authority.host())
+            .parse()
+            .map_err(|_| format!("`{text}` has a bad host"))?;
     }
-    Ok(Endpoint {
-        authority: base.authority,
-    })
+    Ok(endpoint)
 }

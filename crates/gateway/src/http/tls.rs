@@ -67,7 +67,7 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certificates(
+pub(crate) fn certificates(
     path: &Path,
     sni: Option<usize>,
     field: &'static str,

@@ -15,15 +15,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use serde::Serialize;
 use tidegate_resilience::retry::{self, BackoffKind, Jitter, Retry, RetryAction};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::{Alerts, Webhook};
+use crate::http::body;
 use crate::observe::metrics::Metrics;
+use crate::proxy::client::UpstreamClient;
 
 /// Deliveries (alert × webhook) under way at most.
 pub const MAX_DELIVERIES: usize = 256;
@@ -99,8 +99,6 @@ impl Alerter {
     }
 }
 
-type HookClient = Client<HttpConnector, Full<Bytes>>;
-
 /// Sends every queued alert to the webhooks `settings` returns at that
 /// moment (so a reload applies to the next alert). Ends when every
 /// [`Alerter`] is gone or `stopped` resolves.
@@ -110,7 +108,9 @@ pub async fn dispatch(
     metrics: Arc<Metrics>,
     stopped: impl std::future::Future<Output = ()>,
 ) {
-    let client: HookClient = Client::builder(TokioExecutor::new()).build_http();
+    // The upstreams' pooled client, without their gates: https receivers
+    // get TLS the same way.
+    let client = UpstreamClient::new(Default::default(), metrics.upstream_tls_failures());
     let slots = Arc::new(Semaphore::new(MAX_DELIVERIES));
     tokio::pin!(stopped);
     loop {
@@ -148,7 +148,7 @@ pub async fn dispatch(
 
 /// POSTs `body` to `hook`, retrying as the settings say.
 async fn deliver(
-    client: &HookClient,
+    client: &UpstreamClient,
     hook: &Webhook,
     settings: &Alerts,
     id: &str,
@@ -170,21 +170,28 @@ async fn deliver(
     let result = retry
         .call_with(
             |_attempt| async {
-                let request = Request::builder()
+                let target = hook.uri.path_and_query().map_or("/", |p| p.as_str());
+                let mut request = Request::builder()
                     .method(Method::POST)
-                    .uri(hook.uri.clone())
+                    .uri(target)
                     .header(header::CONTENT_TYPE, "application/json")
                     .header(
                         header::USER_AGENT,
                         concat!("tidegate/", env!("CARGO_PKG_VERSION")),
                     )
                     .header("idempotency-key", id)
-                    .body(Full::new(body.clone()))
+                    .body(body::full(body.clone()))
                     .map_err(|e| Permanent(e.to_string()))?;
-                let response = tokio::time::timeout(settings.timeout, client.request(request))
-                    .await
-                    .map_err(|_| Transient(format!("no answer within {:?}", settings.timeout)))?
-                    .map_err(|e| Transient(format!("request failed: {e}")))?;
+                if let Some(host) = hook.uri.authority() {
+                    if let Ok(host) = header::HeaderValue::from_str(host.as_str()) {
+                        request.headers_mut().insert(header::HOST, host);
+                    }
+                }
+                let response =
+                    tokio::time::timeout(settings.timeout, client.request(&hook.to, request, None))
+                        .await
+                        .map_err(|_| Transient(format!("no answer within {:?}", settings.timeout)))?
+                        .map_err(|e| Transient(format!("request failed: {e}")))?;
                 let status = response.status();
                 // Read the answer so the connection can be used again.
                 let _ =

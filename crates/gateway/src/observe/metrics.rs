@@ -84,6 +84,11 @@ struct SagaLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabels {
+    side: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -117,7 +122,7 @@ pub struct Metrics {
     sagas: Family<SagaLabels, Counter>,
     faults: Family<FallbackLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
-    tls_failures: Counter,
+    tls_failures: Family<SideLabels, Counter>,
     alerts: Family<ResultLabels, Counter>,
     store_decisions: Family<ResultLabels, Counter>,
     store_errors: Family<KindLabels, Counter>,
@@ -179,7 +184,7 @@ impl Default for Metrics {
         let sagas = Family::default();
         let faults = Family::default();
         let reloads = Family::default();
-        let tls_failures = Counter::default();
+        let tls_failures = Family::<SideLabels, Counter>::default();
         let alerts = Family::default();
         let store_decisions = Family::default();
         let store_errors = Family::default();
@@ -245,7 +250,7 @@ impl Default for Metrics {
         );
         registry.register(
             "tidegate_tls_handshake_failures",
-            "TLS handshakes on the main listener that failed or timed out",
+            "TLS handshakes that failed or timed out: side=\"listener\" with clients, side=\"upstream\" with https endpoints",
             tls_failures.clone(),
         );
         registry.register(
@@ -449,10 +454,19 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a config reload: `applied` or `rejected`.
-    /// Counts a TLS handshake that failed or timed out.
+    /// Counts a TLS handshake with a client that failed or timed out.
     pub fn tls_handshake_failed(&self) {
-        self.tls_failures.inc();
+        self.tls_failures
+            .get_or_create(&SideLabels { side: "listener" })
+            .inc();
+    }
+
+    /// The counter of failed TLS handshakes with upstream endpoints, for
+    /// the upstream clients to count in.
+    pub fn upstream_tls_failures(&self) -> Counter {
+        self.tls_failures
+            .get_or_create(&SideLabels { side: "upstream" })
+            .clone()
     }
 
     /// Counts a config reload: `applied` or `rejected`.

@@ -22,11 +22,16 @@
 //! a new connection opens only when the last one closed, went away
 //! (GOAWAY) or carried `max_uses` requests. A request the connection
 //! refused before sending anything goes to a new one.
+//!
+//! An `https://` endpoint's connections are TLS ([`super::tls`]); with
+//! `protocol = "auto"` the first connection's ALPN answer decides the
+//! version for the endpoint's pool. A failed TLS handshake is counted
+//! each time and logged once until one succeeds again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,11 +46,16 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
+use crate::config::UpstreamProtocol;
 use crate::http::body::ProxyBody;
 use crate::proxy::pool::{Gates, PoolGate, PoolOverflow};
+use crate::proxy::tls::ClientTls;
 
 /// How long a new connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,6 +73,9 @@ pub enum ClientError {
     Overflow,
     /// No connection could be made; nothing was sent.
     Connect(std::io::Error),
+    /// The TLS handshake failed (a certificate refused, no common
+    /// protocol); nothing was sent.
+    Tls(std::io::Error),
     /// The exchange failed once a connection was there.
     Request(hyper::Error),
 }
@@ -72,6 +85,7 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Overflow => PoolOverflow.fmt(f),
             ClientError::Connect(e) => write!(f, "connect failed: {e}"),
+            ClientError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             ClientError::Request(e) => e.fmt(f),
         }
     }
@@ -81,11 +95,101 @@ impl std::error::Error for ClientError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ClientError::Overflow => None,
-            ClientError::Connect(e) => e.source(),
+            ClientError::Connect(e) | ClientError::Tls(e) => e.source(),
             ClientError::Request(e) => std::error::Error::source(e),
         }
     }
 }
+
+/// Where an endpoint's requests go, and how: its address, the HTTP
+/// version, and TLS for an `https://` endpoint.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    authority: Authority,
+    /// Its pool's key: the authority, with the TLS settings' id for TLS.
+    key: Box<str>,
+    version: Version,
+    tls: Option<Box<TlsTarget>>,
+}
+
+/// How a destination's requests are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Http1,
+    Http2,
+    /// ALPN decides (over TLS only).
+    Negotiated,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct TlsTarget {
+    tls: ClientTls,
+    name: ServerName<'static>,
+}
+
+impl PartialEq for Destination {
+    /// The same endpoint, version and TLS (pools aside).
+    fn eq(&self, other: &Self) -> bool {
+        self.authority == other.authority && self.version == other.version && self.tls == other.tls
+    }
+}
+
+impl Destination {
+    /// `authority` over plain TCP (`http://`), in `protocol` (`auto` is
+    /// HTTP/1.1 without TLS).
+    pub fn plain(authority: Authority, protocol: UpstreamProtocol) -> Self {
+        Destination {
+            key: authority.as_str().into(),
+            authority,
+            version: match protocol {
+                UpstreamProtocol::Http2 => Version::Http2,
+                _ => Version::Http1,
+            },
+            tls: None,
+        }
+    }
+
+    /// `authority` over TLS (`https://`), in `protocol`; `tls` was built
+    /// for that protocol. Fails if the host is no name TLS can check.
+    pub fn tls(
+        authority: Authority,
+        protocol: UpstreamProtocol,
+        tls: &ClientTls,
+    ) -> Result<Self, String> {
+        let name = tls.server_name(authority.host())?;
+        Ok(Destination {
+            key: format!("{authority}#{}", tls.id()).into(),
+            authority,
+            version: match protocol {
+                UpstreamProtocol::Http1 => Version::Http1,
+                UpstreamProtocol::Http2 => Version::Http2,
+                UpstreamProtocol::Auto => Version::Negotiated,
+            },
+            tls: Some(Box::new(TlsTarget {
+                tls: tls.clone(),
+                name,
+            })),
+        })
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// Whether requests may go over HTTP/2 (always with `http2`; with
+    /// `auto` when the endpoint's ALPN chooses it): such requests carry no
+    /// Upgrade, and may ask for trailers.
+    pub fn may_be_http2(&self) -> bool {
+        self.version != Version::Http1
+    }
+}
+
+/// What ALPN chose at a `Negotiated` destination: not known yet, HTTP/1.1
+/// or HTTP/2.
+const ALPN_UNKNOWN: u8 = 0;
+const ALPN_HTTP1: u8 = 1;
+const ALPN_HTTP2: u8 = 2;
 
 /// A pool of keep-alive connections to upstream endpoints. Clones share it.
 #[derive(Debug, Clone)]
@@ -102,6 +206,8 @@ struct Shared {
     /// Whether the sweeping task runs (started with the first connection,
     /// on that connection's runtime).
     sweeping: AtomicBool,
+    /// Failed TLS handshakes (`tidegate_tls_handshake_failures_total`).
+    tls_failures: Counter,
 }
 
 /// The idle connections to one endpoint, and its HTTP/2 connection.
@@ -115,6 +221,10 @@ struct HostPool {
     /// Held while an HTTP/2 connection opens, so that requests arriving
     /// together share one instead of each opening its own.
     h2_opening: tokio::sync::Mutex<()>,
+    /// What ALPN chose, for a `Negotiated` destination.
+    alpn: AtomicU8,
+    /// Whether its last TLS handshake failed (and was logged).
+    tls_failing: AtomicBool,
 }
 
 /// An HTTP/2 connection's request handle.
@@ -195,6 +305,18 @@ impl HostPool {
         Some(sender)
     }
 
+    /// Keeps `sender`, a new HTTP/2 connection with `uses` of its uses
+    /// taken, for the requests to come (unless that was all of them).
+    fn h2_install(&self, sender: http2::SendRequest<ProxyBody>, uses: u32, max_uses: Option<u32>) {
+        if max_uses.is_none_or(|max| uses < max) {
+            *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(H2Conn {
+                sender,
+                uses,
+                swept: false,
+            });
+        }
+    }
+
     /// Lets go of the HTTP/2 connection that just refused a request: the
     /// next request opens a new one. (If another request had replaced it
     /// already, that one goes too: a connection costs less than a loop
@@ -205,57 +327,107 @@ impl HostPool {
 }
 
 impl UpstreamClient {
-    /// A pool whose new connections are held to `gates`.
-    pub fn new(gates: Gates) -> Self {
+    /// A pool whose new connections are held to `gates`; failed TLS
+    /// handshakes are counted in `tls_failures`.
+    pub fn new(gates: Gates, tls_failures: Counter) -> Self {
         UpstreamClient {
             shared: Arc::new(Shared {
                 gates,
                 hosts: Mutex::new(HashMap::default()),
                 sweeping: AtomicBool::new(false),
+                tls_failures,
             }),
         }
     }
 
-    /// Sends `request` (origin-form target) to `authority` on a pooled
-    /// connection, over HTTP/2 when `http2`, else HTTP/1.1, opening one
-    /// if none is free; `Host` (HTTP/2: `:authority`) is the request's, or
-    /// `authority` when it has none. The connection is retired after
-    /// `max_uses` requests.
+    /// Sends `request` (origin-form target) to `to` on a pooled
+    /// connection, opening one if none is free; `Host` (HTTP/2:
+    /// `:authority`) is the request's, or the destination's when it has
+    /// none. The connection is retired after `max_uses` requests.
     ///
     /// The future is either protocol's own, not one around both: every
-    /// attempt carries it, and moves it.
+    /// attempt carries it, and moves it. (ALPN's choice, rare, is boxed.)
     pub fn request<'a>(
         &'a self,
-        authority: &'a Authority,
+        to: &'a Destination,
         request: Request<ProxyBody>,
         max_uses: Option<u32>,
-        http2: bool,
     ) -> impl Future<Output = Result<UpstreamResponse, ClientError>> + 'a {
-        if http2 {
-            Either::Right(self.request_h2(authority, request, max_uses))
-        } else {
-            Either::Left(self.request_h1(authority, request, max_uses))
+        match to.version {
+            Version::Http1 => Either::Left(Either::Left(self.request_h1(to, request, max_uses))),
+            Version::Http2 => Either::Left(Either::Right(self.request_h2(to, request, max_uses))),
+            Version::Negotiated => {
+                Either::Right(Box::pin(self.request_negotiated(to, request, max_uses)))
+            }
         }
+    }
+
+    /// A request to a destination whose version ALPN chooses: the first
+    /// connection learns it.
+    async fn request_negotiated(
+        &self,
+        to: &Destination,
+        request: Request<ProxyBody>,
+        max_uses: Option<u32>,
+    ) -> Result<UpstreamResponse, ClientError> {
+        let host = self.host(to);
+        if host.alpn.load(Ordering::Acquire) == ALPN_UNKNOWN {
+            self.negotiate(to, &host, max_uses).await?;
+        }
+        if host.alpn.load(Ordering::Acquire) == ALPN_HTTP2 {
+            self.request_h2(to, request, max_uses).await
+        } else {
+            self.request_h1(to, request, max_uses).await
+        }
+    }
+
+    /// Opens the first connection to a `Negotiated` destination and pools
+    /// it as what ALPN chose (HTTP/1.1 when the server names nothing).
+    async fn negotiate(
+        &self,
+        to: &Destination,
+        host: &Arc<HostPool>,
+        max_uses: Option<u32>,
+    ) -> Result<(), ClientError> {
+        let _opening = host.h2_opening.lock().await;
+        if host.alpn.load(Ordering::Acquire) != ALPN_UNKNOWN {
+            return Ok(());
+        }
+        let permit = self.slot(to).await?;
+        let stream = self.open_tls(to, host).await?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        if h2 {
+            let sender = handshake_h2(stream, permit).await?;
+            self.start_sweeping();
+            host.h2_install(sender, 0, max_uses);
+            host.alpn.store(ALPN_HTTP2, Ordering::Release);
+        } else {
+            let conn = handshake_h1(stream, permit).await?;
+            self.start_sweeping();
+            host.put(conn);
+            host.alpn.store(ALPN_HTTP1, Ordering::Release);
+        }
+        Ok(())
     }
 
     async fn request_h1(
         &self,
-        authority: &Authority,
+        to: &Destination,
         mut request: Request<ProxyBody>,
         max_uses: Option<u32>,
     ) -> Result<UpstreamResponse, ClientError> {
         if !request.headers().contains_key(HOST) {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            if let Ok(host) = HeaderValue::from_str(to.authority.as_str()) {
                 request.headers_mut().insert(HOST, host);
             }
         }
-        let host = self.host(authority);
+        let host = self.host(to);
         loop {
             let (mut conn, reused) = match host.checkout() {
                 Some(conn) => (conn, true),
                 // Boxed: a new connection is rare, and its handshake's
                 // future would make every request's future larger.
-                None => Box::pin(self.connect(authority, &host)).await?,
+                None => Box::pin(self.connect(to, &host)).await?,
             };
             if reused && !conn.sender.is_ready() && conn.sender.ready().await.is_err() {
                 // It closed while settling after its last response.
@@ -278,7 +450,7 @@ impl UpstreamClient {
 
     async fn request_h2(
         &self,
-        authority: &Authority,
+        to: &Destination,
         mut request: Request<ProxyBody>,
         max_uses: Option<u32>,
     ) -> Result<UpstreamResponse, ClientError> {
@@ -287,19 +459,23 @@ impl UpstreamClient {
         let target = host_header
             .as_ref()
             .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| authority.clone());
+            .unwrap_or_else(|| to.authority.clone());
         let mut parts = std::mem::take(request.uri_mut()).into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.scheme = Some(if to.tls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
         parts.authority = Some(target);
         *request.uri_mut() = http::Uri::from_parts(parts).map_err(|e| {
             ClientError::Connect(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
         })?;
         *request.version_mut() = http::Version::HTTP_2;
-        let host = self.host(authority);
+        let host = self.host(to);
         loop {
             let (mut sender, reused) = match host.h2_checkout(max_uses) {
                 Some(sender) => (sender, true),
-                None => Box::pin(self.connect_h2(authority, &host, max_uses)).await?,
+                None => Box::pin(self.connect_h2(to, &host, max_uses)).await?,
             };
             // Waits for a free stream when the server's limit is reached.
             if sender.ready().await.is_err() {
@@ -326,76 +502,66 @@ impl UpstreamClient {
         }
     }
 
-    /// The HTTP/2 connection to `authority`: the one another request just
+    /// The HTTP/2 connection to `to`: the one another request just
     /// opened (the flag says it is shared), or a new one within the
     /// endpoint's gate.
     async fn connect_h2(
         &self,
-        authority: &Authority,
-        host: &HostPool,
+        to: &Destination,
+        host: &Arc<HostPool>,
         max_uses: Option<u32>,
     ) -> Result<(http2::SendRequest<ProxyBody>, bool), ClientError> {
         let _opening = host.h2_opening.lock().await;
         if let Some(sender) = host.h2_checkout(max_uses) {
             return Ok((sender, true));
         }
-        let gate: Option<Arc<PoolGate>> = self.shared.gates.load().get(authority).cloned();
-        let permit = match &gate {
-            None => None,
-            Some(gate) => match gate.try_enter() {
-                Some(permit) => Some(permit),
-                None => {
-                    let _waiting = gate.wait().map_err(|_| ClientError::Overflow)?;
-                    Some(gate.acquire().await)
-                }
-            },
+        let permit = self.slot(to).await?;
+        let sender = match &to.tls {
+            None => handshake_h2(open(&to.authority).await?, permit).await?,
+            Some(_) => handshake_h2(self.open_tls(to, host).await?, permit).await?,
         };
-        let stream = open(authority).await.map_err(ClientError::Connect)?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake::<_, ProxyBody>(TokioIo::new(stream))
-            .await
-            .map_err(ClientError::Request)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-            }
-            drop(permit);
-        });
         self.start_sweeping();
-        let mut h2 = host.h2.lock().unwrap_or_else(|e| e.into_inner());
-        let uses = 1;
-        if max_uses.is_none_or(|max| uses < max) {
-            *h2 = Some(H2Conn {
-                sender: sender.clone(),
-                uses,
-                swept: false,
-            });
-        }
+        host.h2_install(sender.clone(), 1, max_uses);
         Ok((sender, false))
     }
 
-    /// The pool of `authority`, created on first use.
-    fn host(&self, authority: &Authority) -> Arc<HostPool> {
+    /// The pool of `to`, created on first use.
+    fn host(&self, to: &Destination) -> Arc<HostPool> {
         let mut hosts = self.shared.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(host) = hosts.get(authority.as_str()) {
+        if let Some(host) = hosts.get(&*to.key) {
             return host.clone();
         }
         let host = Arc::new(HostPool::default());
-        hosts.insert(authority.as_str().into(), host.clone());
+        hosts.insert(to.key.clone(), host.clone());
         host
     }
 
-    /// A new connection to `authority` within its gate. While the gate is
-    /// full, a connection returned to `host` is taken instead; the flag
+    /// `to`'s gate, if its upstream has one.
+    fn gate(&self, to: &Destination) -> Option<Arc<PoolGate>> {
+        self.shared.gates.load().get(&to.authority).cloned()
+    }
+
+    /// A slot in `to`'s gate for a new connection (`None` without a gate).
+    async fn slot(&self, to: &Destination) -> Result<Option<OwnedSemaphorePermit>, ClientError> {
+        let Some(gate) = self.gate(to) else {
+            return Ok(None);
+        };
+        if let Some(permit) = gate.try_enter() {
+            return Ok(Some(permit));
+        }
+        let _waiting = gate.wait().map_err(|_| ClientError::Overflow)?;
+        Ok(Some(gate.acquire().await))
+    }
+
+    /// A new HTTP/1.1 connection to `to` within its gate. While the gate
+    /// is full, a connection returned to `host` is taken instead; the flag
     /// says which it is (a reused one may still be settling, or closed).
     async fn connect(
         &self,
-        authority: &Authority,
+        to: &Destination,
         host: &HostPool,
     ) -> Result<(Conn, bool), ClientError> {
-        let gate: Option<Arc<PoolGate>> = self.shared.gates.load().get(authority).cloned();
-        let permit = match &gate {
+        let permit = match self.gate(to) {
             None => None,
             Some(gate) => match gate.try_enter() {
                 Some(permit) => Some(permit),
@@ -414,22 +580,56 @@ impl UpstreamClient {
                 }
             },
         };
-        let stream = open(authority).await.map_err(ClientError::Connect)?;
-        let (sender, connection) = http1::Builder::new()
-            // As on the listener (see `serve_proxy`): one buffer, one write.
-            .writev(false)
-            .handshake::<_, ProxyBody>(TokioIo::new(stream))
-            .await
-            .map_err(ClientError::Request)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-            // The slot is free once the connection is gone.
-            drop(permit);
-        });
+        let conn = match &to.tls {
+            None => handshake_h1(open(&to.authority).await?, permit).await?,
+            Some(_) => handshake_h1(self.open_tls(to, host).await?, permit).await?,
+        };
         self.start_sweeping();
-        Ok((Conn { sender, uses: 0 }, false))
+        Ok((conn, false))
+    }
+
+    /// A TLS connection to `to` (which has TLS). A failed handshake is
+    /// counted, and logged when the last one to this pool had succeeded.
+    async fn open_tls(
+        &self,
+        to: &Destination,
+        host: &HostPool,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+        let Some(target) = &to.tls else {
+            unreachable!("a destination without TLS is not opened with TLS")
+        };
+        let tcp = open(&to.authority).await?;
+        let shaken = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            target.tls.handshake(target.name.clone(), tcp),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no TLS handshake within 5 s",
+            ))
+        });
+        match shaken {
+            Ok(stream) => {
+                if host.tls_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(endpoint = %to.authority, "TLS handshake with the upstream succeeds again");
+                }
+                Ok(stream)
+            }
+            Err(e) => {
+                self.shared.tls_failures.inc();
+                if !host.tls_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        endpoint = %format_args!("https://{}", to.authority),
+                        server_name = ?target.name,
+                        error = %e,
+                        "TLS handshake with the upstream failed (logged once until one succeeds; all are counted in tidegate_tls_handshake_failures_total)"
+                    );
+                }
+                Err(ClientError::Tls(e))
+            }
+        }
     }
 
     /// Starts the task that closes idle connections, once; it ends with
@@ -521,8 +721,56 @@ impl std::hash::Hasher for FnvHasher {
     }
 }
 
+/// An HTTP/1.1 connection over `io`, its task spawned; `permit` (its slot
+/// in the gate) is let go when it closes.
+async fn handshake_h1<I>(io: I, permit: Option<OwnedSemaphorePermit>) -> Result<Conn, ClientError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        // As on the listener (see `serve_proxy`): one buffer, one write.
+        .writev(false)
+        .handshake::<_, ProxyBody>(TokioIo::new(io))
+        .await
+        .map_err(ClientError::Request)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+        // The slot is free once the connection is gone.
+        drop(permit);
+    });
+    Ok(Conn { sender, uses: 0 })
+}
+
+/// An HTTP/2 connection over `io`, as [`handshake_h1`].
+async fn handshake_h2<I>(
+    io: I,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<http2::SendRequest<ProxyBody>, ClientError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake::<_, ProxyBody>(TokioIo::new(io))
+        .await
+        .map_err(ClientError::Request)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+        }
+        drop(permit);
+    });
+    Ok(sender)
+}
+
 /// A TCP connection to `authority`, without Nagle's delay.
-async fn open(authority: &Authority) -> std::io::Result<TcpStream> {
+async fn open(authority: &Authority) -> Result<TcpStream, ClientError> {
+    open_tcp(authority).await.map_err(ClientError::Connect)
+}
+
+async fn open_tcp(authority: &Authority) -> std::io::Result<TcpStream> {
     // `[::1]` in an authority is `::1` to the resolver.
     let host = authority
         .host()
@@ -606,7 +854,16 @@ mod tests {
     use tidegate_testkit::{channel_body, text, Upstream};
 
     fn client() -> UpstreamClient {
-        UpstreamClient::new(Gates::default())
+        UpstreamClient::new(Gates::default(), Counter::default())
+    }
+
+    fn plain(to: &Authority, http2: bool) -> Destination {
+        let protocol = if http2 {
+            UpstreamProtocol::Http2
+        } else {
+            UpstreamProtocol::Http1
+        };
+        Destination::plain(to.clone(), protocol)
     }
 
     fn get(path: &'static str) -> Request<ProxyBody> {
@@ -644,7 +901,10 @@ mod tests {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
         let (client, to) = (client(), authority(&upstream));
         for _ in 0..5 {
-            let response = client.request(&to, get("/"), None, false).await.unwrap();
+            let response = client
+                .request(&plain(&to, false), get("/"), None)
+                .await
+                .unwrap();
             assert_eq!(read(response).await, "ok");
         }
         assert_eq!(upstream.connections(), 1);
@@ -657,7 +917,10 @@ mod tests {
         assert_eq!(received[0].uri, "/");
 
         for _ in 0..4 {
-            let response = client.request(&to, get("/"), Some(2), false).await.unwrap();
+            let response = client
+                .request(&plain(&to, false), get("/"), Some(2))
+                .await
+                .unwrap();
             read(response).await;
         }
         assert_eq!(upstream.connections(), 3, "retired after two requests each");
@@ -668,17 +931,29 @@ mod tests {
         let (upstream, tx) = streaming_upstream().await;
         let (client, to) = (client(), authority(&upstream));
         let streaming = client
-            .request(&to, get("/stream"), None, false)
+            .request(&plain(&to, false), get("/stream"), None)
             .await
             .unwrap();
         // The first connection is busy with the stream: a second one opens.
-        read(client.request(&to, get("/"), None, false).await.unwrap()).await;
+        read(
+            client
+                .request(&plain(&to, false), get("/"), None)
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(upstream.connections(), 2);
         tx.send(Bytes::from_static(b"data")).await.unwrap();
         drop(tx);
         assert_eq!(read(streaming).await, "data");
         for _ in 0..3 {
-            read(client.request(&to, get("/"), None, false).await.unwrap()).await;
+            read(
+                client
+                    .request(&plain(&to, false), get("/"), None)
+                    .await
+                    .unwrap(),
+            )
+            .await;
         }
         assert_eq!(upstream.connections(), 2, "both are back in the pool");
     }
@@ -688,7 +963,7 @@ mod tests {
         let (upstream, tx) = streaming_upstream().await;
         let (client, to) = (client(), authority(&upstream));
         let mut streaming = client
-            .request(&to, get("/stream"), None, false)
+            .request(&plain(&to, false), get("/stream"), None)
             .await
             .unwrap();
         tx.send(Bytes::from_static(b"part")).await.unwrap();
@@ -696,7 +971,13 @@ mod tests {
         assert_eq!(frame.into_data().unwrap(), "part");
         drop(streaming);
         assert_eq!(
-            read(client.request(&to, get("/"), None, false).await.unwrap()).await,
+            read(
+                client
+                    .request(&plain(&to, false), get("/"), None)
+                    .await
+                    .unwrap()
+            )
+            .await,
             "ok"
         );
         assert_eq!(
@@ -711,14 +992,32 @@ mod tests {
     async fn idle_connections_close_at_the_second_sweep_and_quiet_pools_are_forgotten() {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
         let (client, to) = (client(), authority(&upstream));
-        read(client.request(&to, get("/"), None, false).await.unwrap()).await;
+        read(
+            client
+                .request(&plain(&to, false), get("/"), None)
+                .await
+                .unwrap(),
+        )
+        .await;
         client.shared.sweep();
-        read(client.request(&to, get("/"), None, false).await.unwrap()).await;
+        read(
+            client
+                .request(&plain(&to, false), get("/"), None)
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(upstream.connections(), 1, "used since the sweep: kept");
         client.shared.sweep();
         client.shared.sweep();
         assert!(client.shared.hosts.lock().unwrap().is_empty());
-        read(client.request(&to, get("/"), None, false).await.unwrap()).await;
+        read(
+            client
+                .request(&plain(&to, false), get("/"), None)
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(upstream.connections(), 2, "idle through two sweeps: closed");
     }
 
@@ -730,7 +1029,7 @@ mod tests {
             .unwrap();
         for http2 in [false, true] {
             let err = client()
-                .request(&to, get("/"), None, http2)
+                .request(&plain(&to, http2), get("/"), None)
                 .await
                 .unwrap_err();
             assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
@@ -757,7 +1056,10 @@ mod tests {
         for _ in 0..8 {
             let (client, to) = (client.clone(), to.clone());
             calls.spawn(async move {
-                let response = client.request(&to, get("/x"), None, true).await.unwrap();
+                let response = client
+                    .request(&plain(&to, true), get("/x"), None)
+                    .await
+                    .unwrap();
                 response.into_body().collect().await.unwrap()
             });
         }
@@ -781,7 +1083,13 @@ mod tests {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
         let (client, to) = (client(), authority(&upstream));
         for _ in 0..4 {
-            read(client.request(&to, get("/"), Some(2), true).await.unwrap()).await;
+            read(
+                client
+                    .request(&plain(&to, true), get("/"), Some(2))
+                    .await
+                    .unwrap(),
+            )
+            .await;
         }
         assert_eq!(upstream.connections(), 2, "two requests a connection");
         // A host the request names is its :authority.
@@ -789,7 +1097,13 @@ mod tests {
         named
             .headers_mut()
             .insert(HOST, HeaderValue::from_static("api.example"));
-        read(client.request(&to, named, None, true).await.unwrap()).await;
+        read(
+            client
+                .request(&plain(&to, true), named, None)
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(
             upstream.received().last().unwrap().uri,
             "http://api.example/n"
@@ -820,7 +1134,10 @@ mod tests {
         });
         let client = client();
         for _ in 0..3 {
-            let answer = client.request(&to, get("/"), None, true).await.unwrap();
+            let answer = client
+                .request(&plain(&to, true), get("/"), None)
+                .await
+                .unwrap();
             assert_eq!(read(answer).await, "ok");
             closures.recv().await.unwrap();
         }

@@ -135,12 +135,7 @@ async fn check_endpoint(gateway: Arc<Gateway>, upstream: Arc<Upstream>, e: usize
         let asked = async {
             let answer = gateway
                 .client()
-                .request(
-                    &endpoint.endpoint.authority,
-                    probe.request(),
-                    None,
-                    upstream.config.protocol.is_http2(),
-                )
+                .request(&endpoint.to, probe.request(), None)
                 .await
                 .ok()?;
             probe.is_healthy(answer).await

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod health;
 pub mod pool;
 pub mod router;
+pub mod tls;
 pub mod upstream;
 
 use std::borrow::Cow;
@@ -174,7 +175,7 @@ impl Table {
                 Some(old) => old,
                 None => {
                     let name = u.name.clone();
-                    Upstream::new(u).map_err(|e| format!("upstreams `{name}`: policy.{e}"))?
+                    Upstream::new(u).map_err(|e| format!("upstreams `{name}`: {e}"))?
                 }
             };
             upstreams.push(upstream);
@@ -256,7 +257,7 @@ impl Gateway {
             alert_queue: std::sync::Mutex::new(Some(alert_queue)),
             settings,
             table: ArcSwap::from_pointee(table),
-            client: UpstreamClient::new(gates.clone()),
+            client: UpstreamClient::new(gates.clone(), metrics.upstream_tls_failures()),
             gates,
             metrics,
             notices: Notices::default(),
@@ -305,7 +306,7 @@ impl Gateway {
 
     /// A new pooled client for upstream requests (one per worker thread).
     pub fn new_client(&self) -> UpstreamClient {
-        UpstreamClient::new(self.gates.clone())
+        UpstreamClient::new(self.gates.clone(), self.metrics.upstream_tls_failures())
     }
 
     /// The HTTP client of health checks and of requests served on the
@@ -471,7 +472,7 @@ impl Gateway {
             }
             target => &table.upstreams[pick_target(target)],
         };
-        if upstream.config.protocol.is_http2() {
+        if upstream.may_be_http2() {
             // HTTP/2 has no Upgrade (RFC 9113 §8.6): a plain request.
             (websocket, upgrade) = (None, None);
         }
@@ -526,7 +527,7 @@ impl Gateway {
             client,
             request_id,
             upgrade.is_some(),
-            upstream.config.protocol.is_http2(),
+            upstream.may_be_http2(),
         );
         let call = Call {
             upstream_client,
@@ -897,9 +898,11 @@ impl Gateway {
                     match err.into_inner() {
                         Some(AttemptError::Status { response, .. }) => answered(response).await,
                         // Nothing left the gateway.
-                        Some(e @ (AttemptError::Connect(_) | AttemptError::NoEndpoint)) => {
-                            Called::NotSent(e.to_string())
-                        }
+                        Some(
+                            e @ (AttemptError::Connect(_)
+                            | AttemptError::Tls(_)
+                            | AttemptError::NoEndpoint),
+                        ) => Called::NotSent(e.to_string()),
                         Some(e) => Called::Failed(e.to_string()),
                         None => Called::Failed("timed out".to_owned()),
                     }
@@ -1110,10 +1113,9 @@ impl Gateway {
         *request.headers_mut() = head.headers;
         let max_uses = upstream.config.pool.max_requests_per_connection;
         let attempting = endpoint.attempting();
-        let http2 = upstream.config.protocol.is_http2();
-        let sent =
-            call.upstream_client
-                .request(&endpoint.endpoint.authority, request, max_uses, http2);
+        let sent = call
+            .upstream_client
+            .request(&endpoint.to, request, max_uses);
         // One timer for the attempt's timeout and the deadline alike (the
         // pipeline leaves the cut-off to the attempt).
         let result = match told.cut_off() {
@@ -1133,6 +1135,7 @@ impl Gateway {
             Ok(Ok(response)) => judge(response, false, retryable),
             Ok(Err(ClientError::Overflow)) => Err(AttemptError::PoolOverflow),
             Ok(Err(ClientError::Connect(e))) => Err(AttemptError::Connect(e)),
+            Ok(Err(ClientError::Tls(e))) => Err(AttemptError::Tls(e)),
             Ok(Err(ClientError::Request(e))) if is_body_too_large(&e) => {
                 Err(AttemptError::BodyTooLarge)
             }
@@ -1261,6 +1264,12 @@ impl Gateway {
                 tracing::warn!(upstream = name, error = %AttemptError::Connect(e), "upstream unreachable");
                 Err(Reply::new(StatusCode::BAD_GATEWAY, "upstream unreachable").service(name))
             }
+            // Logged by the client, once until a handshake succeeds again.
+            Some(AttemptError::Tls(_)) => Err(Reply::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream TLS handshake failed",
+            )
+            .service(name)),
             Some(e @ AttemptError::Request { .. }) => {
                 tracing::warn!(upstream = name, error = %e, "upstream request failed");
                 Err(Reply::new(StatusCode::BAD_GATEWAY, "upstream request failed").service(name))

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 use tidegate_resilience::breaker::Outcome;
-use tidegate_resilience::config::ConfigError;
 use tidegate_resilience::retry::RetryAction;
 use tidegate_resilience::{rng, Error, Pipeline};
 use tokio::time::Instant;
@@ -16,7 +15,7 @@ use tidegate_client::headers::retry_after;
 
 use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
 use crate::observe::stats::Traffic;
-use crate::proxy::client::UpstreamResponse;
+use crate::proxy::client::{Destination, UpstreamResponse};
 use crate::proxy::pool::PoolGate;
 
 /// Why one attempt failed. `retryable` is decided by the attempt, which
@@ -26,6 +25,9 @@ use crate::proxy::pool::PoolGate;
 pub enum AttemptError {
     /// No connection could be made; nothing was sent.
     Connect(std::io::Error),
+    /// The TLS handshake failed (certificate, name, protocol); nothing
+    /// was sent.
+    Tls(std::io::Error),
     /// The exchange broke after the request was (maybe) sent.
     Request {
         /// The client error.
@@ -64,6 +66,7 @@ impl std::fmt::Display for AttemptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AttemptError::Connect(e) => write!(f, "connect failed: {}", source_text(e)),
+            AttemptError::Tls(e) => write!(f, "TLS handshake failed: {}", source_text(e)),
             AttemptError::Request { error, .. } => {
                 write!(f, "upstream request failed: {}", source_text(error))
             }
@@ -99,6 +102,8 @@ pub type UpstreamPipeline = Pipeline<UpstreamResponse, AttemptError>;
 pub struct EndpointState {
     /// Where it is.
     pub endpoint: Endpoint,
+    /// How its requests are sent (version, TLS).
+    pub to: Destination,
     /// `http://host:port`, for labels and status.
     pub label: String,
     healthy: AtomicBool,
@@ -163,6 +168,8 @@ pub struct Upstream {
     pub label: Arc<String>,
     /// Its endpoints.
     pub endpoints: Vec<EndpointState>,
+    /// Whether requests may go over HTTP/2 (`http2`, or `auto` over TLS).
+    may_be_http2: bool,
     next: AtomicUsize,
     /// The policies.
     pub pipeline: UpstreamPipeline,
@@ -207,11 +214,13 @@ impl Now<'_> {
 }
 
 impl Upstream {
-    /// The upstream of `config`, every endpoint healthy until checked.
-    pub fn new(config: UpstreamConfig) -> Result<Arc<Self>, ConfigError> {
+    /// The upstream of `config`, every endpoint healthy until checked; the
+    /// error names the key.
+    pub fn new(config: UpstreamConfig) -> Result<Arc<Self>, String> {
         // The attempt times itself (it knows whether a timed-out request may
         // be sent again): one timer per attempt for timeout and deadline.
-        let pipeline = Pipeline::from_config(&config.policy)?
+        let pipeline = Pipeline::from_config(&config.policy)
+            .map_err(|e| format!("policy.{e}"))?
             .cut_off_by_operation()
             // A retry goes to another endpoint: a failed attempt is the
             // endpoint's (outlier detection), the request's outcome the
@@ -220,27 +229,31 @@ impl Upstream {
             .classify(classify)
             .retry_on(retry_on)
             .build();
-        let endpoints = config
-            .endpoints
-            .iter()
-            .map(|e| {
-                let label = e.to_string();
-                EndpointState {
-                    hash: fnv1a(label.as_bytes()),
-                    label,
-                    endpoint: e.clone(),
-                    healthy: AtomicBool::new(true),
-                    in_flight: AtomicU64::new(0),
-                    errors: AtomicU32::new(0),
-                    ejected_until: AtomicU64::new(0),
-                    ejections: AtomicU32::new(0),
-                }
-            })
-            .collect();
+        let mut endpoints = Vec::with_capacity(config.endpoints.len());
+        for (i, e) in config.endpoints.iter().enumerate() {
+            let to = match &config.tls {
+                Some(tls) if e.tls => Destination::tls(e.authority.clone(), config.protocol, tls)
+                    .map_err(|why| format!("endpoints[{i}]: {why}"))?,
+                _ => Destination::plain(e.authority.clone(), config.protocol),
+            };
+            let label = e.to_string();
+            endpoints.push(EndpointState {
+                hash: fnv1a(label.as_bytes()),
+                label,
+                endpoint: e.clone(),
+                to,
+                healthy: AtomicBool::new(true),
+                in_flight: AtomicU64::new(0),
+                errors: AtomicU32::new(0),
+                ejected_until: AtomicU64::new(0),
+                ejections: AtomicU32::new(0),
+            });
+        }
         let gate = PoolGate::new(&config.pool);
         Ok(Arc::new(Upstream {
             label: Arc::new(config.name.clone()),
             config,
+            may_be_http2: endpoints.iter().any(|e| e.to.may_be_http2()),
             endpoints,
             next: AtomicUsize::new(0),
             pipeline,
@@ -256,6 +269,13 @@ impl Upstream {
     /// The name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Whether its requests may go over HTTP/2 (`protocol = "http2"`, or
+    /// `"auto"` with `https://` endpoints): they carry no Upgrade and may
+    /// ask for trailers.
+    pub fn may_be_http2(&self) -> bool {
+        self.may_be_http2
     }
 
     fn now(&self) -> Now<'_> {
@@ -468,7 +488,7 @@ fn retry_on(result: &Result<UpstreamResponse, Error<AttemptError>>) -> RetryActi
         return RetryAction::Return;
     };
     match err.inner() {
-        Some(AttemptError::Connect(_)) => RetryAction::Retry,
+        Some(AttemptError::Connect(_) | AttemptError::Tls(_)) => RetryAction::Retry,
         Some(
             AttemptError::Request {
                 retryable: true, ..
