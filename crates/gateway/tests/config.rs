@@ -307,12 +307,14 @@ fn a_redis_store_is_typed_and_its_password_never_printed() {
         url,
         timeout,
         cluster,
+        tls,
     } = &config.rate_limit.store
     else {
         panic!("{:?}", config.rate_limit.store)
     };
     assert_eq!(*timeout, Duration::from_millis(50));
     assert!(!cluster);
+    assert!(tls.is_none());
     assert_eq!(url.0, "redis://:hunter2@10.0.0.5:6379/2");
     assert_eq!(config.rate_limit.failure_mode, FailureMode::Closed);
     let printed = format!("{config:?}");
@@ -324,6 +326,30 @@ fn a_redis_store_is_typed_and_its_password_never_printed() {
         "{e}"
     );
     assert!(!e.contains("hunter2"), "{e}");
+    // TLS: never with its checks off, and its files only for rediss://.
+    let e = err(&text.replace(
+        "redis://:hunter2@10.0.0.5:6379/2",
+        "rediss://10.0.0.5#insecure",
+    ));
+    assert!(
+        e.contains("rate_limit.redis_url: must not have a #fragment"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{text}redis_tls = {{ ca = \"/nonexistent/ca.pem\" }}\n"
+    ));
+    assert!(
+        e.contains("rate_limit.redis_tls: is for a rediss:// redis_url"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{}redis_tls = {{ ca = \"/nonexistent/ca.pem\" }}\n",
+        text.replace("redis://", "rediss://")
+    ));
+    assert!(
+        e.contains("rate_limit.redis_tls.ca: cannot read /nonexistent/ca.pem"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -227,3 +227,93 @@ async fn a_reload_applies_the_failure_mode_and_says_the_store_needs_a_restart() 
     let summary = gw.reloader().apply(support::parsed(&local)).await.unwrap();
     assert_eq!(summary.needs_restart, ["rate_limit.store"]);
 }
+
+/// A CA, and a certificate it signs for `san`: (CA PEM, cert PEM, key PEM).
+fn signed(ca_name: &str, san: rcgen::SanType) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = vec![san];
+    let cert = leaf
+        .signed_by(&key, &rcgen::Issuer::new(ca, &ca_key))
+        .unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn counts_go_to_a_tls_redis_with_a_private_ca_and_a_client_certificate() {
+    let dir = support::Dir::new("rediss");
+    let path = |file: &str| dir.0.join(file);
+    let (server_ca, server_cert, server_key) =
+        signed("redis ca", rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    let (client_ca, client_cert, client_key) = signed(
+        "redis clients ca",
+        rcgen::SanType::DnsName("gateway.test".try_into().unwrap()),
+    );
+    let (stranger_ca, ..) = signed(
+        "stranger",
+        rcgen::SanType::DnsName("x.test".try_into().unwrap()),
+    );
+    for (file, text) in [
+        ("server-ca.pem", &server_ca),
+        ("server.pem", &server_cert),
+        ("server.key", &server_key),
+        ("client-ca.pem", &client_ca),
+        ("client.pem", &client_cert),
+        ("client.key", &client_key),
+        ("stranger-ca.pem", &stranger_ca),
+    ] {
+        std::fs::write(path(file), text).unwrap();
+    }
+    let server = RedisServer::start_tls(
+        &path("server.pem"),
+        &path("server.key"),
+        &path("client-ca.pem"),
+    );
+    assert!(server.url().starts_with("rediss://"), "{}", server.url());
+    let upstream = ok_upstream().await;
+    let tls = |ca: &str| {
+        format!(
+            "redis_tls = {{ ca = \"{}\", client_cert = \"{}\", client_key = \"{}\" }}\n",
+            path(ca).display(),
+            path("client.pem").display(),
+            path("client.key").display()
+        )
+    };
+    let with_tls = |toml: String, ca: &str| {
+        toml.replacen("[[upstreams]]", &format!("{}[[upstreams]]", tls(ca)), 1)
+    };
+    let gw = gateway(&with_tls(
+        config(&upstream, &server.url(), "closed", 2),
+        "server-ca.pem",
+    ))
+    .await;
+    let answers: Vec<u16> = [
+        call(&gw, "team").await,
+        call(&gw, "team").await,
+        call(&gw, "team").await,
+    ]
+    .iter()
+    .map(|a| a.status.as_u16())
+    .collect();
+    assert_eq!(answers, [200, 200, 429]);
+    assert_ne!(server.command(&["DBSIZE"]), ":0\r\n", "counted in Redis");
+
+    // A server whose certificate the configured CA did not sign: no
+    // decision, so fail-closed refuses.
+    let doubting = gateway(&with_tls(
+        config(&upstream, &server.url(), "closed", 2),
+        "stranger-ca.pem",
+    ))
+    .await;
+    assert_eq!(call(&doubting, "other").await.status, 503);
+    assert_eq!(
+        metric(&doubting, "tidegate_ratelimit_store_up", "").await,
+        0.0
+    );
+}

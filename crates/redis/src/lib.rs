@@ -21,6 +21,11 @@
 //! resumes within a few seconds of the server coming back. What to do when
 //! the store cannot decide (admit, refuse, count locally) is the caller's
 //! choice.
+//!
+//! A `rediss://` URL speaks TLS (rustls), checking the server against the
+//! system's roots or [`RedisConfig::tls`]'s CA, with a client certificate
+//! when the server asks for one. Certificate checks cannot be turned off
+//! (`#insecure` is refused).
 
 #![forbid(unsafe_code)]
 
@@ -33,7 +38,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, FromRedisValue, IntoConnectionInfo, RedisResult, Script, ScriptInvocation};
+use redis::{
+    Client, ClientTlsConfig, FromRedisValue, IntoConnectionInfo, RedisResult, Script,
+    ScriptInvocation, TlsCertificates,
+};
 use tidegate_resilience::breaker::{self, CircuitBreaker};
 use tidegate_resilience::ratelimit::{Decision, Limit, Store, StoreError};
 
@@ -53,6 +61,44 @@ pub struct RedisConfig {
     pub ping_interval: Duration,
     /// `url` is one node of a Redis Cluster; the others are discovered.
     pub cluster: bool,
+    /// For a `rediss://` URL: a private CA and a client certificate.
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS material of a `rediss://` server (PEM bytes).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// The CA the server's certificate must chain to; default: the
+    /// system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// A certificate chain and its key, for servers that require clients'
+    /// certificates (`tls-auth-clients yes`).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key is a secret.
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl RedisTls {
+    fn certificates(&self) -> TlsCertificates {
+        TlsCertificates {
+            client_tls: self
+                .client
+                .clone()
+                .map(|(client_cert, client_key)| ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+            root_cert: self.ca.clone(),
+        }
+    }
 }
 
 impl RedisConfig {
@@ -65,6 +111,7 @@ impl RedisConfig {
             open_duration: Duration::from_secs(1),
             ping_interval: Duration::from_secs(1),
             cluster: false,
+            tls: None,
         }
     }
 }
@@ -84,6 +131,13 @@ impl std::error::Error for InvalidUrl {}
 
 /// Checks a Redis URL without connecting.
 pub fn check_url(url: &str) -> Result<(), InvalidUrl> {
+    if url.contains('#') {
+        // `#insecure` would turn certificate checks off.
+        return Err(InvalidUrl(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "a fragment (#insecure) is not accepted",
+        ))));
+    }
     Client::open(url).map(drop).map_err(InvalidUrl)
 }
 
@@ -184,7 +238,11 @@ impl RedisStore {
         let endpoint = info.addr().to_string();
         let connect_timeout = config.timeout.max(Duration::from_millis(250));
         let connection = if config.cluster {
-            let client = ClusterClientBuilder::new([config.url.as_str()])
+            let mut builder = ClusterClientBuilder::new([config.url.as_str()]);
+            if let Some(tls) = &config.tls {
+                builder = builder.certs(tls.certificates());
+            }
+            let client = builder
                 .connection_timeout(connect_timeout)
                 .response_timeout(config.timeout)
                 .retries(2)
@@ -203,7 +261,11 @@ impl RedisStore {
                 .set_min_delay(Duration::from_millis(20))
                 .set_max_delay(Duration::from_secs(1))
                 .set_number_of_retries(3);
-            let client = Client::open(info).map_err(InvalidUrl)?;
+            let client = match &config.tls {
+                Some(tls) => Client::build_with_tls(info, tls.certificates()),
+                None => Client::open(info),
+            }
+            .map_err(InvalidUrl)?;
             Connection::Single(
                 ConnectionManager::new_lazy_with_config(client, manager).map_err(InvalidUrl)?,
             )

@@ -11,9 +11,18 @@ use std::process::{Child, Command, Stdio};
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
+    /// With TLS: its port (the plain one stays, for [`command`](Self::command)).
+    tls_port: Option<u16>,
     dir: PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
 }
 
 impl RedisServer {
@@ -25,6 +34,28 @@ impl RedisServer {
 
     /// [`start`](Self::start) with more `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> Self {
+        RedisServer::start_inner(extra, false)
+    }
+
+    /// [`start`](Self::start) with TLS on a second port as well, serving
+    /// `cert` and `key` and requiring client certificates `ca` signed (PEM
+    /// files); [`url`](Self::url) is then `rediss://` on that port.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Self {
+        let files = [cert, key, ca].map(|p| p.display().to_string());
+        let extra = [
+            "--tls-cert-file",
+            &files[0],
+            "--tls-key-file",
+            &files[1],
+            "--tls-ca-cert-file",
+            &files[2],
+            "--tls-auth-clients",
+            "yes",
+        ];
+        RedisServer::start_inner(&extra, true)
+    }
+
+    fn start_inner(extra: &[&str], tls: bool) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "tidegate-redis-{}-{}",
             std::process::id(),
@@ -34,12 +65,10 @@ impl RedisServer {
         // A port that was free a moment ago may be taken by the time the
         // server binds it; then it exits and another port is tried.
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("bind 127.0.0.1:0")
-                .port();
+            let port = free_port();
             let mut server = RedisServer {
                 port,
+                tls_port: tls.then(free_port),
                 dir: dir.clone(),
                 extra: extra.iter().map(|&a| a.to_owned()).collect(),
                 child: None,
@@ -60,6 +89,12 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
+            .args(
+                self.tls_port
+                    .map(|p| ["--tls-port".to_owned(), p.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -85,9 +120,12 @@ impl RedisServer {
         true
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `rediss://127.0.0.1:TLS_PORT` with TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls_port {
+            Some(port) => format!("rediss://127.0.0.1:{port}"),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// The server's port.

@@ -194,7 +194,23 @@ pub enum StoreSettings {
         timeout: Duration,
         /// `redis_cluster`: `url` is a seed node of a Redis Cluster.
         cluster: bool,
+        /// `redis_tls`, read: a `rediss://` server's CA and client certificate.
+        tls: Option<tidegate_redis::RedisTls>,
     },
+}
+
+/// `rate_limit.redis_tls`: for a `rediss://` server, the CA its
+/// certificate chains to (default: the system's roots) and a client
+/// certificate for servers that require one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTlsSettings {
+    /// The CA (PEM).
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate chain (PEM), with `client_key`.
+    pub client_cert: Option<std::path::PathBuf>,
+    /// Its key (PEM).
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 /// A Redis URL, which may hold a password: its `Debug` hides the credentials.
@@ -259,6 +275,7 @@ pub(crate) struct RawRateLimit {
     pub(crate) store: StoreKind,
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_cluster: Option<bool>,
+    pub(crate) redis_tls: Option<RedisTlsSettings>,
     #[serde(default, with = "duration::option")]
     pub(crate) timeout: Option<Duration>,
     pub(crate) failure_mode: Option<FailureMode>,
@@ -274,6 +291,7 @@ impl Default for RawRateLimit {
             store: StoreKind::Local,
             redis_url: None,
             redis_cluster: None,
+            redis_tls: None,
             timeout: None,
             failure_mode: None,
             tiers: Vec::new(),

@@ -48,8 +48,8 @@ use self::edge::{
 };
 pub use self::edge::{
     redact_credentials, ApiKey, FailureMode, Fallback, Fault, LimitKey, LoadBalancing,
-    OutlierDetection, RateLimitSettings, RedisUrl, RouteLimit, StoreSettings, Tier,
-    UpstreamProtocol,
+    OutlierDetection, RateLimitSettings, RedisTlsSettings, RedisUrl, RouteLimit, StoreSettings,
+    Tier, UpstreamProtocol,
 };
 pub use self::events::{
     EventStore, EventsSettings, Push, PushMode, Subscription, TopicGlob, TopicSettings,
@@ -1057,6 +1057,7 @@ impl Locator<'_> {
                 for (key, set) in [
                     ("redis_url", raw.redis_url.is_some()),
                     ("redis_cluster", raw.redis_cluster.is_some()),
+                    ("redis_tls", raw.redis_tls.is_some()),
                     ("timeout", raw.timeout.is_some()),
                     ("failure_mode", raw.failure_mode.is_some()),
                 ] {
@@ -1072,9 +1073,22 @@ impl Locator<'_> {
                 let Some(url) = raw.redis_url else {
                     return Err(self.error(&at.key("store"), "store = \"redis\" needs redis_url"));
                 };
+                if url.contains('#') {
+                    return Err(self.error(
+                        &at.key("redis_url"),
+                        "must not have a #fragment (#insecure would turn certificate checks off)",
+                    ));
+                }
                 if let Err(e) = tidegate_redis::check_url(&url) {
                     return Err(self.error(&at.key("redis_url"), e));
                 }
+                let tls = match &raw.redis_tls {
+                    None => None,
+                    Some(_) if !url.starts_with("rediss://") => {
+                        return Err(self.error(&at.key("redis_tls"), "is for a rediss:// redis_url"))
+                    }
+                    Some(files) => Some(self.redis_tls(&at, files)?),
+                };
                 let timeout = raw.timeout.unwrap_or(Duration::from_millis(50));
                 if timeout.is_zero() || timeout > Duration::from_secs(10) {
                     return Err(
@@ -1085,6 +1099,7 @@ impl Locator<'_> {
                     url: RedisUrl(url),
                     timeout,
                     cluster: raw.redis_cluster.unwrap_or(false),
+                    tls,
                 }
             }
         };
@@ -1095,6 +1110,38 @@ impl Locator<'_> {
             failure_mode: raw.failure_mode.unwrap_or_default(),
             tiers: raw.tiers,
         })
+    }
+
+    /// The files of `rate_limit.redis_tls`, read and checked as an
+    /// upstream's would be.
+    fn redis_tls(
+        &self,
+        at: &KeyPath,
+        files: &RedisTlsSettings,
+    ) -> Result<tidegate_redis::RedisTls, ConfigError> {
+        let at = at.clone().key("redis_tls");
+        let settings = UpstreamTlsSettings {
+            ca: files.ca.clone(),
+            client_cert: files.client_cert.clone(),
+            client_key: files.client_key.clone(),
+            server_name: None,
+        };
+        ClientTls::new(&settings, UpstreamProtocol::Http1)
+            .map_err(|e| self.error(&at.clone().key(e.field), &e.reason))?;
+        let read = |field: &str, path: &std::path::PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                self.error(
+                    &at.clone().key(field),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })
+        };
+        let ca = files.ca.as_ref().map(|p| read("ca", p)).transpose()?;
+        let client = match (&files.client_cert, &files.client_key) {
+            (Some(cert), Some(key)) => Some((read("client_cert", cert)?, read("client_key", key)?)),
+            _ => None,
+        };
+        Ok(tidegate_redis::RedisTls { ca, client })
     }
 
     fn api_keys(&self, raw: Vec<RawApiKey>, tiers: &[Tier]) -> Result<Vec<ApiKey>, ConfigError> {

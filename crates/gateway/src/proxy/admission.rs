@@ -62,10 +62,12 @@ impl Counters {
                 url,
                 timeout,
                 cluster,
+                tls,
             } => {
                 let config = RedisConfig {
                     timeout: *timeout,
                     cluster: *cluster,
+                    tls: tls.clone(),
                     ..RedisConfig::new(url.0.clone())
                 };
                 let store =
