@@ -563,6 +563,7 @@ fn events_are_typed_and_their_errors_name_the_key() {
             url: "nats://a:4222, nats://b:4222".into(),
             credentials_env: Some("NATS_CREDS".into()),
             replicas: 3,
+            tls: None,
         }
     );
 
@@ -586,6 +587,14 @@ fn events_are_typed_and_their_errors_name_the_key() {
         (
             nats("nats_url = \"nats://me:secret@x:4222\""),
             "events.nats_url: must be nats://host:port",
+        ),
+        (
+            nats("nats_url = \"tls://x:4222\"\nnats_tls = { ca = \"/nonexistent/ca.pem\" }"),
+            "events.nats_tls.ca: cannot read /nonexistent/ca.pem",
+        ),
+        (
+            events("nats_tls = { ca = \"/nonexistent/ca.pem\" }"),
+            "events.nats_tls: applies only with store = \"nats\"",
         ),
         (
             nats("nats_url = \"nats://x:4222\"\nnats_replicas = 9"),

@@ -277,3 +277,62 @@ async fn nats_killed_and_restarted_under_load_loses_no_answered_event_and_stores
     .await;
     Arc::try_unwrap(running).unwrap().shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_a_tls_nats_with_a_private_ca_and_a_client_certificate() {
+    let dir = support::Dir::new("nats-tls");
+    let path = |file: &str| dir.0.join(file);
+    let (server_ca, server_cert, server_key) =
+        support::signed("nats ca", rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    let (client_ca, client_cert, client_key) = support::signed(
+        "nats clients ca",
+        rcgen::SanType::DnsName("gateway.test".try_into().unwrap()),
+    );
+    for (file, text) in [
+        ("server-ca.pem", &server_ca),
+        ("server.pem", &server_cert),
+        ("server.key", &server_key),
+        ("client-ca.pem", &client_ca),
+        ("client.pem", &client_cert),
+        ("client.key", &client_key),
+    ] {
+        std::fs::write(path(file), text).unwrap();
+    }
+    let server = NatsServer::start_tls(
+        &path("server.pem"),
+        &path("server.key"),
+        &path("client-ca.pem"),
+    );
+    assert!(server.url().starts_with("tls://"), "{}", server.url());
+    let config = |client: bool| {
+        let client = if client {
+            format!(
+                ", client_cert = \"{}\", client_key = \"{}\"",
+                path("client.pem").display(),
+                path("client.key").display()
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "[events]\nstore = \"nats\"\nnats_url = \"{}\"\nlisten = \"127.0.0.1:0\"\n\
+             nats_tls = {{ ca = \"{}\"{client} }}\n",
+            server.url(),
+            path("server-ca.pem").display(),
+        )
+    };
+    let running = support::gateway(&config(true)).await;
+    let answer = publish(&running, "jobs", "over-tls").await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let read = get(&events_url(&running, "/v1/topics/jobs/events"))
+        .await
+        .json();
+    assert_eq!(read["events"][0]["id"], "over-tls");
+
+    // Without a client certificate the server turns the gateway away.
+    let refused = tidegate_gateway::http::server::start(support::parsed(&config(false))).await;
+    let why = refused
+        .err()
+        .expect("the server requires a client certificate");
+    assert!(why.to_string().contains("NATS"), "{why}");
+}

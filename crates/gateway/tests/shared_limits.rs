@@ -228,34 +228,17 @@ async fn a_reload_applies_the_failure_mode_and_says_the_store_needs_a_restart() 
     assert_eq!(summary.needs_restart, ["rate_limit.store"]);
 }
 
-/// A CA, and a certificate it signs for `san`: (CA PEM, cert PEM, key PEM).
-fn signed(ca_name: &str, san: rcgen::SanType) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::default();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, ca_name);
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf = rcgen::CertificateParams::default();
-    leaf.subject_alt_names = vec![san];
-    let cert = leaf
-        .signed_by(&key, &rcgen::Issuer::new(ca, &ca_key))
-        .unwrap();
-    (ca_pem, cert.pem(), key.serialize_pem())
-}
-
 #[tokio::test]
 async fn counts_go_to_a_tls_redis_with_a_private_ca_and_a_client_certificate() {
     let dir = support::Dir::new("rediss");
     let path = |file: &str| dir.0.join(file);
     let (server_ca, server_cert, server_key) =
-        signed("redis ca", rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-    let (client_ca, client_cert, client_key) = signed(
+        support::signed("redis ca", rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    let (client_ca, client_cert, client_key) = support::signed(
         "redis clients ca",
         rcgen::SanType::DnsName("gateway.test".try_into().unwrap()),
     );
-    let (stranger_ca, ..) = signed(
+    let (stranger_ca, ..) = support::signed(
         "stranger",
         rcgen::SanType::DnsName("x.test".try_into().unwrap()),
     );

@@ -76,4 +76,4 @@ mod topics;
 mod writer;
 
 pub use crate::store::NatsStore;
-pub use crate::topics::{NatsTopics, MAX_BATCH};
+pub use crate::topics::{Access, NatsTls, NatsTopics, MAX_BATCH};

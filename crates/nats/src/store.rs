@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::groups::{Groups, Settle};
 use crate::records::Records;
-use crate::topics::NatsTopics;
+use crate::topics::{Access, NatsTopics};
 
 /// Topics and consumer groups on a JetStream server or cluster, shared by
 /// every gateway replica that opens the same one.
@@ -40,19 +40,18 @@ impl NatsStore {
         clock: Clock,
         replicas: usize,
     ) -> Result<Self, StoreError> {
-        Self::connect_with(url, dedup_window, clock, replicas, None).await
+        Self::connect_with(url, dedup_window, clock, replicas, &Access::default()).await
     }
 
-    /// [`connect`](Self::connect) with `credentials` (`user:password`, or
-    /// a token; never logged).
+    /// [`connect`](Self::connect) with credentials and TLS.
     pub async fn connect_with(
         url: &str,
         dedup_window: Duration,
         clock: Clock,
         replicas: usize,
-        credentials: Option<&str>,
+        access: &Access<'_>,
     ) -> Result<Self, StoreError> {
-        let topics = NatsTopics::connect_with(url, dedup_window, credentials)
+        let topics = NatsTopics::connect_with(url, dedup_window, access)
             .await?
             .clock(clock)
             .replicas(replicas);

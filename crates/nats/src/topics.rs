@@ -63,6 +63,26 @@ pub(crate) fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError(format!("NATS JetStream: {what}: {e}"))
 }
 
+/// How to reach the servers besides their URLs (a `tls://` URL asks for
+/// TLS by itself, with the system's roots).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Access<'a> {
+    /// `user:password`, or a token (never logged).
+    pub credentials: Option<&'a str>,
+    /// TLS with a private CA or a client certificate.
+    pub tls: Option<&'a NatsTls>,
+}
+
+/// TLS files (PEM) for servers with `tls { … }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// The CA the servers' certificates chain to; default: the system's
+    /// roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// A certificate chain and its key, for servers that verify clients.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 /// A header as a number.
 pub(crate) fn number(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.as_str().parse().ok()
@@ -72,15 +92,14 @@ impl NatsTopics {
     /// Topics on the server(s) at `url` (comma-separated), an event id
     /// seen within `dedup_window` being a duplicate.
     pub async fn connect(url: &str, dedup_window: Duration) -> Result<Self, StoreError> {
-        Self::connect_with(url, dedup_window, None).await
+        Self::connect_with(url, dedup_window, &Access::default()).await
     }
 
-    /// [`connect`](Self::connect) with `credentials`: `user:password`, or
-    /// a token (never logged).
+    /// [`connect`](Self::connect) with credentials and TLS.
     pub async fn connect_with(
         url: &str,
         dedup_window: Duration,
-        credentials: Option<&str>,
+        access: &Access<'_>,
     ) -> Result<Self, StoreError> {
         let servers = url
             .split(',')
@@ -90,7 +109,16 @@ impl NatsTopics {
         // Once connected, the client reconnects by itself; meanwhile calls
         // fail at once (see `connected`).
         let mut options = async_nats::ConnectOptions::new();
-        options = match credentials {
+        if let Some(tls) = access.tls {
+            options = options.require_tls(true);
+            if let Some(ca) = &tls.ca {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let Some((cert, key)) = &tls.client {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+        }
+        options = match access.credentials {
             Some(both) if both.contains(':') => {
                 let (user, password) = both.split_once(':').expect("checked");
                 options.user_and_password(user.to_owned(), password.to_owned())

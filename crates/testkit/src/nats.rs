@@ -39,6 +39,27 @@ impl NatsServer {
         Self::start_in(&dir, &[], true)
     }
 
+    /// [`start`](Self::start) speaking TLS only, serving `cert` and `key`
+    /// and requiring client certificates `ca` signed (PEM files);
+    /// [`url`](Self::url) is then `tls://`.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-nats-{}-{}",
+            std::process::id(),
+            crate::redis::unique()
+        ));
+        let extra = [
+            "--tlsverify".to_owned(),
+            "--tlscert".to_owned(),
+            cert.display().to_string(),
+            "--tlskey".to_owned(),
+            key.display().to_string(),
+            "--tlscacert".to_owned(),
+            ca.display().to_string(),
+        ];
+        Self::start_in(&dir, &extra, true)
+    }
+
     /// A server with its store in `dir` and more `nats-server` arguments.
     fn start_in(dir: &Path, extra: &[String], owns_dir: bool) -> Self {
         std::fs::create_dir_all(dir).expect("create the server's directory");
@@ -89,9 +110,14 @@ impl NatsServer {
         true
     }
 
-    /// `nats://127.0.0.1:PORT`.
+    /// `nats://127.0.0.1:PORT`, or `tls://…` for a TLS server.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.extra.iter().any(|a| a == "--tlsverify") {
+            "tls"
+        } else {
+            "nats"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The server's client port.

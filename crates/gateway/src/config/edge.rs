@@ -199,12 +199,12 @@ pub enum StoreSettings {
     },
 }
 
-/// `rate_limit.redis_tls`: for a `rediss://` server, the CA its
+/// `rate_limit.redis_tls`, `events.nats_tls`: the CA a server's
 /// certificate chains to (default: the system's roots) and a client
 /// certificate for servers that require one.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RedisTlsSettings {
+pub struct TlsFiles {
     /// The CA (PEM).
     pub ca: Option<std::path::PathBuf>,
     /// A client certificate chain (PEM), with `client_key`.
@@ -275,7 +275,7 @@ pub(crate) struct RawRateLimit {
     pub(crate) store: StoreKind,
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_cluster: Option<bool>,
-    pub(crate) redis_tls: Option<RedisTlsSettings>,
+    pub(crate) redis_tls: Option<TlsFiles>,
     #[serde(default, with = "duration::option")]
     pub(crate) timeout: Option<Duration>,
     pub(crate) failure_mode: Option<FailureMode>,

@@ -22,6 +22,7 @@ pub(crate) struct RawEvents {
     nats_url: Option<String>,
     nats_credentials_env: Option<String>,
     nats_replicas: Option<usize>,
+    nats_tls: Option<super::TlsFiles>,
     listen: SocketAddr,
     require_api_key: bool,
     #[serde(with = "duration")]
@@ -40,6 +41,7 @@ impl Default for RawEvents {
             nats_url: None,
             nats_credentials_env: None,
             nats_replicas: None,
+            nats_tls: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 9902)),
             require_api_key: false,
             dedup_window: Duration::from_secs(120),
@@ -166,6 +168,8 @@ pub enum EventStore {
         credentials_env: Option<String>,
         /// Copies of each stream (3 on a cluster of three).
         replicas: usize,
+        /// `nats_tls`: a private CA, a client certificate.
+        tls: Option<tidegate_nats::NatsTls>,
     },
 }
 
@@ -241,6 +245,7 @@ impl Locator<'_> {
                     ("nats_url", raw.nats_url.is_some()),
                     ("nats_credentials_env", raw.nats_credentials_env.is_some()),
                     ("nats_replicas", raw.nats_replicas.is_some()),
+                    ("nats_tls", raw.nats_tls.is_some()),
                 ] {
                     if set {
                         return Err(only(key, "nats"));
@@ -263,14 +268,31 @@ impl Locator<'_> {
                 };
                 let bad_url = url.split(',').any(|one| {
                     let one = one.trim();
-                    !(one.starts_with("nats://") && one.len() > 7) || one.contains('@')
+                    let rest = one
+                        .strip_prefix("nats://")
+                        .or_else(|| one.strip_prefix("tls://"));
+                    rest.is_none_or(str::is_empty) || one.contains('@')
                 });
                 if bad_url {
                     return Err(self.error(
                         &at.key("nats_url"),
-                        "must be nats://host:port (several separated by commas), with no user or password: name them with nats_credentials_env",
+                        "must be nats://host:port or tls://host:port (several separated by commas), with no user or password: name them with nats_credentials_env",
                     ));
                 }
+                let tls = match &raw.nats_tls {
+                    Some(files) => {
+                        self.check_tls_files(&at.clone().key("nats_tls"), files)?;
+                        let client = match (&files.client_cert, &files.client_key) {
+                            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                            _ => None,
+                        };
+                        Some(tidegate_nats::NatsTls {
+                            ca: files.ca.clone(),
+                            client,
+                        })
+                    }
+                    None => None,
+                };
                 if let Some(var) = &raw.nats_credentials_env {
                     if var.is_empty() || var.contains('=') {
                         return Err(self.error(
@@ -287,6 +309,7 @@ impl Locator<'_> {
                     url,
                     credentials_env: raw.nats_credentials_env,
                     replicas,
+                    tls,
                 }
             }
             other => {

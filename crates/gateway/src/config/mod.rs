@@ -48,8 +48,8 @@ use self::edge::{
 };
 pub use self::edge::{
     redact_credentials, ApiKey, FailureMode, Fallback, Fault, LimitKey, LoadBalancing,
-    OutlierDetection, RateLimitSettings, RedisTlsSettings, RedisUrl, RouteLimit, StoreSettings,
-    Tier, UpstreamProtocol,
+    OutlierDetection, RateLimitSettings, RedisUrl, RouteLimit, StoreSettings, Tier, TlsFiles,
+    UpstreamProtocol,
 };
 pub use self::events::{
     EventStore, EventsSettings, Push, PushMode, Subscription, TopicGlob, TopicSettings,
@@ -1112,14 +1112,13 @@ impl Locator<'_> {
         })
     }
 
-    /// The files of `rate_limit.redis_tls`, read and checked as an
-    /// upstream's would be.
-    fn redis_tls(
+    /// Checks the files of `at` (`rate_limit.redis_tls`,
+    /// `events.nats_tls`) as an upstream's would be.
+    pub(crate) fn check_tls_files(
         &self,
         at: &KeyPath,
-        files: &RedisTlsSettings,
-    ) -> Result<tidegate_redis::RedisTls, ConfigError> {
-        let at = at.clone().key("redis_tls");
+        files: &TlsFiles,
+    ) -> Result<(), ConfigError> {
         let settings = UpstreamTlsSettings {
             ca: files.ca.clone(),
             client_cert: files.client_cert.clone(),
@@ -1127,7 +1126,18 @@ impl Locator<'_> {
             server_name: None,
         };
         ClientTls::new(&settings, UpstreamProtocol::Http1)
-            .map_err(|e| self.error(&at.clone().key(e.field), &e.reason))?;
+            .map(drop)
+            .map_err(|e| self.error(&at.clone().key(e.field), &e.reason))
+    }
+
+    /// The files of `rate_limit.redis_tls`, checked and read.
+    fn redis_tls(
+        &self,
+        at: &KeyPath,
+        files: &TlsFiles,
+    ) -> Result<tidegate_redis::RedisTls, ConfigError> {
+        let at = at.clone().key("redis_tls");
+        self.check_tls_files(&at, files)?;
         let read = |field: &str, path: &std::path::PathBuf| {
             std::fs::read(path).map_err(|e| {
                 self.error(

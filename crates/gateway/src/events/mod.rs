@@ -70,6 +70,7 @@ impl Events {
                 url,
                 credentials_env,
                 replicas,
+                tls,
             } => {
                 let credentials = match credentials_env {
                     Some(var) => Some(std::env::var(var).map_err(|_| {
@@ -82,7 +83,10 @@ impl Events {
                     settings.dedup_window,
                     tidegate_events::Clock::Wall,
                     *replicas,
-                    credentials.as_deref(),
+                    &tidegate_nats::Access {
+                        credentials: credentials.as_deref(),
+                        tls: tls.as_ref(),
+                    },
                 )
                 .await
                 .map_err(|e| e.to_string())?;
