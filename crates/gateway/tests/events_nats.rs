@@ -331,8 +331,8 @@ async fn events_reach_a_tls_nats_with_a_private_ca_and_a_client_certificate() {
 
     // Without a client certificate the server turns the gateway away.
     let refused = tidegate_gateway::http::server::start(support::parsed(&config(false))).await;
-    let why = refused
-        .err()
-        .expect("the server requires a client certificate");
+    let Err(why) = refused else {
+        panic!("the server requires a client certificate")
+    };
     assert!(why.to_string().contains("NATS"), "{why}");
 }
