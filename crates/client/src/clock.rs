@@ -20,6 +20,14 @@ pub fn unix_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A monotonic instant (past or now) in nanoseconds since the Unix epoch.
+pub fn instant_unix_nanos(at: Instant) -> u64 {
+    let ago = Instant::now().saturating_duration_since(at);
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.saturating_sub(ago).as_nanos() as u64)
+}
+
 /// A monotonic instant as a wall-clock date.
 pub fn instant_rfc3339(at: Instant) -> String {
     let now = Instant::now();

@@ -317,6 +317,83 @@ fn shared_value(bytes: impl AsRef<[u8]> + Send + 'static) -> HeaderValue {
         .expect("hex is a valid header value")
 }
 
+/// The IDs of a `traceparent`: the trace, the span (the sender's), and
+/// whether the trace is sampled (flag `01`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIds {
+    /// 16 bytes, not all zero.
+    pub trace_id: [u8; 16],
+    /// 8 bytes, not all zero.
+    pub span_id: [u8; 8],
+    /// The `sampled` flag.
+    pub sampled: bool,
+}
+
+impl TraceIds {
+    /// The IDs of `v` if it is a valid version-00 `traceparent`.
+    pub fn parse(v: &HeaderValue) -> Option<Self> {
+        let text = v.to_str().ok()?;
+        let (_, flags) = parse_traceparent(text)?;
+        let bytes = text.as_bytes();
+        let mut ids = TraceIds {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            sampled: u8::from_str_radix(flags, 16).ok()? & 1 == 1,
+        };
+        unhex(&bytes[3..35], &mut ids.trace_id)?;
+        unhex(&bytes[36..52], &mut ids.span_id)?;
+        Some(ids)
+    }
+
+    /// New random IDs (never all zero).
+    pub fn random(sampled: bool) -> Self {
+        let [a, b, c] = [(); 3].map(|()| tidegate_resilience::rng::next_u64() | 1);
+        let mut trace_id = [0; 16];
+        trace_id[..8].copy_from_slice(&a.to_be_bytes());
+        trace_id[8..].copy_from_slice(&b.to_be_bytes());
+        TraceIds {
+            trace_id,
+            span_id: c.to_be_bytes(),
+            sampled,
+        }
+    }
+
+    /// The same trace and sampling with a new random span ID.
+    pub fn child(&self) -> Self {
+        TraceIds {
+            span_id: (tidegate_resilience::rng::next_u64() | 1).to_be_bytes(),
+            ..*self
+        }
+    }
+
+    /// `00-<trace ID>-<span ID>-<flags>`.
+    pub fn traceparent(&self) -> HeaderValue {
+        let mut value = [0; TRACEPARENT_LEN];
+        value[..3].copy_from_slice(b"00-");
+        let word = |bytes: &[u8]| u64::from_be_bytes(bytes.try_into().expect("8 bytes"));
+        value[3..19].copy_from_slice(&hex16(word(&self.trace_id[..8])));
+        value[19..35].copy_from_slice(&hex16(word(&self.trace_id[8..])));
+        value[35] = b'-';
+        value[36..52].copy_from_slice(&hex16(word(&self.span_id)));
+        value[52] = b'-';
+        value[53..].copy_from_slice(if self.sampled { b"01" } else { b"00" });
+        shared_value(value)
+    }
+}
+
+/// Lowercase hex `digits` into `out` (half as many bytes).
+fn unhex(digits: &[u8], out: &mut [u8]) -> Option<()> {
+    let nibble = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        _ => None,
+    };
+    for (byte, pair) in out.iter_mut().zip(digits.chunks(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(())
+}
+
 /// Whether `v` is a valid version-00 `traceparent` (55 bytes).
 fn is_traceparent(v: &HeaderValue) -> bool {
     v.to_str().ok().and_then(parse_traceparent).is_some()
@@ -417,6 +494,37 @@ mod tests {
             assert_eq!(
                 std::str::from_utf8(&hex16(word)).unwrap(),
                 format!("{word:016x}")
+            );
+        }
+    }
+
+    #[test]
+    fn trace_ids_read_and_write_a_traceparent() {
+        let text = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ids = TraceIds::parse(&HeaderValue::from_static(text)).unwrap();
+        assert_eq!(ids.trace_id[..3], [0x4b, 0xf9, 0x2f]);
+        assert_eq!(
+            ids.span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+        assert!(ids.sampled);
+        assert_eq!(ids.traceparent(), text);
+        let unsampled = TraceIds {
+            sampled: false,
+            ..ids.child()
+        };
+        let written = unsampled.traceparent();
+        assert!(written.to_str().unwrap().ends_with("-00"));
+        assert_eq!(TraceIds::parse(&written), Some(unsampled));
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(
+                TraceIds::parse(&HeaderValue::from_static(bad)),
+                None,
+                "{bad}"
             );
         }
     }

@@ -96,6 +96,12 @@ impl Reloader {
         if config.rate_limit.store != *self.gateway.counters.store_settings() {
             needs_restart.push("rate_limit.store");
         }
+        match (self.gateway.telemetry(), &config.telemetry) {
+            (Some(running), Some(new)) => running.update(new.clone()),
+            (None, None) => {}
+            // The exporter starts and stops with the gateway.
+            _ => needs_restart.push("telemetry"),
+        }
         if let (Some(running), Some(new)) = (self.gateway.tls(), &config.gateway.tls) {
             if let Err(e) = running.refresh(new) {
                 let e = e.to_string();

@@ -895,3 +895,50 @@ fn a_saga_is_typed_and_its_errors_name_their_key() {
         assert_eq!(err(&text), want);
     }
 }
+
+#[test]
+fn telemetry_is_typed_and_its_errors_name_the_key() {
+    let config = ok(&format!(
+        "{GOOD}\n[telemetry]\notlp_endpoint = \"http://collector:4318/\"\nsample_ratio = 0.25\n"
+    ));
+    let telemetry = config.telemetry.unwrap();
+    assert_eq!(telemetry.path, "/v1/traces");
+    assert_eq!(telemetry.to.authority(), "collector:4318");
+    assert_eq!(telemetry.host, "collector:4318");
+    assert_eq!(telemetry.service_name, "tidegate");
+    assert_eq!(telemetry.sample_ratio, 0.25);
+    assert_eq!((telemetry.max_queue, telemetry.batch_size), (2048, 512));
+    assert!(ok(GOOD).telemetry.is_none(), "no [telemetry], no spans");
+    let prefixed = ok(&format!(
+        "{GOOD}\n[telemetry]\notlp_endpoint = \"https://otel.example/base\"\n"
+    ));
+    let telemetry = prefixed.telemetry.unwrap();
+    assert_eq!(telemetry.path, "/base/v1/traces");
+    assert_eq!(telemetry.to.authority(), "otel.example:443");
+    for (body, says) in [
+        ("", "telemetry.otlp_endpoint: is needed"),
+        (
+            "otlp_endpoint = \"grpc://c:4317\"",
+            "telemetry.otlp_endpoint: must start with http:// or https://",
+        ),
+        (
+            "otlp_endpoint = \"http://c:4318\"\nsample_ratio = 1.5",
+            "telemetry.sample_ratio: must be from 0 to 1",
+        ),
+        (
+            "otlp_endpoint = \"http://c:4318\"\nmax_queue = 10\nbatch_size = 20",
+            "telemetry.batch_size: must be at least 1 and at most max_queue",
+        ),
+        (
+            "otlp_endpoint = \"http://c:4318\"\nexport_interval = \"0s\"",
+            "telemetry.export_interval: must be greater than 0",
+        ),
+        (
+            "otlp_endpoint = \"http://c:4318\"\nspan_limit = 3",
+            "unknown field `span_limit`",
+        ),
+    ] {
+        let e = err(&format!("{GOOD}\n[telemetry]\n{body}\n"));
+        assert!(e.contains(says), "{e}\nwanted …{says}");
+    }
+}

@@ -36,12 +36,14 @@ mod edge;
 mod events;
 mod sagas;
 mod schemas;
+mod telemetry;
 
 pub use self::compose::{Composition, Part, Piece};
 pub use self::sagas::{
     BodyTemplate, Compensation, Ref, Root, SagaCall, SagaConfig, Scope, Segment, Step,
 };
 pub use self::schemas::{evolution, Broken, SchemaSettings, SchemaVersion};
+pub use self::telemetry::TelemetrySettings;
 
 use self::edge::{
     parse_sha256, RawApiKey, RawFallback, RawRateLimit, RawRouteLimit, RawSplit, StoreKind,
@@ -74,6 +76,8 @@ pub struct Config {
     pub events: Option<EventsSettings>,
     /// `[[sagas]]`, kept in the event store (so only with `[events]`).
     pub sagas: Vec<SagaConfig>,
+    /// `[telemetry]`: spans exported over OTLP, when the file has the table.
+    pub telemetry: Option<TelemetrySettings>,
     /// The config in effect as JSON, for `GET /config`: the file with
     /// environment overrides, built-in defaults filled in, secrets redacted.
     pub effective: std::sync::Arc<serde_json::Value>,
@@ -445,6 +449,7 @@ struct RawConfig {
     events: Option<self::events::RawEvents>,
     #[serde(default)]
     sagas: Vec<self::sagas::RawSaga>,
+    telemetry: Option<self::telemetry::RawTelemetry>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -759,6 +764,10 @@ impl Locator<'_> {
             ));
         }
         let sagas = self.sagas(raw.sagas, &upstreams)?;
+        let telemetry = match raw.telemetry {
+            Some(telemetry) => Some(self.telemetry(telemetry)?),
+            None => None,
+        };
 
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(raw.routes.len());
@@ -932,6 +941,7 @@ impl Locator<'_> {
             alerts,
             events,
             sagas,
+            telemetry,
             effective: std::sync::Arc::default(),
         })
     }
@@ -969,40 +979,51 @@ impl Locator<'_> {
         Ok(Some(tls))
     }
 
+    /// An `http://` or `https://` URL the gateway sends to itself
+    /// (webhooks, the OTLP receiver): the URL, and its endpoint (on 80 or
+    /// 443 unless it names a port; TLS checked against the system's roots).
+    fn http_destination(
+        &self,
+        key: &KeyPath,
+        url: &str,
+    ) -> Result<(Uri, Destination), ConfigError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| self.error(key, "not a URL (expected http://host:port/path)"))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => None,
+            Some("https") => {
+                let tls = ClientTls::new(&UpstreamTlsSettings::default(), UpstreamProtocol::Http1)
+                    .map_err(|e| self.error(key, &e.reason))?;
+                Some(tls)
+            }
+            _ => return Err(self.error(key, "must start with http:// or https://")),
+        };
+        if uri.host().is_none_or(str::is_empty) || url.contains('@') {
+            return Err(self.error(key, "needs a host, and no user or password"));
+        }
+        let default_port = if tls.is_some() { 443 } else { 80 };
+        let authority: Authority = format!(
+            "{}:{}",
+            uri.host().unwrap_or_default(),
+            uri.port_u16().unwrap_or(default_port)
+        )
+        .parse()
+        .map_err(|_| self.error(key, "has a bad host"))?;
+        let to = match &tls {
+            None => Destination::plain(authority, UpstreamProtocol::Http1),
+            Some(tls) => Destination::tls(authority, UpstreamProtocol::Http1, tls)
+                .map_err(|why| self.error(key, why))?,
+        };
+        Ok((uri, to))
+    }
+
     fn alerts(&self, raw: RawAlerts) -> Result<Alerts, ConfigError> {
         let at = KeyPath::default().key("alerts");
         let mut webhooks = Vec::with_capacity(raw.webhooks.len());
         for (i, url) in raw.webhooks.iter().enumerate() {
             let key = at.clone().key("webhooks").index(i);
-            let uri: Uri = url
-                .parse()
-                .map_err(|_| self.error(&key, "not a URL (expected http://host:port/path)"))?;
-            let tls = match uri.scheme_str() {
-                Some("http") => None,
-                Some("https") => {
-                    let tls =
-                        ClientTls::new(&UpstreamTlsSettings::default(), UpstreamProtocol::Http1)
-                            .map_err(|e| self.error(&key, &e.reason))?;
-                    Some(tls)
-                }
-                _ => return Err(self.error(&key, "must start with http:// or https://")),
-            };
-            if uri.host().is_none_or(str::is_empty) || url.contains('@') {
-                return Err(self.error(&key, "needs a host, and no user or password"));
-            }
-            let default_port = if tls.is_some() { 443 } else { 80 };
-            let authority: Authority = format!(
-                "{}:{}",
-                uri.host().unwrap_or_default(),
-                uri.port_u16().unwrap_or(default_port)
-            )
-            .parse()
-            .map_err(|_| self.error(&key, "has a bad host"))?;
-            let to = match &tls {
-                None => Destination::plain(authority, UpstreamProtocol::Http1),
-                Some(tls) => Destination::tls(authority, UpstreamProtocol::Http1, tls)
-                    .map_err(|why| self.error(&key, why))?,
-            };
+            let (uri, to) = self.http_destination(&key, url)?;
             webhooks.push(Webhook {
                 label: webhook_label(url),
                 uri,

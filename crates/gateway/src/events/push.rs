@@ -40,6 +40,7 @@ use super::cloudevents::{self, CORRELATION_ATTRIBUTE, TRACEPARENT_ATTRIBUTE};
 use super::Events;
 use crate::config::{Push, PushMode, Subscription};
 use crate::http::headers::{self, CORRELATION_ID, TRACEPARENT};
+use crate::observe::telemetry::{Attributes, Kind};
 use crate::observe::watch::until_stopped;
 use crate::proxy::upstream::Upstream;
 use crate::proxy::{Called, Gateway};
@@ -171,8 +172,10 @@ async fn run(
     }
 }
 
-/// The request of one delivery: its headers and body.
-fn request(push: &Push, delivery: &Delivery) -> (HeaderMap, Bytes) {
+/// The request of one delivery: its headers and body. Its
+/// `traceparent` is a child of `parent` (the delivery's span, or the
+/// publisher's).
+fn request(push: &Push, delivery: &Delivery, parent: Option<&HeaderValue>) -> (HeaderMap, Bytes) {
     let event = &delivery.event;
     let (mut headers, body) = match push.mode {
         PushMode::Binary => (
@@ -197,11 +200,7 @@ fn request(push: &Push, delivery: &Delivery) -> (HeaderMap, Bytes) {
     {
         headers.insert(&CORRELATION_ID, id);
     }
-    let parent = event
-        .extensions
-        .get(TRACEPARENT_ATTRIBUTE)
-        .and_then(|parent| HeaderValue::from_str(parent).ok());
-    headers.insert(&TRACEPARENT, headers::child_traceparent(parent.as_ref()));
+    headers.insert(&TRACEPARENT, headers::child_traceparent(parent));
     (headers, body)
 }
 
@@ -215,6 +214,18 @@ enum Settle {
     /// the backoff's first delay.
     Uncounted(Option<Duration>),
     Poison(String),
+}
+
+impl Settle {
+    /// Its name, in a delivery's span.
+    fn label(&self) -> &'static str {
+        match self {
+            Settle::Ack => "ack",
+            Settle::Again(_) => "again",
+            Settle::Uncounted(_) => "uncounted",
+            Settle::Poison(_) => "dead_letter",
+        }
+    }
 }
 
 /// The answer rules of DESIGN.md "Events".
@@ -247,14 +258,58 @@ async fn deliver(
     delivery: &Delivery,
 ) {
     let name = &subscription.config.name;
-    let (headers, body) = request(push, delivery);
+    let publisher = delivery
+        .event
+        .extensions
+        .get(TRACEPARENT_ATTRIBUTE)
+        .and_then(|parent| HeaderValue::from_str(parent).ok());
+    // The delivery is a span in the publisher's trace, the push its child.
+    let span = gateway
+        .telemetry()
+        .map(|telemetry| telemetry.begin(publisher.as_ref()));
+    let parent = span.map(|s| s.traceparent()).or(publisher);
+    let (headers, body) = request(push, delivery, parent.as_ref());
     let path = PathAndQuery::try_from(push.path.as_str())
         .unwrap_or_else(|_| PathAndQuery::from_static("/"));
     let limit = subscription.config.ack_wait.mul_f64(0.9);
     let called = gateway
-        .call_upstream(upstream, path, headers, body, limit)
+        .call_upstream(
+            upstream,
+            path,
+            headers,
+            body,
+            limit,
+            span.and_then(|s| s.recorded()),
+        )
         .await;
-    let settled = match settle_for(&called) {
+    let settle = settle_for(&called);
+    if let (Some(telemetry), Some(span)) = (gateway.telemetry(), span) {
+        let topic = &subscription.config.topic;
+        let attributes: Attributes = vec![
+            ("messaging.system", "tidegate".into()),
+            ("messaging.operation.type", "process".into()),
+            ("messaging.destination.name", topic.clone().into()),
+            ("messaging.consumer.group.name", name.clone().into()),
+            ("messaging.message.id", delivery.event.id.clone().into()),
+            ("tidegate.delivery", i64::from(delivery.delivery).into()),
+            ("tidegate.upstream", upstream.name().to_owned().into()),
+            ("tidegate.settle", settle.label().into()),
+        ];
+        let error = match &called {
+            Called::Answered { status, .. } if status.is_success() => None,
+            Called::Answered { status, .. } => Some(format!("the subscriber answered {status}")),
+            Called::Failed(why) | Called::NotSent(why) => Some(why.clone()),
+            Called::Refused { .. } => Some("the upstream's policies refused it".to_owned()),
+        };
+        telemetry.end(
+            span,
+            format!("process {topic}"),
+            Kind::Consumer,
+            attributes,
+            error,
+        );
+    }
+    let settled = match settle {
         Settle::Ack => store
             .ack(name, std::slice::from_ref(&delivery.ack_id))
             .await

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use crate::config::{SagaCall, SagaConfig, Scope};
 use crate::http::headers::{self, CORRELATION_ID};
+use crate::observe::telemetry::{Attributes, Kind};
 use crate::proxy::Gateway;
 
 /// The topic of every saga's transitions.
@@ -808,6 +809,14 @@ impl Sagas {
             }
             None => Bytes::new(),
         };
+        // Every step of a saga is a span in one trace, named by its id.
+        let span = gateway
+            .telemetry()
+            .map(|telemetry| telemetry.begin_in(trace_of(&state.id)));
+        if let Some(span) = span {
+            let sent = headers::child_traceparent(Some(&span.traceparent()));
+            headers.insert(&headers::TRACEPARENT, sent);
+        }
         let (exchanged, _) = gateway
             .exchange(
                 gateway.client(),
@@ -818,8 +827,35 @@ impl Sagas {
                 body,
                 timeout.unwrap_or(NO_LIMIT),
                 MAX_RESPONSE,
+                span.and_then(|s| s.recorded()),
             )
             .await;
+        if let (Some(telemetry), Some(span)) = (gateway.telemetry(), span) {
+            let mut attributes: Attributes = vec![
+                ("tidegate.saga.name", config.name.clone().into()),
+                ("tidegate.saga.id", state.id.clone().into()),
+                ("tidegate.saga.step", step.to_owned().into()),
+                ("tidegate.saga.call", kind.to_owned().into()),
+                ("tidegate.upstream", upstream.name().to_owned().into()),
+            ];
+            let error = match &exchanged {
+                Ok((status, ..)) => {
+                    attributes.push((
+                        "http.response.status_code",
+                        i64::from(status.as_u16()).into(),
+                    ));
+                    (!status.is_success()).then(|| format!("answered {status}"))
+                }
+                Err(reply) => Some(reply.message().to_owned()),
+            };
+            telemetry.end(
+                span,
+                format!("saga {} {step} {kind}", config.name),
+                Kind::Internal,
+                attributes,
+                error,
+            );
+        }
         let (status, _, body) = exchanged.map_err(|reply| reply.message().to_owned())?;
         let response = if body.is_empty() {
             Value::Null
@@ -829,6 +865,16 @@ impl Sagas {
         };
         Ok((status, response))
     }
+}
+
+/// The trace of saga `id`'s steps: a hash of its id, so every replica
+/// and restart puts them in the same trace.
+fn trace_of(id: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("tidegate saga {id}").as_bytes());
+    let mut trace = [0; 16];
+    trace.copy_from_slice(&digest[..16]);
+    trace
 }
 
 /// `Ok(true)` when the append went in; `Ok(false)` when another driver

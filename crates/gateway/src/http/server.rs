@@ -148,6 +148,14 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
             async move { until_stopped(&mut stop).await },
         ));
     }
+    if let Some(telemetry) = gateway.telemetry().cloned() {
+        let mut stop = stopped.clone();
+        tasks.spawn(crate::observe::telemetry::export(
+            telemetry,
+            gateway.new_client(),
+            async move { until_stopped(&mut stop).await },
+        ));
+    }
     let mut upstream_tasks = UpstreamTasks::new(stopped.clone());
     upstream_tasks.sync(&gateway, &gateway.table());
     let upstream_tasks = Arc::new(Mutex::new(upstream_tasks));

@@ -123,6 +123,7 @@ pub struct Metrics {
     faults: Family<FallbackLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     tls_failures: Family<SideLabels, Counter>,
+    spans: Family<ResultLabels, Counter>,
     alerts: Family<ResultLabels, Counter>,
     store_decisions: Family<ResultLabels, Counter>,
     store_errors: Family<KindLabels, Counter>,
@@ -185,6 +186,7 @@ impl Default for Metrics {
         let faults = Family::default();
         let reloads = Family::default();
         let tls_failures = Family::<SideLabels, Counter>::default();
+        let spans = Family::<ResultLabels, Counter>::default();
         let alerts = Family::default();
         let store_decisions = Family::default();
         let store_errors = Family::default();
@@ -254,6 +256,11 @@ impl Default for Metrics {
             tls_failures.clone(),
         );
         registry.register(
+            "tidegate_telemetry_spans",
+            "Spans for OTLP export: exported, dropped (the queue was full) or failed (the export failed)",
+            spans.clone(),
+        );
+        registry.register(
             "tidegate_config_reloads",
             "Config reloads, applied or rejected",
             reloads.clone(),
@@ -309,6 +316,7 @@ impl Default for Metrics {
             faults,
             reloads,
             tls_failures,
+            spans,
             alerts,
             store_decisions,
             store_errors,
@@ -452,6 +460,12 @@ impl Metrics {
                 kind,
             })
             .inc();
+    }
+
+    /// The counters of spans exported, dropped and failed, for the tracer.
+    pub fn span_counters(&self) -> [Counter; 3] {
+        ["exported", "dropped", "failed"]
+            .map(|result| self.spans.get_or_create(&ResultLabels { result }).clone())
     }
 
     /// Counts a TLS handshake with a client that failed or timed out.

@@ -17,7 +17,9 @@ use super::client::UpstreamClient;
 use super::{router, Access, Gateway, Reply, Table, Template};
 use crate::config::{Composition, Fallback, Part, Piece, RouteConfig};
 use crate::http::body::{self, ProxyBody};
+use crate::http::headers;
 use crate::http::path::push_component;
+use tidegate_client::headers::TraceIds;
 
 /// Names the optional parts that failed (and are `null`).
 pub static PARTIAL: HeaderName = HeaderName::from_static("x-tidegate-partial");
@@ -104,10 +106,10 @@ impl Gateway {
         ] {
             headers.remove(name);
         }
-        let fetches =
-            composition.parts.iter().zip(paths).map(|(part, path)| {
-                self.part(table, part, path, &headers, upstream_client, deadline)
-            });
+        let span = log.span;
+        let fetches = composition.parts.iter().zip(paths).map(|(part, path)| {
+            self.part(table, part, path, &headers, upstream_client, deadline, span)
+        });
         let outcomes = futures_util::future::join_all(fetches).await;
         let mut answer = Vec::with_capacity(1024);
         answer.push(b'{');
@@ -160,6 +162,7 @@ impl Gateway {
         headers: &HeaderMap,
         upstream_client: &UpstreamClient,
         deadline: Instant,
+        span: Option<TraceIds>,
     ) -> (Result<Value, Failure>, u32, Option<&'static str>) {
         let (mut outcome, mut attempts) = self
             .fetch(
@@ -169,6 +172,7 @@ impl Gateway {
                 headers,
                 upstream_client,
                 deadline,
+                span,
             )
             .await;
         let mut used = None;
@@ -180,7 +184,15 @@ impl Gateway {
                 }
                 Some(Fallback::Upstream(other)) => {
                     let (other, more) = self
-                        .fetch(table, *other, path, headers, upstream_client, deadline)
+                        .fetch(
+                            table,
+                            *other,
+                            path,
+                            headers,
+                            upstream_client,
+                            deadline,
+                            span,
+                        )
                         .await;
                     attempts += more;
                     if other.is_ok() {
@@ -206,8 +218,13 @@ impl Gateway {
         headers: &HeaderMap,
         upstream_client: &UpstreamClient,
         deadline: Instant,
+        span: Option<TraceIds>,
     ) -> (Result<Value, Failure>, u32) {
         let upstream = &table.upstreams[index];
+        // Each exchange a span of its own in the request's trace.
+        let mut headers = headers.clone();
+        let own = headers::child_traceparent(headers.get(&headers::TRACEPARENT));
+        headers.insert(&headers::TRACEPARENT, own);
         let max_bytes = usize::try_from(table.settings.max_body_bytes).unwrap_or(usize::MAX);
         let mut attempts = 0;
         let fetched = async {
@@ -221,6 +238,7 @@ impl Gateway {
                     Bytes::new(),
                     deadline.saturating_duration_since(Instant::now()),
                     max_bytes,
+                    span,
                 )
                 .await;
             attempts = tries;

@@ -55,7 +55,9 @@ use crate::observe::alerts::{Alert, Alerter};
 use crate::observe::metrics::{method_label, Metrics, RequestLabels};
 use crate::observe::notices::{Notice, Notices};
 use crate::observe::stats::{Stats, Traffic};
+use crate::observe::telemetry::{Attributes, Kind, Span, Telemetry};
 use tidegate_client::headers::is_retryable_status;
+use tidegate_client::headers::TraceIds;
 
 /// Everything a request needs from one config: settings, routes,
 /// upstreams with their state, keys and tiers.
@@ -109,6 +111,8 @@ pub struct Gateway {
     events: std::sync::OnceLock<Arc<crate::events::Events>>,
     /// The main listener's TLS, with `[gateway.tls]`.
     tls: Option<Arc<crate::http::tls::ListenerTls>>,
+    /// The tracer, with `[telemetry]`.
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Sets `tidegate_endpoint_healthy` for every endpoint of `table`.
@@ -247,8 +251,12 @@ impl Gateway {
             )),
             None => None,
         };
-        let table = Table::build(config, None, counters.clone())?;
         let metrics = Arc::new(Metrics::default());
+        let telemetry = config
+            .telemetry
+            .clone()
+            .map(|settings| Arc::new(Telemetry::new(settings, metrics.span_counters())));
+        let table = Table::build(config, None, counters.clone())?;
         let gates: Gates = Arc::new(ArcSwap::from_pointee(gates_of(&table)));
         report_endpoints(&metrics, &table);
         let (alerter, alert_queue) = Alerter::new();
@@ -266,12 +274,18 @@ impl Gateway {
             none: Arc::new("none".to_owned()),
             events: std::sync::OnceLock::new(),
             tls,
+            telemetry,
         }))
     }
 
     /// The main listener's TLS, with `[gateway.tls]`.
     pub fn tls(&self) -> Option<&Arc<crate::http::tls::ListenerTls>> {
         self.tls.as_ref()
+    }
+
+    /// The tracer, with `[telemetry]`.
+    pub fn telemetry(&self) -> Option<&Arc<Telemetry>> {
+        self.telemetry.as_ref()
     }
 
     /// The event store and its settings, when `[events]` is configured.
@@ -319,7 +333,7 @@ impl Gateway {
     /// through `upstream_client`.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
     ) -> Response<ProxyBody> {
@@ -337,7 +351,20 @@ impl Gateway {
             attempts: 0,
             key_id: None,
             fallback: None,
+            span: None,
+            breaker: None,
         };
+        let span = self.telemetry.as_ref().map(|telemetry| {
+            let span = telemetry.begin(req.headers().get(&headers::TRACEPARENT));
+            // The upstream hop is this span's child.
+            req.headers_mut()
+                .insert(&headers::TRACEPARENT, span.traceparent());
+            span
+        });
+        log.span = span.and_then(|s| s.recorded());
+        let path = span
+            .filter(Span::is_recorded)
+            .map(|_| req.uri().path().to_owned());
         let mut response = match self
             .route_and_forward(
                 &table,
@@ -364,6 +391,17 @@ impl Gateway {
         }
         if let Some(kind) = log.fallback {
             self.metrics.fallback(&log.route, kind);
+        }
+        if let (Some(telemetry), Some(span), Some(path)) = (&self.telemetry, span, path) {
+            telemetry.end(
+                span,
+                format!("{method} {}", log.route),
+                Kind::Server,
+                server_attributes(&method, path, client, &log, status, grpc),
+                status
+                    .is_server_error()
+                    .then(|| format!("answered {}", status.as_u16())),
+            );
         }
         // The access line is written when the body has gone (or the client
         // has): a streamed answer's duration is the stream's.
@@ -535,6 +573,7 @@ impl Gateway {
             idempotent,
             grpc,
             limit,
+            span: log.span,
         };
         let result = if upstream.has_available_endpoint() {
             self.forward(&call, upstream, &mut body, log).await
@@ -552,6 +591,12 @@ impl Gateway {
             }
         };
         log.upstream_failed = upstream_failed;
+        if log.span.is_some() {
+            log.breaker = upstream
+                .pipeline
+                .circuit_breaker()
+                .map(|b| b.state().as_str());
+        }
         if upstream_failed {
             if let Some(response) = self
                 .fallback(table, route, &call, &mut body, stale_key.as_deref(), log)
@@ -749,6 +794,8 @@ impl Gateway {
             attempts: 0,
             key_id: None,
             fallback: None,
+            span: call.span,
+            breaker: None,
         };
         let result = if upstream.has_available_endpoint() {
             self.forward(call, upstream, body, &mut log).await
@@ -777,6 +824,7 @@ impl Gateway {
         body: Bytes,
         limit: Duration,
         max_bytes: usize,
+        span: Option<TraceIds>,
     ) -> (Result<(StatusCode, HeaderMap, Bytes), Reply>, u32) {
         let template = Template(Head {
             method,
@@ -789,6 +837,7 @@ impl Gateway {
             idempotent: true,
             grpc: false,
             limit: Some(limit),
+            span,
         };
         let mut body = RequestBody::Replayable {
             data: body,
@@ -843,6 +892,7 @@ impl Gateway {
         headers: HeaderMap,
         body: Bytes,
         limit: Duration,
+        span: Option<TraceIds>,
     ) -> Called {
         let template = Template(Head {
             method: Method::POST,
@@ -855,6 +905,7 @@ impl Gateway {
             idempotent: false,
             grpc: false,
             limit: Some(limit),
+            span,
         };
         let mut body = RequestBody::Replayable {
             data: body,
@@ -1107,6 +1158,14 @@ impl Gateway {
         if index < 64 {
             tried.fetch_or(1 << index, Ordering::Relaxed);
         }
+        // A recorded request's attempt is a span, whose ID its
+        // `traceparent` carries.
+        let traced = call.span.and_then(|parent| {
+            let sent = head.headers.get(&headers::TRACEPARENT)?;
+            let ids = TraceIds::parse(sent)?;
+            Some(Span::child_of(parent, ids.span_id, Instant::now()))
+        });
+        let method = traced.map(|_| head.method.clone());
         let mut request = Request::new(body);
         *request.method_mut() = head.method;
         *request.uri_mut() = head.path_and_query.into();
@@ -1142,6 +1201,11 @@ impl Gateway {
             Ok(Err(ClientError::Request(error))) => Err(AttemptError::Request { error, retryable }),
         };
         self.record_outcome(upstream, endpoint, &result);
+        if let (Some(span), Some(telemetry), Some(method)) = (traced, &self.telemetry, method) {
+            let (attributes, error) =
+                attempt_attributes(&method, upstream, endpoint, told.number(), &result);
+            telemetry.end(span, method_label(&method), Kind::Client, attributes, error);
+        }
         result
     }
 
@@ -1326,6 +1390,8 @@ struct Call<'a> {
     grpc: bool,
     /// The call's own deadline, when shorter than the policy's.
     limit: Option<Duration>,
+    /// The span its attempts are children of, when recorded.
+    span: Option<TraceIds>,
 }
 
 impl Call<'_> {
@@ -1419,6 +1485,107 @@ fn downstream(in_flight: InFlight, response: UpstreamResponse) -> Response<Proxy
     Response::from_parts(parts, body.boxed())
 }
 
+/// A server span's attributes, after the OpenTelemetry HTTP semantic
+/// conventions, and tidegate's own (`tidegate.*`).
+fn server_attributes(
+    method: &Method,
+    path: String,
+    client: SocketAddr,
+    log: &Access<'_>,
+    status: StatusCode,
+    grpc: bool,
+) -> Attributes {
+    let mut attributes: Attributes = vec![
+        ("http.request.method", method_label(method).into()),
+        ("url.path", path.into()),
+        ("client.address", client.ip().to_string().into()),
+        (
+            "http.response.status_code",
+            i64::from(status.as_u16()).into(),
+        ),
+        ("tidegate.route", log.route.as_str().to_owned().into()),
+        ("tidegate.attempts", i64::from(log.attempts).into()),
+        (
+            "tidegate.retries",
+            i64::from(log.attempts.saturating_sub(1)).into(),
+        ),
+    ];
+    if log.traffic.is_some() {
+        attributes.push(("tidegate.upstream", log.upstream.as_str().to_owned().into()));
+    }
+    if let Some(state) = log.breaker {
+        attributes.push(("tidegate.breaker.state", state.into()));
+    }
+    if let Some(kind) = log.fallback {
+        attributes.push(("tidegate.fallback", kind.into()));
+    }
+    if let Some(id) = &log.key_id {
+        attributes.push(("tidegate.api_key.id", id.clone().into()));
+    }
+    if grpc {
+        attributes.push(("rpc.system", "grpc".into()));
+    }
+    if status.is_server_error() {
+        attributes.push(("error.type", status.as_str().to_owned().into()));
+    }
+    attributes
+}
+
+/// An attempt span's attributes (HTTP client conventions), and its error.
+fn attempt_attributes(
+    method: &Method,
+    upstream: &Upstream,
+    endpoint: &EndpointState,
+    number: u32,
+    result: &Result<UpstreamResponse, AttemptError>,
+) -> (Attributes, Option<String>) {
+    let authority = endpoint.to.authority();
+    let mut attributes: Attributes = vec![
+        ("http.request.method", method_label(method).into()),
+        ("server.address", authority.host().to_owned().into()),
+        (
+            "server.port",
+            i64::from(authority.port_u16().unwrap_or(80)).into(),
+        ),
+        ("tidegate.upstream", upstream.name().to_owned().into()),
+        ("tidegate.endpoint", endpoint.label.clone().into()),
+    ];
+    if number > 1 {
+        attributes.push(("http.request.resend_count", i64::from(number - 1).into()));
+    }
+    let status = match result {
+        Ok(response) => Some(response.status()),
+        Err(AttemptError::Status { response, .. }) => Some(response.status()),
+        Err(_) => None,
+    };
+    let error = match (status, result) {
+        (Some(status), _) => {
+            attributes.push((
+                "http.response.status_code",
+                i64::from(status.as_u16()).into(),
+            ));
+            status.is_server_error().then(|| {
+                attributes.push(("error.type", status.as_str().to_owned().into()));
+                format!("answered {}", status.as_u16())
+            })
+        }
+        (None, Err(e)) => {
+            let kind = match e {
+                AttemptError::Connect(_) => "connect",
+                AttemptError::Tls(_) => "tls",
+                AttemptError::Timeout { .. } | AttemptError::DeadlinePassed => "timeout",
+                AttemptError::PoolOverflow => "pool_overflow",
+                AttemptError::NoEndpoint => "no_endpoint",
+                _ => "request",
+            };
+            attributes.push(("error.type", kind.into()));
+            Some(e.to_string())
+        }
+        (None, Ok(_)) => None,
+    };
+    (attributes, error)
+}
+
 /// What the access log and metrics say of a request.
 #[derive(Debug)]
 struct Access<'t> {
@@ -1432,6 +1599,10 @@ struct Access<'t> {
     attempts: u32,
     key_id: Option<String>,
     fallback: Option<&'static str>,
+    /// The request's span, when it is recorded: its attempts' parent.
+    span: Option<TraceIds>,
+    /// The upstream's breaker after the call, for a recorded span.
+    breaker: Option<&'static str>,
 }
 
 /// The upstream request head of one attempt.
