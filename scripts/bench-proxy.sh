@@ -16,6 +16,18 @@
 # tidegate (an `http2` upstream) and through nginx (`grpc_pass`), the
 # same number of connections, STREAMS (10) streams in flight on each.
 #
+# HTTPS too (TLS=0 leaves it out): a third tidegate with `[gateway.tls]`
+# and nginx with `ssl`, the same self-signed ECDSA P-256 certificate
+# (openssl), in front of the same upstream: keep-alive requests
+# (`tls-tidegate`, `tls-nginx`) and a new connection, so a new TLS
+# handshake, for every request (`Connection: close`: `hs-tidegate`,
+# `hs-nginx`).
+#
+# Every row also counts the CPU the proxy (with its worker processes)
+# spent per request: utime + stime from /proc, before and after the run,
+# over the requests wrk completed. On a shared machine that is steadier
+# than requests/s.
+#
 # Rounds alternate direct / tidegate / edge / shared / nginx / floor so that machine noise
 # hits all alike; the table shows each one's median over the rounds, and
 # the ratios are computed from those medians.
@@ -34,10 +46,11 @@ THREADS=${THREADS:-1}          # wrk threads
 DURATION=${DURATION:-10}       # seconds per measurement
 ROUNDS=${ROUNDS:-3}
 GRPC=${GRPC:-1}                # also measure gRPC unary calls
+TLS=${TLS:-1}                  # also measure HTTPS
 STREAMS=${STREAMS:-10}         # h2load streams in flight per connection
 
 . scripts/bench-common.sh
-need_tools nginx wrk python3 redis-server
+need_tools nginx wrk python3 redis-server openssl
 # h2load and nghttp come in Debian's nghttp2-client.
 command -v h2load >/dev/null || need_tools nghttp2-client
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -58,6 +71,9 @@ REDIS_PORT=$(free_port)
 FLOOR_PORT=$(free_port)
 GRPC_UPSTREAM_PORT=$(free_port)
 NGINX_GRPC_PORT=$(free_port)
+TLS_PORT=$(free_port)
+TLS_ADMIN_PORT=$(free_port)
+NGINX_TLS_PORT=$(free_port)
 
 nginx_conf() { # name workers server-block
     mkdir -p "$WORK/$1"
@@ -80,7 +96,13 @@ http {
 EOF
     "$NGINX" -c "$WORK/$1/nginx.conf" -e "$WORK/$1/error.log" &
     PIDS+=($!)
+    printf -v "NGINX_PID_$1" %s $!
 }
+
+# The self-signed certificate both HTTPS proxies serve.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -keyout "$WORK/tls.key" -out "$WORK/tls.pem" -subj /CN=127.0.0.1 \
+    -addext "subjectAltName=IP:127.0.0.1" 2>/dev/null
 
 # The upstream: nginx answering from memory, one worker, identical for all.
 nginx_conf upstream 1 "server {
@@ -95,6 +117,23 @@ nginx_conf proxy "$WORKERS" "upstream app {
     }
     server {
         listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+
+# nginx over TLS (1.2 and 1.3, its default session cache and tickets).
+nginx_conf tlsproxy "$WORKERS" "upstream app {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 256;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_TLS_PORT ssl;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -158,6 +197,19 @@ wait_port "$REDIS_PORT"
 TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/shared.toml" --workers "$WORKERS" \
     2>"$WORK/shared.log" &
 PIDS+=($!)
+SHARED_PID=$!
+
+# The third tidegate: the plain one's first route, over TLS.
+tidegate_config "$TLS_PORT" "$TLS_ADMIN_PORT" "$UPSTREAM_PORT" >"$WORK/tls.toml"
+cat >>"$WORK/tls.toml" <<EOF
+[gateway.tls]
+cert = "$WORK/tls.pem"
+key = "$WORK/tls.key"
+EOF
+TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/tls.toml" --workers "$WORKERS" \
+    2>"$WORK/tls.log" &
+PIDS+=($!)
+TLS_PID=$!
 
 # Access logs are off for nginx, so tidegate logs warnings only.
 TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers "$WORKERS" \
@@ -167,6 +219,7 @@ PIDS+=("$TIDEGATE_PID")
 
 "$FLOOR" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" "$WORKERS" &
 PIDS+=($!)
+FLOOR_PID=$!
 
 wait_port "$UPSTREAM_PORT"
 wait_port "$NGINX_PORT"
@@ -175,6 +228,8 @@ wait_port "$TIDEGATE_PORT"
 wait_port "$SHARED_PORT"
 wait_port "$GRPC_UPSTREAM_PORT"
 wait_port "$NGINX_GRPC_PORT"
+wait_port "$TLS_PORT"
+wait_port "$NGINX_TLS_PORT"
 
 # One gRPC request message, framed: uncompressed, 5 bytes.
 printf '\x00\x00\x00\x00\x05hello' >"$WORK/grpc.msg"
@@ -211,23 +266,53 @@ print(f"{rps:.0f} {mean:.3f} {mean + 2 * sd:.3f}")
 EOF
 }
 
-# One wrk run (URL, seconds, extra wrk arguments); prints
-# "requests_per_second p50_ms p99_ms".
+# CPU time (utime + stime, clock ticks) of process $1 and its descendants.
+cpu_ticks() {
+    python3 - "$1" <<'EOF'
+import os, sys
+parents, ticks = {}, {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        continue
+    fields = stat[stat.rindex(")") + 2:].split()
+    parents[int(pid)] = int(fields[1])
+    ticks[int(pid)] = int(fields[11]) + int(fields[12])
+tree, grown = {int(sys.argv[1])}, True
+while grown:
+    more = {p for p, parent in parents.items() if parent in tree} - tree
+    tree |= more
+    grown = bool(more)
+print(sum(ticks.get(p, 0) for p in tree))
+EOF
+}
+
+# One wrk run (URL, seconds, the proxy's pid, extra wrk arguments); prints
+# "requests_per_second p50_ms p99_ms cpu_us_per_request".
 measure() {
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${2}s" --latency "${@:3}" "$1" >"$WORK/wrk.out"
+    local before after
+    before=$(cpu_ticks "$3")
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${2}s" --latency "${@:4}" "$1" >"$WORK/wrk.out"
+    after=$(cpu_ticks "$3")
     if grep -q "Non-2xx" "$WORK/wrk.out"; then
         echo "non-2xx answers from $1:" >&2
         cat "$WORK/wrk.out" >&2
         exit 1
     fi
-    python3 - "$WORK/wrk.out" <<'EOF'
+    python3 - "$WORK/wrk.out" "$((after - before))" "$(getconf CLK_TCK)" <<'EOF'
 import re, sys
 text = open(sys.argv[1]).read()
 def ms(label):
     value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M).groups()
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-print(f"{rps:.0f} {ms('50'):.3f} {ms('99'):.3f}")
+done = int(re.search(r"(\d+) requests in", text).group(1))
+errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+if errors and int(errors.group(1)) + int(errors.group(4)):
+    sys.exit("wrk: connect errors or timeouts\n" + text)
+cpu_us = int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / max(done, 1)
+print(f"{rps:.0f} {ms('50'):.3f} {ms('99'):.3f} {cpu_us:.1f}")
 EOF
 }
 
@@ -256,16 +341,27 @@ KEY=(-H "X-API-Key: bench-key")
 GRPC_DIRECT="http://127.0.0.1:$GRPC_UPSTREAM_PORT$GRPC_PATH"
 GRPC_TIDEGATE="http://127.0.0.1:$TIDEGATE_PORT$GRPC_PATH"
 GRPC_NGINX="http://127.0.0.1:$NGINX_GRPC_PORT$GRPC_PATH"
+VIA_TLS_TIDEGATE="https://127.0.0.1:$TLS_PORT/"
+VIA_TLS_NGINX="https://127.0.0.1:$NGINX_TLS_PORT/"
+CLOSE=(-H "Connection: close")
 TARGETS=(direct tidegate edge shared nginx floor)
+if [ "$TLS" = 1 ]; then TARGETS+=(tls-tidegate tls-nginx hs-tidegate hs-nginx); fi
 if [ "$GRPC" = 1 ]; then TARGETS+=(grpc-direct grpc-tidegate grpc-nginx); fi
 
 echo "warming up (connection pools, page cache, CPU frequency)"
-for url in "$DIRECT" "$VIA_TIDEGATE" "$VIA_NGINX" "$VIA_FLOOR"; do measure "$url" 2 >/dev/null; done
+measure "$DIRECT" 2 "$NGINX_PID_upstream" >/dev/null
+measure "$VIA_TIDEGATE" 2 "$TIDEGATE_PID" >/dev/null
+measure "$VIA_NGINX" 2 "$NGINX_PID_proxy" >/dev/null
+measure "$VIA_FLOOR" 2 "$FLOOR_PID" >/dev/null
+if [ "$TLS" = 1 ]; then
+    measure "$VIA_TLS_TIDEGATE" 2 "$TLS_PID" >/dev/null
+    measure "$VIA_TLS_NGINX" 2 "$NGINX_PID_tlsproxy" >/dev/null
+fi
 if [ "$GRPC" = 1 ]; then
     for url in "$GRPC_DIRECT" "$GRPC_TIDEGATE" "$GRPC_NGINX"; do measure_grpc "$url" 2 >/dev/null; done
 fi
-measure "$VIA_EDGE" 2 "${KEY[@]}" >/dev/null
-measure "$VIA_SHARED" 2 "${KEY[@]}" >/dev/null
+measure "$VIA_EDGE" 2 "$TIDEGATE_PID" "${KEY[@]}" >/dev/null
+measure "$VIA_SHARED" 2 "$SHARED_PID" "${KEY[@]}" >/dev/null
 
 : >"$WORK/results"
 for round in $(seq 1 "$ROUNDS"); do
@@ -282,14 +378,18 @@ for round in $(seq 1 "$ROUNDS"); do
                 echo "round $round  $target  $result"
                 echo "$target $result" >>"$WORK/results"
                 continue ;;
-            direct) url=$DIRECT ;;
-            tidegate) url=$VIA_TIDEGATE ;;
-            edge) url=$VIA_EDGE extra=("${KEY[@]}") ;;
-            shared) url=$VIA_SHARED extra=("${KEY[@]}") ;;
-            nginx) url=$VIA_NGINX ;;
-            floor) url=$VIA_FLOOR ;;
+            direct) url=$DIRECT pid=$NGINX_PID_upstream ;;
+            tidegate) url=$VIA_TIDEGATE pid=$TIDEGATE_PID ;;
+            edge) url=$VIA_EDGE pid=$TIDEGATE_PID extra=("${KEY[@]}") ;;
+            shared) url=$VIA_SHARED pid=$SHARED_PID extra=("${KEY[@]}") ;;
+            nginx) url=$VIA_NGINX pid=$NGINX_PID_proxy ;;
+            floor) url=$VIA_FLOOR pid=$FLOOR_PID ;;
+            tls-tidegate) url=$VIA_TLS_TIDEGATE pid=$TLS_PID ;;
+            tls-nginx) url=$VIA_TLS_NGINX pid=$NGINX_PID_tlsproxy ;;
+            hs-tidegate) url=$VIA_TLS_TIDEGATE pid=$TLS_PID extra=("${CLOSE[@]}") ;;
+            hs-nginx) url=$VIA_TLS_NGINX pid=$NGINX_PID_tlsproxy extra=("${CLOSE[@]}") ;;
         esac
-        result=$(measure "$url" "$DURATION" "${extra[@]}")
+        result=$(measure "$url" "$DURATION" "$pid" "${extra[@]}")
         echo "round $round  $target  $result"
         echo "$target $result" >>"$WORK/results"
     done
@@ -300,20 +400,32 @@ import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
 rss_kib, workers, conns, duration, rounds, _streams = sys.argv[2:]
 median = {}
-for target in ("direct", "tidegate", "edge", "shared", "nginx", "floor", "grpc-direct", "grpc-tidegate", "grpc-nginx"):
+cpu = {}
+targets = ("direct", "tidegate", "edge", "shared", "nginx", "floor",
+           "tls-tidegate", "tls-nginx", "hs-tidegate", "hs-nginx",
+           "grpc-direct", "grpc-tidegate", "grpc-nginx")
+for target in targets:
     runs = [r for r in rows if r[0] == target]
     if not runs:
         continue
     median[target] = [statistics.median(float(r[i]) for r in runs) for i in (1, 2, 3)]
+    if len(runs[0]) > 4:
+        cpu[target] = statistics.median(float(r[4]) for r in runs)
 print()
 print(f"{workers} worker(s) per proxy, wrk {conns} connections, {rounds} rounds of {duration} s; medians")
-print(f"{'':10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
+print(f"{'':13} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/req':>11}")
 for target, (rps, p50, p99) in median.items():
-    print(f"{target:10} {rps:>10.0f} {p50:>9.3f} {p99:>9.3f}")
+    used = f"{cpu[target]:>11.1f}" if target in cpu else f"{'':>11}"
+    print(f"{target:13} {rps:>10.0f} {p50:>9.3f} {p99:>9.3f} {used}")
 t, n = median["tidegate"], median["nginx"]
 print()
 e = median["edge"]
-print(f"tidegate/nginx: requests/s {t[0] / n[0]:.2f}x, p50 {t[1] / n[1]:.2f}x, p99 {t[2] / n[2]:.2f}x")
+print(f"tidegate/nginx: requests/s {t[0] / n[0]:.2f}x, p50 {t[1] / n[1]:.2f}x, p99 {t[2] / n[2]:.2f}x, CPU per request {cpu['tidegate'] / cpu['nginx']:.2f}x")
+if "tls-tidegate" in median:
+    for kind, label in (("tls", "HTTPS keep-alive"), ("hs", "HTTPS, a new handshake a request")):
+        a, b = median[f"{kind}-tidegate"], median[f"{kind}-nginx"]
+        ratio = cpu[f"{kind}-tidegate"] / cpu[f"{kind}-nginx"]
+        print(f"{label}: tidegate/nginx requests/s {a[0] / b[0]:.2f}x, p99 {a[2] / b[2]:.2f}x, CPU per request {ratio:.2f}x")
 print(f"edge/tidegate (API key + tier + route limit on): requests/s {e[0] / t[0]:.2f}x, p50 {e[1] / t[1]:.2f}x, p99 {e[2] / t[2]:.2f}x")
 r = median["shared"]
 print(f"shared/edge (the same limits counted in Redis): requests/s {r[0] / e[0]:.2f}x, p50 {r[1] / e[1]:.2f}x, p99 {r[2] / e[2]:.2f}x, p99 +{r[2] - e[2]:.3f} ms")
