@@ -282,22 +282,7 @@ async fn nats_killed_and_restarted_under_load_loses_no_answered_event_and_stores
 async fn events_reach_a_tls_nats_with_a_private_ca_and_a_client_certificate() {
     let dir = support::Dir::new("nats-tls");
     let path = |file: &str| dir.0.join(file);
-    let (server_ca, server_cert, server_key) =
-        support::signed("nats ca", rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-    let (client_ca, client_cert, client_key) = support::signed(
-        "nats clients ca",
-        rcgen::SanType::DnsName("gateway.test".try_into().unwrap()),
-    );
-    for (file, text) in [
-        ("server-ca.pem", &server_ca),
-        ("server.pem", &server_cert),
-        ("server.key", &server_key),
-        ("client-ca.pem", &client_ca),
-        ("client.pem", &client_cert),
-        ("client.key", &client_key),
-    ] {
-        std::fs::write(path(file), text).unwrap();
-    }
+    support::write_server_and_client_certificates(&dir, "nats");
     let server = NatsServer::start_tls(
         &path("server.pem"),
         &path("server.key"),

@@ -232,27 +232,12 @@ async fn a_reload_applies_the_failure_mode_and_says_the_store_needs_a_restart() 
 async fn counts_go_to_a_tls_redis_with_a_private_ca_and_a_client_certificate() {
     let dir = support::Dir::new("rediss");
     let path = |file: &str| dir.0.join(file);
-    let (server_ca, server_cert, server_key) =
-        support::signed("redis ca", rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-    let (client_ca, client_cert, client_key) = support::signed(
-        "redis clients ca",
-        rcgen::SanType::DnsName("gateway.test".try_into().unwrap()),
-    );
+    support::write_server_and_client_certificates(&dir, "redis");
     let (stranger_ca, ..) = support::signed(
         "stranger",
         rcgen::SanType::DnsName("x.test".try_into().unwrap()),
     );
-    for (file, text) in [
-        ("server-ca.pem", &server_ca),
-        ("server.pem", &server_cert),
-        ("server.key", &server_key),
-        ("client-ca.pem", &client_ca),
-        ("client.pem", &client_cert),
-        ("client.key", &client_key),
-        ("stranger-ca.pem", &stranger_ca),
-    ] {
-        std::fs::write(path(file), text).unwrap();
-    }
+    std::fs::write(path("stranger-ca.pem"), stranger_ca).unwrap();
     let server = RedisServer::start_tls(
         &path("server.pem"),
         &path("server.key"),

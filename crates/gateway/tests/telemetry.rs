@@ -372,16 +372,14 @@ async fn a_full_queue_drops_and_counts_spans_while_requests_are_answered() {
         .expect("a request waited on the exporter");
         assert_eq!(answered.status, 200);
     }
-    let metrics = get(&support::admin(&running, "/metrics")).await.body;
-    let dropped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tidegate_telemetry_spans_total{result=\"dropped\"} "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let dropped = support::counter(
+        &running,
+        "tidegate_telemetry_spans_total{result=\"dropped\"}",
+    )
+    .await;
     // 60 spans (a server span and an attempt each); at most a batch in
     // the stuck export and a queue's worth kept.
-    assert!(dropped >= 60 - 2 - 4, "{dropped}\n{metrics}");
+    assert!(dropped >= 60 - 2 - 4, "{dropped}");
 }
 
 #[tokio::test]

@@ -405,15 +405,11 @@ async fn client_certificates_are_required_and_their_identity_goes_upstream_and_o
     assert!(get_tls(&running, stranger, "a.test", "/", &[])
         .await
         .is_err());
-    let metrics = tidegate_testkit::get(&support::admin(&running, "/metrics"))
-        .await
-        .body;
-    let failures: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tidegate_tls_handshake_failures_total{side=\"listener\"} "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let failures = support::counter(
+        &running,
+        "tidegate_tls_handshake_failures_total{side=\"listener\"}",
+    )
+    .await;
     assert!(failures >= 2, "{failures}");
 }
 
@@ -746,15 +742,11 @@ async fn an_upstream_of_another_ca_is_refused_with_a_clear_error_counted_each_ti
             answer.body
         );
     }
-    let metrics = tidegate_testkit::get(&support::admin(&running, "/metrics"))
-        .await
-        .body;
-    let failures: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tidegate_tls_handshake_failures_total{side=\"upstream\"} "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let failures = support::counter(
+        &running,
+        "tidegate_tls_handshake_failures_total{side=\"upstream\"}",
+    )
+    .await;
     // Each request tried (with its retry) and failed again.
     assert!(failures >= 2, "{failures}");
 }

@@ -896,6 +896,16 @@ mod tests {
         response.into_body().collect().await.unwrap().to_bytes()
     }
 
+    /// `GET path` to `to` through `client`: the answer's body.
+    async fn fetch(
+        client: &UpstreamClient,
+        to: &Destination,
+        path: &'static str,
+        max_uses: Option<u32>,
+    ) -> Bytes {
+        read(client.request(to, get(path), max_uses).await.unwrap()).await
+    }
+
     #[tokio::test]
     async fn a_connection_carries_requests_one_after_another_until_its_limit() {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
@@ -935,25 +945,13 @@ mod tests {
             .await
             .unwrap();
         // The first connection is busy with the stream: a second one opens.
-        read(
-            client
-                .request(&plain(&to, false), get("/"), None)
-                .await
-                .unwrap(),
-        )
-        .await;
+        fetch(&client, &plain(&to, false), "/", None).await;
         assert_eq!(upstream.connections(), 2);
         tx.send(Bytes::from_static(b"data")).await.unwrap();
         drop(tx);
         assert_eq!(read(streaming).await, "data");
         for _ in 0..3 {
-            read(
-                client
-                    .request(&plain(&to, false), get("/"), None)
-                    .await
-                    .unwrap(),
-            )
-            .await;
+            fetch(&client, &plain(&to, false), "/", None).await;
         }
         assert_eq!(upstream.connections(), 2, "both are back in the pool");
     }
@@ -970,16 +968,7 @@ mod tests {
         let frame = streaming.body_mut().frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "part");
         drop(streaming);
-        assert_eq!(
-            read(
-                client
-                    .request(&plain(&to, false), get("/"), None)
-                    .await
-                    .unwrap()
-            )
-            .await,
-            "ok"
-        );
+        assert_eq!(fetch(&client, &plain(&to, false), "/", None).await, "ok");
         assert_eq!(
             upstream.connections(),
             2,
@@ -992,32 +981,14 @@ mod tests {
     async fn idle_connections_close_at_the_second_sweep_and_quiet_pools_are_forgotten() {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
         let (client, to) = (client(), authority(&upstream));
-        read(
-            client
-                .request(&plain(&to, false), get("/"), None)
-                .await
-                .unwrap(),
-        )
-        .await;
+        fetch(&client, &plain(&to, false), "/", None).await;
         client.shared.sweep();
-        read(
-            client
-                .request(&plain(&to, false), get("/"), None)
-                .await
-                .unwrap(),
-        )
-        .await;
+        fetch(&client, &plain(&to, false), "/", None).await;
         assert_eq!(upstream.connections(), 1, "used since the sweep: kept");
         client.shared.sweep();
         client.shared.sweep();
         assert!(client.shared.hosts.lock().unwrap().is_empty());
-        read(
-            client
-                .request(&plain(&to, false), get("/"), None)
-                .await
-                .unwrap(),
-        )
-        .await;
+        fetch(&client, &plain(&to, false), "/", None).await;
         assert_eq!(upstream.connections(), 2, "idle through two sweeps: closed");
     }
 
@@ -1083,13 +1054,7 @@ mod tests {
         let upstream = Upstream::start(|_| async { text(200, "ok") }).await;
         let (client, to) = (client(), authority(&upstream));
         for _ in 0..4 {
-            read(
-                client
-                    .request(&plain(&to, true), get("/"), Some(2))
-                    .await
-                    .unwrap(),
-            )
-            .await;
+            fetch(&client, &plain(&to, true), "/", Some(2)).await;
         }
         assert_eq!(upstream.connections(), 2, "two requests a connection");
         // A host the request names is its :authority.

@@ -220,3 +220,42 @@ pub(crate) fn signed(ca_name: &str, san: rcgen::SanType) -> (String, String, Str
         .unwrap();
     (ca_pem, cert.pem(), key.serialize_pem())
 }
+
+/// Writes into `dir` a server certificate for 127.0.0.1 (`server.pem`,
+/// `server.key`) and its CA (`server-ca.pem`), and a client certificate
+/// (`client.pem`, `client.key`) with the CA servers check it by
+/// (`client-ca.pem`), all made now for `what`.
+pub(crate) fn write_server_and_client_certificates(dir: &Dir, what: &str) {
+    let (server_ca, server_cert, server_key) = signed(
+        &format!("{what} ca"),
+        rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+    );
+    let (client_ca, client_cert, client_key) = signed(
+        &format!("{what} clients ca"),
+        rcgen::SanType::DnsName("gateway.test".try_into().unwrap()),
+    );
+    for (file, text) in [
+        ("server-ca.pem", &server_ca),
+        ("server.pem", &server_cert),
+        ("server.key", &server_key),
+        ("client-ca.pem", &client_ca),
+        ("client.pem", &client_cert),
+        ("client.key", &client_key),
+    ] {
+        std::fs::write(dir.0.join(file), text).unwrap();
+    }
+}
+
+/// The value of the metric `series` (name and labels, as exposed) on
+/// `running`'s `/metrics`; panics when it is not there.
+pub(crate) async fn counter(running: &Running, series: &str) -> u64 {
+    let metrics = tidegate_testkit::get(&admin(running, "/metrics"))
+        .await
+        .body;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+        .parse()
+        .unwrap()
+}
