@@ -26,7 +26,13 @@
 # Every row also counts the CPU the proxy (with its worker processes)
 # spent per request: utime + stime from /proc, before and after the run,
 # over the requests wrk completed. On a shared machine that is steadier
-# than requests/s.
+# than requests/s, and requests per proxy CPU-second against nginx is the
+# figure to win. With one worker (and PIN=1, the default then) every proxy
+# runs on CPU 1 and wrk, the upstreams and Redis on CPU 0, so a proxy's
+# CPU is its own.
+#
+# With access logs on in both (LOGS=0 leaves it out): `log-tidegate`
+# writes its access lines (info) to a file, `log-nginx` its `access_log`.
 #
 # Rounds alternate direct / tidegate / edge / shared / nginx / floor so that machine noise
 # hits all alike; the table shows each one's median over the rounds, and
@@ -47,6 +53,11 @@ DURATION=${DURATION:-10}       # seconds per measurement
 ROUNDS=${ROUNDS:-3}
 GRPC=${GRPC:-1}                # also measure gRPC unary calls
 TLS=${TLS:-1}                  # also measure HTTPS
+LOGS=${LOGS:-1}                # also measure both with access logs on
+if [ "$WORKERS" = 1 ] && [ "$(nproc)" -ge 2 ]; then PIN=${PIN:-1}; else PIN=${PIN:-0}; fi
+ON_LOAD=()
+ON_PROXY=()
+if [ "$PIN" = 1 ]; then ON_LOAD=(taskset -c 0) ON_PROXY=(taskset -c 1); fi
 STREAMS=${STREAMS:-10}         # h2load streams in flight per connection
 
 . scripts/bench-common.sh
@@ -72,6 +83,9 @@ FLOOR_PORT=$(free_port)
 GRPC_UPSTREAM_PORT=$(free_port)
 NGINX_GRPC_PORT=$(free_port)
 TLS_PORT=$(free_port)
+LOG_PORT=$(free_port)
+LOG_ADMIN_PORT=$(free_port)
+NGINX_LOG_PORT=$(free_port)
 TLS_ADMIN_PORT=$(free_port)
 NGINX_TLS_PORT=$(free_port)
 
@@ -94,7 +108,9 @@ http {
     $3
 }
 EOF
-    "$NGINX" -c "$WORK/$1/nginx.conf" -e "$WORK/$1/error.log" &
+    local pin=("${ON_PROXY[@]}")
+    [ "$1" = upstream ] && pin=("${ON_LOAD[@]}")
+    "${pin[@]}" "$NGINX" -c "$WORK/$1/nginx.conf" -e "$WORK/$1/error.log" &
     PIDS+=($!)
     printf -v "NGINX_PID_$1" %s $!
 }
@@ -117,6 +133,21 @@ nginx_conf proxy "$WORKERS" "upstream app {
     }
     server {
         listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+
+# nginx with its access log on, to a file (the default format).
+nginx_conf logproxy "$WORKERS" "upstream app {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 256;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_LOG_PORT;
+        access_log $WORK/logproxy/access.log;
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -152,7 +183,7 @@ nginx_conf grpcproxy "$WORKERS" "upstream grpc_app {
         listen 127.0.0.1:$NGINX_GRPC_PORT http2;
         location / { grpc_pass grpc://grpc_app; }
     }"
-"$GRPC_UPSTREAM" "127.0.0.1:$GRPC_UPSTREAM_PORT" 2>"$WORK/grpc_upstream.log" &
+"${ON_LOAD[@]}" "$GRPC_UPSTREAM" "127.0.0.1:$GRPC_UPSTREAM_PORT" 2>"$WORK/grpc_upstream.log" &
 PIDS+=($!)
 
 tidegate_config "$TIDEGATE_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT" >"$WORK/tidegate.toml"
@@ -185,7 +216,7 @@ key_sha256 = "$(printf %s bench-key | sha256sum | cut -d' ' -f1)"
 tier = "bench"
 EOF
 # The second tidegate: the same routes, counts in Redis.
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+"${ON_LOAD[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --dir "$WORK" --logfile "$WORK/redis.log" &
 PIDS+=($!)
 sed -e "s/127.0.0.1:$TIDEGATE_PORT/127.0.0.1:$SHARED_PORT/" \
@@ -194,7 +225,7 @@ sed -e "s/127.0.0.1:$TIDEGATE_PORT/127.0.0.1:$SHARED_PORT/" \
     "$WORK/tidegate.toml" >"$WORK/shared.toml"
 grep -q 'store = "redis"' "$WORK/shared.toml"
 wait_port "$REDIS_PORT"
-TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/shared.toml" --workers "$WORKERS" \
+TIDEGATE_LOG=warn "${ON_PROXY[@]}" "$TIDEGATE" serve --config "$WORK/shared.toml" --workers "$WORKERS" \
     2>"$WORK/shared.log" &
 PIDS+=($!)
 SHARED_PID=$!
@@ -206,18 +237,26 @@ cat >>"$WORK/tls.toml" <<EOF
 cert = "$WORK/tls.pem"
 key = "$WORK/tls.key"
 EOF
-TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/tls.toml" --workers "$WORKERS" \
+TIDEGATE_LOG=warn "${ON_PROXY[@]}" "$TIDEGATE" serve --config "$WORK/tls.toml" --workers "$WORKERS" \
     2>"$WORK/tls.log" &
 PIDS+=($!)
 TLS_PID=$!
 
+# The fourth: the plain one's first route with its access lines on (info),
+# written to a file.
+tidegate_config "$LOG_PORT" "$LOG_ADMIN_PORT" "$UPSTREAM_PORT" >"$WORK/log.toml"
+TIDEGATE_LOG=info "${ON_PROXY[@]}" "$TIDEGATE" serve --config "$WORK/log.toml" --workers "$WORKERS" \
+    2>"$WORK/access.log" &
+PIDS+=($!)
+LOG_PID=$!
+
 # Access logs are off for nginx, so tidegate logs warnings only.
-TIDEGATE_LOG=warn "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers "$WORKERS" \
+TIDEGATE_LOG=warn "${ON_PROXY[@]}" "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers "$WORKERS" \
     2>"$WORK/tidegate.log" &
 TIDEGATE_PID=$!
 PIDS+=("$TIDEGATE_PID")
 
-"$FLOOR" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" "$WORKERS" &
+"${ON_PROXY[@]}" "$FLOOR" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" "$WORKERS" &
 PIDS+=($!)
 FLOOR_PID=$!
 
@@ -229,6 +268,8 @@ wait_port "$SHARED_PORT"
 wait_port "$GRPC_UPSTREAM_PORT"
 wait_port "$NGINX_GRPC_PORT"
 wait_port "$TLS_PORT"
+wait_port "$LOG_PORT"
+wait_port "$NGINX_LOG_PORT"
 wait_port "$NGINX_TLS_PORT"
 
 # One gRPC request message, framed: uncompressed, 5 bytes.
@@ -248,7 +289,7 @@ done
 # standard deviation of request times, not percentiles: the mean, and the
 # mean + 2 sd).
 measure_grpc() {
-    h2load -c"$CONNECTIONS" -m"$STREAMS" -t"$THREADS" -D"$2" -d "$WORK/grpc.msg" \
+    "${ON_LOAD[@]}" h2load -c"$CONNECTIONS" -m"$STREAMS" -t"$THREADS" -D"$2" -d "$WORK/grpc.msg" \
         -H 'content-type: application/grpc' -H 'te: trailers' "$1" >"$WORK/h2load.out" 2>&1
     python3 - "$WORK/h2load.out" <<'EOF'
 import re, sys
@@ -293,7 +334,7 @@ EOF
 measure() {
     local before after
     before=$(cpu_ticks "$3")
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${2}s" --latency "${@:4}" "$1" >"$WORK/wrk.out"
+    "${ON_LOAD[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${2}s" --latency "${@:4}" "$1" >"$WORK/wrk.out"
     after=$(cpu_ticks "$3")
     if grep -q "Non-2xx" "$WORK/wrk.out"; then
         echo "non-2xx answers from $1:" >&2
@@ -342,9 +383,12 @@ GRPC_DIRECT="http://127.0.0.1:$GRPC_UPSTREAM_PORT$GRPC_PATH"
 GRPC_TIDEGATE="http://127.0.0.1:$TIDEGATE_PORT$GRPC_PATH"
 GRPC_NGINX="http://127.0.0.1:$NGINX_GRPC_PORT$GRPC_PATH"
 VIA_TLS_TIDEGATE="https://127.0.0.1:$TLS_PORT/"
+VIA_LOG_TIDEGATE="http://127.0.0.1:$LOG_PORT/"
+VIA_LOG_NGINX="http://127.0.0.1:$NGINX_LOG_PORT/"
 VIA_TLS_NGINX="https://127.0.0.1:$NGINX_TLS_PORT/"
 CLOSE=(-H "Connection: close")
 TARGETS=(direct tidegate edge shared nginx floor)
+if [ "$LOGS" = 1 ]; then TARGETS+=(log-tidegate log-nginx); fi
 if [ "$TLS" = 1 ]; then TARGETS+=(tls-tidegate tls-nginx hs-tidegate hs-nginx); fi
 if [ "$GRPC" = 1 ]; then TARGETS+=(grpc-direct grpc-tidegate grpc-nginx); fi
 
@@ -353,6 +397,10 @@ measure "$DIRECT" 2 "$NGINX_PID_upstream" >/dev/null
 measure "$VIA_TIDEGATE" 2 "$TIDEGATE_PID" >/dev/null
 measure "$VIA_NGINX" 2 "$NGINX_PID_proxy" >/dev/null
 measure "$VIA_FLOOR" 2 "$FLOOR_PID" >/dev/null
+if [ "$LOGS" = 1 ]; then
+    measure "$VIA_LOG_TIDEGATE" 2 "$LOG_PID" >/dev/null
+    measure "$VIA_LOG_NGINX" 2 "$NGINX_PID_logproxy" >/dev/null
+fi
 if [ "$TLS" = 1 ]; then
     measure "$VIA_TLS_TIDEGATE" 2 "$TLS_PID" >/dev/null
     measure "$VIA_TLS_NGINX" 2 "$NGINX_PID_tlsproxy" >/dev/null
@@ -384,6 +432,8 @@ for round in $(seq 1 "$ROUNDS"); do
             shared) url=$VIA_SHARED pid=$SHARED_PID extra=("${KEY[@]}") ;;
             nginx) url=$VIA_NGINX pid=$NGINX_PID_proxy ;;
             floor) url=$VIA_FLOOR pid=$FLOOR_PID ;;
+            log-tidegate) url=$VIA_LOG_TIDEGATE pid=$LOG_PID ;;
+            log-nginx) url=$VIA_LOG_NGINX pid=$NGINX_PID_logproxy ;;
             tls-tidegate) url=$VIA_TLS_TIDEGATE pid=$TLS_PID ;;
             tls-nginx) url=$VIA_TLS_NGINX pid=$NGINX_PID_tlsproxy ;;
             hs-tidegate) url=$VIA_TLS_TIDEGATE pid=$TLS_PID extra=("${CLOSE[@]}") ;;
@@ -402,7 +452,7 @@ rss_kib, workers, conns, duration, rounds, _streams = sys.argv[2:]
 median = {}
 cpu = {}
 targets = ("direct", "tidegate", "edge", "shared", "nginx", "floor",
-           "tls-tidegate", "tls-nginx", "hs-tidegate", "hs-nginx",
+           "log-tidegate", "log-nginx", "tls-tidegate", "tls-nginx", "hs-tidegate", "hs-nginx",
            "grpc-direct", "grpc-tidegate", "grpc-nginx")
 for target in targets:
     runs = [r for r in rows if r[0] == target]
@@ -421,6 +471,11 @@ t, n = median["tidegate"], median["nginx"]
 print()
 e = median["edge"]
 print(f"tidegate/nginx: requests/s {t[0] / n[0]:.2f}x, p50 {t[1] / n[1]:.2f}x, p99 {t[2] / n[2]:.2f}x, CPU per request {cpu['tidegate'] / cpu['nginx']:.2f}x")
+print(f"requests per proxy CPU-second, tidegate/nginx: {cpu['nginx'] / cpu['tidegate']:.2f}x (access logs off)", end="")
+if "log-tidegate" in cpu:
+    print(f", {cpu['log-nginx'] / cpu['log-tidegate']:.2f}x (access logs on; the lines cost tidegate {cpu['log-tidegate'] - cpu['tidegate']:.1f} us, nginx {cpu['log-nginx'] - cpu['nginx']:.1f} us)")
+else:
+    print()
 if "tls-tidegate" in median:
     for kind, label in (("tls", "HTTPS keep-alive"), ("hs", "HTTPS, a new handshake a request")):
         a, b = median[f"{kind}-tidegate"], median[f"{kind}-nginx"]
