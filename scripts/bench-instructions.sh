@@ -8,6 +8,7 @@
 #
 #   ./scripts/bench-instructions.sh            # the release build of HEAD
 #   ./scripts/bench-instructions.sh path/to/tidegate
+#   TIDEGATE_LOG=info ./scripts/bench-instructions.sh   # with the access log on
 #
 # Installs nginx, wrk, valgrind and python3 from Debian when missing (root).
 set -euo pipefail
@@ -55,7 +56,7 @@ PIDS+=($!)
 
 tidegate_config "$PROXY_PORT" "$ADMIN_PORT" "$UPSTREAM_PORT" >"$WORK/tidegate.toml"
 
-TIDEGATE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p" \
+TIDEGATE_LOG=${TIDEGATE_LOG:-warn} valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p" \
     "$TIDEGATE" serve --config "$WORK/tidegate.toml" --workers 1 2>"$WORK/valgrind.log" &
 VALGRIND=$!
 PIDS+=("$VALGRIND")

@@ -20,6 +20,13 @@ pub fn unix_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Now, in microseconds since the Unix epoch (log timestamps).
+pub fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// A monotonic instant (past or now) in nanoseconds since the Unix epoch.
 pub fn instant_unix_nanos(at: Instant) -> u64 {
     let ago = Instant::now().saturating_duration_since(at);

@@ -8,6 +8,7 @@ use clap::Parser;
 use tidegate_gateway::config;
 use tidegate_gateway::http::server;
 
+mod access;
 mod alloc;
 mod cli;
 mod demo;
@@ -89,21 +90,29 @@ fn logging(format: LogFormat) -> anyhow::Result<()> {
         .unwrap_or_else(|_| "info".into())
         .parse()
         .context("TIDEGATE_LOG")?;
-    let registry = tracing_subscriber::registry().with(filter);
+    // Access lines have a writer of their own (see `access`); `fmt`
+    // writes the others.
+    let not_access = tracing_subscriber::filter::filter_fn(|m| m.target() != access::ACCESS);
+    let json = matches!(format, LogFormat::Json);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(access::AccessLayer::stderr(json));
     match format {
         LogFormat::Text => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
                     // Colours only for a terminal, not for a file or a pipe.
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_filter(not_access),
             )
             .init(),
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(not_access),
             )
             .init(),
     }
