@@ -56,8 +56,11 @@ where
                 out.push_str("\",");
             }
             let _ = write!(out, "\"level\":\"{level}\",\"fields\":{{");
-            let mut fields = Json { out, first: true };
-            event.record(&mut fields);
+            event.record(&mut Fields {
+                out,
+                json: true,
+                first: true,
+            });
             out.push_str("},\"target\":\"");
             out.push_str(event.metadata().target());
             out.push_str("\"}\n");
@@ -67,8 +70,11 @@ where
                 out.push(' ');
             }
             let _ = write!(out, "{level:>5} {}: ", event.metadata().target());
-            let mut fields = Text { out, first: true };
-            event.record(&mut fields);
+            event.record(&mut Fields {
+                out,
+                json: false,
+                first: true,
+            });
             out.push('\n');
         }
     }
@@ -158,93 +164,49 @@ fn plain(text: &str) -> bool {
         .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
-/// `fmt`'s text fields: `name=value`, strings quoted as `Debug` quotes
-/// them, separated by spaces.
-struct Text<'a> {
+/// The fields of a line as `fmt` writes them: `name=value` separated by
+/// spaces (strings quoted as `Debug` quotes them, other values as `Debug`
+/// writes them), or JSON's `"name":value` separated by commas.
+struct Fields<'a> {
     out: &'a mut String,
+    json: bool,
     first: bool,
 }
 
-impl Text<'_> {
+impl Fields<'_> {
     fn name(&mut self, field: &Field) {
         if !std::mem::replace(&mut self.first, false) {
-            self.out.push(' ');
+            self.out.push(if self.json { ',' } else { ' ' });
         }
-        self.out.push_str(field.name());
-        self.out.push('=');
+        if self.json {
+            self.out.push('"');
+            self.out.push_str(field.name());
+            self.out.push_str("\":");
+        } else {
+            self.out.push_str(field.name());
+            self.out.push('=');
+        }
     }
-}
 
-impl Visit for Text<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.name(field);
+    /// A string, quoted as `Debug` (text) or JSON quotes it.
+    fn quoted(&mut self, value: &str) {
         if plain(value) {
             self.out.push('"');
             self.out.push_str(value);
             self.out.push('"');
+        } else if self.json {
+            self.out
+                .push_str(&serde_json::to_string(value).unwrap_or_default());
         } else {
             let _ = write!(self.out, "{value:?}");
         }
     }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.name(field);
-        padded(self.out, value, 1);
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.name(field);
-        let _ = write!(self.out, "{value}");
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.name(field);
-        self.out.push_str(if value { "true" } else { "false" });
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.name(field);
-        let _ = write!(self.out, "{value:?}");
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.name(field);
-        let _ = write!(self.out, "{value:?}");
-    }
 }
 
-/// `fmt`'s JSON fields: `"name":value`, comma-separated.
-struct Json<'a> {
-    out: &'a mut String,
-    first: bool,
-}
-
-impl Json<'_> {
-    fn name(&mut self, field: &Field) {
-        if !std::mem::replace(&mut self.first, false) {
-            self.out.push(',');
-        }
-        self.out.push('"');
-        self.out.push_str(field.name());
-        self.out.push_str("\":");
-    }
-
-    fn string(&mut self, value: &str) {
-        if plain(value) {
-            self.out.push('"');
-            self.out.push_str(value);
-            self.out.push('"');
-        } else {
-            let quoted = serde_json::to_string(value).unwrap_or_default();
-            self.out.push_str(&quoted);
-        }
-    }
-}
-
-impl Visit for Json<'_> {
+impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.name(field);
-        self.string(value);
+        self.quoted(value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
@@ -264,18 +226,24 @@ impl Visit for Json<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.name(field);
-        match serde_json::Number::from_f64(value) {
-            Some(n) => {
+        match (self.json, serde_json::Number::from_f64(value)) {
+            (false, _) => {
+                let _ = write!(self.out, "{value:?}");
+            }
+            (true, Some(n)) => {
                 let _ = write!(self.out, "{n}");
             }
-            None => self.out.push_str("null"),
+            (true, None) => self.out.push_str("null"),
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.name(field);
-        let text = format!("{value:?}");
-        self.string(&text);
+        if self.json {
+            self.quoted(&format!("{value:?}"));
+        } else {
+            let _ = write!(self.out, "{value:?}");
+        }
     }
 }
 
