@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod nats;
+mod process;
 mod redis;
 mod scripted;
 

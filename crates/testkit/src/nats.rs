@@ -1,10 +1,10 @@
 //! A private `nats-server` with JetStream per test, on a free loopback
 //! port, with its own store directory; and a three-node cluster.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use crate::process::{free_port, unique, until_ready};
 
 /// A `nats-server -js` process of this test's own (Debian's
 /// `nats-server` package; `./scripts/test.sh` installs it). Its store
@@ -17,25 +17,16 @@ pub struct NatsServer {
     extra: Vec<String>,
     child: Option<Child>,
     owns_dir: bool,
-}
-
-/// A free port on loopback (free a moment ago).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    /// Speaks TLS only (`start_tls`).
+    tls: bool,
 }
 
 impl NatsServer {
     /// Starts a server on a free port and returns once it is ready (it
     /// says so on its log).
     pub fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-nats-{}-{}",
-            std::process::id(),
-            crate::redis::unique()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("tidegate-nats-{}-{}", std::process::id(), unique()));
         Self::start_in(&dir, &[], true)
     }
 
@@ -43,11 +34,8 @@ impl NatsServer {
     /// and requiring client certificates `ca` signed (PEM files);
     /// [`url`](Self::url) is then `tls://`.
     pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-nats-{}-{}",
-            std::process::id(),
-            crate::redis::unique()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("tidegate-nats-{}-{}", std::process::id(), unique()));
         let extra = [
             "--tlsverify".to_owned(),
             "--tlscert".to_owned(),
@@ -57,7 +45,9 @@ impl NatsServer {
             "--tlscacert".to_owned(),
             ca.display().to_string(),
         ];
-        Self::start_in(&dir, &extra, true)
+        let mut server = Self::start_in(&dir, &extra, true);
+        server.tls = true;
+        server
     }
 
     /// A server with its store in `dir` and more `nats-server` arguments.
@@ -70,6 +60,7 @@ impl NatsServer {
                 extra: extra.to_vec(),
                 child: None,
                 owns_dir,
+                tls: false,
             };
             if server.spawn() {
                 return server;
@@ -91,32 +82,17 @@ impl NatsServer {
             .unwrap_or_else(|e| {
                 panic!("cannot run nats-server ({e}): run ./scripts/test.sh, which installs it")
             });
-        let mut log = BufReader::new(child.stderr.take().expect("piped stderr"));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match log.read_line(&mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = child.wait();
-                    return false;
-                }
-                Ok(_) if line.contains("Server is ready") => break,
-                Ok(_) => {}
-            }
+        let log = child.stderr.take().expect("piped stderr");
+        if !until_ready(&mut child, log, "Server is ready") {
+            return false;
         }
-        // Keep reading the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
         self.child = Some(child);
         true
     }
 
     /// `nats://127.0.0.1:PORT`, or `tls://…` for a TLS server.
     pub fn url(&self) -> String {
-        let scheme = if self.extra.iter().any(|a| a == "--tlsverify") {
-            "tls"
-        } else {
-            "nats"
-        };
+        let scheme = if self.tls { "tls" } else { "nats" };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
@@ -171,7 +147,7 @@ impl NatsCluster {
         let dir = std::env::temp_dir().join(format!(
             "tidegate-nats-cluster-{}-{}",
             std::process::id(),
-            crate::redis::unique()
+            unique()
         ));
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let all = routes

@@ -1,9 +1,11 @@
 //! A private `redis-server` per test, on a free loopback port.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+
+use crate::process::{free_port, unique, until_ready};
 
 /// A `redis-server` process of this test's own (Debian's `redis-server`
 /// package; `./scripts/test.sh` installs it). Nothing is saved to disk.
@@ -16,13 +18,6 @@ pub struct RedisServer {
     dir: PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 impl RedisServer {
@@ -101,21 +96,10 @@ impl RedisServer {
             .unwrap_or_else(|e| {
                 panic!("cannot run redis-server ({e}): run ./scripts/test.sh, which installs it")
             });
-        let mut log = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match log.read_line(&mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = child.wait();
-                    return false;
-                }
-                Ok(_) if line.contains("Ready to accept connections") => break,
-                Ok(_) => {}
-            }
+        let log = child.stdout.take().expect("piped stdout");
+        if !until_ready(&mut child, log, "Ready to accept connections") {
+            return false;
         }
-        // Keep reading the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
         self.child = Some(child);
         true
     }
@@ -188,12 +172,6 @@ pub fn signal(pid: u32, name: &str) {
         .status()
         .expect("run bash");
     assert!(sent.success(), "kill -{name} {pid}");
-}
-
-pub(crate) fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A Redis Cluster of three primaries (no replicas), each a [`RedisServer`],
