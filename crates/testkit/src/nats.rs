@@ -21,21 +21,23 @@ pub struct NatsServer {
     tls: bool,
 }
 
+/// A directory of a server's own under the system's temp directory.
+fn own_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("tidegate-nats-{}-{}", std::process::id(), unique()))
+}
+
 impl NatsServer {
     /// Starts a server on a free port and returns once it is ready (it
     /// says so on its log).
     pub fn start() -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("tidegate-nats-{}-{}", std::process::id(), unique()));
-        Self::start_in(&dir, &[], true)
+        Self::start_in(&own_dir(), &[], true)
     }
 
     /// [`start`](Self::start) speaking TLS only, serving `cert` and `key`
     /// and requiring client certificates `ca` signed (PEM files);
     /// [`url`](Self::url) is then `tls://`.
     pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("tidegate-nats-{}-{}", std::process::id(), unique()));
+        let dir = own_dir();
         let extra = [
             "--tlsverify".to_owned(),
             "--tlscert".to_owned(),
