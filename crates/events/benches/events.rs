@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidegate_events::{Append, Consumer, NewEvent, SqliteStore, Store, SubscriptionConfig};
+use tidegate_events::{load, Append, Consumer, NewEvent, SqliteStore, Store, SubscriptionConfig};
 
 fn events() -> usize {
     std::env::var("EVENTS")
@@ -38,44 +38,12 @@ fn fresh(name: &str) -> (Arc<SqliteStore>, std::path::PathBuf) {
     (Arc::new(store), dir)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// `publishers` tasks append `total` events between them; appends/s and
-/// each append's latency (p50, p99).
+/// `publishers` tasks append `total` events between them to a fresh
+/// store; appends/s and each append's latency (p50, p99).
 async fn appends(publishers: usize, total: usize) -> (f64, Duration, Duration) {
     let (store, _dir) = fresh(&format!("appends-{publishers}"));
-    let each = total / publishers;
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..publishers {
-        let store = store.clone();
-        tasks.spawn(async move {
-            let mut latencies = Vec::with_capacity(each);
-            for i in 0..each {
-                let event = NewEvent::new(format!("{p}-{i}"), "bench", "Benched", payload());
-                let begun = Instant::now();
-                store
-                    .append(Append::to_topic("bench", vec![event]))
-                    .await
-                    .unwrap();
-                latencies.push(begun.elapsed());
-            }
-            latencies
-        });
-    }
-    let mut latencies = Vec::with_capacity(total);
-    while let Some(done) = tasks.join_next().await {
-        latencies.extend(done.unwrap());
-    }
-    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
-    latencies.sort();
-    (
-        rate,
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-    )
+    let measured = load::appends(store, publishers, total).await;
+    (measured.per_second, measured.p50, measured.p99)
 }
 
 /// One synced SQLite transaction per 1 KiB insert, as fast as it goes:
@@ -111,32 +79,8 @@ fn machine_limit(total: usize) -> f64 {
 /// delivery (p50, p99), one event at a time.
 async fn delivery_latency(count: usize) -> (Duration, Duration) {
     let (store, _dir) = fresh("latency");
-    let store: Arc<dyn Store> = store;
-    store
-        .subscribe(SubscriptionConfig::new("g", "t"))
-        .await
-        .unwrap();
-    let consumer = Consumer::new(store.clone(), "g");
-    let mut latencies = Vec::with_capacity(count);
-    for i in 0..count {
-        let waiting = {
-            let consumer = consumer.clone();
-            tokio::spawn(async move { consumer.next().await.unwrap() })
-        };
-        tokio::task::yield_now().await;
-        let begun = Instant::now();
-        let event = NewEvent::new(format!("l{i}"), "bench", "Benched", payload());
-        store
-            .append(Append::to_topic("t", vec![event]))
-            .await
-            .unwrap();
-        let got = waiting.await.unwrap();
-        latencies.push(begun.elapsed());
-        let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
-        store.ack("g", &ids).await.unwrap();
-    }
-    latencies.sort();
-    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+    let measured = load::delivery_latency(store, count).await;
+    (measured.p50, measured.p99)
 }
 
 /// Deliveries/s to one consumer that takes 100 at a time and acks them.

@@ -31,6 +31,7 @@ mod aggregate;
 pub mod conformance;
 mod consumer;
 mod event;
+pub mod load;
 pub mod metrics;
 pub mod outbox;
 mod projection;

@@ -7,12 +7,11 @@
 //! cargo bench -p tidegate-nats --bench stores        # or ./scripts/bench-events.sh
 //! EVENTS=20000 cargo bench -p tidegate-nats --bench stores
 //! ```
-#![allow(clippy::disallowed_types)] // a benchmark times itself with the wall clock
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tidegate_events::{Append, Clock, Consumer, NewEvent, SqliteStore, Store, SubscriptionConfig};
+use tidegate_events::{load, Clock, SqliteStore, Store};
 use tidegate_nats::NatsStore;
 use tidegate_testkit::NatsServer;
 
@@ -23,71 +22,20 @@ fn events() -> usize {
         .unwrap_or(10_000)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// 64 publishers append `total` 1 KiB events; appends/s, p50, p99 (ms).
 async fn appends(store: Arc<dyn Store>, total: usize) -> (f64, f64, f64) {
-    let each = total / 64;
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in 0..64 {
-        let store = store.clone();
-        tasks.spawn(async move {
-            let mut latencies = Vec::with_capacity(each);
-            for i in 0..each {
-                let event = NewEvent::new(format!("{p}-{i}"), "bench", "Benched", vec![b'x'; 1024]);
-                let begun = Instant::now();
-                store
-                    .append(Append::to_topic("bench", vec![event]))
-                    .await
-                    .unwrap();
-                latencies.push(begun.elapsed());
-            }
-            latencies
-        });
-    }
-    let mut latencies = Vec::with_capacity(total);
-    while let Some(done) = tasks.join_next().await {
-        latencies.extend(done.unwrap());
-    }
-    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
-    latencies.sort();
-    (
-        rate,
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-    )
+    let measured = load::appends(store, 64, total).await;
+    (measured.per_second, ms(measured.p50), ms(measured.p99))
 }
 
 /// A consumer waiting on a group: append to delivery, one at a time; p50, p99 (ms).
 async fn delivery(store: Arc<dyn Store>, count: usize) -> (f64, f64) {
-    store
-        .subscribe(SubscriptionConfig::new("g", "t"))
-        .await
-        .unwrap();
-    let consumer = Consumer::new(store.clone(), "g");
-    let mut latencies = Vec::with_capacity(count);
-    for i in 0..count {
-        let waiting = {
-            let consumer = consumer.clone();
-            tokio::spawn(async move { consumer.next().await.unwrap() })
-        };
-        tokio::task::yield_now().await;
-        let begun = Instant::now();
-        let event = NewEvent::new(format!("l{i}"), "bench", "Benched", vec![b'x'; 1024]);
-        store
-            .append(Append::to_topic("t", vec![event]))
-            .await
-            .unwrap();
-        let got = waiting.await.unwrap();
-        latencies.push(begun.elapsed());
-        let ids: Vec<String> = got.iter().map(|d| d.ack_id.clone()).collect();
-        store.ack("g", &ids).await.unwrap();
-    }
-    latencies.sort();
-    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+    let measured = load::delivery_latency(store, count).await;
+    (ms(measured.p50), ms(measured.p99))
 }
 
 fn main() {
