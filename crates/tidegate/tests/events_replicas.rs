@@ -92,7 +92,16 @@ fn three_replicas_share_one_subscription_and_one_expected_version() {
     });
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 10_000, "each delivered once (no lease ran out)");
-    let per_replica: Vec<u64> = replicas.iter().map(acked).collect();
+    // The subscriber notes an event as it answers; the replica counts the
+    // ack once the answer has reached it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let per_replica: Vec<u64> = loop {
+        let per_replica: Vec<u64> = replicas.iter().map(acked).collect();
+        if per_replica.iter().sum::<u64>() >= 10_000 || Instant::now() > deadline {
+            break per_replica;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(per_replica.iter().sum::<u64>(), 10_000, "{per_replica:?}");
     assert!(
         per_replica.iter().all(|n| *n > 0),

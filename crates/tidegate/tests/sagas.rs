@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,71 +26,30 @@ struct Ledger {
 /// with a key is applied and its answer kept, a repeat gets the same
 /// answer and changes nothing.
 fn shop() -> (std::net::SocketAddr, Arc<Mutex<Ledger>>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let book = ledger.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let book = book.clone();
-            std::thread::spawn(move || loop {
-                let mut reader = BufReader::new(&mut stream);
-                let (mut key, mut length, mut request) = (None, 0usize, String::new());
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if request.is_empty() {
-                        request = line.trim().to_owned();
-                    }
-                    let lower = line.to_ascii_lowercase();
-                    if lower.starts_with("idempotency-key:") {
-                        key = Some(line["idempotency-key:".len()..].trim().to_owned());
-                    } else if let Some(v) = lower.strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    } else if line == "\r\n" {
-                        break;
-                    }
+    let addr = common::raw_server(
+        move |request| {
+            // The shop's own latency: the kill lands mid-call often.
+            std::thread::sleep(Duration::from_millis(5));
+            let body = String::from_utf8_lossy(&request.body);
+            let mut book = book.lock().unwrap();
+            match request.header("idempotency-key") {
+                None => {
+                    book.without_key += 1;
+                    (400, r#"{"error":"no key"}"#.to_owned())
                 }
-                let mut body = vec![0u8; length];
-                if reader.read_exact(&mut body).is_err() {
-                    return;
+                Some(key) => {
+                    *book.received.entry(key.to_owned()).or_default() += 1;
+                    book.answers
+                        .entry(key.to_owned())
+                        .or_insert_with(|| answer_for(&request.line, key, &body))
+                        .clone()
                 }
-                // The shop's own latency: the kill lands mid-call often.
-                std::thread::sleep(Duration::from_millis(5));
-                let body = String::from_utf8_lossy(&body).into_owned();
-                let (status, answer) = {
-                    let mut book = book.lock().unwrap();
-                    match key {
-                        None => {
-                            book.without_key += 1;
-                            (400, r#"{"error":"no key"}"#.to_owned())
-                        }
-                        Some(key) => {
-                            *book.received.entry(key.clone()).or_default() += 1;
-                            book.answers
-                                .entry(key.clone())
-                                .or_insert_with(|| answer_for(&request, &key, &body))
-                                .clone()
-                        }
-                    }
-                };
-                let reason = if status < 300 { "OK" } else { "No" };
-                if write!(
-                    stream,
-                    "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
-                    answer.len()
-                )
-                .is_err()
-                {
-                    return;
-                }
-            });
-        }
-    });
+            }
+        },
+        |_| {},
+    );
     (addr, ledger)
 }
 

@@ -142,50 +142,108 @@ pub(crate) fn temp_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// A subscriber on 127.0.0.1:0 that notes each pushed event's `ce-id` and
-/// answers 200 after `delay`.
-pub(crate) fn subscriber(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+/// A request as [`raw_server`] read it.
+pub(crate) struct RawRequest {
+    /// `METHOD TARGET HTTP/1.1`.
+    pub(crate) line: String,
+    /// Names lower-cased, values as sent.
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl RawRequest {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An HTTP/1.1 server on 127.0.0.1:0 of plain threads (no runtime to
+/// share with the test): `answer` gives each request's status and JSON
+/// body; `answered` hears of a request once its answer was written.
+pub(crate) fn raw_server(
+    answer: impl Fn(&RawRequest) -> (u16, String) + Send + Sync + 'static,
+    answered: impl Fn(&RawRequest) + Send + Sync + 'static,
+) -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let noted = seen.clone();
+    let handlers = Arc::new((answer, answered));
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
-            let noted = noted.clone();
+            let handlers = handlers.clone();
             std::thread::spawn(move || loop {
                 let mut reader = BufReader::new(&mut stream);
-                let (mut id, mut length) = (None, 0usize);
+                let mut request = RawRequest {
+                    line: String::new(),
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                };
                 let mut line = String::new();
                 loop {
                     line.clear();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 {
                         return;
                     }
-                    let lower = line.to_ascii_lowercase();
-                    if let Some(v) = lower.strip_prefix("ce-id:") {
-                        id = Some(v.trim().to_owned());
-                    } else if let Some(v) = lower.strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    } else if line == "\r\n" {
+                    if line == "\r\n" {
                         break;
                     }
+                    if request.line.is_empty() {
+                        request.line = line.trim().to_owned();
+                    } else if let Some((name, value)) = line.split_once(':') {
+                        request
+                            .headers
+                            .push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+                    }
                 }
-                let mut body = vec![0u8; length];
-                if reader.read_exact(&mut body).is_err() {
+                let length = request
+                    .header("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                request.body = vec![0u8; length];
+                if reader.read_exact(&mut request.body).is_err() {
                     return;
                 }
-                std::thread::sleep(delay);
-                if stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                    .is_err()
-                {
+                let (status, body) = (handlers.0)(&request);
+                let reason = if status < 300 { "OK" } else { "No" };
+                let kind = if body.is_empty() {
+                    ""
+                } else {
+                    "content-type: application/json\r\n"
+                };
+                // One write: a head in pieces would wait on Nagle and the
+                // peer's delayed ACK.
+                let response = format!(
+                    "HTTP/1.1 {status} {reason}\r\n{kind}content-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(response.as_bytes()).is_err() {
                     return;
                 }
-                noted.lock().unwrap().extend(id);
+                (handlers.1)(&request);
             });
         }
     });
+    addr
+}
+
+/// A subscriber on 127.0.0.1:0 that notes each pushed event's `ce-id` and
+/// answers 200 after `delay`.
+pub(crate) fn subscriber(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let noted = seen.clone();
+    let addr = raw_server(
+        move |_| {
+            std::thread::sleep(delay);
+            (200, String::new())
+        },
+        move |request| {
+            let id = request.header("ce-id").map(str::to_owned);
+            noted.lock().unwrap().extend(id);
+        },
+    );
     (addr, seen)
 }
 
