@@ -54,6 +54,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::config::UpstreamProtocol;
 use crate::http::body::ProxyBody;
+use crate::proxy::deadline::Deadlines;
 use crate::proxy::pool::{Gates, PoolGate, PoolOverflow};
 use crate::proxy::tls::ClientTls;
 
@@ -208,6 +209,8 @@ struct Shared {
     sweeping: AtomicBool,
     /// Failed TLS handshakes (`tidegate_tls_handshake_failures_total`).
     tls_failures: Counter,
+    /// The cut-offs of the attempts sent through this client.
+    deadlines: Deadlines,
 }
 
 /// The idle connections to one endpoint, and its HTTP/2 connection.
@@ -336,8 +339,15 @@ impl UpstreamClient {
                 hosts: Mutex::new(HashMap::default()),
                 sweeping: AtomicBool::new(false),
                 tls_failures,
+                deadlines: Deadlines::default(),
             }),
         }
+    }
+
+    /// The cut-offs of the attempts sent through this client (a worker's
+    /// client: one timer for its requests).
+    pub fn deadlines(&self) -> &Deadlines {
+        &self.shared.deadlines
     }
 
     /// Sends `request` (origin-form target) to `to` on a pooled

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod client;
 pub mod compose;
+pub mod deadline;
 pub mod fallback;
 pub mod grpc;
 pub mod health;
@@ -1178,13 +1179,18 @@ impl Gateway {
         // One timer for the attempt's timeout and the deadline alike (the
         // pipeline leaves the cut-off to the attempt).
         let result = match told.cut_off() {
-            Some(at) => tokio::time::timeout_at(at, sent).await.map_err(|_| {
-                if told.cut_off_is_deadline() {
-                    AttemptError::DeadlinePassed
-                } else {
-                    AttemptError::Timeout { retryable }
-                }
-            }),
+            Some(at) => call
+                .upstream_client
+                .deadlines()
+                .within(at, sent)
+                .await
+                .map_err(|_| {
+                    if told.cut_off_is_deadline() {
+                        AttemptError::DeadlinePassed
+                    } else {
+                        AttemptError::Timeout { retryable }
+                    }
+                }),
             None => Ok(sent.await),
         };
         drop(attempting);
