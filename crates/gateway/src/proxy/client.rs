@@ -38,9 +38,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::Either;
-use http::header::{HeaderValue, HOST};
+use http::header::{HeaderValue, HOST, UPGRADE};
 use http::uri::Authority;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -53,8 +53,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::config::UpstreamProtocol;
-use crate::http::body::ProxyBody;
+use crate::http::body::{BoxError, ProxyBody};
 use crate::proxy::deadline::Deadlines;
+use crate::proxy::h1::{self, Stream};
 use crate::proxy::pool::{Gates, PoolGate, PoolOverflow};
 use crate::proxy::tls::ClientTls;
 
@@ -77,8 +78,9 @@ pub enum ClientError {
     /// The TLS handshake failed (a certificate refused, no common
     /// protocol); nothing was sent.
     Tls(std::io::Error),
-    /// The exchange failed once a connection was there.
-    Request(hyper::Error),
+    /// The exchange failed once a connection was there (an [`h1::Error`],
+    /// or hyper's for HTTP/2 and upgrades).
+    Request(BoxError),
 }
 
 impl std::fmt::Display for ClientError {
@@ -97,7 +99,7 @@ impl std::error::Error for ClientError {
         match self {
             ClientError::Overflow => None,
             ClientError::Connect(e) | ClientError::Tls(e) => e.source(),
-            ClientError::Request(e) => std::error::Error::source(e),
+            ClientError::Request(e) => e.source(),
         }
     }
 }
@@ -241,34 +243,24 @@ struct H2Conn {
 
 #[derive(Debug)]
 struct Idle {
-    conn: Conn,
+    conn: h1::Conn,
     /// Idle at the last sweep already.
     swept: bool,
 }
 
-/// A connection's request handle and how many requests it carried.
-#[derive(Debug)]
-struct Conn {
-    sender: SendRequest<ProxyBody>,
-    uses: u32,
-}
-
 impl HostPool {
     /// The most recently used idle connection that is still open.
-    fn checkout(&self) -> Option<Conn> {
+    fn checkout(&self) -> Option<h1::Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(entry) = idle.pop() {
-            if !entry.conn.sender.is_closed() {
+        while let Some(mut entry) = idle.pop() {
+            if entry.conn.is_open() {
                 return Some(entry.conn);
             }
         }
         None
     }
 
-    fn put(&self, conn: Conn) {
-        if conn.sender.is_closed() {
-            return;
-        }
+    fn put(&self, conn: h1::Conn) {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -280,7 +272,7 @@ impl HostPool {
     fn sweep(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain_mut(|entry| {
-            let keep = !entry.swept && !entry.conn.sender.is_closed();
+            let keep = !entry.swept && entry.conn.is_open();
             entry.swept = true;
             keep
         });
@@ -412,9 +404,8 @@ impl UpstreamClient {
             host.h2_install(sender, 0, max_uses);
             host.alpn.store(ALPN_HTTP2, Ordering::Release);
         } else {
-            let conn = handshake_h1(stream, permit).await?;
             self.start_sweeping();
-            host.put(conn);
+            host.put(h1::Conn::new(Stream::Tls(Box::new(stream)), permit));
             host.alpn.store(ALPN_HTTP1, Ordering::Release);
         }
         Ok(())
@@ -431,31 +422,46 @@ impl UpstreamClient {
                 request.headers_mut().insert(HOST, host);
             }
         }
-        let host = self.host(to);
-        loop {
-            let (mut conn, reused) = match host.checkout() {
-                Some(conn) => (conn, true),
-                // Boxed: a new connection is rare, and its handshake's
-                // future would make every request's future larger.
-                None => Box::pin(self.connect(to, &host)).await?,
-            };
-            if reused && !conn.sender.is_ready() && conn.sender.ready().await.is_err() {
-                // It closed while settling after its last response.
-                continue;
-            }
-            match conn.sender.try_send_request(request).await {
-                Ok(response) => {
-                    conn.uses += 1;
-                    let keep = max_uses.is_none_or(|max| conn.uses < max);
-                    return Ok(UpstreamBody::wrap(response, keep.then_some((host, conn))));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Not written: the connection had closed. Try another.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(ClientError::Request(e.into_error())),
-                },
-            }
+        if request.headers().contains_key(UPGRADE) || request.method() == Method::CONNECT {
+            return Box::pin(self.request_upgrade(to, request)).await;
         }
+        let host = self.host(to);
+        let mut conn = match host.checkout() {
+            Some(conn) => conn,
+            // Boxed: a new connection is rare, and its handshake's
+            // future would make every request's future larger.
+            None => Box::pin(self.connect(to, &host)).await?,
+        };
+        conn.uses += 1;
+        let keep = max_uses.is_none_or(|max| conn.uses < max);
+        let response = conn
+            .send(request)
+            .await
+            .map_err(|e| ClientError::Request(Box::new(e)))?;
+        Ok(UpstreamBody::h1(response, keep.then_some(host)))
+    }
+
+    /// A request that asks to switch protocols (WebSocket) or tunnel
+    /// (CONNECT), over hyper on a connection of its own, which an
+    /// accepted upgrade hands to the tunnel and anything else closes.
+    async fn request_upgrade(
+        &self,
+        to: &Destination,
+        request: Request<ProxyBody>,
+    ) -> Result<UpstreamResponse, ClientError> {
+        let permit = self.slot(to).await?;
+        let mut sender = match &to.tls {
+            None => handshake_h1(open(&to.authority).await?, permit).await?,
+            Some(_) => {
+                let host = self.host(to);
+                handshake_h1(self.open_tls(to, &host).await?, permit).await?
+            }
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Request(Box::new(e)))?;
+        Ok(UpstreamBody::wrap(response))
     }
 
     async fn request_h2(
@@ -499,14 +505,14 @@ impl UpstreamClient {
                 )));
             }
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(UpstreamBody::wrap(response, None)),
+                Ok(response) => return Ok(UpstreamBody::wrap(response)),
                 Err(mut e) => match e.take_message() {
                     // Refused before anything was sent (GOAWAY, closed): another connection.
                     Some(unsent) if reused => {
                         host.h2_forget();
                         request = unsent;
                     }
-                    _ => return Err(ClientError::Request(e.into_error())),
+                    _ => return Err(ClientError::Request(Box::new(e.into_error()))),
                 },
             }
         }
@@ -564,13 +570,8 @@ impl UpstreamClient {
     }
 
     /// A new HTTP/1.1 connection to `to` within its gate. While the gate
-    /// is full, a connection returned to `host` is taken instead; the flag
-    /// says which it is (a reused one may still be settling, or closed).
-    async fn connect(
-        &self,
-        to: &Destination,
-        host: &HostPool,
-    ) -> Result<(Conn, bool), ClientError> {
+    /// is full, a connection returned to `host` is taken instead.
+    async fn connect(&self, to: &Destination, host: &HostPool) -> Result<h1::Conn, ClientError> {
         let permit = match self.gate(to) {
             None => None,
             Some(gate) => match gate.try_enter() {
@@ -580,7 +581,7 @@ impl UpstreamClient {
                     loop {
                         let returned = host.returned.notified();
                         if let Some(conn) = host.checkout() {
-                            return Ok((conn, true));
+                            return Ok(conn);
                         }
                         tokio::select! {
                             permit = gate.acquire() => break Some(permit),
@@ -590,12 +591,12 @@ impl UpstreamClient {
                 }
             },
         };
-        let conn = match &to.tls {
-            None => handshake_h1(open(&to.authority).await?, permit).await?,
-            Some(_) => handshake_h1(self.open_tls(to, host).await?, permit).await?,
+        let stream = match &to.tls {
+            None => Stream::Plain(open(&to.authority).await?),
+            Some(_) => Stream::Tls(Box::new(self.open_tls(to, host).await?)),
         };
         self.start_sweeping();
-        Ok((conn, false))
+        Ok(h1::Conn::new(stream, permit))
     }
 
     /// A TLS connection to `to` (which has TLS). A failed handshake is
@@ -731,9 +732,12 @@ impl std::hash::Hasher for FnvHasher {
     }
 }
 
-/// An HTTP/1.1 connection over `io`, its task spawned; `permit` (its slot
-/// in the gate) is let go when it closes.
-async fn handshake_h1<I>(io: I, permit: Option<OwnedSemaphorePermit>) -> Result<Conn, ClientError>
+/// An HTTP/1.1 connection over hyper for an upgrade, its task spawned;
+/// `permit` (its slot in the gate) is let go when it closes.
+async fn handshake_h1<I>(
+    io: I,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<SendRequest<ProxyBody>, ClientError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -742,7 +746,7 @@ where
         .writev(false)
         .handshake::<_, ProxyBody>(TokioIo::new(io))
         .await
-        .map_err(ClientError::Request)?;
+        .map_err(|e| ClientError::Request(Box::new(e)))?;
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended");
@@ -750,7 +754,7 @@ where
         // The slot is free once the connection is gone.
         drop(permit);
     });
-    Ok(Conn { sender, uses: 0 })
+    Ok(sender)
 }
 
 /// An HTTP/2 connection over `io`, as [`handshake_h1`].
@@ -765,7 +769,7 @@ where
         .timer(TokioTimer::new())
         .handshake::<_, ProxyBody>(TokioIo::new(io))
         .await
-        .map_err(ClientError::Request)?;
+        .map_err(|e| ClientError::Request(Box::new(e)))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
@@ -805,54 +809,80 @@ async fn open_tcp(authority: &Authority) -> std::io::Result<TcpStream> {
 /// when it ends.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: Incoming,
-    keep: Option<(Arc<HostPool>, Conn)>,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    /// HTTP/2, or an upgrade's answer: hyper's.
+    Hyper(Incoming),
+    /// HTTP/1.1, read in the caller's task; its connection goes back to
+    /// `pool` (if it may carry another request) when it ends.
+    H1 {
+        body: h1::Body,
+        pool: Option<Arc<HostPool>>,
+    },
 }
 
 impl UpstreamBody {
-    fn wrap(response: Response<Incoming>, keep: Option<(Arc<HostPool>, Conn)>) -> UpstreamResponse {
-        // An upgraded connection is the tunnel's now.
-        let keep = keep.filter(|_| response.status() != StatusCode::SWITCHING_PROTOCOLS);
-        let mut response = response.map(|inner| UpstreamBody { inner, keep });
-        if response.body().inner.is_end_stream() {
-            response.body_mut().release();
-        }
+    fn wrap(response: Response<Incoming>) -> UpstreamResponse {
+        response.map(|inner| UpstreamBody {
+            inner: Inner::Hyper(inner),
+        })
+    }
+
+    fn h1(response: Response<h1::Body>, pool: Option<Arc<HostPool>>) -> UpstreamResponse {
+        let mut response = response.map(|body| UpstreamBody {
+            inner: Inner::H1 { body, pool },
+        });
+        response.body_mut().release();
         response
     }
 
+    /// Gives an HTTP/1.1 connection back once its body has ended.
     fn release(&mut self) {
-        if let Some((host, conn)) = self.keep.take() {
-            host.put(conn);
+        if let Inner::H1 { body, pool } = &mut self.inner {
+            if body.finished() {
+                if let (Some(pool), Some(conn)) = (pool.take(), body.take_reusable()) {
+                    pool.put(conn);
+                }
+            }
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            // A body that knows it is done is not polled again.
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            // The connection cannot carry another request.
-            Poll::Ready(Some(Err(_))) => self.keep = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
+            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::H1 { body, .. } => {
+                let polled = Pin::new(body).poll_frame(cx).map_err(Into::into);
+                if polled.is_ready() {
+                    self.release();
+                }
+                polled
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Hyper(body) => body.is_end_stream(),
+            Inner::H1 { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Hyper(body) => body.size_hint(),
+            Inner::H1 { body, .. } => body.size_hint(),
+        }
     }
 }
 

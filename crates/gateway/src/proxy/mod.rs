@@ -12,6 +12,7 @@ pub mod compose;
 pub mod deadline;
 pub mod fallback;
 pub mod grpc;
+pub mod h1;
 pub mod health;
 pub mod pool;
 pub mod router;
@@ -1201,7 +1202,7 @@ impl Gateway {
             Ok(Err(ClientError::Overflow)) => Err(AttemptError::PoolOverflow),
             Ok(Err(ClientError::Connect(e))) => Err(AttemptError::Connect(e)),
             Ok(Err(ClientError::Tls(e))) => Err(AttemptError::Tls(e)),
-            Ok(Err(ClientError::Request(e))) if is_body_too_large(&e) => {
+            Ok(Err(ClientError::Request(e))) if is_body_too_large(&*e) => {
                 Err(AttemptError::BodyTooLarge)
             }
             Ok(Err(ClientError::Request(error))) => Err(AttemptError::Request { error, retryable }),

@@ -22,6 +22,9 @@ use crate::proxy::pool::PoolGate;
 /// knows the method, whether the body can be sent again and whether the
 /// request left.
 #[derive(Debug)]
+// `Status` holds the answer, as the `Ok` side of every attempt's result
+// does: boxing it would save no space there and cost an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum AttemptError {
     /// No connection could be made; nothing was sent.
     Connect(std::io::Error),
@@ -31,7 +34,7 @@ pub enum AttemptError {
     /// The exchange broke after the request was (maybe) sent.
     Request {
         /// The client error.
-        error: hyper::Error,
+        error: crate::http::body::BoxError,
         /// Safe to send again.
         retryable: bool,
     },
@@ -68,7 +71,7 @@ impl std::fmt::Display for AttemptError {
             AttemptError::Connect(e) => write!(f, "connect failed: {}", source_text(e)),
             AttemptError::Tls(e) => write!(f, "TLS handshake failed: {}", source_text(e)),
             AttemptError::Request { error, .. } => {
-                write!(f, "upstream request failed: {}", source_text(error))
+                write!(f, "upstream request failed: {}", source_text(&**error))
             }
             AttemptError::Timeout { .. } => f.write_str("upstream timed out"),
             AttemptError::DeadlinePassed => f.write_str("deadline passed"),

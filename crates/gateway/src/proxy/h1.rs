@@ -1,0 +1,918 @@
+//! HTTP/1.1 to an upstream, in the task of the request that sends it.
+//!
+//! hyper's client runs each connection as a task of its own: a request
+//! goes to it through a channel, its head comes back through another, and
+//! its body is a third, so every proxied request crosses tasks several
+//! times. Here a pooled [`Conn`] is a socket and its read buffer, nothing
+//! running: [`Conn::send`] writes the request head (and body) and reads the
+//! answer's head, and the response [`Body`] reads the rest from the socket
+//! when the client's connection asks for it, all in the one task that
+//! serves the client. The connection goes back to the pool when the body
+//! ends.
+//!
+//! The framing follows hyper's client, which the differential tests hold
+//! it to: the request's length from its body (`content-length` when
+//! known, else chunked), the response's per RFC 9112 §6.3 (no body for
+//! HEAD, 1xx, 204 and 304; chunked when the last transfer coding is;
+//! else a valid `content-length`; else until the connection closes),
+//! 1xx answers skipped, trailers kept. Where hyper keeps a connection
+//! that the RFC would close (`transfer-encoding` beside `content-length`,
+//! bytes after the end of a response), this one closes it.
+//!
+//! Upgrades (WebSocket, CONNECT) go through hyper, whose upgraded
+//! connection becomes the tunnel.
+
+use std::fmt;
+use std::future::Future as _;
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::http::body::{BoxError, ProxyBody};
+
+/// Header fields in a response head at most, as hyper.
+const MAX_HEADERS: usize = 100;
+
+/// A response head's bytes at most (hyper's default read buffer limit).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+
+/// A chunked body's trailer section and chunk extensions at most, each.
+const MAX_TRAILERS: usize = 16 * 1024;
+const MAX_EXTENSIONS: u64 = 16 * 1024;
+
+/// Request body bytes gathered into one write with the head, at most.
+const COALESCE: usize = 64 * 1024;
+
+/// What a read asks the socket for at least.
+const READ_SIZE: usize = 8192;
+
+/// A connection to an upstream: plain TCP or TLS.
+#[derive(Debug)]
+pub enum Stream {
+    /// `http://`.
+    Plain(TcpStream),
+    /// `https://`.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Error {
+    /// Reading from or writing to the upstream failed.
+    Io(io::Error),
+    /// The upstream closed the connection before its answer was complete.
+    Closed,
+    /// The answer is not valid HTTP/1.1, or breaks a limit.
+    Invalid(&'static str),
+    /// The request body failed (the client's error, or its size limit).
+    Body(BoxError),
+    /// The request body's length is not the one its head declares.
+    BodyLength,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "upstream connection error: {e}"),
+            Error::Closed => {
+                f.write_str("the upstream closed the connection before its answer ended")
+            }
+            Error::Invalid(why) => write!(f, "invalid upstream answer: {why}"),
+            Error::Body(_) => f.write_str("request body failed"),
+            Error::BodyLength => f.write_str("request body length differs from its content-length"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            Error::Body(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+/// An open connection, between exchanges: the socket, what was read of
+/// it and not used yet (nothing, between exchanges), and its slot in the
+/// upstream's connection gate.
+#[derive(Debug)]
+pub struct Conn<S = Stream> {
+    io: S,
+    read: BytesMut,
+    /// Requests it carried.
+    pub uses: u32,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// A new connection over `io`, holding `slot` until it closes.
+    pub fn new(io: S, slot: Option<OwnedSemaphorePermit>) -> Self {
+        Conn {
+            io,
+            read: BytesMut::new(),
+            uses: 0,
+            _slot: slot,
+        }
+    }
+
+    /// Whether an idle connection may carry a request: the upstream has
+    /// neither closed it nor sent anything unasked. No system call unless
+    /// the socket has become readable since the last read.
+    pub fn is_open(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+
+    /// Sends `request` (origin-form target, `Host` set) and reads the
+    /// answer's head; the answer's body reads the rest.
+    pub async fn send(mut self, request: Request<ProxyBody>) -> Result<Response<Body<S>>, Error> {
+        let (parts, body) = request.into_parts();
+        let mut writer = Writer::new(&parts.method, &parts.uri, &parts.headers, body);
+        let head_only = parts.method == Method::HEAD;
+        let mut write_failed = None;
+        let parsed = std::future::poll_fn(|cx| {
+            if write_failed.is_none() && !writer.done() {
+                match writer.poll(&mut self.io, cx) {
+                    Poll::Ready(Err(Error::Io(e))) => {
+                        // The upstream may have answered and closed:
+                        // read its answer, if there is one.
+                        write_failed = Some(e);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
+                }
+            }
+            match ready!(poll_head(&mut self.io, &mut self.read, cx, head_only)) {
+                Err(Error::Closed | Error::Io(_)) if write_failed.is_some() => {
+                    Poll::Ready(Err(Error::Io(write_failed.take().expect("checked"))))
+                }
+                parsed => Poll::Ready(parsed),
+            }
+        })
+        .await?;
+        let Parsed {
+            response,
+            decoder,
+            keep_alive,
+        } = parsed;
+        let writer = (write_failed.is_none() && !writer.done()).then(|| Box::new(writer));
+        let reusable = keep_alive && write_failed.is_none();
+        let mut body = Body {
+            conn: Some(self),
+            decoder,
+            writer,
+            reusable,
+            finished: false,
+        };
+        body.check_end();
+        Ok(response.map(|()| body))
+    }
+}
+
+/// A response head, and how its body is framed.
+struct Parsed {
+    response: Response<()>,
+    decoder: Decoder,
+    keep_alive: bool,
+}
+
+/// Reads until `read` holds a whole final response head; takes it off.
+fn poll_head<S: AsyncRead + Unpin>(
+    io: &mut S,
+    read: &mut BytesMut,
+    cx: &mut Context<'_>,
+    head_only: bool,
+) -> Poll<Result<Parsed, Error>> {
+    loop {
+        while !read.is_empty() {
+            match parse_head(read, head_only)? {
+                Head::Final(parsed) => return Poll::Ready(Ok(parsed)),
+                Head::Informational => {}
+                Head::Partial => break,
+            }
+        }
+        if read.len() >= MAX_HEAD {
+            return Poll::Ready(Err(Error::Invalid("response head too large")));
+        }
+        if ready!(poll_fill(io, read, cx)).map_err(Error::Io)? == 0 {
+            return Poll::Ready(Err(Error::Closed));
+        }
+    }
+}
+
+/// Reads what the socket has into `read`; 0 at its end.
+fn poll_fill<S: AsyncRead + Unpin>(
+    io: &mut S,
+    read: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if read.capacity() - read.len() < READ_SIZE / 4 {
+        read.reserve(READ_SIZE);
+    }
+    let reading = io.read_buf(read);
+    tokio::pin!(reading);
+    reading.poll(cx)
+}
+
+enum Head {
+    Final(Parsed),
+    /// A 1xx answer, taken off: the final one follows.
+    Informational,
+    Partial,
+}
+
+/// Parses the head at the start of `read`, and takes it off if whole.
+fn parse_head(read: &mut BytesMut, head_only: bool) -> Result<Head, Error> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut response, read, &mut fields) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Head::Partial),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Invalid("too many header fields"))
+        }
+        Err(_) => return Err(Error::Invalid("malformed response head")),
+    };
+    let code = response.code.expect("a whole head has a status");
+    let status =
+        StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code out of range"))?;
+    let version = if response.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    // Where each field lies in the head, to slice it once frozen.
+    let base = read.as_ptr() as usize;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = response.headers.len();
+    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+        let name = field.name.as_ptr() as usize - base;
+        let value = field.value.as_ptr() as usize - base;
+        *span = (
+            name,
+            name + field.name.len(),
+            value,
+            value + field.value.len(),
+        );
+    }
+    let head = read.split_to(len).freeze();
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Error::Invalid(
+                "101 Switching Protocols to a request without Upgrade",
+            ));
+        }
+        return Ok(Head::Informational);
+    }
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut close = false;
+    for &(n0, n1, v0, v1) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| Error::Invalid("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| Error::Invalid("invalid header value"))?;
+        if name == header::CONNECTION {
+            if close || has_token(&value, "close") {
+                close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = has_token(&value, "keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let (decoder, closes) = decoder(status, version, &headers, head_only)?;
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(Head::Final(Parsed {
+        response,
+        decoder,
+        keep_alive: keep_alive && !closes,
+    }))
+}
+
+/// How a response's body is framed (RFC 9112 §6.3, as hyper reads it),
+/// and whether it must close the connection after.
+fn decoder(
+    status: StatusCode,
+    version: Version,
+    headers: &HeaderMap,
+    head_only: bool,
+) -> Result<(Decoder, bool), Error> {
+    if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Decoder::Length(0), false));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 answer"));
+        }
+        let chunked = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        if !chunked {
+            return Ok((Decoder::UntilClose, true));
+        }
+        // With a content-length beside it, the RFC has the connection closed.
+        let closes = headers.contains_key(header::CONTENT_LENGTH);
+        return Ok((Decoder::Chunked(Box::default()), closes));
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return match content_length(headers) {
+            Some(len) => Ok((Decoder::Length(len), false)),
+            None => Err(Error::Invalid("invalid content-length")),
+        };
+    }
+    Ok((Decoder::UntilClose, true))
+}
+
+/// The content-length every value of the field agrees on.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.to_str().ok()?.split(',') {
+            let part = part.trim().as_bytes();
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let n = part.iter().try_fold(0u64, |n, &d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
+    }
+    length
+}
+
+/// Whether a comma-separated field value has `token`.
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// How the request body is framed.
+#[derive(Debug)]
+enum Framing {
+    /// `content-length`: the bytes still to send.
+    Length(u64),
+    /// Chunked; the trailer fields the head's `Trailer` names.
+    Chunked(Vec<HeaderName>),
+}
+
+/// The request on its way out: its encoded head and body.
+struct Writer {
+    out: Vec<u8>,
+    written: usize,
+    body: Option<ProxyBody>,
+    framing: Framing,
+}
+
+impl Writer {
+    /// The head of a request to `method` `uri` with `headers` (framing
+    /// fields aside: the body decides them, as hyper's client does).
+    fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, body: ProxyBody) -> Self {
+        use http_body::Body as _;
+        let mut out = Vec::with_capacity(256 + headers.len() * 32);
+        out.extend_from_slice(method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut declared = false;
+        for (name, value) in headers {
+            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+                declared = true;
+                continue;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        let (body, framing) = if body.is_end_stream() {
+            // No body: a declared length was zero (hyper's server checked it).
+            if declared && headers.contains_key(header::CONTENT_LENGTH) {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+            (None, Framing::Length(0))
+        } else {
+            let length = if headers.contains_key(header::TRANSFER_ENCODING) {
+                None
+            } else {
+                content_length(headers).or_else(|| body.size_hint().exact())
+            };
+            let framing = match length {
+                Some(len) => {
+                    let _ = write!(out, "content-length: {len}\r\n");
+                    Framing::Length(len)
+                }
+                None => {
+                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    Framing::Chunked(trailer_names(headers))
+                }
+            };
+            (Some(body), framing)
+        };
+        out.extend_from_slice(b"\r\n");
+        Writer {
+            out,
+            written: 0,
+            body,
+            framing,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.body.is_none() && self.written == self.out.len()
+    }
+
+    /// Writes what there is: the head, and the body as it comes, a
+    /// buffer's worth of what is ready at a time.
+    fn poll<S: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        use http_body::Body as _;
+        loop {
+            while self.out.len() - self.written < COALESCE {
+                let Some(body) = &mut self.body else { break };
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => self.data(data)?,
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                self.end(Some(&trailers))?;
+                            }
+                        }
+                    },
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::Body(e))),
+                    Poll::Ready(None) => self.end(None)?,
+                }
+            }
+            if self.written == self.out.len() {
+                self.out.clear();
+                self.written = 0;
+                return if self.body.is_none() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            while self.written < self.out.len() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.written..]))
+                    .map_err(Error::Io)?;
+                if n == 0 {
+                    return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())));
+                }
+                self.written += n;
+            }
+            self.out.clear();
+            self.written = 0;
+        }
+    }
+
+    fn data(&mut self, data: Bytes) -> Result<(), Error> {
+        match &mut self.framing {
+            Framing::Length(left) => {
+                *left = left
+                    .checked_sub(data.len() as u64)
+                    .ok_or(Error::BodyLength)?;
+                self.out.extend_from_slice(&data);
+            }
+            Framing::Chunked(_) if data.is_empty() => {}
+            Framing::Chunked(_) => {
+                let _ = write!(self.out, "{:x}\r\n", data.len());
+                self.out.extend_from_slice(&data);
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+        Ok(())
+    }
+
+    /// The body's end, with its trailers if it has any.
+    fn end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), Error> {
+        self.body = None;
+        match &self.framing {
+            Framing::Length(0) => Ok(()),
+            Framing::Length(_) => Err(Error::BodyLength),
+            Framing::Chunked(allowed) => {
+                self.out.extend_from_slice(b"0\r\n");
+                for (name, value) in trailers.into_iter().flatten() {
+                    if allowed.contains(name) {
+                        self.out.extend_from_slice(name.as_str().as_bytes());
+                        self.out.extend_from_slice(b": ");
+                        self.out.extend_from_slice(value.as_bytes());
+                        self.out.extend_from_slice(b"\r\n");
+                    }
+                }
+                self.out.extend_from_slice(b"\r\n");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The fields a request's `Trailer` names: the only trailers sent.
+fn trailer_names(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// How the rest of a response's body is read.
+#[derive(Debug)]
+enum Decoder {
+    /// This many bytes more.
+    Length(u64),
+    Chunked(Box<Chunked>),
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+/// Where a chunked body's reading is.
+#[derive(Debug, Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    extensions: u64,
+    trailers: Option<BytesMut>,
+    trailer_lines: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Start,
+    Size,
+    SizeLws,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    Trailer,
+    TrailerLf,
+    EndCr,
+    EndLf,
+    End,
+}
+
+/// What a step of the chunked decoder gives.
+enum Step {
+    /// Needs more bytes.
+    More,
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+}
+
+impl Chunked {
+    /// Decodes from `read` as far as its bytes go.
+    fn step(&mut self, read: &mut BytesMut) -> Result<Step, Error> {
+        use ChunkState::*;
+        loop {
+            if self.state == End {
+                return Ok(Step::End);
+            }
+            if self.state == Data {
+                if read.is_empty() {
+                    return Ok(Step::More);
+                }
+                let n = usize::try_from(self.size)
+                    .unwrap_or(usize::MAX)
+                    .min(read.len());
+                self.size -= n as u64;
+                if self.size == 0 {
+                    self.state = DataCr;
+                }
+                return Ok(Step::Data(read.split_to(n).freeze()));
+            }
+            if read.is_empty() {
+                return Ok(Step::More);
+            }
+            let byte = read[0];
+            read.advance(1);
+            self.state = match (self.state, byte) {
+                (Start | Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
+                    let digit = (byte as char).to_digit(16).expect("a hex digit");
+                    self.size = self
+                        .size
+                        .checked_mul(16)
+                        .and_then(|s| s.checked_add(u64::from(digit)))
+                        .ok_or(Error::Invalid("chunk size overflows"))?;
+                    Size
+                }
+                (Start, _) => return Err(Error::Invalid("chunk size line without a size")),
+                (Size | SizeLws, b'\t' | b' ') => SizeLws,
+                (Size | SizeLws, b';') => Extension,
+                (Size | SizeLws, b'\r') => SizeLf,
+                (Size | SizeLws, _) => return Err(Error::Invalid("invalid chunk size line")),
+                (Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err(Error::Invalid("chunk extension with a newline")),
+                (Extension, _) => {
+                    self.extensions += 1;
+                    if self.extensions >= MAX_EXTENSIONS {
+                        return Err(Error::Invalid("chunk extensions over their limit"));
+                    }
+                    Extension
+                }
+                (SizeLf, b'\n') if self.size == 0 => EndCr,
+                (SizeLf, b'\n') => Data,
+                (SizeLf, _) => return Err(Error::Invalid("invalid chunk size line end")),
+                (DataCr, b'\r') => DataLf,
+                (DataCr, _) => return Err(Error::Invalid("chunk data without CRLF")),
+                (DataLf, b'\n') => Start,
+                (DataLf, _) => return Err(Error::Invalid("chunk data without CRLF")),
+                (EndCr, b'\r') => {
+                    self.trailer_byte(byte)?;
+                    EndLf
+                }
+                (EndCr, _) => {
+                    self.trailers.get_or_insert_with(BytesMut::new);
+                    self.trailer_byte(byte)?;
+                    Trailer
+                }
+                (Trailer, b'\r') => {
+                    self.trailer_byte(byte)?;
+                    TrailerLf
+                }
+                (Trailer, _) => {
+                    self.trailer_byte(byte)?;
+                    Trailer
+                }
+                (TrailerLf, b'\n') => {
+                    if self.trailer_lines >= MAX_HEADERS {
+                        return Err(Error::Invalid("too many trailer fields"));
+                    }
+                    self.trailer_lines += 1;
+                    self.trailer_byte(byte)?;
+                    EndCr
+                }
+                (TrailerLf, _) => return Err(Error::Invalid("invalid trailer line end")),
+                (EndLf, b'\n') => {
+                    self.state = End;
+                    return match self.trailers.take() {
+                        None => Ok(Step::End),
+                        Some(mut section) => {
+                            section.extend_from_slice(b"\n");
+                            Ok(Step::Trailers(parse_trailers(&section)?))
+                        }
+                    };
+                }
+                (EndLf, _) => return Err(Error::Invalid("invalid chunked body end")),
+                (Data | End, _) => unreachable!("handled above"),
+            };
+        }
+    }
+
+    fn trailer_byte(&mut self, byte: u8) -> Result<(), Error> {
+        if let Some(section) = &mut self.trailers {
+            if section.len() >= MAX_TRAILERS {
+                return Err(Error::Invalid("trailer section too large"));
+            }
+            section.extend_from_slice(&[byte]);
+        }
+        Ok(())
+    }
+}
+
+/// A trailer section's fields.
+fn parse_trailers(section: &[u8]) -> Result<HeaderMap, Error> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let fields = match httparse::parse_headers(section, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => fields,
+        _ => return Err(Error::Invalid("malformed trailer section")),
+    };
+    let mut trailers = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| Error::Invalid("invalid trailer name"))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| Error::Invalid("invalid trailer value"))?;
+        trailers.append(name, value);
+    }
+    Ok(trailers)
+}
+
+/// A response body read from the upstream connection by whoever polls it;
+/// the connection is handed back through [`Body::take_reusable`] once the
+/// body has ended.
+#[derive(Debug)]
+pub struct Body<S = Stream> {
+    /// `None` once the body failed.
+    conn: Option<Conn<S>>,
+    decoder: Decoder,
+    /// The request body, if it is still being sent (rare: boxed).
+    writer: Option<Box<Writer>>,
+    reusable: bool,
+    finished: bool,
+}
+
+impl fmt::Debug for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Writer")
+            .field("pending", &(self.out.len() - self.written))
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Body<S> {
+    /// The connection, once the body ended and the connection can carry
+    /// another request; `None` otherwise (it closes when dropped).
+    pub fn take_reusable(&mut self) -> Option<Conn<S>> {
+        if !(self.finished && self.reusable && self.writer.is_none()) {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        // Bytes past the end of the answer: nothing may follow on it.
+        conn.read.is_empty().then_some(conn)
+    }
+
+    /// Whether the body has ended.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    fn check_end(&mut self) {
+        if matches!(self.decoder, Decoder::Length(0)) {
+            self.finished = true;
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.conn = None;
+        self.finished = true;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// Sends more of the request body, if some is left (a duplex
+    /// exchange); a failure there ends the sending and the connection's
+    /// reuse, not the answer.
+    fn push_request(&mut self, cx: &mut Context<'_>) {
+        let (Some(writer), Some(conn)) = (&mut self.writer, &mut self.conn) else {
+            return;
+        };
+        match writer.poll(&mut conn.io, cx) {
+            Poll::Pending => {}
+            Poll::Ready(Ok(())) => self.writer = None,
+            Poll::Ready(Err(_)) => {
+                self.writer = None;
+                self.reusable = false;
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> http_body::Body for Body<S> {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        this.push_request(cx);
+        let Some(conn) = &mut this.conn else {
+            return Poll::Ready(None);
+        };
+        loop {
+            match &mut this.decoder {
+                Decoder::Length(0) => {
+                    this.finished = true;
+                    return Poll::Ready(None);
+                }
+                Decoder::Length(left) => {
+                    if !conn.read.is_empty() {
+                        let n = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.read.len());
+                        *left -= n as u64;
+                        let data = conn.read.split_to(n).freeze();
+                        if *left == 0 {
+                            this.finished = true;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Decoder::Chunked(chunked) => match chunked.step(&mut conn.read) {
+                    Ok(Step::More) => {}
+                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Step::Trailers(trailers)) => {
+                        this.finished = true;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Step::End) => {
+                        this.finished = true;
+                        return Poll::Ready(None);
+                    }
+                    Err(e) => return this.fail(e),
+                },
+                Decoder::UntilClose => {
+                    if !conn.read.is_empty() {
+                        let data = conn.read.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            match ready!(poll_fill(&mut conn.io, &mut conn.read, cx)) {
+                Ok(0) if matches!(this.decoder, Decoder::UntilClose) => {
+                    this.finished = true;
+                    this.reusable = false;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(Error::Closed),
+                Ok(_) => {}
+                Err(e) => return this.fail(Error::Io(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.decoder, self.finished) {
+            (_, true) => SizeHint::with_exact(0),
+            (Decoder::Length(left), false) => SizeHint::with_exact(*left),
+            _ => SizeHint::default(),
+        }
+    }
+}
