@@ -191,3 +191,152 @@ fn unescape(field: &str) -> Vec<u8> {
     }
     out
 }
+
+/// The first byte's low bit picks the method (HEAD or GET), the rest is
+/// what an upstream answers: tidegate's HTTP/1.1 client
+/// (`proxy::h1`) and hyper's read it to the same outcome: both refuse it,
+/// or both give the same status, version, header fields, body bytes and
+/// trailers. (A 101 is hyper's to hand to an upgrade; tidegate sends no
+/// Upgrade on that path and refuses one.)
+pub fn upstream_response(data: &[u8]) {
+    let Some((&first, answer)) = data.split_first() else {
+        return;
+    };
+    let method = if first & 1 == 1 {
+        http::Method::HEAD
+    } else {
+        http::Method::GET
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let within = std::time::Duration::from_secs(10);
+        let theirs = tokio::time::timeout(within, exchange::hyper(method.clone(), answer))
+            .await
+            .expect("hyper reads a finite answer to its end");
+        let ours = tokio::time::timeout(within, exchange::tidegate(method, answer))
+            .await
+            .expect("tidegate reads a finite answer to its end");
+        if matches!(&theirs, exchange::Outcome::Answer { status: 101, .. }) {
+            assert_eq!(ours, exchange::Outcome::Refused, "a 101 without Upgrade");
+            return;
+        }
+        assert_eq!(ours, theirs, "answer {:?}", String::from_utf8_lossy(answer));
+    });
+}
+
+mod exchange {
+    use bytes::Bytes;
+    use http::{Method, Request};
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// What a client made of an answer.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Outcome {
+        Answer {
+            status: u16,
+            version: http::Version,
+            headers: Vec<(String, Bytes)>,
+            body: Vec<u8>,
+            trailers: Vec<(String, Bytes)>,
+        },
+        Refused,
+    }
+
+    fn fields(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
+        headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), Bytes::copy_from_slice(v.as_bytes())))
+            .collect()
+    }
+
+    /// A server that reads the request head, writes `answer` and closes.
+    fn upstream(answer: &[u8]) -> DuplexStream {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let answer = answer.to_vec();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if server.read(&mut byte).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let _ = server.write_all(&answer).await;
+            let _ = server.shutdown().await;
+            // Keep reading until the client goes, so its writes never fail.
+            let mut sink = [0u8; 1024];
+            while server.read(&mut sink).await.unwrap_or(0) > 0 {}
+        });
+        client
+    }
+
+    fn request(method: Method) -> Request<tidegate_gateway::http::body::ProxyBody> {
+        let mut request = Request::new(tidegate_gateway::http::body::empty());
+        *request.method_mut() = method;
+        *request.uri_mut() = http::Uri::from_static("/");
+        request.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("upstream"),
+        );
+        request
+    }
+
+    async fn read<B>(response: http::Response<B>) -> Outcome
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+    {
+        let status = response.status().as_u16();
+        let version = response.version();
+        let headers = fields(response.headers());
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        let mut trailers = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Outcome::Refused;
+            };
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers.extend(fields(&t));
+                    }
+                }
+            }
+        }
+        Outcome::Answer {
+            status,
+            version,
+            headers,
+            body: data,
+            trailers,
+        }
+    }
+
+    pub async fn hyper(method: Method, answer: &[u8]) -> Outcome {
+        let io = hyper_util::rt::TokioIo::new(upstream(answer));
+        let Ok((mut sender, connection)) = hyper::client::conn::http1::handshake(io).await else {
+            return Outcome::Refused;
+        };
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        match sender.send_request(request(method)).await {
+            Ok(response) => read(response).await,
+            Err(_) => Outcome::Refused,
+        }
+    }
+
+    pub async fn tidegate(method: Method, answer: &[u8]) -> Outcome {
+        let conn = tidegate_gateway::proxy::h1::Conn::new(upstream(answer), None);
+        match conn.send(request(method)).await {
+            Ok(response) => read(response).await,
+            Err(_) => Outcome::Refused,
+        }
+    }
+}

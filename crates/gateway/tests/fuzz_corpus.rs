@@ -54,3 +54,8 @@ fn correlation_id() {
 fn rate_limit_key() {
     run("rate_limit_key", checks::rate_limit_key);
 }
+
+#[test]
+fn upstream_response() {
+    run("upstream_response", checks::upstream_response);
+}

@@ -150,6 +150,8 @@ impl std::error::Error for Error {
 pub struct Conn<S = Stream> {
     io: S,
     read: BytesMut,
+    /// Where a head's fields lie in it (kept for the next head).
+    spans: Vec<Span>,
     /// Requests it carried.
     pub uses: u32,
     _slot: Option<OwnedSemaphorePermit>,
@@ -161,6 +163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Conn {
             io,
             read: BytesMut::new(),
+            spans: Vec::new(),
             uses: 0,
             _slot: slot,
         }
@@ -198,7 +201,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Poll::Ready(Ok(())) | Poll::Pending => {}
                 }
             }
-            match ready!(poll_head(&mut self.io, &mut self.read, cx, head_only)) {
+            let conn = &mut self;
+            match ready!(poll_head(
+                &mut conn.io,
+                &mut conn.read,
+                &mut conn.spans,
+                cx,
+                head_only
+            )) {
                 Err(Error::Closed | Error::Io(_)) if write_failed.is_some() => {
                     Poll::Ready(Err(Error::Io(write_failed.take().expect("checked"))))
                 }
@@ -236,12 +246,13 @@ struct Parsed {
 fn poll_head<S: AsyncRead + Unpin>(
     io: &mut S,
     read: &mut BytesMut,
+    spans: &mut Vec<Span>,
     cx: &mut Context<'_>,
     head_only: bool,
 ) -> Poll<Result<Parsed, Error>> {
     loop {
         while !read.is_empty() {
-            match parse_head(read, head_only)? {
+            match parse_head(read, spans, head_only)? {
                 Head::Final(parsed) => return Poll::Ready(Ok(parsed)),
                 Head::Informational => {}
                 Head::Partial => break,
@@ -277,8 +288,11 @@ enum Head {
     Partial,
 }
 
+/// Where a field's name and value lie in a head: start and end of each.
+type Span = [u32; 4];
+
 /// Parses the head at the start of `read`, and takes it off if whole.
-fn parse_head(read: &mut BytesMut, head_only: bool) -> Result<Head, Error> {
+fn parse_head(read: &mut BytesMut, spans: &mut Vec<Span>, head_only: bool) -> Result<Head, Error> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let config = httparse::ParserConfig::default();
@@ -299,19 +313,20 @@ fn parse_head(read: &mut BytesMut, head_only: bool) -> Result<Head, Error> {
         Version::HTTP_10
     };
     // Where each field lies in the head, to slice it once frozen.
+    // (A head is at most MAX_HEAD bytes: offsets fit in a u32.)
     let base = read.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = response.headers.len();
-    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = field.name.as_ptr() as usize - base;
-        let value = field.value.as_ptr() as usize - base;
-        *span = (
+    let offset = |at: *const u8| (at as usize - base) as u32;
+    spans.clear();
+    spans.extend(response.headers.iter().map(|field| {
+        let name = offset(field.name.as_ptr());
+        let value = offset(field.value.as_ptr());
+        [
             name,
-            name + field.name.len(),
+            name + field.name.len() as u32,
             value,
-            value + field.value.len(),
-        );
-    }
+            value + field.value.len() as u32,
+        ]
+    }));
     let head = read.split_to(len).freeze();
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -321,15 +336,21 @@ fn parse_head(read: &mut BytesMut, head_only: bool) -> Result<Head, Error> {
         }
         return Ok(Head::Informational);
     }
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = version == Version::HTTP_11;
     let mut close = false;
-    for &(n0, n1, v0, v1) in &spans[..count] {
+    let mut framing = Declared::default();
+    for &[n0, n1, v0, v1] in spans.iter() {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
         let name = HeaderName::from_bytes(&head[n0..n1])
             .map_err(|_| Error::Invalid("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| Error::Invalid("invalid header value"))?;
-        if name == header::CONNECTION {
+        if name == header::CONTENT_LENGTH {
+            framing.length = true;
+        } else if name == header::TRANSFER_ENCODING {
+            framing.chunked = true;
+        } else if name == header::CONNECTION {
             if close || has_token(&value, "close") {
                 close = true;
                 keep_alive = false;
@@ -339,7 +360,7 @@ fn parse_head(read: &mut BytesMut, head_only: bool) -> Result<Head, Error> {
         }
         headers.append(name, value);
     }
-    let (decoder, closes) = decoder(status, version, &headers, head_only)?;
+    let (decoder, closes) = decoder(status, version, &headers, framing, head_only)?;
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
@@ -351,18 +372,26 @@ fn parse_head(read: &mut BytesMut, head_only: bool) -> Result<Head, Error> {
     }))
 }
 
+/// Which framing fields a head has.
+#[derive(Debug, Default, Clone, Copy)]
+struct Declared {
+    length: bool,
+    chunked: bool,
+}
+
 /// How a response's body is framed (RFC 9112 §6.3, as hyper reads it),
 /// and whether it must close the connection after.
 fn decoder(
     status: StatusCode,
     version: Version,
     headers: &HeaderMap,
+    declared: Declared,
     head_only: bool,
 ) -> Result<(Decoder, bool), Error> {
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Decoder::Length(0), false));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if declared.chunked {
         if version == Version::HTTP_10 {
             return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 answer"));
         }
@@ -377,10 +406,9 @@ fn decoder(
             return Ok((Decoder::UntilClose, true));
         }
         // With a content-length beside it, the RFC has the connection closed.
-        let closes = headers.contains_key(header::CONTENT_LENGTH);
-        return Ok((Decoder::Chunked(Box::default()), closes));
+        return Ok((Decoder::Chunked(Box::default()), declared.length));
     }
-    if headers.contains_key(header::CONTENT_LENGTH) {
+    if declared.length {
         return match content_length(headers) {
             Some(len) => Ok((Decoder::Length(len), false)),
             None => Err(Error::Invalid("invalid content-length")),
@@ -389,18 +417,13 @@ fn decoder(
     Ok((Decoder::UntilClose, true))
 }
 
-/// The content-length every value of the field agrees on.
+/// The content-length every value of the field agrees on (each a list
+/// of decimal numbers).
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.to_str().ok()?.split(',') {
-            let part = part.trim().as_bytes();
-            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let n = part.iter().try_fold(0u64, |n, &d| {
-                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-            })?;
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = decimal(part.trim_ascii())?;
             if length.is_some_and(|l| l != n) {
                 return None;
             }
@@ -408,6 +431,20 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         }
     }
     length
+}
+
+/// Digits only, at least one, within a u64.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let d = d.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// Whether a comma-separated field value has `token`.
