@@ -108,21 +108,39 @@ where
 /// microseconds.
 fn timestamp(out: &mut String) {
     let micros = tidegate_client::clock::unix_micros();
-    let (secs, micros) = (micros / 1_000_000, micros % 1_000_000);
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil(days);
-    for (value, width, after) in [
-        (year, 4, '-'),
-        (month, 2, '-'),
-        (day, 2, 'T'),
-        (rest / 3600, 2, ':'),
-        (rest / 60 % 60, 2, ':'),
-        (rest % 60, 2, '.'),
-        (micros, 6, 'Z'),
-    ] {
-        padded(out, value, width);
-        out.push(after);
+    second(out, micros / 1_000_000);
+    padded(out, micros % 1_000_000, 6);
+    out.push('Z');
+}
+
+/// A second's part of a timestamp, up to its `.`: written once a second
+/// (per thread), copied the rest of it.
+fn second(out: &mut String, secs: u64) {
+    thread_local! {
+        static LAST: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != secs {
+            let (days, rest) = (secs / 86_400, secs % 86_400);
+            let (year, month, day) = civil(days);
+            let text = &mut last.1;
+            text.clear();
+            for (value, width, after) in [
+                (year, 4, '-'),
+                (month, 2, '-'),
+                (day, 2, 'T'),
+                (rest / 3600, 2, ':'),
+                (rest / 60 % 60, 2, ':'),
+                (rest % 60, 2, '.'),
+            ] {
+                padded(text, value, width);
+                text.push(after);
+            }
+            last.0 = secs;
+        }
+        out.push_str(&last.1);
+    });
 }
 
 /// `value` in decimal, at least `width` digits (zeros in front).
@@ -139,7 +157,9 @@ fn padded(out: &mut String, value: u64, width: usize) {
         }
     }
     let start = at.min(digits.len() - width.min(digits.len()));
-    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
+    for &digit in &digits[start..] {
+        out.push(char::from(digit));
+    }
 }
 
 /// The date of a day counted from 1970-01-01 (Howard Hinnant's
@@ -226,15 +246,7 @@ impl Visit for Fields<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.name(field);
-        match (self.json, serde_json::Number::from_f64(value)) {
-            (false, _) => {
-                let _ = write!(self.out, "{value:?}");
-            }
-            (true, Some(n)) => {
-                let _ = write!(self.out, "{n}");
-            }
-            (true, None) => self.out.push_str("null"),
-        }
+        self.float(value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
@@ -247,6 +259,31 @@ impl Visit for Fields<'_> {
     }
 }
 
+impl Fields<'_> {
+    /// A float as `fmt` writes it: `Debug` in text, a JSON number.
+    fn float(&mut self, value: f64) {
+        match (self.json, serde_json::Number::from_f64(value)) {
+            // A whole number of thousandths (the access line's durations)
+            // has one shortest form, which serde_json finds for a tenth of
+            // `Debug`'s cost, and writes as `Debug` does in this range.
+            (false, Some(n))
+                if value == 0.0
+                    || ((1e-3..1e12).contains(&value.abs())
+                        && (value * 1000.0).round() / 1000.0 == value) =>
+            {
+                let _ = write!(self.out, "{n}");
+            }
+            (false, _) => {
+                let _ = write!(self.out, "{value:?}");
+            }
+            (true, Some(n)) => {
+                let _ = write!(self.out, "{n}");
+            }
+            (true, None) => self.out.push_str("null"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -254,6 +291,35 @@ mod tests {
     use tracing_subscriber::prelude::*;
 
     use super::*;
+
+    /// Text lines write a float as `Debug` does, whichever way they get
+    /// there: milliseconds of every size, and the bounds around them.
+    #[test]
+    fn floats_read_as_debug_writes_them() {
+        let mut values = vec![
+            0.0, -0.0, 1e-3, 0.000999, 1e15, 9.99e14, 1e16, 1e-5, 5.0, 12.5, 0.0425,
+        ];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let nanos = x % 100_000_000_000;
+            values.push(std::time::Duration::from_nanos(nanos).as_secs_f64() * 1000.0);
+            values.push((nanos / 1000) as f64 / 1000.0);
+            values.push(f64::from_bits(x) % 1e6);
+        }
+        for value in values.into_iter().filter(|v| v.is_finite()) {
+            let mut out = String::new();
+            Fields {
+                out: &mut out,
+                json: false,
+                first: true,
+            }
+            .float(value);
+            assert_eq!(out, format!("{value:?}"));
+        }
+    }
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);

@@ -953,3 +953,274 @@ impl<S: AsyncRead + AsyncWrite + Unpin> http_body::Body for Body<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body;
+    use bytes::Bytes;
+    use http_body::Body as _;
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    fn request(method: Method, body: ProxyBody) -> Request<ProxyBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = http::Uri::from_static("/path?q=1");
+        request
+            .headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("upstream"));
+        request
+    }
+
+    /// Reads from `server` until `until` has been seen; returns it all.
+    async fn read_until(server: &mut DuplexStream, until: &[u8]) -> Vec<u8> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !seen.windows(until.len()).any(|w| w == until) {
+            let n = server.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "the client closed after {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    }
+
+    async fn collect(response: Response<Body<DuplexStream>>) -> (Vec<u8>, Body<DuplexStream>) {
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(bytes) = frame.unwrap().into_data() {
+                data.extend_from_slice(&bytes);
+            }
+        }
+        (data, body)
+    }
+
+    #[tokio::test]
+    async fn a_connection_carries_request_after_request_and_comes_back_after_each_body() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut conn = Conn::new(client, None);
+        for i in 0..3 {
+            assert!(conn.is_open());
+            let sent = tokio::spawn(conn.send(request(Method::GET, body::empty())));
+            let head = read_until(&mut server, b"\r\n\r\n").await;
+            assert_eq!(
+                head, b"GET /path?q=1 HTTP/1.1\r\nhost: upstream\r\n\r\n",
+                "no framing field for a GET without a body"
+            );
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nanswer{i}");
+            server.write_all(answer.as_bytes()).await.unwrap();
+            let response = sent.await.unwrap().unwrap();
+            assert_eq!(response.body().size_hint().exact(), Some(7));
+            let (data, mut body) = collect(response).await;
+            assert_eq!(data, format!("answer{i}").as_bytes());
+            conn = body
+                .take_reusable()
+                .expect("a whole answer gives the connection back");
+        }
+        drop(server);
+        assert!(!conn.is_open(), "a closed connection is seen as such");
+    }
+
+    #[tokio::test]
+    async fn bodies_are_framed_by_length_or_chunked_with_only_declared_trailers() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let conn = Conn::new(client, None);
+        let sent = tokio::spawn(conn.send(request(Method::POST, body::full("hello"))));
+        let head = read_until(&mut server, b"hello").await;
+        assert!(
+            head.ends_with(b"content-length: 5\r\n\r\nhello"),
+            "{head:?}"
+        );
+        server
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        let response = sent.await.unwrap().unwrap();
+        let (_, mut body) = collect(response).await;
+        let conn = body.take_reusable().unwrap();
+
+        // A body of unknown length, with trailers: chunked, and only the
+        // trailer the head declares goes.
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("5"));
+        trailers.insert("x-secret", HeaderValue::from_static("no"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hel"))),
+            Ok(Frame::data(Bytes::from_static(b"lo"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let streamed = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let mut streamed_request = request(Method::PUT, streamed);
+        streamed_request
+            .headers_mut()
+            .insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        let sent = tokio::spawn(conn.send(streamed_request));
+        let wire = read_until(&mut server, b"0\r\nx-sum: 5\r\n\r\n").await;
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(wire.contains("transfer-encoding: chunked\r\n"), "{wire}");
+        assert!(
+            wire.ends_with("\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\nx-sum: 5\r\n\r\n"),
+            "{wire}"
+        );
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let response = sent.await.unwrap().unwrap();
+        assert!(response.body().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_keeps_a_declared_zero_length() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut post = request(Method::POST, body::empty());
+        post.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let sent = tokio::spawn(Conn::new(client, None).send(post));
+        let head = read_until(&mut server, b"\r\n\r\n").await;
+        assert_eq!(
+            head,
+            b"POST /path?q=1 HTTP/1.1\r\nhost: upstream\r\ncontent-length: 0\r\n\r\n"
+        );
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        sent.await.unwrap().unwrap();
+    }
+
+    /// Answers after which the connection must close, and one after which
+    /// it may not (a control).
+    #[tokio::test]
+    async fn a_connection_comes_back_only_after_an_answer_that_allows_it() {
+        let cases: [(&[u8], bool); 7] = [
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", true),
+            (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", false),
+            (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA", false),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", false),
+        ];
+        for (answer, reusable) in cases {
+            let (client, mut server) = tokio::io::duplex(1 << 16);
+            let sent =
+                tokio::spawn(Conn::new(client, None).send(request(Method::GET, body::empty())));
+            read_until(&mut server, b"\r\n\r\n").await;
+            server.write_all(answer).await.unwrap();
+            if !reusable && answer.ends_with(b"until the end") {
+                server.shutdown().await.unwrap();
+            }
+            let response = sent.await.unwrap().unwrap();
+            let (_, mut body) = collect(response).await;
+            assert_eq!(
+                body.take_reusable().is_some(),
+                reusable,
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_request_body_ends_is_read_while_the_body_goes_on() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let streamed = StreamBody::new(tokio_stream_from(rx)).boxed();
+        let sent = tokio::spawn(Conn::new(client, None).send(request(Method::POST, streamed)));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .unwrap();
+        read_until(&mut server, b"5\r\nfirst\r\n").await;
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\necho\r\n")
+            .await
+            .unwrap();
+        let response = sent.await.unwrap().unwrap();
+        let mut body = response.into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "echo");
+        // The rest of the request goes out while the answer is read.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"second"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let reading = tokio::spawn(async move {
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+            }
+            body
+        });
+        read_until(&mut server, b"6\r\nsecond\r\n0\r\n\r\n").await;
+        server.write_all(b"0\r\n\r\n").await.unwrap();
+        let mut body = reading.await.unwrap();
+        assert!(body.take_reusable().is_some(), "both sides ended whole");
+    }
+
+    fn tokio_stream_from(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_answers_and_closes_before_reading_the_body_is_heard() {
+        let (client, mut server) = tokio::io::duplex(64);
+        let big = body::full(vec![b'x'; 1 << 20]);
+        let sent = tokio::spawn(Conn::new(client, None).send(request(Method::POST, big)));
+        read_until(&mut server, b"\r\n\r\n").await;
+        server
+            .write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        drop(server);
+        let response = sent.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let (_, mut body) = collect(response).await;
+        assert!(body.take_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_error_or_a_wrong_length_fails_the_exchange() {
+        let (client, _server) = tokio::io::duplex(1 << 16);
+        let failing = StreamBody::new(futures_util::stream::iter(vec![Err::<
+            Frame<Bytes>,
+            BoxError,
+        >(Box::new(
+            crate::http::body::BodyTooLarge,
+        ))]))
+        .boxed();
+        let error = Conn::new(client, None)
+            .send(request(Method::POST, failing))
+            .await
+            .unwrap_err();
+        assert!(crate::http::body::is_body_too_large(&error), "{error}");
+
+        let (client, _server) = tokio::io::duplex(1 << 16);
+        let mut short = request(Method::POST, body::full("abc"));
+        short
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        let error = Conn::new(client, None).send(short).await.unwrap_err();
+        assert!(matches!(error, Error::BodyLength), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_closes_before_answering_is_an_error() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let sent = tokio::spawn(Conn::new(client, None).send(request(Method::GET, body::empty())));
+        read_until(&mut server, b"\r\n\r\n").await;
+        drop(server);
+        assert!(matches!(
+            sent.await.unwrap(),
+            Err(Error::Closed | Error::Io(_))
+        ));
+    }
+}
