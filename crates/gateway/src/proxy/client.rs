@@ -364,6 +364,26 @@ impl UpstreamClient {
         }
     }
 
+    /// Sends `head` and `body` to `to`, as [`Self::request`] sends a
+    /// request. To an HTTP/1.1 destination the request is encoded from
+    /// the borrowed head, whose owner may send it again (nothing of it is
+    /// copied but its bytes); to others, and for an upgrade, it is built
+    /// from it.
+    pub fn send<'a>(
+        &'a self,
+        to: &'a Destination,
+        head: &h1::Head<'_>,
+        body: ProxyBody,
+        max_uses: Option<u32>,
+    ) -> impl Future<Output = Result<UpstreamResponse, ClientError>> + 'a {
+        if to.version == Version::Http1 && !upgrade(head.method, head.headers) {
+            let prepared = h1::Prepared::new(head, body);
+            Either::Left(self.send_h1(to, prepared, max_uses))
+        } else {
+            Either::Right(self.request(to, owned(head, body), max_uses))
+        }
+    }
+
     /// A request to a destination whose version ALPN chooses: the first
     /// connection learns it.
     async fn request_negotiated(
@@ -422,9 +442,21 @@ impl UpstreamClient {
                 request.headers_mut().insert(HOST, host);
             }
         }
-        if request.headers().contains_key(UPGRADE) || request.method() == Method::CONNECT {
+        if upgrade(request.method(), request.headers()) {
             return Box::pin(self.request_upgrade(to, request)).await;
         }
+        self.send_h1(to, h1::Prepared::from_request(request), max_uses)
+            .await
+    }
+
+    /// Sends an encoded request on a pooled connection to `to`, or a new
+    /// one.
+    async fn send_h1(
+        &self,
+        to: &Destination,
+        prepared: h1::Prepared,
+        max_uses: Option<u32>,
+    ) -> Result<UpstreamResponse, ClientError> {
         let host = self.host(to);
         let mut conn = match host.checkout() {
             Some(conn) => conn,
@@ -435,7 +467,7 @@ impl UpstreamClient {
         conn.uses += 1;
         let keep = max_uses.is_none_or(|max| conn.uses < max);
         let response = conn
-            .send(request)
+            .send_prepared(prepared)
             .await
             .map_err(|e| ClientError::Request(Box::new(e)))?;
         Ok(UpstreamBody::h1(response, keep.then_some(host)))
@@ -680,6 +712,24 @@ impl Shared {
                 || host.h2.lock().unwrap_or_else(|e| e.into_inner()).is_some()
         });
     }
+}
+
+/// Whether a request asks to switch protocols or tunnel: hyper's to send.
+fn upgrade(method: &Method, headers: &http::HeaderMap) -> bool {
+    headers.contains_key(UPGRADE) || method == Method::CONNECT
+}
+
+/// A request built from `head` and `body`, its extra fields in place.
+fn owned(head: &h1::Head<'_>, body: ProxyBody) -> Request<ProxyBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.target.clone().into();
+    let mut headers = head.headers.clone();
+    for (name, value) in head.extra {
+        headers.insert(name.clone(), value.clone());
+    }
+    *request.headers_mut() = headers;
+    request
 }
 
 /// FNV-1a over bytes, and one multiply per whole word: the pool's keys are

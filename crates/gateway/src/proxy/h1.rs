@@ -31,6 +31,7 @@ use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -184,10 +185,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Sends `request` (origin-form target, `Host` set) and reads the
     /// answer's head; the answer's body reads the rest.
-    pub async fn send(mut self, request: Request<ProxyBody>) -> Result<Response<Body<S>>, Error> {
-        let (parts, body) = request.into_parts();
-        let mut writer = Writer::new(&parts.method, &parts.uri, &parts.headers, body);
-        let head_only = parts.method == Method::HEAD;
+    pub async fn send(self, request: Request<ProxyBody>) -> Result<Response<Body<S>>, Error> {
+        self.send_prepared(Prepared::from_request(request)).await
+    }
+
+    /// Sends a request encoded beforehand (see [`Prepared`]).
+    pub async fn send_prepared(mut self, prepared: Prepared) -> Result<Response<Body<S>>, Error> {
+        let Prepared {
+            mut writer,
+            head_only,
+        } = prepared;
         let mut write_failed = None;
         let parsed = std::future::poll_fn(|cx| {
             if write_failed.is_none() && !writer.done() {
@@ -235,6 +242,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+/// A request head to send: what the caller keeps for every attempt of a
+/// request, borrowed, and the fields of this attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    /// Its method.
+    pub method: &'a Method,
+    /// Its origin-form target.
+    pub target: &'a PathAndQuery,
+    /// Its fields (framing fields aside: the body decides them).
+    pub headers: &'a HeaderMap,
+    /// Fields that replace the ones of the same name in `headers`.
+    pub extra: &'a [(HeaderName, HeaderValue)],
+    /// `Host`, when neither `headers` nor `extra` has one.
+    pub host: &'a str,
+}
+
+/// A request encoded and ready to go on any connection: its head written
+/// out, its body to follow. (Encoding it does not need the connection,
+/// and leaves nothing borrowed.)
+#[derive(Debug)]
+pub struct Prepared {
+    writer: Writer,
+    head_only: bool,
+}
+
+impl Prepared {
+    /// `head` and `body`, encoded.
+    pub fn new(head: &Head<'_>, body: ProxyBody) -> Self {
+        Prepared {
+            writer: Writer::new(head, body),
+            head_only: *head.method == Method::HEAD,
+        }
+    }
+
+    /// `request` (origin-form target, `Host` set), encoded.
+    pub fn from_request(request: Request<ProxyBody>) -> Self {
+        let (parts, body) = request.into_parts();
+        let root = PathAndQuery::from_static("/");
+        let head = Head {
+            method: &parts.method,
+            target: parts.uri.path_and_query().unwrap_or(&root),
+            headers: &parts.headers,
+            extra: &[],
+            host: "",
+        };
+        Prepared::new(&head, body)
+    }
+}
+
 /// A response head, and how its body is framed.
 struct Parsed {
     response: Response<()>,
@@ -253,9 +309,9 @@ fn poll_head<S: AsyncRead + Unpin>(
     loop {
         while !read.is_empty() {
             match parse_head(read, spans, head_only)? {
-                Head::Final(parsed) => return Poll::Ready(Ok(parsed)),
-                Head::Informational => {}
-                Head::Partial => break,
+                Answer::Final(parsed) => return Poll::Ready(Ok(parsed)),
+                Answer::Informational => {}
+                Answer::Partial => break,
             }
         }
         if read.len() >= MAX_HEAD {
@@ -281,7 +337,7 @@ fn poll_fill<S: AsyncRead + Unpin>(
     reading.poll(cx)
 }
 
-enum Head {
+enum Answer {
     Final(Parsed),
     /// A 1xx answer, taken off: the final one follows.
     Informational,
@@ -292,13 +348,17 @@ enum Head {
 type Span = [u32; 4];
 
 /// Parses the head at the start of `read`, and takes it off if whole.
-fn parse_head(read: &mut BytesMut, spans: &mut Vec<Span>, head_only: bool) -> Result<Head, Error> {
+fn parse_head(
+    read: &mut BytesMut,
+    spans: &mut Vec<Span>,
+    head_only: bool,
+) -> Result<Answer, Error> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let config = httparse::ParserConfig::default();
     let len = match config.parse_response_with_uninit_headers(&mut response, read, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(Head::Partial),
+        Ok(httparse::Status::Partial) => return Ok(Answer::Partial),
         Err(httparse::Error::TooManyHeaders) => {
             return Err(Error::Invalid("too many header fields"))
         }
@@ -334,7 +394,7 @@ fn parse_head(read: &mut BytesMut, spans: &mut Vec<Span>, head_only: bool) -> Re
                 "101 Switching Protocols to a request without Upgrade",
             ));
         }
-        return Ok(Head::Informational);
+        return Ok(Answer::Informational);
     }
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = version == Version::HTTP_11;
@@ -365,7 +425,7 @@ fn parse_head(read: &mut BytesMut, spans: &mut Vec<Span>, head_only: bool) -> Re
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = headers;
-    Ok(Head::Final(Parsed {
+    Ok(Answer::Final(Parsed {
         response,
         decoder,
         keep_alive: keep_alive && !closes,
@@ -474,22 +534,31 @@ struct Writer {
 impl Writer {
     /// The head of a request to `method` `uri` with `headers` (framing
     /// fields aside: the body decides them, as hyper's client does).
-    fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, body: ProxyBody) -> Self {
+    fn new(head: &Head<'_>, body: ProxyBody) -> Self {
         use http_body::Body as _;
-        let mut out = Vec::with_capacity(256 + headers.len() * 32);
-        out.extend_from_slice(method.as_str().as_bytes());
+        let headers = head.headers;
+        let mut out = Vec::with_capacity(256 + headers.len() * 48);
+        out.extend_from_slice(head.method.as_str().as_bytes());
         out.push(b' ');
-        out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+        out.extend_from_slice(head.target.as_str().as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let mut declared = false;
-        for (name, value) in headers {
-            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        let fields = headers.iter().filter(|(name, _)| {
+            if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
                 declared = true;
-                continue;
+                return false;
             }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
+            !head.extra.iter().any(|(replaced, _)| replaced == *name)
+        });
+        for (name, value) in fields.chain(head.extra.iter().map(|(n, v)| (n, v))) {
+            field(&mut out, name, value);
+        }
+        if !head.host.is_empty()
+            && !headers.contains_key(header::HOST)
+            && !head.extra.iter().any(|(name, _)| name == header::HOST)
+        {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(head.host.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         let (body, framing) = if body.is_end_stream() {
@@ -604,10 +673,7 @@ impl Writer {
                 self.out.extend_from_slice(b"0\r\n");
                 for (name, value) in trailers.into_iter().flatten() {
                     if allowed.contains(name) {
-                        self.out.extend_from_slice(name.as_str().as_bytes());
-                        self.out.extend_from_slice(b": ");
-                        self.out.extend_from_slice(value.as_bytes());
-                        self.out.extend_from_slice(b"\r\n");
+                        field(&mut self.out, name, value);
                     }
                 }
                 self.out.extend_from_slice(b"\r\n");
@@ -615,6 +681,14 @@ impl Writer {
             }
         }
     }
+}
+
+/// `name: value` and its line end.
+fn field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The fields a request's `Trailer` names: the only trailers sent.

@@ -722,11 +722,11 @@ impl Gateway {
         let replayable = body.is_replayable();
         let op = |attempt: Attempt| {
             attempts.fetch_add(1, Ordering::Relaxed);
-            let head = call.head(attempt.number(), attempt.remaining_at_start());
+            let extra = call.extra(attempt.number(), attempt.remaining_at_start());
             self.attempt(
                 call,
                 upstream,
-                head,
+                extra,
                 body.take(),
                 replayable,
                 attempt,
@@ -1142,18 +1142,20 @@ impl Gateway {
         &self,
         call: &Call<'_>,
         upstream: &Upstream,
-        head: Head,
+        extra: Extra,
         body: Option<ProxyBody>,
         replayable: bool,
         told: Attempt,
         tried: &AtomicU64,
     ) -> Result<UpstreamResponse, AttemptError> {
+        let template = &call.template.0;
         let retryable = call.idempotent && replayable;
         let Some(body) = body else {
             // A streamed body went with an earlier attempt that never connected.
             return Err(AttemptError::BodyGone);
         };
-        let Some((index, endpoint)) = upstream.pick(&head.headers, tried.load(Ordering::Relaxed))
+        let Some((index, endpoint)) =
+            upstream.pick(&template.headers, tried.load(Ordering::Relaxed))
         else {
             return Err(AttemptError::NoEndpoint);
         };
@@ -1163,20 +1165,27 @@ impl Gateway {
         // A recorded request's attempt is a span, whose ID its
         // `traceparent` carries.
         let traced = call.span.and_then(|parent| {
-            let sent = head.headers.get(&headers::TRACEPARENT)?;
+            let sent = extra
+                .iter()
+                .find(|(name, _)| name == headers::TRACEPARENT)
+                .map(|(_, value)| value)
+                .or_else(|| template.headers.get(&headers::TRACEPARENT))?;
             let ids = TraceIds::parse(sent)?;
             Some(Span::child_of(parent, ids.span_id, Instant::now()))
         });
-        let method = traced.map(|_| head.method.clone());
-        let mut request = Request::new(body);
-        *request.method_mut() = head.method;
-        *request.uri_mut() = head.path_and_query.into();
-        *request.headers_mut() = head.headers;
+        let method = traced.map(|_| template.method.clone());
+        let head = h1::Head {
+            method: &template.method,
+            target: &template.path_and_query,
+            headers: &template.headers,
+            extra: &extra,
+            host: endpoint.to.authority().as_str(),
+        };
         let max_uses = upstream.config.pool.max_requests_per_connection;
         let attempting = endpoint.attempting();
         let sent = call
             .upstream_client
-            .request(&endpoint.to, request, max_uses);
+            .send(&endpoint.to, &head, body, max_uses);
         // One timer for the attempt's timeout and the deadline alike (the
         // pipeline leaves the cut-off to the attempt).
         let result = match told.cut_off() {
@@ -1402,14 +1411,14 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    /// The head of attempt `number` (from 1), with the time `remaining`.
-    fn head(&self, number: u32, remaining: Option<Duration>) -> Head {
-        let mut head = self.template.head(number, remaining);
+    /// The fields attempt `number` (from 1), with the time `remaining`,
+    /// adds to the template (see [`Template::extra`]).
+    fn extra(&self, number: u32, remaining: Option<Duration>) -> Extra {
+        let mut extra = self.template.extra(number, remaining);
         if let (true, Some(left)) = (self.grpc, remaining) {
-            head.headers
-                .insert(&grpc::TIMEOUT, grpc::timeout_value(left));
+            extra.push((grpc::TIMEOUT.clone(), grpc::timeout_value(left)));
         }
-        head
+        extra
     }
 }
 
@@ -1625,24 +1634,26 @@ struct Head {
 struct Template(Head);
 
 impl Template {
-    /// The head of attempt `number` (from 1), with the time `remaining`.
-    /// A retry is a span of its own in the request's trace: the first
-    /// attempt sends the template's `traceparent`, each later one the same
-    /// trace with a new span ID.
-    fn head(&self, number: u32, remaining: Option<Duration>) -> Head {
-        let mut head = self.0.clone();
+    /// The fields attempt `number` (from 1), with the time `remaining`,
+    /// sends in place of the template's, if any. A retry is a span of its
+    /// own in the request's trace: the first attempt sends the template's
+    /// `traceparent`, each later one the same trace with a new span ID.
+    fn extra(&self, number: u32, remaining: Option<Duration>) -> Extra {
+        let mut extra = Vec::new();
         if number > 1 {
-            let first = head.headers.get(&headers::TRACEPARENT);
+            let first = self.0.headers.get(&headers::TRACEPARENT);
             let span = headers::child_traceparent(first);
-            head.headers.insert(&headers::TRACEPARENT, span);
+            extra.push((headers::TRACEPARENT.clone(), span));
         }
         if let Some(left) = remaining {
-            head.headers
-                .insert(&headers::DEADLINE_MS, headers::deadline_value(left));
+            extra.push((headers::DEADLINE_MS.clone(), headers::deadline_value(left)));
         }
-        head
+        extra
     }
 }
+
+/// Fields an attempt sends in place of its template's.
+type Extra = Vec<(http::HeaderName, HeaderValue)>;
 
 /// Makes `value` the entry's only value, whether or not it had one.
 fn set(entry: Entry<'_, HeaderValue>, value: HeaderValue) {
