@@ -396,7 +396,9 @@ fn parse_head(
         }
         return Ok(Answer::Informational);
     }
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the gateway adds on the way back (the request ID…),
+    // so that the map is not built twice.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     let mut keep_alive = version == Version::HTTP_11;
     let mut close = false;
     let mut framing = Declared::default();

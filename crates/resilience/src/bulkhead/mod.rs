@@ -4,6 +4,13 @@
 //! A full queue rejects at once. Slots are guards released on drop, so a
 //! cancelled caller never leaks one.
 //!
+//! A slot is one atomic count: taking and giving one back is a single
+//! atomic operation each, with no lock, so that callers on several threads
+//! do not queue behind each other for the bookkeeping (a semaphore locks
+//! its waiter list on every release). Waiting callers go first: while any
+//! wait, a newcomer queues behind them, and each slot given back wakes the
+//! longest waiting.
+//!
 //! ```
 //! use tidegate_resilience::bulkhead::{Bulkhead, Config};
 //!
@@ -24,7 +31,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::Notify;
 
 pub use self::layer::{BulkheadLayer, BulkheadService};
 use crate::settings::{check, ConfigError};
@@ -79,9 +86,26 @@ impl std::error::Error for BulkheadFull {}
 
 #[derive(Debug)]
 struct Shared {
-    slots: Semaphore,
+    /// Slots taken now.
+    in_use: AtomicU32,
+    /// Callers waiting for one.
     queued: AtomicU32,
+    /// Wakes a waiting caller when a slot comes back.
+    freed: Notify,
     config: Config,
+}
+
+impl Shared {
+    /// Takes a slot if one is free.
+    fn take(&self) -> Option<BulkheadPermit<'_>> {
+        let max = self.config.max_concurrent;
+        self.in_use
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BulkheadPermit { shared: self })
+    }
 }
 
 /// A bulkhead; clones share the same slots.
@@ -100,7 +124,18 @@ impl Default for Bulkhead {
 #[must_use = "the slot is given back as soon as the permit is dropped"]
 #[derive(Debug)]
 pub struct BulkheadPermit<'a> {
-    _slot: SemaphorePermit<'a>,
+    shared: &'a Shared,
+}
+
+impl Drop for BulkheadPermit<'_> {
+    fn drop(&mut self) {
+        self.shared.in_use.fetch_sub(1, Ordering::SeqCst);
+        // (Sequentially consistent, as a waiter's queueing and its retry:
+        // either it sees this slot free, or this sees it waiting.)
+        if self.shared.queued.load(Ordering::SeqCst) > 0 {
+            self.shared.freed.notify_one();
+        }
+    }
 }
 
 /// Leaves the queue when dropped, however the wait ends.
@@ -117,8 +152,9 @@ impl Bulkhead {
     pub fn new(config: Config) -> Self {
         Bulkhead {
             shared: Arc::new(Shared {
-                slots: Semaphore::new(config.max_concurrent as usize),
+                in_use: AtomicU32::new(0),
                 queued: AtomicU32::new(0),
+                freed: Notify::new(),
                 config,
             }),
         }
@@ -129,13 +165,13 @@ impl Bulkhead {
         &self.shared.config
     }
 
-    /// Takes a slot if one is free, without waiting.
+    /// Takes a slot if one is free and nobody waits for it, without
+    /// waiting.
     pub fn try_acquire(&self) -> Result<BulkheadPermit<'_>, BulkheadFull> {
-        self.shared
-            .slots
-            .try_acquire()
-            .map(|slot| BulkheadPermit { _slot: slot })
-            .map_err(|_| BulkheadFull)
+        if self.shared.queued.load(Ordering::Relaxed) > 0 {
+            return Err(BulkheadFull);
+        }
+        self.shared.take().ok_or(BulkheadFull)
     }
 
     /// Takes a slot, waiting in the queue up to `max_wait` if there is room in it.
@@ -147,16 +183,27 @@ impl Bulkhead {
         let max_queued = shared.config.max_queued;
         shared
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+            .fetch_update(Ordering::SeqCst, Ordering::Acquire, |q| {
                 (q < max_queued).then_some(q + 1)
             })
             .map_err(|_| BulkheadFull)?;
         let _queued = QueueSlot(&shared.queued);
-        match tokio::time::timeout(shared.config.max_wait, shared.slots.acquire()).await {
-            Ok(Ok(slot)) => Ok(BulkheadPermit { _slot: slot }),
-            // Timed out, or the semaphore was closed (it never is).
-            _ => Err(BulkheadFull),
-        }
+        let wait = async {
+            loop {
+                let freed = shared.freed.notified();
+                tokio::pin!(freed);
+                // Listening before looking: a slot given back after the
+                // look wakes this one.
+                freed.as_mut().enable();
+                if let Some(permit) = shared.take() {
+                    return permit;
+                }
+                freed.await;
+            }
+        };
+        tokio::time::timeout(shared.config.max_wait, wait)
+            .await
+            .map_err(|_| BulkheadFull)
     }
 
     /// Runs `f` in a slot.
@@ -171,7 +218,7 @@ impl Bulkhead {
 
     /// Calls running now.
     pub fn in_flight(&self) -> u32 {
-        self.shared.config.max_concurrent - self.shared.slots.available_permits() as u32
+        self.shared.in_use.load(Ordering::Acquire)
     }
 
     /// Calls waiting for a slot now.
@@ -205,6 +252,68 @@ mod tests {
         let start = tokio::time::Instant::now();
         assert_eq!(bulkhead.acquire().await.unwrap_err(), BulkheadFull);
         assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert_eq!(bulkhead.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_callers_go_before_newcomers() {
+        let bulkhead = Bulkhead::new(Config {
+            max_concurrent: 1,
+            max_queued: 5,
+            max_wait: Duration::from_secs(1),
+        });
+        let held = bulkhead.try_acquire().unwrap();
+        let waiter = bulkhead.acquire();
+        tokio::pin!(waiter);
+        assert!(futures_poll_once(waiter.as_mut()).await.is_none());
+        drop(held);
+        // The slot is free, but the waiter was first.
+        assert_eq!(bulkhead.try_acquire().unwrap_err(), BulkheadFull);
+        let permit = waiter.await.unwrap();
+        assert_eq!(bulkhead.in_flight(), 1);
+        drop(permit);
+        assert_eq!(bulkhead.in_flight(), 0);
+        assert!(bulkhead.try_acquire().is_ok());
+    }
+
+    /// Callers on four threads, eight slots, room for all to queue: none
+    /// is refused (no wake-up is lost), and never more than eight run.
+    #[test]
+    fn threads_share_the_slots_exactly() {
+        use std::sync::atomic::AtomicU32;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_time()
+            .build()
+            .unwrap();
+        let bulkhead = Bulkhead::new(Config {
+            max_concurrent: 8,
+            max_queued: 1000,
+            max_wait: Duration::from_secs(60),
+        });
+        let running = Arc::new(AtomicU32::new(0));
+        let most = Arc::new(AtomicU32::new(0));
+        runtime.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..64 {
+                let (bulkhead, running, most) = (bulkhead.clone(), running.clone(), most.clone());
+                tasks.spawn(async move {
+                    for _ in 0..200 {
+                        let permit = bulkhead.acquire().await.expect("a slot within the wait");
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        drop(permit);
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+        });
+        assert!(most.load(Ordering::SeqCst) <= 8);
+        assert_eq!(bulkhead.in_flight(), 0);
         assert_eq!(bulkhead.queued(), 0);
     }
 
