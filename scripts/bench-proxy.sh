@@ -34,6 +34,10 @@
 # With access logs on in both (LOGS=0 leaves it out): `log-tidegate`
 # writes its access lines (info) to a file, `log-nginx` its `access_log`.
 #
+# HAProxy and Caddy too (OTHERS=0 leaves them out): `haproxy` (nbthread =
+# workers, `http-reuse always`) and `caddy` (`reverse_proxy`, GOMAXPROCS =
+# workers), both without access logs, in front of the same upstream.
+#
 # Rounds alternate direct / tidegate / edge / shared / nginx / floor so that machine noise
 # hits all alike; the table shows each one's median over the rounds, and
 # the ratios are computed from those medians.
@@ -54,6 +58,7 @@ ROUNDS=${ROUNDS:-3}
 GRPC=${GRPC:-1}                # also measure gRPC unary calls
 TLS=${TLS:-1}                  # also measure HTTPS
 LOGS=${LOGS:-1}                # also measure both with access logs on
+OTHERS=${OTHERS:-1}            # also measure HAProxy and Caddy
 if [ "$WORKERS" = 1 ] && [ "$(nproc)" -ge 2 ]; then PIN=${PIN:-1}; else PIN=${PIN:-0}; fi
 ON_LOAD=()
 ON_PROXY=()
@@ -64,6 +69,7 @@ STREAMS=${STREAMS:-10}         # h2load streams in flight per connection
 need_tools nginx wrk python3 redis-server openssl
 # h2load and nghttp come in Debian's nghttp2-client.
 command -v h2load >/dev/null || need_tools nghttp2-client
+if [ "$OTHERS" = 1 ]; then need_tools haproxy caddy; fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 cargo build --release --quiet -p tidegate --bin tidegate --example hyper_floor
@@ -88,6 +94,8 @@ LOG_ADMIN_PORT=$(free_port)
 NGINX_LOG_PORT=$(free_port)
 TLS_ADMIN_PORT=$(free_port)
 NGINX_TLS_PORT=$(free_port)
+HAPROXY_PORT=$(free_port)
+CADDY_PORT=$(free_port)
 
 nginx_conf() { # name workers server-block
     mkdir -p "$WORK/$1"
@@ -260,6 +268,45 @@ PIDS+=("$TIDEGATE_PID")
 PIDS+=($!)
 FLOOR_PID=$!
 
+if [ "$OTHERS" = 1 ]; then
+    # HAProxy: one process, `nbthread` threads, idle upstream connections
+    # shared by every client connection, no logs.
+    cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread $WORKERS
+    maxconn 20000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend proxy
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend app
+backend app
+    server upstream 127.0.0.1:$UPSTREAM_PORT
+EOF
+    "${ON_PROXY[@]}" haproxy -db -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
+    PIDS+=($!)
+    HAPROXY_PID=$!
+    # Caddy: `reverse_proxy` (pooled upstream connections), no access log.
+    cat >"$WORK/Caddyfile" <<EOF
+{
+    admin off
+    auto_https off
+    persist_config off
+}
+http://127.0.0.1:$CADDY_PORT {
+    reverse_proxy 127.0.0.1:$UPSTREAM_PORT
+}
+EOF
+    HOME=$WORK GOMAXPROCS=$WORKERS "${ON_PROXY[@]}" caddy run --config "$WORK/Caddyfile" \
+        --adapter caddyfile 2>"$WORK/caddy.log" &
+    PIDS+=($!)
+    CADDY_PID=$!
+fi
+
 wait_port "$UPSTREAM_PORT"
 wait_port "$NGINX_PORT"
 wait_port "$FLOOR_PORT"
@@ -271,6 +318,10 @@ wait_port "$TLS_PORT"
 wait_port "$LOG_PORT"
 wait_port "$NGINX_LOG_PORT"
 wait_port "$NGINX_TLS_PORT"
+if [ "$OTHERS" = 1 ]; then
+    wait_port "$HAPROXY_PORT"
+    wait_port "$CADDY_PORT"
+fi
 
 # One gRPC request message, framed: uncompressed, 5 bytes.
 printf '\x00\x00\x00\x00\x05hello' >"$WORK/grpc.msg"
@@ -377,6 +428,8 @@ VIA_NGINX="http://127.0.0.1:$NGINX_PORT/"
 VIA_EDGE="http://127.0.0.1:$TIDEGATE_PORT/edge"
 VIA_SHARED="http://127.0.0.1:$SHARED_PORT/edge"
 VIA_FLOOR="http://127.0.0.1:$FLOOR_PORT/"
+VIA_HAPROXY="http://127.0.0.1:$HAPROXY_PORT/"
+VIA_CADDY="http://127.0.0.1:$CADDY_PORT/"
 KEY=(-H "X-API-Key: bench-key")
 
 GRPC_DIRECT="http://127.0.0.1:$GRPC_UPSTREAM_PORT$GRPC_PATH"
@@ -388,6 +441,7 @@ VIA_LOG_NGINX="http://127.0.0.1:$NGINX_LOG_PORT/"
 VIA_TLS_NGINX="https://127.0.0.1:$NGINX_TLS_PORT/"
 CLOSE=(-H "Connection: close")
 TARGETS=(direct tidegate edge shared nginx floor)
+if [ "$OTHERS" = 1 ]; then TARGETS+=(haproxy caddy); fi
 if [ "$LOGS" = 1 ]; then TARGETS+=(log-tidegate log-nginx); fi
 if [ "$TLS" = 1 ]; then TARGETS+=(tls-tidegate tls-nginx hs-tidegate hs-nginx); fi
 if [ "$GRPC" = 1 ]; then TARGETS+=(grpc-direct grpc-tidegate grpc-nginx); fi
@@ -397,6 +451,10 @@ measure "$DIRECT" 2 "$NGINX_PID_upstream" >/dev/null
 measure "$VIA_TIDEGATE" 2 "$TIDEGATE_PID" >/dev/null
 measure "$VIA_NGINX" 2 "$NGINX_PID_proxy" >/dev/null
 measure "$VIA_FLOOR" 2 "$FLOOR_PID" >/dev/null
+if [ "$OTHERS" = 1 ]; then
+    measure "$VIA_HAPROXY" 2 "$HAPROXY_PID" >/dev/null
+    measure "$VIA_CADDY" 2 "$CADDY_PID" >/dev/null
+fi
 if [ "$LOGS" = 1 ]; then
     measure "$VIA_LOG_TIDEGATE" 2 "$LOG_PID" >/dev/null
     measure "$VIA_LOG_NGINX" 2 "$NGINX_PID_logproxy" >/dev/null
@@ -432,6 +490,8 @@ for round in $(seq 1 "$ROUNDS"); do
             shared) url=$VIA_SHARED pid=$SHARED_PID extra=("${KEY[@]}") ;;
             nginx) url=$VIA_NGINX pid=$NGINX_PID_proxy ;;
             floor) url=$VIA_FLOOR pid=$FLOOR_PID ;;
+            haproxy) url=$VIA_HAPROXY pid=$HAPROXY_PID ;;
+            caddy) url=$VIA_CADDY pid=$CADDY_PID ;;
             log-tidegate) url=$VIA_LOG_TIDEGATE pid=$LOG_PID ;;
             log-nginx) url=$VIA_LOG_NGINX pid=$NGINX_PID_logproxy ;;
             tls-tidegate) url=$VIA_TLS_TIDEGATE pid=$TLS_PID ;;
@@ -451,7 +511,7 @@ rows = [line.split() for line in open(sys.argv[1])]
 rss_kib, workers, conns, duration, rounds, _streams = sys.argv[2:]
 median = {}
 cpu = {}
-targets = ("direct", "tidegate", "edge", "shared", "nginx", "floor",
+targets = ("direct", "tidegate", "edge", "shared", "nginx", "floor", "haproxy", "caddy",
            "log-tidegate", "log-nginx", "tls-tidegate", "tls-nginx", "hs-tidegate", "hs-nginx",
            "grpc-direct", "grpc-tidegate", "grpc-nginx")
 for target in targets:
@@ -487,6 +547,9 @@ print(f"shared/edge (the same limits counted in Redis): requests/s {r[0] / e[0]:
 f = median["floor"]
 print(f"floor/nginx (bare hyper, the ceiling of a hyper proxy): requests/s {f[0] / n[0]:.2f}x, p50 {f[1] / n[1]:.2f}x, p99 {f[2] / n[2]:.2f}x")
 print(f"tidegate/floor (the cost of tidegate's own work): requests/s {t[0] / f[0]:.2f}x, p50 {t[1] / f[1]:.2f}x, p99 {t[2] / f[2]:.2f}x")
+for other in ("haproxy", "caddy"):
+    if other in cpu:
+        print(f"requests per proxy CPU-second, {other}/nginx: {cpu['nginx'] / cpu[other]:.2f}x; tidegate/{other}: {cpu[other] / cpu['tidegate']:.2f}x")
 if "grpc-tidegate" in median:
     g, gn, gd = median["grpc-tidegate"], median["grpc-nginx"], median["grpc-direct"]
     print(f"gRPC unary (h2load, {sys.argv[7]} streams a connection; latency columns: mean, mean + 2 sd):")
