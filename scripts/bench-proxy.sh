@@ -274,7 +274,7 @@ if [ "$OTHERS" = 1 ]; then
     cat >"$WORK/haproxy.cfg" <<EOF
 global
     nbthread $WORKERS
-    maxconn 20000
+    maxconn 8000
 defaults
     mode http
     timeout connect 5s
@@ -295,7 +295,6 @@ EOF
 {
     admin off
     auto_https off
-    persist_config off
 }
 http://127.0.0.1:$CADDY_PORT {
     reverse_proxy 127.0.0.1:$UPSTREAM_PORT
