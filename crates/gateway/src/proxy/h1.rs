@@ -53,8 +53,11 @@ const MAX_EXTENSIONS: u64 = 16 * 1024;
 /// Request body bytes gathered into one write with the head, at most.
 const COALESCE: usize = 64 * 1024;
 
-/// What a read asks the socket for at least.
+/// What a read asks the socket for at least, and at most: a body's reads
+/// grow from the one to the other while each fills what it asked for (as
+/// hyper's do), and shrink back when they come in small.
 const READ_SIZE: usize = 8192;
+const MAX_READ_SIZE: usize = 64 * 1024;
 
 /// A connection to an upstream: plain TCP or TLS.
 #[derive(Debug)]
@@ -153,6 +156,8 @@ pub struct Conn<S = Stream> {
     read: BytesMut,
     /// Where a head's fields lie in it (kept for the next head).
     spans: Vec<Span>,
+    /// What the next body read asks for.
+    read_size: usize,
     /// Requests it carried.
     pub uses: u32,
     _slot: Option<OwnedSemaphorePermit>,
@@ -165,6 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             io,
             read: BytesMut::new(),
             spans: Vec::new(),
+            read_size: READ_SIZE,
             uses: 0,
             _slot: slot,
         }
@@ -317,24 +323,32 @@ fn poll_head<S: AsyncRead + Unpin>(
         if read.len() >= MAX_HEAD {
             return Poll::Ready(Err(Error::Invalid("response head too large")));
         }
-        if ready!(poll_fill(io, read, cx)).map_err(Error::Io)? == 0 {
+        if ready!(poll_fill(io, read, &mut READ_SIZE.clone(), cx)).map_err(Error::Io)? == 0 {
             return Poll::Ready(Err(Error::Closed));
         }
     }
 }
 
-/// Reads what the socket has into `read`; 0 at its end.
+/// Reads what the socket has into `read`, asking for `size` bytes, which
+/// it adapts to what came; 0 at its end.
 fn poll_fill<S: AsyncRead + Unpin>(
     io: &mut S,
     read: &mut BytesMut,
+    size: &mut usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    if read.capacity() - read.len() < READ_SIZE / 4 {
-        read.reserve(READ_SIZE);
+    if read.capacity() - read.len() < *size / 4 {
+        read.reserve(*size);
     }
     let reading = io.read_buf(read);
     tokio::pin!(reading);
-    reading.poll(cx)
+    let n = ready!(reading.poll(cx))?;
+    if n >= *size {
+        *size = (*size * 2).min(MAX_READ_SIZE);
+    } else if n < *size / 8 {
+        *size = (*size / 2).max(READ_SIZE);
+    }
+    Poll::Ready(Ok(n))
 }
 
 enum Answer {
@@ -1004,7 +1018,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> http_body::Body for Body<S> {
                     }
                 }
             }
-            match ready!(poll_fill(&mut conn.io, &mut conn.read, cx)) {
+            match ready!(poll_fill(
+                &mut conn.io,
+                &mut conn.read,
+                &mut conn.read_size,
+                cx
+            )) {
                 Ok(0) if matches!(this.decoder, Decoder::UntilClose) => {
                     this.finished = true;
                     this.reusable = false;
@@ -1149,6 +1168,37 @@ mod tests {
             .unwrap();
         let response = sent.await.unwrap().unwrap();
         assert!(response.body().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_large_body_is_read_in_reads_that_grow() {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let sent = tokio::spawn(Conn::new(client, None).send(request(Method::GET, body::empty())));
+        read_until(&mut server, b"\r\n\r\n").await;
+        let size = 1 << 20;
+        server
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let writing = tokio::spawn(async move {
+            server.write_all(&vec![b'x'; size]).await.unwrap();
+            server
+        });
+        let mut body = sent.await.unwrap().unwrap().into_body();
+        let (mut total, mut largest) = (0, 0);
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            total += data.len();
+            largest = largest.max(data.len());
+        }
+        assert_eq!(total, size);
+        assert!(
+            largest > READ_SIZE,
+            "reads grew past {READ_SIZE}: {largest}"
+        );
+        assert!(largest <= 2 * MAX_READ_SIZE, "{largest}");
+        let _server = writing.await.unwrap();
+        assert!(body.take_reusable().is_some());
     }
 
     #[tokio::test]
