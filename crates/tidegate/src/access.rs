@@ -123,7 +123,8 @@ fn second(out: &mut String, secs: u64) {
         let mut last = last.borrow_mut();
         if last.0 != secs {
             let (days, rest) = (secs / 86_400, secs % 86_400);
-            let (year, month, day) = civil(days);
+            let (year, month, day) = tidegate_client::clock::civil_from_days(days as i64);
+            let (year, month, day) = (year as u64, u64::from(month), u64::from(day));
             let text = &mut last.1;
             text.clear();
             for (value, width, after) in [
@@ -160,21 +161,6 @@ fn padded(out: &mut String, value: u64, width: usize) {
     for &digit in &digits[start..] {
         out.push(char::from(digit));
     }
-}
-
-/// The date of a day counted from 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`).
-fn civil(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 /// Whether `text` reads the same quoted by `Debug` and by JSON as between
@@ -419,9 +405,17 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_in_utc_with_microseconds() {
-        assert_eq!(civil(0), (1970, 1, 1));
-        assert_eq!(civil(11_016), (2000, 2, 29));
-        assert_eq!(civil(20_792), (2026, 12, 5));
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00."),
+            (951_782_400, "2000-02-29T00:00:00."),
+            (1_796_482_447, "2026-12-05T14:54:07."),
+            // The same second again: the kept text.
+            (1_796_482_447, "2026-12-05T14:54:07."),
+        ] {
+            let mut out = String::new();
+            second(&mut out, secs);
+            assert_eq!(out, text);
+        }
         let mut out = String::new();
         timestamp(&mut out);
         assert_eq!(out.len(), "2026-12-05T21:27:53.123456Z".len(), "{out}");
