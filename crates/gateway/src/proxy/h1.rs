@@ -323,7 +323,9 @@ fn poll_head<S: AsyncRead + Unpin>(
         if read.len() >= MAX_HEAD {
             return Poll::Ready(Err(Error::Invalid("response head too large")));
         }
-        if ready!(poll_fill(io, read, &mut READ_SIZE.clone(), cx)).map_err(Error::Io)? == 0 {
+        // A head is read a plain read's size at a time (a body's reads adapt).
+        let mut size = READ_SIZE;
+        if ready!(poll_fill(io, read, &mut size, cx)).map_err(Error::Io)? == 0 {
             return Poll::Ready(Err(Error::Closed));
         }
     }
@@ -523,11 +525,13 @@ fn decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// Whether a comma-separated field value has `token`.
+/// Whether a comma-separated field value has `token` (an ASCII word), in
+/// any case.
 fn has_token(value: &HeaderValue, token: &str) -> bool {
     value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// How the request body is framed.
