@@ -433,7 +433,7 @@ fn whole_millis(left: Duration) -> u64 {
 }
 
 /// The decimal digits of `n` at the start of `out` (room for 20); their count.
-fn write_digits(mut n: u64, out: &mut [u8]) -> usize {
+pub fn write_digits(mut n: u64, out: &mut [u8]) -> usize {
     let mut digits = [0; MAX_DIGITS];
     let mut start = MAX_DIGITS;
     loop {

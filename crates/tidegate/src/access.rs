@@ -146,19 +146,12 @@ fn second(out: &mut String, secs: u64) {
 
 /// `value` in decimal, at least `width` digits (zeros in front).
 fn padded(out: &mut String, value: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut at = digits.len();
-    let mut rest = value;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
+    let mut digits = [0u8; 20];
+    let count = tidegate_client::headers::write_digits(value, &mut digits);
+    for _ in count..width {
+        out.push('0');
     }
-    let start = at.min(digits.len() - width.min(digits.len()));
-    for &digit in &digits[start..] {
+    for &digit in &digits[..count] {
         out.push(char::from(digit));
     }
 }

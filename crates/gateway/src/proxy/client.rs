@@ -437,16 +437,16 @@ impl UpstreamClient {
         mut request: Request<ProxyBody>,
         max_uses: Option<u32>,
     ) -> Result<UpstreamResponse, ClientError> {
-        if !request.headers().contains_key(HOST) {
-            if let Ok(host) = HeaderValue::from_str(to.authority.as_str()) {
-                request.headers_mut().insert(HOST, host);
-            }
-        }
         if upgrade(request.method(), request.headers()) {
+            if !request.headers().contains_key(HOST) {
+                if let Ok(host) = HeaderValue::from_str(to.authority.as_str()) {
+                    request.headers_mut().insert(HOST, host);
+                }
+            }
             return Box::pin(self.request_upgrade(to, request)).await;
         }
-        self.send_h1(to, h1::Prepared::from_request(request), max_uses)
-            .await
+        let prepared = h1::Prepared::from_request(request, to.authority.as_str());
+        self.send_h1(to, prepared, max_uses).await
     }
 
     /// Sends an encoded request on a pooled connection to `to`, or a new

@@ -38,8 +38,6 @@ struct State {
     slots: Vec<Slot>,
     /// Indexes of empty slots.
     free: Vec<u32>,
-    /// Cut-offs registered now.
-    live: usize,
     /// The ticker, if one runs: when its timer fires, and its waker (to
     /// set that timer earlier).
     ticker: Option<Ticker>,
@@ -144,13 +142,13 @@ impl Deadlines {
     /// Cut-offs registered now.
     #[cfg(test)]
     fn live(&self) -> usize {
-        self.lock().live
+        let state = self.lock();
+        state.slots.len() - state.free.len()
     }
 }
 
 impl State {
     fn insert(&mut self, at: Instant, waker: Waker) -> Key {
-        self.live += 1;
         let state = SlotState::Waiting(waker);
         if let Some(index) = self.free.pop() {
             let slot = &mut self.slots[index as usize];
@@ -181,7 +179,6 @@ impl State {
         slot.state = SlotState::Empty;
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(key.index);
-        self.live -= 1;
     }
 
     /// Marks the cut-offs at or before `now` as passed and takes their

@@ -192,7 +192,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Sends `request` (origin-form target, `Host` set) and reads the
     /// answer's head; the answer's body reads the rest.
     pub async fn send(self, request: Request<ProxyBody>) -> Result<Response<Body<S>>, Error> {
-        self.send_prepared(Prepared::from_request(request)).await
+        self.send_prepared(Prepared::from_request(request, ""))
+            .await
     }
 
     /// Sends a request encoded beforehand (see [`Prepared`]).
@@ -282,8 +283,9 @@ impl Prepared {
         }
     }
 
-    /// `request` (origin-form target, `Host` set), encoded.
-    pub fn from_request(request: Request<ProxyBody>) -> Self {
+    /// `request` (origin-form target), encoded; `host` is its `Host`
+    /// when it has none.
+    pub fn from_request(request: Request<ProxyBody>, host: &str) -> Self {
         let (parts, body) = request.into_parts();
         let root = PathAndQuery::from_static("/");
         let head = Head {
@@ -291,7 +293,7 @@ impl Prepared {
             target: parts.uri.path_and_query().unwrap_or(&root),
             headers: &parts.headers,
             extra: &[],
-            host: "",
+            host,
         };
         Prepared::new(&head, body)
     }
@@ -562,13 +564,10 @@ impl Writer {
         out.push(b' ');
         out.extend_from_slice(head.target.as_str().as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut declared = false;
         let fields = headers.iter().filter(|(name, _)| {
-            if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
-                declared = true;
-                return false;
-            }
-            !head.extra.iter().any(|(replaced, _)| replaced == *name)
+            *name != header::CONTENT_LENGTH
+                && *name != header::TRANSFER_ENCODING
+                && !head.extra.iter().any(|(replaced, _)| replaced == *name)
         });
         for (name, value) in fields.chain(head.extra.iter().map(|(n, v)| (n, v))) {
             field(&mut out, name, value);
@@ -583,7 +582,7 @@ impl Writer {
         }
         let (body, framing) = if body.is_end_stream() {
             // No body: a declared length was zero (hyper's server checked it).
-            if declared && headers.contains_key(header::CONTENT_LENGTH) {
+            if headers.contains_key(header::CONTENT_LENGTH) {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
             (None, Framing::Length(0))
