@@ -73,6 +73,41 @@ fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Now, in whole seconds since the Unix epoch.
+pub fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `secs` since the Unix epoch as an HTTP date (RFC 9110 §5.6.7's
+/// IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`).
+pub fn http_date(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days as i64);
+    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+    let two = |out: &mut [u8], n: u64| {
+        out[0] = b'0' + (n / 10 % 10) as u8;
+        out[1] = b'0' + (n % 10) as u8;
+    };
+    two(&mut out[5..7], u64::from(day));
+    out[8..11].copy_from_slice(MONTHS[month as usize - 1]);
+    let year = year.clamp(0, 9999) as u64;
+    two(&mut out[12..14], year / 100);
+    two(&mut out[14..16], year % 100);
+    two(&mut out[17..19], rem / 3600);
+    two(&mut out[20..22], rem % 3600 / 60);
+    two(&mut out[23..25], rem % 60);
+    out
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
 /// (Howard Hinnant's `civil_from_days`).
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -98,6 +133,9 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(1_795_349_045_123);
         assert_eq!(rfc3339(t), "2026-11-22T12:04:05.123Z");
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&http_date(1_795_349_045), b"Sun, 22 Nov 2026 12:04:05 GMT");
     }
 
     #[test]

@@ -33,6 +33,49 @@ pub fn empty() -> ProxyBody {
         .boxed()
 }
 
+/// A client's request body, as the connection that reads it gives it.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// None: no length, or a length of 0.
+    Empty,
+    /// An HTTP/1 request's, read from its connection when polled.
+    H1(crate::http::h1::Body),
+    /// An HTTP/2 request's, from hyper.
+    H2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::H1(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::H1(body) => body.is_end_stream(),
+            ClientBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::H1(body) => body.size_hint(),
+            ClientBody::H2(body) => body.size_hint(),
+        }
+    }
+}
+
 /// The client sent more than the route allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyTooLarge;
@@ -68,7 +111,7 @@ impl RequestBody {
     /// bidirectional streams) may send its next message only once it has
     /// an answer, which waiting for its end would never let come.
     pub async fn read(
-        mut body: Incoming,
+        mut body: ClientBody,
         replay_cap: usize,
         max: u64,
         wait: bool,
@@ -193,7 +236,7 @@ impl Body for Replay {
 pub struct Streaming {
     seen: u64,
     read: VecDeque<Bytes>,
-    rest: Option<Incoming>,
+    rest: Option<ClientBody>,
     max: u64,
 }
 
@@ -217,7 +260,7 @@ impl Body for Streaming {
                 self.rest = None;
                 None
             }
-            Some(Err(e)) => Some(Err(e.into())),
+            Some(Err(e)) => Some(Err(e)),
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     self.seen += data.len() as u64;

@@ -1,11 +1,15 @@
 //! The HTTP edge: the proxy listener and its connections ([`server`]),
-//! the framing guard in front of hyper's parser ([`framing`]), path
+//! what a connection speaks and its send timeout ([`conn`]), HTTP/1.1
+//! served in the connection's task ([`h1`]), message bodies on the wire
+//! both ways (`codec`), path
 //! normalization ([`path`]), header rules ([`headers`]), the rapid-reset
 //! count of HTTP/2 connections ([`resets`]), request bodies on their
 //! way upstream ([`body`]) and TLS on the listener ([`tls`]).
 
 pub mod body;
-pub mod framing;
+pub(crate) mod codec;
+pub mod conn;
+pub mod h1;
 pub mod headers;
 pub mod path;
 pub mod resets;

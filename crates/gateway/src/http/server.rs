@@ -9,15 +9,14 @@
 //! and the admin API are shared by all workers.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Request, StatusCode, Version};
+use bytes::BytesMut;
+use http::{Request, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
@@ -25,7 +24,9 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::http::framing::{FramingGuard, Protocol, Timeouts, Upgraded};
+use crate::http::body::ClientBody;
+use crate::http::conn::{sniff, Primed, Protocol};
+use crate::http::h1::{self, Limits};
 use crate::http::headers;
 use crate::http::resets::Resets;
 use crate::observe::watch::{sample, until_stopped, UpstreamTasks};
@@ -300,26 +301,16 @@ async fn serve_proxy(
     client: UpstreamClient,
 ) {
     let settings = &gateway.settings;
-    // hyper's read buffer bounds the head; it answers 431 past it.
-    let max_head = settings.max_header_bytes.max(8192);
-    let mut http1 = http1::Builder::new();
-    http1
-        // One buffer and one write per message instead of a `writev` of
-        // head and body: ~700 fewer instructions a request (bench-instructions).
-        // Body bytes are copied into the write buffer, which
-        // `max_buf_size` bounds.
-        .writev(false)
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(max_head);
+    let limits = Limits {
+        // As hyper's read buffer did: 8 KiB at least.
+        max_head: settings.max_header_bytes.max(8192),
+        header_read: settings.header_read_timeout,
+        send: settings.send_timeout,
+    };
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-    let timeouts = Timeouts {
-        header_read: settings.header_read_timeout,
-        send: settings.send_timeout,
-    };
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -343,11 +334,9 @@ async fn serve_proxy(
         let serving = Serving {
             gateway: gateway.clone(),
             client: client.clone(),
-            http1: http1.clone(),
             http2: http2.clone(),
             stop: stopped.clone(),
-            max_head,
-            timeouts,
+            limits,
         };
         match gateway.tls() {
             None => {
@@ -408,11 +397,9 @@ async fn serve_proxy(
 struct Serving {
     gateway: Arc<Gateway>,
     client: UpstreamClient,
-    http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     stop: watch::Receiver<bool>,
-    max_head: usize,
-    timeouts: Timeouts,
+    limits: Limits,
 }
 
 impl Serving {
@@ -420,117 +407,91 @@ impl Serving {
     /// done) until it ends. `identity` is its verified client
     /// certificate's, set on each of its requests; a client's own copy of
     /// that header never passes.
-    async fn serve<I>(self, io: I, peer: SocketAddr, identity: Option<http::HeaderValue>)
+    async fn serve<I>(self, mut io: I, peer: SocketAddr, identity: Option<http::HeaderValue>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let Serving {
             gateway,
             client,
-            http1,
             http2,
             mut stop,
-            max_head,
-            timeouts,
+            limits,
         } = self;
-        let upgraded = Upgraded::default();
-        let mut stream = FramingGuard::new(io, max_head, upgraded.clone(), timeouts);
-        let resets = Arc::new(Resets::default());
-        let abuse = resets.clone();
-        let service = service_fn(move |mut req: Request<Incoming>| {
-            let gateway = gateway.clone();
-            let client = client.clone();
-            let upgraded = upgraded.clone();
-            // Only HTTP/2 can cancel a request and keep its connection.
-            let resets = (req.version() == Version::HTTP_2).then(|| resets.clone());
-            let headers = req.headers_mut();
-            headers.remove(&crate::http::tls::CLIENT_IDENTITY);
-            if let Some(identity) = &identity {
-                headers.insert(&crate::http::tls::CLIENT_IDENTITY, identity.clone());
-            }
-            async move {
-                if resets.as_ref().is_some_and(|r| r.tripped()) {
-                    let reply = Reply::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "this connection is closing: too many cancelled requests",
-                    );
-                    let request_id = headers::correlation_id(req.headers());
-                    return Ok::<_, Infallible>(reply.into_response(&request_id));
-                }
-                let started = resets.as_deref().map(Resets::start);
-                let response = gateway.handle(req, peer, &client).await;
-                if let Some(started) = started {
-                    started.finish();
-                }
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    upgraded.set();
-                }
-                Ok(response)
-            }
-        });
         // The protocol is told from the first bytes, the way hyper-util's
-        // `auto` builder does, but by the guard that reads them anyway:
-        // no rewinding layer between hyper and the socket. (Over TLS,
-        // ALPN said it already; the preface says the same.)
+        // `auto` builder does. (Over TLS, ALPN said it already; the
+        // preface says the same.)
+        let mut read = BytesMut::new();
         let protocol = tokio::select! {
-            protocol = stream.protocol() => protocol,
+            protocol = tokio::time::timeout(limits.header_read, sniff(&mut io, &mut read)) => protocol,
             _ = until_stopped(&mut stop) => return,
         };
         match protocol {
-            Ok(Protocol::Http1) => {
-                let conn = http1
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
+            Ok(Ok(Protocol::Http1)) => {
+                let connection = h1::Connection {
+                    gateway,
+                    client,
+                    peer,
+                    identity,
+                    stop,
+                    limits,
+                };
+                connection.serve(io, read).await;
+            }
+            Ok(Ok(Protocol::Http2)) => {
+                let resets = Arc::new(Resets::default());
+                let abuse = resets.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let mut req = req.map(ClientBody::H2);
+                    let gateway = gateway.clone();
+                    let client = client.clone();
+                    let resets = resets.clone();
+                    let headers = req.headers_mut();
+                    headers.remove(&crate::http::tls::CLIENT_IDENTITY);
+                    if let Some(identity) = &identity {
+                        headers.insert(&crate::http::tls::CLIENT_IDENTITY, identity.clone());
+                    }
+                    async move {
+                        if resets.tripped() {
+                            let reply = Reply::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "this connection is closing: too many cancelled requests",
+                            );
+                            let request_id = headers::correlation_id(req.headers());
+                            return Ok::<_, Infallible>(reply.into_response(&request_id));
+                        }
+                        let started = resets.start();
+                        let response = gateway.handle(req, peer, &client).await;
+                        started.finish();
+                        Ok(response)
+                    }
+                });
+                let io = TokioIo::new(Primed::new(io, read, limits.send));
+                let conn = http2.serve_connection(io, service);
                 drive(conn, peer, &abuse, &mut stop).await;
             }
-            Ok(Protocol::Http2) => {
-                let conn = http2.serve_connection(TokioIo::new(stream), service);
-                drive(conn, peer, &abuse, &mut stop).await;
-            }
-            Err(e) => tracing::debug!(%peer, error = %e, "connection ended before a request"),
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended before a request"),
+            Err(_) => tracing::debug!(%peer, "no request within gateway.header_read_timeout"),
         }
     }
 }
 
-/// A client connection hyper serves, of either protocol.
-trait Connection: Future<Output = hyper::Result<()>> {
-    /// Finishes the requests under way, takes no more.
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> Connection for http1::UpgradeableConnection<TokioIo<FramingGuard<I>>, S>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        http1::UpgradeableConnection::graceful_shutdown(self);
-    }
-}
-
-impl<I, S, B> Connection for http2::Connection<TokioIo<FramingGuard<I>>, S, TokioExecutor>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+/// Serves one HTTP/2 client connection until it ends, shutdown begins (it
+/// is given `drain_timeout` by the caller) or its client abuses stream
+/// resets.
+async fn drive<I, S, B>(
+    conn: http2::Connection<I, S, TokioExecutor>,
+    peer: SocketAddr,
+    abuse: &Resets,
+    stop: &mut watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
     S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        http2::Connection::graceful_shutdown(self);
-    }
-}
-
-/// Serves one client connection until it ends, shutdown begins (it is
-/// given `drain_timeout` by the caller) or its client abuses stream resets.
-async fn drive<C>(conn: C, peer: SocketAddr, abuse: &Resets, stop: &mut watch::Receiver<bool>)
-where
-    C: Connection,
 {
     tokio::pin!(conn);
     tokio::select! {

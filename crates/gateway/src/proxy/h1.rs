@@ -23,41 +23,28 @@
 //! connection becomes the tunnel.
 
 use std::fmt;
-use std::future::Future as _;
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::http::body::{BoxError, ProxyBody};
-
-/// Header fields in a response head at most, as hyper.
-const MAX_HEADERS: usize = 100;
+use crate::http::codec::{
+    content_length, field, has_token, poll_fill, trailer_names, Decoder, Framing, Invalid, Step,
+    WriteError, Writer, MAX_HEADERS, READ_SIZE,
+};
 
 /// A response head's bytes at most (hyper's default read buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
-
-/// A chunked body's trailer section and chunk extensions at most, each.
-const MAX_TRAILERS: usize = 16 * 1024;
-const MAX_EXTENSIONS: u64 = 16 * 1024;
-
-/// Request body bytes gathered into one write with the head, at most.
-const COALESCE: usize = 64 * 1024;
-
-/// What a read asks the socket for at least, and at most: a body's reads
-/// grow from the one to the other while each fills what it asked for (as
-/// hyper's do), and shrink back when they come in small.
-const READ_SIZE: usize = 8192;
-const MAX_READ_SIZE: usize = 64 * 1024;
 
 /// A connection to an upstream: plain TCP or TLS.
 #[derive(Debug)]
@@ -137,6 +124,22 @@ impl fmt::Display for Error {
     }
 }
 
+impl From<Invalid> for Error {
+    fn from(invalid: Invalid) -> Self {
+        Error::Invalid(invalid.0)
+    }
+}
+
+impl From<WriteError> for Error {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Io(e) => Error::Io(e),
+            WriteError::Body(e) => Error::Body(e),
+            WriteError::BodyLength => Error::BodyLength,
+        }
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -205,7 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let mut write_failed = None;
         let parsed = std::future::poll_fn(|cx| {
             if write_failed.is_none() && !writer.done() {
-                match writer.poll(&mut self.io, cx) {
+                match writer.poll(&mut self.io, cx).map_err(Error::from) {
                     Poll::Ready(Err(Error::Io(e))) => {
                         // The upstream may have answered and closed:
                         // read its answer, if there is one.
@@ -278,7 +281,7 @@ impl Prepared {
     /// `head` and `body`, encoded.
     pub fn new(head: &Head<'_>, body: ProxyBody) -> Self {
         Prepared {
-            writer: Writer::new(head, body),
+            writer: request_writer(head, body),
             head_only: *head.method == Method::HEAD,
         }
     }
@@ -297,6 +300,60 @@ impl Prepared {
         };
         Prepared::new(&head, body)
     }
+}
+
+/// The head of a request to `method` `uri` with `headers` (framing
+/// fields aside: the body decides them, as hyper's client does), and its body.
+fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
+    use http_body::Body as _;
+    let headers = head.headers;
+    let mut out = Vec::with_capacity(256 + headers.len() * 48);
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_str().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let fields = headers.iter().filter(|(name, _)| {
+        *name != header::CONTENT_LENGTH
+            && *name != header::TRANSFER_ENCODING
+            && !head.extra.iter().any(|(replaced, _)| replaced == *name)
+    });
+    for (name, value) in fields.chain(head.extra.iter().map(|(n, v)| (n, v))) {
+        field(&mut out, name, value);
+    }
+    if !head.host.is_empty()
+        && !headers.contains_key(header::HOST)
+        && !head.extra.iter().any(|(name, _)| name == header::HOST)
+    {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(head.host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let (body, framing) = if body.is_end_stream() {
+        // No body: a declared length was zero (hyper's server checked it).
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        (None, Framing::Length(0))
+    } else {
+        let length = if headers.contains_key(header::TRANSFER_ENCODING) {
+            None
+        } else {
+            content_length(headers).or_else(|| body.size_hint().exact())
+        };
+        let framing = match length {
+            Some(len) => {
+                let _ = write!(out, "content-length: {len}\r\n");
+                Framing::Length(len)
+            }
+            None => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked(trailer_names(headers))
+            }
+        };
+        (Some(body), framing)
+    };
+    out.extend_from_slice(b"\r\n");
+    Writer::new(out, body, framing)
 }
 
 /// A response head, and how its body is framed.
@@ -331,28 +388,6 @@ fn poll_head<S: AsyncRead + Unpin>(
             return Poll::Ready(Err(Error::Closed));
         }
     }
-}
-
-/// Reads what the socket has into `read`, asking for `size` bytes, which
-/// it adapts to what came; 0 at its end.
-fn poll_fill<S: AsyncRead + Unpin>(
-    io: &mut S,
-    read: &mut BytesMut,
-    size: &mut usize,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    if read.capacity() - read.len() < *size / 4 {
-        read.reserve(*size);
-    }
-    let reading = io.read_buf(read);
-    tokio::pin!(reading);
-    let n = ready!(reading.poll(cx))?;
-    if n >= *size {
-        *size = (*size * 2).min(MAX_READ_SIZE);
-    } else if n < *size / 8 {
-        *size = (*size / 2).max(READ_SIZE);
-    }
-    Poll::Ready(Ok(n))
 }
 
 enum Answer {
@@ -497,405 +532,6 @@ fn decoder(
     Ok((Decoder::UntilClose, true))
 }
 
-/// The content-length every value of the field agrees on (each a list
-/// of decimal numbers).
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = decimal(part.trim_ascii())?;
-            if length.is_some_and(|l| l != n) {
-                return None;
-            }
-            length = Some(n);
-        }
-    }
-    length
-}
-
-/// Digits only, at least one, within a u64.
-fn decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let d = d.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        n.checked_mul(10)?.checked_add(u64::from(d))
-    })
-}
-
-/// Whether a comma-separated field value has `token` (an ASCII word), in
-/// any case.
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-}
-
-/// How the request body is framed.
-#[derive(Debug)]
-enum Framing {
-    /// `content-length`: the bytes still to send.
-    Length(u64),
-    /// Chunked; the trailer fields the head's `Trailer` names.
-    Chunked(Vec<HeaderName>),
-}
-
-/// The request on its way out: its encoded head and body.
-struct Writer {
-    out: Vec<u8>,
-    written: usize,
-    body: Option<ProxyBody>,
-    framing: Framing,
-}
-
-impl Writer {
-    /// The head of a request to `method` `uri` with `headers` (framing
-    /// fields aside: the body decides them, as hyper's client does).
-    fn new(head: &Head<'_>, body: ProxyBody) -> Self {
-        use http_body::Body as _;
-        let headers = head.headers;
-        let mut out = Vec::with_capacity(256 + headers.len() * 48);
-        out.extend_from_slice(head.method.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(head.target.as_str().as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        let fields = headers.iter().filter(|(name, _)| {
-            *name != header::CONTENT_LENGTH
-                && *name != header::TRANSFER_ENCODING
-                && !head.extra.iter().any(|(replaced, _)| replaced == *name)
-        });
-        for (name, value) in fields.chain(head.extra.iter().map(|(n, v)| (n, v))) {
-            field(&mut out, name, value);
-        }
-        if !head.host.is_empty()
-            && !headers.contains_key(header::HOST)
-            && !head.extra.iter().any(|(name, _)| name == header::HOST)
-        {
-            out.extend_from_slice(b"host: ");
-            out.extend_from_slice(head.host.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        let (body, framing) = if body.is_end_stream() {
-            // No body: a declared length was zero (hyper's server checked it).
-            if headers.contains_key(header::CONTENT_LENGTH) {
-                out.extend_from_slice(b"content-length: 0\r\n");
-            }
-            (None, Framing::Length(0))
-        } else {
-            let length = if headers.contains_key(header::TRANSFER_ENCODING) {
-                None
-            } else {
-                content_length(headers).or_else(|| body.size_hint().exact())
-            };
-            let framing = match length {
-                Some(len) => {
-                    let _ = write!(out, "content-length: {len}\r\n");
-                    Framing::Length(len)
-                }
-                None => {
-                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                    Framing::Chunked(trailer_names(headers))
-                }
-            };
-            (Some(body), framing)
-        };
-        out.extend_from_slice(b"\r\n");
-        Writer {
-            out,
-            written: 0,
-            body,
-            framing,
-        }
-    }
-
-    fn done(&self) -> bool {
-        self.body.is_none() && self.written == self.out.len()
-    }
-
-    /// Writes what there is: the head, and the body as it comes, a
-    /// buffer's worth of what is ready at a time.
-    fn poll<S: AsyncWrite + Unpin>(
-        &mut self,
-        io: &mut S,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<(), Error>> {
-        use http_body::Body as _;
-        loop {
-            while self.out.len() - self.written < COALESCE {
-                let Some(body) = &mut self.body else { break };
-                match Pin::new(body).poll_frame(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => self.data(data)?,
-                        Err(frame) => {
-                            if let Ok(trailers) = frame.into_trailers() {
-                                self.end(Some(&trailers))?;
-                            }
-                        }
-                    },
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::Body(e))),
-                    Poll::Ready(None) => self.end(None)?,
-                }
-            }
-            if self.written == self.out.len() {
-                self.out.clear();
-                self.written = 0;
-                return if self.body.is_none() {
-                    Poll::Ready(Ok(()))
-                } else {
-                    Poll::Pending
-                };
-            }
-            while self.written < self.out.len() {
-                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.written..]))
-                    .map_err(Error::Io)?;
-                if n == 0 {
-                    return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())));
-                }
-                self.written += n;
-            }
-            self.out.clear();
-            self.written = 0;
-        }
-    }
-
-    fn data(&mut self, data: Bytes) -> Result<(), Error> {
-        match &mut self.framing {
-            Framing::Length(left) => {
-                *left = left
-                    .checked_sub(data.len() as u64)
-                    .ok_or(Error::BodyLength)?;
-                self.out.extend_from_slice(&data);
-            }
-            Framing::Chunked(_) if data.is_empty() => {}
-            Framing::Chunked(_) => {
-                let _ = write!(self.out, "{:x}\r\n", data.len());
-                self.out.extend_from_slice(&data);
-                self.out.extend_from_slice(b"\r\n");
-            }
-        }
-        Ok(())
-    }
-
-    /// The body's end, with its trailers if it has any.
-    fn end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), Error> {
-        self.body = None;
-        match &self.framing {
-            Framing::Length(0) => Ok(()),
-            Framing::Length(_) => Err(Error::BodyLength),
-            Framing::Chunked(allowed) => {
-                self.out.extend_from_slice(b"0\r\n");
-                for (name, value) in trailers.into_iter().flatten() {
-                    if allowed.contains(name) {
-                        field(&mut self.out, name, value);
-                    }
-                }
-                self.out.extend_from_slice(b"\r\n");
-                Ok(())
-            }
-        }
-    }
-}
-
-/// `name: value` and its line end.
-fn field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-/// The fields a request's `Trailer` names: the only trailers sent.
-fn trailer_names(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::TRAILER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect()
-}
-
-/// How the rest of a response's body is read.
-#[derive(Debug)]
-enum Decoder {
-    /// This many bytes more.
-    Length(u64),
-    Chunked(Box<Chunked>),
-    /// Until the upstream closes the connection.
-    UntilClose,
-}
-
-/// Where a chunked body's reading is.
-#[derive(Debug, Default)]
-struct Chunked {
-    state: ChunkState,
-    size: u64,
-    extensions: u64,
-    trailers: Option<BytesMut>,
-    trailer_lines: usize,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    #[default]
-    Start,
-    Size,
-    SizeLws,
-    Extension,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    Trailer,
-    TrailerLf,
-    EndCr,
-    EndLf,
-    End,
-}
-
-/// What a step of the chunked decoder gives.
-enum Step {
-    /// Needs more bytes.
-    More,
-    Data(Bytes),
-    Trailers(HeaderMap),
-    End,
-}
-
-impl Chunked {
-    /// Decodes from `read` as far as its bytes go.
-    fn step(&mut self, read: &mut BytesMut) -> Result<Step, Error> {
-        use ChunkState::*;
-        loop {
-            if self.state == End {
-                return Ok(Step::End);
-            }
-            if self.state == Data {
-                if read.is_empty() {
-                    return Ok(Step::More);
-                }
-                let n = usize::try_from(self.size)
-                    .unwrap_or(usize::MAX)
-                    .min(read.len());
-                self.size -= n as u64;
-                if self.size == 0 {
-                    self.state = DataCr;
-                }
-                return Ok(Step::Data(read.split_to(n).freeze()));
-            }
-            if read.is_empty() {
-                return Ok(Step::More);
-            }
-            let byte = read[0];
-            read.advance(1);
-            self.state = match (self.state, byte) {
-                (Start | Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
-                    let digit = (byte as char).to_digit(16).expect("a hex digit");
-                    self.size = self
-                        .size
-                        .checked_mul(16)
-                        .and_then(|s| s.checked_add(u64::from(digit)))
-                        .ok_or(Error::Invalid("chunk size overflows"))?;
-                    Size
-                }
-                (Start, _) => return Err(Error::Invalid("chunk size line without a size")),
-                (Size | SizeLws, b'\t' | b' ') => SizeLws,
-                (Size | SizeLws, b';') => Extension,
-                (Size | SizeLws, b'\r') => SizeLf,
-                (Size | SizeLws, _) => return Err(Error::Invalid("invalid chunk size line")),
-                (Extension, b'\r') => SizeLf,
-                (Extension, b'\n') => return Err(Error::Invalid("chunk extension with a newline")),
-                (Extension, _) => {
-                    self.extensions += 1;
-                    if self.extensions >= MAX_EXTENSIONS {
-                        return Err(Error::Invalid("chunk extensions over their limit"));
-                    }
-                    Extension
-                }
-                (SizeLf, b'\n') if self.size == 0 => EndCr,
-                (SizeLf, b'\n') => Data,
-                (SizeLf, _) => return Err(Error::Invalid("invalid chunk size line end")),
-                (DataCr, b'\r') => DataLf,
-                (DataCr, _) => return Err(Error::Invalid("chunk data without CRLF")),
-                (DataLf, b'\n') => Start,
-                (DataLf, _) => return Err(Error::Invalid("chunk data without CRLF")),
-                (EndCr, b'\r') => {
-                    self.trailer_byte(byte)?;
-                    EndLf
-                }
-                (EndCr, _) => {
-                    self.trailers.get_or_insert_with(BytesMut::new);
-                    self.trailer_byte(byte)?;
-                    Trailer
-                }
-                (Trailer, b'\r') => {
-                    self.trailer_byte(byte)?;
-                    TrailerLf
-                }
-                (Trailer, _) => {
-                    self.trailer_byte(byte)?;
-                    Trailer
-                }
-                (TrailerLf, b'\n') => {
-                    if self.trailer_lines >= MAX_HEADERS {
-                        return Err(Error::Invalid("too many trailer fields"));
-                    }
-                    self.trailer_lines += 1;
-                    self.trailer_byte(byte)?;
-                    EndCr
-                }
-                (TrailerLf, _) => return Err(Error::Invalid("invalid trailer line end")),
-                (EndLf, b'\n') => {
-                    self.state = End;
-                    return match self.trailers.take() {
-                        None => Ok(Step::End),
-                        Some(mut section) => {
-                            section.extend_from_slice(b"\n");
-                            Ok(Step::Trailers(parse_trailers(&section)?))
-                        }
-                    };
-                }
-                (EndLf, _) => return Err(Error::Invalid("invalid chunked body end")),
-                (Data | End, _) => unreachable!("handled above"),
-            };
-        }
-    }
-
-    fn trailer_byte(&mut self, byte: u8) -> Result<(), Error> {
-        if let Some(section) = &mut self.trailers {
-            if section.len() >= MAX_TRAILERS {
-                return Err(Error::Invalid("trailer section too large"));
-            }
-            section.extend_from_slice(&[byte]);
-        }
-        Ok(())
-    }
-}
-
-/// A trailer section's fields.
-fn parse_trailers(section: &[u8]) -> Result<HeaderMap, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let fields = match httparse::parse_headers(section, &mut fields) {
-        Ok(httparse::Status::Complete((_, fields))) => fields,
-        _ => return Err(Error::Invalid("malformed trailer section")),
-    };
-    let mut trailers = HeaderMap::with_capacity(fields.len());
-    for field in fields {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| Error::Invalid("invalid trailer name"))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| Error::Invalid("invalid trailer value"))?;
-        trailers.append(name, value);
-    }
-    Ok(trailers)
-}
-
 /// A response body read from the upstream connection by whoever polls it;
 /// the connection is handed back through [`Body::take_reusable`] once the
 /// body has ended.
@@ -908,15 +544,6 @@ pub struct Body<S = Stream> {
     writer: Option<Box<Writer>>,
     reusable: bool,
     finished: bool,
-}
-
-impl fmt::Debug for Writer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Writer")
-            .field("pending", &(self.out.len() - self.written))
-            .field("framing", &self.framing)
-            .finish_non_exhaustive()
-    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Body<S> {
@@ -1012,7 +639,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> http_body::Body for Body<S> {
                         this.finished = true;
                         return Poll::Ready(None);
                     }
-                    Err(e) => return this.fail(e),
+                    Err(e) => return this.fail(e.into()),
                 },
                 Decoder::UntilClose => {
                     if !conn.read.is_empty() {
@@ -1199,7 +826,10 @@ mod tests {
             largest > READ_SIZE,
             "reads grew past {READ_SIZE}: {largest}"
         );
-        assert!(largest <= 2 * MAX_READ_SIZE, "{largest}");
+        assert!(
+            largest <= 2 * crate::http::codec::MAX_READ_SIZE,
+            "{largest}"
+        );
         let _server = writing.await.unwrap();
         assert!(body.take_reusable().is_some());
     }

@@ -35,7 +35,6 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tidegate_resilience::{rng, Attempt, Error};
@@ -50,7 +49,8 @@ use self::upstream::{AttemptError, EndpointState, Upstream, Verdict};
 use crate::config::{
     Config, EscapedSlashes, Fallback, GatewaySettings, RouteConfig, Target, Underscores,
 };
-use crate::http::body::{self, is_body_too_large, ProxyBody, RequestBody};
+use crate::http::body::{self, is_body_too_large, ClientBody, ProxyBody, RequestBody};
+use crate::http::h1::OnUpgrade;
 use crate::http::headers::{self, CORRELATION_ID};
 use crate::http::path;
 use crate::observe::alerts::{Alert, Alerter};
@@ -335,7 +335,7 @@ impl Gateway {
     /// through `upstream_client`.
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
     ) -> Response<ProxyBody> {
@@ -446,7 +446,7 @@ impl Gateway {
     async fn route_and_forward<'t>(
         &self,
         table: &'t Table,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
         request_id: &HeaderValue,
@@ -476,7 +476,9 @@ impl Gateway {
         // The client's side of a WebSocket handshake, joined once the
         // upstream completes it; any other upgrade is not passed on.
         let mut websocket = headers::websocket_key(req.method(), req.version(), req.headers());
-        let mut upgrade = websocket.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let mut upgrade = websocket
+            .as_ref()
+            .and_then(|_| req.extensions_mut().remove::<OnUpgrade>());
         let (mut parts, incoming) = req.into_parts();
         // Routing, API-key checks and the upstream see one path and one set of headers.
         normalize_path(&mut parts.uri, table.settings.escaped_slashes)?;
@@ -1671,16 +1673,19 @@ fn set(entry: Entry<'_, HeaderValue>, value: HeaderValue) {
 }
 
 /// Joins the client's and the upstream's upgraded connections.
-fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+fn tunnel(client: OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(both) => both,
-            Err(e) => {
+        let (mut client, upstream) = match tokio::join!(client.upgraded(), upstream) {
+            (Ok(client), Ok(upstream)) => (client, upstream),
+            (Err(e), _) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+            (_, Err(e)) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
         if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(error = %e, "upgraded connection ended");
@@ -1849,7 +1854,7 @@ fn normalize_path(uri: &mut http::Uri, escaped_slashes: EscapedSlashes) -> Resul
 /// Reads the client's body as far as the replay cap, within
 /// `gateway.body_read_timeout`.
 async fn read_body(
-    incoming: Incoming,
+    incoming: ClientBody,
     settings: &GatewaySettings,
     max_body: u64,
     wait: bool,

@@ -1,0 +1,1094 @@
+//! HTTP/1.1 served in the task of the client's connection.
+//!
+//! hyper's server reads a request into a channel that the service reads
+//! its body from, and writes the answer from its own dispatcher's buffers;
+//! a guard in front of it had to scan every byte again to refuse what
+//! hyper forgives. Here the connection's task reads the head with
+//! httparse (as hyper does), hands the gateway a request whose body reads
+//! the socket when polled, and writes the answer from one buffer, all in
+//! one task: no channel, no second scan.
+//!
+//! What is refused, before anything reaches the gateway, with the
+//! connection closed after the answer:
+//! - 400: a head httparse refuses (a space before a colon, a control byte
+//!   in a value or the target, obsolete line folding, a bad method or
+//!   version…); a line ending in a bare LF (which some servers read as a
+//!   line end and others not); `Transfer-Encoding` beside
+//!   `Content-Length`, on HTTP/1.0, naming `chunked` twice or not last; a
+//!   `Content-Length` that is not one decimal number, or differs between
+//!   fields;
+//! - 431: a head past `gateway.max_header_bytes` (8 KiB at least) or of
+//!   more than 100 fields; 414: a target past 64 KiB;
+//! - 408: a head not complete within `gateway.header_read_timeout` (timed
+//!   from when the connection waits for it: idle keep-alive connections
+//!   close then, silently).
+//!
+//! A chunked body is decoded strictly (CRLF line ends, hex sizes without
+//! sign or prefix, bounded extensions and trailers): a body that breaks
+//! the framing fails its request, and the connection closes after the
+//! answer, so that nothing after it is read as a request.
+//!
+//! Answers are framed by `content-length` (declared, or known from the
+//! body), chunked for HTTP/1.1 clients (trailers only to one that sent
+//! `TE: trailers`, and only the fields `Trailer` names), or by closing the
+//! connection for HTTP/1.0 ones; HEAD, 1xx, 204 and 304 answers have no
+//! body. Keep-alive follows HTTP/1.1's default and `Connection`; pipelined
+//! requests are answered in order. `Expect: 100-continue` is answered when
+//! the body is first read (never, when the answer comes first). A client
+//! that closes its connection while its request is under way cancels it.
+//! A `101 Switching Protocols` hands the socket, and what was read past
+//! the head, to [`OnUpgrade`].
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use crate::http::body::{BoxError, ClientBody, ProxyBody};
+use crate::http::codec::{
+    content_length, decimal, field, has_token, poll_fill, trailer_names, Chunked, Decoder, Framing,
+    Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
+};
+use crate::http::conn::Stall;
+use crate::observe::watch::until_stopped;
+use crate::proxy::client::UpstreamClient;
+use crate::proxy::Gateway;
+
+/// The longest request target (hyper's limit): longer is 414.
+const MAX_TARGET: usize = u16::MAX as usize - 1;
+
+/// Body bytes left unread by a request's answer that are read and dropped
+/// to keep the connection, at most; a longer rest closes it.
+const MAX_DRAIN: usize = 64 * 1024;
+
+/// A connection's limits and timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head's bytes at most.
+    pub max_head: usize,
+    /// `gateway.header_read_timeout`.
+    pub header_read: Duration,
+    /// `gateway.send_timeout`.
+    pub send: Duration,
+}
+
+/// One client connection speaking HTTP/1.x, and what serves it.
+#[derive(Debug)]
+pub struct Connection {
+    /// Answers its requests.
+    pub gateway: Arc<Gateway>,
+    /// Sends their upstream requests (the worker's).
+    pub client: UpstreamClient,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Its verified client certificate's identity, set on each request (a
+    /// client's own copy of that header never passes).
+    pub identity: Option<HeaderValue>,
+    /// Flips to `true` when the gateway stops: the request under way is
+    /// answered, and the connection closes.
+    pub stop: watch::Receiver<bool>,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+impl Connection {
+    /// Serves `io`, whose first bytes are `read`, until the client or the
+    /// gateway closes it.
+    pub async fn serve<I>(mut self, io: I, read: BytesMut)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let link = Arc::new(Mutex::new(Link {
+            io,
+            read,
+            read_size: READ_SIZE,
+            generation: 0,
+            inbound: Inbound::Done,
+            continue_at: None,
+            eof: false,
+        }));
+        let mut out = Vec::with_capacity(1024);
+        let mut spans = Vec::new();
+        let mut stall = Stall::new(self.limits.send);
+        loop {
+            let head = match self.next_head(&link, &mut spans).await {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(refusal) => {
+                    tracing::debug!(peer = %self.peer, status = refusal.status.as_u16(), reason = refusal.why, "refused a request head");
+                    let _ = refuse(&link, refusal.status, &mut out, &mut stall).await;
+                    break;
+                }
+            };
+            match self.exchange(&link, head, &mut out, &mut stall).await {
+                Next::KeepAlive => {}
+                Next::Close => break,
+                Next::Upgrade(to) => {
+                    match Arc::try_unwrap(link) {
+                        Ok(link) => {
+                            let link = link.into_inner().unwrap_or_else(|e| e.into_inner());
+                            let _ = to.send(Upgraded {
+                                io: Box::new(link.io),
+                                read: link.read.freeze(),
+                            });
+                        }
+                        Err(_) => tracing::debug!(
+                            peer = %self.peer,
+                            "an upgraded request's body is still held: closing instead"
+                        ),
+                    }
+                    return;
+                }
+            }
+        }
+        let mut sink = Sink {
+            link: &link,
+            stall: &mut stall,
+        };
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut sink).poll_shutdown(cx)).await;
+    }
+
+    /// The next request head: `None` when the connection ends first (the
+    /// client closed it, it stayed idle past the header read timeout, or
+    /// the gateway stops).
+    async fn next_head<I>(
+        &mut self,
+        link: &Mutex<Link<I>>,
+        spans: &mut Vec<Span>,
+    ) -> Result<Option<Head>, Refusal>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let max_head = self.limits.max_head;
+        let mut poll = |cx: &mut Context<'_>| lock(link).poll_head(cx, spans, max_head);
+        // A pipelined or prompt head is there already: no timer for it.
+        if let Poll::Ready(head) = poll(&mut Context::from_waker(Waker::noop())) {
+            return head;
+        }
+        if *self.stop.borrow() {
+            return Ok(None);
+        }
+        let at = Instant::now() + self.limits.header_read;
+        let within = self
+            .client
+            .deadlines()
+            .within(at, std::future::poll_fn(&mut poll));
+        let stop = &mut self.stop;
+        tokio::select! {
+            head = within => match head {
+                Ok(head) => head,
+                Err(_) if lock(link).read.is_empty() => Ok(None),
+                Err(_) => Err(Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    why: "the head did not arrive within gateway.header_read_timeout",
+                }),
+            },
+            _ = until_stopped(stop) => Ok(None),
+        }
+    }
+
+    /// Answers one request; says what becomes of the connection.
+    async fn exchange<I>(
+        &mut self,
+        link: &Arc<Mutex<Link<I>>>,
+        head: Head,
+        out: &mut Vec<u8>,
+        stall: &mut Stall,
+    ) -> Next
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Head {
+            mut request,
+            body,
+            keep_alive,
+            expect_continue,
+            upgrade,
+            trailers,
+        } = head;
+        let asked = Asked {
+            version: request.version(),
+            head: request.method() == Method::HEAD,
+            trailers,
+        };
+        *request.body_mut() = match body {
+            None => ClientBody::Empty,
+            Some(decoder) => {
+                let left = match &decoder {
+                    Decoder::Length(n) => Some(*n),
+                    _ => None,
+                };
+                let generation = {
+                    let mut link = lock(link);
+                    link.inbound = Inbound::Reading(decoder);
+                    link.continue_at =
+                        (expect_continue && asked.version == Version::HTTP_11).then_some(0);
+                    link.generation
+                };
+                let source: Arc<dyn Source> = link.clone();
+                ClientBody::H1(Body {
+                    source,
+                    generation,
+                    left,
+                    ended: false,
+                })
+            }
+        };
+        let headers = request.headers_mut();
+        headers.remove(&crate::http::tls::CLIENT_IDENTITY);
+        if let Some(identity) = &self.identity {
+            headers.insert(&crate::http::tls::CLIENT_IDENTITY, identity.clone());
+        }
+        let upgrade = upgrade.then(|| {
+            let (to, on) = oneshot::channel();
+            request
+                .extensions_mut()
+                .insert(OnUpgrade(Arc::new(Mutex::new(Some(on)))));
+            to
+        });
+        let max_head = self.limits.max_head;
+        let handling = self
+            .gateway
+            .clone()
+            .handle(request, self.peer, &self.client);
+        tokio::pin!(handling);
+        let answered = std::future::poll_fn(|cx| {
+            if let Poll::Ready(response) = handling.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            // A client that leaves cancels its request.
+            if lock(link).poll_gone(cx, max_head) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(response) = answered else {
+            tracing::debug!(peer = %self.peer, "the client closed its connection before the answer");
+            return Next::Close;
+        };
+        let mut keep_alive = keep_alive && !*self.stop.borrow();
+        let (parts, body) = response.into_parts();
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        let framing = encode(out, &parts, &body, asked, &mut keep_alive);
+        let body = framing.map(|framing| (body, framing));
+        let mut writer = match body {
+            Some((body, framing)) => Writer::new(std::mem::take(out), Some(body), framing),
+            None => Writer::new(std::mem::take(out), None, Framing::Length(0)),
+        };
+        let mut sink = Sink { link, stall };
+        let written = std::future::poll_fn(|cx| {
+            if writer.poll(&mut sink, cx)?.is_pending() {
+                // A client that leaves ends a streamed answer.
+                if lock(link).poll_gone(cx, max_head) {
+                    return Poll::Ready(Err(WriteError::Io(io::ErrorKind::BrokenPipe.into())));
+                }
+                return Poll::Pending;
+            }
+            Pin::new(&mut sink).poll_flush(cx).map_err(WriteError::Io)
+        })
+        .await;
+        *out = writer.into_buffer();
+        if let Err(e) = written {
+            tracing::debug!(peer = %self.peer, error = ?e, "the answer could not be written");
+            return Next::Close;
+        }
+        match upgrade {
+            Some(to) if switching => return Next::Upgrade(to),
+            _ if switching => return Next::Close,
+            _ => {}
+        }
+        if keep_alive && lock(link).drain() {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+}
+
+/// What becomes of a connection after an answer.
+enum Next {
+    KeepAlive,
+    Close,
+    /// Switched protocols: the socket goes to the request's [`OnUpgrade`].
+    Upgrade(oneshot::Sender<Upgraded>),
+}
+
+/// Writes a refusal (no body) and flushes it.
+async fn refuse<I>(
+    link: &Mutex<Link<I>>,
+    status: StatusCode,
+    out: &mut Vec<u8>,
+    stall: &mut Stall,
+) -> io::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    out.clear();
+    status_line(out, status);
+    out.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n");
+    date(out);
+    out.extend_from_slice(b"\r\n");
+    let mut sink = Sink { link, stall };
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        while written < out.len() {
+            match ready!(Pin::new(&mut sink).poll_write(cx, &out[written..]))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => written += n,
+            }
+        }
+        Pin::new(&mut sink).poll_flush(cx)
+    })
+    .await
+}
+
+/// The socket and what was read of it, shared by the connection and the
+/// body of the request it reads.
+struct Link<I> {
+    io: I,
+    read: BytesMut,
+    read_size: usize,
+    /// The request whose body `inbound` is: a body of an earlier request
+    /// finds the connection moved on.
+    generation: u64,
+    inbound: Inbound,
+    /// `100 Continue` owed to the client before its body: what of it was
+    /// written.
+    continue_at: Option<usize>,
+    /// The client closed its side.
+    eof: bool,
+}
+
+/// Where the current request's body is.
+#[derive(Debug)]
+enum Inbound {
+    /// Read to its end (or none).
+    Done,
+    Reading(Decoder),
+    /// It broke its framing, or the connection failed: nothing more is read.
+    Failed,
+}
+
+fn lock<I>(link: &Mutex<Link<I>>) -> MutexGuard<'_, Link<I>> {
+    link.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
+    /// Reads until a whole head is in, and parses it; `None` at the end
+    /// of the connection.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        spans: &mut Vec<Span>,
+        max_head: usize,
+    ) -> Poll<Result<Option<Head>, Refusal>> {
+        loop {
+            if !self.read.is_empty() {
+                if let Some(head) = parse_head(&mut self.read, spans, max_head)? {
+                    return Poll::Ready(Ok(Some(head)));
+                }
+            }
+            if self.eof {
+                return Poll::Ready(Ok(None));
+            }
+            let mut size = READ_SIZE;
+            match ready!(poll_fill(&mut self.io, &mut self.read, &mut size, cx)) {
+                Ok(0) | Err(_) => self.eof = true,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Whether the client closed the connection while its request is
+    /// under way (once its body is read, so that it is the connection's
+    /// end that is read, or the next request, which is kept).
+    fn poll_gone(&mut self, cx: &mut Context<'_>, max_head: usize) -> bool {
+        if !matches!(self.inbound, Inbound::Done) || self.eof || !self.read.is_empty() {
+            return false;
+        }
+        let mut size = READ_SIZE.min(max_head);
+        match poll_fill(&mut self.io, &mut self.read, &mut size, cx) {
+            Poll::Ready(Ok(0) | Err(_)) => {
+                self.eof = true;
+                true
+            }
+            Poll::Ready(Ok(_)) | Poll::Pending => false,
+        }
+    }
+
+    /// Reads and drops what is left of the request's body, if it is there
+    /// already and short; whether the connection can go on.
+    fn drain(&mut self) -> bool {
+        self.continue_at = None;
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut dropped = 0;
+        loop {
+            match self.poll_body(&mut cx) {
+                Poll::Ready(None) => {
+                    // A body of this request polled from now on finds nothing.
+                    self.generation += 1;
+                    return !self.eof || !self.read.is_empty();
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    dropped += frame.data_ref().map_or(0, Bytes::len);
+                    if dropped > MAX_DRAIN {
+                        return false;
+                    }
+                }
+                Poll::Ready(Some(Err(_))) | Poll::Pending => return false,
+            }
+        }
+    }
+
+    /// The next frame of the request's body.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(at) = self.continue_at {
+            ready!(self.poll_continue(cx, at))?;
+        }
+        loop {
+            let decoder = match &mut self.inbound {
+                Inbound::Done => return Poll::Ready(None),
+                Inbound::Failed => return Poll::Ready(Some(Err(BodyError::Failed.into()))),
+                Inbound::Reading(decoder) => decoder,
+            };
+            match decoder {
+                Decoder::Length(0) | Decoder::UntilClose => {
+                    self.inbound = Inbound::Done;
+                    return Poll::Ready(None);
+                }
+                Decoder::Length(left) => {
+                    if !self.read.is_empty() {
+                        let n = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(self.read.len());
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.inbound = Inbound::Done;
+                        }
+                        let data = self.read.split_to(n).freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Decoder::Chunked(chunked) => match chunked.step(&mut self.read) {
+                    Ok(Step::More) => {}
+                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Step::Trailers(trailers)) => {
+                        self.inbound = Inbound::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Step::End) => {
+                        self.inbound = Inbound::Done;
+                        return Poll::Ready(None);
+                    }
+                    Err(invalid) => {
+                        self.inbound = Inbound::Failed;
+                        return Poll::Ready(Some(Err(BodyError::Invalid(invalid.0).into())));
+                    }
+                },
+            }
+            match ready!(poll_fill(
+                &mut self.io,
+                &mut self.read,
+                &mut self.read_size,
+                cx
+            )) {
+                Ok(0) => {
+                    self.eof = true;
+                    self.inbound = Inbound::Failed;
+                    return Poll::Ready(Some(Err(BodyError::Closed.into())));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.eof = true;
+                    self.inbound = Inbound::Failed;
+                    return Poll::Ready(Some(Err(BodyError::Io(e).into())));
+                }
+            }
+        }
+    }
+
+    /// Writes the `100 Continue` owed, from byte `at`.
+    fn poll_continue(&mut self, cx: &mut Context<'_>, mut at: usize) -> Poll<Result<(), BoxError>> {
+        const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+        while at < CONTINUE.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &CONTINUE[at..]) {
+                Poll::Ready(Ok(n)) if n > 0 => at += n,
+                Poll::Ready(Ok(_)) => return self.continue_failed(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Err(e)) => return self.continue_failed(e),
+                Poll::Pending => {
+                    self.continue_at = Some(at);
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.continue_at = None;
+        // Over TLS, what was written may wait in its buffer; a flush that
+        // cannot finish now is finished by the answer's.
+        let _ = Pin::new(&mut self.io).poll_flush(cx);
+        Poll::Ready(Ok(()))
+    }
+
+    fn continue_failed(&mut self, e: io::Error) -> Poll<Result<(), BoxError>> {
+        self.continue_at = None;
+        self.inbound = Inbound::Failed;
+        Poll::Ready(Err(BodyError::Io(e).into()))
+    }
+}
+
+/// The body of a request being read, as the request's body sees it.
+trait Source: Send + Sync {
+    /// The next frame of the body of request `generation`.
+    fn poll_frame(
+        &self,
+        generation: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Link<I>> {
+    fn poll_frame(
+        &self,
+        generation: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut link = lock(self);
+        if link.generation != generation {
+            return Poll::Ready(Some(Err(BodyError::Failed.into())));
+        }
+        link.poll_body(cx)
+    }
+}
+
+/// A request's body, read from the client's connection when polled.
+pub struct Body {
+    source: Arc<dyn Source>,
+    generation: u64,
+    /// Bytes still to come, when its length was declared.
+    left: Option<u64>,
+    ended: bool,
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Body")
+            .field("left", &self.left)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let frame = ready!(self.source.poll_frame(self.generation, cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(left), Some(data)) = (&mut self.left, frame.data_ref()) {
+                    *left = left.saturating_sub(data.len() as u64);
+                    self.ended = *left == 0;
+                } else if frame.is_trailers() {
+                    self.ended = true;
+                }
+            }
+            None | Some(Err(_)) => self.ended = true,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (self.ended, self.left) {
+            (true, _) => SizeHint::with_exact(0),
+            (false, Some(left)) => SizeHint::with_exact(left),
+            (false, None) => SizeHint::default(),
+        }
+    }
+}
+
+/// Why a request's body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The client closed the connection before the body ended.
+    Closed,
+    /// The body breaks its framing.
+    Invalid(&'static str),
+    /// The connection failed.
+    Io(io::Error),
+    /// The body failed before, or its request is over.
+    Failed,
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyError::Closed => {
+                f.write_str("the client closed its connection before its request body ended")
+            }
+            BodyError::Invalid(why) => write!(f, "invalid request body: {why}"),
+            BodyError::Io(e) => write!(f, "reading the request body failed: {e}"),
+            BodyError::Failed => f.write_str("the request body can no longer be read"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Writes to the shared socket, with the send timeout.
+struct Sink<'a, I> {
+    link: &'a Mutex<Link<I>>,
+    stall: &'a mut Stall,
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Sink<'_, I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut lock(this.link).io).poll_write(cx, buf);
+        this.stall.watch(cx, poll)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut lock(this.link).io).poll_flush(cx);
+        this.stall.watch(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut lock(this.link).io).poll_shutdown(cx);
+        this.stall.watch(cx, poll)
+    }
+}
+
+/// The client's side of a connection that switched protocols: the socket,
+/// what the client sent past the request's head reading first.
+pub struct Upgraded {
+    io: Box<dyn Io>,
+    read: Bytes,
+}
+
+/// A socket of any kind.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl fmt::Debug for Upgraded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upgraded")
+            .field("read", &self.read.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// In an upgrade request's extensions: gives the client's socket once a
+/// `101 Switching Protocols` has been written to it. (Clones share it;
+/// one of them gets it.)
+#[derive(Debug, Clone)]
+pub struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl OnUpgrade {
+    /// The client's socket, once the connection has switched protocols.
+    pub async fn upgraded(self) -> io::Result<Upgraded> {
+        let switched = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match switched {
+            Some(switched) => switched.await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "the connection did not switch protocols",
+                )
+            }),
+            None => Err(io::Error::other("the upgrade was taken already")),
+        }
+    }
+}
+
+/// A request head refused: the answer, and why (for the debug log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Refusal {
+    status: StatusCode,
+    why: &'static str,
+}
+
+impl Refusal {
+    fn bad(why: &'static str) -> Self {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            why,
+        }
+    }
+
+    fn too_large(why: &'static str) -> Self {
+        Refusal {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            why,
+        }
+    }
+}
+
+/// A request head, parsed, and what it says of its body and connection.
+#[derive(Debug)]
+struct Head {
+    request: Request<ClientBody>,
+    /// How its body is read; `None`: it has none.
+    body: Option<Decoder>,
+    keep_alive: bool,
+    expect_continue: bool,
+    /// It asks to switch protocols (HTTP/1.1 with `Upgrade`).
+    upgrade: bool,
+    /// It accepts trailers (`TE: trailers`).
+    trailers: bool,
+}
+
+/// Where a field's name and value lie in a head: start and end of each.
+type Span = [u32; 4];
+
+/// Parses the request head at the start of `read`, and takes it off if
+/// whole; `None` while it is not.
+fn parse_head(
+    read: &mut BytesMut,
+    spans: &mut Vec<Span>,
+    max_head: usize,
+) -> Result<Option<Head>, Refusal> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_request_with_uninit_headers(&mut parsed, read, &mut fields) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if read.len() >= max_head => {
+            return Err(Refusal::too_large("the head is too large"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::too_large("too many header fields"))
+        }
+        Err(_) => return Err(Refusal::bad("malformed head")),
+    };
+    if len > max_head {
+        return Err(Refusal::too_large("the head is too large"));
+    }
+    let base = read.as_ptr() as usize;
+    // (A head is at most `max_head` bytes, far below 4 GiB.)
+    let offset = |at: *const u8| (at as usize - base) as u32;
+    let method_at = offset(parsed.method.unwrap_or_default().as_ptr()) as usize;
+    let target = parsed.path.unwrap_or_default();
+    let target_at = offset(target.as_ptr()) as usize;
+    let target_end = target_at + target.len();
+    if target.len() > MAX_TARGET {
+        return Err(Refusal {
+            status: StatusCode::URI_TOO_LONG,
+            why: "the target is too long",
+        });
+    }
+    let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Refusal::bad("invalid method"))?;
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    spans.clear();
+    spans.extend(parsed.headers.iter().map(|field| {
+        let name = offset(field.name.as_ptr());
+        let value = offset(field.value.as_ptr());
+        [
+            name,
+            name + field.name.len() as u32,
+            value,
+            value + field.value.len() as u32,
+        ]
+    }));
+    // httparse takes a bare LF for a line end; some servers do not.
+    let head = &read[..len];
+    let crlf = |from: usize| {
+        head[from..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .is_some_and(|at| at > 0 && head[from + at - 1] == b'\r')
+    };
+    if !crlf(method_at.max(target_end))
+        || !spans.iter().all(|span| crlf(span[3] as usize))
+        || head[..len - 1].last() != Some(&b'\r')
+    {
+        return Err(Refusal::bad("a line of the head ends in a bare LF"));
+    }
+    let head = read.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target_at..target_end))
+        .map_err(|_| Refusal::bad("invalid target"))?;
+    let mut headers = HeaderMap::with_capacity(spans.len() + 6);
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut close = false;
+    let mut length: Option<u64> = None;
+    let mut chunked: Option<bool> = None;
+    let mut chunked_named = 0;
+    let mut expect_continue = false;
+    let mut upgrade = false;
+    let mut trailers = false;
+    for &[n0, n1, v0, v1] in spans.iter() {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| Refusal::bad("invalid field name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| Refusal::bad("invalid field value"))?;
+        if name == header::CONTENT_LENGTH {
+            let n = decimal(value.as_bytes())
+                .ok_or(Refusal::bad("its Content-Length is not a number"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Refusal::bad("its Content-Length fields differ"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            if version == Version::HTTP_10 {
+                return Err(Refusal::bad("Transfer-Encoding on HTTP/1.0"));
+            }
+            let mut codings = value.as_bytes().split(|&b| b == b',');
+            chunked_named += codings
+                .clone()
+                .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+                .count();
+            let last = codings.next_back().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            if close || has_token(&value, "close") {
+                close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = has_token(&value, "keep-alive");
+            }
+        } else if name == header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::UPGRADE {
+            upgrade = version == Version::HTTP_11;
+        } else if name == header::TE {
+            trailers |= has_token(&value, "trailers");
+        }
+        headers.append(name, value);
+    }
+    let body = match (length, chunked) {
+        (Some(_), Some(_)) => {
+            return Err(Refusal::bad(
+                "it has both Content-Length and Transfer-Encoding",
+            ))
+        }
+        (None, Some(false)) => {
+            return Err(Refusal::bad("its final transfer coding is not chunked"))
+        }
+        _ if chunked_named > 1 => {
+            return Err(Refusal::bad("it names the chunked coding more than once"))
+        }
+        (None, Some(true)) => Some(Decoder::Chunked(Box::<Chunked>::default())),
+        (Some(0) | None, None) => None,
+        (Some(n), None) => Some(Decoder::Length(n)),
+    };
+    let mut request = Request::new(ClientBody::Empty);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        body,
+        keep_alive,
+        expect_continue,
+        upgrade,
+        trailers,
+    }))
+}
+
+/// What a request says about its answer.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    version: Version,
+    /// A HEAD: the answer's head only.
+    head: bool,
+    /// It accepts trailers.
+    trailers: bool,
+}
+
+/// Encodes the head of an answer into `out`; its body's framing, `None`
+/// when it has no body to send. `keep_alive` becomes false when the
+/// answer closes the connection.
+fn encode(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    body: &ProxyBody,
+    asked: Asked,
+    keep_alive: &mut bool,
+) -> Option<Framing> {
+    use http_body::Body as _;
+    let status = parts.status;
+    let headers = &parts.headers;
+    out.clear();
+    status_line(out, status);
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = if headers.contains_key(header::CONTENT_LENGTH) {
+        content_length(headers)
+    } else {
+        None
+    };
+    for (name, value) in headers {
+        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if *name == header::CONNECTION && !switching {
+            if has_token(value, "close") {
+                *keep_alive = false;
+            }
+            continue;
+        }
+        field(out, name, value);
+    }
+    let framing = if bodiless {
+        if status == StatusCode::NOT_MODIFIED {
+            if let Some(n) = declared {
+                content_length_field(out, n);
+            }
+        }
+        None
+    } else {
+        match declared.or_else(|| body.size_hint().exact()) {
+            Some(n) => {
+                content_length_field(out, n);
+                Some(Framing::Length(n))
+            }
+            None if asked.head => None,
+            None if asked.version == Version::HTTP_11 => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                let allowed = if asked.trailers {
+                    trailer_names(headers)
+                } else {
+                    Vec::new()
+                };
+                Some(Framing::Chunked(allowed))
+            }
+            None => {
+                *keep_alive = false;
+                Some(Framing::Close)
+            }
+        }
+    };
+    if !switching {
+        if !*keep_alive && asked.version == Version::HTTP_11 {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if *keep_alive && asked.version == Version::HTTP_10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    if !headers.contains_key(header::DATE) {
+        date(out);
+    }
+    out.extend_from_slice(b"\r\n");
+    framing.filter(|_| !asked.head)
+}
+
+/// `HTTP/1.1 <code> <reason>` and its line end.
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn content_length_field(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let count = tidegate_client::headers::write_digits(n, &mut digits);
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(&digits[..count]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A `date` field: now, formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    use std::cell::Cell;
+    thread_local! {
+        static DATE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = tidegate_client::clock::unix_secs();
+    let text = DATE.with(|cached| {
+        let (at, text) = cached.get();
+        if at == now {
+            return text;
+        }
+        let text = tidegate_client::clock::http_date(now);
+        cached.set((now, text));
+        text
+    });
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(&text);
+    out.extend_from_slice(b"\r\n");
+}
