@@ -340,3 +340,199 @@ mod exchange {
         }
     }
 }
+
+/// Bytes a client sends on one connection: tidegate's HTTP/1.1 server
+/// (`http::h1`) reads the requests hyper's server reads from them, each
+/// with the same method, target, version, fields, body and trailers, and
+/// stops where hyper stops. It may stop earlier only at a request whose
+/// framing hyper forgives and the gateway refuses (a bare LF line end, a
+/// `Content-Length` beside `Transfer-Encoding` or not one number,
+/// `chunked` named twice); it never reads a request hyper refuses.
+pub fn client_requests(data: &[u8]) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let theirs = served::hyper(data).await;
+        let ours = served::tidegate(data).await;
+        let text = String::from_utf8_lossy(data);
+        assert!(
+            ours.len() <= theirs.len(),
+            "tidegate read a request hyper refuses: {ours:?} from {text:?}"
+        );
+        assert_eq!(ours[..], theirs[..ours.len()], "from {text:?}");
+        if ours.len() < theirs.len() {
+            assert!(
+                served::forgiven_by_hyper(data),
+                "tidegate refused {:?}, which hyper reads, from {text:?}",
+                theirs[ours.len()]
+            );
+        }
+    });
+}
+
+mod served {
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::{Bytes, BytesMut};
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    use tidegate_gateway::http::body::{full, ClientBody, ProxyBody};
+    use tidegate_gateway::http::h1::{Connection, Limits, Service};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A request as a server read it; its body `None` when it failed or
+    /// did not end.
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Seen {
+        method: String,
+        target: String,
+        version: http::Version,
+        fields: Vec<(String, Bytes)>,
+        body: Option<(Vec<u8>, Vec<(String, Bytes)>)>,
+    }
+
+    type Log = Arc<Mutex<Vec<Seen>>>;
+
+    /// The fields by name, in their order within a name (the order of
+    /// different names means nothing, and a removal changes it).
+    fn fields(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
+        let mut fields: Vec<_> = headers
+            .iter()
+            // tidegate drops a client's copy of its identity header.
+            .filter(|(n, _)| *n != tidegate_gateway::http::tls::CLIENT_IDENTITY)
+            .map(|(n, v)| (n.to_string(), Bytes::copy_from_slice(v.as_bytes())))
+            .collect();
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        fields
+    }
+
+    /// Notes `request`, its body read for up to a second.
+    async fn note<B>(log: &Log, request: Request<B>)
+    where
+        B: http_body::Body<Data = Bytes>,
+    {
+        let (parts, body) = request.into_parts();
+        let body = match tokio::time::timeout(Duration::from_secs(1), body.collect()).await {
+            Ok(Ok(collected)) => {
+                let trailers = collected.trailers().map(fields).unwrap_or_default();
+                Some((collected.to_bytes().to_vec(), trailers))
+            }
+            _ => None,
+        };
+        log.lock().unwrap().push(Seen {
+            method: parts.method.to_string(),
+            target: parts.uri.to_string(),
+            version: parts.version,
+            fields: fields(&parts.headers),
+            body,
+        });
+    }
+
+    /// Writes `data`, keeps the connection open and reads until the
+    /// server closes it (an idle one, at the header read timeout).
+    async fn send(mut client: DuplexStream, data: &[u8]) {
+        let _ = client.write_all(data).await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(600), client.read_to_end(&mut sink)).await;
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_head: 8192,
+            header_read: Duration::from_secs(5),
+            send: Duration::from_secs(5),
+        }
+    }
+
+    pub async fn hyper(data: &[u8]) -> Vec<Seen> {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let log = Log::default();
+        let noted = log.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let log = noted.clone();
+            async move {
+                note(&log, request).await;
+                // Not a 2xx: a CONNECT answered 2xx would be a tunnel to hyper.
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(404)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+            }
+        });
+        let limits = limits();
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_read)
+            .max_buf_size(limits.max_head);
+        let served = builder
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service)
+            .with_upgrades();
+        let server = tokio::spawn(served);
+        send(client, data).await;
+        let _ = server.await;
+        let seen = std::mem::take(&mut *log.lock().unwrap());
+        seen
+    }
+
+    struct Recorder(Log);
+
+    impl Service for Recorder {
+        fn call(
+            &self,
+            request: Request<ClientBody>,
+        ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send + '_ {
+            async move {
+                note(&self.0, request).await;
+                let mut response = Response::new(full(Bytes::new()));
+                *response.status_mut() = http::StatusCode::NOT_FOUND;
+                response
+            }
+        }
+    }
+
+    pub async fn tidegate(data: &[u8]) -> Vec<Seen> {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let log = Log::default();
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let connection = Connection {
+            service: Recorder(log.clone()),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            identity: None,
+            stop: stopped,
+            limits: limits(),
+            deadlines: Default::default(),
+        };
+        let server = tokio::spawn(connection.serve(server, BytesMut::new()));
+        send(client, data).await;
+        let _ = server.await;
+        let seen = std::mem::take(&mut *log.lock().unwrap());
+        seen
+    }
+
+    /// Whether `data` has framing that hyper forgives and tidegate refuses.
+    pub fn forgiven_by_hyper(data: &[u8]) -> bool {
+        let lower = data.to_ascii_lowercase();
+        let has = |what: &[u8]| lower.windows(what.len()).any(|w| w == what);
+        let count = |what: &[u8]| lower.windows(what.len()).filter(|w| *w == what).count();
+        let bare_lf = data
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\n' && (i == 0 || data[i - 1] != b'\r'));
+        let listed_length = lower
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_prefix(b"content-length:"))
+            .any(|value| !value.trim_ascii().iter().all(u8::is_ascii_digit));
+        bare_lf
+            || listed_length
+            || (has(b"content-length") && has(b"transfer-encoding"))
+            || count(b"chunked") > 1
+    }
+}

@@ -59,3 +59,8 @@ fn rate_limit_key() {
 fn upstream_response() {
     run("upstream_response", checks::upstream_response);
 }
+
+#[test]
+fn client_requests() {
+    run("client_requests", checks::client_requests);
+}

@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{oneshot, watch};
@@ -64,8 +64,7 @@ use crate::http::codec::{
 };
 use crate::http::conn::Stall;
 use crate::observe::watch::until_stopped;
-use crate::proxy::client::UpstreamClient;
-use crate::proxy::Gateway;
+use crate::proxy::deadline::Deadlines;
 
 /// The longest request target (hyper's limit): longer is 414.
 const MAX_TARGET: usize = u16::MAX as usize - 1;
@@ -85,14 +84,21 @@ pub struct Limits {
     pub send: Duration,
 }
 
+/// What answers a connection's requests.
+pub trait Service {
+    /// The answer to `request`.
+    fn call(
+        &self,
+        request: Request<ClientBody>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
+}
+
 /// One client connection speaking HTTP/1.x, and what serves it.
 #[derive(Debug)]
-pub struct Connection {
+pub struct Connection<S> {
     /// Answers its requests.
-    pub gateway: Arc<Gateway>,
-    /// Sends their upstream requests (the worker's).
-    pub client: UpstreamClient,
-    /// The client's address.
+    pub service: S,
+    /// The client's address (for the debug log).
     pub peer: SocketAddr,
     /// Its verified client certificate's identity, set on each request (a
     /// client's own copy of that header never passes).
@@ -102,9 +108,11 @@ pub struct Connection {
     pub stop: watch::Receiver<bool>,
     /// Its limits.
     pub limits: Limits,
+    /// The worker's timer for header read timeouts.
+    pub deadlines: Deadlines,
 }
 
-impl Connection {
+impl<S: Service> Connection<S> {
     /// Serves `io`, whose first bytes are `read`, until the client or the
     /// gateway closes it.
     pub async fn serve<I>(mut self, io: I, read: BytesMut)
@@ -182,10 +190,7 @@ impl Connection {
             return Ok(None);
         }
         let at = Instant::now() + self.limits.header_read;
-        let within = self
-            .client
-            .deadlines()
-            .within(at, std::future::poll_fn(&mut poll));
+        let within = self.deadlines.within(at, std::future::poll_fn(&mut poll));
         let stop = &mut self.stop;
         tokio::select! {
             head = within => match head {
@@ -260,10 +265,7 @@ impl Connection {
             to
         });
         let max_head = self.limits.max_head;
-        let handling = self
-            .gateway
-            .clone()
-            .handle(request, self.peer, &self.client);
+        let handling = self.service.call(request);
         tokio::pin!(handling);
         let answered = std::future::poll_fn(|cx| {
             if let Poll::Ready(response) = handling.as_mut().poll(cx) {
@@ -900,10 +902,12 @@ fn parse_head(
         if name == header::CONTENT_LENGTH {
             let n = decimal(value.as_bytes())
                 .ok_or(Refusal::bad("its Content-Length is not a number"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Refusal::bad("its Content-Length fields differ"));
+            match length {
+                Some(l) if l != n => return Err(Refusal::bad("its Content-Length fields differ")),
+                // One field is kept of several that agree.
+                Some(_) => continue,
+                None => length = Some(n),
             }
-            length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
             if version == Version::HTTP_10 {
                 return Err(Refusal::bad("Transfer-Encoding on HTTP/1.0"));

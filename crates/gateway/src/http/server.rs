@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::http::body::ClientBody;
+use crate::http::body::{ClientBody, ProxyBody};
 use crate::http::conn::{sniff, Primed, Protocol};
 use crate::http::h1::{self, Limits};
 use crate::http::headers;
@@ -393,6 +393,24 @@ async fn serve_proxy(
     }
 }
 
+/// The gateway, answering the requests of one client.
+struct Proxied {
+    gateway: Arc<Gateway>,
+    client: UpstreamClient,
+    peer: SocketAddr,
+}
+
+impl h1::Service for Proxied {
+    fn call(
+        &self,
+        request: Request<ClientBody>,
+    ) -> impl std::future::Future<Output = http::Response<ProxyBody>> + Send + '_ {
+        self.gateway
+            .clone()
+            .handle(request, self.peer, &self.client)
+    }
+}
+
 /// What every connection of a worker is served with.
 struct Serving {
     gateway: Arc<Gateway>,
@@ -428,13 +446,18 @@ impl Serving {
         };
         match protocol {
             Ok(Ok(Protocol::Http1)) => {
+                let deadlines = client.deadlines().clone();
                 let connection = h1::Connection {
-                    gateway,
-                    client,
+                    service: Proxied {
+                        gateway,
+                        client,
+                        peer,
+                    },
                     peer,
                     identity,
                     stop,
                     limits,
+                    deadlines,
                 };
                 connection.serve(io, read).await;
             }
