@@ -393,14 +393,16 @@ mod served {
         target: String,
         version: http::Version,
         fields: Vec<(String, Bytes)>,
-        body: Option<(Vec<u8>, Vec<(String, Bytes)>)>,
+        body: Option<(Vec<u8>, Fields)>,
     }
+
+    type Fields = Vec<(String, Bytes)>;
 
     type Log = Arc<Mutex<Vec<Seen>>>;
 
     /// The fields by name, in their order within a name (the order of
     /// different names means nothing, and a removal changes it).
-    fn fields(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
+    fn fields(headers: &http::HeaderMap) -> Fields {
         let mut fields: Vec<_> = headers
             .iter()
             // tidegate drops a client's copy of its identity header.
@@ -485,16 +487,11 @@ mod served {
     struct Recorder(Log);
 
     impl Service for Recorder {
-        fn call(
-            &self,
-            request: Request<ClientBody>,
-        ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send + '_ {
-            async move {
-                note(&self.0, request).await;
-                let mut response = Response::new(full(Bytes::new()));
-                *response.status_mut() = http::StatusCode::NOT_FOUND;
-                response
-            }
+        async fn call(&self, request: Request<ClientBody>) -> Response<ProxyBody> {
+            note(&self.0, request).await;
+            let mut response = Response::new(full(Bytes::new()));
+            *response.status_mut() = http::StatusCode::NOT_FOUND;
+            response
         }
     }
 
