@@ -45,6 +45,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -115,7 +116,61 @@ pub struct Connection<S> {
 impl<S: Service> Connection<S> {
     /// Serves `io`, whose first bytes are `read`, until the client or the
     /// gateway closes it.
-    pub async fn serve<I>(mut self, io: I, read: BytesMut)
+    pub async fn serve<I>(self, io: I, read: BytesMut)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            service,
+            peer,
+            identity,
+            mut stop,
+            limits,
+            deadlines,
+        } = self;
+        let served = Served {
+            service,
+            peer,
+            identity,
+            limits,
+            deadlines,
+            stopping: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+        };
+        // The stop is watched once for the connection, not per request.
+        let serving = served.run(io, read);
+        tokio::pin!(serving);
+        tokio::select! {
+            // The stop first: an answer finished in the same poll closes
+            // the connection.
+            biased;
+            () = until_stopped(&mut stop) => {
+                served.stopping.store(true, Ordering::Relaxed);
+                // An idle connection closes now; a busy one after its answer.
+                if !served.idle.load(Ordering::Relaxed) {
+                    serving.await;
+                }
+            }
+            () = &mut serving => {}
+        }
+    }
+}
+
+/// A connection being served.
+struct Served<S> {
+    service: S,
+    peer: SocketAddr,
+    identity: Option<HeaderValue>,
+    limits: Limits,
+    deadlines: Deadlines,
+    /// The gateway stops: the answer under way closes the connection.
+    stopping: AtomicBool,
+    /// Waiting for a request, nothing of it read.
+    idle: AtomicBool,
+}
+
+impl<S: Service> Served<S> {
+    async fn run<I>(&self, io: I, read: BytesMut)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -173,7 +228,7 @@ impl<S: Service> Connection<S> {
     /// client closed it, it stayed idle past the header read timeout, or
     /// the gateway stops).
     async fn next_head<I>(
-        &mut self,
+        &self,
         link: &Mutex<Link<I>>,
         spans: &mut Vec<Span>,
     ) -> Result<Option<Head>, Refusal>
@@ -186,28 +241,30 @@ impl<S: Service> Connection<S> {
         if let Poll::Ready(head) = poll(&mut Context::from_waker(Waker::noop())) {
             return head;
         }
-        if *self.stop.borrow() {
+        if self.stopping.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        let idle = lock(link).read.is_empty();
+        self.idle.store(idle, Ordering::Relaxed);
         let at = Instant::now() + self.limits.header_read;
-        let within = self.deadlines.within(at, std::future::poll_fn(&mut poll));
-        let stop = &mut self.stop;
-        tokio::select! {
-            head = within => match head {
-                Ok(head) => head,
-                Err(_) if lock(link).read.is_empty() => Ok(None),
-                Err(_) => Err(Refusal {
-                    status: StatusCode::REQUEST_TIMEOUT,
-                    why: "the head did not arrive within gateway.header_read_timeout",
-                }),
-            },
-            _ = until_stopped(stop) => Ok(None),
+        let head = self
+            .deadlines
+            .within(at, std::future::poll_fn(&mut poll))
+            .await;
+        self.idle.store(false, Ordering::Relaxed);
+        match head {
+            Ok(head) => head,
+            Err(_) if lock(link).read.is_empty() => Ok(None),
+            Err(_) => Err(Refusal {
+                status: StatusCode::REQUEST_TIMEOUT,
+                why: "the head did not arrive within gateway.header_read_timeout",
+            }),
         }
     }
 
     /// Answers one request; says what becomes of the connection.
     async fn exchange<I>(
-        &mut self,
+        &self,
         link: &Arc<Mutex<Link<I>>>,
         head: Head,
         out: &mut Vec<u8>,
@@ -252,9 +309,9 @@ impl<S: Service> Connection<S> {
                 })
             }
         };
-        let headers = request.headers_mut();
-        headers.remove(&crate::http::tls::CLIENT_IDENTITY);
+        // (A client's own copy was dropped with its head.)
         if let Some(identity) = &self.identity {
+            let headers = request.headers_mut();
             headers.insert(&crate::http::tls::CLIENT_IDENTITY, identity.clone());
         }
         let upgrade = upgrade.then(|| {
@@ -282,7 +339,7 @@ impl<S: Service> Connection<S> {
             tracing::debug!(peer = %self.peer, "the client closed its connection before the answer");
             return Next::Close;
         };
-        let mut keep_alive = keep_alive && !*self.stop.borrow();
+        let mut keep_alive = keep_alive && !self.stopping.load(Ordering::Relaxed);
         let (parts, body) = response.into_parts();
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         let framing = encode(out, &parts, &body, asked, &mut keep_alive);
@@ -897,6 +954,10 @@ fn parse_head(
         let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
         let name = HeaderName::from_bytes(&head[n0..n1])
             .map_err(|_| Refusal::bad("invalid field name"))?;
+        if name == crate::http::tls::CLIENT_IDENTITY {
+            // Only the gateway says who a client is.
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| Refusal::bad("invalid field value"))?;
         if name == header::CONTENT_LENGTH {
@@ -1095,4 +1156,291 @@ fn date(out: &mut Vec<u8>) {
     out.extend_from_slice(b"date: ");
     out.extend_from_slice(&text);
     out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// Answers as `answer` says, after reading the whole body.
+    struct Answering(fn(&http::request::Parts, Bytes) -> Response<ProxyBody>);
+
+    impl Service for Answering {
+        async fn call(&self, request: Request<ClientBody>) -> Response<ProxyBody> {
+            let (parts, body) = request.into_parts();
+            match body.collect().await {
+                Ok(body) => (self.0)(&parts, body.to_bytes()),
+                Err(e) => {
+                    let mut response = Response::new(body::full(e.to_string()));
+                    *response.status_mut() = StatusCode::BAD_REQUEST;
+                    response
+                }
+            }
+        }
+    }
+
+    fn echo(parts: &http::request::Parts, body: Bytes) -> Response<ProxyBody> {
+        let text = format!("{} {} {}", parts.method, parts.uri, body.len());
+        Response::new(body::full(text))
+    }
+
+    fn serve(
+        answer: fn(&http::request::Parts, Bytes) -> Response<ProxyBody>,
+    ) -> (
+        DuplexStream,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        serve_with(Answering(answer))
+    }
+
+    /// A connection served by `service`: the client's end, the stop, and
+    /// the serving task.
+    fn serve_with<S: Service + Send + Sync + 'static>(
+        service: S,
+    ) -> (
+        DuplexStream,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (stop, stopped) = watch::channel(false);
+        let connection = Connection {
+            service,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            identity: None,
+            stop: stopped,
+            limits: Limits {
+                max_head: 8192,
+                header_read: Duration::from_secs(10),
+                send: Duration::from_secs(10),
+            },
+            deadlines: Deadlines::default(),
+        };
+        let served = tokio::spawn(connection.serve(server, BytesMut::new()));
+        (client, stop, served)
+    }
+
+    /// Reads until `until` has been seen; returns it all.
+    async fn read_until(client: &mut DuplexStream, until: &str) -> String {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains(until) {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(seen).unwrap()
+    }
+
+    async fn read_to_end(client: &mut DuplexStream) -> String {
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).await.unwrap();
+        String::from_utf8(all).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+        let (mut client, _stop, _served) = serve(echo);
+        client
+            .write_all(
+                b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n\
+                  POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc\
+                  POST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let answers = read_until(&mut client, "POST /c 2").await;
+        let a = answers.find("GET /a 0").unwrap();
+        let b = answers.find("POST /b 3").unwrap();
+        assert!(a < b, "{answers}");
+        assert_eq!(
+            answers.matches("HTTP/1.1 200 OK\r\n").count(),
+            3,
+            "{answers}"
+        );
+        assert!(answers.contains("content-length: 8\r\n"), "{answers}");
+        assert!(answers.contains("date: "), "{answers}");
+        assert!(!answers.contains("connection: close"), "{answers}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closes_when_the_gateway_stops_and_a_busy_one_after_its_answer() {
+        let (mut client, stop, served) = serve(echo);
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, "GET /a 0").await;
+        stop.send(true).unwrap();
+        served.await.unwrap();
+        assert_eq!(read_to_end(&mut client).await, "", "closed, nothing more");
+
+        // Stopped while its body comes: answered, with the connection closing.
+        let (mut client, stop, served) = serve(echo);
+        client
+            .write_all(b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        stop.send(true).unwrap();
+        client.write_all(b"cd").await.unwrap();
+        let answer = read_to_end(&mut client).await;
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        assert!(answer.ends_with("POST /b 4"), "{answer}");
+        served.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn continue_is_sent_when_the_body_is_read_and_never_after_an_answer() {
+        let (mut client, _stop, _served) = serve(echo);
+        client
+            .write_all(
+                b"PUT /a HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let interim = read_until(&mut client, "\r\n\r\n").await;
+        assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+        client.write_all(b"ok").await.unwrap();
+        read_until(&mut client, "PUT /a 2").await;
+
+        // Refused before its body is read: no 100, and the connection
+        // closes, since the body may still come.
+        struct Early;
+        impl Service for Early {
+            async fn call(&self, _: Request<ClientBody>) -> Response<ProxyBody> {
+                let mut response = Response::new(body::full("too large"));
+                *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                response
+            }
+        }
+        let (mut client, _stop, _served) = serve_with(Early);
+        client
+            .write_all(b"PUT /a HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 99999\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_end(&mut client).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "{answer}"
+        );
+        assert!(!answer.contains("100 Continue"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn answers_are_framed_for_their_request_and_status() {
+        fn by_path(parts: &http::request::Parts, _: Bytes) -> Response<ProxyBody> {
+            let mut response = match parts.uri.path() {
+                // A body of unknown length, with a trailer.
+                "/stream" => {
+                    let frames = vec![
+                        Ok(http_body::Frame::data(Bytes::from_static(b"part"))),
+                        Ok(http_body::Frame::trailers(HeaderMap::from_iter([(
+                            HeaderName::from_static("x-sum"),
+                            HeaderValue::from_static("1"),
+                        )]))),
+                    ];
+                    let stream = futures_util::stream::iter(frames);
+                    let mut response =
+                        Response::new(http_body_util::StreamBody::new(stream).boxed());
+                    response
+                        .headers_mut()
+                        .insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+                    response
+                }
+                "/empty" => {
+                    let mut response = Response::new(body::empty());
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    response
+                }
+                _ => Response::new(body::full("hello")),
+            };
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
+            response
+        }
+        let exchange = |request: &'static [u8]| async move {
+            let (mut client, _stop, _served) = serve(by_path);
+            client.write_all(request).await.unwrap();
+            client.shutdown().await.unwrap();
+            read_to_end(&mut client).await
+        };
+        let head = exchange(b"HEAD /x HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert!(head.contains("content-length: 5\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
+        assert!(!head.contains("x-hop"), "{head}");
+
+        let empty = exchange(b"GET /empty HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert!(empty.starts_with("HTTP/1.1 204 No Content\r\n"), "{empty}");
+        assert!(!empty.contains("content-length"), "{empty}");
+
+        let chunked = exchange(b"GET /stream HTTP/1.1\r\nhost: x\r\nte: trailers\r\n\r\n").await;
+        assert!(
+            chunked.contains("transfer-encoding: chunked\r\n"),
+            "{chunked}"
+        );
+        assert!(
+            chunked.ends_with("\r\n\r\n4\r\npart\r\n0\r\nx-sum: 1\r\n\r\n"),
+            "{chunked}"
+        );
+        let untold = exchange(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert!(
+            untold.ends_with("\r\n\r\n4\r\npart\r\n0\r\n\r\n"),
+            "trailers only to who asks: {untold}"
+        );
+
+        // HTTP/1.0 cannot read chunks: the connection's end ends the body.
+        let old = exchange(b"GET /stream HTTP/1.0\r\nconnection: keep-alive\r\n\r\n").await;
+        assert!(!old.contains("transfer-encoding"), "{old}");
+        assert!(!old.contains("connection: keep-alive"), "{old}");
+        assert!(old.ends_with("\r\n\r\npart"), "{old}");
+        let kept = exchange(b"GET /x HTTP/1.0\r\nconnection: keep-alive\r\n\r\n").await;
+        assert!(kept.contains("connection: keep-alive\r\n"), "{kept}");
+    }
+
+    #[tokio::test]
+    async fn a_client_identity_header_never_passes_and_the_verified_one_is_set() {
+        fn identity(parts: &http::request::Parts, _: Bytes) -> Response<ProxyBody> {
+            let seen = parts.headers.get_all(&crate::http::tls::CLIENT_IDENTITY);
+            let seen: Vec<_> = seen
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            Response::new(body::full(seen.join(",")))
+        }
+        let (mut client, _stop, _served) = serve(identity);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-tidegate-client-identity: forged\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_end(&mut client).await;
+        assert!(answer.ends_with("\r\n\r\n"), "none: {answer}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_not_in_by_the_header_read_timeout_is_answered_408_and_an_idle_connection_closes(
+    ) {
+        let (mut client, _stop, _served) = serve(echo);
+        client.write_all(b"GET / HTTP/1.1\r\nhost").await.unwrap();
+        let answer = read_to_end(&mut client).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{answer}"
+        );
+
+        let (mut client, _stop, _served) = serve(echo);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, "GET / 0").await;
+        let started = Instant::now();
+        assert_eq!(read_to_end(&mut client).await, "");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
 }
