@@ -241,17 +241,20 @@ impl Visit for Fields<'_> {
 impl Fields<'_> {
     /// A float as `fmt` writes it: `Debug` in text, a JSON number.
     fn float(&mut self, value: f64) {
-        match (self.json, serde_json::Number::from_f64(value)) {
-            // A whole number of thousandths (the access line's durations)
-            // has one shortest form, which serde_json finds for a tenth of
-            // `Debug`'s cost, and writes as `Debug` does in this range.
-            (false, Some(n))
-                if value == 0.0
-                    || ((1e-3..1e12).contains(&value.abs())
-                        && (value * 1000.0).round() / 1000.0 == value) =>
-            {
-                let _ = write!(self.out, "{n}");
+        // A whole number of thousandths (the access line's durations) has
+        // one shortest form, its decimal digits, which `Debug` and JSON
+        // both write; digits cost a tenth of finding it in general.
+        let thousandths = (value.abs() * 1000.0).round();
+        if value == 0.0
+            || ((1e-3..1e12).contains(&value.abs()) && thousandths / 1000.0 == value.abs())
+        {
+            if value.is_sign_negative() {
+                self.out.push('-');
             }
+            write_thousandths(self.out, thousandths as u64);
+            return;
+        }
+        match (self.json, serde_json::Number::from_f64(value)) {
             (false, _) => {
                 let _ = write!(self.out, "{value:?}");
             }
@@ -263,6 +266,28 @@ impl Fields<'_> {
     }
 }
 
+/// `n` thousandths as a decimal with at least one fractional digit and
+/// no trailing zero after it: `12.5`, `0.001`, `3.0`.
+fn write_thousandths(out: &mut String, n: u64) {
+    let mut digits = [0u8; 24];
+    let whole = tidegate_client::headers::write_digits(n / 1000, &mut digits);
+    digits[whole] = b'.';
+    let fraction = n % 1000;
+    let shown = match fraction {
+        0 => 1,
+        f if f % 100 == 0 => 1,
+        f if f % 10 == 0 => 2,
+        _ => 3,
+    };
+    let tail = [
+        b'0' + (fraction / 100) as u8,
+        b'0' + (fraction / 10 % 10) as u8,
+        b'0' + (fraction % 10) as u8,
+    ];
+    digits[whole + 1..whole + 1 + shown].copy_from_slice(&tail[..shown]);
+    out.push_str(std::str::from_utf8(&digits[..whole + 1 + shown]).unwrap_or_default());
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -271,8 +296,9 @@ mod tests {
 
     use super::*;
 
-    /// Text lines write a float as `Debug` does, whichever way they get
-    /// there: milliseconds of every size, and the bounds around them.
+    /// Text lines write a float as `Debug` does and JSON lines as
+    /// serde_json does, whichever way they get there: milliseconds of
+    /// every size, and the bounds around them.
     #[test]
     fn floats_read_as_debug_writes_them() {
         let mut values = vec![
@@ -297,6 +323,17 @@ mod tests {
             }
             .float(value);
             assert_eq!(out, format!("{value:?}"));
+            // And as JSON numbers, as serde_json writes them.
+            let mut out = String::new();
+            Fields {
+                out: &mut out,
+                json: true,
+                first: true,
+            }
+            .float(value);
+            let json =
+                serde_json::Number::from_f64(value).map_or("null".to_owned(), |n| n.to_string());
+            assert_eq!(out, json, "{value:?}");
         }
     }
 
