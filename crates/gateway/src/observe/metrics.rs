@@ -10,6 +10,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+use crate::observe::striped::{StripedCounter, StripedHistogram};
 use prometheus_client::registry::Registry;
 use std::time::Duration;
 
@@ -109,10 +111,10 @@ pub struct Metrics {
     /// Tells this instance's series apart in the per-thread cache.
     id: u64,
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    duration: Family<RouteLabels, Histogram>,
-    attempts: Family<UpstreamLabels, Counter>,
-    retries: Family<UpstreamLabels, Counter>,
+    requests: Family<RequestLabels, StripedCounter>,
+    duration: Family<RouteLabels, StripedHistogram>,
+    attempts: Family<UpstreamLabels, StripedCounter>,
+    retries: Family<UpstreamLabels, StripedCounter>,
     circuit_state: Family<StateLabels, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     rejections: Family<RejectionLabels, Counter>,
@@ -150,10 +152,10 @@ struct SeriesKey {
 #[derive(Debug)]
 struct Series {
     labels: RequestLabels,
-    requests: Counter,
-    duration: Histogram,
-    attempts: Option<Counter>,
-    retries: Option<Counter>,
+    requests: StripedCounter,
+    duration: StripedHistogram,
+    attempts: Option<StripedCounter>,
+    retries: Option<StripedCounter>,
 }
 
 /// Past this many, the cache starts over (old routes after many reloads).
@@ -164,16 +166,16 @@ thread_local! {
         RefCell::new(HashMap::default());
 }
 
-fn duration_histogram() -> Histogram {
+fn duration_histogram() -> StripedHistogram {
     // 1 ms to about 65 s.
-    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+    StripedHistogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let requests = Family::default();
-        let duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let duration = Family::new_with_constructor(duration_histogram as fn() -> StripedHistogram);
         let attempts = Family::default();
         let retries = Family::default();
         let circuit_state = Family::default();

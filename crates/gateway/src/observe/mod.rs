@@ -10,5 +10,6 @@ pub mod alerts;
 pub mod metrics;
 pub mod notices;
 pub mod stats;
+pub mod striped;
 pub mod telemetry;
 pub mod watch;
