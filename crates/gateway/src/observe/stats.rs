@@ -16,6 +16,8 @@ use tidegate_client::clock::{instant_rfc3339, unix_millis};
 use tidegate_resilience::breaker::{CircuitState, StateChange};
 use tokio::time::Instant;
 
+use crate::observe::striped::{stripe, STRIPES};
+
 /// Samples kept per upstream: five minutes at one a second.
 pub const HISTORY_SAMPLES: usize = 300;
 /// The window of the latency percentiles and rates on the cards.
@@ -46,22 +48,39 @@ fn bucket_middle_ms(index: usize) -> f64 {
     (lower + upper) as f64 / 2000.0
 }
 
-/// Counts of one upstream's requests, added to on the request path.
+/// Counts of one upstream's requests, added to on the request path: a
+/// stripe per thread (see [`crate::observe::striped`]), added up once a
+/// second.
 #[derive(Debug)]
 pub struct Traffic {
+    stripes: Box<[Counts; STRIPES]>,
+}
+
+/// One stripe of [`Traffic`].
+#[derive(Debug)]
+#[repr(align(128))]
+struct Counts {
     requests: AtomicU64,
     errors: AtomicU64,
     rate_limited: AtomicU64,
     latency: [AtomicU64; BUCKETS],
 }
 
-impl Default for Traffic {
+impl Default for Counts {
     fn default() -> Self {
-        Traffic {
+        Counts {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            stripes: Box::new(std::array::from_fn(|_| Counts::default())),
         }
     }
 }
@@ -71,26 +90,38 @@ impl Traffic {
     /// 5xx or a local rejection, even if a fallback answered) and how long
     /// the client waited for the head.
     pub fn record(&self, failed: bool, took: Duration) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        let counts = &self.stripes[stripe()];
+        counts.requests.fetch_add(1, Ordering::Relaxed);
         if failed {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+            counts.errors.fetch_add(1, Ordering::Relaxed);
         }
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.latency[bucket(micros)].fetch_add(1, Ordering::Relaxed);
+        counts.latency[bucket(micros)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// One request refused by a rate limit.
     pub fn rate_limited(&self) {
-        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        self.stripes[stripe()]
+            .rate_limited
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn read(&self) -> Totals {
-        Totals {
-            requests: self.requests.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-            rate_limited: self.rate_limited.load(Ordering::Relaxed),
-            latency: std::array::from_fn(|i| self.latency[i].load(Ordering::Relaxed)),
+        let mut totals = Totals {
+            requests: 0,
+            errors: 0,
+            rate_limited: 0,
+            latency: [0; BUCKETS],
+        };
+        for counts in self.stripes.iter() {
+            totals.requests += counts.requests.load(Ordering::Relaxed);
+            totals.errors += counts.errors.load(Ordering::Relaxed);
+            totals.rate_limited += counts.rate_limited.load(Ordering::Relaxed);
+            for (total, count) in totals.latency.iter_mut().zip(&counts.latency) {
+                *total += count.load(Ordering::Relaxed);
+            }
         }
+        totals
     }
 }
 

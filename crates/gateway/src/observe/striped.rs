@@ -23,7 +23,7 @@ pub const STRIPES: usize = 8;
 const MAX_BUCKETS: usize = 24;
 
 /// The stripe of the calling thread.
-fn stripe() -> usize {
+pub(crate) fn stripe() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
