@@ -42,6 +42,7 @@ pub mod retry;
 pub mod rng;
 mod rolling;
 mod settings;
+pub mod stripe;
 pub mod throttle;
 pub mod timeout;
 

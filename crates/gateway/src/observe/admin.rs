@@ -311,7 +311,7 @@ pub fn services_json(gateway: &Gateway) -> Value {
                 "last_state_change": breaker.map(|b| instant_rfc3339(b.last_state_change)),
                 "retry_after_seconds": breaker.and_then(|b| b.retry_after).map(|d| d.as_secs_f64()),
                 "endpoints": endpoints,
-                "in_flight": u.in_flight.load(Ordering::Relaxed),
+                "in_flight": u.in_flight.get(),
                 "pool": { "connections": u.gate.open(), "pending": u.gate.pending() },
                 "rejections": u.rejections.load(Ordering::Relaxed),
                 "bulkhead": u.pipeline.bulkhead().map(|b| json!({

@@ -5,38 +5,20 @@
 //! prometheus-client's `Counter` is one atomic and its `Histogram` one
 //! lock: every worker answering a request of the same route writes the
 //! same cache line, which then moves between cores on every request. Here
-//! a thread keeps to one of [`STRIPES`] lines (threads are given stripes in
-//! turn, so workers, which are few, get one each), and the sum is read
-//! only when `/metrics` is.
+//! a thread keeps to one of [`STRIPES`] lines (see
+//! [`tidegate_resilience::stripe`]), and the sum is read only when
+//! `/metrics` is.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
-/// Stripes per metric.
-pub const STRIPES: usize = 8;
+pub use tidegate_resilience::stripe::{index as stripe, STRIPES};
 
 /// A histogram's buckets at most (its bounds, and one past the last).
 const MAX_BUCKETS: usize = 24;
-
-/// The stripe of the calling thread.
-pub(crate) fn stripe() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    STRIPE.with(|stripe| {
-        let mut index = stripe.get();
-        if index == usize::MAX {
-            index = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
-            stripe.set(index);
-        }
-        index
-    })
-}
 
 /// One cache line (two, for adjacent-line prefetch) per stripe.
 #[derive(Debug, Default)]
@@ -80,6 +62,35 @@ impl EncodeMetric for StripedCounter {
 
     fn metric_type(&self) -> MetricType {
         Self::TYPE
+    }
+}
+
+/// A gauge that goes up and down, striped: a thread may take it down on
+/// another stripe than the one it went up on; the sum is right all the same.
+#[derive(Debug, Default)]
+pub struct StripedGauge {
+    stripes: [Line; STRIPES],
+}
+
+impl StripedGauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.stripes[stripe()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one away.
+    pub fn dec(&self) {
+        self.stripes[stripe()].0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The value.
+    pub fn get(&self) -> i64 {
+        let sum = self
+            .stripes
+            .iter()
+            .map(|line| line.0.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add);
+        sum as i64
     }
 }
 
@@ -215,6 +226,27 @@ mod tests {
             thread.join().unwrap();
         }
         assert_eq!(counter.get(), 12 * 1005);
+    }
+
+    #[test]
+    fn a_gauge_taken_down_on_other_threads_adds_up() {
+        let gauge = Arc::new(StripedGauge::default());
+        let up: Vec<_> = (0..6)
+            .map(|_| {
+                let gauge = gauge.clone();
+                std::thread::spawn(move || (0..100).for_each(|_| gauge.inc()))
+            })
+            .collect();
+        up.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(gauge.get(), 600);
+        let down: Vec<_> = (0..4)
+            .map(|_| {
+                let gauge = gauge.clone();
+                std::thread::spawn(move || (0..150).for_each(|_| gauge.dec()))
+            })
+            .collect();
+        down.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

@@ -1703,7 +1703,7 @@ struct InFlight {
 
 impl InFlight {
     fn new(upstream: &Arc<Upstream>, slot: Option<Slot>) -> Self {
-        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        upstream.in_flight.inc();
         InFlight {
             upstream: upstream.clone(),
             _slot: slot,
@@ -1713,7 +1713,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.upstream.in_flight.dec();
     }
 }
 

@@ -15,6 +15,7 @@ use tidegate_client::headers::retry_after;
 
 use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
 use crate::observe::stats::Traffic;
+use crate::observe::striped::StripedGauge;
 use crate::proxy::client::{Destination, UpstreamResponse};
 use crate::proxy::pool::PoolGate;
 
@@ -177,7 +178,7 @@ pub struct Upstream {
     /// The policies.
     pub pipeline: UpstreamPipeline,
     /// Requests in flight (until the response body ends).
-    pub in_flight: AtomicU64,
+    pub in_flight: StripedGauge,
     /// Local rejections since start.
     pub rejections: AtomicU32,
     /// Requests, errors and latency, for the dashboard.
@@ -260,7 +261,7 @@ impl Upstream {
             endpoints,
             next: AtomicUsize::new(0),
             pipeline,
-            in_flight: AtomicU64::new(0),
+            in_flight: StripedGauge::default(),
             rejections: AtomicU32::new(0),
             traffic: Arc::default(),
             gate,

@@ -4,11 +4,17 @@
 //! A full queue rejects at once. Slots are guards released on drop, so a
 //! cancelled caller never leaks one.
 //!
-//! A slot is one atomic count: taking and giving one back is a single
-//! atomic operation each, with no lock, so that callers on several threads
-//! do not queue behind each other for the bookkeeping (a semaphore locks
-//! its waiter list on every release). Waiting callers go first: while any
-//! wait, a newcomer queues behind them, and each slot given back wakes the
+//! Taking a slot and giving it back are one atomic operation each, with no
+//! lock (a semaphore locks its waiter list on every release), and on a
+//! count of the caller's thread's own: free slots are kept in striped
+//! counts (see [`crate::stripe`]), all of them in a common one at first.
+//! A slot given back goes to the stripe of the thread that gives it; a
+//! caller takes from its own stripe, then the common one, then the other
+//! stripes. Workers that each take and give back their own slots so never
+//! write a cache line another one writes, and no more than
+//! `max_concurrent` slots are ever out: each free slot is counted in
+//! exactly one place. Waiting callers go first: while any wait, a
+//! newcomer queues behind them, and each slot given back wakes the
 //! longest waiting.
 //!
 //! ```
@@ -35,6 +41,7 @@ use tokio::sync::Notify;
 
 pub use self::layer::{BulkheadLayer, BulkheadService};
 use crate::settings::{check, ConfigError};
+use crate::stripe::{self, STRIPES};
 use crate::Error;
 
 /// Settings of a bulkhead; the defaults are those of DESIGN.md.
@@ -86,8 +93,10 @@ impl std::error::Error for BulkheadFull {}
 
 #[derive(Debug)]
 struct Shared {
-    /// Slots taken now.
-    in_use: AtomicU32,
+    /// Free slots no stripe holds.
+    common: AtomicU32,
+    /// Free slots given back on each stripe.
+    stripes: [Stripe; STRIPES],
     /// Callers waiting for one.
     queued: AtomicU32,
     /// Wakes a waiting caller when a slot comes back.
@@ -95,16 +104,44 @@ struct Shared {
     config: Config,
 }
 
+/// A count of free slots on a cache line (two, for adjacent-line
+/// prefetch) of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU32);
+
+/// Takes one from `count` if it has one.
+fn take_one(count: &AtomicU32) -> bool {
+    let mut n = count.load(Ordering::SeqCst);
+    while n > 0 {
+        match count.compare_exchange_weak(n, n - 1, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return true,
+            Err(now) => n = now,
+        }
+    }
+    false
+}
+
 impl Shared {
-    /// Takes a slot if one is free.
+    /// Takes a slot if one is free: the thread's own stripe's, the common
+    /// ones, another stripe's.
     fn take(&self) -> Option<BulkheadPermit<'_>> {
-        let max = self.config.max_concurrent;
-        self.in_use
-            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| BulkheadPermit { shared: self })
+        let home = stripe::index();
+        let found = take_one(&self.stripes[home].0)
+            || take_one(&self.common)
+            || (1..STRIPES).any(|i| take_one(&self.stripes[(home + i) % STRIPES].0));
+        // (`then`, not `then_some`: a permit made and dropped gives a slot back.)
+        found.then(|| BulkheadPermit { shared: self })
+    }
+
+    /// Free slots now, wherever they are counted.
+    fn free(&self) -> u32 {
+        let striped: u32 = self
+            .stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Acquire))
+            .sum();
+        self.common.load(Ordering::Acquire) + striped
     }
 }
 
@@ -129,7 +166,9 @@ pub struct BulkheadPermit<'a> {
 
 impl Drop for BulkheadPermit<'_> {
     fn drop(&mut self) {
-        self.shared.in_use.fetch_sub(1, Ordering::SeqCst);
+        self.shared.stripes[stripe::index()]
+            .0
+            .fetch_add(1, Ordering::SeqCst);
         // (Sequentially consistent, as a waiter's queueing and its retry:
         // either it sees this slot free, or this sees it waiting.)
         if self.shared.queued.load(Ordering::SeqCst) > 0 {
@@ -152,7 +191,8 @@ impl Bulkhead {
     pub fn new(config: Config) -> Self {
         Bulkhead {
             shared: Arc::new(Shared {
-                in_use: AtomicU32::new(0),
+                common: AtomicU32::new(config.max_concurrent),
+                stripes: Default::default(),
                 queued: AtomicU32::new(0),
                 freed: Notify::new(),
                 config,
@@ -218,7 +258,10 @@ impl Bulkhead {
 
     /// Calls running now.
     pub fn in_flight(&self) -> u32 {
-        self.shared.in_use.load(Ordering::Acquire)
+        self.shared
+            .config
+            .max_concurrent
+            .saturating_sub(self.shared.free())
     }
 
     /// Calls waiting for a slot now.
@@ -274,6 +317,28 @@ mod tests {
         drop(permit);
         assert_eq!(bulkhead.in_flight(), 0);
         assert!(bulkhead.try_acquire().is_ok());
+    }
+
+    /// A slot given back on one thread's stripe is free to every other
+    /// thread, and the count of slots out stays exact.
+    #[test]
+    fn a_slot_given_back_on_one_thread_is_taken_on_another() {
+        let bulkhead = Bulkhead::new(Config {
+            max_concurrent: 1,
+            ..Config::default()
+        });
+        let elsewhere = bulkhead.clone();
+        std::thread::spawn(move || drop(elsewhere.try_acquire().unwrap()))
+            .join()
+            .unwrap();
+        assert_eq!(bulkhead.in_flight(), 0);
+        let held = bulkhead.try_acquire().expect("the other stripe's slot");
+        assert_eq!(bulkhead.in_flight(), 1);
+        let elsewhere = bulkhead.clone();
+        let refused = std::thread::spawn(move || elsewhere.try_acquire().is_err());
+        assert!(refused.join().unwrap(), "one slot, taken");
+        drop(held);
+        assert_eq!(bulkhead.in_flight(), 0);
     }
 
     /// Callers on four threads, eight slots, room for all to queue: none
