@@ -39,18 +39,24 @@ fn now_or_never<F: Future>(f: F) -> F::Output {
 }
 
 /// Runs `op` `iters` times on this thread while one more thread does the
-/// same on the same shared state; reports this thread's time.
+/// same on the same shared state; reports this thread's time. The other
+/// thread runs a runtime of its own, as the gateway's workers do: what
+/// the two share is the state, not a timer.
 fn contended<S: Send + Sync + 'static>(
     iters: u64,
     shared: &Arc<S>,
     op: fn(&S),
-    rt: &tokio::runtime::Runtime,
+    _rt: &tokio::runtime::Runtime,
 ) -> Duration {
     let barrier = Arc::new(Barrier::new(2));
     let other = {
-        let (shared, barrier, handle) = (shared.clone(), barrier.clone(), rt.handle().clone());
+        let (shared, barrier) = (shared.clone(), barrier.clone());
         std::thread::spawn(move || {
-            let _enter = handle.enter();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let _enter = runtime.enter();
             barrier.wait();
             for _ in 0..iters {
                 op(&shared);
@@ -294,6 +300,30 @@ fn benches(c: &mut Criterion) {
             contended(
                 n,
                 &pipeline,
+                |p| drop(now_or_never(p.call(|_| async { Ok(black_box(1)) }))),
+                &rt,
+            )
+        })
+    });
+    // The gateway's default policies for an upstream: no rate limiter,
+    // whose one shared arrival time every thread writes.
+    let defaults: Arc<Pipeline<u32, ()>> = Arc::new(
+        Pipeline::builder()
+            .deadline(Duration::from_secs(30))
+            .retry(Retry::default())
+            .circuit_breaker(CircuitBreaker::default())
+            .bulkhead(Bulkhead::default())
+            .timeout(Duration::from_secs(10))
+            .build(),
+    );
+    g.bench_function("defaults", |b| {
+        b.iter(|| now_or_never(defaults.call(|_| async { Ok(black_box(1)) })))
+    });
+    g.bench_function("defaults/2-threads", |b| {
+        b.iter_custom(|n| {
+            contended(
+                n,
+                &defaults,
                 |p| drop(now_or_never(p.call(|_| async { Ok(black_box(1)) }))),
                 &rt,
             )

@@ -4,11 +4,16 @@
 //! Every request deposits, so the count is kept without a lock: one atomic
 //! word per second of the window holds that second's number next to its
 //! count, and a new second takes over the word of the one ten seconds
-//! older in a single compare-and-swap.
+//! older in a single compare-and-swap. Requests are counted on the
+//! depositing thread's stripe (see [`crate::stripe`]), so that workers do
+//! not write one word on every request; only a withdrawal, a retry, adds
+//! the stripes up.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::time::Instant;
+
+use crate::stripe::{self, STRIPES};
 
 /// Seconds requests and retries are remembered.
 const WINDOW_SECS: u32 = 10;
@@ -37,9 +42,14 @@ pub struct RetryBudget {
     ratio: f64,
     reserve: u32,
     origin: Instant,
-    requests: [Second; WINDOW_SECS as usize],
-    retries: [Second; WINDOW_SECS as usize],
+    requests: [Window; STRIPES],
+    retries: Window,
 }
+
+/// The seconds of a window, on cache lines of their own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Window([Second; WINDOW_SECS as usize]);
 
 impl RetryBudget {
     /// A budget of `ratio` retries per request plus `min_per_sec` retries per second.
@@ -66,7 +76,7 @@ impl RetryBudget {
     /// Counts a request made at `now`.
     pub fn deposit_at(&self, now: Instant) {
         let second = self.second(now);
-        self.requests[slot(second)].add(second);
+        self.requests[stripe::index()].0[slot(second)].add(second);
     }
 
     /// Takes a retry if the budget has one left.
@@ -75,7 +85,7 @@ impl RetryBudget {
         if self.left(second) == 0 {
             return false;
         }
-        self.retries[slot(second)].add(second);
+        self.retries.0[slot(second)].add(second);
         true
     }
 
@@ -85,8 +95,12 @@ impl RetryBudget {
     }
 
     fn left(&self, second: u32) -> u64 {
-        let requests = total(&self.requests, second);
-        let retries = total(&self.retries, second);
+        let requests = self
+            .requests
+            .iter()
+            .map(|w| total(&w.0, second))
+            .sum::<u64>();
+        let retries = total(&self.retries.0, second);
         ((self.ratio * requests as f64) as u64 + u64::from(self.reserve)).saturating_sub(retries)
     }
 }
