@@ -71,17 +71,36 @@ pub(crate) fn poll_fill<S: AsyncRead + Unpin>(
 /// The content-length every value of the field agrees on (each a list
 /// of decimal numbers).
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut length = None;
+    let mut length = Length::default();
     for value in headers.get_all(header::CONTENT_LENGTH) {
+        length.add(value);
+    }
+    length.get()
+}
+
+/// A `content-length` read field by field: the number every value agrees
+/// on (each a list of decimal numbers), or none.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Length {
+    seen: Option<u64>,
+    invalid: bool,
+}
+
+impl Length {
+    /// One more field's value.
+    pub(crate) fn add(&mut self, value: &HeaderValue) {
         for part in value.as_bytes().split(|&b| b == b',') {
-            let n = decimal(part.trim_ascii())?;
-            if length.is_some_and(|l| l != n) {
-                return None;
+            match decimal(part.trim_ascii()) {
+                Some(n) if self.seen.is_none_or(|l| l == n) => self.seen = Some(n),
+                _ => self.invalid = true,
             }
-            length = Some(n);
         }
     }
-    length
+
+    /// The length, if every value gave the same one.
+    pub(crate) fn get(&self) -> Option<u64> {
+        self.seen.filter(|_| !self.invalid)
+    }
 }
 
 /// Digits only, at least one, within a u64.

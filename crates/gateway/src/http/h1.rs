@@ -60,8 +60,8 @@ use tokio::time::Instant;
 
 use crate::http::body::{BoxError, ClientBody, ProxyBody};
 use crate::http::codec::{
-    content_length, decimal, field, has_token, poll_fill, trailer_names, Chunked, Decoder, Framing,
-    Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
+    decimal, field, has_token, poll_fill, trailer_names, Chunked, Decoder, Framing, Length, Step,
+    WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
 use crate::http::conn::Stall;
 use crate::observe::watch::until_stopped;
@@ -979,7 +979,9 @@ fn parse_head(
                 .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
                 .count();
             let last = codings.next_back().unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // (A value that is not visible ASCII names no coding, as for hyper.)
+            chunked =
+                Some(value.to_str().is_ok() && last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
             if close || has_token(&value, "close") {
                 close = true;
@@ -1056,15 +1058,18 @@ fn encode(
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = if headers.contains_key(header::CONTENT_LENGTH) {
-        content_length(headers)
-    } else {
-        None
-    };
+    // The fields in one pass: the framing ones noted, not copied.
+    let mut declared = Length::default();
+    let mut dated = false;
     for (name, value) in headers {
-        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
+        if *name == header::CONTENT_LENGTH {
+            declared.add(value);
             continue;
         }
+        if *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        dated |= *name == header::DATE;
         if *name == header::CONNECTION && !switching {
             if has_token(value, "close") {
                 *keep_alive = false;
@@ -1073,6 +1078,7 @@ fn encode(
         }
         field(out, name, value);
     }
+    let declared = declared.get();
     let framing = if bodiless {
         if status == StatusCode::NOT_MODIFIED {
             if let Some(n) = declared {
@@ -1109,7 +1115,7 @@ fn encode(
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
     }
-    if !headers.contains_key(header::DATE) {
+    if !dated {
         date(out);
     }
     out.extend_from_slice(b"\r\n");

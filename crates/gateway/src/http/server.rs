@@ -405,9 +405,7 @@ impl h1::Service for Proxied {
         &self,
         request: Request<ClientBody>,
     ) -> impl std::future::Future<Output = http::Response<ProxyBody>> + Send + '_ {
-        self.gateway
-            .clone()
-            .handle(request, self.peer, &self.client)
+        self.gateway.handle(request, self.peer, &self.client)
     }
 }
 

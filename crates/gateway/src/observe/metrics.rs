@@ -36,6 +36,31 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// An answered request's labels, borrowed: they are cloned only for a
+/// series a worker has not counted into yet.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered<'a> {
+    /// Route name (`none` when nothing matched).
+    pub route: &'a Arc<String>,
+    /// Upstream name (`none` when nothing matched).
+    pub upstream: &'a Arc<String>,
+    /// Request method; see [`method_label`].
+    pub method: &'static str,
+    /// Response status.
+    pub status: u16,
+}
+
+impl Answered<'_> {
+    fn owned(&self) -> RequestLabels {
+        RequestLabels {
+            route: self.route.clone(),
+            upstream: self.upstream.clone(),
+            method: self.method,
+            status: self.status,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: Arc<String>,
@@ -334,11 +359,11 @@ impl Metrics {
     /// attempts it made upstream. The series are looked up once per worker
     /// thread and kept: a family lookup hashes every label with SipHash
     /// under a lock, which cost more than the rest of the counting.
-    pub fn answered(&self, labels: RequestLabels, seconds: f64, attempts: u32) {
+    pub fn answered(&self, labels: Answered<'_>, seconds: f64, attempts: u32) {
         let key = SeriesKey {
             metrics: self.id,
-            route: Arc::as_ptr(&labels.route) as usize,
-            upstream: Arc::as_ptr(&labels.upstream) as usize,
+            route: Arc::as_ptr(labels.route) as usize,
+            upstream: Arc::as_ptr(labels.upstream) as usize,
             method: labels.method.as_ptr() as usize,
             status: labels.status,
         };
@@ -347,18 +372,21 @@ impl Metrics {
             if series.len() >= MAX_SERIES_KEPT && !series.contains_key(&key) {
                 series.clear();
             }
-            let found = series.entry(key).or_insert_with(|| Series {
-                requests: self.requests.get_or_create(&labels).clone(),
-                duration: self
-                    .duration
-                    .get_or_create(&RouteLabels {
-                        route: labels.route.clone(),
-                        upstream: labels.upstream.clone(),
-                    })
-                    .clone(),
-                attempts: None,
-                retries: None,
-                labels,
+            let found = series.entry(key).or_insert_with(|| {
+                let labels = labels.owned();
+                Series {
+                    requests: self.requests.get_or_create(&labels).clone(),
+                    duration: self
+                        .duration
+                        .get_or_create(&RouteLabels {
+                            route: labels.route.clone(),
+                            upstream: labels.upstream.clone(),
+                        })
+                        .clone(),
+                    attempts: None,
+                    retries: None,
+                    labels,
+                }
             });
             found.duration.observe(seconds);
             found.requests.inc();
@@ -550,9 +578,9 @@ mod tests {
         let (a, b) = (Metrics::default(), Metrics::default());
         let route = Arc::new("r".to_owned());
         let upstream = Arc::new("u".to_owned());
-        let labels = |status| RequestLabels {
-            route: route.clone(),
-            upstream: upstream.clone(),
+        let labels = |status| Answered {
+            route: &route,
+            upstream: &upstream,
             method: "GET",
             status,
         };

@@ -119,7 +119,7 @@ impl Gateway {
         {
             log.attempts += attempts;
             if let Some(kind) = fallback {
-                self.metrics.fallback(&log.route, kind);
+                self.metrics.fallback(log.route, kind);
             }
             if i > 0 {
                 answer.push(b',');

@@ -39,8 +39,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::http::body::{BoxError, ProxyBody};
 use crate::http::codec::{
-    content_length, field, has_token, poll_fill, trailer_names, Decoder, Framing, Invalid, Step,
-    WriteError, Writer, MAX_HEADERS, READ_SIZE,
+    content_length, field, has_token, poll_fill, trailer_names, Decoder, Framing, Invalid, Length,
+    Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
 
 /// A response head's bytes at most (hyper's default read buffer limit).
@@ -462,7 +462,10 @@ fn parse_head(
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| Error::Invalid("invalid header value"))?;
         if name == header::CONTENT_LENGTH {
-            framing.length = true;
+            framing
+                .length
+                .get_or_insert_with(Length::default)
+                .add(&value);
         } else if name == header::TRANSFER_ENCODING {
             framing.chunked = true;
         } else if name == header::CONNECTION {
@@ -490,7 +493,8 @@ fn parse_head(
 /// Which framing fields a head has.
 #[derive(Debug, Default, Clone, Copy)]
 struct Declared {
-    length: bool,
+    /// Its `content-length`, read field by field, if it has one.
+    length: Option<Length>,
     chunked: bool,
 }
 
@@ -521,10 +525,10 @@ fn decoder(
             return Ok((Decoder::UntilClose, true));
         }
         // With a content-length beside it, the RFC has the connection closed.
-        return Ok((Decoder::Chunked(Box::default()), declared.length));
+        return Ok((Decoder::Chunked(Box::default()), declared.length.is_some()));
     }
-    if declared.length {
-        return match content_length(headers) {
+    if let Some(length) = declared.length {
+        return match length.get() {
             Some(len) => Ok((Decoder::Length(len), false)),
             None => Err(Error::Invalid("invalid content-length")),
         };

@@ -54,7 +54,7 @@ use crate::http::h1::OnUpgrade;
 use crate::http::headers::{self, CORRELATION_ID};
 use crate::http::path;
 use crate::observe::alerts::{Alert, Alerter};
-use crate::observe::metrics::{method_label, Metrics, RequestLabels};
+use crate::observe::metrics::{method_label, Answered, Metrics};
 use crate::observe::notices::{Notice, Notices};
 use crate::observe::stats::{Stats, Traffic};
 use crate::observe::telemetry::{Attributes, Kind, Span, Telemetry};
@@ -334,7 +334,7 @@ impl Gateway {
     /// Answers one client request from `client`, sending upstream requests
     /// through `upstream_client`.
     pub async fn handle(
-        self: Arc<Self>,
+        &self,
         mut req: Request<ClientBody>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
@@ -346,8 +346,8 @@ impl Gateway {
         let grpc = req.method() == Method::POST && grpc::is_grpc(req.headers());
         let table = self.table();
         let mut log = Access {
-            route: self.none.clone(),
-            upstream: self.none.clone(),
+            route: &self.none,
+            upstream: &self.none,
             traffic: None,
             upstream_failed: false,
             attempts: 0,
@@ -392,7 +392,7 @@ impl Gateway {
             traffic.record(log.upstream_failed, elapsed);
         }
         if let Some(kind) = log.fallback {
-            self.metrics.fallback(&log.route, kind);
+            self.metrics.fallback(log.route, kind);
         }
         if let (Some(telemetry), Some(span), Some(path)) = (&self.telemetry, span, path) {
             telemetry.end(
@@ -420,7 +420,7 @@ impl Gateway {
             fallback: log.fallback,
         });
         self.metrics.answered(
-            RequestLabels {
+            Answered {
                 route: log.route,
                 upstream: log.upstream,
                 method: method_label(&method),
@@ -489,7 +489,7 @@ impl Gateway {
                 "no route matches this request",
             ));
         };
-        log.route = route.label.clone();
+        log.route = &route.label;
         let upstream = match &route.config.target {
             Target::Compose(composition) => {
                 drop(incoming);
@@ -518,7 +518,7 @@ impl Gateway {
             // HTTP/2 has no Upgrade (RFC 9113 §8.6): a plain request.
             (websocket, upgrade) = (None, None);
         }
-        log.upstream = upstream.label.clone();
+        log.upstream = &upstream.label;
         log.traffic = Some(&upstream.traffic);
         let credential = self.credential(table, &parts.headers, log);
         let admission = self
@@ -791,8 +791,8 @@ impl Gateway {
         body: &mut RequestBody,
     ) -> (Result<UpstreamResponse, Error<AttemptError>>, u32) {
         let mut log = Access {
-            route: self.none.clone(),
-            upstream: upstream.label.clone(),
+            route: &self.none,
+            upstream: &upstream.label,
             traffic: Some(&upstream.traffic),
             upstream_failed: false,
             attempts: 0,
@@ -1610,13 +1610,15 @@ fn attempt_attributes(
 /// What the access log and metrics say of a request.
 #[derive(Debug)]
 struct Access<'t> {
-    route: Arc<String>,
+    /// Borrowed, not cloned: every worker writing one count of references
+    /// per request would share its cache line.
+    route: &'t Arc<String>,
     /// The counters of the upstream chosen, for the dashboard.
     traffic: Option<&'t Traffic>,
     /// The upstream call failed (error, 5xx or local rejection), whether
     /// or not a fallback answered.
     upstream_failed: bool,
-    upstream: Arc<String>,
+    upstream: &'t Arc<String>,
     attempts: u32,
     key_id: Option<String>,
     fallback: Option<&'static str>,
