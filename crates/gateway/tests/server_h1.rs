@@ -9,6 +9,9 @@
 #[allow(unreachable_pub, dead_code)]
 mod checks;
 
+mod generate;
+
+use generate::chunked;
 use proptest::prelude::*;
 
 /// Mostly the valid choices, sometimes one of the others.
@@ -86,46 +89,6 @@ fn field() -> impl Strategy<Value = Field> {
         2 => ("[a-zA-Z0-9!#$%&'*+.^_`|~-]{1,12}", "[ -~]{0,16}")
             .prop_map(|(n, v)| Field::Any(format!("{n}: {v}"))),
     ]
-}
-
-/// A chunked body: chunks, each with its size written one way or another,
-/// and a trailer section.
-fn chunked() -> impl Strategy<Value = Vec<u8>> {
-    (
-        prop::collection::vec(
-            (
-                prop::collection::vec(any::<u8>(), 1..20),
-                prop::sample::select(vec!["", ";ext", ";a=b;c=\"d\"", " ", "\t ;x"]),
-                any::<bool>(),
-            ),
-            0..4,
-        ),
-        prop::collection::vec(
-            prop::sample::select(vec!["x-sum: 1", "Expires: 0", "bad trailer", "x-e:"]),
-            0..3,
-        ),
-        prop::sample::select(vec!["\r\n", "\r\n", "\r\n", ""]),
-    )
-        .prop_map(|(chunks, trailers, end)| {
-            let mut body = Vec::new();
-            for (data, ext, upper) in chunks {
-                let size = if upper {
-                    format!("{:X}", data.len())
-                } else {
-                    format!("{:x}", data.len())
-                };
-                body.extend_from_slice(format!("{size}{ext}\r\n").as_bytes());
-                body.extend_from_slice(&data);
-                body.extend_from_slice(b"\r\n");
-            }
-            body.extend_from_slice(b"0\r\n");
-            for trailer in trailers {
-                body.extend_from_slice(trailer.as_bytes());
-                body.extend_from_slice(b"\r\n");
-            }
-            body.extend_from_slice(end.as_bytes());
-            body
-        })
 }
 
 fn request() -> impl Strategy<Value = Vec<u8>> {

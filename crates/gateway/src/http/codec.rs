@@ -15,6 +15,27 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::http::body::{BoxError, ProxyBody};
 
+/// Where a field's name and value lie in a head: start and end of each.
+pub(crate) type Span = [u32; 4];
+
+/// Notes in `spans` where each of `fields`, parsed by httparse from the
+/// buffer starting at `base`, lies in it: the head is then frozen and its
+/// fields sliced from it. (A head is far below 4 GiB: offsets fit a u32.)
+pub(crate) fn note_spans(base: *const u8, fields: &[httparse::Header<'_>], spans: &mut Vec<Span>) {
+    let offset = |at: *const u8| (at as usize - base as usize) as u32;
+    spans.clear();
+    spans.extend(fields.iter().map(|field| {
+        let name = offset(field.name.as_ptr());
+        let value = offset(field.value.as_ptr());
+        [
+            name,
+            name + field.name.len() as u32,
+            value,
+            value + field.value.len() as u32,
+        ]
+    }));
+}
+
 /// A message that breaks HTTP/1.1's grammar or a limit: what is wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Invalid(pub &'static str);
@@ -282,6 +303,31 @@ pub(crate) enum Decoder {
     Chunked(Box<Chunked>),
     /// Until the upstream closes the connection.
     UntilClose,
+}
+
+impl Decoder {
+    /// Decodes what `read` holds of the body: a frame of it, `More` when
+    /// it needs more bytes, `End` at its end (for a body read until
+    /// close, the caller sees the close). After the last data of a
+    /// length, [`is_done`](Self::is_done) says so at once.
+    pub(crate) fn decode(&mut self, read: &mut BytesMut) -> Result<Step, Invalid> {
+        match self {
+            Decoder::Length(0) => Ok(Step::End),
+            Decoder::Length(_) | Decoder::UntilClose if read.is_empty() => Ok(Step::More),
+            Decoder::Length(left) => {
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(read.len());
+                *left -= n as u64;
+                Ok(Step::Data(read.split_to(n).freeze()))
+            }
+            Decoder::UntilClose => Ok(Step::Data(read.split().freeze())),
+            Decoder::Chunked(chunked) => chunked.step(read),
+        }
+    }
+
+    /// Whether a body of known length has been read to its end.
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self, Decoder::Length(0))
+    }
 }
 
 /// Where a chunked body's reading is.

@@ -60,10 +60,10 @@ use tokio::time::Instant;
 
 use crate::http::body::{BoxError, ClientBody, ProxyBody};
 use crate::http::codec::{
-    decimal, field, has_token, poll_fill, trailer_names, Chunked, Decoder, Framing, Length, Step,
-    WriteError, Writer, MAX_HEADERS, READ_SIZE,
+    decimal, field, has_token, note_spans, poll_fill, trailer_names, Chunked, Decoder, Framing,
+    Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
-use crate::http::conn::Stall;
+use crate::http::conn::{Primed, Stall};
 use crate::observe::watch::until_stopped;
 use crate::proxy::deadline::Deadlines;
 
@@ -203,10 +203,8 @@ impl<S: Service> Served<S> {
                     match Arc::try_unwrap(link) {
                         Ok(link) => {
                             let link = link.into_inner().unwrap_or_else(|e| e.into_inner());
-                            let _ = to.send(Upgraded {
-                                io: Box::new(link.io),
-                                read: link.read.freeze(),
-                            });
+                            let io: Box<dyn Io> = Box::new(link.io);
+                            let _ = to.send(Upgraded(Primed::new(io, link.read, self.limits.send)));
                         }
                         Err(_) => tracing::debug!(
                             peer = %self.peer,
@@ -524,40 +522,31 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
                 Inbound::Failed => return Poll::Ready(Some(Err(BodyError::Failed.into()))),
                 Inbound::Reading(decoder) => decoder,
             };
-            match decoder {
-                Decoder::Length(0) | Decoder::UntilClose => {
+            if matches!(decoder, Decoder::UntilClose) {
+                // (A request's body never is.)
+                self.inbound = Inbound::Done;
+                return Poll::Ready(None);
+            }
+            match decoder.decode(&mut self.read) {
+                Ok(Step::More) => {}
+                Ok(Step::Data(data)) => {
+                    if decoder.is_done() {
+                        self.inbound = Inbound::Done;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::Trailers(trailers)) => {
+                    self.inbound = Inbound::Done;
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Ok(Step::End) => {
                     self.inbound = Inbound::Done;
                     return Poll::Ready(None);
                 }
-                Decoder::Length(left) => {
-                    if !self.read.is_empty() {
-                        let n = usize::try_from(*left)
-                            .unwrap_or(usize::MAX)
-                            .min(self.read.len());
-                        *left -= n as u64;
-                        if *left == 0 {
-                            self.inbound = Inbound::Done;
-                        }
-                        let data = self.read.split_to(n).freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
+                Err(invalid) => {
+                    self.inbound = Inbound::Failed;
+                    return Poll::Ready(Some(Err(BodyError::Invalid(invalid.0).into())));
                 }
-                Decoder::Chunked(chunked) => match chunked.step(&mut self.read) {
-                    Ok(Step::More) => {}
-                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Step::Trailers(trailers)) => {
-                        self.inbound = Inbound::Done;
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                    }
-                    Ok(Step::End) => {
-                        self.inbound = Inbound::Done;
-                        return Poll::Ready(None);
-                    }
-                    Err(invalid) => {
-                        self.inbound = Inbound::Failed;
-                        return Poll::Ready(Some(Err(BodyError::Invalid(invalid.0).into())));
-                    }
-                },
             }
             match ready!(poll_fill(
                 &mut self.io,
@@ -755,11 +744,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Sink<'_, I> {
 }
 
 /// The client's side of a connection that switched protocols: the socket,
-/// what the client sent past the request's head reading first.
-pub struct Upgraded {
-    io: Box<dyn Io>,
-    read: Bytes,
-}
+/// what the client sent past the request's head reading first, and the
+/// connection's send timeout still on its writes.
+pub struct Upgraded(Primed<Box<dyn Io>>);
 
 /// A socket of any kind.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -768,9 +755,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl fmt::Debug for Upgraded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upgraded")
-            .field("read", &self.read.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Upgraded").finish_non_exhaustive()
     }
 }
 
@@ -780,13 +765,7 @@ impl AsyncRead for Upgraded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read.is_empty() {
-            let n = this.read.len().min(buf.remaining());
-            buf.put_slice(&this.read.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
@@ -796,15 +775,15 @@ impl AsyncWrite for Upgraded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
@@ -867,9 +846,6 @@ struct Head {
     trailers: bool,
 }
 
-/// Where a field's name and value lie in a head: start and end of each.
-type Span = [u32; 4];
-
 /// Parses the request head at the start of `read`, and takes it off if
 /// whole; `None` while it is not.
 fn parse_head(
@@ -913,17 +889,7 @@ fn parse_head(
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    spans.clear();
-    spans.extend(parsed.headers.iter().map(|field| {
-        let name = offset(field.name.as_ptr());
-        let value = offset(field.value.as_ptr());
-        [
-            name,
-            name + field.name.len() as u32,
-            value,
-            value + field.value.len() as u32,
-        ]
-    }));
+    note_spans(read.as_ptr(), parsed.headers, spans);
     // httparse takes a bare LF for a line end; some servers do not.
     let head = &read[..len];
     let crlf = |from: usize| {

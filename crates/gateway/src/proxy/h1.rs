@@ -39,8 +39,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::http::body::{BoxError, ProxyBody};
 use crate::http::codec::{
-    content_length, field, has_token, poll_fill, trailer_names, Decoder, Framing, Invalid, Length,
-    Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
+    content_length, field, has_token, note_spans, poll_fill, trailer_names, Decoder, Framing,
+    Invalid, Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
 
 /// A response head's bytes at most (hyper's default read buffer limit).
@@ -397,9 +397,6 @@ enum Answer {
     Partial,
 }
 
-/// Where a field's name and value lie in a head: start and end of each.
-type Span = [u32; 4];
-
 /// Parses the head at the start of `read`, and takes it off if whole.
 fn parse_head(
     read: &mut BytesMut,
@@ -426,20 +423,7 @@ fn parse_head(
         Version::HTTP_10
     };
     // Where each field lies in the head, to slice it once frozen.
-    // (A head is at most MAX_HEAD bytes: offsets fit in a u32.)
-    let base = read.as_ptr() as usize;
-    let offset = |at: *const u8| (at as usize - base) as u32;
-    spans.clear();
-    spans.extend(response.headers.iter().map(|field| {
-        let name = offset(field.name.as_ptr());
-        let value = offset(field.value.as_ptr());
-        [
-            name,
-            name + field.name.len() as u32,
-            value,
-            value + field.value.len() as u32,
-        ]
-    }));
+    note_spans(read.as_ptr(), response.headers, spans);
     let head = read.split_to(len).freeze();
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -614,43 +598,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> http_body::Body for Body<S> {
             return Poll::Ready(None);
         };
         loop {
-            match &mut this.decoder {
-                Decoder::Length(0) => {
+            match this.decoder.decode(&mut conn.read) {
+                Ok(Step::More) => {}
+                Ok(Step::Data(data)) => {
+                    this.finished = this.decoder.is_done();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::Trailers(trailers)) => {
+                    this.finished = true;
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Ok(Step::End) => {
                     this.finished = true;
                     return Poll::Ready(None);
                 }
-                Decoder::Length(left) => {
-                    if !conn.read.is_empty() {
-                        let n = usize::try_from(*left)
-                            .unwrap_or(usize::MAX)
-                            .min(conn.read.len());
-                        *left -= n as u64;
-                        let data = conn.read.split_to(n).freeze();
-                        if *left == 0 {
-                            this.finished = true;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                Decoder::Chunked(chunked) => match chunked.step(&mut conn.read) {
-                    Ok(Step::More) => {}
-                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Step::Trailers(trailers)) => {
-                        this.finished = true;
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                    }
-                    Ok(Step::End) => {
-                        this.finished = true;
-                        return Poll::Ready(None);
-                    }
-                    Err(e) => return this.fail(e.into()),
-                },
-                Decoder::UntilClose => {
-                    if !conn.read.is_empty() {
-                        let data = conn.read.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
+                Err(e) => return this.fail(e.into()),
             }
             match ready!(poll_fill(
                 &mut conn.io,
