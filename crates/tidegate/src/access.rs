@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 
+use tidegate_gateway::proxy::{AccessLog, AccessRecord};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::Context;
@@ -48,6 +49,48 @@ where
     /// The line of `event`, ending in a newline, into `out`.
     fn format(&self, event: &Event<'_>, out: &mut String) {
         let level = event.metadata().level();
+        let mut fields = self.begin(*level, out);
+        event.record(&mut fields);
+        self.end(event.metadata().target(), out);
+    }
+
+    /// The line of `record`: the same text as its event's.
+    fn format_record(&self, record: &AccessRecord<'_>, out: &mut String) {
+        let mut fields = self.begin(tracing::Level::INFO, out);
+        fields.string("request_id", record.request_id);
+        // Written as `Display` writes it, as `method = %…` is.
+        fields.name("method");
+        if fields.json {
+            fields.quoted(record.method);
+        } else {
+            fields.out.push_str(record.method);
+        }
+        fields.string("route", record.route);
+        fields.string("upstream", record.upstream);
+        fields.name("attempts");
+        padded(fields.out, u64::from(record.attempts), 1);
+        fields.name("status");
+        padded(fields.out, u64::from(record.status), 1);
+        fields.name("duration_ms");
+        fields.float(record.duration_ms);
+        fields.name("ttfb_ms");
+        fields.float(record.ttfb_ms);
+        fields.name("complete");
+        fields
+            .out
+            .push_str(if record.complete { "true" } else { "false" });
+        // An absent value is no field, as `tracing` records `None`.
+        if let Some(id) = record.api_key_id {
+            fields.string("api_key_id", id);
+        }
+        if let Some(fallback) = record.fallback {
+            fields.string("fallback", fallback);
+        }
+        self.end(ACCESS, out);
+    }
+
+    /// What comes before a line's fields; the fields' writer.
+    fn begin<'a>(&self, level: tracing::Level, out: &'a mut String) -> Fields<'a> {
         if self.json {
             out.push('{');
             if self.time {
@@ -56,27 +99,44 @@ where
                 out.push_str("\",");
             }
             let _ = write!(out, "\"level\":\"{level}\",\"fields\":{{");
-            event.record(&mut Fields {
-                out,
-                json: true,
-                first: true,
-            });
-            out.push_str("},\"target\":\"");
-            out.push_str(event.metadata().target());
-            out.push_str("\"}\n");
         } else {
             if self.time {
                 timestamp(out);
                 out.push(' ');
             }
-            let _ = write!(out, "{level:>5} {}: ", event.metadata().target());
-            event.record(&mut Fields {
-                out,
-                json: false,
-                first: true,
-            });
+            let _ = write!(out, "{level:>5} {ACCESS}: ");
+        }
+        Fields {
+            out,
+            json: self.json,
+            first: true,
+        }
+    }
+
+    /// What comes after a line's fields, and its newline.
+    fn end(&self, target: &str, out: &mut String) {
+        if self.json {
+            out.push_str("},\"target\":\"");
+            out.push_str(target);
+            out.push_str("\"}\n");
+        } else {
             out.push('\n');
         }
+    }
+
+    /// Fills a line (a reused buffer per thread) and writes it at once.
+    fn emit(&self, fill: impl FnOnce(&mut String)) {
+        thread_local! {
+            static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+        }
+        LINE.with(|line| {
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return;
+            };
+            line.clear();
+            fill(&mut line);
+            let _ = (self.sink)().write_all(line.as_bytes());
+        });
     }
 }
 
@@ -90,17 +150,17 @@ where
         if event.metadata().target() != ACCESS {
             return;
         }
-        thread_local! {
-            static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
-        }
-        LINE.with(|line| {
-            let Ok(mut line) = line.try_borrow_mut() else {
-                return;
-            };
-            line.clear();
-            self.format(event, &mut line);
-            let _ = (self.sink)().write_all(line.as_bytes());
-        });
+        self.emit(|line| self.format(event, line));
+    }
+}
+
+impl<W, O> AccessLog for AccessLayer<W>
+where
+    W: Fn() -> O + Send + Sync,
+    O: std::io::Write,
+{
+    fn write(&self, record: &AccessRecord<'_>) {
+        self.emit(|line| self.format_record(record, line));
     }
 }
 
@@ -173,18 +233,24 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    fn name(&mut self, field: &Field) {
+    fn name(&mut self, name: &str) {
         if !std::mem::replace(&mut self.first, false) {
             self.out.push(if self.json { ',' } else { ' ' });
         }
         if self.json {
             self.out.push('"');
-            self.out.push_str(field.name());
+            self.out.push_str(name);
             self.out.push_str("\":");
         } else {
-            self.out.push_str(field.name());
+            self.out.push_str(name);
             self.out.push('=');
         }
+    }
+
+    /// `name` and a string.
+    fn string(&mut self, name: &str, value: &str) {
+        self.name(name);
+        self.quoted(value);
     }
 
     /// A string, quoted as `Debug` (text) or JSON quotes it.
@@ -204,32 +270,32 @@ impl Fields<'_> {
 
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.name(field);
+        self.name(field.name());
         self.quoted(value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.name(field);
+        self.name(field.name());
         padded(self.out, value, 1);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.name(field);
+        self.name(field.name());
         let _ = write!(self.out, "{value}");
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.name(field);
+        self.name(field.name());
         self.out.push_str(if value { "true" } else { "false" });
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.name(field);
+        self.name(field.name());
         self.float(value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.name(field);
+        self.name(field.name());
         if self.json {
             self.quoted(&format!("{value:?}"));
         } else {
@@ -380,6 +446,48 @@ mod tests {
             );
         }
         tracing::info!(target: "tidegate::other", note = "not an access line");
+    }
+
+    /// The records of `emit`'s events.
+    fn records() -> [AccessRecord<'static>; 2] {
+        let record = |request_id, api_key_id, fallback| AccessRecord {
+            request_id,
+            method: "GET",
+            route: "api",
+            upstream: "svc",
+            attempts: 2,
+            status: 503,
+            duration_ms: 12.5,
+            ttfb_ms: 0.0425,
+            complete: false,
+            api_key_id,
+            fallback,
+        };
+        [
+            record("4bf92f35", Some("team-a"), None),
+            record("with \"quotes\" and \\ and é", None, Some("static")),
+        ]
+    }
+
+    #[test]
+    fn a_record_written_directly_reads_as_its_event() {
+        for json in [false, true] {
+            let (direct, evented) = (Sink::default(), Sink::default());
+            let writer = direct.clone();
+            let layer = AccessLayer::to(move || writer.clone(), json, false);
+            for record in records() {
+                AccessLog::write(&layer, &record);
+            }
+            let writer = evented.clone();
+            let subscriber = tracing_subscriber::registry().with(AccessLayer::to(
+                move || writer.clone(),
+                json,
+                false,
+            ));
+            tracing::subscriber::with_default(subscriber, emit);
+            assert_eq!(direct.text(), evented.text());
+            assert_eq!(direct.text().lines().count(), 2);
+        }
     }
 
     #[test]

@@ -94,6 +94,9 @@ fn logging(format: LogFormat) -> anyhow::Result<()> {
     // writes the others.
     let not_access = tracing_subscriber::filter::filter_fn(|m| m.target() != access::ACCESS);
     let json = matches!(format, LogFormat::Json);
+    // The gateway hands access lines to the layer's writer directly,
+    // past `tracing`'s dispatch (which still filters them).
+    tidegate_gateway::proxy::set_access_log(Box::new(access::AccessLayer::stderr(json)));
     let registry = tracing_subscriber::registry()
         .with(filter)
         .with(access::AccessLayer::stderr(json));
