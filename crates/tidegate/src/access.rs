@@ -71,10 +71,11 @@ where
         padded(fields.out, u64::from(record.attempts), 1);
         fields.name("status");
         padded(fields.out, u64::from(record.status), 1);
+        // Whole microseconds: the thousandths a float of them would show.
         fields.name("duration_ms");
-        fields.float(record.duration_ms);
+        write_thousandths(fields.out, record.duration_us);
         fields.name("ttfb_ms");
-        fields.float(record.ttfb_ms);
+        write_thousandths(fields.out, record.ttfb_us);
         fields.name("complete");
         fields
             .out
@@ -104,7 +105,11 @@ where
                 timestamp(out);
                 out.push(' ');
             }
-            let _ = write!(out, "{level:>5} {ACCESS}: ");
+            if level == tracing::Level::INFO {
+                out.push_str(" INFO tidegate::access: ");
+            } else {
+                let _ = write!(out, "{level:>5} {ACCESS}: ");
+            }
         }
         Fields {
             out,
@@ -439,7 +444,7 @@ mod tests {
                 attempts = 2u32,
                 status = 503u16,
                 duration_ms = 12.5f64,
-                ttfb_ms = 0.0425f64,
+                ttfb_ms = 0.043f64,
                 complete = false,
                 api_key_id = key,
                 fallback = fallback,
@@ -457,8 +462,8 @@ mod tests {
             upstream: "svc",
             attempts: 2,
             status: 503,
-            duration_ms: 12.5,
-            ttfb_ms: 0.0425,
+            duration_us: 12_500,
+            ttfb_us: 43,
             complete: false,
             api_key_id,
             fallback,

@@ -1748,10 +1748,15 @@ impl Body for Tracked {
 /// The target of the access log's lines.
 const ACCESS: &str = "tidegate::access";
 
-/// Milliseconds to the microsecond: what a log line needs, and a number
-/// whose shortest decimal form is cheap to find.
-fn millis(d: Duration) -> f64 {
-    (d.as_micros() as f64) / 1000.0
+/// A duration in whole microseconds: what a log line needs.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Microseconds as milliseconds: a number whose shortest decimal form is
+/// cheap to find.
+fn millis(micros: u64) -> f64 {
+    micros as f64 / 1000.0
 }
 
 /// One request's access-log line, written once its answer has gone.
@@ -1785,10 +1790,11 @@ pub struct AccessRecord<'a> {
     pub attempts: u32,
     /// The answer's status.
     pub status: u16,
-    /// From the request to the end of the answer, in milliseconds.
-    pub duration_ms: f64,
-    /// From the request to the answer's head, in milliseconds.
-    pub ttfb_ms: f64,
+    /// From the request to the end of the answer, in microseconds (the
+    /// line says milliseconds).
+    pub duration_us: u64,
+    /// From the request to the answer's head, in microseconds.
+    pub ttfb_us: u64,
     /// Whether the whole answer went out.
     pub complete: bool,
     /// The caller's API key ID, if it gave one.
@@ -1825,8 +1831,8 @@ impl AccessLine {
             upstream: self.upstream.as_str(),
             attempts: self.attempts,
             status: self.status,
-            duration_ms: millis(self.start.elapsed()),
-            ttfb_ms: millis(self.ttfb),
+            duration_us: micros(self.start.elapsed()),
+            ttfb_us: micros(self.ttfb),
             complete,
             api_key_id: self.api_key_id.as_deref(),
             fallback: self.fallback,
@@ -1843,8 +1849,8 @@ impl AccessLine {
             upstream = record.upstream,
             attempts = record.attempts,
             status = record.status,
-            duration_ms = record.duration_ms,
-            ttfb_ms = record.ttfb_ms,
+            duration_ms = millis(record.duration_us),
+            ttfb_ms = millis(record.ttfb_us),
             complete,
             api_key_id = record.api_key_id,
             fallback = record.fallback,
