@@ -456,7 +456,8 @@ impl Chunked {
                         None => Ok(Step::End),
                         Some(mut section) => {
                             section.extend_from_slice(b"\n");
-                            Ok(Step::Trailers(parse_trailers(&section)?))
+                            let lines = self.trailer_lines;
+                            Ok(Step::Trailers(parse_trailers(&section, lines)?))
                         }
                     };
                 }
@@ -477,10 +478,12 @@ impl Chunked {
     }
 }
 
-/// A trailer section's fields.
-pub(crate) fn parse_trailers(section: &[u8]) -> Result<HeaderMap, Invalid> {
+/// A trailer section's fields: as many at most as it has lines that end
+/// in CRLF (as hyper, so that a bare LF makes no field of its own).
+pub(crate) fn parse_trailers(section: &[u8], lines: usize) -> Result<HeaderMap, Invalid> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let fields = match httparse::parse_headers(section, &mut fields) {
+    let fields = &mut fields[..lines.min(MAX_HEADERS)];
+    let fields = match httparse::parse_headers(section, fields) {
         Ok(httparse::Status::Complete((_, fields))) => fields,
         _ => return Err(Invalid("malformed trailer section")),
     };

@@ -340,10 +340,8 @@ impl<S: Service> Served<S> {
         let mut keep_alive = keep_alive && !self.stopping.load(Ordering::Relaxed);
         let (parts, body) = response.into_parts();
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let framing = encode(out, &parts, &body, asked, &mut keep_alive);
-        let body = framing.map(|framing| (body, framing));
-        let mut writer = match body {
-            Some((body, framing)) => Writer::new(std::mem::take(out), Some(body), framing),
+        let mut writer = match encode(out, &parts, &body, asked, &mut keep_alive) {
+            Some(framing) => Writer::new(std::mem::take(out), Some(body), framing),
             None => Writer::new(std::mem::take(out), None, Framing::Length(0)),
         };
         let mut sink = Sink { link, stall };
@@ -390,7 +388,7 @@ async fn refuse<I>(
     status: StatusCode,
     out: &mut Vec<u8>,
     stall: &mut Stall,
-) -> io::Result<()>
+) -> Result<(), WriteError>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -399,16 +397,11 @@ where
     out.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n");
     date(out);
     out.extend_from_slice(b"\r\n");
+    let mut writer = Writer::new(std::mem::take(out), None, Framing::Length(0));
     let mut sink = Sink { link, stall };
-    let mut written = 0;
     std::future::poll_fn(|cx| {
-        while written < out.len() {
-            match ready!(Pin::new(&mut sink).poll_write(cx, &out[written..]))? {
-                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                n => written += n,
-            }
-        }
-        Pin::new(&mut sink).poll_flush(cx)
+        ready!(writer.poll(&mut sink, cx))?;
+        Pin::new(&mut sink).poll_flush(cx).map_err(WriteError::Io)
     })
     .await
 }
