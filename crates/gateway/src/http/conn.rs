@@ -3,6 +3,7 @@
 //! the socket hyper serves HTTP/2 on, which gives back those first bytes
 //! before reading on.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -95,6 +96,18 @@ impl Stall {
             )));
         }
         Poll::Pending
+    }
+}
+
+/// A socket of any kind (plain or TLS), for what outlives the connection
+/// that served it (a tunnel).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl fmt::Debug for dyn Io {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Io")
     }
 }
 

@@ -54,7 +54,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -63,7 +63,7 @@ use crate::http::codec::{
     decimal, field, has_token, note_spans, poll_fill, trailer_names, Chunked, Decoder, Framing,
     Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
-use crate::http::conn::{Primed, Stall};
+use crate::http::conn::{Io, Primed, Stall};
 use crate::observe::watch::until_stopped;
 use crate::proxy::deadline::Deadlines;
 
@@ -204,7 +204,7 @@ impl<S: Service> Served<S> {
                         Ok(link) => {
                             let link = link.into_inner().unwrap_or_else(|e| e.into_inner());
                             let io: Box<dyn Io> = Box::new(link.io);
-                            let _ = to.send(Upgraded(Primed::new(io, link.read, self.limits.send)));
+                            let _ = to.send(Primed::new(io, link.read, self.limits.send));
                         }
                         Err(_) => tracing::debug!(
                             peer = %self.peer,
@@ -515,11 +515,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
                 Inbound::Failed => return Poll::Ready(Some(Err(BodyError::Failed.into()))),
                 Inbound::Reading(decoder) => decoder,
             };
-            if matches!(decoder, Decoder::UntilClose) {
-                // (A request's body never is.)
-                self.inbound = Inbound::Done;
-                return Poll::Ready(None);
-            }
             match decoder.decode(&mut self.read) {
                 Ok(Step::More) => {}
                 Ok(Step::Data(data)) => {
@@ -739,46 +734,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Sink<'_, I> {
 /// The client's side of a connection that switched protocols: the socket,
 /// what the client sent past the request's head reading first, and the
 /// connection's send timeout still on its writes.
-pub struct Upgraded(Primed<Box<dyn Io>>);
-
-/// A socket of any kind.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-impl fmt::Debug for Upgraded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upgraded").finish_non_exhaustive()
-    }
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
+pub type Upgraded = Primed<Box<dyn Io>>;
 
 /// In an upgrade request's extensions: gives the client's socket once a
 /// `101 Switching Protocols` has been written to it. (Clones share it;
