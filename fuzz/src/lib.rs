@@ -195,8 +195,8 @@ fn unescape(field: &str) -> Vec<u8> {
 /// The first byte's low bit picks the method (HEAD or GET), the rest is
 /// what an upstream answers: tidegate's HTTP/1.1 client
 /// (`proxy::h1`) and hyper's read it to the same outcome: both refuse it,
-/// or both give the same status, version, header fields, body bytes and
-/// trailers. (A 101 is hyper's to hand to an upgrade; tidegate sends no
+/// or both give the same status, version, end-to-end header fields (as
+/// the gateway passes them on), body bytes and trailers. (A 101 is hyper's to hand to an upgrade; tidegate sends no
 /// Upgrade on that path and refuses one.)
 pub fn upstream_response(data: &[u8]) {
     let Some((&first, answer)) = data.split_first() else {
@@ -246,11 +246,15 @@ mod exchange {
         Refused,
     }
 
+    /// By name (a map's order of names is not the message's: removing
+    /// one moves another), each name's values in their order.
     fn fields(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
-        headers
+        let mut fields: Vec<_> = headers
             .iter()
             .map(|(n, v)| (n.to_string(), Bytes::copy_from_slice(v.as_bytes())))
-            .collect()
+            .collect();
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        fields
     }
 
     /// A server that reads the request head, writes `answer` and closes.
@@ -290,6 +294,10 @@ mod exchange {
     where
         B: http_body::Body<Data = Bytes> + Unpin,
     {
+        // The fields the gateway passes on: tidegate's as received
+        // (`http::fields`), hop-by-hop ones left out; hyper's the same.
+        let mut response = tidegate_gateway::http::fields::materialized(response);
+        tidegate_gateway::http::headers::strip_hop_by_hop(response.headers_mut(), false);
         let status = response.status().as_u16();
         let version = response.version();
         let headers = fields(response.headers());

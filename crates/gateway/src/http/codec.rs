@@ -94,7 +94,7 @@ pub(crate) fn poll_fill<S: AsyncRead + Unpin>(
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut length = Length::default();
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        length.add(value);
+        length.add(value.as_bytes());
     }
     length.get()
 }
@@ -109,8 +109,8 @@ pub(crate) struct Length {
 
 impl Length {
     /// One more field's value.
-    pub(crate) fn add(&mut self, value: &HeaderValue) {
-        for part in value.as_bytes().split(|&b| b == b',') {
+    pub(crate) fn add(&mut self, value: &[u8]) {
+        for part in value.split(|&b| b == b',') {
             match decimal(part.trim_ascii()) {
                 Some(n) if self.seen.is_none_or(|l| l == n) => self.seen = Some(n),
                 _ => self.invalid = true,
@@ -141,10 +141,12 @@ pub(crate) fn decimal(digits: &[u8]) -> Option<u64> {
 /// Whether a comma-separated field value has `token` (an ASCII word), in
 /// any case.
 pub(crate) fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    tokens(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The comma-separated tokens of a field value, trimmed.
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// How a body is framed on the wire.

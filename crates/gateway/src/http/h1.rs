@@ -64,6 +64,7 @@ use crate::http::codec::{
     Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
 use crate::http::conn::{Io, Primed, Stall};
+use crate::http::fields::Received;
 use crate::observe::watch::until_stopped;
 use crate::proxy::deadline::Deadlines;
 
@@ -973,12 +974,21 @@ fn encode(
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    // The fields in one pass: the framing ones noted, not copied.
-    let mut declared = Length::default();
+    // An upstream's fields as received first (`http::fields`), those the
+    // map has replaced left out.
+    let received = parts.extensions.get::<Received>();
     let mut dated = false;
+    if let Some(received) = received {
+        received.write(out, headers);
+        dated = received.has_date();
+    }
+    // The map's fields in one pass: the framing ones noted, not copied.
+    let mut declared = Length::default();
+    let mut length_field = false;
     for (name, value) in headers {
         if *name == header::CONTENT_LENGTH {
-            declared.add(value);
+            declared.add(value.as_bytes());
+            length_field = true;
             continue;
         }
         if *name == header::TRANSFER_ENCODING {
@@ -993,7 +1003,10 @@ fn encode(
         }
         field(out, name, value);
     }
-    let declared = declared.get();
+    let declared = match received {
+        Some(received) if !length_field => received.length(),
+        _ => declared.get(),
+    };
     let framing = if bodiless {
         if status == StatusCode::NOT_MODIFIED {
             if let Some(n) = declared {

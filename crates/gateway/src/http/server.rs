@@ -484,7 +484,8 @@ impl Serving {
                         let started = resets.start();
                         let response = gateway.handle(req, peer, &client).await;
                         started.finish();
-                        Ok(response)
+                        // hyper writes the header map alone.
+                        Ok(crate::http::fields::materialized(response))
                     }
                 });
                 let io = TokioIo::new(Primed::new(io, read, limits.send));

@@ -54,6 +54,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::config::UpstreamProtocol;
 use crate::http::body::{BoxError, ProxyBody};
+use crate::http::fields;
 use crate::proxy::deadline::Deadlines;
 use crate::proxy::h1::{self, Stream};
 use crate::proxy::pool::{Gates, PoolGate, PoolOverflow};
@@ -368,7 +369,9 @@ impl UpstreamClient {
     /// request. To an HTTP/1.1 destination the request is encoded from
     /// the borrowed head, whose owner may send it again (nothing of it is
     /// copied but its bytes); to others, and for an upgrade, it is built
-    /// from it.
+    /// from it. An HTTP/1.1 answer's fields come as received, outside its
+    /// header map, for the client to be sent as they are: whatever reads
+    /// them calls [`fields::materialize`] first.
     pub fn send<'a>(
         &'a self,
         to: &'a Destination,
@@ -446,7 +449,8 @@ impl UpstreamClient {
             return Box::pin(self.request_upgrade(to, request)).await;
         }
         let prepared = h1::Prepared::from_request(request, to.authority.as_str());
-        self.send_h1(to, prepared, max_uses).await
+        let response = self.send_h1(to, prepared, max_uses).await?;
+        Ok(fields::materialized(response))
     }
 
     /// Sends an encoded request on a pooled connection to `to`, or a new

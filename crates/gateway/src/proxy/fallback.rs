@@ -120,6 +120,7 @@ impl StaleCache {
         key: String,
         response: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
+        let response = crate::http::fields::materialized(response);
         let keep = response.status() == StatusCode::OK
             && !no_store(response.headers())
             && !is_event_stream(response.headers())

@@ -39,9 +39,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::http::body::{BoxError, ProxyBody};
 use crate::http::codec::{
-    content_length, field, has_token, note_spans, poll_fill, trailer_names, Decoder, Framing,
-    Invalid, Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
+    content_length, field, note_spans, poll_fill, tokens, trailer_names, Decoder, Framing, Invalid,
+    Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
+use crate::http::fields::{Received, MAX_FIELDS};
 
 /// A response head's bytes at most (hyper's default read buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -433,40 +434,65 @@ fn parse_head(
         }
         return Ok(Answer::Informational);
     }
-    // Room for what the gateway adds on the way back (the request ID…),
-    // so that the map is not built twice.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     let mut keep_alive = version == Version::HTTP_11;
     let mut close = false;
     let mut framing = Declared::default();
-    for &[n0, n1, v0, v1] in spans.iter() {
-        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| Error::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| Error::Invalid("invalid header value"))?;
-        if name == header::CONTENT_LENGTH {
-            framing
-                .length
-                .get_or_insert_with(Length::default)
-                .add(&value);
-        } else if name == header::TRANSFER_ENCODING {
-            framing.chunked = true;
-        } else if name == header::CONNECTION {
-            if close || has_token(&value, "close") {
-                close = true;
-                keep_alive = false;
-            } else if !keep_alive {
-                keep_alive = has_token(&value, "keep-alive");
-            }
+    // The fields pass as received (`http::fields`) unless one has to be
+    // read into a map: more than it keeps, or a `Connection` naming some
+    // other field, which the map's stripping removes.
+    let mut received = Received::new(head.clone());
+    let mut plain = spans.len() <= MAX_FIELDS;
+    for &span in spans.iter() {
+        let name = &head[span[0] as usize..span[1] as usize];
+        let value = &head[span[2] as usize..span[3] as usize];
+        if name.len() > MAX_NAME {
+            return Err(Error::Invalid("invalid header name"));
         }
-        headers.append(name, value);
+        match Kind::of(name) {
+            Kind::ContentLength => {
+                framing
+                    .length
+                    .get_or_insert_with(Length::default)
+                    .add(value);
+                plain &= received.push_length(span);
+            }
+            Kind::TransferEncoding => framing.last_coding = Some(span),
+            Kind::Connection => {
+                for token in tokens(value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive |= !close;
+                    } else if !token.eq_ignore_ascii_case(b"upgrade") {
+                        plain = false;
+                    }
+                }
+            }
+            Kind::HopByHop => {}
+            Kind::Date => {
+                received.dated();
+                plain &= received.push(span);
+            }
+            // A field named `close` goes if `Connection: close` names it:
+            // the map's stripping decides.
+            Kind::Other if name.eq_ignore_ascii_case(b"close") => plain = false,
+            Kind::Other => plain &= received.push(span),
+        }
     }
-    let (decoder, closes) = decoder(status, version, &headers, framing, head_only)?;
+    keep_alive &= !close;
+    received.declare(framing.length.and_then(|length| length.get()));
+    let last_coding = framing
+        .last_coding
+        .map(|span| &head[span[2] as usize..span[3] as usize]);
+    let (decoder, closes) = decoder(status, version, last_coding, framing, head_only)?;
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
-    *response.headers_mut() = headers;
+    if plain {
+        response.extensions_mut().insert(received);
+    } else {
+        *response.headers_mut() = header_map(&head, spans)?;
+    }
     Ok(Answer::Final(Parsed {
         response,
         decoder,
@@ -474,12 +500,70 @@ fn parse_head(
     }))
 }
 
+/// A field name's bytes at most (the header map's limit).
+const MAX_NAME: usize = (1 << 16) - 1;
+
+/// Every field of `head` in a map, as received (hop-by-hop ones too: the
+/// gateway strips those).
+fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, Error> {
+    // Room for what the gateway adds on the way back (the request ID…),
+    // so that the map is not built twice.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    for &[n0, n1, v0, v1] in spans {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| Error::Invalid("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| Error::Invalid("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// What a response field is to the client reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Another field that describes the connection, never passed on.
+    HopByHop,
+    Date,
+    Other,
+}
+
+impl Kind {
+    fn of(name: &[u8]) -> Kind {
+        // Most names are told by their length alone.
+        const LENGTHS: u32 =
+            1 << 2 | 1 << 4 | 1 << 7 | 1 << 10 | 1 << 14 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
+        if name.len() >= 32 || LENGTHS & 1 << name.len() == 0 {
+            return Kind::Other;
+        }
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        match name.len() {
+            14 if is("content-length") => Kind::ContentLength,
+            17 if is("transfer-encoding") => Kind::TransferEncoding,
+            10 if is("connection") => Kind::Connection,
+            4 if is("date") => Kind::Date,
+            2 if is("te") => Kind::HopByHop,
+            7 if is("trailer") || is("upgrade") => Kind::HopByHop,
+            10 if is("keep-alive") => Kind::HopByHop,
+            16 if is("proxy-connection") => Kind::HopByHop,
+            18 if is("proxy-authenticate") => Kind::HopByHop,
+            19 if is("proxy-authorization") => Kind::HopByHop,
+            _ => Kind::Other,
+        }
+    }
+}
+
 /// Which framing fields a head has.
 #[derive(Debug, Default, Clone, Copy)]
 struct Declared {
     /// Its `content-length`, read field by field, if it has one.
     length: Option<Length>,
-    chunked: bool,
+    /// The last `transfer-encoding` field, if any.
+    last_coding: Option<Span>,
 }
 
 /// How a response's body is framed (RFC 9112 §6.3, as hyper reads it),
@@ -487,24 +571,25 @@ struct Declared {
 fn decoder(
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    last_coding: Option<&[u8]>,
     declared: Declared,
     head_only: bool,
 ) -> Result<(Decoder, bool), Error> {
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Decoder::Length(0), false));
     }
-    if declared.chunked {
+    if let Some(coding) = last_coding {
         if version == Version::HTTP_10 {
             return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 answer"));
         }
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
+        // As hyper: a value that is not visible ASCII names no coding.
+        let chunked = coding
             .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+            && coding
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         if !chunked {
             return Ok((Decoder::UntilClose, true));
         }

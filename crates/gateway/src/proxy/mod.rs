@@ -50,6 +50,7 @@ use crate::config::{
     Config, EscapedSlashes, Fallback, GatewaySettings, RouteConfig, Target, Underscores,
 };
 use crate::http::body::{self, is_body_too_large, ClientBody, ProxyBody, RequestBody};
+use crate::http::fields;
 use crate::http::h1::OnUpgrade;
 use crate::http::headers::{self, CORRELATION_ID};
 use crate::http::path;
@@ -863,7 +864,8 @@ impl Gateway {
                 }
             }
         };
-        let (parts, incoming) = response.into_parts();
+        let (mut parts, incoming) = response.into_parts();
+        fields::materialize(&mut parts.headers, &mut parts.extensions);
         let read = http_body_util::Limited::new(incoming, max_bytes)
             .collect()
             .await;
@@ -926,6 +928,7 @@ impl Gateway {
         };
         upstream.traffic.record(failed, start.elapsed());
         let answered = |response: UpstreamResponse| async move {
+            let response = fields::materialized(response);
             let status = response.status();
             let retry_after = headers::retry_after(response.headers());
             // Enough of the body to finish a small answer.
@@ -1440,6 +1443,8 @@ fn judge(
 ) -> Result<UpstreamResponse, AttemptError> {
     let status = response.status();
     if grpc && status == StatusCode::OK {
+        // An HTTP/1.1 upstream's fields come unread (`http::fields`).
+        let response = fields::materialized(response);
         let judged = grpc::status(response.headers()).map_or(StatusCode::OK, grpc::judged_as);
         if judged == StatusCode::OK {
             return Ok(response);
