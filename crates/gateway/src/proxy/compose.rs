@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::admission::Credential;
 use super::client::UpstreamClient;
-use super::{router, Access, Gateway, Reply, Table, Template};
+use super::{router, Access, Gateway, Reply, Table};
 use crate::config::{Composition, Fallback, Part, Piece, RouteConfig};
 use crate::http::body::{self, ProxyBody};
 use crate::http::headers;
@@ -87,7 +87,7 @@ impl Gateway {
         }
         // The headers every part is sent: the request's, as any route's
         // upstream gets them, without those of a body.
-        let Template(head) = self.upstream_head(
+        let template = self.upstream_head(
             table,
             &mut request,
             route,
@@ -97,7 +97,7 @@ impl Gateway {
             false,
             false,
         );
-        let mut headers = head.headers;
+        let mut headers = template.into_headers();
         for name in [
             header::CONTENT_LENGTH,
             header::CONTENT_TYPE,

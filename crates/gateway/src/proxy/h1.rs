@@ -263,6 +263,9 @@ pub struct Head<'a> {
     pub target: &'a PathAndQuery,
     /// Its fields (framing fields aside: the body decides them).
     pub headers: &'a HeaderMap,
+    /// Fields written after `headers`, as they are: `name: value\r\n`
+    /// lines, none of whose names `headers` or `extra` has.
+    pub lines: &'a [u8],
     /// Fields that replace the ones of the same name in `headers`.
     pub extra: &'a [(HeaderName, HeaderValue)],
     /// `Host`, when neither `headers` nor `extra` has one.
@@ -296,6 +299,7 @@ impl Prepared {
             method: &parts.method,
             target: parts.uri.path_and_query().unwrap_or(&root),
             headers: &parts.headers,
+            lines: &[],
             extra: &[],
             host,
         };
@@ -318,7 +322,11 @@ fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
             && *name != header::TRANSFER_ENCODING
             && !head.extra.iter().any(|(replaced, _)| replaced == *name)
     });
-    for (name, value) in fields.chain(head.extra.iter().map(|(n, v)| (n, v))) {
+    for (name, value) in fields {
+        field(&mut out, name, value);
+    }
+    out.extend_from_slice(head.lines);
+    for (name, value) in head.extra {
         field(&mut out, name, value);
     }
     if !head.host.is_empty()
@@ -355,6 +363,35 @@ fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
     };
     out.extend_from_slice(b"\r\n");
     Writer::new(out, body, framing)
+}
+
+/// Field lines (as [`Head::lines`]) and their name and value.
+fn lines(lines: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    lines
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_suffix(b"\r"))
+        .filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            Some((&line[..colon], line[colon + 1..].trim_ascii()))
+        })
+}
+
+/// Sets the fields of `lines` (as [`Head::lines`]) in `headers`.
+pub fn add_lines(headers: &mut HeaderMap, lines: &[u8]) {
+    for (name, value) in self::lines(lines) {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// The value of field `name` in `lines` (as [`Head::lines`]).
+pub fn line_value<'a>(lines: &'a [u8], name: &HeaderName) -> Option<&'a [u8]> {
+    self::lines(lines)
+        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
+        .map(|(_, value)| value)
 }
 
 /// A response head, and how its body is framed.

@@ -831,7 +831,7 @@ impl Gateway {
         max_bytes: usize,
         span: Option<TraceIds>,
     ) -> (Result<(StatusCode, HeaderMap, Bytes), Reply>, u32) {
-        let template = Template(Head {
+        let template = Template::plain(Head {
             method,
             path_and_query,
             headers,
@@ -900,7 +900,7 @@ impl Gateway {
         limit: Duration,
         span: Option<TraceIds>,
     ) -> Called {
-        let template = Template(Head {
+        let template = Template::plain(Head {
             method: Method::POST,
             path_and_query: path,
             headers,
@@ -1034,9 +1034,6 @@ impl Gateway {
         http2: bool,
     ) -> Template {
         let mut headers = std::mem::take(&mut parts.headers);
-        // The forwarding fields, the request ID and the trace context go
-        // in below: one allocation for them all.
-        headers.reserve(6);
         // HTTP/2 lets `TE: trailers` through (gRPC servers look for it).
         let trailers = http2
             && headers
@@ -1054,67 +1051,64 @@ impl Gateway {
             // An HTTP/1.1 client sends one `Cookie` (RFC 6265 §5.4).
             headers::join_cookies(&mut headers);
         }
-        // Only the gateway sets these; a client's copy never passes.
-        let reserved = [
-            &headers::INTERNAL_TOKEN,
-            &headers::DEADLINE_MS,
-            &admission::API_KEY_ID,
-            &admission::TIER,
-        ];
-        if headers.keys().any(|name| reserved.contains(&name)) {
-            for name in reserved {
-                headers.remove(name);
+        // The gateway's own fields are written after the client's, from
+        // `lines` (no map entry for each): a client's copy of one never
+        // passes, and its `x-forwarded-for` chain is continued.
+        let mut present = 0u16;
+        for name in headers.keys() {
+            if let Some(i) = OWN.iter().position(|own| *own == name) {
+                present |= 1 << i;
             }
         }
+        let mut chain = Vec::new();
+        let mut parent = None;
+        if present != 0 {
+            parent = headers.get(&headers::TRACEPARENT).cloned();
+            if let Entry::Occupied(hops) = headers.entry(&headers::FORWARDED_FOR) {
+                chain.extend(hops.remove_entry_mult().1);
+            }
+            for (i, name) in OWN.iter().enumerate() {
+                if present & 1 << i != 0 {
+                    headers.remove(*name);
+                }
+            }
+        }
+        let mut lines = Vec::with_capacity(256);
         if let Credential::Valid(key, from) = credential {
             // The key stays at the edge; the upstream learns whose it was.
             headers.remove(from);
-            if let Ok(id) = HeaderValue::from_str(&key.id) {
-                headers.insert(&admission::API_KEY_ID, id);
+            if HeaderValue::from_str(&key.id).is_ok() {
+                line(&mut lines, &admission::API_KEY_ID, key.id.as_bytes());
             }
             if let Some(tier) = table.edge.tier_header(key) {
-                headers.insert(&admission::TIER, tier.clone());
+                line(&mut lines, &admission::TIER, tier.as_bytes());
             }
         }
         match headers.get(header::HOST) {
-            Some(host) => {
-                let host = host.clone();
-                headers.insert(&headers::FORWARDED_HOST, host);
-            }
+            Some(host) => line(&mut lines, &headers::FORWARDED_HOST, host.as_bytes()),
             None => {
                 let host = parts
                     .uri
                     .authority()
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
                 if let Some(host) = host {
-                    headers.insert(&headers::FORWARDED_HOST, host.clone());
+                    line(&mut lines, &headers::FORWARDED_HOST, host.as_bytes());
                     headers.insert(header::HOST, host);
                 }
             }
         }
-        // One lookup per name: the entry both reads and replaces.
-        let before = headers.entry(&headers::FORWARDED_FOR);
-        let mut chain = Vec::with_capacity(64);
-        if let Entry::Occupied(hops) = &before {
-            for hop in hops.iter() {
-                chain.extend_from_slice(hop.as_bytes());
-                chain.extend_from_slice(b", ");
-            }
+        lines.extend_from_slice(headers::FORWARDED_FOR.as_str().as_bytes());
+        lines.extend_from_slice(b": ");
+        for hop in &chain {
+            lines.extend_from_slice(hop.as_bytes());
+            lines.extend_from_slice(b", ");
         }
-        headers::push_ip(&mut chain, client.ip());
-        if let Ok(chain) = HeaderValue::from_maybe_shared(Bytes::from_owner(chain)) {
-            set(before, chain);
-        }
-        headers.insert(&headers::FORWARDED_PROTO, HeaderValue::from_static("http"));
-        headers.insert(&CORRELATION_ID, request_id.clone());
-        let parent = headers.entry(&headers::TRACEPARENT);
-        let child = headers::child_traceparent(match &parent {
-            Entry::Occupied(parent) => Some(parent.get()),
-            Entry::Vacant(_) => None,
-        });
-        set(parent, child);
+        headers::push_ip(&mut lines, client.ip());
+        lines.extend_from_slice(b"\r\n");
+        line(&mut lines, &headers::FORWARDED_PROTO, b"http");
+        line(&mut lines, &CORRELATION_ID, request_id.as_bytes());
         if let Some(token) = &table.internal_token {
-            headers.insert(&headers::INTERNAL_TOKEN, token.clone());
+            line(&mut lines, &headers::INTERNAL_TOKEN, token.as_bytes());
         }
         let path_and_query = if route.strip_prefix {
             let path = router::strip(&route.path_prefix, parts.uri.path());
@@ -1132,11 +1126,15 @@ impl Gateway {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/"))
         };
-        Template(Head {
-            method: parts.method.clone(),
-            path_and_query,
-            headers,
-        })
+        Template {
+            head: Head {
+                method: parts.method.clone(),
+                path_and_query,
+                headers,
+            },
+            lines,
+            traceparent: Some(headers::child_traceparent(parent.as_ref())),
+        }
     }
 
     /// One attempt on the endpoint the upstream's load balancing picks,
@@ -1156,15 +1154,16 @@ impl Gateway {
         told: Attempt,
         tried: &AtomicU64,
     ) -> Result<UpstreamResponse, AttemptError> {
-        let template = &call.template.0;
+        let template = &call.template.head;
         let retryable = call.idempotent && replayable;
         let Some(body) = body else {
             // A streamed body went with an earlier attempt that never connected.
             return Err(AttemptError::BodyGone);
         };
-        let Some((index, endpoint)) =
-            upstream.pick(&template.headers, tried.load(Ordering::Relaxed))
-        else {
+        let Some((index, endpoint)) = upstream.pick(
+            |name| call.template.field(name),
+            tried.load(Ordering::Relaxed),
+        ) else {
             return Err(AttemptError::NoEndpoint);
         };
         if index < 64 {
@@ -1176,8 +1175,7 @@ impl Gateway {
             let sent = extra
                 .iter()
                 .find(|(name, _)| name == headers::TRACEPARENT)
-                .map(|(_, value)| value)
-                .or_else(|| template.headers.get(&headers::TRACEPARENT))?;
+                .map(|(_, value)| value)?;
             let ids = TraceIds::parse(sent)?;
             Some(Span::child_of(parent, ids.span_id, Instant::now()))
         });
@@ -1186,6 +1184,7 @@ impl Gateway {
             method: &template.method,
             target: &template.path_and_query,
             headers: &template.headers,
+            lines: &call.template.lines,
             extra: &extra,
             host: endpoint.to.authority().as_str(),
         };
@@ -1641,21 +1640,84 @@ struct Head {
     headers: HeaderMap,
 }
 
-/// The head every attempt repeats; each adds the deadline it has left.
+/// The head every attempt repeats: the client's fields, cleaned, in a
+/// map, and the gateway's own as lines written after them; each attempt
+/// adds its `traceparent` and the deadline it has left.
 #[derive(Debug)]
-struct Template(Head);
+struct Template {
+    head: Head,
+    /// `name: value\r\n` each; none of their names is in `head.headers`.
+    lines: Vec<u8>,
+    /// The `traceparent` the first attempt sends.
+    traceparent: Option<HeaderValue>,
+}
+
+/// The fields only the gateway sets on a forwarded request: a client's
+/// copy never passes (`x-forwarded-for` is continued, `traceparent`
+/// followed).
+static OWN: [&http::HeaderName; 9] = [
+    &headers::FORWARDED_FOR,
+    &headers::FORWARDED_HOST,
+    &headers::FORWARDED_PROTO,
+    &CORRELATION_ID,
+    &headers::TRACEPARENT,
+    &headers::INTERNAL_TOKEN,
+    &headers::DEADLINE_MS,
+    &admission::API_KEY_ID,
+    &admission::TIER,
+];
+
+/// Appends a `name: value` line.
+fn line(out: &mut Vec<u8>, name: &http::HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
 
 impl Template {
+    /// A head of the gateway's own call, sent as it is.
+    fn plain(mut head: Head) -> Self {
+        let traceparent = head.headers.remove(&headers::TRACEPARENT);
+        Template {
+            head,
+            lines: Vec::new(),
+            traceparent,
+        }
+    }
+
+    /// All its fields in one map.
+    fn into_headers(self) -> HeaderMap {
+        let mut headers = self.head.headers;
+        h1::add_lines(&mut headers, &self.lines);
+        if let Some(traceparent) = self.traceparent {
+            headers.insert(&headers::TRACEPARENT, traceparent);
+        }
+        headers
+    }
+
+    /// The value of its field `name`, wherever it is.
+    fn field(&self, name: &http::HeaderName) -> Option<&[u8]> {
+        if let Some(value) = self.head.headers.get(name) {
+            return Some(value.as_bytes());
+        }
+        if *name == headers::TRACEPARENT {
+            return self.traceparent.as_ref().map(HeaderValue::as_bytes);
+        }
+        h1::line_value(&self.lines, name)
+    }
+
     /// The fields attempt `number` (from 1), with the time `remaining`,
     /// sends in place of the template's, if any. A retry is a span of its
     /// own in the request's trace: the first attempt sends the template's
     /// `traceparent`, each later one the same trace with a new span ID.
     fn extra(&self, number: u32, remaining: Option<Duration>) -> Extra {
-        let mut extra = Vec::new();
+        let mut extra = Vec::with_capacity(3);
         if number > 1 {
-            let first = self.0.headers.get(&headers::TRACEPARENT);
-            let span = headers::child_traceparent(first);
+            let span = headers::child_traceparent(self.traceparent.as_ref());
             extra.push((headers::TRACEPARENT.clone(), span));
+        } else if let Some(first) = &self.traceparent {
+            extra.push((headers::TRACEPARENT.clone(), first.clone()));
         }
         if let Some(left) = remaining {
             extra.push((headers::DEADLINE_MS.clone(), headers::deadline_value(left)));
@@ -1666,18 +1728,6 @@ impl Template {
 
 /// Fields an attempt sends in place of its template's.
 type Extra = Vec<(http::HeaderName, HeaderValue)>;
-
-/// Makes `value` the entry's only value, whether or not it had one.
-fn set(entry: Entry<'_, HeaderValue>, value: HeaderValue) {
-    match entry {
-        Entry::Occupied(mut held) => {
-            held.insert(value);
-        }
-        Entry::Vacant(none) => {
-            none.insert(value);
-        }
-    }
-}
 
 /// Joins the client's and the upstream's upgraded connections.
 fn tunnel(client: OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{HeaderMap, StatusCode};
+use http::header::HeaderName;
+use http::StatusCode;
 use tidegate_resilience::breaker::Outcome;
 use tidegate_resilience::retry::RetryAction;
 use tidegate_resilience::{rng, Error, Pipeline};
@@ -295,18 +296,22 @@ impl Upstream {
     /// attempts of the request went to) are passed over while another is
     /// available, as Envoy's `previous_hosts` retry predicate does: a
     /// retry goes elsewhere than the attempt that failed.
-    pub fn pick(&self, headers: &HeaderMap, tried: u64) -> Option<(usize, &EndpointState)> {
+    pub fn pick<'h>(
+        &self,
+        field: impl Fn(&HeaderName) -> Option<&'h [u8]>,
+        tried: u64,
+    ) -> Option<(usize, &EndpointState)> {
         let mut now = self.now();
-        let picked = self.choose(headers, tried, &mut now);
+        let picked = self.choose(&field, tried, &mut now);
         if picked.is_none() && tried != 0 {
-            return self.choose(headers, 0, &mut now);
+            return self.choose(&field, 0, &mut now);
         }
         picked
     }
 
-    fn choose(
+    fn choose<'h>(
         &self,
-        headers: &HeaderMap,
+        field: &impl Fn(&HeaderName) -> Option<&'h [u8]>,
         tried: u64,
         now: &mut Now<'_>,
     ) -> Option<(usize, &EndpointState)> {
@@ -314,13 +319,8 @@ impl Upstream {
             LoadBalancing::RoundRobin => self.round_robin(tried, now),
             LoadBalancing::LeastRequest => self.least_request(tried, now),
             LoadBalancing::ConsistentHash => {
-                match self
-                    .config
-                    .hash_header
-                    .as_ref()
-                    .and_then(|h| headers.get(h))
-                {
-                    Some(value) => self.rendezvous(fnv1a(value.as_bytes()), tried, now),
+                match self.config.hash_header.as_ref().and_then(field) {
+                    Some(value) => self.rendezvous(fnv1a(value), tried, now),
                     None => self.round_robin(tried, now),
                 }
             }
