@@ -468,8 +468,8 @@ impl UpstreamClient {
             // future would make every request's future larger.
             None => Box::pin(self.connect(to, &host)).await?,
         };
-        conn.uses += 1;
-        let keep = max_uses.is_none_or(|max| conn.uses < max);
+        let uses = conn.count_use();
+        let keep = max_uses.is_none_or(|max| uses < max);
         let response = conn
             .send_prepared(prepared)
             .await
