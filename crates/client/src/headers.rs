@@ -202,7 +202,8 @@ impl Trace {
     }
 }
 
-const TRACEPARENT_LEN: usize = 55;
+/// A version-00 `traceparent`'s length.
+pub const TRACEPARENT_LEN: usize = 55;
 /// Digits of `u64::MAX`.
 const MAX_DIGITS: usize = 20;
 
@@ -309,6 +310,11 @@ pub fn child_traceparent(parent: Option<&HeaderValue>) -> HeaderValue {
     Trace::after(parent).child()
 }
 
+/// [`child_traceparent`], written into `out` (no value made).
+pub fn write_child_traceparent(parent: Option<&HeaderValue>, out: &mut [u8; TRACEPARENT_LEN]) {
+    Trace::after(parent).write_child(out);
+}
+
 /// A header value over `bytes` (hex and dashes) that is shared, not copied
 /// or re-allocated, when cloned: each attempt clones the request's IDs, and
 /// the response clones the correlation ID again.
@@ -332,7 +338,12 @@ pub struct TraceIds {
 impl TraceIds {
     /// The IDs of `v` if it is a valid version-00 `traceparent`.
     pub fn parse(v: &HeaderValue) -> Option<Self> {
-        let text = v.to_str().ok()?;
+        Self::parse_bytes(v.as_bytes())
+    }
+
+    /// The IDs of `v` if it is a valid version-00 `traceparent`.
+    pub fn parse_bytes(v: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(v).ok()?;
         let (_, flags) = parse_traceparent(text)?;
         let bytes = text.as_bytes();
         let mut ids = TraceIds {
@@ -423,9 +434,15 @@ pub fn deadline_value(left: Duration) -> HeaderValue {
     // Copied once: `From<u64>` allocates twice (its buffer, then the shared
     // handle when frozen).
     let mut digits = [0; MAX_DIGITS];
-    let n = write_digits(whole_millis(left), &mut digits);
+    let n = deadline_digits(left, &mut digits);
     HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&digits[..n]))
         .expect("digits are a valid header value")
+}
+
+/// [`deadline_value`]'s digits at the start of `out` (room for 20); their
+/// count.
+pub fn deadline_digits(left: Duration, out: &mut [u8]) -> usize {
+    write_digits(whole_millis(left), out)
 }
 
 fn whole_millis(left: Duration) -> u64 {

@@ -138,14 +138,16 @@ impl<S: Service> Connection<S> {
             stopping: AtomicBool::new(false),
             idle: AtomicBool::new(false),
         };
-        // The stop is watched once for the connection, not per request.
+        // The stop is watched once for the connection, not per request,
+        // and polled only when the watch has woken it, not at every
+        // wake-up of the connection.
         let serving = served.run(io, read);
         tokio::pin!(serving);
         tokio::select! {
             // The stop first: an answer finished in the same poll closes
             // the connection.
             biased;
-            () = until_stopped(&mut stop) => {
+            () = WhenWoken::new(until_stopped(&mut stop)) => {
                 served.stopping.store(true, Ordering::Relaxed);
                 // An idle connection closes now; a busy one after its answer.
                 if !served.idle.load(Ordering::Relaxed) {
@@ -154,6 +156,62 @@ impl<S: Service> Connection<S> {
             }
             () = &mut serving => {}
         }
+    }
+}
+
+/// A future polled only once it has been woken (and at first): polled
+/// beside another in one task, it costs nothing at the other's wake-ups.
+struct WhenWoken<F> {
+    inner: Pin<Box<F>>,
+    woken: Arc<Woken>,
+    /// Wakes `woken`, and through it the task.
+    waker: Waker,
+}
+
+/// Whether a [`WhenWoken`] future was woken, and the task to wake then.
+#[derive(Default)]
+struct Woken {
+    flag: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.flag.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> WhenWoken<F> {
+    fn new(inner: F) -> Self {
+        let woken = Arc::new(Woken {
+            flag: AtomicBool::new(true),
+            task: Default::default(),
+        });
+        WhenWoken {
+            inner: Box::pin(inner),
+            waker: Waker::from(woken.clone()),
+            woken,
+        }
+    }
+}
+
+impl<F: Future> Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.woken.task.register(cx.waker());
+        if !self.woken.flag.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
     }
 }
 

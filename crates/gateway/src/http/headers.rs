@@ -4,8 +4,9 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 pub use tidegate_client::headers::{
-    child_traceparent, correlation_id, deadline_value, is_idempotent, new_id, retry_after,
-    CORRELATION_ID, DEADLINE_MS, IDEMPOTENCY_KEY, INTERNAL_TOKEN, TRACEPARENT,
+    child_traceparent, correlation_id, deadline_digits, deadline_value, is_idempotent, new_id,
+    retry_after, write_child_traceparent, CORRELATION_ID, DEADLINE_MS, IDEMPOTENCY_KEY,
+    INTERNAL_TOKEN, TRACEPARENT, TRACEPARENT_LEN,
 };
 
 /// `x-forwarded-for`.
@@ -231,6 +232,36 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     cookies.insert(joined);
 }
 
+/// The bytes a `reg-name` has as they are (RFC 3986 §3.2.2: unreserved
+/// and sub-delims; `%` begins an escape).
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        b += 1;
+    }
+    table
+};
+
 /// Whether a `Host` value is `uri-host [ ":" port ]` (RFC 9112 §3.2, RFC
 /// 3986 §3.2.2): no user information, path, query or spaces. Empty is
 /// valid (a target without an authority).
@@ -261,16 +292,11 @@ pub fn is_valid_host(host: &[u8]) -> bool {
     };
     let mut bytes = host.iter();
     while let Some(&b) = bytes.next() {
-        let ok = match b {
-            b'%' => {
-                let hex = |b: Option<&u8>| b.is_some_and(u8::is_ascii_hexdigit);
-                hex(bytes.next()) && hex(bytes.next())
-            }
-            b'-' | b'.' | b'_' | b'~' => true,
-            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => true,
-            b => b.is_ascii_alphanumeric(),
-        };
-        if !ok {
+        if REG_NAME[usize::from(b)] {
+            continue;
+        }
+        let hex = |b: Option<&u8>| b.is_some_and(u8::is_ascii_hexdigit);
+        if b != b'%' || !(hex(bytes.next()) && hex(bytes.next())) {
             return false;
         }
     }

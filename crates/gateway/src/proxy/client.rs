@@ -729,9 +729,8 @@ fn owned(head: &h1::Head<'_>, body: ProxyBody) -> Request<ProxyBody> {
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = head.target.clone().into();
     let mut headers = head.headers.clone();
-    h1::add_lines(&mut headers, head.lines);
-    for (name, value) in head.extra {
-        headers.insert(name.clone(), value.clone());
+    for lines in head.lines {
+        h1::add_lines(&mut headers, lines);
     }
     *request.headers_mut() = headers;
     request

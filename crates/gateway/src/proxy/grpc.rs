@@ -87,13 +87,23 @@ pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
 /// eight digits, else in seconds (rounded up: a deadline is not shortened
 /// by its encoding, and never written as zero).
 pub fn timeout_value(left: Duration) -> HeaderValue {
+    let mut text = Vec::new();
+    write_timeout(left, &mut text);
+    HeaderValue::from_bytes(&text).expect("digits and a unit are a valid value")
+}
+
+/// [`timeout_value`]'s text, appended to `out`.
+pub fn write_timeout(left: Duration, out: &mut Vec<u8>) {
     let millis = left.as_millis().max(1);
-    let text = if millis < 100_000_000 {
-        format!("{millis}m")
+    let (n, unit) = if millis < 100_000_000 {
+        (millis as u64, b'm')
     } else {
-        format!("{}S", left.as_secs().min(99_999_999))
+        (left.as_secs().min(99_999_999), b'S')
     };
-    HeaderValue::from_str(&text).expect("digits and a unit are a valid value")
+    let mut digits = [0; 20];
+    let count = tidegate_client::headers::write_digits(n, &mut digits);
+    out.extend_from_slice(&digits[..count]);
+    out.push(unit);
 }
 
 /// The `grpc-status` of a trailers-only answer, from its head.

@@ -274,10 +274,9 @@ pub struct Head<'a> {
     /// Its fields (framing fields aside: the body decides them).
     pub headers: &'a HeaderMap,
     /// Fields written after `headers`, as they are: `name: value\r\n`
-    /// lines, none of whose names `headers` or `extra` has.
-    pub lines: &'a [u8],
-    /// Fields that replace the ones of the same name in `headers`.
-    pub extra: &'a [(HeaderName, HeaderValue)],
+    /// lines (the request's, then the attempt's), none of whose names
+    /// `headers` has.
+    pub lines: [&'a [u8]; 2],
     /// `Host`, when neither `headers` nor `extra` has one.
     pub host: &'a str,
 }
@@ -309,8 +308,7 @@ impl Prepared {
             method: &parts.method,
             target: parts.uri.path_and_query().unwrap_or(&root),
             headers: &parts.headers,
-            lines: &[],
-            extra: &[],
+            lines: [&[], &[]],
             host,
         };
         Prepared::new(&head, body)
@@ -327,22 +325,16 @@ fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
     out.push(b' ');
     out.extend_from_slice(head.target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let fields = headers.iter().filter(|(name, _)| {
-        *name != header::CONTENT_LENGTH
-            && *name != header::TRANSFER_ENCODING
-            && !head.extra.iter().any(|(replaced, _)| replaced == *name)
-    });
+    let fields = headers
+        .iter()
+        .filter(|(name, _)| *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING);
     for (name, value) in fields {
         field(&mut out, name, value);
     }
-    out.extend_from_slice(head.lines);
-    for (name, value) in head.extra {
-        field(&mut out, name, value);
+    for lines in head.lines {
+        out.extend_from_slice(lines);
     }
-    if !head.host.is_empty()
-        && !headers.contains_key(header::HOST)
-        && !head.extra.iter().any(|(name, _)| name == header::HOST)
-    {
+    if !head.host.is_empty() && !headers.contains_key(header::HOST) {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(head.host.as_bytes());
         out.extend_from_slice(b"\r\n");

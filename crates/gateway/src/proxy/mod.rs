@@ -556,9 +556,12 @@ impl Gateway {
         };
         let idempotent = headers::is_idempotent(&parts.method)
             || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
-        // A gRPC call's own deadline bounds the policy's.
+        // A gRPC call's own deadline bounds the policy's; each attempt
+        // tells the upstream what is left of it.
         let limit = if grpc {
-            grpc::timeout(&parts.headers)
+            let limit = grpc::timeout(&parts.headers);
+            parts.headers.remove(&grpc::TIMEOUT);
+            limit
         } else {
             None
         };
@@ -725,7 +728,7 @@ impl Gateway {
         let replayable = body.is_replayable();
         let op = |attempt: Attempt| {
             attempts.fetch_add(1, Ordering::Relaxed);
-            let extra = call.extra(attempt.number(), attempt.remaining_at_start());
+            let extra = call.attempt_lines(attempt.number(), attempt.remaining_at_start());
             self.attempt(
                 call,
                 upstream,
@@ -1148,7 +1151,7 @@ impl Gateway {
         &self,
         call: &Call<'_>,
         upstream: &Upstream,
-        extra: Extra,
+        extra: Vec<u8>,
         body: Option<ProxyBody>,
         replayable: bool,
         told: Attempt,
@@ -1172,11 +1175,8 @@ impl Gateway {
         // A recorded request's attempt is a span, whose ID its
         // `traceparent` carries.
         let traced = call.span.and_then(|parent| {
-            let sent = extra
-                .iter()
-                .find(|(name, _)| name == headers::TRACEPARENT)
-                .map(|(_, value)| value)?;
-            let ids = TraceIds::parse(sent)?;
+            let sent = h1::line_value(&extra, &headers::TRACEPARENT)?;
+            let ids = TraceIds::parse_bytes(sent)?;
             Some(Span::child_of(parent, ids.span_id, Instant::now()))
         });
         let method = traced.map(|_| template.method.clone());
@@ -1184,8 +1184,7 @@ impl Gateway {
             method: &template.method,
             target: &template.path_and_query,
             headers: &template.headers,
-            lines: &call.template.lines,
-            extra: &extra,
+            lines: [&call.template.lines, &extra],
             host: endpoint.to.authority().as_str(),
         };
         let max_uses = upstream.config.pool.max_requests_per_connection;
@@ -1419,13 +1418,9 @@ struct Call<'a> {
 
 impl Call<'_> {
     /// The fields attempt `number` (from 1), with the time `remaining`,
-    /// adds to the template (see [`Template::extra`]).
-    fn extra(&self, number: u32, remaining: Option<Duration>) -> Extra {
-        let mut extra = self.template.extra(number, remaining);
-        if let (true, Some(left)) = (self.grpc, remaining) {
-            extra.push((grpc::TIMEOUT.clone(), grpc::timeout_value(left)));
-        }
-        extra
+    /// adds to the template (see [`Template::attempt_lines`]).
+    fn attempt_lines(&self, number: u32, remaining: Option<Duration>) -> Vec<u8> {
+        self.template.attempt_lines(number, remaining, self.grpc)
     }
 }
 
@@ -1708,26 +1703,33 @@ impl Template {
     }
 
     /// The fields attempt `number` (from 1), with the time `remaining`,
-    /// sends in place of the template's, if any. A retry is a span of its
+    /// adds, as lines (see [`h1::Head::lines`]). A retry is a span of its
     /// own in the request's trace: the first attempt sends the template's
     /// `traceparent`, each later one the same trace with a new span ID.
-    fn extra(&self, number: u32, remaining: Option<Duration>) -> Extra {
-        let mut extra = Vec::with_capacity(3);
+    /// A gRPC call is told its deadline in `grpc-timeout` too.
+    fn attempt_lines(&self, number: u32, remaining: Option<Duration>, grpc: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
         if number > 1 {
-            let span = headers::child_traceparent(self.traceparent.as_ref());
-            extra.push((headers::TRACEPARENT.clone(), span));
+            let mut span = [0; headers::TRACEPARENT_LEN];
+            headers::write_child_traceparent(self.traceparent.as_ref(), &mut span);
+            line(&mut out, &headers::TRACEPARENT, &span);
         } else if let Some(first) = &self.traceparent {
-            extra.push((headers::TRACEPARENT.clone(), first.clone()));
+            line(&mut out, &headers::TRACEPARENT, first.as_bytes());
         }
         if let Some(left) = remaining {
-            extra.push((headers::DEADLINE_MS.clone(), headers::deadline_value(left)));
+            let mut digits = [0; 20];
+            let count = headers::deadline_digits(left, &mut digits);
+            line(&mut out, &headers::DEADLINE_MS, &digits[..count]);
+            if grpc {
+                out.extend_from_slice(grpc::TIMEOUT.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                grpc::write_timeout(left, &mut out);
+                out.extend_from_slice(b"\r\n");
+            }
         }
-        extra
+        out
     }
 }
-
-/// Fields an attempt sends in place of its template's.
-type Extra = Vec<(http::HeaderName, HeaderValue)>;
 
 /// Joins the client's and the upstream's upgraded connections.
 fn tunnel(client: OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
