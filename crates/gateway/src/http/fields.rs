@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Extensions, Response};
 
-use crate::http::codec::Span;
+use crate::http::codec::{field, Span};
 
 /// Fields kept at most; an answer with more is read into a header map.
 pub(crate) const MAX_FIELDS: usize = 32;
@@ -41,6 +41,9 @@ pub struct Received {
     length: Option<u64>,
     /// Whether one is `date`.
     dated: bool,
+    /// Fields the gateway set in place of any received of their names
+    /// (its `x-request-id`), kept here rather than in a map of their own.
+    set: [Option<(&'static HeaderName, HeaderValue)>; 2],
 }
 
 impl Received {
@@ -53,6 +56,7 @@ impl Received {
             lengths: 0,
             length: None,
             dated: false,
+            set: [None, None],
         }
     }
 
@@ -104,14 +108,36 @@ impl Received {
         &self.head[span[0] as usize..span[1] as usize]
     }
 
-    /// Writes each field `map` does not replace as `name: value` lines,
-    /// as received, but `content-length`: the writer frames the body.
+    /// Sets field `name` to `value` in place of those received of that
+    /// name; `value` back when there is no room (a map takes it then).
+    fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<(), HeaderValue> {
+        for slot in &mut self.set {
+            match slot {
+                Some((held, _)) if *held != name => {}
+                _ => {
+                    *slot = Some((name, value));
+                    return Ok(());
+                }
+            }
+        }
+        Err(value)
+    }
+
+    /// Whether the gateway set a field named `name` (any case).
+    fn is_set(&self, name: &[u8]) -> bool {
+        self.set.iter().flatten().any(|(held, _)| same(held, name))
+    }
+
+    /// Writes each field `map` does not replace as `name: value` lines:
+    /// those received as they came, but `content-length` (the writer
+    /// frames the body), then those the gateway set here.
     pub(crate) fn write(&self, out: &mut Vec<u8>, map: &HeaderMap) {
         for (i, span) in self.spans().iter().enumerate() {
             if self.lengths & 1 << i != 0 {
                 continue;
             }
-            if !map.is_empty() && replaced(map, self.name(span)) {
+            let name = self.name(span);
+            if self.is_set(name) || !map.is_empty() && replaced(map, name) {
                 continue;
             }
             // From the name to the value's end: `name:`, the whitespace
@@ -119,10 +145,20 @@ impl Received {
             out.extend_from_slice(&self.head[span[0] as usize..span[3] as usize]);
             out.extend_from_slice(b"\r\n");
         }
+        for (name, value) in self.set.iter().flatten() {
+            if map.is_empty() || !map.contains_key(*name) {
+                field(out, name, value);
+            }
+        }
     }
 
     /// The fields that `map` does not replace, added to it.
     fn add_to(&self, map: &mut HeaderMap) {
+        for (name, value) in self.set.iter().flatten() {
+            if !map.contains_key(*name) {
+                map.insert(*name, value.clone());
+            }
+        }
         let replacing: Vec<HeaderName> = map.keys().cloned().collect();
         for span in self.spans() {
             let (n0, n1, v0, v1) = (
@@ -147,10 +183,27 @@ impl Received {
 
 /// Whether `map` has a field named `name` (any case).
 fn replaced(map: &HeaderMap, name: &[u8]) -> bool {
-    map.keys().any(|key| {
-        let key = key.as_str().as_bytes();
-        key.len() == name.len() && key.eq_ignore_ascii_case(name)
-    })
+    map.keys().any(|key| same(key, name))
+}
+
+/// Whether `name` is `key` in any case.
+fn same(key: &HeaderName, name: &[u8]) -> bool {
+    let key = key.as_str().as_bytes();
+    key.len() == name.len() && key.eq_ignore_ascii_case(name)
+}
+
+/// Sets field `name` of `response` to `value`, replacing any of that
+/// name: beside its received fields when it has them (no map made for
+/// it), else in its map.
+pub fn set<B>(response: &mut Response<B>, name: &'static HeaderName, value: HeaderValue) {
+    let value = match response.extensions_mut().get_mut::<Received>() {
+        Some(received) => match received.set(name, value) {
+            Ok(()) => return,
+            Err(value) => value,
+        },
+        None => value,
+    };
+    response.headers_mut().insert(name, value);
 }
 
 impl fmt::Debug for Received {
@@ -223,6 +276,28 @@ mod tests {
         out.clear();
         received.write(&mut out, &map);
         assert_eq!(out, b"Server: up\r\n");
+    }
+
+    #[test]
+    fn fields_the_gateway_sets_replace_received_ones_without_a_map() {
+        static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+        let mut response = Response::new(());
+        response
+            .extensions_mut()
+            .insert(received("X-Request-Id: theirs\r\nserver: up\r\n"));
+        set(&mut response, &REQUEST_ID, HeaderValue::from_static("ours"));
+        assert!(response.headers().is_empty());
+        let mut out = Vec::new();
+        let received = response.extensions().get::<Received>().expect("kept");
+        received.write(&mut out, response.headers());
+        assert_eq!(out, b"server: up\r\nx-request-id: ours\r\n");
+        let response = materialized(response);
+        assert_eq!(response.headers()["x-request-id"], "ours");
+        assert_eq!(response.headers().len(), 2);
+        // Without received fields, the map takes it.
+        let mut plain = Response::new(());
+        set(&mut plain, &REQUEST_ID, HeaderValue::from_static("ours"));
+        assert_eq!(plain.headers()["x-request-id"], "ours");
     }
 
     #[test]

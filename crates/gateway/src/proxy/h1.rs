@@ -320,33 +320,40 @@ impl Prepared {
 fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
     use http_body::Body as _;
     let headers = head.headers;
-    let mut out = Vec::with_capacity(256 + headers.len() * 48);
+    let lines = head.lines[0].len() + head.lines[1].len();
+    let mut out = Vec::with_capacity(256 + headers.len() * 48 + lines);
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(head.target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let fields = headers
-        .iter()
-        .filter(|(name, _)| *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING);
-    for (name, value) in fields {
-        field(&mut out, name, value);
+    // The fields in one pass: the framing ones noted, not copied.
+    let (mut length, mut coding, mut host) = (false, false, false);
+    for (name, value) in headers {
+        if *name == header::CONTENT_LENGTH {
+            length = true;
+        } else if *name == header::TRANSFER_ENCODING {
+            coding = true;
+        } else {
+            host |= *name == header::HOST;
+            field(&mut out, name, value);
+        }
     }
     for lines in head.lines {
         out.extend_from_slice(lines);
     }
-    if !head.host.is_empty() && !headers.contains_key(header::HOST) {
+    if !head.host.is_empty() && !host {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(head.host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     let (body, framing) = if body.is_end_stream() {
         // No body: a declared length was zero (hyper's server checked it).
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if length {
             out.extend_from_slice(b"content-length: 0\r\n");
         }
         (None, Framing::Length(0))
     } else {
-        let length = if headers.contains_key(header::TRANSFER_ENCODING) {
+        let length = if coding {
             None
         } else {
             content_length(headers).or_else(|| body.size_hint().exact())

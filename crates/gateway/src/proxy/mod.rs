@@ -384,9 +384,7 @@ impl Gateway {
             Err(reply) if grpc => reply.into_grpc_response(),
             Err(reply) => reply.into_response(&request_id),
         };
-        response
-            .headers_mut()
-            .insert(&CORRELATION_ID, request_id.clone());
+        fields::set(&mut response, &CORRELATION_ID, request_id.clone());
         let status = response.status();
         let elapsed = start.elapsed();
         if let Some(traffic) = log.traffic {
@@ -1189,16 +1187,19 @@ impl Gateway {
         };
         let max_uses = upstream.config.pool.max_requests_per_connection;
         let attempting = endpoint.attempting();
-        let sent = call
-            .upstream_client
-            .send(&endpoint.to, &head, body, max_uses);
+        // Pinned where it is: the exchange's future is large, and the
+        // cut-off holds it by reference rather than moved in.
+        let mut sent =
+            std::pin::pin!(call
+                .upstream_client
+                .send(&endpoint.to, &head, body, max_uses));
         // One timer for the attempt's timeout and the deadline alike (the
         // pipeline leaves the cut-off to the attempt).
         let result = match told.cut_off() {
             Some(at) => call
                 .upstream_client
                 .deadlines()
-                .within(at, sent)
+                .within(at, sent.as_mut())
                 .await
                 .map_err(|_| {
                     if told.cut_off_is_deadline() {
