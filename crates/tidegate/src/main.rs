@@ -28,6 +28,8 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Events(args) => events::run(args),
     };
+    // Access lines still in their batches are written before the end.
+    access::flush();
     result.unwrap_or_else(|err| {
         eprintln!("tidegate: {err:#}");
         ExitCode::FAILURE
