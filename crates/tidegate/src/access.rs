@@ -321,21 +321,38 @@ fn second(out: &mut String, secs: u64) {
 
 /// `value` in decimal, at least `width` digits (zeros in front).
 fn padded(out: &mut String, value: u64, width: usize) {
-    let mut digits = [0u8; 20];
-    let count = tidegate_client::headers::write_digits(value, &mut digits);
-    for _ in count..width {
-        out.push('0');
-    }
-    for &digit in &digits[..count] {
-        out.push(char::from(digit));
-    }
+    // The digits after as many zeros as the width asks for, pushed at once.
+    let mut text = [b'0'; 40];
+    let count = tidegate_client::headers::write_digits(value, &mut text[20..]);
+    let start = 20 - width.min(20).saturating_sub(count);
+    out.push_str(std::str::from_utf8(&text[start..20 + count]).unwrap_or_default());
 }
 
 /// Whether `text` reads the same quoted by `Debug` and by JSON as between
 /// plain quotes: printable ASCII without `"` or `\`.
 fn plain(text: &str) -> bool {
-    text.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    // Eight bytes at a time: none below 0x20, none from 0x7f, no quote or
+    // backslash (each test exact for "is there such a byte").
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let mut words = text.as_bytes().chunks_exact(8);
+    for word in &mut words {
+        let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0;
+        let high = (x.wrapping_add(ONES) | x) & HIGH != 0;
+        if control
+            || high
+            || has_zero(x ^ (ONES * u64::from(b'"')))
+            || has_zero(x ^ (ONES * u64::from(b'\\')))
+        {
+            return false;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
 /// The fields of a line as `fmt` writes them: `name=value` separated by
@@ -679,6 +696,30 @@ mod tests {
 #[cfg(test)]
 mod batch_tests {
     use super::*;
+
+    #[test]
+    fn plain_text_is_told_eight_bytes_at_a_time_as_byte_by_byte() {
+        let bytewise = |t: &[u8]| {
+            t.iter()
+                .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        };
+        for len in [0, 7, 8, 9, 16, 17, 23] {
+            for at in 0..len {
+                for byte in 0u8..0x80 {
+                    let mut text = vec![b'a'; len];
+                    text[at] = byte;
+                    // Beside a byte whose carry or borrow could mislead.
+                    if at + 1 < len {
+                        text[at + 1] = b'~';
+                    }
+                    let text = String::from_utf8(text).expect("ASCII");
+                    assert_eq!(plain(&text), bytewise(text.as_bytes()), "{text:?}");
+                }
+            }
+        }
+        assert!(!plain("0123456789abcdé"));
+        assert!(plain("0123456789abcdef-0123"));
+    }
 
     #[test]
     fn batched_lines_are_written_whole_when_full_or_flushed() {
