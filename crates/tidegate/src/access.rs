@@ -56,11 +56,14 @@ const BATCH: usize = 32 * 1024;
 pub(crate) struct Batches {
     /// Every thread's buffer, for the flushes.
     buffers: Mutex<Vec<Arc<Mutex<Vec<u8>>>>>,
-    write: Box<dyn Fn(&[u8]) + Send + Sync>,
+    write: Write,
 }
 
+/// Where batches go.
+type Write = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 impl Batches {
-    fn new(write: Box<dyn Fn(&[u8]) + Send + Sync>) -> Self {
+    fn new(write: Write) -> Self {
         Batches {
             buffers: Mutex::new(Vec::new()),
             write,
@@ -745,7 +748,7 @@ mod batch_tests {
         }
         // Full batches went as they filled; the rest waits for a flush.
         let before: usize = lock(&written).iter().map(Vec::len).sum();
-        assert!(before >= 2 * BATCH && before < 200_000, "{before}");
+        assert!((2 * BATCH..200_000).contains(&before), "{before}");
         batches.flush();
         let writes = lock(&written);
         assert_eq!(writes.iter().map(Vec::len).sum::<usize>(), 200_000);
