@@ -13,7 +13,7 @@
 //!
 //! Two rules keep the two places one set of fields:
 //! - a field in the map replaces the received fields of its name (the
-//!   gateway's `x-request-id`, its `X-RateLimit-*`…);
+//!   gateway's `x-correlation-id`, its `X-RateLimit-*`…);
 //! - whatever reads an answer's fields calls [`materialize`] first, which
 //!   moves the received ones into the map (the stale cache, HTTP/2
 //!   clients, the gateway's own calls).
@@ -42,7 +42,7 @@ pub struct Received {
     /// Whether one is `date`.
     dated: bool,
     /// Fields the gateway set in place of any received of their names
-    /// (its `x-request-id`), kept here rather than in a map of their own.
+    /// (its `x-correlation-id`), kept here rather than in a map of their own.
     set: [Option<(&'static HeaderName, HeaderValue)>; 2],
 }
 
@@ -271,7 +271,7 @@ mod tests {
         );
 
         let mut map = HeaderMap::new();
-        map.insert("x-request-id", HeaderValue::from_static("ours"));
+        map.insert("x-correlation-id", HeaderValue::from_static("ours"));
         map.insert("vary", HeaderValue::from_static("c"));
         out.clear();
         received.write(&mut out, &map);
@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn fields_the_gateway_sets_replace_received_ones_without_a_map() {
-        static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+        static REQUEST_ID: HeaderName = HeaderName::from_static("x-correlation-id");
         let mut response = Response::new(());
         response
             .extensions_mut()
@@ -290,25 +290,25 @@ mod tests {
         let mut out = Vec::new();
         let received = response.extensions().get::<Received>().expect("kept");
         received.write(&mut out, response.headers());
-        assert_eq!(out, b"server: up\r\nx-request-id: ours\r\n");
+        assert_eq!(out, b"server: up\r\nx-correlation-id: ours\r\n");
         let response = materialized(response);
-        assert_eq!(response.headers()["x-request-id"], "ours");
+        assert_eq!(response.headers()["x-correlation-id"], "ours");
         assert_eq!(response.headers().len(), 2);
         // Without received fields, the map takes it.
         let mut plain = Response::new(());
         set(&mut plain, &REQUEST_ID, HeaderValue::from_static("ours"));
-        assert_eq!(plain.headers()["x-request-id"], "ours");
+        assert_eq!(plain.headers()["x-correlation-id"], "ours");
     }
 
     #[test]
     fn materializing_moves_what_the_map_does_not_replace_into_it() {
         let mut response = Response::new(());
         response.extensions_mut().insert(received(
-            "Vary: a\r\ncontent-length: 5\r\nx-request-id: theirs\r\nvary: b\r\n",
+            "Vary: a\r\ncontent-length: 5\r\nx-correlation-id: theirs\r\nvary: b\r\n",
         ));
         response
             .headers_mut()
-            .insert("x-request-id", HeaderValue::from_static("ours"));
+            .insert("x-correlation-id", HeaderValue::from_static("ours"));
         let response = materialized(response);
         assert!(response.extensions().get::<Received>().is_none());
         let headers = response.headers();
@@ -318,7 +318,7 @@ mod tests {
             ["a", "b"]
         );
         assert_eq!(headers["content-length"], "5");
-        assert_eq!(headers["x-request-id"], "ours");
+        assert_eq!(headers["x-correlation-id"], "ours");
         // Nothing twice.
         assert_eq!(materialized(response).headers().len(), 4);
     }
