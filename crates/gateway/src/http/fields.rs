@@ -261,13 +261,13 @@ mod tests {
     #[test]
     fn fields_are_written_as_received_but_those_the_map_replaces() {
         let received = received(
-            "Server: up\r\nX-Request-Id: theirs\r\ncontent-length: 5\r\nvary: a\r\nVary: b\r\n",
+            "Server: up\r\nX-Correlation-Id: theirs\r\ncontent-length: 5\r\nvary: a\r\nVary: b\r\n",
         );
         let mut out = Vec::new();
         received.write(&mut out, &HeaderMap::new());
         assert_eq!(
             out,
-            b"Server: up\r\nX-Request-Id: theirs\r\nvary: a\r\nVary: b\r\n"
+            b"Server: up\r\nX-Correlation-Id: theirs\r\nvary: a\r\nVary: b\r\n"
         );
 
         let mut map = HeaderMap::new();
@@ -284,7 +284,7 @@ mod tests {
         let mut response = Response::new(());
         response
             .extensions_mut()
-            .insert(received("X-Request-Id: theirs\r\nserver: up\r\n"));
+            .insert(received("X-Correlation-Id: theirs\r\nserver: up\r\n"));
         set(&mut response, &REQUEST_ID, HeaderValue::from_static("ours"));
         assert!(response.headers().is_empty());
         let mut out = Vec::new();
