@@ -56,6 +56,9 @@ const BATCH: usize = 32 * 1024;
 pub(crate) struct Batches {
     /// Every thread's buffer, for the flushes.
     buffers: Mutex<Vec<Arc<Mutex<Vec<u8>>>>>,
+    /// Held from taking a batch to writing it: a thread's batches are
+    /// written in the order they were taken.
+    writing: Mutex<()>,
     write: Write,
 }
 
@@ -66,19 +69,35 @@ impl Batches {
     fn new(write: Write) -> Self {
         Batches {
             buffers: Mutex::new(Vec::new()),
+            writing: Mutex::new(()),
             write,
         }
     }
 
     /// Adds `line` to this thread's batch; writes the batch when full.
     fn push(&self, mine: &Arc<Mutex<Vec<u8>>>, line: &[u8]) {
-        let mut batch = lock(mine);
-        batch.extend_from_slice(line);
-        if batch.len() >= BATCH {
-            let full = std::mem::replace(&mut *batch, Vec::with_capacity(BATCH + 1024));
-            drop(batch);
-            (self.write)(&full);
+        let full = {
+            let mut batch = lock(mine);
+            batch.extend_from_slice(line);
+            batch.len() >= BATCH
+        };
+        if full {
+            self.write_out(mine);
         }
+    }
+
+    /// Takes what `buffer` holds and writes it, after any batch taken
+    /// before.
+    fn write_out(&self, buffer: &Mutex<Vec<u8>>) {
+        let _writing = lock(&self.writing);
+        let waiting = {
+            let mut batch = lock(buffer);
+            if batch.is_empty() {
+                return;
+            }
+            std::mem::replace(&mut *batch, Vec::with_capacity(BATCH + 1024))
+        };
+        (self.write)(&waiting);
     }
 
     /// A new buffer for a thread, known to the flushes.
@@ -92,14 +111,7 @@ impl Batches {
     fn flush(&self) {
         let buffers = lock(&self.buffers).clone();
         for buffer in buffers {
-            let waiting = {
-                let mut batch = lock(&buffer);
-                if batch.is_empty() {
-                    continue;
-                }
-                std::mem::replace(&mut *batch, Vec::with_capacity(BATCH + 1024))
-            };
-            (self.write)(&waiting);
+            self.write_out(&buffer);
         }
     }
 }

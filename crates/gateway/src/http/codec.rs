@@ -268,7 +268,7 @@ impl Writer {
                 self.out.extend_from_slice(b"0\r\n");
                 for (name, value) in trailers.into_iter().flatten() {
                     if allowed.contains(name) {
-                        field(&mut self.out, name, value);
+                        field(&mut self.out, name, value.as_bytes());
                     }
                 }
                 self.out.extend_from_slice(b"\r\n");
@@ -279,10 +279,10 @@ impl Writer {
 }
 
 /// `name: value` and its line end.
-pub(crate) fn field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+pub(crate) fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

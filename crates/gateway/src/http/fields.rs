@@ -85,9 +85,10 @@ impl Received {
         self.length = length;
     }
 
-    /// Notes that a `date` field is among them.
-    pub(crate) fn dated(&mut self) {
+    /// Keeps a `date` field.
+    pub(crate) fn push_date(&mut self, span: Span) -> bool {
         self.dated = true;
+        self.push(span)
     }
 
     /// The `content-length` they declare.
@@ -147,7 +148,7 @@ impl Received {
         }
         for (name, value) in self.set.iter().flatten() {
             if map.is_empty() || !map.contains_key(*name) {
-                field(out, name, value);
+                field(out, name, value.as_bytes());
             }
         }
     }

@@ -1059,7 +1059,7 @@ fn encode(
             }
             continue;
         }
-        field(out, name, value);
+        field(out, name, value.as_bytes());
     }
     let declared = match received {
         Some(received) if !length_field => received.length(),
@@ -1124,9 +1124,7 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode) {
 fn content_length_field(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
     let count = tidegate_client::headers::write_digits(n, &mut digits);
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(&digits[..count]);
-    out.extend_from_slice(b"\r\n");
+    field(out, &header::CONTENT_LENGTH, &digits[..count]);
 }
 
 /// A `date` field: now, formatted once a second per thread.
@@ -1145,9 +1143,7 @@ fn date(out: &mut Vec<u8>) {
         cached.set((now, text));
         text
     });
-    out.extend_from_slice(b"date: ");
-    out.extend_from_slice(&text);
-    out.extend_from_slice(b"\r\n");
+    field(out, &header::DATE, &text);
 }
 
 #[cfg(test)]

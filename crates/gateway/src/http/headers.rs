@@ -18,7 +18,7 @@ pub static FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-hos
 
 /// Headers that describe one connection, never forwarded (RFC 9110
 /// §7.6.1), and the obsolete `Proxy-Connection`.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -31,25 +31,29 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// The index of `name` in [`HOP_BY_HOP`].
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
     // Most names are ruled out by their length alone, before any compare.
     const LENGTHS: u32 = 1 << 2 | 1 << 7 | 1 << 10 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
-    let name = name.as_str();
     if name.len() >= 32 || LENGTHS & 1 << name.len() == 0 {
         return None;
     }
-    Some(match name {
-        "connection" => 0,
-        "keep-alive" => 1,
-        "proxy-authenticate" => 2,
-        "proxy-authorization" => 3,
-        "te" => 4,
-        "trailer" => 5,
-        "transfer-encoding" => 6,
-        "upgrade" => 7,
-        "proxy-connection" => 8,
-        _ => return None,
-    })
+    HOP_BY_HOP
+        .iter()
+        .position(|known| is_token(name, known.as_str()))
+}
+
+/// The hop-by-hop field `name` is, in any case: `name` is a token (a
+/// header map's name, or one httparse read).
+pub(crate) fn hop_by_hop(name: &[u8]) -> Option<&'static HeaderName> {
+    hop_by_hop_index(name).map(|i| &HOP_BY_HOP[i])
+}
+
+/// Whether the token `name` is `lower` (lowercase letters and dashes) in
+/// any case: setting each byte's case bit tells them apart exactly (no
+/// other token byte becomes a letter or a dash), with less work than a
+/// case-insensitive compare.
+pub(crate) fn is_token(name: &[u8], lower: &str) -> bool {
+    name.len() == lower.len() && name.iter().zip(lower.bytes()).all(|(&a, b)| a | 0x20 == b)
 }
 
 /// Removes hop-by-hop headers and every header `Connection` names.
@@ -60,7 +64,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
     // have none, or only `Connection: keep-alive`.
     let present = headers
         .keys()
-        .filter_map(hop_by_hop_index)
+        .filter_map(|name| hop_by_hop_index(name.as_str().as_bytes()))
         .fold(0u16, |mask, i| mask | 1 << i);
     if present == 0 && !websocket {
         return;
@@ -326,14 +330,25 @@ mod tests {
     #[test]
     fn every_listed_hop_by_hop_header_is_recognized() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+            assert_eq!(
+                hop_by_hop_index(name.as_str().as_bytes()),
+                Some(i),
+                "{name}"
+            );
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static("x"));
             h.insert("x-kept", HeaderValue::from_static("1"));
             strip_hop_by_hop(&mut h, false);
             assert_eq!(h.len(), 1, "{name} stays");
         }
-        assert_eq!(hop_by_hop_index(&header::HOST), None);
+        assert_eq!(hop_by_hop_index(b"host"), None);
+        // As httparse reads names: in any case.
+        assert_eq!(
+            hop_by_hop(b"Transfer-Encoding"),
+            Some(&header::TRANSFER_ENCODING)
+        );
+        assert_eq!(hop_by_hop(b"KEEP-ALIVE"), Some(&HOP_BY_HOP[1]));
+        assert_eq!(hop_by_hop(b"keep_alive"), None);
     }
 
     #[test]

@@ -43,6 +43,7 @@ use crate::http::codec::{
     Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
 use crate::http::fields::{Received, MAX_FIELDS};
+use crate::http::headers;
 
 /// A response head's bytes at most (hyper's default read buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -277,7 +278,7 @@ pub struct Head<'a> {
     /// lines (the request's, then the attempt's), none of whose names
     /// `headers` has.
     pub lines: [&'a [u8]; 2],
-    /// `Host`, when neither `headers` nor `extra` has one.
+    /// `Host`, when `headers` has none.
     pub host: &'a str,
 }
 
@@ -335,16 +336,14 @@ fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
             coding = true;
         } else {
             host |= *name == header::HOST;
-            field(&mut out, name, value);
+            field(&mut out, name, value.as_bytes());
         }
     }
     for lines in head.lines {
         out.extend_from_slice(lines);
     }
     if !head.host.is_empty() && !host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(head.host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        field(&mut out, &header::HOST, head.host.as_bytes());
     }
     let (body, framing) = if body.is_end_stream() {
         // No body: a declared length was zero (hyper's server checked it).
@@ -482,7 +481,10 @@ fn parse_head(
     }
     let mut keep_alive = version == Version::HTTP_11;
     let mut close = false;
-    let mut framing = Declared::default();
+    // The framing fields: `content-length` read field by field, the last
+    // `transfer-encoding`.
+    let mut length: Option<Length> = None;
+    let mut coding: Option<Span> = None;
     // The fields pass as received (`http::fields`) unless one has to be
     // read into a map: more than it keeps, or a `Connection` naming some
     // other field, which the map's stripping removes.
@@ -496,13 +498,10 @@ fn parse_head(
         }
         match Kind::of(name) {
             Kind::ContentLength => {
-                framing
-                    .length
-                    .get_or_insert_with(Length::default)
-                    .add(value);
+                length.get_or_insert_with(Length::default).add(value);
                 plain &= received.push_length(span);
             }
-            Kind::TransferEncoding => framing.last_coding = Some(span),
+            Kind::TransferEncoding => coding = Some(span),
             Kind::Connection => {
                 for token in tokens(value) {
                     if token.eq_ignore_ascii_case(b"close") {
@@ -515,22 +514,17 @@ fn parse_head(
                 }
             }
             Kind::HopByHop => {}
-            Kind::Date => {
-                received.dated();
-                plain &= received.push(span);
-            }
+            Kind::Date => plain &= received.push_date(span),
             // A field named `close` goes if `Connection: close` names it:
             // the map's stripping decides.
-            Kind::Other if name.eq_ignore_ascii_case(b"close") => plain = false,
+            Kind::Other if headers::is_token(name, "close") => plain = false,
             Kind::Other => plain &= received.push(span),
         }
     }
     keep_alive &= !close;
-    received.declare(framing.length.and_then(|length| length.get()));
-    let last_coding = framing
-        .last_coding
-        .map(|span| &head[span[2] as usize..span[3] as usize]);
-    let (decoder, closes) = decoder(status, version, last_coding, framing, head_only)?;
+    received.declare(length.and_then(|length| length.get()));
+    let coding = coding.map(|span| &head[span[2] as usize..span[3] as usize]);
+    let (decoder, closes) = decoder(status, version, length, coding, head_only)?;
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
@@ -580,39 +574,21 @@ enum Kind {
 
 impl Kind {
     fn of(name: &[u8]) -> Kind {
-        // Most names are told by their length alone.
-        const LENGTHS: u32 =
-            1 << 2 | 1 << 4 | 1 << 7 | 1 << 10 | 1 << 14 | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 19;
-        if name.len() >= 32 || LENGTHS & 1 << name.len() == 0 {
-            return Kind::Other;
+        if let Some(known) = headers::hop_by_hop(name) {
+            return match *known {
+                header::CONNECTION => Kind::Connection,
+                header::TRANSFER_ENCODING => Kind::TransferEncoding,
+                _ => Kind::HopByHop,
+            };
         }
-        // A name is a token (httparse checked): setting the case bit of
-        // each byte tells it from a lowercase name of letters and dashes
-        // exactly, with less work than a case-insensitive compare.
-        let is = |known: &str| name.iter().zip(known.bytes()).all(|(&a, b)| a | 0x20 == b);
-        match name.len() {
-            14 if is("content-length") => Kind::ContentLength,
-            17 if is("transfer-encoding") => Kind::TransferEncoding,
-            10 if is("connection") => Kind::Connection,
-            4 if is("date") => Kind::Date,
-            2 if is("te") => Kind::HopByHop,
-            7 if is("trailer") || is("upgrade") => Kind::HopByHop,
-            10 if is("keep-alive") => Kind::HopByHop,
-            16 if is("proxy-connection") => Kind::HopByHop,
-            18 if is("proxy-authenticate") => Kind::HopByHop,
-            19 if is("proxy-authorization") => Kind::HopByHop,
-            _ => Kind::Other,
+        if headers::is_token(name, "content-length") {
+            Kind::ContentLength
+        } else if headers::is_token(name, "date") {
+            Kind::Date
+        } else {
+            Kind::Other
         }
     }
-}
-
-/// Which framing fields a head has.
-#[derive(Debug, Default, Clone, Copy)]
-struct Declared {
-    /// Its `content-length`, read field by field, if it has one.
-    length: Option<Length>,
-    /// The last `transfer-encoding` field, if any.
-    last_coding: Option<Span>,
 }
 
 /// How a response's body is framed (RFC 9112 §6.3, as hyper reads it),
@@ -620,14 +596,14 @@ struct Declared {
 fn decoder(
     status: StatusCode,
     version: Version,
-    last_coding: Option<&[u8]>,
-    declared: Declared,
+    length: Option<Length>,
+    coding: Option<&[u8]>,
     head_only: bool,
 ) -> Result<(Decoder, bool), Error> {
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Decoder::Length(0), false));
     }
-    if let Some(coding) = last_coding {
+    if let Some(coding) = coding {
         if version == Version::HTTP_10 {
             return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 answer"));
         }
@@ -643,9 +619,9 @@ fn decoder(
             return Ok((Decoder::UntilClose, true));
         }
         // With a content-length beside it, the RFC has the connection closed.
-        return Ok((Decoder::Chunked(Box::default()), declared.length.is_some()));
+        return Ok((Decoder::Chunked(Box::default()), length.is_some()));
     }
-    if let Some(length) = declared.length {
+    if let Some(length) = length {
         return match length.get() {
             Some(len) => Ok((Decoder::Length(len), false)),
             None => Err(Error::Invalid("invalid content-length")),

@@ -50,6 +50,7 @@ use crate::config::{
     Config, EscapedSlashes, Fallback, GatewaySettings, RouteConfig, Target, Underscores,
 };
 use crate::http::body::{self, is_body_too_large, ClientBody, ProxyBody, RequestBody};
+use crate::http::codec::field;
 use crate::http::fields;
 use crate::http::h1::OnUpgrade;
 use crate::http::headers::{self, CORRELATION_ID};
@@ -1078,22 +1079,23 @@ impl Gateway {
         if let Credential::Valid(key, from) = credential {
             // The key stays at the edge; the upstream learns whose it was.
             headers.remove(from);
-            if HeaderValue::from_str(&key.id).is_ok() {
-                line(&mut lines, &admission::API_KEY_ID, key.id.as_bytes());
+            // A field value's bytes, as `HeaderValue` would check them.
+            if key.id.bytes().all(|b| b == b'\t' || b >= 0x20 && b != 0x7f) {
+                field(&mut lines, &admission::API_KEY_ID, key.id.as_bytes());
             }
             if let Some(tier) = table.edge.tier_header(key) {
-                line(&mut lines, &admission::TIER, tier.as_bytes());
+                field(&mut lines, &admission::TIER, tier.as_bytes());
             }
         }
         match headers.get(header::HOST) {
-            Some(host) => line(&mut lines, &headers::FORWARDED_HOST, host.as_bytes()),
+            Some(host) => field(&mut lines, &headers::FORWARDED_HOST, host.as_bytes()),
             None => {
                 let host = parts
                     .uri
                     .authority()
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
                 if let Some(host) = host {
-                    line(&mut lines, &headers::FORWARDED_HOST, host.as_bytes());
+                    field(&mut lines, &headers::FORWARDED_HOST, host.as_bytes());
                     headers.insert(header::HOST, host);
                 }
             }
@@ -1106,10 +1108,10 @@ impl Gateway {
         }
         headers::push_ip(&mut lines, client.ip());
         lines.extend_from_slice(b"\r\n");
-        line(&mut lines, &headers::FORWARDED_PROTO, b"http");
-        line(&mut lines, &CORRELATION_ID, request_id.as_bytes());
+        field(&mut lines, &headers::FORWARDED_PROTO, b"http");
+        field(&mut lines, &CORRELATION_ID, request_id.as_bytes());
         if let Some(token) = &table.internal_token {
-            line(&mut lines, &headers::INTERNAL_TOKEN, token.as_bytes());
+            field(&mut lines, &headers::INTERNAL_TOKEN, token.as_bytes());
         }
         let path_and_query = if route.strip_prefix {
             let path = router::strip(&route.path_prefix, parts.uri.path());
@@ -1663,14 +1665,6 @@ static OWN: [&http::HeaderName; 9] = [
     &admission::TIER,
 ];
 
-/// Appends a `name: value` line.
-fn line(out: &mut Vec<u8>, name: &http::HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 impl Template {
     /// A head of the gateway's own call, sent as it is.
     fn plain(mut head: Head) -> Self {
@@ -1713,19 +1707,18 @@ impl Template {
         if number > 1 {
             let mut span = [0; headers::TRACEPARENT_LEN];
             headers::write_child_traceparent(self.traceparent.as_ref(), &mut span);
-            line(&mut out, &headers::TRACEPARENT, &span);
+            field(&mut out, &headers::TRACEPARENT, &span);
         } else if let Some(first) = &self.traceparent {
-            line(&mut out, &headers::TRACEPARENT, first.as_bytes());
+            field(&mut out, &headers::TRACEPARENT, first.as_bytes());
         }
         if let Some(left) = remaining {
             let mut digits = [0; 20];
             let count = headers::deadline_digits(left, &mut digits);
-            line(&mut out, &headers::DEADLINE_MS, &digits[..count]);
+            field(&mut out, &headers::DEADLINE_MS, &digits[..count]);
             if grpc {
-                out.extend_from_slice(grpc::TIMEOUT.as_str().as_bytes());
-                out.extend_from_slice(b": ");
-                grpc::write_timeout(left, &mut out);
-                out.extend_from_slice(b"\r\n");
+                let mut timeout = Vec::with_capacity(12);
+                grpc::write_timeout(left, &mut timeout);
+                field(&mut out, &grpc::TIMEOUT, &timeout);
             }
         }
         out
