@@ -495,8 +495,8 @@ mod served {
     struct Recorder(Log);
 
     impl Service for Recorder {
-        async fn call(&self, request: Request<ClientBody>) -> Response<ProxyBody> {
-            note(&self.0, request).await;
+        async fn call(&self, request: Box<Request<ClientBody>>) -> Response<ProxyBody> {
+            note(&self.0, *request).await;
             let mut response = Response::new(full(Bytes::new()));
             *response.status_mut() = http::StatusCode::NOT_FOUND;
             response

@@ -226,10 +226,15 @@ pub fn materialize(headers: &mut HeaderMap, extensions: &mut Extensions) {
 
 /// `response`, its received fields in its header map.
 pub fn materialized<B>(mut response: Response<B>) -> Response<B> {
+    materialize_response(&mut response);
+    response
+}
+
+/// Moves the received fields `response` carries into its header map.
+pub fn materialize_response<B>(response: &mut Response<B>) {
     let mut headers = std::mem::take(response.headers_mut());
     materialize(&mut headers, response.extensions_mut());
     *response.headers_mut() = headers;
-    response
 }
 
 #[cfg(test)]

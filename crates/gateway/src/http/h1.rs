@@ -89,9 +89,11 @@ pub struct Limits {
 /// What answers a connection's requests.
 pub trait Service {
     /// The answer to `request`.
+    /// The request comes boxed: it is moved through several layers,
+    /// each of which would otherwise copy it whole.
     fn call(
         &self,
-        request: Request<ClientBody>,
+        request: Box<Request<ClientBody>>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
 }
 
@@ -843,7 +845,9 @@ impl Refusal {
 /// A request head, parsed, and what it says of its body and connection.
 #[derive(Debug)]
 struct Head {
-    request: Request<ClientBody>,
+    /// Boxed: the head is handed up through the read, its cut-off and the
+    /// connection's loop, and the request on through the gateway.
+    request: Box<Request<ClientBody>>,
     /// How its body is read; `None`: it has none.
     body: Option<Decoder>,
     keep_alive: bool,
@@ -988,7 +992,7 @@ fn parse_head(
         (Some(0) | None, None) => None,
         (Some(n), None) => Some(Decoder::Length(n)),
     };
-    let mut request = Request::new(ClientBody::Empty);
+    let mut request = Box::new(Request::new(ClientBody::Empty));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
@@ -1157,7 +1161,7 @@ mod tests {
     struct Answering(fn(&http::request::Parts, Bytes) -> Response<ProxyBody>);
 
     impl Service for Answering {
-        async fn call(&self, request: Request<ClientBody>) -> Response<ProxyBody> {
+        async fn call(&self, request: Box<Request<ClientBody>>) -> Response<ProxyBody> {
             let (parts, body) = request.into_parts();
             match body.collect().await {
                 Ok(body) => (self.0)(&parts, body.to_bytes()),
@@ -1300,7 +1304,7 @@ mod tests {
         // closes, since the body may still come.
         struct Early;
         impl Service for Early {
-            async fn call(&self, _: Request<ClientBody>) -> Response<ProxyBody> {
+            async fn call(&self, _: Box<Request<ClientBody>>) -> Response<ProxyBody> {
                 let mut response = Response::new(body::full("too large"));
                 *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
                 response

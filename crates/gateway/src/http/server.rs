@@ -403,7 +403,7 @@ struct Proxied {
 impl h1::Service for Proxied {
     fn call(
         &self,
-        request: Request<ClientBody>,
+        request: Box<Request<ClientBody>>,
     ) -> impl std::future::Future<Output = http::Response<ProxyBody>> + Send + '_ {
         self.gateway.handle(request, self.peer, &self.client)
     }
@@ -482,7 +482,7 @@ impl Serving {
                             return Ok::<_, Infallible>(reply.into_response(&request_id));
                         }
                         let started = resets.start();
-                        let response = gateway.handle(req, peer, &client).await;
+                        let response = gateway.handle(Box::new(req), peer, &client).await;
                         started.finish();
                         // hyper writes the header map alone.
                         Ok(crate::http::fields::materialized(response))

@@ -67,7 +67,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const SWEEP: Duration = Duration::from_secs(30);
 
 /// An upstream response; its body gives the connection back when it ends.
-pub type UpstreamResponse = Response<UpstreamBody>;
+pub type UpstreamResponse = Box<Response<UpstreamBody>>;
 
 /// Why an upstream request failed.
 #[derive(Debug)]
@@ -449,8 +449,9 @@ impl UpstreamClient {
             return Box::pin(self.request_upgrade(to, request)).await;
         }
         let prepared = h1::Prepared::from_request(request, to.authority.as_str());
-        let response = self.send_h1(to, prepared, max_uses).await?;
-        Ok(fields::materialized(response))
+        let mut response = self.send_h1(to, prepared, max_uses).await?;
+        fields::materialize_response(&mut response);
+        Ok(response)
     }
 
     /// Sends an encoded request on a pooled connection to `to`, or a new
@@ -880,15 +881,15 @@ enum Inner {
 
 impl UpstreamBody {
     fn wrap(response: Response<Incoming>) -> UpstreamResponse {
-        response.map(|inner| UpstreamBody {
+        Box::new(response.map(|inner| UpstreamBody {
             inner: Inner::Hyper(inner),
-        })
+        }))
     }
 
     fn h1(response: Response<h1::Body>, pool: Option<Arc<HostPool>>) -> UpstreamResponse {
-        let mut response = response.map(|body| UpstreamBody {
+        let mut response = Box::new(response.map(|body| UpstreamBody {
             inner: Inner::H1 { body, pool },
-        });
+        }));
         response.body_mut().release();
         response
     }

@@ -337,7 +337,7 @@ impl Gateway {
     /// through `upstream_client`.
     pub async fn handle(
         &self,
-        mut req: Request<ClientBody>,
+        mut req: Box<Request<ClientBody>>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
     ) -> Response<ProxyBody> {
@@ -446,7 +446,7 @@ impl Gateway {
     async fn route_and_forward<'t>(
         &self,
         table: &'t Table,
-        mut req: Request<ClientBody>,
+        mut req: Box<Request<ClientBody>>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
         request_id: &HeaderValue,
@@ -627,7 +627,7 @@ impl Gateway {
                 (Some(client_side), Some(key))
                     if headers::accepts_websocket(response.headers(), key) =>
                 {
-                    tunnel(client_side, hyper::upgrade::on(&mut response));
+                    tunnel(client_side, hyper::upgrade::on(&mut *response));
                 }
                 // Nothing is tunnelled; the upstream connection closes with the answer.
                 _ => {
@@ -929,8 +929,8 @@ impl Gateway {
             Err(_) => true,
         };
         upstream.traffic.record(failed, start.elapsed());
-        let answered = |response: UpstreamResponse| async move {
-            let response = fields::materialized(response);
+        let answered = |mut response: UpstreamResponse| async move {
+            fields::materialize_response(&mut response);
             let status = response.status();
             let retry_after = headers::retry_after(response.headers());
             // Enough of the body to finish a small answer.
@@ -1432,16 +1432,15 @@ impl Call<'_> {
 /// another attempt (502, 503, 504, 429; gRPC's UNAVAILABLE), and a gRPC
 /// failure in an HTTP 200, are errors of the attempt, `retryable` if it
 /// may be sent again (gRPC: if its body can be).
-#[allow(clippy::result_large_err)] // the attempt's own result, moved on as it is
 fn judge(
-    response: UpstreamResponse,
+    mut response: UpstreamResponse,
     grpc: bool,
     retryable: bool,
 ) -> Result<UpstreamResponse, AttemptError> {
     let status = response.status();
     if grpc && status == StatusCode::OK {
         // An HTTP/1.1 upstream's fields come unread (`http::fields`).
-        let response = fields::materialized(response);
+        fields::materialize_response(&mut response);
         let judged = grpc::status(response.headers()).map_or(StatusCode::OK, grpc::judged_as);
         if judged == StatusCode::OK {
             return Ok(response);
