@@ -617,7 +617,7 @@ impl Gateway {
             Err(err) => {
                 let answer = self.failed(upstream, err)?;
                 return Ok(with_limits(
-                    downstream(in_flight, answer),
+                    downstream(in_flight, *answer),
                     admission.decision.as_ref(),
                 ));
             }
@@ -644,7 +644,7 @@ impl Gateway {
                 }
             }
         }
-        let mut response = downstream(in_flight, response);
+        let mut response = downstream(in_flight, *response);
         if let (Some(cache), Some(key)) = (&route.stale, stale_key) {
             response = cache.record(key, response);
         }
@@ -773,7 +773,7 @@ impl Gateway {
                 if response.status().is_server_error() {
                     return None;
                 }
-                let mut response = downstream(in_flight, response);
+                let mut response = downstream(in_flight, *response);
                 response
                     .headers_mut()
                     .insert(&FALLBACK, HeaderValue::from_static("upstream"));
@@ -1496,7 +1496,7 @@ fn with_limits(
 
 /// The upstream's response on its way to the client: hop-by-hop headers
 /// out, body streamed, the upstream's in-flight count held until it ends.
-fn downstream(in_flight: InFlight, response: UpstreamResponse) -> Response<ProxyBody> {
+fn downstream(in_flight: InFlight, response: Response<UpstreamBody>) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
     let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
