@@ -315,6 +315,13 @@ pub fn write_child_traceparent(parent: Option<&HeaderValue>, out: &mut [u8; TRAC
     Trace::after(parent).write_child(out);
 }
 
+/// `traceparent`'s trace with a new span ID, into `out`: the next
+/// attempt's `traceparent` after one the gateway made (so known valid).
+pub fn write_next_span(traceparent: &[u8; TRACEPARENT_LEN], out: &mut [u8; TRACEPARENT_LEN]) {
+    *out = *traceparent;
+    random_hex(&mut out[36..52]);
+}
+
 /// A header value over `bytes` (hex and dashes) that is shared, not copied
 /// or re-allocated, when cloned: each attempt clones the request's IDs, and
 /// the response clones the correlation ID again.

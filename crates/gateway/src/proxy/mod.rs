@@ -1129,6 +1129,8 @@ impl Gateway {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/"))
         };
+        let mut traceparent = [0; headers::TRACEPARENT_LEN];
+        headers::write_child_traceparent(parent.as_ref(), &mut traceparent);
         Template {
             head: Head {
                 method: parts.method.clone(),
@@ -1136,7 +1138,7 @@ impl Gateway {
                 headers,
             },
             lines,
-            traceparent: Some(headers::child_traceparent(parent.as_ref())),
+            traceparent: Some(traceparent),
         }
     }
 
@@ -1645,8 +1647,9 @@ struct Template {
     head: Head,
     /// `name: value\r\n` each; none of their names is in `head.headers`.
     lines: Vec<u8>,
-    /// The `traceparent` the first attempt sends.
-    traceparent: Option<HeaderValue>,
+    /// The `traceparent` the first attempt sends (bytes, not a value:
+    /// it is only ever written).
+    traceparent: Option<[u8; headers::TRACEPARENT_LEN]>,
 }
 
 /// The fields only the gateway sets on a forwarded request: a client's
@@ -1667,7 +1670,15 @@ static OWN: [&http::HeaderName; 9] = [
 impl Template {
     /// A head of the gateway's own call, sent as it is.
     fn plain(mut head: Head) -> Self {
-        let traceparent = head.headers.remove(&headers::TRACEPARENT);
+        // The call's own `traceparent`, which the client made: one of
+        // any other length stays a field like the others.
+        let traceparent = head
+            .headers
+            .get(&headers::TRACEPARENT)
+            .and_then(|v| <[u8; headers::TRACEPARENT_LEN]>::try_from(v.as_bytes()).ok());
+        if traceparent.is_some() {
+            head.headers.remove(&headers::TRACEPARENT);
+        }
         Template {
             head,
             lines: Vec::new(),
@@ -1680,7 +1691,8 @@ impl Template {
         let mut headers = self.head.headers;
         h1::add_lines(&mut headers, &self.lines);
         if let Some(traceparent) = self.traceparent {
-            headers.insert(&headers::TRACEPARENT, traceparent);
+            let value = HeaderValue::from_bytes(&traceparent).expect("hex and dashes");
+            headers.insert(&headers::TRACEPARENT, value);
         }
         headers
     }
@@ -1691,7 +1703,7 @@ impl Template {
             return Some(value.as_bytes());
         }
         if *name == headers::TRACEPARENT {
-            return self.traceparent.as_ref().map(HeaderValue::as_bytes);
+            return self.traceparent.as_ref().map(|t| &t[..]);
         }
         h1::line_value(&self.lines, name)
     }
@@ -1703,12 +1715,14 @@ impl Template {
     /// A gRPC call is told its deadline in `grpc-timeout` too.
     fn attempt_lines(&self, number: u32, remaining: Option<Duration>, grpc: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(128);
-        if number > 1 {
-            let mut span = [0; headers::TRACEPARENT_LEN];
-            headers::write_child_traceparent(self.traceparent.as_ref(), &mut span);
-            field(&mut out, &headers::TRACEPARENT, &span);
-        } else if let Some(first) = &self.traceparent {
-            field(&mut out, &headers::TRACEPARENT, first.as_bytes());
+        match &self.traceparent {
+            Some(first) if number > 1 => {
+                let mut next = [0; headers::TRACEPARENT_LEN];
+                headers::write_next_span(first, &mut next);
+                field(&mut out, &headers::TRACEPARENT, &next);
+            }
+            Some(first) => field(&mut out, &headers::TRACEPARENT, first),
+            None => {}
         }
         if let Some(left) = remaining {
             let mut digits = [0; 20];
