@@ -535,8 +535,22 @@ mod served {
             .split(|&b| b == b'\n')
             .filter_map(|line| line.strip_prefix(b"content-length:"))
             .any(|value| !value.trim_ascii().iter().all(u8::is_ascii_digit));
+        // A `Connection` value with a byte outside visible ASCII: hyper
+        // ignores the field, tidegate reads its tokens from the bytes and
+        // closes after a request that names `close`.
+        let opaque_close = lower
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_prefix(b"connection:"))
+            .map(|value| value.strip_suffix(b"\r").unwrap_or(value))
+            .any(|value| {
+                value
+                    .iter()
+                    .any(|&b| b != b'\t' && !(0x20..0x7f).contains(&b))
+                    && value.windows(5).any(|w| w == b"close")
+            });
         bare_lf
             || listed_length
+            || opaque_close
             || (has(b"content-length") && has(b"transfer-encoding"))
             || count(b"chunked") > 1
     }
