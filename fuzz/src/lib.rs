@@ -295,8 +295,9 @@ mod exchange {
         B: http_body::Body<Data = Bytes> + Unpin,
     {
         // The fields the gateway passes on: tidegate's as received
-        // (`http::fields`), hop-by-hop ones left out; hyper's the same.
-        let mut response = tidegate_gateway::http::fields::materialized(response);
+        // (`http::fields`, moved into the map by the caller), hop-by-hop
+        // ones left out; hyper's the same.
+        let mut response = response;
         tidegate_gateway::http::headers::strip_hop_by_hop(response.headers_mut(), false);
         let status = response.status().as_u16();
         let version = response.version();
@@ -343,7 +344,7 @@ mod exchange {
     pub async fn tidegate(method: Method, answer: &[u8]) -> Outcome {
         let conn = tidegate_gateway::proxy::h1::Conn::new(upstream(answer), None);
         match conn.send(request(method)).await {
-            Ok(response) => read(response).await,
+            Ok(response) => read(tidegate_gateway::http::fields::materialized(response)).await,
             Err(_) => Outcome::Refused,
         }
     }

@@ -272,7 +272,7 @@ fn ticker() -> Response<ProxyBody> {
         let event = format!("id: {n}\nevent: tick\ndata: {{\"n\":{n}}}\n\n");
         Some((Ok::<_, BoxError>(Frame::data(Bytes::from(event))), n + 1))
     });
-    let mut response = Response::new(StreamBody::new(stream).boxed());
+    let mut response = Response::new(ProxyBody::new(StreamBody::new(stream)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/event-stream"),

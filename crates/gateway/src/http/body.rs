@@ -13,24 +13,119 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::http::fields::Received;
+
 /// The error type of every body the gateway sends.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A response body: the upstream's, streamed, or one the gateway wrote.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
+/// A body the gateway sends: the upstream's answer streamed, one the
+/// gateway wrote, or a client's request body on its way upstream.
+///
+/// An upstream answer's body also carries the answer's fields as they
+/// were received ([`Received`]), for the client's HTTP/1.1 connection to
+/// write: carried here, beside the bytes they came with, rather than in
+/// the response's extensions, which would cost a map and its allocations
+/// on every answer.
+pub struct ProxyBody {
+    inner: BoxBody<Bytes, BoxError>,
+    received: Option<Box<Received>>,
+}
+
+impl ProxyBody {
+    /// `body`, boxed.
+    pub fn new<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+    {
+        ProxyBody {
+            inner: BoxBody::new(body),
+            received: None,
+        }
+    }
+
+    /// This body, carrying `received`.
+    pub(crate) fn with_received(mut self, received: Option<Box<Received>>) -> Self {
+        self.received = received;
+        self
+    }
+
+    /// The answer's fields as received, if it carries them.
+    pub(crate) fn received(&self) -> Option<&Received> {
+        self.received.as_deref()
+    }
+
+    /// [`received`](Self::received), to change.
+    pub(crate) fn received_mut(&mut self) -> Option<&mut Received> {
+        self.received.as_deref_mut()
+    }
+
+    /// Takes the fields as received out (see [`fields::materialize`](crate::http::fields::materialize)).
+    pub(crate) fn take_received(&mut self) -> Option<Box<Received>> {
+        self.received.take()
+    }
+
+    /// `wrap` around this body; the fields as received stay with the
+    /// outer one.
+    pub fn wrap<B>(mut self, wrap: impl FnOnce(ProxyBody) -> B) -> ProxyBody
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+    {
+        let received = self.received.take();
+        ProxyBody::new(wrap(self)).with_received(received)
+    }
+}
+
+impl From<BoxBody<Bytes, BoxError>> for ProxyBody {
+    fn from(inner: BoxBody<Bytes, BoxError>) -> Self {
+        ProxyBody {
+            inner,
+            received: None,
+        }
+    }
+}
+
+impl Default for ProxyBody {
+    fn default() -> Self {
+        empty()
+    }
+}
+
+impl fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyBody")
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A body the gateway wrote.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    ProxyBody::new(http_body_util::Full::new(bytes.into()).map_err(|never| match never {}))
 }
 
 /// An empty body.
 pub fn empty() -> ProxyBody {
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed()
+    ProxyBody::new(http_body_util::Empty::new().map_err(|never| match never {}))
 }
 
 /// A client's request body, as the connection that reads it gives it.
@@ -189,14 +284,11 @@ impl RequestBody {
     /// stream itself the first time and `None` after.
     pub fn take(&mut self) -> Option<ProxyBody> {
         match self {
-            RequestBody::Replayable { data, trailers } => Some(
-                Replay {
-                    data: Some(data.clone()).filter(|d| !d.is_empty()),
-                    trailers: trailers.clone(),
-                }
-                .boxed(),
-            ),
-            RequestBody::Streaming(stream) => stream.take().map(BodyExt::boxed),
+            RequestBody::Replayable { data, trailers } => Some(ProxyBody::new(Replay {
+                data: Some(data.clone()).filter(|d| !d.is_empty()),
+                trailers: trailers.clone(),
+            })),
+            RequestBody::Streaming(stream) => stream.take().map(ProxyBody::new),
         }
     }
 }

@@ -6,8 +6,8 @@
 //! inserted, and the map is walked again to write it and then dropped.
 //! An answer the gateway passes on needs none of that. [`Received`] keeps
 //! an HTTP/1.1 answer's head and where each of its fields lies, the
-//! hop-by-hop ones left out, and rides in the response's extensions with
-//! the header map left empty; the client's HTTP/1.1 connection writes
+//! hop-by-hop ones left out, and rides in the answer's body (a
+//! [`Carrier`]) with the header map left empty; the client's HTTP/1.1 connection writes
 //! the fields from the head's bytes. (httparse read the head: names are
 //! tokens, values visible text, which is all a header map would check.)
 //!
@@ -22,8 +22,9 @@ use std::fmt;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Extensions, Response};
+use http::Response;
 
+use crate::http::body::ProxyBody;
 use crate::http::codec::{field, Span};
 
 /// Fields kept at most; an answer with more is read into a header map.
@@ -196,8 +197,8 @@ fn same(key: &HeaderName, name: &[u8]) -> bool {
 /// Sets field `name` of `response` to `value`, replacing any of that
 /// name: beside its received fields when it has them (no map made for
 /// it), else in its map.
-pub fn set<B>(response: &mut Response<B>, name: &'static HeaderName, value: HeaderValue) {
-    let value = match response.extensions_mut().get_mut::<Received>() {
+pub fn set(response: &mut Response<ProxyBody>, name: &'static HeaderName, value: HeaderValue) {
+    let value = match response.body_mut().received_mut() {
         Some(received) => match received.set(name, value) {
             Ok(()) => return,
             Err(value) => value,
@@ -217,24 +218,29 @@ impl fmt::Debug for Received {
     }
 }
 
-/// Moves the received fields an answer carries into its header map.
-pub fn materialize(headers: &mut HeaderMap, extensions: &mut Extensions) {
-    if let Some(received) = extensions.remove::<Received>() {
-        received.add_to(headers);
+/// A body that may carry its answer's fields as received.
+pub trait Carrier {
+    /// Takes them out.
+    fn take_received(&mut self) -> Option<Box<Received>>;
+}
+
+impl Carrier for ProxyBody {
+    fn take_received(&mut self) -> Option<Box<Received>> {
+        ProxyBody::take_received(self)
+    }
+}
+
+/// Moves the received fields `response` carries into its header map.
+pub fn materialize<B: Carrier>(response: &mut Response<B>) {
+    if let Some(received) = response.body_mut().take_received() {
+        received.add_to(response.headers_mut());
     }
 }
 
 /// `response`, its received fields in its header map.
-pub fn materialized<B>(mut response: Response<B>) -> Response<B> {
-    materialize_response(&mut response);
+pub fn materialized<B: Carrier>(mut response: Response<B>) -> Response<B> {
+    materialize(&mut response);
     response
-}
-
-/// Moves the received fields `response` carries into its header map.
-pub fn materialize_response<B>(response: &mut Response<B>) {
-    let mut headers = std::mem::take(response.headers_mut());
-    materialize(&mut headers, response.extensions_mut());
-    *response.headers_mut() = headers;
 }
 
 #[cfg(test)]
@@ -264,6 +270,11 @@ mod tests {
         received
     }
 
+    /// An empty body carrying `received`.
+    fn carrying(received: Received) -> ProxyBody {
+        ProxyBody::default().with_received(Some(Box::new(received)))
+    }
+
     #[test]
     fn fields_are_written_as_received_but_those_the_map_replaces() {
         let received = received(
@@ -287,36 +298,34 @@ mod tests {
     #[test]
     fn fields_the_gateway_sets_replace_received_ones_without_a_map() {
         static REQUEST_ID: HeaderName = HeaderName::from_static("x-correlation-id");
-        let mut response = Response::new(());
-        response
-            .extensions_mut()
-            .insert(received("X-Correlation-Id: theirs\r\nserver: up\r\n"));
+        let mut response = Response::new(carrying(received(
+            "X-Correlation-Id: theirs\r\nserver: up\r\n",
+        )));
         set(&mut response, &REQUEST_ID, HeaderValue::from_static("ours"));
         assert!(response.headers().is_empty());
         let mut out = Vec::new();
-        let received = response.extensions().get::<Received>().expect("kept");
+        let received = response.body().received().expect("kept");
         received.write(&mut out, response.headers());
         assert_eq!(out, b"server: up\r\nx-correlation-id: ours\r\n");
         let response = materialized(response);
         assert_eq!(response.headers()["x-correlation-id"], "ours");
         assert_eq!(response.headers().len(), 2);
         // Without received fields, the map takes it.
-        let mut plain = Response::new(());
+        let mut plain = Response::new(ProxyBody::default());
         set(&mut plain, &REQUEST_ID, HeaderValue::from_static("ours"));
         assert_eq!(plain.headers()["x-correlation-id"], "ours");
     }
 
     #[test]
     fn materializing_moves_what_the_map_does_not_replace_into_it() {
-        let mut response = Response::new(());
-        response.extensions_mut().insert(received(
+        let mut response = Response::new(carrying(received(
             "Vary: a\r\ncontent-length: 5\r\nx-correlation-id: theirs\r\nvary: b\r\n",
-        ));
+        )));
         response
             .headers_mut()
             .insert("x-correlation-id", HeaderValue::from_static("ours"));
         let response = materialized(response);
-        assert!(response.extensions().get::<Received>().is_none());
+        assert!(response.body().received().is_none());
         let headers = response.headers();
         assert_eq!(headers.len(), 4);
         assert_eq!(

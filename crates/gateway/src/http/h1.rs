@@ -64,7 +64,6 @@ use crate::http::codec::{
     Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
 use crate::http::conn::{Io, Primed, Stall};
-use crate::http::fields::Received;
 use crate::observe::watch::until_stopped;
 use crate::proxy::deadline::Deadlines;
 
@@ -1038,7 +1037,7 @@ fn encode(
         || status == StatusCode::NOT_MODIFIED;
     // An upstream's fields as received first (`http::fields`), those the
     // map has replaced left out.
-    let received = parts.extensions.get::<Received>();
+    let received = body.received();
     let mut dated = false;
     if let Some(received) = received {
         received.write(out, headers);
@@ -1338,7 +1337,7 @@ mod tests {
                     ];
                     let stream = futures_util::stream::iter(frames);
                     let mut response =
-                        Response::new(http_body_util::StreamBody::new(stream).boxed());
+                        Response::new(ProxyBody::new(http_body_util::StreamBody::new(stream)));
                     response
                         .headers_mut()
                         .insert(header::TRAILER, HeaderValue::from_static("x-sum"));

@@ -450,7 +450,7 @@ impl UpstreamClient {
         }
         let prepared = h1::Prepared::from_request(request, to.authority.as_str());
         let mut response = self.send_h1(to, prepared, max_uses).await?;
-        fields::materialize_response(&mut response);
+        fields::materialize(&mut response);
         Ok(response)
     }
 
@@ -865,6 +865,14 @@ async fn open_tcp(authority: &Authority) -> std::io::Result<TcpStream> {
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Inner,
+    /// The answer's fields as received (`http::fields`), until taken.
+    received: Option<Box<crate::http::fields::Received>>,
+}
+
+impl fields::Carrier for UpstreamBody {
+    fn take_received(&mut self) -> Option<Box<crate::http::fields::Received>> {
+        self.received.take()
+    }
 }
 
 #[derive(Debug)]
@@ -883,11 +891,13 @@ impl UpstreamBody {
     fn wrap(response: Response<Incoming>) -> UpstreamResponse {
         Box::new(response.map(|inner| UpstreamBody {
             inner: Inner::Hyper(inner),
+            received: None,
         }))
     }
 
     fn h1(response: Response<h1::Body>, pool: Option<Arc<HostPool>>) -> UpstreamResponse {
-        let mut response = Box::new(response.map(|body| UpstreamBody {
+        let mut response = Box::new(response.map(|mut body| UpstreamBody {
+            received: fields::Carrier::take_received(&mut body),
             inner: Inner::H1 { body, pool },
         }));
         response.body_mut().release();

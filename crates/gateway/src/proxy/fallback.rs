@@ -19,7 +19,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, HeaderName, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::http::body::{self, BoxError, ProxyBody};
@@ -145,7 +144,7 @@ impl StaleCache {
                 headers,
             }),
         };
-        Response::from_parts(parts, recording.boxed())
+        Response::from_parts(parts, ProxyBody::new(recording))
     }
 
     fn insert(&self, key: String, status: StatusCode, headers: HeaderMap, body: Bytes) {
@@ -273,6 +272,7 @@ impl Body for Recording {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
 
     async fn drain(response: Response<ProxyBody>) -> Bytes {
         response.into_body().collect().await.unwrap().to_bytes()

@@ -247,6 +247,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         .await?;
         let Parsed {
             response,
+            received,
             decoder,
             keep_alive,
         } = parsed;
@@ -258,6 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             writer,
             reusable,
             finished: false,
+            received,
         };
         body.check_end();
         Ok(response.map(|()| body))
@@ -405,6 +407,8 @@ pub fn line_value<'a>(lines: &'a [u8], name: &HeaderName) -> Option<&'a [u8]> {
 /// A response head, and how its body is framed.
 struct Parsed {
     response: Response<()>,
+    /// Its fields as received, when they pass as they are.
+    received: Option<Box<Received>>,
     decoder: Decoder,
     keep_alive: bool,
 }
@@ -488,7 +492,7 @@ fn parse_head(
     // The fields pass as received (`http::fields`) unless one has to be
     // read into a map: more than it keeps, or a `Connection` naming some
     // other field, which the map's stripping removes.
-    let mut received = Received::new(head.clone());
+    let mut received = Box::new(Received::new(head.clone()));
     let mut plain = spans.len() <= MAX_FIELDS;
     for &span in spans.iter() {
         let name = &head[span[0] as usize..span[1] as usize];
@@ -528,13 +532,15 @@ fn parse_head(
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
-    if plain {
-        response.extensions_mut().insert(received);
+    let received = if plain {
+        Some(received)
     } else {
         *response.headers_mut() = header_map(&head, spans)?;
-    }
+        None
+    };
     Ok(Answer::Final(Parsed {
         response,
+        received,
         decoder,
         keep_alive: keep_alive && !closes,
     }))
@@ -642,6 +648,14 @@ pub struct Body<S = Stream> {
     writer: Option<Box<Writer>>,
     reusable: bool,
     finished: bool,
+    /// The answer's fields as received (`http::fields`), until taken.
+    received: Option<Box<Received>>,
+}
+
+impl<S> crate::http::fields::Carrier for Body<S> {
+    fn take_received(&mut self) -> Option<Box<Received>> {
+        self.received.take()
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Body<S> {
@@ -855,7 +869,7 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"lo"))),
             Ok(Frame::trailers(trailers)),
         ];
-        let streamed = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let streamed = ProxyBody::new(StreamBody::new(futures_util::stream::iter(frames)));
         let mut streamed_request = request(Method::PUT, streamed);
         streamed_request
             .headers_mut()
@@ -966,7 +980,7 @@ mod tests {
     async fn an_answer_before_the_request_body_ends_is_read_while_the_body_goes_on() {
         let (client, mut server) = tokio::io::duplex(1 << 16);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-        let streamed = StreamBody::new(tokio_stream_from(rx)).boxed();
+        let streamed = ProxyBody::new(StreamBody::new(tokio_stream_from(rx)));
         let sent = tokio::spawn(Conn::new(client, None).send(request(Method::POST, streamed)));
         tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
             .await
@@ -1025,13 +1039,12 @@ mod tests {
     #[tokio::test]
     async fn a_body_error_or_a_wrong_length_fails_the_exchange() {
         let (client, _server) = tokio::io::duplex(1 << 16);
-        let failing = StreamBody::new(futures_util::stream::iter(vec![Err::<
+        let failing = ProxyBody::new(StreamBody::new(futures_util::stream::iter(vec![Err::<
             Frame<Bytes>,
             BoxError,
-        >(Box::new(
-            crate::http::body::BodyTooLarge,
-        ))]))
-        .boxed();
+        >(
+            Box::new(crate::http::body::BodyTooLarge),
+        )])));
         let error = Conn::new(client, None)
             .send(request(Method::POST, failing))
             .await

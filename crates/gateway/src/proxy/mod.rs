@@ -430,13 +430,12 @@ impl Gateway {
             log.attempts,
         );
         match line {
-            Some(line) => response.map(|inner| {
-                Logged {
+            Some(line) => response.map(|body| {
+                body.wrap(|inner| Logged {
                     inner,
                     line: Some(line),
                     ended: false,
-                }
-                .boxed()
+                })
             }),
             None => response,
         }
@@ -853,7 +852,7 @@ impl Gateway {
         let in_flight = InFlight::new(upstream, None);
         let start = Instant::now();
         let (result, attempts) = self.on_behalf(&call, upstream, &mut body).await;
-        let response = match result {
+        let mut response = match result {
             Ok(response) => response,
             Err(err) => {
                 self.count_rejection(upstream, &err);
@@ -866,8 +865,8 @@ impl Gateway {
                 }
             }
         };
-        let (mut parts, incoming) = response.into_parts();
-        fields::materialize(&mut parts.headers, &mut parts.extensions);
+        fields::materialize(&mut response);
+        let (parts, incoming) = response.into_parts();
         let read = http_body_util::Limited::new(incoming, max_bytes)
             .collect()
             .await;
@@ -930,7 +929,7 @@ impl Gateway {
         };
         upstream.traffic.record(failed, start.elapsed());
         let answered = |mut response: UpstreamResponse| async move {
-            fields::materialize_response(&mut response);
+            fields::materialize(&mut response);
             let status = response.status();
             let retry_after = headers::retry_after(response.headers());
             // Enough of the body to finish a small answer.
@@ -1442,7 +1441,7 @@ fn judge(
     let status = response.status();
     if grpc && status == StatusCode::OK {
         // An HTTP/1.1 upstream's fields come unread (`http::fields`).
-        fields::materialize_response(&mut response);
+        fields::materialize(&mut response);
         let judged = grpc::status(response.headers()).map_or(StatusCode::OK, grpc::judged_as);
         if judged == StatusCode::OK {
             return Ok(response);
@@ -1499,14 +1498,15 @@ fn with_limits(
 /// The upstream's response on its way to the client: hop-by-hop headers
 /// out, body streamed, the upstream's in-flight count held until it ends.
 fn downstream(in_flight: InFlight, response: Response<UpstreamBody>) -> Response<ProxyBody> {
-    let (mut parts, incoming) = response.into_parts();
+    let (mut parts, mut incoming) = response.into_parts();
     let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    let received = fields::Carrier::take_received(&mut incoming);
     let body = Tracked {
         inner: incoming,
         _in_flight: in_flight,
     };
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, ProxyBody::new(body).with_received(received))
 }
 
 /// A server span's attributes, after the OpenTelemetry HTTP semantic
