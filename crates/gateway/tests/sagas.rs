@@ -165,6 +165,26 @@ action = {{ upstream = "shop", path = "/ship", body = {{ fail = "{{input.fail}}"
     .await
 }
 
+/// Waits until the metrics show `line`, for up to 30 s. A saga is
+/// counted once its last event is stored, by the task that stored it: a
+/// caller told of the end (woken by that event) can ask a moment before.
+async fn counted(running: &Running, line: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let metrics = get(&format!("http://{}/metrics", running.admin_addr))
+            .await
+            .body;
+        if metrics.contains(line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no `{line}` in {metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 fn events_url(running: &Running, path: &str) -> String {
     format!("http://{}{path}", running.events_addr.unwrap())
 }
@@ -262,13 +282,11 @@ async fn a_saga_runs_its_steps_in_order_with_templates_and_idempotency_keys() {
         .collect();
     assert_eq!(types.first(), Some(&"SagaStarted"));
     assert_eq!(types.last(), Some(&"SagaCompleted"));
-    let metrics = get(&format!("http://{}/metrics", running.admin_addr))
-        .await
-        .body;
-    assert!(
-        metrics.contains(r#"tidegate_sagas_total{saga="checkout",result="completed"} 1"#),
-        "{metrics}"
-    );
+    counted(
+        &running,
+        r#"tidegate_sagas_total{saga="checkout",result="completed"} 1"#,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -310,10 +328,11 @@ async fn a_failure_at_each_step_compensates_the_steps_done_in_reverse_and_none_o
         let id = state["id"].as_str().unwrap();
         assert_eq!(shop.calls_of(id), calls, "failing at {failing}");
     }
-    let metrics = get(&format!("http://{}/metrics", running.admin_addr))
-        .await
-        .body;
-    assert!(metrics.contains(r#"tidegate_sagas_total{saga="checkout",result="compensated"} 3"#));
+    counted(
+        &running,
+        r#"tidegate_sagas_total{saga="checkout",result="compensated"} 3"#,
+    )
+    .await;
 }
 
 #[tokio::test]

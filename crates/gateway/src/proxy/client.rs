@@ -379,7 +379,7 @@ impl UpstreamClient {
         body: ProxyBody,
         max_uses: Option<u32>,
     ) -> impl Future<Output = Result<UpstreamResponse, ClientError>> + 'a {
-        if to.version == Version::Http1 && !upgrade(head.method, head.headers) {
+        if to.version == Version::Http1 && !head.upgrade {
             let prepared = h1::Prepared::new(head, body);
             Either::Left(self.send_h1(to, prepared, max_uses))
         } else {
@@ -440,7 +440,7 @@ impl UpstreamClient {
         mut request: Request<ProxyBody>,
         max_uses: Option<u32>,
     ) -> Result<UpstreamResponse, ClientError> {
-        if upgrade(request.method(), request.headers()) {
+        if asks_upgrade(request.method(), request.headers()) {
             if !request.headers().contains_key(HOST) {
                 if let Ok(host) = HeaderValue::from_str(to.authority.as_str()) {
                     request.headers_mut().insert(HOST, host);
@@ -720,7 +720,7 @@ impl Shared {
 }
 
 /// Whether a request asks to switch protocols or tunnel: hyper's to send.
-fn upgrade(method: &Method, headers: &http::HeaderMap) -> bool {
+pub(crate) fn asks_upgrade(method: &Method, headers: &http::HeaderMap) -> bool {
     headers.contains_key(UPGRADE) || method == Method::CONNECT
 }
 

@@ -282,6 +282,10 @@ pub struct Head<'a> {
     pub lines: [&'a [u8]; 2],
     /// `Host`, when `headers` has none.
     pub host: &'a str,
+    /// Whether it asks to switch protocols or is a CONNECT (see
+    /// [`asks_upgrade`](crate::proxy::client::asks_upgrade)): such a
+    /// request goes over a connection of its own.
+    pub upgrade: bool,
 }
 
 /// A request encoded and ready to go on any connection: its head written
@@ -313,6 +317,7 @@ impl Prepared {
             headers: &parts.headers,
             lines: [&[], &[]],
             host,
+            upgrade: crate::proxy::client::asks_upgrade(&parts.method, &parts.headers),
         };
         Prepared::new(&head, body)
     }

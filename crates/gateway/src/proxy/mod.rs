@@ -473,8 +473,13 @@ impl Gateway {
             ));
         }
         // The client's side of a WebSocket handshake, joined once the
-        // upstream completes it; any other upgrade is not passed on.
-        let mut websocket = headers::websocket_key(req.method(), req.version(), req.headers());
+        // upstream completes it; any other upgrade is not passed on. Only
+        // a request whose connection can be handed over (its connection
+        // marked it, as an HTTP/1.1 request with `Upgrade`) is read for one.
+        let mut websocket = req
+            .extensions()
+            .get::<OnUpgrade>()
+            .and_then(|_| headers::websocket_key(req.method(), req.version(), req.headers()));
         let mut upgrade = websocket
             .as_ref()
             .and_then(|_| req.extensions_mut().remove::<OnUpgrade>());
@@ -529,11 +534,9 @@ impl Gateway {
             .config
             .max_body_bytes
             .unwrap_or(table.settings.max_body_bytes);
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        // The declared length, as the body's framing read it (from
+        // `Content-Length`; none for a chunked body).
+        let declared = incoming.size_hint().exact();
         if declared.is_some_and(|n| n > max_body) {
             return Err(
                 Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
@@ -1136,6 +1139,7 @@ impl Gateway {
                 path_and_query,
                 headers,
             },
+            upgrade,
             lines,
             traceparent: Some(traceparent),
         }
@@ -1187,6 +1191,7 @@ impl Gateway {
             headers: &template.headers,
             lines: [&call.template.lines, &extra],
             host: endpoint.to.authority().as_str(),
+            upgrade: call.template.upgrade,
         };
         let max_uses = upstream.config.pool.max_requests_per_connection;
         let attempting = endpoint.attempting();
@@ -1647,6 +1652,9 @@ struct Template {
     head: Head,
     /// `name: value\r\n` each; none of their names is in `head.headers`.
     lines: Vec<u8>,
+    /// Whether the head asks to switch protocols (its `Upgrade` kept) or
+    /// is a CONNECT.
+    upgrade: bool,
     /// The `traceparent` the first attempt sends (bytes, not a value:
     /// it is only ever written).
     traceparent: Option<[u8; headers::TRACEPARENT_LEN]>,
@@ -1680,6 +1688,7 @@ impl Template {
             head.headers.remove(&headers::TRACEPARENT);
         }
         Template {
+            upgrade: client::asks_upgrade(&head.method, &head.headers),
             head,
             lines: Vec::new(),
             traceparent,
