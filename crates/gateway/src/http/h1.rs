@@ -295,16 +295,18 @@ impl<S: Service> Served<S> {
     {
         let max_head = self.limits.max_head;
         let mut poll = |cx: &mut Context<'_>| lock(link).poll_head(cx, spans, max_head);
-        // A pipelined or prompt head is there already: no timer for it.
-        if let Poll::Ready(head) = poll(&mut Context::from_waker(Waker::noop())) {
-            return head;
-        }
         if self.stopping.load(Ordering::Relaxed) {
-            return Ok(None);
+            // A pipelined or prompt head is still answered; none is waited for.
+            return match poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(head) => head,
+                Poll::Pending => Ok(None),
+            };
         }
         let idle = lock(link).read.is_empty();
         self.idle.store(idle, Ordering::Relaxed);
         let at = Instant::now() + self.limits.header_read;
+        // A pipelined or prompt head is there at the first poll, and then
+        // no timer is armed for it (`within` arms one only to wait).
         let head = self
             .deadlines
             .within(at, std::future::poll_fn(&mut poll))
