@@ -282,9 +282,8 @@ pub struct Head<'a> {
     pub lines: [&'a [u8]; 2],
     /// `Host`, when `headers` has none.
     pub host: &'a str,
-    /// Whether it asks to switch protocols or is a CONNECT (see
-    /// [`asks_upgrade`](crate::proxy::client::asks_upgrade)): such a
-    /// request goes over a connection of its own.
+    /// Whether it asks to switch protocols (an `Upgrade` field) or is a
+    /// CONNECT: such a request goes over a connection of its own.
     pub upgrade: bool,
 }
 
