@@ -281,21 +281,28 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 /// The client's correlation ID if it is at most 128 safe characters, else a new one.
 pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(&CORRELATION_ID)
-        .filter(|v| {
-            let b = v.as_bytes();
-            !b.is_empty()
-                && b.len() <= 128
-                && b.iter()
-                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
-        })
+    clients_correlation_id(headers)
         .cloned()
-        .unwrap_or_else(|| {
-            let mut id = [0u8; 32];
-            random_hex(&mut id);
-            shared_value(id)
-        })
+        .unwrap_or_else(|| shared_value(new_id_hex()))
+}
+
+/// The client's correlation ID, if it is at most 128 safe characters
+/// (letters, digits, `-_.:`).
+pub fn clients_correlation_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    headers.get(&CORRELATION_ID).filter(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    })
+}
+
+/// A new correlation ID: 32 random lowercase hex digits.
+pub fn new_id_hex() -> [u8; 32] {
+    let mut id = [0u8; 32];
+    random_hex(&mut id);
+    id
 }
 
 /// A `traceparent` for the upstream hop: the client's trace with a new

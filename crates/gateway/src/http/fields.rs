@@ -26,6 +26,7 @@ use http::Response;
 
 use crate::http::body::ProxyBody;
 use crate::http::codec::{field, Span};
+use crate::http::headers::OwnValue;
 
 /// Fields kept at most; an answer with more is read into a header map.
 pub(crate) const MAX_FIELDS: usize = 32;
@@ -44,7 +45,7 @@ pub struct Received {
     dated: bool,
     /// Fields the gateway set in place of any received of their names
     /// (its `x-correlation-id`), kept here rather than in a map of their own.
-    set: [Option<(&'static HeaderName, HeaderValue)>; 2],
+    set: [Option<(&'static HeaderName, OwnValue)>; 2],
 }
 
 impl Received {
@@ -112,7 +113,7 @@ impl Received {
 
     /// Sets field `name` to `value` in place of those received of that
     /// name; `value` back when there is no room (a map takes it then).
-    fn set(&mut self, name: &'static HeaderName, value: HeaderValue) -> Result<(), HeaderValue> {
+    fn set(&mut self, name: &'static HeaderName, value: OwnValue) -> Result<(), OwnValue> {
         for slot in &mut self.set {
             match slot {
                 Some((held, _)) if *held != name => {}
@@ -158,7 +159,7 @@ impl Received {
     fn add_to(&self, map: &mut HeaderMap) {
         for (name, value) in self.set.iter().flatten() {
             if !map.contains_key(*name) {
-                map.insert(*name, value.clone());
+                map.insert(*name, value.to_header());
             }
         }
         let replacing: Vec<HeaderName> = map.keys().cloned().collect();
@@ -197,7 +198,7 @@ fn same(key: &HeaderName, name: &[u8]) -> bool {
 /// Sets field `name` of `response` to `value`, replacing any of that
 /// name: beside its received fields when it has them (no map made for
 /// it), else in its map.
-pub fn set(response: &mut Response<ProxyBody>, name: &'static HeaderName, value: HeaderValue) {
+pub fn set(response: &mut Response<ProxyBody>, name: &'static HeaderName, value: OwnValue) {
     let value = match response.body_mut().received_mut() {
         Some(received) => match received.set(name, value) {
             Ok(()) => return,
@@ -205,7 +206,7 @@ pub fn set(response: &mut Response<ProxyBody>, name: &'static HeaderName, value:
         },
         None => value,
     };
-    response.headers_mut().insert(name, value);
+    response.headers_mut().insert(name, value.to_header());
 }
 
 impl fmt::Debug for Received {
@@ -301,7 +302,11 @@ mod tests {
         let mut response = Response::new(carrying(received(
             "X-Correlation-Id: theirs\r\nserver: up\r\n",
         )));
-        set(&mut response, &REQUEST_ID, HeaderValue::from_static("ours"));
+        set(
+            &mut response,
+            &REQUEST_ID,
+            OwnValue::Header(HeaderValue::from_static("ours")),
+        );
         assert!(response.headers().is_empty());
         let mut out = Vec::new();
         let received = response.body().received().expect("kept");
@@ -312,8 +317,8 @@ mod tests {
         assert_eq!(response.headers().len(), 2);
         // Without received fields, the map takes it.
         let mut plain = Response::new(ProxyBody::default());
-        set(&mut plain, &REQUEST_ID, HeaderValue::from_static("ours"));
-        assert_eq!(plain.headers()["x-correlation-id"], "ours");
+        set(&mut plain, &REQUEST_ID, OwnValue::Hex([b'a'; 32]));
+        assert_eq!(plain.headers()["x-correlation-id"], "a".repeat(32));
     }
 
     #[test]

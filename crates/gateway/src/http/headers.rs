@@ -9,6 +9,49 @@ pub use tidegate_client::headers::{
     IDEMPOTENCY_KEY, INTERNAL_TOKEN, TRACEPARENT, TRACEPARENT_LEN,
 };
 
+/// The value of a field the gateway sets: a header value, or hex digits
+/// it made (a new request ID), which stay bytes until a header map needs
+/// them: most are only ever written out.
+#[derive(Debug, Clone)]
+pub enum OwnValue {
+    /// A header value (the client's correlation ID, as it sent it).
+    Header(HeaderValue),
+    /// 32 hex digits made here.
+    Hex([u8; 32]),
+}
+
+impl OwnValue {
+    /// The request's correlation ID: the client's if it sent a valid one,
+    /// else a new one.
+    pub fn request_id(headers: &HeaderMap) -> Self {
+        match tidegate_client::headers::clients_correlation_id(headers) {
+            Some(theirs) => OwnValue::Header(theirs.clone()),
+            None => OwnValue::Hex(tidegate_client::headers::new_id_hex()),
+        }
+    }
+
+    /// Its bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            OwnValue::Header(value) => value.as_bytes(),
+            OwnValue::Hex(digits) => digits,
+        }
+    }
+
+    /// Its text (empty if it is not UTF-8, which no ID is).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    /// As a header value.
+    pub fn to_header(&self) -> HeaderValue {
+        match self {
+            OwnValue::Header(value) => value.clone(),
+            OwnValue::Hex(digits) => HeaderValue::from_bytes(digits).expect("hex digits"),
+        }
+    }
+}
+
 /// `x-forwarded-for`.
 pub static FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `x-forwarded-proto`.

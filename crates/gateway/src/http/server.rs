@@ -478,7 +478,7 @@ impl Serving {
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "this connection is closing: too many cancelled requests",
                             );
-                            let request_id = headers::correlation_id(req.headers());
+                            let request_id = headers::OwnValue::request_id(req.headers());
                             return Ok::<_, Infallible>(reply.into_response(&request_id));
                         }
                         let started = resets.start();

@@ -17,7 +17,7 @@ use super::client::UpstreamClient;
 use super::{router, Access, Gateway, Reply, Table};
 use crate::config::{Composition, Fallback, Part, Piece, RouteConfig};
 use crate::http::body::{self, ProxyBody};
-use crate::http::headers;
+use crate::http::headers::{self, OwnValue};
 use crate::http::path::push_component;
 use tidegate_client::headers::TraceIds;
 
@@ -38,7 +38,7 @@ enum Failure {
 }
 
 impl Failure {
-    fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
+    fn into_response(self, request_id: &OwnValue) -> Response<ProxyBody> {
         match self {
             Failure::Answered {
                 status,
@@ -71,7 +71,7 @@ impl Gateway {
         credential: Credential<'_>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
-        request_id: &HeaderValue,
+        request_id: &OwnValue,
         log: &mut Access<'_>,
     ) -> Result<Response<ProxyBody>, Reply> {
         let deadline = Instant::now() + composition.deadline;

@@ -53,7 +53,7 @@ use crate::http::body::{self, is_body_too_large, ClientBody, ProxyBody, RequestB
 use crate::http::codec::field;
 use crate::http::fields;
 use crate::http::h1::OnUpgrade;
-use crate::http::headers::{self, CORRELATION_ID};
+use crate::http::headers::{self, OwnValue, CORRELATION_ID};
 use crate::http::path;
 use crate::observe::alerts::{Alert, Alerter};
 use crate::observe::metrics::{method_label, Answered, Metrics};
@@ -342,7 +342,7 @@ impl Gateway {
         upstream_client: &UpstreamClient,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let request_id = headers::correlation_id(req.headers());
+        let request_id = OwnValue::request_id(req.headers());
         let method = req.method().clone();
         // Every gRPC call is a POST: other requests need no header lookup.
         let grpc = req.method() == Method::POST && grpc::is_grpc(req.headers());
@@ -448,7 +448,7 @@ impl Gateway {
         mut req: Box<Request<ClientBody>>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
-        request_id: &HeaderValue,
+        request_id: &OwnValue,
         grpc: bool,
         log: &mut Access<'t>,
     ) -> Result<Response<ProxyBody>, Reply> {
@@ -1033,7 +1033,7 @@ impl Gateway {
         route: &RouteConfig,
         credential: Credential<'_>,
         client: SocketAddr,
-        request_id: &HeaderValue,
+        request_id: &OwnValue,
         upgrade: bool,
         http2: bool,
     ) -> Template {
@@ -1835,7 +1835,7 @@ fn millis(micros: u64) -> f64 {
 /// One request's access-log line, written once its answer has gone.
 #[derive(Debug)]
 struct AccessLine {
-    request_id: HeaderValue,
+    request_id: OwnValue,
     method: Method,
     route: Arc<String>,
     upstream: Arc<String>,
@@ -1898,7 +1898,7 @@ impl AccessLine {
     /// when the client or the upstream broke it off.
     fn write(self, complete: bool) {
         let record = AccessRecord {
-            request_id: self.request_id.to_str().unwrap_or(""),
+            request_id: self.request_id.as_str(),
             method: self.method.as_str(),
             route: self.route.as_str(),
             upstream: self.upstream.as_str(),
@@ -2123,11 +2123,11 @@ impl Reply {
     }
 
     /// The JSON response.
-    pub fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
+    pub fn into_response(self, request_id: &OwnValue) -> Response<ProxyBody> {
         let json = serde_json::json!({
             "error": self.message,
             "service": self.service,
-            "request_id": request_id.to_str().unwrap_or(""),
+            "request_id": request_id.as_str(),
             "timestamp": tidegate_client::clock::now_rfc3339(),
         });
         let mut response = Response::new(body::full(json.to_string()));
