@@ -66,21 +66,12 @@ impl ProxyBody {
 
     /// `wrap` around this body; the fields as received stay with the
     /// outer one.
-    pub fn wrap<B>(mut self, wrap: impl FnOnce(ProxyBody) -> B) -> ProxyBody
+    pub(crate) fn wrap<B>(mut self, wrap: impl FnOnce(ProxyBody) -> B) -> ProxyBody
     where
         B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
     {
         let received = self.received.take();
         ProxyBody::new(wrap(self)).with_received(received)
-    }
-}
-
-impl From<BoxBody<Bytes, BoxError>> for ProxyBody {
-    fn from(inner: BoxBody<Bytes, BoxError>) -> Self {
-        ProxyBody {
-            inner,
-            received: None,
-        }
     }
 }
 

@@ -7,8 +7,8 @@
 //! An answer the gateway passes on needs none of that. [`Received`] keeps
 //! an HTTP/1.1 answer's head and where each of its fields lies, the
 //! hop-by-hop ones left out, and rides in the answer's body (a
-//! [`Carrier`]) with the header map left empty; the client's HTTP/1.1 connection writes
-//! the fields from the head's bytes. (httparse read the head: names are
+//! [`Carrier`]) with the header map left empty; the client's HTTP/1.1
+//! connection writes the fields from the head's bytes. (httparse read the head: names are
 //! tokens, values visible text, which is all a header map would check.)
 //!
 //! Two rules keep the two places one set of fields:
