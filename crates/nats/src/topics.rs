@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::Context;
+use async_nats::jetstream::context::{Context, PublishErrorKind};
 use async_nats::jetstream::stream::{Config, DirectGetErrorKind, Stream};
 use futures_util::StreamExt;
 use tidegate_events::{
@@ -221,21 +221,36 @@ impl NatsTopics {
     /// above 0, so an empty stream could take two first appends at once.
     /// Every writer publishes it with the same message id: the server
     /// keeps one.
+    ///
+    /// A stream another replica has just made may not take messages yet:
+    /// the server answers "no stream" (no responders) until its own
+    /// subscription to the subjects is in place. The stream is looked up
+    /// again between tries, a few at most.
     pub(crate) async fn genesis(&self, topic: &str) -> Result<(), StoreError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, GENESIS);
-        headers.insert(POSITION, "1");
-        headers.insert(COUNT, "0");
+        const TRIES: u32 = 5;
         let empty = envelope::encode(None, &[], "");
-        match self
-            .js
-            .publish_with_headers(names::genesis(topic), headers, empty)
-            .await
-            .map_err(|e| failed("cannot publish", e))?
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => Err(failed("cannot start the topic's stream", e)),
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, GENESIS);
+            headers.insert(POSITION, "1");
+            headers.insert(COUNT, "0");
+            match self
+                .js
+                .publish_with_headers(names::genesis(topic), headers, empty.clone())
+                .await
+                .map_err(|e| failed("cannot publish", e))?
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && tried < TRIES => {
+                    if self.existing(topic).await?.is_none() {
+                        return Err(failed("cannot start the topic's stream", e));
+                    }
+                }
+                Err(e) => return Err(failed("cannot start the topic's stream", e)),
+            }
         }
     }
 
