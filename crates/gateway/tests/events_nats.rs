@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::eventually;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,24 +40,6 @@ async fn post_json(url: &str, body: Value) -> Answer {
             .unwrap(),
     )
     .await
-}
-
-/// Asks `check` until it answers `Ok`, for up to 30 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(last) if tokio::time::Instant::now() > deadline => {
-                panic!("timed out waiting for {what}: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// A push subscriber noting each delivery's `ce-id`, answering 200.

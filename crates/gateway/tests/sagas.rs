@@ -165,24 +165,19 @@ action = {{ upstream = "shop", path = "/ship", body = {{ fail = "{{input.fail}}"
     .await
 }
 
-/// Waits until the metrics show `line`, for up to 30 s. A saga is
+/// Waits until the metrics show `line`. A saga is
 /// counted once its last event is stored, by the task that stored it: a
 /// caller told of the end (woken by that event) can ask a moment before.
 async fn counted(running: &Running, line: &str) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let metrics = get(&format!("http://{}/metrics", running.admin_addr))
-            .await
-            .body;
-        if metrics.contains(line) {
-            return;
+    let url = format!("http://{}/metrics", running.admin_addr);
+    support::eventually(line, || async {
+        let metrics = get(&url).await.body;
+        match metrics.contains(line) {
+            true => Ok(()),
+            false => Err(metrics),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no `{line}` in {metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    })
+    .await;
 }
 
 fn events_url(running: &Running, path: &str) -> String {

@@ -13,7 +13,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::http::fields::Received;
+use crate::http::fields::{Carrier, Received};
 
 /// The error type of every body the gateway sends.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -59,11 +59,6 @@ impl ProxyBody {
         self.received.as_deref_mut()
     }
 
-    /// Takes the fields as received out (see [`fields::materialize`](crate::http::fields::materialize)).
-    pub(crate) fn take_received(&mut self) -> Option<Box<Received>> {
-        self.received.take()
-    }
-
     /// `wrap` around this body; the fields as received stay with the
     /// outer one.
     pub(crate) fn wrap<B>(mut self, wrap: impl FnOnce(ProxyBody) -> B) -> ProxyBody
@@ -72,6 +67,12 @@ impl ProxyBody {
     {
         let received = self.received.take();
         ProxyBody::new(wrap(self)).with_received(received)
+    }
+}
+
+impl Carrier for ProxyBody {
+    fn take_received(&mut self) -> Option<Box<Received>> {
+        self.received.take()
     }
 }
 

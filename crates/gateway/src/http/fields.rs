@@ -8,8 +8,9 @@
 //! an HTTP/1.1 answer's head and where each of its fields lies, the
 //! hop-by-hop ones left out, and rides in the answer's body (a
 //! [`Carrier`]) with the header map left empty; the client's HTTP/1.1
-//! connection writes the fields from the head's bytes. (httparse read the head: names are
-//! tokens, values visible text, which is all a header map would check.)
+//! connection writes the fields from the head's bytes. (httparse read
+//! the head: names are tokens, values visible text, which is all a header
+//! map would check.)
 //!
 //! Two rules keep the two places one set of fields:
 //! - a field in the map replaces the received fields of its name (the
@@ -223,12 +224,6 @@ impl fmt::Debug for Received {
 pub trait Carrier {
     /// Takes them out.
     fn take_received(&mut self) -> Option<Box<Received>>;
-}
-
-impl Carrier for ProxyBody {
-    fn take_received(&mut self) -> Option<Box<Received>> {
-        ProxyBody::take_received(self)
-    }
 }
 
 /// Moves the received fields `response` carries into its header map.

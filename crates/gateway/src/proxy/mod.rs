@@ -1700,7 +1700,7 @@ impl Template {
         let mut headers = self.head.headers;
         h1::add_lines(&mut headers, &self.lines);
         if let Some(traceparent) = self.traceparent {
-            let value = HeaderValue::from_bytes(&traceparent).expect("hex and dashes");
+            let value = HeaderValue::from_bytes(&traceparent).expect("a header value's bytes");
             headers.insert(&headers::TRACEPARENT, value);
         }
         headers

@@ -259,3 +259,22 @@ pub(crate) async fn counter(running: &Running, series: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// Asks `check` every few milliseconds until it answers `Ok`, for up to
+/// 30 s; then fails with `what` and its last `Err`.
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match check().await {
+            Ok(done) => return done,
+            Err(last) if tokio::time::Instant::now() > deadline => {
+                panic!("timed out waiting for {what}: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
