@@ -252,6 +252,42 @@ impl<const N: usize> AsRef<[u8]> for Inline<N> {
     }
 }
 
+/// Up to this many values, [`values`] walks a map rather than hash the
+/// name: a request's few fields are compared in fewer instructions than
+/// the name's hash takes.
+const SMALL_MAP: usize = 8;
+
+/// `name`'s values in `headers`, in order, as [`HeaderMap::get_all`]
+/// gives them; a small map is walked, not hashed into.
+pub fn values<'a>(
+    headers: &'a HeaderMap,
+    name: &'a HeaderName,
+) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+    let (walked, hashed) = if headers.len() <= SMALL_MAP {
+        (Some(headers.iter()), None)
+    } else {
+        (None, Some(headers.get_all(name).iter()))
+    };
+    let walked = walked
+        .into_iter()
+        .flatten()
+        .filter(move |(n, _)| *n == name)
+        .map(|(_, value)| value);
+    walked.chain(hashed.into_iter().flatten())
+}
+
+/// `name`'s first value in `headers`, as [`HeaderMap::get`] gives it; a
+/// small map is walked, not hashed into.
+pub fn first<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    if headers.len() <= SMALL_MAP {
+        headers
+            .iter()
+            .find_map(|(n, value)| (n == name).then_some(value))
+    } else {
+        headers.get(name)
+    }
+}
+
 /// Whether a request with this method may be sent twice.
 pub fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -289,7 +325,7 @@ pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
 /// The client's correlation ID, if it is at most 128 safe characters
 /// (letters, digits, `-_.:`).
 pub fn clients_correlation_id(headers: &HeaderMap) -> Option<&HeaderValue> {
-    headers.get(&CORRELATION_ID).filter(|v| {
+    first(headers, &CORRELATION_ID).filter(|v| {
         let b = v.as_bytes();
         !b.is_empty()
             && b.len() <= 128
@@ -518,6 +554,31 @@ fn hex16(word: u64) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn walked_and_hashed_lookups_agree() {
+        // A name's values interleaved with others', in maps small enough
+        // to be walked and large enough to be hashed into.
+        for others in [0, 3, SMALL_MAP, SMALL_MAP + 5] {
+            let mut h = HeaderMap::new();
+            for i in 0..others {
+                let name = HeaderName::from_bytes(format!("x-other-{i}").as_bytes()).unwrap();
+                h.append(name, HeaderValue::from(i));
+                if i % 2 == 0 {
+                    h.append(&CORRELATION_ID, HeaderValue::from(100 + i));
+                }
+            }
+            h.append(http::header::HOST, HeaderValue::from_static("a.example"));
+            for name in [&CORRELATION_ID, &http::header::HOST, &TRACEPARENT] {
+                assert_eq!(first(&h, name), h.get(name), "{others} others, {name}");
+                assert_eq!(
+                    values(&h, name).collect::<Vec<_>>(),
+                    h.get_all(name).iter().collect::<Vec<_>>(),
+                    "{others} others, {name}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn hex_digits_match_the_formatter() {

@@ -161,12 +161,16 @@ impl<S: Service> Connection<S> {
 }
 
 /// A future polled only once it has been woken (and at first): polled
-/// beside another in one task, it costs nothing at the other's wake-ups.
+/// beside another in one task, it costs nothing at the other's wake-ups
+/// (no atomic write: the task's waker is registered again only when it
+/// changes, and the flag is read before it is cleared).
 struct WhenWoken<F> {
     inner: Pin<Box<F>>,
     woken: Arc<Woken>,
     /// Wakes `woken`, and through it the task.
     waker: Waker,
+    /// The task's waker last registered in `woken`.
+    registered: Option<Waker>,
 }
 
 /// Whether a [`WhenWoken`] future was woken, and the task to wake then.
@@ -197,6 +201,7 @@ impl<F: Future> WhenWoken<F> {
             inner: Box::pin(inner),
             waker: Waker::from(woken.clone()),
             woken,
+            registered: None,
         }
     }
 }
@@ -204,12 +209,27 @@ impl<F: Future> WhenWoken<F> {
 impl<F: Future> Future for WhenWoken<F> {
     type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.woken.task.register(cx.waker());
-        if !self.woken.flag.swap(false, Ordering::AcqRel) {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let current = this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        // A wake sets the flag before it takes the waker, and only this
+        // clears it: unset, the waker registered is still there.
+        if current && !this.woken.flag.load(Ordering::Acquire) {
             return Poll::Pending;
         }
-        let this = &mut *self;
+        this.woken.task.register(cx.waker());
+        if !current {
+            this.registered = Some(cx.waker().clone());
+        }
+        if !this.woken.flag.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        // That wake may take the waker just registered (it sets the flag
+        // first): it is registered again at the next poll.
+        this.registered = None;
         this.inner
             .as_mut()
             .poll(&mut Context::from_waker(&this.waker))
@@ -234,7 +254,7 @@ impl<S: Service> Served<S> {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let link = Arc::new(Mutex::new(Link {
+        let mut link = Held::Own(Link {
             io,
             read,
             read_size: READ_SIZE,
@@ -242,31 +262,32 @@ impl<S: Service> Served<S> {
             inbound: Inbound::Done,
             continue_at: None,
             eof: false,
-        }));
+        });
         let mut out = Vec::with_capacity(1024);
         let mut spans = Vec::new();
         let mut stall = Stall::new(self.limits.send);
         loop {
-            let head = match self.next_head(&link, &mut spans).await {
+            link.reclaim();
+            let head = match self.next_head(&mut link, &mut spans).await {
                 Ok(Some(head)) => head,
                 Ok(None) => break,
                 Err(refusal) => {
                     tracing::debug!(peer = %self.peer, status = refusal.status.as_u16(), reason = refusal.why, "refused a request head");
-                    let _ = refuse(&link, refusal.status, &mut out, &mut stall).await;
+                    let _ = refuse(&mut link, refusal.status, &mut out, &mut stall).await;
                     break;
                 }
             };
-            match self.exchange(&link, head, &mut out, &mut stall).await {
+            match self.exchange(&mut link, head, &mut out, &mut stall).await {
                 Next::KeepAlive => {}
                 Next::Close => break,
                 Next::Upgrade(to) => {
-                    match Arc::try_unwrap(link) {
-                        Ok(link) => {
-                            let link = link.into_inner().unwrap_or_else(|e| e.into_inner());
+                    link.reclaim();
+                    match link {
+                        Held::Own(link) => {
                             let io: Box<dyn Io> = Box::new(link.io);
                             let _ = to.send(Primed::new(io, link.read, self.limits.send));
                         }
-                        Err(_) => tracing::debug!(
+                        Held::Shared(_) | Held::Moving => tracing::debug!(
                             peer = %self.peer,
                             "an upgraded request's body is still held: closing instead"
                         ),
@@ -276,7 +297,7 @@ impl<S: Service> Served<S> {
             }
         }
         let mut sink = Sink {
-            link: &link,
+            link: &mut link,
             stall: &mut stall,
         };
         let _ = std::future::poll_fn(|cx| Pin::new(&mut sink).poll_shutdown(cx)).await;
@@ -287,34 +308,44 @@ impl<S: Service> Served<S> {
     /// the gateway stops).
     async fn next_head<I>(
         &self,
-        link: &Mutex<Link<I>>,
+        link: &mut Held<I>,
         spans: &mut Vec<Span>,
     ) -> Result<Option<Head>, Refusal>
     where
-        I: AsyncRead + AsyncWrite + Unpin,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let max_head = self.limits.max_head;
-        let mut poll = |cx: &mut Context<'_>| lock(link).poll_head(cx, spans, max_head);
         if self.stopping.load(Ordering::Relaxed) {
             // A pipelined or prompt head is still answered; none is waited for.
-            return match poll(&mut Context::from_waker(Waker::noop())) {
+            let mut cx = Context::from_waker(Waker::noop());
+            return match link.with(|link| link.poll_head(&mut cx, spans, max_head)) {
                 Poll::Ready(head) => head,
                 Poll::Pending => Ok(None),
             };
         }
-        let idle = lock(link).read.is_empty();
-        self.idle.store(idle, Ordering::Relaxed);
         let at = Instant::now() + self.limits.header_read;
         // A pipelined or prompt head is there at the first poll, and then
         // no timer is armed for it (`within` arms one only to wait).
         let head = self
             .deadlines
-            .within(at, std::future::poll_fn(&mut poll))
+            .within(
+                at,
+                std::future::poll_fn(|cx| {
+                    link.with(|link| {
+                        let head = link.poll_head(cx, spans, max_head);
+                        if head.is_pending() {
+                            // Nothing of a request read yet: a stop closes it.
+                            self.idle.store(link.read.is_empty(), Ordering::Relaxed);
+                        }
+                        head
+                    })
+                }),
+            )
             .await;
         self.idle.store(false, Ordering::Relaxed);
         match head {
             Ok(head) => head,
-            Err(_) if lock(link).read.is_empty() => Ok(None),
+            Err(_) if link.with(|link| link.read.is_empty()) => Ok(None),
             Err(_) => Err(Refusal {
                 status: StatusCode::REQUEST_TIMEOUT,
                 why: "the head did not arrive within gateway.header_read_timeout",
@@ -325,7 +356,7 @@ impl<S: Service> Served<S> {
     /// Answers one request; says what becomes of the connection.
     async fn exchange<I>(
         &self,
-        link: &Arc<Mutex<Link<I>>>,
+        link: &mut Held<I>,
         head: Head,
         out: &mut Vec<u8>,
         stall: &mut Stall,
@@ -353,14 +384,15 @@ impl<S: Service> Served<S> {
                     Decoder::Length(n) => Some(*n),
                     _ => None,
                 };
+                let shared = link.share();
                 let generation = {
-                    let mut link = lock(link);
+                    let mut link = lock(&shared);
                     link.inbound = Inbound::Reading(decoder);
                     link.continue_at =
                         (expect_continue && asked.version == Version::HTTP_11).then_some(0);
                     link.generation
                 };
-                let source: Arc<dyn Source> = link.clone();
+                let source: Arc<dyn Source> = shared;
                 ClientBody::H1(Body {
                     source,
                     generation,
@@ -389,7 +421,7 @@ impl<S: Service> Served<S> {
                 return Poll::Ready(Some(response));
             }
             // A client that leaves cancels its request.
-            if lock(link).poll_gone(cx, max_head) {
+            if link.with(|link| link.poll_gone(cx, max_head)) {
                 return Poll::Ready(None);
             }
             Poll::Pending
@@ -406,11 +438,14 @@ impl<S: Service> Served<S> {
             Some(framing) => Writer::new(std::mem::take(out), Some(body), framing),
             None => Writer::new(std::mem::take(out), None, Framing::Length(0)),
         };
-        let mut sink = Sink { link, stall };
+        let mut sink = Sink {
+            link: &mut *link,
+            stall,
+        };
         let written = std::future::poll_fn(|cx| {
             if writer.poll(&mut sink, cx)?.is_pending() {
                 // A client that leaves ends a streamed answer.
-                if lock(link).poll_gone(cx, max_head) {
+                if sink.link.with(|link| link.poll_gone(cx, max_head)) {
                     return Poll::Ready(Err(WriteError::Io(io::ErrorKind::BrokenPipe.into())));
                 }
                 return Poll::Pending;
@@ -428,7 +463,7 @@ impl<S: Service> Served<S> {
             _ if switching => return Next::Close,
             _ => {}
         }
-        if keep_alive && lock(link).drain() {
+        if keep_alive && link.with(Link::drain) {
             Next::KeepAlive
         } else {
             Next::Close
@@ -446,13 +481,13 @@ enum Next {
 
 /// Writes a refusal (no body) and flushes it.
 async fn refuse<I>(
-    link: &Mutex<Link<I>>,
+    link: &mut Held<I>,
     status: StatusCode,
     out: &mut Vec<u8>,
     stall: &mut Stall,
 ) -> Result<(), WriteError>
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     out.clear();
     status_line(out, status);
@@ -497,6 +532,56 @@ enum Inbound {
 
 fn lock<I>(link: &Mutex<Link<I>>) -> MutexGuard<'_, Link<I>> {
     link.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The connection's [`Link`]: its own while no request body is out, and
+/// shared with the body (behind a lock) while one is. A request without a
+/// body (most) takes no lock.
+enum Held<I> {
+    Own(Link<I>),
+    Shared(Arc<Mutex<Link<I>>>),
+    /// Only within [`Held::share`].
+    Moving,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Held<I> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Link<I>) -> R) -> R {
+        match self {
+            Held::Own(link) => f(link),
+            Held::Shared(shared) => f(&mut lock(shared)),
+            Held::Moving => unreachable!("a link is moved only within share"),
+        }
+    }
+
+    /// The link, shared for a request's body.
+    fn share(&mut self) -> Arc<Mutex<Link<I>>> {
+        if let Held::Shared(shared) = self {
+            return shared.clone();
+        }
+        let Held::Own(link) = std::mem::replace(self, Held::Moving) else {
+            unreachable!("a link is moved only within share");
+        };
+        let shared = Arc::new(Mutex::new(link));
+        *self = Held::Shared(shared.clone());
+        shared
+    }
+
+    /// Takes the link back once no body holds it.
+    fn reclaim(&mut self) {
+        let Held::Shared(shared) = self else {
+            return;
+        };
+        if Arc::strong_count(shared) > 1 {
+            return;
+        }
+        let Held::Shared(shared) = std::mem::replace(self, Held::Moving) else {
+            unreachable!("matched above");
+        };
+        *self = match Arc::try_unwrap(shared) {
+            Ok(link) => Held::Own(link.into_inner().unwrap_or_else(|e| e.into_inner())),
+            Err(shared) => Held::Shared(shared),
+        };
+    }
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {
@@ -763,32 +848,34 @@ impl std::error::Error for BodyError {
     }
 }
 
-/// Writes to the shared socket, with the send timeout.
+/// Writes to the connection's socket, with the send timeout.
 struct Sink<'a, I> {
-    link: &'a Mutex<Link<I>>,
+    link: &'a mut Held<I>,
     stall: &'a mut Stall,
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Sink<'_, I> {
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Sink<'_, I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let poll = Pin::new(&mut lock(this.link).io).poll_write(cx, buf);
+        let poll = this
+            .link
+            .with(|link| Pin::new(&mut link.io).poll_write(cx, buf));
         this.stall.watch(cx, poll)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let poll = Pin::new(&mut lock(this.link).io).poll_flush(cx);
+        let poll = this.link.with(|link| Pin::new(&mut link.io).poll_flush(cx));
         this.stall.watch(cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let poll = Pin::new(&mut lock(this.link).io).poll_shutdown(cx);
+        let poll = this.link.with(|link| Pin::new(&mut link.io).poll_shutdown(cx));
         this.stall.watch(cx, poll)
     }
 }
@@ -1173,6 +1260,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Counts its wakes.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_future_polled_when_woken_wakes_its_task_every_time() {
+        // The inner future keeps its waker and counts its polls.
+        let inner_waker = Arc::new(Mutex::new(None::<Waker>));
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut future = WhenWoken::new(std::future::poll_fn({
+            let (inner_waker, polls) = (inner_waker.clone(), polls.clone());
+            move |cx| {
+                polls.fetch_add(1, Ordering::SeqCst);
+                *inner_waker.lock().unwrap() = Some(cx.waker().clone());
+                Poll::<()>::Pending
+            }
+        }));
+        let wakes = Arc::new(Wakes::default());
+        let task = Waker::from(wakes.clone());
+        let mut poll = || Pin::new(&mut future).poll(&mut Context::from_waker(&task));
+        let wake_inner = || inner_waker.lock().unwrap().take().unwrap().wake();
+        assert!(poll().is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled at first");
+        // Not woken: the task's other wake-ups do not poll it.
+        for _ in 0..3 {
+            assert!(poll().is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        // Each wake reaches the task and polls it once more, also after
+        // polls with nothing new between.
+        for round in 1..=3 {
+            wake_inner();
+            assert_eq!(wakes.0.load(Ordering::SeqCst), round, "round {round}");
+            assert!(poll().is_pending());
+            assert!(poll().is_pending());
+            assert_eq!(polls.load(Ordering::SeqCst), 1 + round, "round {round}");
+        }
+        // Polled from another task, it wakes that one.
+        let other = Arc::new(Wakes::default());
+        let other_waker = Waker::from(other.clone());
+        assert!(Pin::new(&mut future)
+            .poll(&mut Context::from_waker(&other_waker))
+            .is_pending());
+        wake_inner();
+        assert_eq!(other.0.load(Ordering::SeqCst), 1);
     }
 
     fn echo(parts: &http::request::Parts, body: Bytes) -> Response<ProxyBody> {

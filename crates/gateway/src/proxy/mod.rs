@@ -1089,7 +1089,7 @@ impl Gateway {
                 field(&mut lines, &admission::TIER, tier.as_bytes());
             }
         }
-        match headers.get(header::HOST) {
+        match headers::first(&headers, &header::HOST) {
             Some(host) => field(&mut lines, &headers::FORWARDED_HOST, host.as_bytes()),
             None => {
                 let host = parts
@@ -2027,7 +2027,7 @@ async fn read_body(
 /// Whether a request's `Host` is clear (RFC 9112 §3.2): at most one, and
 /// valid; exactly one in HTTP/1.1 (HTTP/2 names the host in `:authority`).
 fn has_valid_host(version: Version, headers: &HeaderMap) -> bool {
-    let mut hosts = headers.get_all(header::HOST).iter();
+    let mut hosts = tidegate_client::headers::values(headers, &header::HOST);
     match (hosts.next(), hosts.next()) {
         (Some(host), None) => headers::is_valid_host(host.as_bytes()),
         (None, None) => version != Version::HTTP_11,
