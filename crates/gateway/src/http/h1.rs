@@ -875,7 +875,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Sink<'_,
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let poll = this.link.with(|link| Pin::new(&mut link.io).poll_shutdown(cx));
+        let poll = this
+            .link
+            .with(|link| Pin::new(&mut link.io).poll_shutdown(cx));
         this.stall.watch(cx, poll)
     }
 }

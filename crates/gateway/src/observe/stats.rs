@@ -90,20 +90,20 @@ impl Traffic {
     /// 5xx or a local rejection, even if a fallback answered) and how long
     /// the client waited for the head.
     pub fn record(&self, failed: bool, took: Duration) {
-        let counts = &self.stripes[stripe()];
-        counts.requests.fetch_add(1, Ordering::Relaxed);
+        let stripe = stripe();
+        let counts = &self.stripes[stripe.index()];
+        stripe.add(&counts.requests, 1);
         if failed {
-            counts.errors.fetch_add(1, Ordering::Relaxed);
+            stripe.add(&counts.errors, 1);
         }
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        counts.latency[bucket(micros)].fetch_add(1, Ordering::Relaxed);
+        stripe.add(&counts.latency[bucket(micros)], 1);
     }
 
     /// One request refused by a rate limit.
     pub fn rate_limited(&self) {
-        self.stripes[stripe()]
-            .rate_limited
-            .fetch_add(1, Ordering::Relaxed);
+        let stripe = stripe();
+        stripe.add(&self.stripes[stripe.index()].rate_limited, 1);
     }
 
     fn read(&self) -> Totals {

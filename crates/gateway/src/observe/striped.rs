@@ -6,8 +6,9 @@
 //! lock: every worker answering a request of the same route writes the
 //! same cache line, which then moves between cores on every request. Here
 //! a thread keeps to one of [`STRIPES`] lines (see
-//! [`tidegate_resilience::stripe`]), and the sum is read only when
-//! `/metrics` is.
+//! [`tidegate_resilience::stripe`]), most often one of its own that it
+//! writes without an atomic read-modify-write, and the sum is read only
+//! when `/metrics` is.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
-pub use tidegate_resilience::stripe::{index as stripe, STRIPES};
+pub use tidegate_resilience::stripe::{current as stripe, STRIPES};
 
 /// A histogram's buckets at most (its bounds, and one past the last).
 const MAX_BUCKETS: usize = 24;
@@ -39,7 +40,8 @@ impl StripedCounter {
 
     /// Adds `n`.
     pub fn inc_by(&self, n: u64) {
-        self.stripes[stripe()].0.fetch_add(n, Ordering::Relaxed);
+        let stripe = stripe();
+        stripe.add(&self.stripes[stripe.index()].0, n);
     }
 
     /// The count.
@@ -75,12 +77,14 @@ pub struct StripedGauge {
 impl StripedGauge {
     /// Adds one.
     pub fn inc(&self) {
-        self.stripes[stripe()].0.fetch_add(1, Ordering::Relaxed);
+        let stripe = stripe();
+        stripe.add(&self.stripes[stripe.index()].0, 1);
     }
 
     /// Takes one away.
     pub fn dec(&self) {
-        self.stripes[stripe()].0.fetch_sub(1, Ordering::Relaxed);
+        let stripe = stripe();
+        stripe.add(&self.stripes[stripe.index()].0, 1u64.wrapping_neg());
     }
 
     /// The value.
@@ -143,15 +147,12 @@ impl StripedHistogram {
             .iter()
             .position(|bound| value <= *bound)
             .unwrap_or(self.bounds.len());
-        let cells = &self.stripes[stripe()];
-        cells.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        // Only this thread adds to this stripe's sum but for a thread
-        // that shares the stripe: the loop is for that case.
-        let _ = cells
-            .sum
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + value).to_bits())
-            });
+        let stripe = stripe();
+        let cells = &self.stripes[stripe.index()];
+        stripe.add(&cells.buckets[bucket], 1);
+        stripe.update(&cells.sum, |bits| {
+            Some((f64::from_bits(bits) + value).to_bits())
+        });
     }
 
     /// The sum, the count and each bucket's own count.

@@ -357,6 +357,7 @@ impl Gateway {
             fallback: None,
             span: None,
             breaker: None,
+            answered_at: None,
         };
         let span = self.telemetry.as_ref().map(|telemetry| {
             let span = telemetry.begin(req.headers().get(&headers::TRACEPARENT));
@@ -387,7 +388,13 @@ impl Gateway {
         };
         fields::set(&mut response, &CORRELATION_ID, request_id.clone());
         let status = response.status();
-        let elapsed = start.elapsed();
+        // The upstream's answer is the client's unless a fallback came
+        // after it: then the clock is read again.
+        let answered_at = log
+            .answered_at
+            .filter(|_| log.fallback.is_none())
+            .unwrap_or_else(Instant::now);
+        let elapsed = answered_at.saturating_duration_since(start);
         if let Some(traffic) = log.traffic {
             traffic.record(log.upstream_failed, elapsed);
         }
@@ -740,11 +747,12 @@ impl Gateway {
                 &tried,
             )
         };
-        let (result, _) = upstream
+        let (result, ended) = upstream
             .pipeline
             .call_timed_within(Instant::now(), call.limit, op, |_, _, _| {})
             .await;
         log.attempts += attempts.load(Ordering::Relaxed);
+        log.answered_at = ended.filter(|_| result.is_ok());
         result
     }
 
@@ -805,6 +813,7 @@ impl Gateway {
             fallback: None,
             span: call.span,
             breaker: None,
+            answered_at: None,
         };
         let result = if upstream.has_available_endpoint() {
             self.forward(call, upstream, body, &mut log).await
@@ -1634,6 +1643,9 @@ struct Access<'t> {
     span: Option<TraceIds>,
     /// The upstream's breaker after the call, for a recorded span.
     breaker: Option<&'static str>,
+    /// When the upstream's answer came (the pipeline's last clock read),
+    /// if it read the clock then.
+    answered_at: Option<Instant>,
 }
 
 /// The upstream request head of one attempt.

@@ -76,7 +76,8 @@ impl RetryBudget {
     /// Counts a request made at `now`.
     pub fn deposit_at(&self, now: Instant) {
         let second = self.second(now);
-        self.requests[stripe::index()].0[slot(second)].add(second);
+        let stripe = stripe::current();
+        self.requests[stripe.index()].0[slot(second)].add_on(stripe, second);
     }
 
     /// Takes a retry if the budget has one left.
@@ -123,15 +124,8 @@ impl Second {
     fn add(&self, second: u32) {
         let mut current = self.0.load(Ordering::Relaxed);
         loop {
-            let (held, count) = ((current >> 32) as u32, current as u32);
-            let next = if held < second {
-                // Ten seconds on: the old count leaves the window.
-                u64::from(second) << 32 | 1
-            } else if count == u32::MAX {
+            let Some(next) = Second::next(current, second) else {
                 return;
-            } else {
-                // This second's (or, for a caller held up past it, a later one's).
-                current + 1
             };
             match self
                 .0
@@ -140,6 +134,26 @@ impl Second {
                 Ok(_) => return,
                 Err(actual) => current = actual,
             }
+        }
+    }
+
+    /// [`add`](Second::add), on a stripe's second: written plainly when
+    /// the stripe is the calling thread's own.
+    fn add_on(&self, stripe: stripe::Stripe, second: u32) {
+        stripe.update(&self.0, |current| Second::next(current, second));
+    }
+
+    /// The word after one more request at `second`, if it changes.
+    fn next(current: u64, second: u32) -> Option<u64> {
+        let (held, count) = ((current >> 32) as u32, current as u32);
+        if held < second {
+            // Ten seconds on: the old count leaves the window.
+            Some(u64::from(second) << 32 | 1)
+        } else if count == u32::MAX {
+            None
+        } else {
+            // This second's (or, for a caller held up past it, a later one's).
+            Some(current + 1)
         }
     }
 
