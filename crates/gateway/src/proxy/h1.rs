@@ -152,6 +152,41 @@ impl std::error::Error for Error {
     }
 }
 
+/// A socket, as the pool sees it while its connection is idle.
+pub trait Quiet: AsyncRead + Unpin {
+    /// Whether the peer has neither closed it nor sent anything. No
+    /// system call unless the socket has become readable since the last
+    /// read.
+    fn is_quiet(&mut self) -> bool {
+        polled_quiet(self)
+    }
+}
+
+/// [`Quiet::is_quiet`] by a read polled without a waker.
+fn polled_quiet<S: AsyncRead + Unpin + ?Sized>(io: &mut S) -> bool {
+    let mut probe = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut probe);
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(Pin::new(io).poll_read(&mut cx, &mut buf), Poll::Pending)
+}
+
+impl Quiet for Stream {
+    fn is_quiet(&mut self) -> bool {
+        match self {
+            // Asked without a poll, which would leave a waker with the
+            // socket (taking the lock of its waiters) only for the next
+            // read to replace it.
+            Stream::Plain(s) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            // A TLS stream reads records (a close notice, a session ticket)
+            // before it can tell.
+            Stream::Tls(_) => polled_quiet(self),
+        }
+    }
+}
+
 /// An open connection, between exchanges: the socket, what was read of
 /// it and not used yet (nothing, between exchanges), and its slot in the
 /// upstream's connection gate. Boxed once when opened: an answer's body
@@ -172,6 +207,14 @@ struct Open<S> {
     _slot: Option<OwnedSemaphorePermit>,
 }
 
+impl<S: Quiet> Conn<S> {
+    /// Whether an idle connection may carry a request: the upstream has
+    /// neither closed it nor sent anything unasked.
+    pub fn is_open(&mut self) -> bool {
+        self.0.io.is_quiet()
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// A new connection over `io`, holding `slot` until it closes.
     pub fn new(io: S, slot: Option<OwnedSemaphorePermit>) -> Self {
@@ -189,19 +232,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn count_use(&mut self) -> u32 {
         self.0.uses += 1;
         self.0.uses
-    }
-
-    /// Whether an idle connection may carry a request: the upstream has
-    /// neither closed it nor sent anything unasked. No system call unless
-    /// the socket has become readable since the last read.
-    pub fn is_open(&mut self) -> bool {
-        let mut probe = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut probe);
-        let mut cx = Context::from_waker(Waker::noop());
-        matches!(
-            Pin::new(&mut self.0.io).poll_read(&mut cx, &mut buf),
-            Poll::Pending
-        )
     }
 
     /// Sends `request` (origin-form target, `Host` set) and reads the
@@ -806,6 +836,29 @@ mod tests {
             seen.extend_from_slice(&buf[..n]);
         }
         seen
+    }
+
+    impl Quiet for DuplexStream {}
+
+    #[tokio::test]
+    async fn a_plain_socket_is_quiet_until_its_peer_writes_or_closes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for closes in [false, true] {
+            let mut stream = Stream::Plain(TcpStream::connect(addr).await.unwrap());
+            let (mut server, _) = listener.accept().await.unwrap();
+            assert!(stream.is_quiet(), "an idle connection");
+            if closes {
+                drop(server);
+            } else {
+                server.write_all(b"x").await.unwrap();
+            }
+            let Stream::Plain(socket) = &stream else {
+                unreachable!("made plain");
+            };
+            socket.readable().await.unwrap();
+            assert!(!stream.is_quiet(), "closes: {closes}");
+        }
     }
 
     async fn collect(response: Response<Body<DuplexStream>>) -> (Vec<u8>, Body<DuplexStream>) {
