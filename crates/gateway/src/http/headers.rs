@@ -5,8 +5,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 pub use tidegate_client::headers::{
     child_traceparent, correlation_id, deadline_digits, deadline_value, first, is_idempotent,
-    new_id, retry_after, write_child_traceparent, write_next_span, CORRELATION_ID, DEADLINE_MS,
-    IDEMPOTENCY_KEY, INTERNAL_TOKEN, TRACEPARENT, TRACEPARENT_LEN,
+    new_id, retry_after, values, write_child_traceparent, write_next_span, CORRELATION_ID,
+    DEADLINE_MS, IDEMPOTENCY_KEY, INTERNAL_TOKEN, TRACEPARENT, TRACEPARENT_LEN,
 };
 
 /// The value of a field the gateway sets: a header value, or hex digits

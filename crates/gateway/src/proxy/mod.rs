@@ -2039,7 +2039,7 @@ async fn read_body(
 /// Whether a request's `Host` is clear (RFC 9112 §3.2): at most one, and
 /// valid; exactly one in HTTP/1.1 (HTTP/2 names the host in `:authority`).
 fn has_valid_host(version: Version, headers: &HeaderMap) -> bool {
-    let mut hosts = tidegate_client::headers::values(headers, &header::HOST);
+    let mut hosts = headers::values(headers, &header::HOST);
     match (hosts.next(), hosts.next()) {
         (Some(host), None) => headers::is_valid_host(host.as_bytes()),
         (None, None) => version != Version::HTTP_11,
