@@ -312,7 +312,7 @@ impl<S: Service> Served<S> {
         spans: &mut Vec<Span>,
     ) -> Result<Option<Head>, Refusal>
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin,
     {
         let max_head = self.limits.max_head;
         if self.stopping.load(Ordering::Relaxed) {
@@ -487,7 +487,7 @@ async fn refuse<I>(
     stall: &mut Stall,
 ) -> Result<(), WriteError>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin,
 {
     out.clear();
     status_line(out, status);
@@ -544,7 +544,7 @@ enum Held<I> {
     Moving,
 }
 
-impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Held<I> {
+impl<I> Held<I> {
     fn with<R>(&mut self, f: impl FnOnce(&mut Link<I>) -> R) -> R {
         match self {
             Held::Own(link) => f(link),
@@ -854,7 +854,7 @@ struct Sink<'a, I> {
     stall: &'a mut Stall,
 }
 
-impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Sink<'_, I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Sink<'_, I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

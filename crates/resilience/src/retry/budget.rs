@@ -122,19 +122,11 @@ struct Second(AtomicU64);
 
 impl Second {
     fn add(&self, second: u32) {
-        let mut current = self.0.load(Ordering::Relaxed);
-        loop {
-            let Some(next) = Second::next(current, second) else {
-                return;
-            };
-            match self
-                .0
-                .compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return,
-                Err(actual) => current = actual,
-            }
-        }
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
+                Second::next(current, second)
+            });
     }
 
     /// [`add`](Second::add), on a stripe's second: written plainly when
