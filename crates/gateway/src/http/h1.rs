@@ -65,7 +65,7 @@ use crate::http::codec::{
 };
 use crate::http::conn::{Io, Primed, Stall};
 use crate::observe::watch::until_stopped;
-use crate::proxy::deadline::Deadlines;
+use crate::proxy::deadline::{Alarm, Deadlines};
 
 /// The longest request target (hyper's limit): longer is 414.
 const MAX_TARGET: usize = u16::MAX as usize - 1;
@@ -236,6 +236,14 @@ impl<F: Future> Future for WhenWoken<F> {
     }
 }
 
+/// [`Held::with`] on a shared link, out of line: otherwise each use
+/// inlines its closure twice, and the copy for a body that is out (rare)
+/// would sit among the lines every request runs.
+#[inline(never)]
+fn with_shared<I, R>(shared: &Mutex<Link<I>>, f: impl FnOnce(&mut Link<I>) -> R) -> R {
+    f(&mut lock(shared))
+}
+
 /// A connection being served.
 struct Served<S> {
     service: S,
@@ -266,9 +274,11 @@ impl<S: Service> Served<S> {
         let mut out = Vec::with_capacity(1024);
         let mut spans = Vec::new();
         let mut stall = Stall::new(self.limits.send);
+        // The head's cut-off: one registration for the connection.
+        let mut alarm = self.deadlines.alarm();
         loop {
             link.reclaim();
-            let head = match self.next_head(&mut link, &mut spans).await {
+            let head = match self.next_head(&mut link, &mut spans, &mut alarm).await {
                 Ok(Some(head)) => head,
                 Ok(None) => break,
                 Err(refusal) => {
@@ -310,6 +320,7 @@ impl<S: Service> Served<S> {
         &self,
         link: &mut Held<I>,
         spans: &mut Vec<Span>,
+        alarm: &mut Alarm,
     ) -> Result<Option<Head>, Refusal>
     where
         I: AsyncRead + AsyncWrite + Unpin,
@@ -325,9 +336,8 @@ impl<S: Service> Served<S> {
         }
         let at = Instant::now() + self.limits.header_read;
         // A pipelined or prompt head is there at the first poll, and then
-        // no timer is armed for it (`within` arms one only to wait).
-        let head = self
-            .deadlines
+        // no alarm is armed for it (`within` arms it only to wait).
+        let head = alarm
             .within(
                 at,
                 std::future::poll_fn(|cx| {
@@ -548,7 +558,7 @@ impl<I> Held<I> {
     fn with<R>(&mut self, f: impl FnOnce(&mut Link<I>) -> R) -> R {
         match self {
             Held::Own(link) => f(link),
-            Held::Shared(shared) => f(&mut lock(shared)),
+            Held::Shared(shared) => with_shared(shared, f),
             Held::Moving => unreachable!("a link is moved only within share"),
         }
     }
@@ -917,6 +927,7 @@ struct Refusal {
 }
 
 impl Refusal {
+    #[cold] // a refusal: its callers' branches are laid out of the way
     fn bad(why: &'static str) -> Self {
         Refusal {
             status: StatusCode::BAD_REQUEST,
@@ -924,6 +935,7 @@ impl Refusal {
         }
     }
 
+    #[cold]
     fn too_large(why: &'static str) -> Self {
         Refusal {
             status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

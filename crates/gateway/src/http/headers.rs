@@ -269,6 +269,7 @@ pub fn websocket_accept(key: &[u8]) -> [u8; 28] {
 /// Joins the `Cookie` fields of a request into one, `"; "` between them:
 /// an HTTP/2 client sends each cookie as a field of its own (RFC 9113
 /// §8.2.3), which an HTTP/1.1 upstream must get as a single line.
+#[inline(never)] // kept out of the HTTP/1 request path
 pub fn join_cookies(headers: &mut HeaderMap) {
     let header::Entry::Occupied(mut cookies) = headers.entry(header::COOKIE) else {
         return;

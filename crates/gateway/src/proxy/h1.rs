@@ -112,6 +112,13 @@ pub enum Error {
     BodyLength,
 }
 
+/// [`Error::Invalid`], made where the answer breaks the protocol: a rare
+/// branch, laid out of the way of the ones every answer takes.
+#[cold]
+fn invalid(why: &'static str) -> Error {
+    Error::Invalid(why)
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -464,7 +471,7 @@ fn poll_head<S: AsyncRead + Unpin>(
             }
         }
         if read.len() >= MAX_HEAD {
-            return Poll::Ready(Err(Error::Invalid("response head too large")));
+            return Poll::Ready(Err(invalid("response head too large")));
         }
         // A head is read a plain read's size at a time (a body's reads adapt).
         let mut size = READ_SIZE;
@@ -493,14 +500,11 @@ fn parse_head(
     let len = match config.parse_response_with_uninit_headers(&mut response, read, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(Answer::Partial),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(Error::Invalid("too many header fields"))
-        }
-        Err(_) => return Err(Error::Invalid("malformed response head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(invalid("too many header fields")),
+        Err(_) => return Err(invalid("malformed response head")),
     };
     let code = response.code.expect("a whole head has a status");
-    let status =
-        StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code out of range"))?;
+    let status = StatusCode::from_u16(code).map_err(|_| invalid("status code out of range"))?;
     let version = if response.version == Some(1) {
         Version::HTTP_11
     } else {
@@ -532,7 +536,7 @@ fn parse_head(
         let name = &head[span[0] as usize..span[1] as usize];
         let value = &head[span[2] as usize..span[3] as usize];
         if name.len() > MAX_NAME {
-            return Err(Error::Invalid("invalid header name"));
+            return Err(invalid("invalid header name"));
         }
         match Kind::of(name) {
             Kind::ContentLength => {
@@ -591,10 +595,10 @@ fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, Error> {
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     for &[n0, n1, v0, v1] in spans {
         let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| Error::Invalid("invalid header name"))?;
+        let name =
+            HeaderName::from_bytes(&head[n0..n1]).map_err(|_| invalid("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| Error::Invalid("invalid header value"))?;
+            .map_err(|_| invalid("invalid header value"))?;
         headers.append(name, value);
     }
     Ok(headers)
@@ -645,7 +649,7 @@ fn decoder(
     }
     if let Some(coding) = coding {
         if version == Version::HTTP_10 {
-            return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 answer"));
+            return Err(invalid("transfer-encoding in an HTTP/1.0 answer"));
         }
         // As hyper: a value that is not visible ASCII names no coding.
         let chunked = coding
@@ -664,7 +668,7 @@ fn decoder(
     if let Some(length) = length {
         return match length.get() {
             Some(len) => Ok((Decoder::Length(len), false)),
-            None => Err(Error::Invalid("invalid content-length")),
+            None => Err(invalid("invalid content-length")),
         };
     }
     Ok((Decoder::UntilClose, true))

@@ -1048,14 +1048,7 @@ impl Gateway {
     ) -> Template {
         let mut headers = std::mem::take(&mut parts.headers);
         // HTTP/2 lets `TE: trailers` through (gRPC servers look for it).
-        let trailers = http2
-            && headers
-                .get(header::TE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| {
-                    v.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-                });
+        let trailers = http2 && asks_for_trailers(&headers);
         headers::strip_hop_by_hop(&mut headers, upgrade);
         if trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -1069,43 +1062,24 @@ impl Gateway {
         // passes, and its `x-forwarded-for` chain is continued.
         let mut present = 0u16;
         for name in headers.keys() {
-            if let Some(i) = OWN.iter().position(|own| *own == name) {
-                present |= 1 << i;
+            // Each of them begins `x` or `t`: other fields are passed by
+            // in a byte, and the comparisons stay out of line.
+            if matches!(name.as_str().as_bytes()[0], b'x' | b't') {
+                present |= own_bit(name);
             }
         }
-        let mut chain = Vec::new();
-        let mut parent = None;
-        if present != 0 {
-            parent = headers.get(&headers::TRACEPARENT).cloned();
-            if let Entry::Occupied(hops) = headers.entry(&headers::FORWARDED_FOR) {
-                chain.extend(hops.remove_entry_mult().1);
-            }
-            for (i, name) in OWN.iter().enumerate() {
-                if present & 1 << i != 0 {
-                    headers.remove(*name);
-                }
-            }
-        }
+        let (parent, chain) = match present {
+            0 => (None, Vec::new()),
+            present => take_own(&mut headers, present),
+        };
         let mut lines = Vec::with_capacity(256);
         if let Credential::Valid(key, from) = credential {
-            // The key stays at the edge; the upstream learns whose it was.
-            headers.remove(from);
-            // A field value's bytes, as `HeaderValue` would check them.
-            if key.id.bytes().all(|b| b == b'\t' || b >= 0x20 && b != 0x7f) {
-                field(&mut lines, &admission::API_KEY_ID, key.id.as_bytes());
-            }
-            if let Some(tier) = table.edge.tier_header(key) {
-                field(&mut lines, &admission::TIER, tier.as_bytes());
-            }
+            key_lines(table, key, from, &mut headers, &mut lines);
         }
         match headers::first(&headers, &header::HOST) {
             Some(host) => field(&mut lines, &headers::FORWARDED_HOST, host.as_bytes()),
             None => {
-                let host = parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-                if let Some(host) = host {
+                if let Some(host) = host_of_target(&parts.uri) {
                     field(&mut lines, &headers::FORWARDED_HOST, host.as_bytes());
                     headers.insert(header::HOST, host);
                 }
@@ -1674,7 +1648,8 @@ struct Template {
 
 /// The fields only the gateway sets on a forwarded request: a client's
 /// copy never passes (`x-forwarded-for` is continued, `traceparent`
-/// followed).
+/// followed). Each name begins with `x` or `t`: `upstream_head` looks
+/// no further for a field that does not.
 static OWN: [&http::HeaderName; 9] = [
     &headers::FORWARDED_FOR,
     &headers::FORWARDED_HOST,
@@ -2047,6 +2022,72 @@ fn has_valid_host(version: Version, headers: &HeaderMap) -> bool {
     }
 }
 
+/// The host a request without `Host` names in its target (only HTTP/1.0
+/// and HTTP/2 requests come without).
+#[cold]
+fn host_of_target(uri: &http::Uri) -> Option<HeaderValue> {
+    uri.authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+}
+
+/// The bit of `name` in [`OWN`], or `0`.
+#[inline(never)]
+fn own_bit(name: &http::HeaderName) -> u16 {
+    OWN.iter()
+        .position(|own| *own == name)
+        .map_or(0, |i| 1 << i)
+}
+
+/// Whether an HTTP/2 request's `TE` asks for trailers (gRPC's does).
+#[inline(never)] // kept out of the HTTP/1 request path
+fn asks_for_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
+/// Removes the client's copies of the gateway's own fields (`present`:
+/// which of [`OWN`] it sent); returns its `traceparent` and its
+/// `x-forwarded-for` chain.
+#[inline(never)] // out of line: most clients send none
+fn take_own(headers: &mut HeaderMap, present: u16) -> (Option<HeaderValue>, Vec<HeaderValue>) {
+    let parent = headers.get(&headers::TRACEPARENT).cloned();
+    let mut chain = Vec::new();
+    if let Entry::Occupied(hops) = headers.entry(&headers::FORWARDED_FOR) {
+        chain.extend(hops.remove_entry_mult().1);
+    }
+    for (i, name) in OWN.iter().enumerate() {
+        if present & 1 << i != 0 {
+            headers.remove(*name);
+        }
+    }
+    (parent, chain)
+}
+
+/// The key stays at the edge (its field is removed); the upstream learns
+/// whose it was, and its tier, from `lines`.
+#[inline(never)] // out of line: a route without keys runs none of it
+fn key_lines(
+    table: &Table,
+    key: &crate::config::ApiKey,
+    from: &'static str,
+    headers: &mut HeaderMap,
+    lines: &mut Vec<u8>,
+) {
+    headers.remove(from);
+    // A field value's bytes, as `HeaderValue` would check them.
+    if key.id.bytes().all(|b| b == b'\t' || b >= 0x20 && b != 0x7f) {
+        field(lines, &admission::API_KEY_ID, key.id.as_bytes());
+    }
+    if let Some(tier) = table.edge.tier_header(key) {
+        field(lines, &admission::TIER, tier.as_bytes());
+    }
+}
+
 /// Applies `gateway.headers_with_underscores` to the client's headers.
 fn headers_with_underscores(headers: &mut HeaderMap, rule: Underscores) -> Result<(), Reply> {
     match rule {
@@ -2078,6 +2119,7 @@ impl Reply {
     }
 
     /// An error answer.
+    #[cold] // an error: its callers' branches are laid out of the way
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Reply {
             status,
@@ -2090,6 +2132,7 @@ impl Reply {
 
     /// 400 for a malformed request; the connection closes after it, as
     /// after the ones hyper's parser refuses.
+    #[cold]
     fn malformed(message: impl Into<String>) -> Self {
         Reply::new(StatusCode::BAD_REQUEST, message).closing()
     }
@@ -2159,5 +2202,20 @@ impl Reply {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_own_field_begins_with_x_or_t_and_has_its_bit() {
+        for (i, name) in OWN.iter().enumerate() {
+            assert!(matches!(name.as_str().as_bytes()[0], b'x' | b't'), "{name}");
+            assert_eq!(own_bit(name), 1 << i);
+        }
+        assert_eq!(own_bit(&header::HOST), 0);
+        assert_eq!(own_bit(&header::TE), 0);
     }
 }
