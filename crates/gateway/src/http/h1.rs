@@ -1053,15 +1053,9 @@ fn parse_head(
             if version == Version::HTTP_10 {
                 return Err(Refusal::bad("Transfer-Encoding on HTTP/1.0"));
             }
-            let mut codings = value.as_bytes().split(|&b| b == b',');
-            chunked_named += codings
-                .clone()
-                .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-                .count();
-            let last = codings.next_back().unwrap_or_default();
-            // (A value that is not visible ASCII names no coding, as for hyper.)
-            chunked =
-                Some(value.to_str().is_ok() && last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            let (named, last) = chunked_codings(&value);
+            chunked_named += named;
+            chunked = Some(last);
         } else if name == header::CONNECTION {
             if close || has_token(&value, "close") {
                 close = true;
@@ -1107,6 +1101,22 @@ fn parse_head(
         upgrade,
         trailers,
     }))
+}
+
+/// How many of a `Transfer-Encoding` value's codings are `chunked`, and
+/// whether the last one is. Out of line: few requests have a body of
+/// unknown length.
+#[inline(never)]
+fn chunked_codings(value: &HeaderValue) -> (usize, bool) {
+    let mut codings = value.as_bytes().split(|&b| b == b',');
+    let named = codings
+        .clone()
+        .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .count();
+    let last = codings.next_back().unwrap_or_default();
+    // (A value that is not visible ASCII names no coding, as for hyper.)
+    let last = value.to_str().is_ok() && last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+    (named, last)
 }
 
 /// What a request says about its answer.
