@@ -44,8 +44,8 @@ struct Shared {
     /// Alarms keep their instants as readings of this clock.
     clock: Clock,
     /// When the ticker runs next, as a [`Clock`] reading: never later,
-    /// and [`Clock::NEVER`] while no ticker runs. An alarm armed for this
-    /// or later needs no word with the ticker.
+    /// and [`Clock::NOT_TICKING`] while no ticker runs. An alarm armed
+    /// for this or later needs no word with the ticker.
     ticks_at: AtomicU64,
     state: Mutex<State>,
 }
@@ -56,7 +56,7 @@ impl Default for Shared {
             clock: Clock {
                 epoch: Instant::now(),
             },
-            ticks_at: AtomicU64::new(Clock::NEVER),
+            ticks_at: AtomicU64::new(Clock::NOT_TICKING),
             state: Mutex::new(State::default()),
         }
     }
@@ -91,8 +91,12 @@ struct Clock {
 impl Clock {
     /// An alarm that is not armed.
     const DISARMED: u64 = 0;
-    /// An alarm whose cut-off has passed; also "no ticker runs".
-    const NEVER: u64 = u64::MAX;
+    /// An alarm whose cut-off has passed.
+    const FIRED: u64 = u64::MAX;
+    /// The ticker's next run, when none runs.
+    const NOT_TICKING: u64 = u64::MAX;
+    /// The latest instant a reading holds.
+    const LAST: u64 = u64::MAX - 1;
 
     fn instant(self, reading: u64) -> Instant {
         self.epoch + Duration::from_nanos(reading - 1)
@@ -101,9 +105,7 @@ impl Clock {
     fn reading(self, at: Instant) -> u64 {
         let nanos = at.saturating_duration_since(self.epoch).as_nanos();
         // Instants before the epoch have passed: the first reading.
-        u64::try_from(nanos).map_or(Self::NEVER - 1, |n| {
-            n.saturating_add(1).min(Self::NEVER - 1)
-        })
+        u64::try_from(nanos).map_or(Self::LAST, |n| n.saturating_add(1).min(Self::LAST))
     }
 }
 
@@ -303,7 +305,7 @@ impl State {
                 return false;
             }
             let at = alarm.at.load(Ordering::SeqCst);
-            if at == Clock::DISARMED || at == Clock::NEVER {
+            if at == Clock::DISARMED || at == Clock::FIRED {
                 return true;
             }
             if at > now {
@@ -313,7 +315,7 @@ impl State {
             // Not if the alarm was armed anew meanwhile.
             let fired = alarm
                 .at
-                .compare_exchange(at, Clock::NEVER, Ordering::SeqCst, Ordering::SeqCst)
+                .compare_exchange(at, Clock::FIRED, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok();
             if fired {
                 let waker = alarm.waker.lock().unwrap_or_else(|e| e.into_inner());
@@ -341,7 +343,7 @@ async fn tick(shared: Weak<Shared>) {
             if let Some(shared) = self.0.upgrade() {
                 let mut state = shared.lock();
                 state.ticker = None;
-                shared.ticks_at.store(Clock::NEVER, Ordering::SeqCst);
+                shared.ticks_at.store(Clock::NOT_TICKING, Ordering::SeqCst);
             }
         }
     }
@@ -464,7 +466,7 @@ impl Alarm {
             *slot.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
             self.waker = Some(waker.clone());
         }
-        slot.at.load(Ordering::SeqCst) == Clock::NEVER
+        slot.at.load(Ordering::SeqCst) == Clock::FIRED
     }
 
     fn disarm(&self) {
@@ -767,6 +769,6 @@ mod tests {
         let before = clock.reading(clock.epoch - Duration::from_secs(1).min(clock.epoch.elapsed()));
         assert_eq!(before, 1);
         assert_ne!(clock.reading(at), Clock::DISARMED);
-        assert_ne!(clock.reading(at), Clock::NEVER);
+        assert_ne!(clock.reading(at), Clock::FIRED);
     }
 }
