@@ -117,6 +117,17 @@ struct AlarmSlot {
     waker: Mutex<Option<Waker>>,
 }
 
+impl AlarmSlot {
+    /// Makes `waker` the one woken, unless `kept` (the alarm's copy of
+    /// the one held) wakes the same task: a lock only when it changes.
+    fn keep(&self, kept: &mut Option<Waker>, waker: &Waker) {
+        if !kept.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+            *kept = Some(waker.clone());
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Slot {
     at: Instant,
@@ -446,10 +457,7 @@ impl Alarm {
                 self.slot.insert(slot)
             }
         };
-        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *slot.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
-            self.waker = Some(waker.clone());
-        }
+        slot.keep(&mut self.waker, waker);
         slot.at.store(reading, Ordering::SeqCst);
         if reading < shared.ticks_at.load(Ordering::SeqCst) {
             self.deadlines.run_ticker_by(at, shared.lock());
@@ -462,10 +470,7 @@ impl Alarm {
         let Some(slot) = &self.slot else {
             return false;
         };
-        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *slot.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
-            self.waker = Some(waker.clone());
-        }
+        slot.keep(&mut self.waker, waker);
         slot.at.load(Ordering::SeqCst) == Clock::FIRED
     }
 
