@@ -61,7 +61,6 @@ pub fn header_sanitizing(data: &[u8]) {
         "proxy-authenticate",
         "proxy-authorization",
         "te",
-        "trailer",
         "transfer-encoding",
     ];
     for name in hop_by_hop {

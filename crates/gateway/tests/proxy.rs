@@ -426,3 +426,66 @@ async fn an_http2_upstream_gets_http1_clients_multiplexed_on_one_connection() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("HTTP/2.0 upgrade=false"), "{answer}");
 }
+
+/// An upstream of raw bytes on 127.0.0.1:0 that answers every request
+/// head with a chunked `abc` and an `x-sum: 3` trailer, asked for or not.
+async fn upstream_with_trailers() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                        read.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ntrailer: x-sum\r\n\
+                            transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 3\r\n\r\n";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => read.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http1_upstreams_trailers_reach_an_http1_client_that_asks_for_them() {
+    let upstream = upstream_with_trailers().await;
+    let gw = gateway(&support::catch_all(&format!("http://{upstream}"), "")).await;
+    let asked = support::raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(asked.starts_with("http/1.1 200"), "{asked}");
+    assert!(asked.contains("transfer-encoding: chunked\r\n"), "{asked}");
+    assert!(
+        asked.ends_with("\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 3\r\n\r\n"),
+        "{asked}"
+    );
+    // One that did not ask gets the body whole and no trailer (the
+    // `Trailer` field, which only says what may follow, still passes).
+    let untold = support::raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(untold.starts_with("http/1.1 200"), "{untold}");
+    assert!(
+        untold.ends_with("\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        "{untold}"
+    );
+    assert!(!untold.contains("x-sum: 3"), "{untold}");
+}

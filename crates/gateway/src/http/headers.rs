@@ -60,14 +60,16 @@ pub static FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-pr
 pub static FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that describe one connection, never forwarded (RFC 9110
-/// §7.6.1), and the obsolete `Proxy-Connection`.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// §7.6.1), and the obsolete `Proxy-Connection`. `Trailer` is not one of
+/// them: it names the trailer fields that follow, end to end (RFC 9110
+/// §6.6.2), and an HTTP/1.1 message's trailers are written only for the
+/// names it lists.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("proxy-connection"),
@@ -84,10 +86,9 @@ fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
         18 if is("proxy-authenticate") => 2,
         19 if is("proxy-authorization") => 3,
         2 if is("te") => 4,
-        7 if is("trailer") => 5,
-        17 if is("transfer-encoding") => 6,
-        7 if is("upgrade") => 7,
-        16 if is("proxy-connection") => 8,
+        17 if is("transfer-encoding") => 5,
+        7 if is("upgrade") => 6,
+        16 if is("proxy-connection") => 7,
         _ => return None,
     })
 }

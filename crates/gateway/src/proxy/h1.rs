@@ -528,8 +528,8 @@ fn parse_head(
     let mut length: Option<Length> = None;
     let mut coding: Option<Span> = None;
     // The fields pass as received (`http::fields`) unless one has to be
-    // read into a map: more than it keeps, or a `Connection` naming some
-    // other field, which the map's stripping removes.
+    // read into a map: more than it keeps, a `Connection` naming some
+    // other field (which the map's stripping removes), or a `Trailer`.
     let mut received = Box::new(Received::new(head.clone()));
     let mut plain = spans.len() <= MAX_FIELDS;
     for &span in spans.iter() {
@@ -560,6 +560,10 @@ fn parse_head(
             // A field named `close` goes if `Connection: close` names it:
             // the map's stripping decides.
             Kind::Other if headers::is_token(name, "close") => plain = false,
+            // The fields `Trailer` names are the only trailers an HTTP/1.1
+            // client is sent, read from the map: an answer with trailers
+            // (rare) is read into one.
+            Kind::Other if headers::is_token(name, "trailer") => plain = false,
             Kind::Other => plain &= received.push(span),
         }
     }
