@@ -236,14 +236,6 @@ impl<F: Future> Future for WhenWoken<F> {
     }
 }
 
-/// [`Held::with`] on a shared link, out of line: otherwise each use
-/// inlines its closure twice, and the copy for a body that is out (rare)
-/// would sit among the lines every request runs.
-#[inline(never)]
-fn with_shared<I, R>(shared: &Mutex<Link<I>>, f: impl FnOnce(&mut Link<I>) -> R) -> R {
-    f(&mut lock(shared))
-}
-
 /// A connection being served.
 struct Served<S> {
     service: S,
@@ -592,6 +584,14 @@ impl<I> Held<I> {
             Err(shared) => Held::Shared(shared),
         };
     }
+}
+
+/// [`Held::with`] on a shared link, out of line: otherwise each use
+/// inlines its closure twice, and the copy for a body that is out (rare)
+/// would sit among the lines every request runs.
+#[inline(never)]
+fn with_shared<I, R>(shared: &Mutex<Link<I>>, f: impl FnOnce(&mut Link<I>) -> R) -> R {
+    f(&mut lock(shared))
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Link<I> {

@@ -195,7 +195,8 @@ pub fn drop_underscored(headers: &mut HeaderMap) {
 }
 
 /// Whether `token` is among the comma-separated tokens of the `name` headers.
-fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+#[inline(never)] // one copy, kept out of the request path's lines
+pub(crate) fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

@@ -1048,7 +1048,7 @@ impl Gateway {
     ) -> Template {
         let mut headers = std::mem::take(&mut parts.headers);
         // HTTP/2 lets `TE: trailers` through (gRPC servers look for it).
-        let trailers = http2 && asks_for_trailers(&headers);
+        let trailers = http2 && headers::has_token(&headers, header::TE, "trailers");
         headers::strip_hop_by_hop(&mut headers, upgrade);
         if trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -2036,18 +2036,6 @@ fn own_bit(name: &http::HeaderName) -> u16 {
     OWN.iter()
         .position(|own| *own == name)
         .map_or(0, |i| 1 << i)
-}
-
-/// Whether an HTTP/2 request's `TE` asks for trailers (gRPC's does).
-#[inline(never)] // kept out of the HTTP/1 request path
-fn asks_for_trailers(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
 }
 
 /// Removes the client's copies of the gateway's own fields (`present`:
