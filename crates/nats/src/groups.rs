@@ -3,7 +3,7 @@
 //! a KV bucket per group keeps, per message, its deliveries, lease, delay,
 //! ack subject and finished events, by the store's own clock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -368,6 +368,8 @@ impl Groups {
         let mut busy_keys: HashMap<String, u64> = HashMap::new();
         let mut out = Vec::new();
         let mut due_redriven = Vec::new();
+        // Messages given back below (NAK), which JetStream delivers again.
+        let mut given_back = HashSet::new();
         // Leases that ran out wait their backoff; due messages go back to
         // JetStream, which delivers them again on the pull below. With
         // `ordering = "key"`, a message waits (held) while an earlier
@@ -413,6 +415,7 @@ impl Groups {
                     .publish(reply.clone(), Bytes::from_static(b"-NAK"))
                     .await
                     .map_err(|e| failed("give a message back", e))?;
+                given_back.insert(sequence);
             }
             record.given = true;
             record.due_at = 0;
@@ -450,19 +453,40 @@ impl Groups {
         }
         // Messages with nothing to deliver (a stream's first message, types
         // the group does not want) are finished and more are pulled.
+        //
+        // A message given back comes again once JetStream has read the
+        // NAK, which a pull that takes only what is there can overtake:
+        // then one more pull waits for those (a `PULL_WAIT` at most).
+        let (mut wait, mut waited) = (false, false);
         loop {
             let wanted = room - out.len();
+            let asked = if wait {
+                wanted.min(given_back.len())
+            } else {
+                wanted
+            };
             let mut pulled = 0;
-            // What is there now; a pull no server answers (a leader lost
-            // in a failover) ends with its expiry instead of waiting on.
-            let mut batch = group
-                .consumer
-                .fetch()
-                .max_messages(wanted)
-                .expires(PULL_WAIT)
-                .messages()
-                .await
-                .map_err(|e| failed("pull from the group's consumer", e))?;
+            // A pull no server answers (a leader lost in a failover) ends
+            // with its expiry instead of waiting on.
+            let batch = if wait {
+                group
+                    .consumer
+                    .batch()
+                    .max_messages(asked)
+                    .expires(PULL_WAIT)
+                    .messages()
+                    .await
+            } else {
+                // What is there now.
+                group
+                    .consumer
+                    .fetch()
+                    .max_messages(asked)
+                    .expires(PULL_WAIT)
+                    .messages()
+                    .await
+            };
+            let mut batch = batch.map_err(|e| failed("pull from the group's consumer", e))?;
             loop {
                 let next = tokio::time::timeout(PULL_WAIT * 2, batch.next()).await;
                 let Ok(Some(message)) = next else {
@@ -474,6 +498,7 @@ impl Groups {
                     continue;
                 };
                 let sequence = info.stream_sequence;
+                given_back.remove(&sequence);
                 let reply = message.reply.as_ref().map(|r| r.to_string());
                 let headers = message.headers.clone().unwrap_or_default();
                 let place = Place {
@@ -530,8 +555,16 @@ impl Groups {
                 )
                 .await?;
             }
-            if pulled < wanted || out.len() >= room {
+            if out.len() >= room {
                 break;
+            }
+            if pulled < asked {
+                if waited || given_back.is_empty() {
+                    break;
+                }
+                (wait, waited) = (true, true);
+            } else {
+                wait = false;
             }
         }
         Ok(out)
