@@ -389,7 +389,8 @@ mod served {
     use bytes::{Bytes, BytesMut};
     use http::{Request, Response};
     use http_body_util::{BodyExt, Full};
-    use tidegate_gateway::http::body::{full, ClientBody, ProxyBody};
+    use tidegate_gateway::http::body::{full, ProxyBody};
+    use tidegate_gateway::http::fields::ClientRequest;
     use tidegate_gateway::http::h1::{Connection, Limits, Service};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -495,8 +496,11 @@ mod served {
     struct Recorder(Log);
 
     impl Service for Recorder {
-        async fn call(&self, request: Box<Request<ClientBody>>) -> Response<ProxyBody> {
-            note(&self.0, *request).await;
+        async fn call(&self, mut request: Box<ClientRequest>) -> Response<ProxyBody> {
+            // The fields as whatever reads them sees them: those that came
+            // as they were moved into the map.
+            request.map();
+            note(&self.0, request.request).await;
             let mut response = Response::new(full(Bytes::new()));
             *response.status_mut() = http::StatusCode::NOT_FOUND;
             response

@@ -325,13 +325,17 @@ pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
 /// The client's correlation ID, if it is at most 128 safe characters
 /// (letters, digits, `-_.:`).
 pub fn clients_correlation_id(headers: &HeaderMap) -> Option<&HeaderValue> {
-    first(headers, &CORRELATION_ID).filter(|v| {
-        let b = v.as_bytes();
-        !b.is_empty()
-            && b.len() <= 128
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
-    })
+    first(headers, &CORRELATION_ID).filter(|v| is_correlation_id(v.as_bytes()))
+}
+
+/// Whether `id` may be a correlation ID: 1 to 128 safe characters
+/// (letters, digits, `-_.:`).
+pub fn is_correlation_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
 }
 
 /// A new correlation ID: 32 random lowercase hex digits.

@@ -472,6 +472,62 @@ async fn absolute_form_to_an_unrouted_host_goes_nowhere() {
     assert_eq!(paths(&upstream.received()), ["/api/x"]);
 }
 
+/// A head the gateway passes on as it came (no map made for it): what
+/// the upstream gets is what it would get from a map.
+#[tokio::test]
+async fn a_head_passed_as_it_came_loses_hop_by_hop_fields_and_forged_own_ones() {
+    std::env::set_var("TIDEGATE_AS_IT_CAME_TOKEN", "s3cret");
+    let upstream = echo().await;
+    let gw = gateway(&catch_all(
+        &upstream.url(),
+        "internal_token_env = \"TIDEGATE_AS_IT_CAME_TOKEN\"",
+    ))
+    .await;
+    let request = "POST /c HTTP/1.1\r\nHOST: x\r\nConnection: Keep-Alive\r\n\
+                   Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eDp5\r\n\
+                   Proxy-Connection: keep-alive\r\nX-Internal-Token: forged\r\n\
+                   x-FORWARDED-for: 10.9.8.7\r\nX-Forwarded-For: 10.9.8.8\r\n\
+                   X-Forwarded-Host: forged\r\nTraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+                   X-Tidegate-Client-Identity: forged\r\nX-Correlation-Id: mine\r\n\
+                   Accept:  */*\r\nContent-Length: 3\r\ncontent-length: 3\r\nVary: a\r\nvary: b\r\n\
+                   Connection: close\r\n\r\nabc";
+    let answer = exchange(gw.addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("got 3"), "{answer}");
+    assert!(answer.contains("x-correlation-id: mine\r\n"), "{answer}");
+    let received = upstream.received();
+    let headers = &received[0].headers;
+    let all = |name: &str| -> Vec<&str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    for hop in [
+        "connection",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(all(hop).is_empty(), "{hop}: {:?}", all(hop));
+    }
+    assert!(all("x-tidegate-client-identity").is_empty());
+    assert_eq!(all("x-internal-token"), ["s3cret"]);
+    assert_eq!(all("x-forwarded-for"), ["10.9.8.7, 10.9.8.8, 127.0.0.1"]);
+    assert_eq!(all("x-forwarded-host"), ["x"]);
+    assert_eq!(all("x-correlation-id"), ["mine"]);
+    let trace = all("traceparent");
+    assert_eq!(trace.len(), 1);
+    assert!(trace[0].starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    assert!(!trace[0].contains("00f067aa0ba902b7"), "a new span");
+    assert_eq!(all("host"), ["x"]);
+    assert_eq!(all("accept"), ["*/*"]);
+    assert_eq!(all("content-length"), ["3"]);
+    assert_eq!(all("vary"), ["a", "b"]);
+}
+
 #[tokio::test]
 async fn connection_cannot_strip_the_headers_the_gateway_adds() {
     std::env::set_var("TIDEGATE_SMUGGLING_TOKEN", "s3cret");

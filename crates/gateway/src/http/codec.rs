@@ -141,8 +141,8 @@ pub(crate) fn decimal(digits: &[u8]) -> Option<u64> {
 /// Whether a comma-separated field value has `token` (an ASCII word), in
 /// any case.
 #[inline(never)] // one copy, not one in each head's field loop
-pub(crate) fn has_token(value: &HeaderValue, token: &str) -> bool {
-    tokens(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+pub(crate) fn has_token(value: &[u8], token: &str) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The comma-separated tokens of a field value, trimmed.

@@ -23,9 +23,9 @@ use std::fmt;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::Response;
+use http::{Request, Response};
 
-use crate::http::body::ProxyBody;
+use crate::http::body::{ClientBody, ProxyBody};
 use crate::http::codec::{field, Span};
 use crate::http::headers::OwnValue;
 
@@ -215,6 +215,240 @@ impl fmt::Debug for Received {
         f.debug_list()
             .entries(self.spans().iter().map(|span| {
                 String::from_utf8_lossy(&self.head[span[0] as usize..span[3] as usize])
+            }))
+            .finish()
+    }
+}
+
+/// A client's HTTP/1 request fields as its head has them, the request's
+/// header map left empty: what [`Received`] is to an answer. Whatever
+/// reads the request's fields beyond the few the gateway itself looks at
+/// (`Host`, `X-Correlation-Id`, `Content-Type`, `Idempotency-Key`, its
+/// own) first moves them into the map ([`Arrived::add_to`]), and reads
+/// the map. A head with what only a map handles (a body's transfer
+/// coding, an upgrade, fields a `Connection` names, a name with `_`,
+/// more fields than kept) is read into a map as it is parsed.
+#[derive(Clone)]
+pub struct Arrived {
+    head: Bytes,
+    spans: [Span; MAX_FIELDS],
+    len: u8,
+    /// Hop-by-hop fields: in the map until the gateway strips them.
+    hop: u32,
+    /// `content-length`: in the map, never written (the body's framing is).
+    framing: u32,
+    /// Fields not passed on: stripped hop-by-hop ones, the client's copies
+    /// of the gateway's own.
+    dropped: u32,
+    /// The length its `content-length` declares.
+    length: Option<u64>,
+}
+
+/// A client's request and, for one read as it came, its fields (see
+/// [`Arrived`]). Boxed whole: it is moved through several layers.
+#[derive(Debug)]
+pub struct ClientRequest {
+    /// The request; its header map is empty when `fields` has them.
+    pub request: Request<ClientBody>,
+    /// Its fields as they came.
+    pub fields: Option<Arrived>,
+}
+
+impl ClientRequest {
+    /// `request`, its fields in its map.
+    pub fn mapped(request: Request<ClientBody>) -> Box<Self> {
+        Box::new(ClientRequest {
+            request,
+            fields: None,
+        })
+    }
+
+    /// The first value of its field `name` (a lowercase name), wherever
+    /// it is.
+    pub fn field(&self, name: &HeaderName) -> Option<&[u8]> {
+        match &self.fields {
+            Some(fields) => fields.get(name),
+            None => first(self.request.headers(), name),
+        }
+    }
+
+    /// The first value of its field `name` (a lowercase name), wherever
+    /// it is, as a value (sharing the head).
+    pub fn field_value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        match &self.fields {
+            Some(fields) => fields.position(name).map(|i| fields.value(i)),
+            None => tidegate_client::headers::first(self.request.headers(), name).cloned(),
+        }
+    }
+
+    /// Its fields all in its map.
+    pub fn map(&mut self) -> &mut HeaderMap {
+        into_map(&mut self.fields, self.request.headers_mut());
+        self.request.headers_mut()
+    }
+}
+
+/// Moves `fields`, if any, into `map`.
+pub fn into_map(fields: &mut Option<Arrived>, map: &mut HeaderMap) {
+    if let Some(fields) = fields.take() {
+        fields.add_to(map);
+    }
+}
+
+/// The first value of `name` in `map`, as bytes.
+fn first<'a>(map: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
+    tidegate_client::headers::first(map, name).map(HeaderValue::as_bytes)
+}
+
+impl Arrived {
+    /// None yet, of `head`.
+    pub(crate) fn new(head: Bytes) -> Self {
+        Arrived {
+            head,
+            spans: [[0; 4]; MAX_FIELDS],
+            len: 0,
+            hop: 0,
+            framing: 0,
+            dropped: 0,
+            length: None,
+        }
+    }
+
+    /// Keeps the field at `span`; false when there is no room.
+    pub(crate) fn push(&mut self, span: Span) -> bool {
+        let Some(slot) = self.spans.get_mut(usize::from(self.len)) else {
+            return false;
+        };
+        *slot = span;
+        self.len += 1;
+        true
+    }
+
+    /// Keeps a hop-by-hop field.
+    pub(crate) fn push_hop(&mut self, span: Span) -> bool {
+        let at = self.len;
+        self.push(span) && {
+            self.hop |= 1 << at;
+            true
+        }
+    }
+
+    /// Keeps the `content-length` field.
+    pub(crate) fn push_length(&mut self, span: Span) -> bool {
+        let at = self.len;
+        self.push(span) && {
+            self.framing |= 1 << at;
+            true
+        }
+    }
+
+    /// Notes the length its `content-length` declares.
+    pub(crate) fn declare(&mut self, length: Option<u64>) {
+        self.length = length;
+    }
+
+    /// The length its `content-length` declares.
+    pub fn length(&self) -> Option<u64> {
+        self.length
+    }
+
+    /// The bytes of the head they came in: at least what they take written.
+    pub fn size(&self) -> usize {
+        self.head.len()
+    }
+
+    fn spans(&self) -> &[Span] {
+        &self.spans[..usize::from(self.len)]
+    }
+
+    /// Each field not dropped: its index, name and value.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &[u8], &[u8])> {
+        self.spans()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.dropped & 1 << i == 0)
+            .map(|(i, span)| {
+                (
+                    i,
+                    &self.head[span[0] as usize..span[1] as usize],
+                    &self.head[span[2] as usize..span[3] as usize],
+                )
+            })
+    }
+
+    /// The values of its fields named `name` (a lowercase name).
+    pub fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(_, n, _)| same(name, n))
+            .map(|(_, _, value)| value)
+    }
+
+    /// The index of its first field `name` (a lowercase name).
+    pub fn position(&self, name: &HeaderName) -> Option<usize> {
+        self.iter()
+            .find(|(_, n, _)| same(name, n))
+            .map(|(i, _, _)| i)
+    }
+
+    /// The first value of its field `name` (a lowercase name).
+    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.iter()
+            .find(|(_, n, _)| same(name, n))
+            .map(|(_, _, value)| value)
+    }
+
+    /// The value of field `i` as a header value, sharing the head.
+    pub fn value(&self, i: usize) -> HeaderValue {
+        let span = self.spans[i];
+        HeaderValue::from_maybe_shared(self.head.slice(span[2] as usize..span[3] as usize))
+            .expect("httparse read it: visible text")
+    }
+
+    /// The fields of the bits of `which` (by index) are not passed on.
+    pub fn drop_fields(&mut self, which: u32) {
+        self.dropped |= which;
+    }
+
+    /// Its hop-by-hop fields are not passed on.
+    pub fn strip_hop_by_hop(&mut self) {
+        self.dropped |= self.hop;
+        self.hop = 0;
+    }
+
+    /// Writes the fields passed on as they are, as `name: value` lines:
+    /// neither hop-by-hop ones nor `content-length` (the body's framing
+    /// is written), nor those dropped.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let skipped = self.hop | self.framing | self.dropped;
+        for (i, span) in self.spans().iter().enumerate() {
+            if skipped & 1 << i == 0 {
+                // `name:`, the whitespace httparse allows after it, the value.
+                out.extend_from_slice(&self.head[span[0] as usize..span[3] as usize]);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// Adds the fields not dropped to `map` (after those it has).
+    #[inline(never)] // out of the request path's lines: few requests need a map
+    pub fn add_to(self, map: &mut HeaderMap) {
+        map.reserve(usize::from(self.len));
+        for (i, name, _) in self.iter() {
+            let name = HeaderName::from_bytes(name).expect("httparse read it: a token");
+            map.append(name, self.value(i));
+        }
+    }
+}
+
+impl fmt::Debug for Arrived {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|(_, name, value)| {
+                format!(
+                    "{}: {}",
+                    String::from_utf8_lossy(name),
+                    String::from_utf8_lossy(value)
+                )
             }))
             .finish()
     }

@@ -60,10 +60,11 @@ use tokio::time::Instant;
 
 use crate::http::body::{BoxError, ClientBody, ProxyBody};
 use crate::http::codec::{
-    decimal, field, has_token, note_spans, poll_fill, trailer_names, Chunked, Decoder, Framing,
-    Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
+    decimal, field, has_token, note_spans, poll_fill, tokens, trailer_names, Chunked, Decoder,
+    Framing, Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
 use crate::http::conn::{Io, Primed, Stall};
+use crate::http::fields::{self, Arrived, ClientRequest};
 use crate::observe::watch::until_stopped;
 use crate::proxy::deadline::{Alarm, Deadlines};
 
@@ -92,7 +93,7 @@ pub trait Service {
     /// each of which would otherwise copy it whole.
     fn call(
         &self,
-        request: Box<Request<ClientBody>>,
+        request: Box<ClientRequest>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
 }
 
@@ -375,11 +376,11 @@ impl<S: Service> Served<S> {
             trailers,
         } = head;
         let asked = Asked {
-            version: request.version(),
-            head: request.method() == Method::HEAD,
+            version: request.request.version(),
+            head: request.request.method() == Method::HEAD,
             trailers,
         };
-        *request.body_mut() = match body {
+        *request.request.body_mut() = match body {
             None => ClientBody::Empty,
             Some(decoder) => {
                 let left = match &decoder {
@@ -405,12 +406,13 @@ impl<S: Service> Served<S> {
         };
         // (A client's own copy was dropped with its head.)
         if let Some(identity) = &self.identity {
-            let headers = request.headers_mut();
+            let headers = request.request.headers_mut();
             headers.insert(&crate::http::tls::CLIENT_IDENTITY, identity.clone());
         }
         let upgrade = upgrade.then(|| {
             let (to, on) = oneshot::channel();
             request
+                .request
                 .extensions_mut()
                 .insert(OnUpgrade(Arc::new(Mutex::new(Some(on)))));
             to
@@ -949,7 +951,7 @@ impl Refusal {
 struct Head {
     /// Boxed: the head is handed up through the read, its cut-off and the
     /// connection's loop, and the request on through the gateway.
-    request: Box<Request<ClientBody>>,
+    request: Box<ClientRequest>,
     /// How its body is read; `None`: it has none.
     body: Option<Decoder>,
     keep_alive: bool,
@@ -1021,7 +1023,6 @@ fn parse_head(
     let head = read.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target_at..target_end))
         .map_err(|_| Refusal::bad("invalid target"))?;
-    let mut headers = HeaderMap::with_capacity(spans.len() + 6);
     let mut keep_alive = version == Version::HTTP_11;
     let mut close = false;
     let mut length: Option<u64> = None;
@@ -1030,47 +1031,75 @@ fn parse_head(
     let mut expect_continue = false;
     let mut upgrade = false;
     let mut trailers = false;
+    // The fields are kept as they came until one needs a map: then those
+    // kept move into one, and it takes the rest.
+    let mut arrived = (spans.len() <= fields::MAX_FIELDS).then(|| Arrived::new(head.clone()));
+    let mut headers = HeaderMap::new();
     for &[n0, n1, v0, v1] in spans.iter() {
         let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| Refusal::bad("invalid field name"))?;
-        if name == crate::http::tls::CLIENT_IDENTITY {
-            // Only the gateway says who a client is.
-            continue;
+        let (name, value) = (&head[n0..n1], &head[v0..v1]);
+        let known = Known::of(name);
+        let mut hop = false;
+        match known {
+            Known::ClientIdentity => continue, // only the gateway says who a client is
+            Known::ContentLength => {
+                let n = decimal(value).ok_or(Refusal::bad("its Content-Length is not a number"))?;
+                match length {
+                    Some(l) if l != n => {
+                        return Err(Refusal::bad("its Content-Length fields differ"))
+                    }
+                    // One field is kept of several that agree.
+                    Some(_) => continue,
+                    None => length = Some(n),
+                }
+            }
+            Known::TransferEncoding => {
+                if version == Version::HTTP_10 {
+                    return Err(Refusal::bad("Transfer-Encoding on HTTP/1.0"));
+                }
+                let (named, last) = chunked_codings(value);
+                chunked_named += named;
+                chunked = Some(last);
+            }
+            Known::Connection => {
+                if close || has_token(value, "close") {
+                    close = true;
+                    keep_alive = false;
+                } else if !keep_alive {
+                    keep_alive = has_token(value, "keep-alive");
+                }
+                hop = true;
+            }
+            Known::Expect => expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
+            Known::Upgrade => upgrade = version == Version::HTTP_11,
+            Known::Te => {
+                trailers |= has_token(value, "trailers");
+                hop = true;
+            }
+            Known::HopByHop => hop = true,
+            Known::Other => {}
         }
+        if let Some(kept) = &mut arrived {
+            let pushed = match known {
+                Known::ContentLength => kept.push_length(span_of(n0, n1, v0, v1)),
+                Known::Connection if !names_only_options(value) => false,
+                Known::TransferEncoding | Known::Upgrade => false,
+                Known::Other if name.len() > MAX_KEPT_NAME || name.contains(&b'_') => false,
+                _ if hop => kept.push_hop(span_of(n0, n1, v0, v1)),
+                _ => kept.push(span_of(n0, n1, v0, v1)),
+            };
+            if pushed {
+                continue;
+            }
+            headers = to_map(arrived.take(), spans.len());
+        }
+        let name = HeaderName::from_bytes(name).map_err(|_| Refusal::bad("invalid field name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| Refusal::bad("invalid field value"))?;
-        if name == header::CONTENT_LENGTH {
-            let n = decimal(value.as_bytes())
-                .ok_or(Refusal::bad("its Content-Length is not a number"))?;
-            match length {
-                Some(l) if l != n => return Err(Refusal::bad("its Content-Length fields differ")),
-                // One field is kept of several that agree.
-                Some(_) => continue,
-                None => length = Some(n),
-            }
-        } else if name == header::TRANSFER_ENCODING {
-            if version == Version::HTTP_10 {
-                return Err(Refusal::bad("Transfer-Encoding on HTTP/1.0"));
-            }
-            let (named, last) = chunked_codings(&value);
-            chunked_named += named;
-            chunked = Some(last);
-        } else if name == header::CONNECTION {
-            if close || has_token(&value, "close") {
-                close = true;
-                keep_alive = false;
-            } else if !keep_alive {
-                keep_alive = has_token(&value, "keep-alive");
-            }
-        } else if name == header::EXPECT {
-            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-        } else if name == header::UPGRADE {
-            upgrade = version == Version::HTTP_11;
-        } else if name == header::TE {
-            trailers |= has_token(&value, "trailers");
-        }
         headers.append(name, value);
+    }
+    if let Some(kept) = &mut arrived {
+        kept.declare(length);
     }
     let body = match (length, chunked) {
         (Some(_), Some(_)) => {
@@ -1088,13 +1117,16 @@ fn parse_head(
         (Some(0) | None, None) => None,
         (Some(n), None) => Some(Decoder::Length(n)),
     };
-    let mut request = Box::new(Request::new(ClientBody::Empty));
+    let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
     Ok(Some(Head {
-        request,
+        request: Box::new(ClientRequest {
+            request,
+            fields: arrived,
+        }),
         body,
         keep_alive,
         expect_continue,
@@ -1103,19 +1135,81 @@ fn parse_head(
     }))
 }
 
+/// The longest field name kept as it came (a map checks longer ones).
+const MAX_KEPT_NAME: usize = 256;
+
+/// What a request field is to its connection and to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
+    Upgrade,
+    Te,
+    /// Another hop-by-hop field (`Keep-Alive`, `Proxy-*`).
+    HopByHop,
+    /// A client's copy of the verified identity field.
+    ClientIdentity,
+    Other,
+}
+
+impl Known {
+    /// What the field named `name` (any case) is. Told by length first:
+    /// most names are ruled out by that alone.
+    fn of(name: &[u8]) -> Known {
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        match name.len() {
+            2 if is("te") => Known::Te,
+            6 if is("expect") => Known::Expect,
+            7 if is("upgrade") => Known::Upgrade,
+            10 if is("connection") => Known::Connection,
+            10 if is("keep-alive") => Known::HopByHop,
+            14 if is("content-length") => Known::ContentLength,
+            16 if is("proxy-connection") => Known::HopByHop,
+            17 if is("transfer-encoding") => Known::TransferEncoding,
+            18 if is("proxy-authenticate") => Known::HopByHop,
+            19 if is("proxy-authorization") => Known::HopByHop,
+            26 if is(crate::http::tls::CLIENT_IDENTITY.as_str()) => Known::ClientIdentity,
+            _ => Known::Other,
+        }
+    }
+}
+
+/// Whether a `Connection` value names no field, only `close` or
+/// `keep-alive` (fields it names are stripped from a map).
+fn names_only_options(value: &[u8]) -> bool {
+    tokens(value).all(|t| t.eq_ignore_ascii_case(b"close") || t.eq_ignore_ascii_case(b"keep-alive"))
+}
+
+/// The span of a field from its bounds.
+fn span_of(n0: usize, n1: usize, v0: usize, v1: usize) -> Span {
+    [n0 as u32, n1 as u32, v0 as u32, v1 as u32]
+}
+
+/// The fields kept as they came, in a map.
+#[cold]
+fn to_map(arrived: Option<Arrived>, fields: usize) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(fields + 6);
+    if let Some(arrived) = arrived {
+        arrived.add_to(&mut map);
+    }
+    map
+}
+
 /// How many of a `Transfer-Encoding` value's codings are `chunked`, and
 /// whether the last one is. Out of line: few requests have a body of
 /// unknown length.
 #[inline(never)]
-fn chunked_codings(value: &HeaderValue) -> (usize, bool) {
-    let mut codings = value.as_bytes().split(|&b| b == b',');
+fn chunked_codings(value: &[u8]) -> (usize, bool) {
+    let mut codings = value.split(|&b| b == b',');
     let named = codings
         .clone()
         .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
         .count();
     let last = codings.next_back().unwrap_or_default();
     // (A value that is not visible ASCII names no coding, as for hyper.)
-    let last = value.to_str().is_ok() && last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+    let last = value.is_ascii() && last.trim_ascii().eq_ignore_ascii_case(b"chunked");
     (named, last)
 }
 
@@ -1170,7 +1264,7 @@ fn encode(
         }
         dated |= *name == header::DATE;
         if *name == header::CONNECTION && !switching {
-            if has_token(value, "close") {
+            if has_token(value.as_bytes(), "close") {
                 *keep_alive = false;
             }
             continue;
@@ -1273,8 +1367,10 @@ mod tests {
     struct Answering(fn(&http::request::Parts, Bytes) -> Response<ProxyBody>);
 
     impl Service for Answering {
-        async fn call(&self, request: Box<Request<ClientBody>>) -> Response<ProxyBody> {
-            let (parts, body) = request.into_parts();
+        async fn call(&self, mut request: Box<ClientRequest>) -> Response<ProxyBody> {
+            // The fields, as any reader but the gateway's fast path sees them.
+            request.map();
+            let (parts, body) = request.request.into_parts();
             match body.collect().await {
                 Ok(body) => (self.0)(&parts, body.to_bytes()),
                 Err(e) => {
@@ -1293,6 +1389,60 @@ mod tests {
     impl std::task::Wake for Wakes {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// `head` parsed: its request, whose fields came as they were or not.
+    fn parsed(head: &str) -> Box<ClientRequest> {
+        let mut read = BytesMut::from(head);
+        let mut spans = Vec::new();
+        parse_head(&mut read, &mut spans, 1 << 16)
+            .expect("a valid head")
+            .expect("a whole head")
+            .request
+    }
+
+    #[test]
+    fn a_head_is_kept_as_it_came_unless_only_a_map_can_pass_it_on() {
+        let mut kept = parsed(
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive\r\nTE: trailers\r\n\
+             X-A:  1\r\nContent-Length: 2\r\ncontent-length: 2\r\nx-tidegate-client-identity: me\r\n\r\n",
+        );
+        assert!(kept.request.headers().is_empty());
+        let fields = kept.fields.as_mut().expect("kept as they came");
+        assert_eq!(fields.length(), Some(2));
+        assert_eq!(fields.get(&header::HOST), Some(&b"x"[..]));
+        let mut out = Vec::new();
+        fields.write(&mut out);
+        assert_eq!(
+            out, b"Host: x\r\nX-A:  1\r\n",
+            "hop-by-hop and framing fields aside"
+        );
+        fields.strip_hop_by_hop();
+        // A map has them as a map read from the head would, one
+        // `content-length` of those that agree, the identity dropped.
+        let map = kept.map();
+        assert_eq!(map.len(), 3);
+        assert_eq!(map["x-a"], "1");
+        assert_eq!(map["content-length"], "2");
+        assert!(kept.fields.is_none());
+
+        let many = (0..fields::MAX_FIELDS)
+            .map(|i| format!("x-{i}: {i}\r\n"))
+            .collect::<String>();
+        for head in [
+            "Transfer-Encoding: chunked\r\n".to_owned(),
+            "Connection: upgrade\r\nUpgrade: websocket\r\n".to_owned(),
+            "Connection: x-private\r\nx-private: 1\r\n".to_owned(),
+            "X_Under: 1\r\n".to_owned(),
+            many,
+        ] {
+            let request = parsed(&format!("POST / HTTP/1.1\r\nHost: x\r\nA: 1\r\n{head}\r\n"));
+            assert!(request.fields.is_none(), "{head}");
+            let map = request.request.headers();
+            assert_eq!(map["host"], "x", "{head}");
+            assert_eq!(map["a"], "1", "{head}");
+            assert_eq!(map.len(), head.matches("\r\n").count() + 2, "{head}");
         }
     }
 
@@ -1469,7 +1619,7 @@ mod tests {
         // closes, since the body may still come.
         struct Early;
         impl Service for Early {
-            async fn call(&self, _: Box<Request<ClientBody>>) -> Response<ProxyBody> {
+            async fn call(&self, _: Box<ClientRequest>) -> Response<ProxyBody> {
                 let mut response = Response::new(body::full("too large"));
                 *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
                 response

@@ -21,11 +21,11 @@ pub enum OwnValue {
 }
 
 impl OwnValue {
-    /// The request's correlation ID: the client's if it sent a valid one,
-    /// else a new one.
-    pub fn request_id(headers: &HeaderMap) -> Self {
-        match tidegate_client::headers::clients_correlation_id(headers) {
-            Some(theirs) => OwnValue::Header(theirs.clone()),
+    /// The request's correlation ID: the client's (`theirs`, its first
+    /// `x-correlation-id`) if it is a valid one, else a new one.
+    pub fn request_id(theirs: Option<HeaderValue>) -> Self {
+        match theirs.filter(|id| tidegate_client::headers::is_correlation_id(id.as_bytes())) {
+            Some(theirs) => OwnValue::Header(theirs),
             None => OwnValue::Hex(tidegate_client::headers::new_id_hex()),
         }
     }

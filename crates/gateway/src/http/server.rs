@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::http::body::{ClientBody, ProxyBody};
 use crate::http::conn::{sniff, Primed, Protocol};
+use crate::http::fields::ClientRequest;
 use crate::http::h1::{self, Limits};
 use crate::http::headers;
 use crate::http::resets::Resets;
@@ -403,7 +404,7 @@ struct Proxied {
 impl h1::Service for Proxied {
     fn call(
         &self,
-        request: Box<Request<ClientBody>>,
+        request: Box<ClientRequest>,
     ) -> impl std::future::Future<Output = http::Response<ProxyBody>> + Send + '_ {
         self.gateway.handle(request, self.peer, &self.client)
     }
@@ -478,11 +479,17 @@ impl Serving {
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "this connection is closing: too many cancelled requests",
                             );
-                            let request_id = headers::OwnValue::request_id(req.headers());
+                            let theirs = tidegate_client::headers::first(
+                                req.headers(),
+                                &headers::CORRELATION_ID,
+                            );
+                            let request_id = headers::OwnValue::request_id(theirs.cloned());
                             return Ok::<_, Infallible>(reply.into_response(&request_id));
                         }
                         let started = resets.start();
-                        let response = gateway.handle(Box::new(req), peer, &client).await;
+                        let response = gateway
+                            .handle(ClientRequest::mapped(req), peer, &client)
+                            .await;
                         started.finish();
                         // hyper writes the header map alone.
                         Ok(crate::http::fields::materialized(response))

@@ -86,10 +86,12 @@ impl Gateway {
             paths.push(path);
         }
         // The headers every part is sent: the request's, as any route's
-        // upstream gets them, without those of a body.
+        // upstream gets them, without those of a body. (A composition
+        // route's request has its fields in its map.)
         let template = self.upstream_head(
             table,
             &mut request,
+            None,
             route,
             credential,
             client,

@@ -42,7 +42,7 @@ use crate::http::codec::{
     content_length, field, note_spans, poll_fill, tokens, trailer_names, Decoder, Framing, Invalid,
     Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
-use crate::http::fields::{Received, MAX_FIELDS};
+use crate::http::fields::{Arrived, Received, MAX_FIELDS};
 use crate::http::headers;
 
 /// A response head's bytes at most (hyper's default read buffer limit).
@@ -313,6 +313,8 @@ pub struct Head<'a> {
     pub target: &'a PathAndQuery,
     /// Its fields (framing fields aside: the body decides them).
     pub headers: &'a HeaderMap,
+    /// Fields written as they came after `headers` (see [`Arrived`]).
+    pub fields: Option<&'a Arrived>,
     /// Fields written after `headers`, as they are: `name: value\r\n`
     /// lines (the request's, then the attempt's), none of whose names
     /// `headers` has.
@@ -351,6 +353,7 @@ impl Prepared {
             method: &parts.method,
             target: parts.uri.path_and_query().unwrap_or(&root),
             headers: &parts.headers,
+            fields: None,
             lines: [&[], &[]],
             host,
             upgrade: crate::proxy::client::asks_upgrade(&parts.method, &parts.headers),
@@ -365,7 +368,8 @@ fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
     use http_body::Body as _;
     let headers = head.headers;
     let lines = head.lines[0].len() + head.lines[1].len();
-    let mut out = Vec::with_capacity(256 + headers.len() * 48 + lines);
+    let arrived = head.fields.map_or(0, Arrived::size);
+    let mut out = Vec::with_capacity(256 + headers.len() * 48 + arrived + lines);
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(head.target.as_str().as_bytes());
@@ -381,6 +385,11 @@ fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
             host |= *name == header::HOST;
             field(&mut out, name, value.as_bytes());
         }
+    }
+    if let Some(fields) = head.fields {
+        fields.write(&mut out);
+        host |= fields.get(&header::HOST).is_some();
+        length |= fields.length().is_some();
     }
     for lines in head.lines {
         out.extend_from_slice(lines);
@@ -398,7 +407,9 @@ fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
         let length = if coding {
             None
         } else {
-            content_length(headers).or_else(|| body.size_hint().exact())
+            content_length(headers)
+                .or_else(|| head.fields.and_then(Arrived::length))
+                .or_else(|| body.size_hint().exact())
         };
         let framing = match length {
             Some(len) => {

@@ -32,7 +32,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, Entry, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
@@ -51,7 +51,7 @@ use crate::config::{
 };
 use crate::http::body::{self, is_body_too_large, ClientBody, ProxyBody, RequestBody};
 use crate::http::codec::field;
-use crate::http::fields;
+use crate::http::fields::{self, Arrived, ClientRequest};
 use crate::http::h1::OnUpgrade;
 use crate::http::headers::{self, OwnValue, CORRELATION_ID};
 use crate::http::path;
@@ -337,15 +337,15 @@ impl Gateway {
     /// through `upstream_client`.
     pub async fn handle(
         &self,
-        mut req: Box<Request<ClientBody>>,
+        mut req: Box<ClientRequest>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let request_id = OwnValue::request_id(req.headers());
-        let method = req.method().clone();
+        let request_id = OwnValue::request_id(req.field_value(&CORRELATION_ID));
+        let method = req.request.method().clone();
         // Every gRPC call is a POST: other requests need no header lookup.
-        let grpc = req.method() == Method::POST && grpc::is_grpc(req.headers());
+        let grpc = method == Method::POST && grpc::is_grpc(req.field(&header::CONTENT_TYPE));
         let table = self.table();
         let mut log = Access {
             route: &self.none,
@@ -360,16 +360,16 @@ impl Gateway {
             answered_at: None,
         };
         let span = self.telemetry.as_ref().map(|telemetry| {
-            let span = telemetry.begin(req.headers().get(&headers::TRACEPARENT));
+            let headers = req.map();
+            let span = telemetry.begin(headers.get(&headers::TRACEPARENT));
             // The upstream hop is this span's child.
-            req.headers_mut()
-                .insert(&headers::TRACEPARENT, span.traceparent());
+            headers.insert(&headers::TRACEPARENT, span.traceparent());
             span
         });
         log.span = span.and_then(|s| s.recorded());
         let path = span
             .filter(Span::is_recorded)
-            .map(|_| req.uri().path().to_owned());
+            .map(|_| req.request.uri().path().to_owned());
         let mut response = match self
             .route_and_forward(
                 &table,
@@ -452,25 +452,40 @@ impl Gateway {
     async fn route_and_forward<'t>(
         &self,
         table: &'t Table,
-        mut req: Box<Request<ClientBody>>,
+        mut req: Box<ClientRequest>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
         request_id: &OwnValue,
         grpc: bool,
         log: &mut Access<'t>,
     ) -> Result<Response<ProxyBody>, Reply> {
-        if req.method() == Method::CONNECT {
+        if req.request.method() == Method::CONNECT {
             return Err(Reply::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT is not supported: this is not an open proxy",
             ));
         }
-        if !has_valid_host(req.version(), req.headers()) {
+        if grpc || table.router.matches_fields() || table.edge.has_keys() {
+            req.map();
+        }
+        let version = req.request.version();
+        let valid_host = match &req.fields {
+            Some(fields) => has_valid_host(version, fields.values(&header::HOST)),
+            None => {
+                let hosts = headers::values(req.request.headers(), &header::HOST);
+                has_valid_host(version, hosts.map(HeaderValue::as_bytes))
+            }
+        };
+        if !valid_host {
             // RFC 9112 §3.2: which host was meant is not clear.
             return Err(Reply::malformed(
                 "a request needs one valid Host header (HTTP/1.1: exactly one)",
             ));
         }
+        let ClientRequest {
+            request: mut req,
+            mut fields,
+        } = *req;
         let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
             + req.uri().authority().map_or(0, |a| a.as_str().len());
         if target_len > table.settings.max_uri_bytes {
@@ -482,7 +497,8 @@ impl Gateway {
         // The client's side of a WebSocket handshake, joined once the
         // upstream completes it; any other upgrade is not passed on. Only
         // a request whose connection can be handed over (its connection
-        // marked it, as an HTTP/1.1 request with `Upgrade`) is read for one.
+        // marked it, as an HTTP/1.1 request with `Upgrade`, whose fields
+        // are in its map) is read for one.
         let mut websocket = req
             .extensions()
             .get::<OnUpgrade>()
@@ -501,6 +517,9 @@ impl Gateway {
             ));
         };
         log.route = &route.label;
+        if route.reads_fields {
+            fields::into_map(&mut fields, &mut parts.headers);
+        }
         let upstream = match &route.config.target {
             Target::Compose(composition) => {
                 drop(incoming);
@@ -528,6 +547,8 @@ impl Gateway {
         if upstream.may_be_http2() {
             // HTTP/2 has no Upgrade (RFC 9113 §8.6): a plain request.
             (websocket, upgrade) = (None, None);
+            // hyper writes the header map alone.
+            fields::into_map(&mut fields, &mut parts.headers);
         }
         log.upstream = &upstream.label;
         log.traffic = Some(&upstream.traffic);
@@ -563,7 +584,10 @@ impl Gateway {
             _ => None,
         };
         let idempotent = headers::is_idempotent(&parts.method)
-            || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY);
+            || parts.headers.contains_key(&headers::IDEMPOTENCY_KEY)
+            || fields
+                .as_ref()
+                .is_some_and(|f| f.get(&headers::IDEMPOTENCY_KEY).is_some());
         // A gRPC call's own deadline bounds the policy's; each attempt
         // tells the upstream what is left of it.
         let limit = if grpc {
@@ -576,6 +600,7 @@ impl Gateway {
         let template = self.upstream_head(
             table,
             &mut parts,
+            fields,
             &route.config,
             credential,
             client,
@@ -1033,12 +1058,16 @@ impl Gateway {
         }
     }
 
-    /// The upstream request head, minus body and deadline.
+    /// The upstream request head, minus body and deadline: the client's
+    /// fields (those that came as they were, `fields`, and those in its
+    /// map) but hop-by-hop ones and its copies of the gateway's own, then
+    /// the gateway's.
     #[allow(clippy::too_many_arguments)]
     fn upstream_head(
         &self,
         table: &Table,
         parts: &mut http::request::Parts,
+        mut fields: Option<Arrived>,
         route: &RouteConfig,
         credential: Credential<'_>,
         client: SocketAddr,
@@ -1046,6 +1075,10 @@ impl Gateway {
         upgrade: bool,
         http2: bool,
     ) -> Template {
+        if http2 || matches!(credential, Credential::Valid(..)) {
+            // (Both are read from a map already; this keeps it so.)
+            fields::into_map(&mut fields, &mut parts.headers);
+        }
         let mut headers = std::mem::take(&mut parts.headers);
         // HTTP/2 lets `TE: trailers` through (gRPC servers look for it).
         let trailers = http2 && headers::has_token(&headers, header::TE, "trailers");
@@ -1060,24 +1093,34 @@ impl Gateway {
         // The gateway's own fields are written after the client's, from
         // `lines` (no map entry for each): a client's copy of one never
         // passes, and its `x-forwarded-for` chain is continued.
+        let (mut parent, mut chain) = match &mut fields {
+            Some(fields) => {
+                fields.strip_hop_by_hop();
+                take_own_arrived(fields)
+            }
+            None => (None, Vec::new()),
+        };
         let mut present = 0u16;
         for name in headers.keys() {
             // Each of them begins `x` or `t`: other fields are passed by
             // in a byte, and the comparisons stay out of line.
             if matches!(name.as_str().as_bytes()[0], b'x' | b't') {
-                present |= own_bit(name);
+                present |= own_bit(name.as_str().as_bytes());
             }
         }
-        let (parent, chain) = match present {
-            0 => (None, Vec::new()),
-            present => take_own(&mut headers, present),
-        };
+        if present != 0 {
+            (parent, chain) = take_own(&mut headers, present);
+        }
         let mut lines = Vec::with_capacity(256);
         if let Credential::Valid(key, from) = credential {
             key_lines(table, key, from, &mut headers, &mut lines);
         }
-        match headers::first(&headers, &header::HOST) {
-            Some(host) => field(&mut lines, &headers::FORWARDED_HOST, host.as_bytes()),
+        let host = match &fields {
+            Some(fields) => fields.get(&header::HOST),
+            None => headers::first(&headers, &header::HOST).map(HeaderValue::as_bytes),
+        };
+        match host {
+            Some(host) => field(&mut lines, &headers::FORWARDED_HOST, host),
             None => {
                 if let Some(host) = host_of_target(&parts.uri) {
                     field(&mut lines, &headers::FORWARDED_HOST, host.as_bytes());
@@ -1122,6 +1165,7 @@ impl Gateway {
                 path_and_query,
                 headers,
             },
+            fields,
             upgrade,
             lines,
             traceparent: Some(traceparent),
@@ -1172,6 +1216,7 @@ impl Gateway {
             method: &template.method,
             target: &template.path_and_query,
             headers: &template.headers,
+            fields: call.template.fields.as_ref(),
             lines: [&call.template.lines, &extra],
             host: endpoint.to.authority().as_str(),
             upgrade: call.template.upgrade,
@@ -1636,6 +1681,9 @@ struct Head {
 #[derive(Debug)]
 struct Template {
     head: Head,
+    /// The client's fields that came as they were (see [`Arrived`]),
+    /// written after `head.headers`; none of their names is in `lines`.
+    fields: Option<Arrived>,
     /// `name: value\r\n` each; none of their names is in `head.headers`.
     lines: Vec<u8>,
     /// Whether the head asks to switch protocols (its `Upgrade` kept) or
@@ -1677,14 +1725,16 @@ impl Template {
         Template {
             upgrade: client::asks_upgrade(&head.method, &head.headers),
             head,
+            fields: None,
             lines: Vec::new(),
             traceparent,
         }
     }
 
     /// All its fields in one map.
-    fn into_headers(self) -> HeaderMap {
+    fn into_headers(mut self) -> HeaderMap {
         let mut headers = self.head.headers;
+        fields::into_map(&mut self.fields, &mut headers);
         h1::add_lines(&mut headers, &self.lines);
         if let Some(traceparent) = self.traceparent {
             let value = HeaderValue::from_bytes(&traceparent).expect("a header value's bytes");
@@ -1697,6 +1747,9 @@ impl Template {
     fn field(&self, name: &http::HeaderName) -> Option<&[u8]> {
         if let Some(value) = self.head.headers.get(name) {
             return Some(value.as_bytes());
+        }
+        if let Some(value) = self.fields.as_ref().and_then(|f| f.get(name)) {
+            return Some(value);
         }
         if *name == headers::TRACEPARENT {
             return self.traceparent.as_ref().map(|t| &t[..]);
@@ -2013,10 +2066,9 @@ async fn read_body(
 
 /// Whether a request's `Host` is clear (RFC 9112 §3.2): at most one, and
 /// valid; exactly one in HTTP/1.1 (HTTP/2 names the host in `:authority`).
-fn has_valid_host(version: Version, headers: &HeaderMap) -> bool {
-    let mut hosts = headers::values(headers, &header::HOST);
+fn has_valid_host<'a>(version: Version, mut hosts: impl Iterator<Item = &'a [u8]>) -> bool {
     match (hosts.next(), hosts.next()) {
-        (Some(host), None) => headers::is_valid_host(host.as_bytes()),
+        (Some(host), None) => headers::is_valid_host(host),
         (None, None) => version != Version::HTTP_11,
         _ => false,
     }
@@ -2030,12 +2082,42 @@ fn host_of_target(uri: &http::Uri) -> Option<HeaderValue> {
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
 }
 
-/// The bit of `name` in [`OWN`], or `0`.
+/// The bit of the field named `name` (any case) in [`OWN`], or `0`.
 #[inline(never)]
-fn own_bit(name: &http::HeaderName) -> u16 {
+fn own_bit(name: &[u8]) -> u16 {
     OWN.iter()
-        .position(|own| *own == name)
+        .position(|own| own.as_str().as_bytes().eq_ignore_ascii_case(name))
         .map_or(0, |i| 1 << i)
+}
+
+/// Drops the client's copies of the gateway's own fields from `fields`;
+/// returns its `traceparent` and its `x-forwarded-for` chain.
+#[inline(never)] // one copy, out of `upstream_head`'s lines
+fn take_own_arrived(fields: &mut Arrived) -> (Option<HeaderValue>, Vec<HeaderValue>) {
+    let (mut parent, mut chain) = (None, Vec::new());
+    let mut own = 0;
+    for (i, name, _) in fields.iter() {
+        // (Every own field's name begins `x` or `t`.)
+        if !matches!(name[0] | 0x20, b'x' | b't') || own_bit(name) == 0 {
+            continue;
+        }
+        own |= 1 << i;
+        if headers::TRACEPARENT
+            .as_str()
+            .as_bytes()
+            .eq_ignore_ascii_case(name)
+        {
+            parent.get_or_insert_with(|| fields.value(i));
+        } else if headers::FORWARDED_FOR
+            .as_str()
+            .as_bytes()
+            .eq_ignore_ascii_case(name)
+        {
+            chain.push(fields.value(i));
+        }
+    }
+    fields.drop_fields(own);
+    (parent, chain)
 }
 
 /// Removes the client's copies of the gateway's own fields (`present`:
@@ -2201,9 +2283,11 @@ mod tests {
     fn every_own_field_begins_with_x_or_t_and_has_its_bit() {
         for (i, name) in OWN.iter().enumerate() {
             assert!(matches!(name.as_str().as_bytes()[0], b'x' | b't'), "{name}");
-            assert_eq!(own_bit(name), 1 << i);
+            assert_eq!(own_bit(name.as_str().as_bytes()), 1 << i);
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(own_bit(upper.as_bytes()), 1 << i);
         }
-        assert_eq!(own_bit(&header::HOST), 0);
-        assert_eq!(own_bit(&header::TE), 0);
+        assert_eq!(own_bit(b"host"), 0);
+        assert_eq!(own_bit(b"te"), 0);
     }
 }

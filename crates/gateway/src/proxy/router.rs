@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::request::Parts;
 
-use crate::config::RouteConfig;
+use crate::config::{LimitKey, RouteConfig, Target};
 use crate::proxy::fallback::StaleCache;
 
 /// A route, its name as a shared metric label, and its run-time state.
@@ -17,12 +17,19 @@ pub struct Route {
     pub label: Arc<String>,
     /// Its last good answers, when its fallback is `stale`.
     pub stale: Option<Arc<StaleCache>>,
+    /// Whether serving it reads the request's fields beyond those the
+    /// gateway always looks at (see [`crate::http::fields::Arrived`]): a
+    /// composition's calls take them, a limit by header and the stale
+    /// cache's key read them.
+    pub reads_fields: bool,
 }
 
 /// Routes in matching order.
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
+    /// Whether some route matches on fields.
+    matches_fields: bool,
 }
 
 impl Router {
@@ -39,13 +46,31 @@ impl Router {
         });
         let routes = routes
             .into_iter()
-            .map(|config| Route {
-                label: Arc::new(config.name.clone()),
-                stale: stale(&config),
-                config,
+            .map(|config| {
+                let stale = stale(&config);
+                Route {
+                    label: Arc::new(config.name.clone()),
+                    reads_fields: stale.is_some()
+                        || matches!(config.target, Target::Compose(_))
+                        || config
+                            .rate_limit
+                            .as_ref()
+                            .is_some_and(|limit| matches!(limit.key, LimitKey::Header(_))),
+                    stale,
+                    config,
+                }
             })
-            .collect();
-        Router { routes }
+            .collect::<Vec<_>>();
+        let matches_fields = routes.iter().any(|r| !r.config.headers.is_empty());
+        Router {
+            routes,
+            matches_fields,
+        }
+    }
+
+    /// Whether matching a request reads its fields.
+    pub fn matches_fields(&self) -> bool {
+        self.matches_fields
     }
 
     /// Every route, in matching order.
