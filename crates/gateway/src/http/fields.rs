@@ -27,7 +27,8 @@ use http::{Request, Response};
 
 use crate::http::body::{ClientBody, ProxyBody};
 use crate::http::codec::{field, Span};
-use crate::http::headers::OwnValue;
+use crate::http::headers::{OwnValue, CORRELATION_ID};
+use tidegate_client::headers::first;
 
 /// Fields kept at most; an answer with more is read into a header map.
 pub(crate) const MAX_FIELDS: usize = 32;
@@ -231,8 +232,17 @@ impl fmt::Debug for Received {
 #[derive(Clone)]
 pub struct Arrived {
     head: Bytes,
-    spans: [Span; MAX_FIELDS],
+    /// Where each field lies (the head is at most 64 KiB).
+    spans: [[u16; 4]; MAX_FIELDS],
     len: u8,
+    /// The first `host` field, if any (by index), and how many there are.
+    host: Option<u8>,
+    hosts: u8,
+    /// The first `x-correlation-id` field, if any.
+    correlation_id: Option<u8>,
+    /// Whether some name begins with `x` or `t`, as each of the
+    /// gateway's own fields does.
+    x_or_t: bool,
     /// Hop-by-hop fields: in the map until the gateway strips them.
     hop: u32,
     /// `content-length`: in the map, never written (the body's framing is).
@@ -242,6 +252,18 @@ pub struct Arrived {
     dropped: u32,
     /// The length its `content-length` declares.
     length: Option<u64>,
+}
+
+/// What a field kept as it came is to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kept {
+    Host,
+    CorrelationId,
+    /// Hop-by-hop: stripped before the request goes on.
+    HopByHop,
+    /// `content-length`: the body's framing is written instead.
+    Length,
+    Other,
 }
 
 /// A client's request and, for one read as it came, its fields (see
@@ -268,16 +290,15 @@ impl ClientRequest {
     pub fn field(&self, name: &HeaderName) -> Option<&[u8]> {
         match &self.fields {
             Some(fields) => fields.get(name),
-            None => first(self.request.headers(), name),
+            None => first(self.request.headers(), name).map(HeaderValue::as_bytes),
         }
     }
 
-    /// The first value of its field `name` (a lowercase name), wherever
-    /// it is, as a value (sharing the head).
-    pub fn field_value(&self, name: &HeaderName) -> Option<HeaderValue> {
+    /// Its first `X-Correlation-Id`, wherever it is.
+    pub fn correlation_id(&self) -> Option<HeaderValue> {
         match &self.fields {
-            Some(fields) => fields.position(name).map(|i| fields.value(i)),
-            None => tidegate_client::headers::first(self.request.headers(), name).cloned(),
+            Some(fields) => fields.correlation_id(),
+            None => first(self.request.headers(), &CORRELATION_ID).cloned(),
         }
     }
 
@@ -295,18 +316,21 @@ pub fn into_map(fields: &mut Option<Arrived>, map: &mut HeaderMap) {
     }
 }
 
-/// The first value of `name` in `map`, as bytes.
-fn first<'a>(map: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
-    tidegate_client::headers::first(map, name).map(HeaderValue::as_bytes)
-}
-
 impl Arrived {
-    /// None yet, of `head`.
+    /// The longest head whose fields are kept as they came.
+    pub(crate) const MAX_HEAD: usize = u16::MAX as usize;
+
+    /// None yet, of `head` (at most [`Arrived::MAX_HEAD`] bytes).
     pub(crate) fn new(head: Bytes) -> Self {
+        debug_assert!(head.len() <= Self::MAX_HEAD);
         Arrived {
             head,
             spans: [[0; 4]; MAX_FIELDS],
             len: 0,
+            host: None,
+            hosts: 0,
+            correlation_id: None,
+            x_or_t: false,
             hop: 0,
             framing: 0,
             dropped: 0,
@@ -314,32 +338,33 @@ impl Arrived {
         }
     }
 
-    /// Keeps the field at `span`; false when there is no room.
-    pub(crate) fn push(&mut self, span: Span) -> bool {
-        let Some(slot) = self.spans.get_mut(usize::from(self.len)) else {
+    /// Keeps the field at `span`, which is `what`; false when there is
+    /// no room.
+    pub(crate) fn push(&mut self, span: Span, what: Kept) -> bool {
+        let at = self.len;
+        let Some(slot) = self.spans.get_mut(usize::from(at)) else {
             return false;
         };
-        *slot = span;
+        // (Within the head: below 64 KiB.)
+        *slot = span.map(|offset| offset as u16);
         self.len += 1;
+        let bit = 1 << at;
+        match what {
+            Kept::Host => {
+                self.host = self.host.or(Some(at));
+                self.hosts = self.hosts.saturating_add(1);
+            }
+            Kept::CorrelationId => {
+                self.correlation_id = self.correlation_id.or(Some(at));
+                self.x_or_t = true;
+            }
+            Kept::HopByHop => self.hop |= bit,
+            Kept::Length => self.framing |= bit,
+            Kept::Other => {
+                self.x_or_t |= matches!(self.head[span[0] as usize] | 0x20, b'x' | b't');
+            }
+        }
         true
-    }
-
-    /// Keeps a hop-by-hop field.
-    pub(crate) fn push_hop(&mut self, span: Span) -> bool {
-        let at = self.len;
-        self.push(span) && {
-            self.hop |= 1 << at;
-            true
-        }
-    }
-
-    /// Keeps the `content-length` field.
-    pub(crate) fn push_length(&mut self, span: Span) -> bool {
-        let at = self.len;
-        self.push(span) && {
-            self.framing |= 1 << at;
-            true
-        }
     }
 
     /// Notes the length its `content-length` declares.
@@ -352,42 +377,46 @@ impl Arrived {
         self.length
     }
 
+    /// Its first `Host`'s value, and whether it has more than one.
+    pub fn host(&self) -> (Option<&[u8]>, bool) {
+        (
+            self.host.map(|i| self.value_bytes(usize::from(i))),
+            self.hosts > 1,
+        )
+    }
+
+    /// Its first `X-Correlation-Id`, as a value sharing the head.
+    pub fn correlation_id(&self) -> Option<HeaderValue> {
+        self.correlation_id.map(|i| self.value(usize::from(i)))
+    }
+
+    /// Whether some of its fields may be the gateway's own (each of
+    /// whose names begins with `x` or `t`).
+    pub fn may_have_own(&self) -> bool {
+        self.x_or_t
+    }
+
     /// The bytes of the head they came in: at least what they take written.
     pub fn size(&self) -> usize {
         self.head.len()
     }
 
-    fn spans(&self) -> &[Span] {
-        &self.spans[..usize::from(self.len)]
-    }
-
     /// Each field not dropped: its index, name and value.
     pub fn iter(&self) -> impl Iterator<Item = (usize, &[u8], &[u8])> {
-        self.spans()
+        self.spans[..usize::from(self.len)]
             .iter()
             .enumerate()
             .filter(|(i, _)| self.dropped & 1 << i == 0)
             .map(|(i, span)| {
-                (
-                    i,
-                    &self.head[span[0] as usize..span[1] as usize],
-                    &self.head[span[2] as usize..span[3] as usize],
-                )
+                let [n0, n1, v0, v1] = span.map(usize::from);
+                (i, &self.head[n0..n1], &self.head[v0..v1])
             })
     }
 
-    /// The values of its fields named `name` (a lowercase name).
-    pub fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.iter()
-            .filter(move |(_, n, _)| same(name, n))
-            .map(|(_, _, value)| value)
-    }
-
-    /// The index of its first field `name` (a lowercase name).
-    pub fn position(&self, name: &HeaderName) -> Option<usize> {
-        self.iter()
-            .find(|(_, n, _)| same(name, n))
-            .map(|(i, _, _)| i)
+    /// The value of field `i`.
+    fn value_bytes(&self, i: usize) -> &[u8] {
+        let [_, _, v0, v1] = self.spans[i].map(usize::from);
+        &self.head[v0..v1]
     }
 
     /// The first value of its field `name` (a lowercase name).
@@ -399,8 +428,8 @@ impl Arrived {
 
     /// The value of field `i` as a header value, sharing the head.
     pub fn value(&self, i: usize) -> HeaderValue {
-        let span = self.spans[i];
-        HeaderValue::from_maybe_shared(self.head.slice(span[2] as usize..span[3] as usize))
+        let [_, _, v0, v1] = self.spans[i].map(usize::from);
+        HeaderValue::from_maybe_shared(self.head.slice(v0..v1))
             .expect("httparse read it: visible text")
     }
 
@@ -420,10 +449,10 @@ impl Arrived {
     /// is written), nor those dropped.
     pub fn write(&self, out: &mut Vec<u8>) {
         let skipped = self.hop | self.framing | self.dropped;
-        for (i, span) in self.spans().iter().enumerate() {
+        for (i, span) in self.spans[..usize::from(self.len)].iter().enumerate() {
             if skipped & 1 << i == 0 {
                 // `name:`, the whitespace httparse allows after it, the value.
-                out.extend_from_slice(&self.head[span[0] as usize..span[3] as usize]);
+                out.extend_from_slice(&self.head[usize::from(span[0])..usize::from(span[3])]);
                 out.extend_from_slice(b"\r\n");
             }
         }

@@ -64,7 +64,7 @@ use crate::http::codec::{
     Framing, Length, Span, Step, WriteError, Writer, MAX_HEADERS, READ_SIZE,
 };
 use crate::http::conn::{Io, Primed, Stall};
-use crate::http::fields::{self, Arrived, ClientRequest};
+use crate::http::fields::{self, Arrived, ClientRequest, Kept};
 use crate::observe::watch::until_stopped;
 use crate::proxy::deadline::{Alarm, Deadlines};
 
@@ -1033,7 +1033,8 @@ fn parse_head(
     let mut trailers = false;
     // The fields are kept as they came until one needs a map: then those
     // kept move into one, and it takes the rest.
-    let mut arrived = (spans.len() <= fields::MAX_FIELDS).then(|| Arrived::new(head.clone()));
+    let mut arrived = (spans.len() <= fields::MAX_FIELDS && head.len() <= Arrived::MAX_HEAD)
+        .then(|| Arrived::new(head.clone()));
     let mut headers = HeaderMap::new();
     for &[n0, n1, v0, v1] in spans.iter() {
         let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
@@ -1077,16 +1078,19 @@ fn parse_head(
                 hop = true;
             }
             Known::HopByHop => hop = true,
-            Known::Other => {}
+            Known::Host | Known::CorrelationId | Known::Other => {}
         }
         if let Some(kept) = &mut arrived {
+            let span = span_of(n0, n1, v0, v1);
             let pushed = match known {
-                Known::ContentLength => kept.push_length(span_of(n0, n1, v0, v1)),
+                Known::ContentLength => kept.push(span, Kept::Length),
                 Known::Connection if !names_only_options(value) => false,
                 Known::TransferEncoding | Known::Upgrade => false,
+                Known::Host => kept.push(span, Kept::Host),
+                Known::CorrelationId => kept.push(span, Kept::CorrelationId),
                 Known::Other if name.len() > MAX_KEPT_NAME || name.contains(&b'_') => false,
-                _ if hop => kept.push_hop(span_of(n0, n1, v0, v1)),
-                _ => kept.push(span_of(n0, n1, v0, v1)),
+                _ if hop => kept.push(span, Kept::HopByHop),
+                _ => kept.push(span, Kept::Other),
             };
             if pushed {
                 continue;
@@ -1151,6 +1155,8 @@ enum Known {
     HopByHop,
     /// A client's copy of the verified identity field.
     ClientIdentity,
+    Host,
+    CorrelationId,
     Other,
 }
 
@@ -1161,12 +1167,14 @@ impl Known {
         let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
         match name.len() {
             2 if is("te") => Known::Te,
+            4 if is("host") => Known::Host,
             6 if is("expect") => Known::Expect,
             7 if is("upgrade") => Known::Upgrade,
             10 if is("connection") => Known::Connection,
             10 if is("keep-alive") => Known::HopByHop,
             14 if is("content-length") => Known::ContentLength,
             16 if is("proxy-connection") => Known::HopByHop,
+            16 if is("x-correlation-id") => Known::CorrelationId,
             17 if is("transfer-encoding") => Known::TransferEncoding,
             18 if is("proxy-authenticate") => Known::HopByHop,
             19 if is("proxy-authorization") => Known::HopByHop,

@@ -388,7 +388,7 @@ fn request_writer(head: &Head<'_>, body: ProxyBody) -> Writer {
     }
     if let Some(fields) = head.fields {
         fields.write(&mut out);
-        host |= fields.get(&header::HOST).is_some();
+        host |= fields.host().0.is_some();
         length |= fields.length().is_some();
     }
     for lines in head.lines {

@@ -342,7 +342,7 @@ impl Gateway {
         upstream_client: &UpstreamClient,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let request_id = OwnValue::request_id(req.field_value(&CORRELATION_ID));
+        let request_id = OwnValue::request_id(req.correlation_id());
         let method = req.request.method().clone();
         // Every gRPC call is a POST: other requests need no header lookup.
         let grpc = method == Method::POST && grpc::is_grpc(req.field(&header::CONTENT_TYPE));
@@ -469,13 +469,17 @@ impl Gateway {
             req.map();
         }
         let version = req.request.version();
-        let valid_host = match &req.fields {
-            Some(fields) => has_valid_host(version, fields.values(&header::HOST)),
+        let (host, more) = match &req.fields {
+            Some(fields) => fields.host(),
             None => {
-                let hosts = headers::values(req.request.headers(), &header::HOST);
-                has_valid_host(version, hosts.map(HeaderValue::as_bytes))
+                let mut hosts = headers::values(req.request.headers(), &header::HOST);
+                (
+                    hosts.next().map(HeaderValue::as_bytes),
+                    hosts.next().is_some(),
+                )
             }
         };
+        let valid_host = has_valid_host(version, host, more);
         if !valid_host {
             // RFC 9112 §3.2: which host was meant is not clear.
             return Err(Reply::malformed(
@@ -1093,13 +1097,13 @@ impl Gateway {
         // The gateway's own fields are written after the client's, from
         // `lines` (no map entry for each): a client's copy of one never
         // passes, and its `x-forwarded-for` chain is continued.
-        let (mut parent, mut chain) = match &mut fields {
-            Some(fields) => {
-                fields.strip_hop_by_hop();
-                take_own_arrived(fields)
+        let (mut parent, mut chain) = (None, Vec::new());
+        if let Some(fields) = &mut fields {
+            fields.strip_hop_by_hop();
+            if fields.may_have_own() {
+                (parent, chain) = take_own_arrived(fields);
             }
-            None => (None, Vec::new()),
-        };
+        }
         let mut present = 0u16;
         for name in headers.keys() {
             // Each of them begins `x` or `t`: other fields are passed by
@@ -1116,7 +1120,7 @@ impl Gateway {
             key_lines(table, key, from, &mut headers, &mut lines);
         }
         let host = match &fields {
-            Some(fields) => fields.get(&header::HOST),
+            Some(fields) => fields.host().0,
             None => headers::first(&headers, &header::HOST).map(HeaderValue::as_bytes),
         };
         match host {
@@ -2066,11 +2070,12 @@ async fn read_body(
 
 /// Whether a request's `Host` is clear (RFC 9112 §3.2): at most one, and
 /// valid; exactly one in HTTP/1.1 (HTTP/2 names the host in `:authority`).
-fn has_valid_host<'a>(version: Version, mut hosts: impl Iterator<Item = &'a [u8]>) -> bool {
-    match (hosts.next(), hosts.next()) {
-        (Some(host), None) => headers::is_valid_host(host),
-        (None, None) => version != Version::HTTP_11,
-        _ => false,
+/// `host` is the first, `more` whether there are others.
+fn has_valid_host(version: Version, host: Option<&[u8]>, more: bool) -> bool {
+    match (host, more) {
+        (Some(host), false) => headers::is_valid_host(host),
+        (None, _) => version != Version::HTTP_11,
+        (Some(_), true) => false,
     }
 }
 
