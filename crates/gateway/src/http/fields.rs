@@ -438,6 +438,15 @@ impl Arrived {
         self.dropped |= which;
     }
 
+    /// Its fields named `name` (a lowercase name) are not passed on.
+    pub fn drop_named(&mut self, name: &str) {
+        let named = self
+            .iter()
+            .filter(|(_, n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .fold(0, |named, (i, _, _)| named | 1 << i);
+        self.dropped |= named;
+    }
+
     /// Its hop-by-hop fields are not passed on.
     pub fn strip_hop_by_hop(&mut self) {
         self.dropped |= self.hop;

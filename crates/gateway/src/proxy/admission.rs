@@ -226,11 +226,20 @@ impl Edge {
         !self.keys.is_empty()
     }
 
-    /// The key the request presents, checked.
+    /// The key the request with `headers` presents, checked.
     pub fn authenticate(&self, headers: &HeaderMap) -> Credential<'_> {
-        let (presented, from) = match headers.get(&API_KEY) {
-            Some(v) => (v.as_bytes(), "x-api-key"),
-            None => match headers.get(header::AUTHORIZATION).and_then(bearer) {
+        self.authenticate_by(|name| headers.get(name).map(HeaderValue::as_bytes))
+    }
+
+    /// The key the request presents, checked; `field` gives the value of
+    /// its first field of a name.
+    pub fn authenticate_by<'h>(
+        &self,
+        field: impl Fn(&HeaderName) -> Option<&'h [u8]>,
+    ) -> Credential<'_> {
+        let (presented, from) = match field(&API_KEY) {
+            Some(v) => (v, "x-api-key"),
+            None => match field(&header::AUTHORIZATION).and_then(bearer) {
                 Some(token) => (token, "authorization"),
                 None => return Credential::Anonymous,
             },
@@ -413,8 +422,7 @@ fn tier_limits(tier: &Tier, settings: &RateLimitSettings) -> TierLimits {
 }
 
 /// The token of `Authorization: Bearer TOKEN`.
-fn bearer(value: &HeaderValue) -> Option<&[u8]> {
-    let bytes = value.as_bytes();
+fn bearer(bytes: &[u8]) -> Option<&[u8]> {
     let scheme = bytes.get(..7)?;
     scheme
         .eq_ignore_ascii_case(b"bearer ")
@@ -474,11 +482,10 @@ mod tests {
 
     #[test]
     fn bearer_tokens() {
-        let v = |s: &'static str| HeaderValue::from_static(s);
-        assert_eq!(bearer(&v("Bearer abc")), Some(&b"abc"[..]));
-        assert_eq!(bearer(&v("bearer  abc ")), Some(&b"abc"[..]));
-        assert_eq!(bearer(&v("Basic abc")), None);
-        assert_eq!(bearer(&v("Bearer ")), None);
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer "), None);
     }
 
     #[test]

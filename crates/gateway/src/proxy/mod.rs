@@ -465,7 +465,7 @@ impl Gateway {
                 "CONNECT is not supported: this is not an open proxy",
             ));
         }
-        if grpc || table.router.matches_fields() || table.edge.has_keys() {
+        if grpc || table.router.matches_fields() {
             req.map();
         }
         let version = req.request.version();
@@ -527,7 +527,7 @@ impl Gateway {
         let upstream = match &route.config.target {
             Target::Compose(composition) => {
                 drop(incoming);
-                let credential = self.credential(table, &parts.headers, log);
+                let credential = self.credential(table, &parts.headers, fields.as_ref(), log);
                 let admission = self
                     .admit(table, route, &parts, credential, client, None)
                     .await?;
@@ -556,10 +556,14 @@ impl Gateway {
         }
         log.upstream = &upstream.label;
         log.traffic = Some(&upstream.traffic);
-        let credential = self.credential(table, &parts.headers, log);
-        let admission = self
-            .admit(table, route, &parts, credential, client, Some(upstream))
-            .await?;
+        let credential = self.credential(table, &parts.headers, fields.as_ref(), log);
+        // (A valid key's tier may have limits of its own on any route.)
+        let admission = if route.admits_anonymous && !matches!(credential, Credential::Valid(..)) {
+            admission::Admission::default()
+        } else {
+            self.admit(table, route, &parts, credential, client, Some(upstream))
+                .await?
+        };
         let in_flight = InFlight::new(upstream, admission.slot);
 
         let max_body = route
@@ -576,9 +580,13 @@ impl Gateway {
             );
         }
         // A gRPC call may be a stream the client feeds as answers come.
-        let mut body = read_body(incoming, &table.settings, max_body, !grpc)
-            .await
-            .map_err(|reply| reply.service(upstream.name()))?;
+        let mut body = if incoming.is_end_stream() {
+            RequestBody::empty()
+        } else {
+            read_body(incoming, &table.settings, max_body, !grpc)
+                .await
+                .map_err(|reply| reply.service(upstream.name()))?
+        };
         let stale_key = match (&route.stale, &parts.method) {
             (Some(_), &Method::GET) => Some(fallbacks::key(
                 parts.uri.path_and_query().map_or("/", |p| p.as_str()),
@@ -689,17 +697,19 @@ impl Gateway {
         Ok(with_limits(response, admission.decision.as_ref()))
     }
 
-    /// The request's API key, as the edge sees it (noted in the log).
+    /// The API key of a request with `headers` and `fields`, as the edge
+    /// sees it (noted in the log).
     fn credential<'t>(
         &self,
         table: &'t Table,
         headers: &HeaderMap,
+        fields: Option<&Arrived>,
         log: &mut Access<'_>,
     ) -> Credential<'t> {
-        let credential = if table.edge.has_keys() {
-            table.edge.authenticate(headers)
-        } else {
-            Credential::Anonymous
+        let credential = match fields {
+            _ if !table.edge.has_keys() => Credential::Anonymous,
+            Some(fields) => table.edge.authenticate_by(|name| fields.get(name)),
+            None => table.edge.authenticate(headers),
         };
         if let Credential::Valid(key, _) = credential {
             log.key_id = Some(key.id.clone());
@@ -1079,8 +1089,8 @@ impl Gateway {
         upgrade: bool,
         http2: bool,
     ) -> Template {
-        if http2 || matches!(credential, Credential::Valid(..)) {
-            // (Both are read from a map already; this keeps it so.)
+        if http2 {
+            // hyper writes the header map alone (moved there already).
             fields::into_map(&mut fields, &mut parts.headers);
         }
         let mut headers = std::mem::take(&mut parts.headers);
@@ -1117,7 +1127,7 @@ impl Gateway {
         }
         let mut lines = Vec::with_capacity(256);
         if let Credential::Valid(key, from) = credential {
-            key_lines(table, key, from, &mut headers, &mut lines);
+            key_lines(table, key, from, &mut headers, fields.as_mut(), &mut lines);
         }
         let host = match &fields {
             Some(fields) => fields.host().0,
@@ -2037,7 +2047,8 @@ fn normalize_path(uri: &mut http::Uri, escaped_slashes: EscapedSlashes) -> Resul
     Ok(())
 }
 
-/// Reads the client's body as far as the replay cap, within
+/// Reads the client's body (one that has not ended: the caller answers
+/// the others without a read) as far as the replay cap, within
 /// `gateway.body_read_timeout`.
 async fn read_body(
     incoming: ClientBody,
@@ -2045,9 +2056,6 @@ async fn read_body(
     max_body: u64,
     wait: bool,
 ) -> Result<RequestBody, Reply> {
-    if incoming.is_end_stream() {
-        return Ok(RequestBody::empty());
-    }
     let read = RequestBody::read(incoming, settings.max_replay_bytes, max_body, wait);
     match tokio::time::timeout(settings.body_read_timeout, read).await {
         Ok(Ok(body)) => Ok(body),
@@ -2151,9 +2159,14 @@ fn key_lines(
     key: &crate::config::ApiKey,
     from: &'static str,
     headers: &mut HeaderMap,
+    fields: Option<&mut Arrived>,
     lines: &mut Vec<u8>,
 ) {
+    // The key itself goes no further.
     headers.remove(from);
+    if let Some(fields) = fields {
+        fields.drop_named(from);
+    }
     // A field value's bytes, as `HeaderValue` would check them.
     if key.id.bytes().all(|b| b == b'\t' || b >= 0x20 && b != 0x7f) {
         field(lines, &admission::API_KEY_ID, key.id.as_bytes());

@@ -22,6 +22,9 @@ pub struct Route {
     /// composition's calls take them, a limit by header and the stale
     /// cache's key read them.
     pub reads_fields: bool,
+    /// Whether it admits any request without a valid API key as it is:
+    /// no key required, no tier, limit or injected fault.
+    pub admits_anonymous: bool,
 }
 
 /// Routes in matching order.
@@ -56,6 +59,10 @@ impl Router {
                             .rate_limit
                             .as_ref()
                             .is_some_and(|limit| matches!(limit.key, LimitKey::Header(_))),
+                    admits_anonymous: !config.require_api_key
+                        && config.tiers.is_empty()
+                        && config.rate_limit.is_none()
+                        && config.fault.is_none(),
                     stale,
                     config,
                 }
