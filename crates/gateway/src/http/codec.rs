@@ -280,6 +280,7 @@ impl Writer {
 }
 
 /// `name: value` and its line end.
+#[inline(never)] // one copy: a head's writers call it for several fields
 pub(crate) fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     let name = name.as_str().as_bytes();
     out.reserve(name.len() + value.len() + 4);

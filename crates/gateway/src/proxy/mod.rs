@@ -531,7 +531,7 @@ impl Gateway {
                 let admission = self
                     .admit(table, route, &parts, credential, client, None)
                     .await?;
-                let response = self
+                let mut response = self
                     .compose(
                         table,
                         composition,
@@ -544,7 +544,8 @@ impl Gateway {
                         log,
                     )
                     .await?;
-                return Ok(with_limits(response, admission.decision.as_ref()));
+                add_limits(&mut response, admission.decision.as_ref());
+                return Ok(response);
             }
             target => &table.upstreams[pick_target(target)],
         };
@@ -651,21 +652,21 @@ impl Gateway {
                 .map(|b| b.state().as_str());
         }
         if upstream_failed {
-            if let Some(response) = self
+            if let Some(mut response) = self
                 .fallback(table, route, &call, &mut body, stale_key.as_deref(), log)
                 .await
             {
-                return Ok(with_limits(response, admission.decision.as_ref()));
+                add_limits(&mut response, admission.decision.as_ref());
+                return Ok(response);
             }
         }
         let mut response = match result {
             Ok(response) => response,
             Err(err) => {
                 let answer = self.failed(upstream, err)?;
-                return Ok(with_limits(
-                    downstream(in_flight, *answer),
-                    admission.decision.as_ref(),
-                ));
+                let mut response = downstream(in_flight, *answer);
+                add_limits(&mut response, admission.decision.as_ref());
+                return Ok(response);
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -694,7 +695,8 @@ impl Gateway {
         if let (Some(cache), Some(key)) = (&route.stale, stale_key) {
             response = cache.record(key, response);
         }
-        Ok(with_limits(response, admission.decision.as_ref()))
+        add_limits(&mut response, admission.decision.as_ref());
+        Ok(response)
     }
 
     /// The API key of a request with `headers` and `fields`, as the edge
@@ -1075,7 +1077,7 @@ impl Gateway {
     /// The upstream request head, minus body and deadline: the client's
     /// fields (those that came as they were, `fields`, and those in its
     /// map) but hop-by-hop ones and its copies of the gateway's own, then
-    /// the gateway's.
+    /// the gateway's. Takes the method and header map out of `parts`.
     #[allow(clippy::too_many_arguments)]
     fn upstream_head(
         &self,
@@ -1175,7 +1177,7 @@ impl Gateway {
         headers::write_child_traceparent(parent.as_ref(), &mut traceparent);
         Template {
             head: Head {
-                method: parts.method.clone(),
+                method: std::mem::replace(&mut parts.method, Method::GET),
                 path_and_query,
                 headers,
             },
@@ -1528,18 +1530,18 @@ fn pick_target(target: &Target) -> usize {
     }
 }
 
-/// Adds the `X-RateLimit-*` headers of the tightest limit passed.
-fn with_limits(
-    mut response: Response<ProxyBody>,
+/// Adds the `X-RateLimit-*` headers of the tightest limit passed (in
+/// place: an answer is large to move).
+fn add_limits(
+    response: &mut Response<ProxyBody>,
     decision: Option<&tidegate_resilience::ratelimit::Decision>,
-) -> Response<ProxyBody> {
+) {
     if let Some(decision) = decision {
         // The gateway's limit replaces any the upstream reported.
         for (name, value) in admission::headers(decision) {
             response.headers_mut().insert(name, value);
         }
     }
-    response
 }
 
 /// The upstream's response on its way to the client: hop-by-hop headers
