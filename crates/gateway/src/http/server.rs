@@ -54,12 +54,19 @@ pub struct Running {
 /// A listener on `addr` whose backlog holds the connections waiting past
 /// `max_connections`: as many again, up to the system's limit
 /// (`net.core.somaxconn`, which the kernel applies anyway).
-fn bind(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+/// With `shared`, other listeners of this process may bind the same
+/// address (`SO_REUSEPORT`: one per worker, the kernel spreading new
+/// connections among them by their addresses; only the same user can
+/// join them).
+fn bind(addr: SocketAddr, max_connections: usize, shared: bool) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
@@ -87,7 +94,8 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
     let admin_listen = config.gateway.admin_listen;
     let events_settings = config.events.clone();
     let gateway = Gateway::new(config)?;
-    let listener = bind(listen, gateway.settings.max_connections)
+    let max_connections = gateway.settings.max_connections;
+    let listener = bind(listen, max_connections, workers > 1)
         .map_err(|e| format!("cannot listen on {listen} (gateway.listen): {e}"))?;
     let admin = TcpListener::bind(admin_listen)
         .await
@@ -105,9 +113,16 @@ pub async fn start_with_workers(config: Config, workers: usize) -> Result<Runnin
         let serve = serve_proxy(gateway.clone(), listener, slots, stopped.clone(), client);
         tasks.spawn(serve);
     } else {
-        let listener = listener.into_std().map_err(|e| e.to_string())?;
-        for index in 0..workers {
-            let listener = listener.try_clone().map_err(|e| e.to_string())?;
+        // A listener for each worker: a new connection goes to one
+        // worker's queue, not to whichever worker wakes first.
+        let mut listeners = vec![listener];
+        while listeners.len() < workers {
+            let more = bind(addr, max_connections, true)
+                .map_err(|e| format!("cannot listen on {addr} (gateway.listen): {e}"))?;
+            listeners.push(more);
+        }
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let listener = listener.into_std().map_err(|e| e.to_string())?;
             let done = spawn_worker(
                 index,
                 gateway.clone(),
@@ -555,8 +570,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn workers_listeners_share_an_address_and_its_connections_only_when_asked() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), 128, true).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr, 128, true).expect("a second listener on the address");
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // The kernel spreads them by address: all 64 to one listener
+        // would be a chance of 2 in 2^64.
+        let mut taken = [0, 0];
+        let accepting = async {
+            while taken[0] + taken[1] < 64 {
+                tokio::select! {
+                    accepted = first.accept() => {
+                        accepted.unwrap();
+                        taken[0] += 1;
+                    }
+                    accepted = second.accept() => {
+                        accepted.unwrap();
+                        taken[1] += 1;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), accepting)
+            .await
+            .expect("every connection is accepted");
+        assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
+
+        let alone = bind("127.0.0.1:0".parse().unwrap(), 128, false).unwrap();
+        assert!(bind(alone.local_addr().unwrap(), 128, true).is_err());
+    }
+
+    #[tokio::test]
     async fn the_listener_is_bound_with_that_backlog() {
-        let listener = bind("127.0.0.1:0".parse().unwrap(), 777).unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 777, false).unwrap();
         let port = listener.local_addr().unwrap().port();
         // A listening socket's backlog is its Send-Q in `ss`.
         let out = std::process::Command::new("ss")
