@@ -224,9 +224,9 @@ impl fmt::Debug for Received {
 /// A client's HTTP/1 request fields as its head has them, the request's
 /// header map left empty: what [`Received`] is to an answer. Whatever
 /// reads the request's fields beyond the few the gateway itself looks at
-/// (`Host`, `X-Correlation-Id`, `Content-Type`, `Idempotency-Key`, its
-/// own) first moves them into the map ([`Arrived::add_to`]), and reads
-/// the map. A head with what only a map handles (a body's transfer
+/// (`Host`, `X-Correlation-Id`, `Content-Type`, `Idempotency-Key`, the
+/// API key's `X-API-Key` or `Authorization`, its own) first moves them
+/// into the map ([`into_map`], [`ClientRequest::map`]), and reads the map. A head with what only a map handles (a body's transfer
 /// coding, an upgrade, fields a `Connection` names, a name with `_`,
 /// more fields than kept) is read into a map as it is parsed.
 #[derive(Clone)]
@@ -413,10 +413,15 @@ impl Arrived {
             })
     }
 
+    /// Where the value of field `i` lies in the head.
+    fn value_range(&self, i: usize) -> std::ops::Range<usize> {
+        let [_, _, v0, v1] = self.spans[i].map(usize::from);
+        v0..v1
+    }
+
     /// The value of field `i`.
     fn value_bytes(&self, i: usize) -> &[u8] {
-        let [_, _, v0, v1] = self.spans[i].map(usize::from);
-        &self.head[v0..v1]
+        &self.head[self.value_range(i)]
     }
 
     /// The first value of its field `name` (a lowercase name).
@@ -428,8 +433,7 @@ impl Arrived {
 
     /// The value of field `i` as a header value, sharing the head.
     pub fn value(&self, i: usize) -> HeaderValue {
-        let [_, _, v0, v1] = self.spans[i].map(usize::from);
-        HeaderValue::from_maybe_shared(self.head.slice(v0..v1))
+        HeaderValue::from_maybe_shared(self.head.slice(self.value_range(i)))
             .expect("httparse read it: visible text")
     }
 

@@ -1035,7 +1035,10 @@ fn parse_head(
     // kept move into one, and it takes the rest.
     let mut arrived = (spans.len() <= fields::MAX_FIELDS && head.len() <= Arrived::MAX_HEAD)
         .then(|| Arrived::new(head.clone()));
-    let mut headers = HeaderMap::new();
+    let mut headers = match arrived {
+        Some(_) => HeaderMap::new(),
+        None => to_map(None, spans.len()),
+    };
     for &[n0, n1, v0, v1] in spans.iter() {
         let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
         let (name, value) = (&head[n0..n1], &head[v0..v1]);

@@ -552,8 +552,6 @@ impl Gateway {
         if upstream.may_be_http2() {
             // HTTP/2 has no Upgrade (RFC 9113 §8.6): a plain request.
             (websocket, upgrade) = (None, None);
-            // hyper writes the header map alone.
-            fields::into_map(&mut fields, &mut parts.headers);
         }
         log.upstream = &upstream.label;
         log.traffic = Some(&upstream.traffic);
@@ -1092,7 +1090,7 @@ impl Gateway {
         http2: bool,
     ) -> Template {
         if http2 {
-            // hyper writes the header map alone (moved there already).
+            // hyper writes the header map alone.
             fields::into_map(&mut fields, &mut parts.headers);
         }
         let mut headers = std::mem::take(&mut parts.headers);
