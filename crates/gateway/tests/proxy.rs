@@ -462,12 +462,10 @@ async fn upstream_with_trailers() -> std::net::SocketAddr {
 async fn an_http1_upstreams_trailers_reach_an_http1_client_that_asks_for_them() {
     let upstream = upstream_with_trailers().await;
     let gw = gateway(&support::catch_all(&format!("http://{upstream}"), "")).await;
-    let asked = support::raw(
-        gw.addr,
-        b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .to_ascii_lowercase();
+    let ask =
+        |head: &'static [u8]| async move { support::raw(gw.addr, head).await.to_ascii_lowercase() };
+    let asked =
+        ask(b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n").await;
     assert!(asked.starts_with("http/1.1 200"), "{asked}");
     assert!(asked.contains("transfer-encoding: chunked\r\n"), "{asked}");
     assert!(
@@ -476,12 +474,7 @@ async fn an_http1_upstreams_trailers_reach_an_http1_client_that_asks_for_them() 
     );
     // One that did not ask gets the body whole and no trailer (the
     // `Trailer` field, which only says what may follow, still passes).
-    let untold = support::raw(
-        gw.addr,
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .to_ascii_lowercase();
+    let untold = ask(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert!(untold.starts_with("http/1.1 200"), "{untold}");
     assert!(
         untold.ends_with("\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),

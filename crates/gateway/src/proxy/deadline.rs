@@ -624,24 +624,35 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn many_cut_offs_each_fire_at_their_own_time() {
-        let deadlines = Deadlines::default();
+    /// Twenty cut-offs `step` apart, latest first, each made by `cut` (a
+    /// future that never ends, cut off at the instant given): each must
+    /// end at its own time.
+    async fn each_fires_at_its_own_time<F, C>(step: Duration, cut: C)
+    where
+        C: Fn(Instant) -> F,
+        F: Future<Output = Result<(), Elapsed>> + Send + 'static,
+    {
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
-        for i in (1..=20u64).rev() {
-            let deadlines = deadlines.clone();
-            tasks.spawn(async move {
-                let at = started + Duration::from_millis(i * 70);
-                let result = deadlines.within(at, std::future::pending::<()>()).await;
-                (i, result, started.elapsed())
-            });
+        for i in (1..=20u32).rev() {
+            let cut_off = cut(started + step * i);
+            tasks.spawn(async move { (i, cut_off.await, started.elapsed()) });
         }
         while let Some(done) = tasks.join_next().await {
             let (i, result, elapsed) = done.unwrap();
             assert_eq!(result, Err(Elapsed));
-            assert_eq!(elapsed, Duration::from_millis(i * 70));
+            assert_eq!(elapsed, step * i);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_cut_offs_each_fire_at_their_own_time() {
+        let deadlines = Deadlines::default();
+        each_fires_at_its_own_time(Duration::from_millis(70), |at| {
+            let deadlines = deadlines.clone();
+            async move { deadlines.within(at, std::future::pending::<()>()).await }
+        })
+        .await;
         assert_eq!(deadlines.live(), 0);
     }
 
@@ -731,21 +742,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn many_alarms_each_fire_at_their_own_time() {
         let deadlines = Deadlines::default();
-        let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in (1..=20u64).rev() {
+        each_fires_at_its_own_time(Duration::from_millis(170), |at| {
             let mut alarm = deadlines.alarm();
-            tasks.spawn(async move {
-                let at = started + Duration::from_millis(i * 170);
-                let result = alarm.within(at, std::future::pending::<()>()).await;
-                (i, result, started.elapsed())
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            let (i, result, elapsed) = done.unwrap();
-            assert_eq!(result, Err(Elapsed));
-            assert_eq!(elapsed, Duration::from_millis(i * 170));
-        }
+            async move { alarm.within(at, std::future::pending::<()>()).await }
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
