@@ -505,18 +505,13 @@ fn whole_millis(left: Duration) -> u64 {
 
 /// The decimal digits of `n` at the start of `out` (room for 20); their count.
 pub fn write_digits(mut n: u64, out: &mut [u8]) -> usize {
-    let mut digits = [0; MAX_DIGITS];
-    let mut start = MAX_DIGITS;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
+    // Counted first, then written last digit first, in place: no copy of
+    // a varying length (a call to `memcpy`) for two or three digits.
+    let count = n.checked_ilog10().map_or(1, |log| log as usize + 1);
+    for digit in out[..count].iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            break;
-        }
     }
-    let count = MAX_DIGITS - start;
-    out[..count].copy_from_slice(&digits[start..]);
     count
 }
 
@@ -591,6 +586,25 @@ mod tests {
                 std::str::from_utf8(&hex16(word)).unwrap(),
                 format!("{word:016x}")
             );
+        }
+    }
+
+    #[test]
+    fn decimal_digits_match_the_formatter() {
+        let mut out = [b'x'; 21];
+        let edges = (0..20).flat_map(|e| {
+            let p = 10u64.pow(e);
+            [p - 1, p, p + 1]
+        });
+        for n in edges.chain([24, 1234, u64::MAX]) {
+            let count = write_digits(n, &mut out);
+            assert_eq!(std::str::from_utf8(&out[..count]).unwrap(), n.to_string());
+            assert_eq!(
+                out[count..],
+                [b'x'; 21][count..],
+                "{n}: nothing past its digits"
+            );
+            out = [b'x'; 21];
         }
     }
 

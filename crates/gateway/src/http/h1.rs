@@ -1130,10 +1130,14 @@ fn parse_head(
     *request.version_mut() = version;
     *request.headers_mut() = headers;
     Ok(Some(Head {
-        request: Box::new(ClientRequest {
-            request,
-            fields: arrived,
-        }),
+        // Allocated first and written into: no copy of it on the stack moved in.
+        request: Box::write(
+            Box::new_uninit(),
+            ClientRequest {
+                request,
+                fields: arrived,
+            },
+        ),
         body,
         keep_alive,
         expect_continue,

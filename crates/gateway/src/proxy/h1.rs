@@ -541,7 +541,8 @@ fn parse_head(
     // The fields pass as received (`http::fields`) unless one has to be
     // read into a map: more than it keeps, a `Connection` naming some
     // other field (which the map's stripping removes), or a `Trailer`.
-    let mut received = Box::new(Received::new(head.clone()));
+    // Allocated first and written into: no copy of it on the stack moved in.
+    let mut received = Box::write(Box::new_uninit(), Received::new(head.clone()));
     let mut plain = spans.len() <= MAX_FIELDS;
     for &span in spans.iter() {
         let name = &head[span[0] as usize..span[1] as usize];

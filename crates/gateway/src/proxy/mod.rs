@@ -358,6 +358,7 @@ impl Gateway {
             span: None,
             breaker: None,
             answered_at: None,
+            start,
         };
         let span = self.telemetry.as_ref().map(|telemetry| {
             let headers = req.map();
@@ -761,7 +762,8 @@ impl Gateway {
         Ok(admission)
     }
 
-    /// Sends the request through `upstream`'s policies.
+    /// Sends the request through `upstream`'s policies, its call begun
+    /// at `log.start`.
     async fn forward(
         &self,
         call: &Call<'_>,
@@ -788,7 +790,7 @@ impl Gateway {
         };
         let (result, ended) = upstream
             .pipeline
-            .call_timed_within(Instant::now(), call.limit, op, |_, _, _| {})
+            .call_timed_within(log.start, call.limit, op, |_, _, _| {})
             .await;
         log.attempts += attempts.load(Ordering::Relaxed);
         log.answered_at = ended.filter(|_| result.is_ok());
@@ -818,6 +820,8 @@ impl Gateway {
                     return None;
                 }
                 let in_flight = InFlight::new(other, None);
+                // The fallback's call starts when the first one has failed.
+                log.start = Instant::now();
                 let response = self.forward(call, other, body, log).await.ok()?;
                 if response.status().is_server_error() {
                     return None;
@@ -853,6 +857,7 @@ impl Gateway {
             span: call.span,
             breaker: None,
             answered_at: None,
+            start: Instant::now(),
         };
         let result = if upstream.has_available_endpoint() {
             self.forward(call, upstream, body, &mut log).await
@@ -1679,6 +1684,9 @@ struct Access<'t> {
     /// When the upstream's answer came (the pipeline's last clock read),
     /// if it read the clock then.
     answered_at: Option<Instant>,
+    /// When the request came: the clock its call through the upstream's
+    /// policies starts from, with no read of its own.
+    start: Instant,
 }
 
 /// The upstream request head of one attempt.
