@@ -51,10 +51,12 @@ pub struct Received {
 }
 
 impl Received {
-    /// None yet, of `head`.
-    pub(crate) fn new(head: Bytes) -> Self {
+    /// None yet. The head they lie in comes once they have been read
+    /// from it ([`Received::lie_in`]): no count of references taken
+    /// and given back meanwhile.
+    pub(crate) fn new() -> Self {
         Received {
-            head,
+            head: Bytes::new(),
             spans: [[0; 4]; MAX_FIELDS],
             len: 0,
             lengths: 0,
@@ -62,6 +64,11 @@ impl Received {
             dated: false,
             set: [None, None],
         }
+    }
+
+    /// The head the fields kept lie in.
+    pub(crate) fn lie_in(&mut self, head: Bytes) {
+        self.head = head;
     }
 
     /// Keeps the field at `span`; false when there is no room.
@@ -263,7 +270,8 @@ pub(crate) enum Kept {
     HopByHop,
     /// `content-length`: the body's framing is written instead.
     Length,
-    Other,
+    /// Any other, by its name's first byte.
+    Other(u8),
 }
 
 /// A client's request and, for one read as it came, its fields (see
@@ -320,11 +328,11 @@ impl Arrived {
     /// The longest head whose fields are kept as they came.
     pub(crate) const MAX_HEAD: usize = u16::MAX as usize;
 
-    /// None yet, of `head` (at most [`Arrived::MAX_HEAD`] bytes).
-    pub(crate) fn new(head: Bytes) -> Self {
-        debug_assert!(head.len() <= Self::MAX_HEAD);
+    /// None yet. The head they lie in comes once they have been read
+    /// from it ([`Arrived::lie_in`]), as for [`Received::new`].
+    pub(crate) fn new() -> Self {
         Arrived {
-            head,
+            head: Bytes::new(),
             spans: [[0; 4]; MAX_FIELDS],
             len: 0,
             host: None,
@@ -336,6 +344,12 @@ impl Arrived {
             dropped: 0,
             length: None,
         }
+    }
+
+    /// The head the fields kept lie in (at most [`Arrived::MAX_HEAD`] bytes).
+    pub(crate) fn lie_in(&mut self, head: Bytes) {
+        debug_assert!(head.len() <= Self::MAX_HEAD);
+        self.head = head;
     }
 
     /// Keeps the field at `span`, which is `what`; false when there is
@@ -360,9 +374,7 @@ impl Arrived {
             }
             Kept::HopByHop => self.hop |= bit,
             Kept::Length => self.framing |= bit,
-            Kept::Other => {
-                self.x_or_t |= matches!(self.head[span[0] as usize] | 0x20, b'x' | b't');
-            }
+            Kept::Other(initial) => self.x_or_t |= matches!(initial | 0x20, b'x' | b't'),
         }
         true
     }
@@ -530,7 +542,8 @@ mod tests {
         let mut spans = Vec::new();
         note_spans(head.as_ptr(), response.headers, &mut spans);
         let head = Bytes::from(head);
-        let mut received = Received::new(head.clone());
+        let mut received = Received::new();
+        received.lie_in(head.clone());
         for span in spans {
             let name = &head[span[0] as usize..span[1] as usize];
             if name.eq_ignore_ascii_case(b"content-length") {

@@ -1033,8 +1033,8 @@ fn parse_head(
     let mut trailers = false;
     // The fields are kept as they came until one needs a map: then those
     // kept move into one, and it takes the rest.
-    let mut arrived = (spans.len() <= fields::MAX_FIELDS && head.len() <= Arrived::MAX_HEAD)
-        .then(|| Arrived::new(head.clone()));
+    let mut arrived =
+        (spans.len() <= fields::MAX_FIELDS && head.len() <= Arrived::MAX_HEAD).then(Arrived::new);
     let mut headers = match arrived {
         Some(_) => HeaderMap::new(),
         None => to_map(None, spans.len()),
@@ -1093,12 +1093,16 @@ fn parse_head(
                 Known::CorrelationId => kept.push(span, Kept::CorrelationId),
                 Known::Other if name.len() > MAX_KEPT_NAME || name.contains(&b'_') => false,
                 _ if hop => kept.push(span, Kept::HopByHop),
-                _ => kept.push(span, Kept::Other),
+                _ => kept.push(span, Kept::Other(name[0])),
             };
             if pushed {
                 continue;
             }
-            headers = to_map(arrived.take(), spans.len());
+            let moved = arrived.take().map(|mut kept| {
+                kept.lie_in(head.clone());
+                kept
+            });
+            headers = to_map(moved, spans.len());
         }
         let name = HeaderName::from_bytes(name).map_err(|_| Refusal::bad("invalid field name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
@@ -1107,6 +1111,7 @@ fn parse_head(
     }
     if let Some(kept) = &mut arrived {
         kept.declare(length);
+        kept.lie_in(head);
     }
     let body = match (length, chunked) {
         (Some(_), Some(_)) => {

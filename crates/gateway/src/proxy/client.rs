@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -222,6 +222,10 @@ struct HostPool {
     idle: Mutex<Vec<Idle>>,
     /// Wakes a request waiting for a connection slot when one comes back.
     returned: Notify,
+    /// How many requests wait so: only then does a connection put back
+    /// wake one (with none waiting, `Notify` would keep a permit, a
+    /// locked operation on every request).
+    waiting: AtomicUsize,
     /// The shared HTTP/2 connection, if one is open.
     h2: Mutex<Option<H2Conn>>,
     /// Held while an HTTP/2 connection opens, so that requests arriving
@@ -231,6 +235,15 @@ struct HostPool {
     alpn: AtomicU8,
     /// Whether its last TLS handshake failed (and was logged).
     tls_failing: AtomicBool,
+}
+
+/// A request counted in [`HostPool::waiting`].
+struct WaitingForReturn<'a>(&'a AtomicUsize);
+
+impl Drop for WaitingForReturn<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// An HTTP/2 connection's request handle.
@@ -266,7 +279,18 @@ impl HostPool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Idle { conn, swept: false });
-        self.returned.notify_one();
+        // A request that began to wait after the push finds the connection
+        // in `checkout`; one that began before it is counted by now (the
+        // lock orders the two).
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.returned.notify_one();
+        }
+    }
+
+    /// Counts a request waiting for a connection to come back until dropped.
+    fn wait_for_return(&self) -> WaitingForReturn<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingForReturn(&self.waiting)
     }
 
     /// Closes the connections idle since the last sweep; marks the others.
@@ -615,6 +639,7 @@ impl UpstreamClient {
                 Some(permit) => Some(permit),
                 None => {
                     let _waiting = gate.wait().map_err(|_| ClientError::Overflow)?;
+                    let _for_return = host.wait_for_return();
                     loop {
                         let returned = host.returned.notified();
                         if let Some(conn) = host.checkout() {

@@ -542,7 +542,7 @@ fn parse_head(
     // read into a map: more than it keeps, a `Connection` naming some
     // other field (which the map's stripping removes), or a `Trailer`.
     // Allocated first and written into: no copy of it on the stack moved in.
-    let mut received = Box::write(Box::new_uninit(), Received::new(head.clone()));
+    let mut received = Box::write(Box::new_uninit(), Received::new());
     let mut plain = spans.len() <= MAX_FIELDS;
     for &span in spans.iter() {
         let name = &head[span[0] as usize..span[1] as usize];
@@ -587,6 +587,7 @@ fn parse_head(
     *response.status_mut() = status;
     *response.version_mut() = version;
     let received = if plain {
+        received.lie_in(head);
         Some(received)
     } else {
         *response.headers_mut() = header_map(&head, spans)?;

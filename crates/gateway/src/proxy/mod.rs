@@ -776,7 +776,9 @@ impl Gateway {
         let tried = AtomicU64::new(0);
         let replayable = body.is_replayable();
         let op = |attempt: Attempt| {
-            attempts.fetch_add(1, Ordering::Relaxed);
+            // Only this request's task counts them: a load and a store, no
+            // locked add (atomic only for the future to be `Send`).
+            attempts.store(attempts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             let extra = call.attempt_lines(attempt.number(), attempt.remaining_at_start());
             self.attempt(
                 call,
@@ -1221,7 +1223,11 @@ impl Gateway {
             return Err(AttemptError::NoEndpoint);
         };
         if index < 64 {
-            tried.fetch_or(1 << index, Ordering::Relaxed);
+            // One task's, as `attempts` in `forward`: no locked or.
+            tried.store(
+                tried.load(Ordering::Relaxed) | 1 << index,
+                Ordering::Relaxed,
+            );
         }
         // A recorded request's attempt is a span, whose ID its
         // `traceparent` carries.
