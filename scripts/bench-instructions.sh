@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# User-space instructions and code lines per proxied request, counted by
-# callgrind: figures the shared VM's noise does not move (time does, by
-# ±20 %), for comparing two builds of the request path. The code lines are
-# the 64-byte lines of machine code a request runs (scripts/code-lines.py):
-# each costs about 1.3 ns here, as the kernel's work between requests
-# evicts them. It runs the same config as
-# bench-proxy.sh's `tidegate` target (retry, breaker, bulkhead, one
-# worker) in front of an nginx upstream, lets wrk (10 connections) warm
-# it up, zeroes the counts, measures SECONDS of wrk and divides.
+# User-space instructions, code lines and locked operations per proxied
+# request, counted by callgrind: figures the shared VM's noise does not
+# move (time does, by ±20 %), for comparing two builds of the request
+# path. The code lines are the 64-byte lines of machine code a request
+# runs (scripts/code-lines.py): each costs about 1.3 ns here, as the
+# kernel's work between requests evicts them. The locked operations
+# (scripts/locked-ops.py) are the atomic read-modify-writes it runs:
+# about 5 ns each here. It runs the same config as bench-proxy.sh's
+# `tidegate` target (retry, breaker, bulkhead, one worker) in front of an
+# nginx upstream, lets wrk (10 connections) warm it up, zeroes the
+# counts, measures SECONDS of wrk and divides.
 #
 #   ./scripts/bench-instructions.sh            # the release build of HEAD
 #   ./scripts/bench-instructions.sh path/to/tidegate
@@ -67,8 +69,9 @@ PIDS+=("$VALGRIND")
 wait_port "$UPSTREAM_PORT"
 wait_port "$PROXY_PORT"
 
-# measure NAME PID PORT: warms the proxy up, counts SECONDS of wrk, prints
-# the figures and keeps the dump as target/bench-instructions.NAME.callgrind.
+# measure NAME PID PORT BINARY: warms the proxy up, counts SECONDS of wrk,
+# prints the figures and keeps the dump as
+# target/bench-instructions.NAME.callgrind.
 measure() {
     local url="http://127.0.0.1:$3/" requests dump instructions
     wrk -t1 -c10 -d2s "$url" >/dev/null
@@ -85,13 +88,15 @@ measure() {
     instructions=$(awk '/^(totals|summary):/ { print $2; exit }' "$dump")
     echo "$1: $requests requests, $((instructions / requests)) user-space instructions per request"
     echo "$1: $(python3 scripts/code-lines.py "$dump" "$requests")"
+    echo "$1: $(python3 scripts/locked-ops.py "$dump" "$requests" "$4")"
     mkdir -p target
     cp "$dump" "target/bench-instructions.$1.callgrind"
 }
 
-measure tidegate "$VALGRIND" "$PROXY_PORT"
+measure tidegate "$VALGRIND" "$PROXY_PORT" "$TIDEGATE"
 echo "  ($TIDEGATE; per function: callgrind_annotate --inclusive=yes target/bench-instructions.tidegate.callgrind,"
-echo "   scripts/code-lines.py target/bench-instructions.tidegate.callgrind REQUESTS 30)"
+echo "   scripts/code-lines.py target/bench-instructions.tidegate.callgrind REQUESTS 30,"
+echo "   scripts/locked-ops.py target/bench-instructions.tidegate.callgrind REQUESTS $TIDEGATE 30)"
 
 if [ "${AGAINST_NGINX:-0}" = 1 ]; then
     # nginx as the proxy, one worker in the foreground under callgrind,
@@ -129,5 +134,5 @@ EOF
     NGINX_VALGRIND=$!
     PIDS+=("$NGINX_VALGRIND")
     wait_port "$NGINX_PORT"
-    measure nginx "$NGINX_VALGRIND" "$NGINX_PORT"
+    measure nginx "$NGINX_VALGRIND" "$NGINX_PORT" "$NGINX"
 fi

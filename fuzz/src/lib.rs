@@ -496,7 +496,7 @@ mod served {
     struct Recorder(Log);
 
     impl Service for Recorder {
-        async fn call(&self, mut request: Box<ClientRequest>) -> Response<ProxyBody> {
+        async fn call(&mut self, mut request: Box<ClientRequest>) -> Response<ProxyBody> {
             // The fields as whatever reads them sees them: those that came
             // as they were moved into the map.
             request.map();

@@ -206,3 +206,54 @@ async fn a_bad_config_is_refused_and_the_running_one_stays() {
     gw.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Sends `GET path` on `stream` and reads one answer (framed by its
+/// `Content-Length`): its status and body.
+async fn ask(stream: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut read = Vec::new();
+    loop {
+        if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&read[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |value| value.trim().parse().unwrap());
+            if read.len() >= end + 4 + length {
+                let status = head[9..12].parse().unwrap();
+                let body = String::from_utf8_lossy(&read[end + 4..end + 4 + length]);
+                return (status, body.into_owned());
+            }
+        }
+        let mut buf = [0; 4096];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&read));
+        read.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_connection_open_across_a_reload_is_served_from_the_new_table() {
+    let svc = Upstream::start(|_| async { text(200, "v1") }).await;
+    let bad = refused_url().await;
+    let gw = server::start(parsed(&config(&svc.url(), &bad, "")))
+        .await
+        .unwrap();
+    let mut client = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(ask(&mut client, "/new/x").await.0, 404);
+
+    let new = "[[routes]]\nname = \"new\"\npath_prefix = \"/new\"\nupstream = \"svc\"\n";
+    let new = parsed(&config(&svc.url(), &bad, new));
+    gw.reloader().apply(new).await.unwrap();
+    // The same connection: its next request sees the new route.
+    assert_eq!(ask(&mut client, "/new/x").await, (200, "v1".to_owned()));
+
+    gw.reloader()
+        .apply(parsed(&config(&svc.url(), &bad, "")))
+        .await
+        .unwrap();
+    assert_eq!(ask(&mut client, "/new/x").await.0, 404, "and its removal");
+    gw.shutdown().await;
+}

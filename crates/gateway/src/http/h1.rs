@@ -90,9 +90,11 @@ pub struct Limits {
 pub trait Service {
     /// The answer to `request`.
     /// The request comes boxed: it is moved through several layers,
-    /// each of which would otherwise copy it whole.
+    /// each of which would otherwise copy it whole. One request at a
+    /// time: a service may keep what its requests share (the table it
+    /// serves them from) without a lock.
     fn call(
-        &self,
+        &mut self,
         request: Box<ClientRequest>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + '_;
 }
@@ -132,7 +134,6 @@ impl<S: Service> Connection<S> {
             deadlines,
         } = self;
         let served = Served {
-            service,
             peer,
             identity,
             limits,
@@ -143,7 +144,7 @@ impl<S: Service> Connection<S> {
         // The stop is watched once for the connection, not per request,
         // and polled only when the watch has woken it, not at every
         // wake-up of the connection.
-        let serving = served.run(io, read);
+        let serving = served.run(io, read, service);
         tokio::pin!(serving);
         tokio::select! {
             // The stop first: an answer finished in the same poll closes
@@ -238,8 +239,7 @@ impl<F: Future> Future for WhenWoken<F> {
 }
 
 /// A connection being served.
-struct Served<S> {
-    service: S,
+struct Served {
     peer: SocketAddr,
     identity: Option<HeaderValue>,
     limits: Limits,
@@ -250,8 +250,8 @@ struct Served<S> {
     idle: AtomicBool,
 }
 
-impl<S: Service> Served<S> {
-    async fn run<I>(&self, io: I, read: BytesMut)
+impl Served {
+    async fn run<I, S: Service>(&self, io: I, read: BytesMut, mut service: S)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -280,7 +280,10 @@ impl<S: Service> Served<S> {
                     break;
                 }
             };
-            match self.exchange(&mut link, head, &mut out, &mut stall).await {
+            match self
+                .exchange(&mut service, &mut link, head, &mut out, &mut stall)
+                .await
+            {
                 Next::KeepAlive => {}
                 Next::Close => break,
                 Next::Upgrade(to) => {
@@ -357,8 +360,9 @@ impl<S: Service> Served<S> {
     }
 
     /// Answers one request; says what becomes of the connection.
-    async fn exchange<I>(
+    async fn exchange<I, S: Service>(
         &self,
+        service: &mut S,
         link: &mut Held<I>,
         head: Head,
         out: &mut Vec<u8>,
@@ -418,7 +422,7 @@ impl<S: Service> Served<S> {
             to
         });
         let max_head = self.limits.max_head;
-        let handling = self.service.call(request);
+        let handling = service.call(request);
         tokio::pin!(handling);
         let answered = std::future::poll_fn(|cx| {
             if let Poll::Ready(response) = handling.as_mut().poll(cx) {
@@ -1387,7 +1391,7 @@ mod tests {
     struct Answering(fn(&http::request::Parts, Bytes) -> Response<ProxyBody>);
 
     impl Service for Answering {
-        async fn call(&self, mut request: Box<ClientRequest>) -> Response<ProxyBody> {
+        async fn call(&mut self, mut request: Box<ClientRequest>) -> Response<ProxyBody> {
             // The fields, as any reader but the gateway's fast path sees them.
             request.map();
             let (parts, body) = request.request.into_parts();
@@ -1639,7 +1643,7 @@ mod tests {
         // closes, since the body may still come.
         struct Early;
         impl Service for Early {
-            async fn call(&self, _: Box<ClientRequest>) -> Response<ProxyBody> {
+            async fn call(&mut self, _: Box<ClientRequest>) -> Response<ProxyBody> {
                 let mut response = Response::new(body::full("too large"));
                 *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
                 response

@@ -32,7 +32,7 @@ use crate::http::headers;
 use crate::http::resets::Resets;
 use crate::observe::watch::{sample, until_stopped, UpstreamTasks};
 use crate::proxy::client::UpstreamClient;
-use crate::proxy::{Gateway, Reply};
+use crate::proxy::{Gateway, Reply, Table};
 use crate::reload::Reloader;
 
 /// A gateway that is serving.
@@ -414,14 +414,18 @@ struct Proxied {
     gateway: Arc<Gateway>,
     client: UpstreamClient,
     peer: SocketAddr,
+    /// The table its last request was served from, and its generation.
+    table: (u64, Arc<Table>),
 }
 
 impl h1::Service for Proxied {
     fn call(
-        &self,
+        &mut self,
         request: Box<ClientRequest>,
     ) -> impl std::future::Future<Output = http::Response<ProxyBody>> + Send + '_ {
-        self.gateway.handle(request, self.peer, &self.client)
+        self.gateway.current_table(&mut self.table);
+        self.gateway
+            .handle(&self.table.1, request, self.peer, &self.client)
     }
 }
 
@@ -463,6 +467,7 @@ impl Serving {
                 let deadlines = client.deadlines().clone();
                 let connection = h1::Connection {
                     service: Proxied {
+                        table: gateway.table_now(),
                         gateway,
                         client,
                         peer,
@@ -502,8 +507,9 @@ impl Serving {
                             return Ok::<_, Infallible>(reply.into_response(&request_id));
                         }
                         let started = resets.start();
+                        let table = gateway.table();
                         let response = gateway
-                            .handle(ClientRequest::mapped(req), peer, &client)
+                            .handle(&table, ClientRequest::mapped(req), peer, &client)
                             .await;
                         started.finish();
                         // hyper writes the header map alone.

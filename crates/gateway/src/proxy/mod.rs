@@ -94,6 +94,10 @@ pub struct Gateway {
     /// settings keep these until a restart.
     pub settings: GatewaySettings,
     table: ArcSwap<Table>,
+    /// Counts the tables put in use: a connection that keeps the table it
+    /// served its last request from reads this, not the table, to see
+    /// whether it is still the one in use.
+    generation: AtomicU64,
     client: UpstreamClient,
     /// Connection-pool gates by endpoint, for every client's connector.
     gates: Gates,
@@ -269,6 +273,7 @@ impl Gateway {
             alert_queue: std::sync::Mutex::new(Some(alert_queue)),
             settings,
             table: ArcSwap::from_pointee(table),
+            generation: AtomicU64::new(0),
             client: UpstreamClient::new(gates.clone(), metrics.upstream_tls_failures()),
             gates,
             metrics,
@@ -320,6 +325,26 @@ impl Gateway {
         report_endpoints(&self.metrics, &table);
         self.gates.store(Arc::new(gates_of(&table)));
         self.table.store(Arc::new(table));
+        // After the store: whoever sees the new count loads the new table.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Brings `cached`, a table and its generation, up to the table in
+    /// use: loads it only when the generation has moved on, so a
+    /// connection's requests take no locked operation for their table
+    /// (a load takes four) until a reload.
+    pub fn current_table(&self, cached: &mut (u64, Arc<Table>)) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != cached.0 {
+            *cached = (generation, self.table());
+        }
+    }
+
+    /// The table in use with its generation, to keep (see [`Gateway::current_table`]).
+    pub fn table_now(&self) -> (u64, Arc<Table>) {
+        // The count first: a table stored after it is found at the next look.
+        let generation = self.generation.load(Ordering::Acquire);
+        (generation, self.table())
     }
 
     /// A new pooled client for upstream requests (one per worker thread).
@@ -337,6 +362,7 @@ impl Gateway {
     /// through `upstream_client`.
     pub async fn handle(
         &self,
+        table: &Table,
         mut req: Box<ClientRequest>,
         client: SocketAddr,
         upstream_client: &UpstreamClient,
@@ -346,7 +372,6 @@ impl Gateway {
         let method = req.request.method().clone();
         // Every gRPC call is a POST: other requests need no header lookup.
         let grpc = method == Method::POST && grpc::is_grpc(req.field(&header::CONTENT_TYPE));
-        let table = self.table();
         let mut log = Access {
             route: &self.none,
             upstream: &self.none,
@@ -373,7 +398,7 @@ impl Gateway {
             .map(|_| req.request.uri().path().to_owned());
         let mut response = match self
             .route_and_forward(
-                &table,
+                table,
                 req,
                 client,
                 upstream_client,
