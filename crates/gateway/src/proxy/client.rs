@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -59,6 +59,7 @@ use crate::proxy::deadline::Deadlines;
 use crate::proxy::h1::{self, Stream};
 use crate::proxy::pool::{Gates, PoolGate, PoolOverflow};
 use crate::proxy::tls::ClientTls;
+use crate::proxy::upstream::Counted;
 
 /// How long a new connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -225,7 +226,7 @@ struct HostPool {
     /// How many requests wait so: only then does a connection put back
     /// wake one (with none waiting, `Notify` would keep a permit, a
     /// locked operation on every request).
-    waiting: AtomicUsize,
+    waiting: AtomicU64,
     /// The shared HTTP/2 connection, if one is open.
     h2: Mutex<Option<H2Conn>>,
     /// Held while an HTTP/2 connection opens, so that requests arriving
@@ -235,15 +236,6 @@ struct HostPool {
     alpn: AtomicU8,
     /// Whether its last TLS handshake failed (and was logged).
     tls_failing: AtomicBool,
-}
-
-/// A request counted in [`HostPool::waiting`].
-struct WaitingForReturn<'a>(&'a AtomicUsize);
-
-impl Drop for WaitingForReturn<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// An HTTP/2 connection's request handle.
@@ -288,9 +280,8 @@ impl HostPool {
     }
 
     /// Counts a request waiting for a connection to come back until dropped.
-    fn wait_for_return(&self) -> WaitingForReturn<'_> {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        WaitingForReturn(&self.waiting)
+    fn wait_for_return(&self) -> Counted<'_> {
+        Counted::new(&self.waiting)
     }
 
     /// Closes the connections idle since the last sweep; marks the others.

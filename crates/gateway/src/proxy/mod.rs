@@ -358,8 +358,9 @@ impl Gateway {
         &self.client
     }
 
-    /// Answers one client request from `client`, sending upstream requests
-    /// through `upstream_client`.
+    /// Answers one client request from `client` by `table` (the one in
+    /// use when it came), sending upstream requests through
+    /// `upstream_client`.
     pub async fn handle(
         &self,
         table: &Table,

@@ -125,12 +125,21 @@ pub struct EndpointState {
     ejections: AtomicU32,
 }
 
-/// An attempt counted in its endpoint's `in_flight` until dropped:
-/// answered, failed, or cancelled by a deadline or a client gone.
+/// One counted in a count until dropped: an attempt in its endpoint's
+/// `in_flight` (until answered, failed, or cancelled by a deadline or a
+/// client gone), a request waiting for a pooled connection.
 #[derive(Debug)]
-pub struct Attempting<'a>(&'a AtomicU64);
+pub struct Counted<'a>(&'a AtomicU64);
 
-impl Drop for Attempting<'_> {
+impl<'a> Counted<'a> {
+    /// Counts one more in `count`.
+    pub(crate) fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -138,9 +147,8 @@ impl Drop for Attempting<'_> {
 
 impl EndpointState {
     /// Counts an attempt in flight to it until the guard drops.
-    pub fn attempting(&self) -> Attempting<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Attempting(&self.in_flight)
+    pub fn attempting(&self) -> Counted<'_> {
+        Counted::new(&self.in_flight)
     }
 
     /// Whether its health checks pass (ejection aside).
