@@ -27,7 +27,7 @@ code_lines = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(code_lines)
 
 CANCELLATION = re.compile(r"__pthread_(enable|disable)_asynccancel")
-LOCKED = re.compile(r"\block\b|^xchg\s.*\(")
+LOCKED = re.compile(r"^lock\s|^xchg\s.*\(")
 
 
 def locked_addresses(binary):

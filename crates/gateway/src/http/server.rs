@@ -32,7 +32,7 @@ use crate::http::headers;
 use crate::http::resets::Resets;
 use crate::observe::watch::{sample, until_stopped, UpstreamTasks};
 use crate::proxy::client::UpstreamClient;
-use crate::proxy::{Gateway, Reply, Table};
+use crate::proxy::{Gateway, KeptTable, Reply};
 use crate::reload::Reloader;
 
 /// A gateway that is serving.
@@ -414,8 +414,8 @@ struct Proxied {
     gateway: Arc<Gateway>,
     client: UpstreamClient,
     peer: SocketAddr,
-    /// The table its last request was served from, and its generation.
-    table: (u64, Arc<Table>),
+    /// The table its last request was served from.
+    table: KeptTable,
 }
 
 impl h1::Service for Proxied {
@@ -423,9 +423,8 @@ impl h1::Service for Proxied {
         &mut self,
         request: Box<ClientRequest>,
     ) -> impl std::future::Future<Output = http::Response<ProxyBody>> + Send + '_ {
-        self.gateway.current_table(&mut self.table);
-        self.gateway
-            .handle(&self.table.1, request, self.peer, &self.client)
+        let table = self.gateway.kept_table(&mut self.table);
+        self.gateway.handle(table, request, self.peer, &self.client)
     }
 }
 
@@ -467,7 +466,7 @@ impl Serving {
                 let deadlines = client.deadlines().clone();
                 let connection = h1::Connection {
                     service: Proxied {
-                        table: gateway.table_now(),
+                        table: gateway.keep_table(),
                         gateway,
                         client,
                         peer,

@@ -329,22 +329,25 @@ impl Gateway {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Brings `cached`, a table and its generation, up to the table in
-    /// use: loads it only when the generation has moved on, so a
-    /// connection's requests take no locked operation for their table
-    /// (a load takes four) until a reload.
-    pub fn current_table(&self, cached: &mut (u64, Arc<Table>)) {
+    /// The table in use, to keep between requests (see [`Gateway::kept_table`]).
+    pub fn keep_table(&self) -> KeptTable {
+        // The count first: a table stored after it is found at the next look.
         let generation = self.generation.load(Ordering::Acquire);
-        if generation != cached.0 {
-            *cached = (generation, self.table());
+        KeptTable {
+            generation,
+            table: self.table(),
         }
     }
 
-    /// The table in use with its generation, to keep (see [`Gateway::current_table`]).
-    pub fn table_now(&self) -> (u64, Arc<Table>) {
-        // The count first: a table stored after it is found at the next look.
-        let generation = self.generation.load(Ordering::Acquire);
-        (generation, self.table())
+    /// The table in use, from `kept` unless the generation has moved on
+    /// since it was kept (then `kept` takes the new one): a connection's
+    /// requests take no locked operation for their table (a load takes
+    /// four) until a reload.
+    pub fn kept_table<'k>(&self, kept: &'k mut KeptTable) -> &'k Table {
+        if self.generation.load(Ordering::Acquire) != kept.generation {
+            *kept = self.keep_table();
+        }
+        &kept.table
     }
 
     /// A new pooled client for upstream requests (one per worker thread).
@@ -1719,6 +1722,13 @@ struct Access<'t> {
     /// When the request came: the clock its call through the upstream's
     /// policies starts from, with no read of its own.
     start: Instant,
+}
+
+/// A table kept between requests, with the generation it was in use in.
+#[derive(Debug)]
+pub struct KeptTable {
+    generation: u64,
+    table: Arc<Table>,
 }
 
 /// The upstream request head of one attempt.
