@@ -1,13 +1,16 @@
 //! Concurrency: many callers at once never take more than N half-open
-//! probes, cancelled callers never leak a probe or a bulkhead slot, and a
-//! healthy breaker's lock-free successes lose no failure recorded beside them.
+//! probes, cancelled callers never leak a probe or a bulkhead slot, a
+//! healthy breaker's lock-free successes lose no failure recorded beside
+//! them, and threads leasing a rate limiter's time never pass its quota.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use tidegate_resilience::breaker::{CircuitBreaker, CircuitState, Config};
 use tidegate_resilience::bulkhead::{self, Bulkhead};
+use tidegate_resilience::ratelimit::{Algorithm, Clock, Limit, LimiterState, Quota, RateLimiter};
 
 const CALLERS: usize = 64;
 const PROBES: u32 = 3;
@@ -153,4 +156,100 @@ fn lock_free_successes_lose_no_failure_recorded_beside_them() {
     assert_eq!(snapshot.state, CircuitState::Closed);
     assert_eq!(snapshot.calls, WINDOW);
     assert_eq!(snapshot.failure_count, FAILURES);
+}
+
+thread_local! {
+    /// The time a thread's next rate-limit decision is judged at.
+    static JUDGED_AT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Each thread's own time, which the thread sets before it asks.
+#[derive(Debug)]
+struct ThreadTime;
+
+impl Clock for ThreadTime {
+    fn now_nanos(&self) -> u64 {
+        JUDGED_AT.with(Cell::get)
+    }
+}
+
+/// Two threads share a GCRA limiter fast enough that each leases runs
+/// of its time, first asking for four times its rate, then for half:
+/// whatever their interleaving, no stretch of time admits more than the
+/// burst and the stretch's rate, as GCRA promises, and leases do not
+/// starve them of what the rate allows.
+#[test]
+fn two_threads_leasing_never_admit_past_the_quota() {
+    const OPS: u64 = 100_000;
+    let quota = Quota {
+        limit: 1_000_000,
+        period: Duration::from_secs(1),
+        burst: Some(20_000),
+    };
+    let (interval, burst) = (1_000, 20_000);
+    let limiter = Arc::new(RateLimiter::with_clock(
+        Limit::new(Algorithm::Gcra, quota),
+        ThreadTime,
+    ));
+    let clock = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(2));
+    let threads: Vec<_> = (0..2u64)
+        .map(|i| {
+            let (limiter, clock, start) = (limiter.clone(), clock.clone(), start.clone());
+            std::thread::spawn(move || {
+                let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (i + 1);
+                let mut random = move || {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed
+                };
+                let mut asked = Vec::new();
+                start.wait();
+                for op in 0..OPS {
+                    // Each step half an interval on average, then four.
+                    let most = if op < OPS / 2 { interval } else { 8 * interval };
+                    let at = clock.fetch_add(random() % most, Ordering::Relaxed);
+                    let cost = 1 + (random() % 3) as u32;
+                    JUDGED_AT.with(|now| now.set(at));
+                    asked.push((at, cost, limiter.check_n(cost).allowed));
+                }
+                asked
+            })
+        })
+        .collect();
+    let mut asked: Vec<(u64, u32, bool)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    asked.sort_unstable();
+    let admitted = asked
+        .iter()
+        .filter(|&&(_, _, allowed)| allowed)
+        .map(|&(at, cost, _)| (at, u64::from(cost)));
+    // Units admitted from the i-th to the j-th at most the burst and what
+    // the interval between their times allows:
+    // (units through j - units before i) × interval - (t_j - t_i) ≤ burst × interval.
+    let (mut units, mut lowest) = (0u64, i128::MAX);
+    for (at, cost) in admitted {
+        lowest = lowest.min(i128::from(units * interval) - i128::from(at));
+        units += cost;
+        let excess = i128::from(units * interval) - i128::from(at) - lowest;
+        assert!(
+            excess <= i128::from(burst * interval),
+            "{} ns of units past the quota by {at}",
+            excess - i128::from(burst * interval)
+        );
+    }
+    // GCRA on one TAT, asked the same in time order.
+    let mut gcra = LimiterState::new(Algorithm::Gcra, &quota, 0);
+    let exact: u64 = asked
+        .iter()
+        .filter(|&&(at, cost, _)| gcra.check(&quota, at, cost).allowed)
+        .map(|&(_, cost, _)| u64::from(cost))
+        .sum();
+    assert!(
+        units * 100 >= exact * 98,
+        "{units} units admitted, where one TAT admits {exact}"
+    );
 }

@@ -2,11 +2,13 @@
 //! bounds, and every limiter against its quota.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
 use tidegate_resilience::breaker::{CircuitBreaker, CircuitState, Config, Outcome};
-use tidegate_resilience::ratelimit::{Algorithm, Limit, LimiterState, Quota, RateLimiter};
+use tidegate_resilience::ratelimit::{Algorithm, Clock, Limit, LimiterState, Quota, RateLimiter};
 use tidegate_resilience::retry::{Backoff, BackoffKind, Jitter};
 
 /// The breaker as the DESIGN.md text says it, written as plainly as possible.
@@ -127,6 +129,16 @@ fn outcome(draw: u8, failures: u8) -> Outcome {
         d if d < 5 => Outcome::Ignore,
         d if d < 5 + failures => Outcome::Failure,
         _ => Outcome::Success,
+    }
+}
+
+/// A clock the test sets.
+#[derive(Debug, Default)]
+struct Manual(AtomicU64);
+
+impl Clock for Manual {
+    fn now_nanos(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -318,5 +330,36 @@ proptest! {
             }
             Ok(())
         })?;
+    }
+
+    /// A quota fast enough that a thread leases runs of GCRA's time: the
+    /// thread's decisions, figures and all, are still those of GCRA on a
+    /// TAT of its own, callers' late times included.
+    #[test]
+    fn one_thread_leasing_decides_as_gcra(
+        limit in 2_000u32..4_000_000,
+        burst in prop::option::of(128u32..100_000),
+        requests in prop::collection::vec(
+            (0u64..12, 1u32..4, prop::option::weighted(0.1, 0u64..20), prop::option::weighted(0.02, 0u64..3_000)),
+            1..600,
+        ),
+    ) {
+        let quota = Quota { limit, period: Duration::from_secs(1), burst };
+        let interval = 1_000_000_000 / u64::from(limit);
+        let time = Arc::new(Manual::default());
+        let checked = RateLimiter::with_clock(Limit::new(Algorithm::Gcra, quota), time.clone());
+        let admitted = RateLimiter::with_clock(Limit::new(Algorithm::Gcra, quota), time.clone());
+        let mut gcra = LimiterState::new(Algorithm::Gcra, &quota, 0);
+        let mut now = 0u64;
+        for (i, &(quarters, cost, late, idle)) in requests.iter().enumerate() {
+            // Mostly a quarter to three intervals apart: twice the rate
+            // and more, or less; now and then idle for up to 3 000.
+            now += quarters * interval / 4 + idle.unwrap_or(0) * interval;
+            let at = now.saturating_sub(late.unwrap_or(0) * interval);
+            time.0.store(at, Ordering::Relaxed);
+            let expected = gcra.check(&quota, at, cost);
+            prop_assert_eq!(checked.check_n(cost), expected, "request {}", i);
+            prop_assert_eq!(admitted.admit_n(cost).is_ok(), expected.allowed, "request {}", i);
+        }
     }
 }

@@ -108,15 +108,6 @@ impl GcraTerms {
         (price, tat.max(now).saturating_add(price))
     }
 
-    /// The TAT to store if `cost` units are admitted at `now`, or `None`
-    /// when they are not: [`decide`](Self::decide)'s verdict without the
-    /// figures an admitted request may not need.
-    #[inline]
-    pub(crate) fn admit(&self, tat: u64, now: u64, cost: u32) -> Option<u64> {
-        let (_, next) = self.price(tat, now, cost);
-        (next - now <= self.window).then_some(next)
-    }
-
     /// The decision on `cost` units at `now` given the TAT, and the TAT to
     /// store if it is admitted. One division, for `remaining`.
     #[inline]
@@ -126,12 +117,23 @@ impl GcraTerms {
         let ahead = if allowed { next } else { tat.max(now) } - now;
         let decision = Decision {
             allowed,
+            retry_after: (!allowed && price <= self.window).then(|| dur(next - now - self.window)),
+            ..self.admitted(ahead)
+        };
+        (decision, next)
+    }
+
+    /// The decision on a request admitted with the TAT now `ahead` of the
+    /// time it was judged at.
+    #[inline]
+    pub(crate) fn admitted(&self, ahead: u64) -> Decision {
+        Decision {
+            allowed: true,
             limit: self.limit,
             remaining: clamp_u32(self.per_interval(self.window - ahead.min(self.window))),
             reset: dur(ahead),
-            retry_after: (!allowed && price <= self.window).then(|| dur(next - now - self.window)),
-        };
-        (decision, next)
+            retry_after: None,
+        }
     }
 }
 

@@ -47,6 +47,7 @@ pub use self::store::{Store, StoreError};
 pub use crate::clock::TscClock;
 pub use crate::clock::{Clock, TokioClock};
 use crate::settings::{check, ConfigError};
+use crate::stripe::{self, STRIPES};
 use crate::Error;
 
 /// Which algorithm a limiter runs.
@@ -239,6 +240,12 @@ struct Cell {
 /// GCRA's whole state is one timestamp, so it needs no lock: a
 /// compare-and-swap on the TAT, with the quota's terms in atomics beside it.
 ///
+/// Every admission writes that one word, so threads admitting at once take
+/// turns at its cache line: two threads took over four times as long a
+/// decision as one. So a thread with a [stripe](crate::stripe) of its own
+/// takes a run of the TAT's time at once, a lease, and admits from it with
+/// plain writes until it is spent or past (see [`Lease`]).
+///
 /// A decision racing a quota change may see the old interval with the new
 /// window (or the reverse) once; the TAT itself is always rescaled whole.
 #[derive(Debug)]
@@ -248,8 +255,62 @@ struct GcraCell {
     interval: AtomicU64,
     window: AtomicU64,
     reciprocal: AtomicU64,
+    /// How long a lease runs, in nanoseconds: 0 when a lease would not
+    /// hold two requests at the steady rate.
+    span: AtomicU64,
+    /// Bumped by each quota change: a lease taken before it is void.
+    epoch: AtomicU64,
+    /// The leases of threads that have a stripe of their own, by stripe.
+    leases: Box<[Lease; STRIPES]>,
     /// The quota as given; its lock serialises changes.
     quota: Mutex<Quota>,
+}
+
+/// A run of GCRA time, `next..end`, that one thread took from the shared
+/// TAT, which has moved past it. The thread admits a request from it as
+/// GCRA would from a TAT of its own at `next`, without the shared word,
+/// until the request would end past `end`. Then it takes the next run,
+/// which continues its lease if no other thread took time since.
+///
+/// The quota holds exactly as GCRA's: every admitted request still has
+/// its own slot of the TAT's time, which ends at most `window` after the
+/// request was judged (a lease ends at most half of it ahead) and no
+/// sooner than one interval after. What a lease costs is time it holds
+/// and no request uses: another thread sees it as taken, so its burst is
+/// smaller by at most the leases of the other threads, each at most a
+/// sixty-fourth of the window. To one thread alone the decisions are
+/// GCRA's own, each one.
+///
+/// Only its thread writes it (its stripe's owner; the next owner, once the
+/// thread ends, takes it over), so plain loads and stores serve.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Lease {
+    next: AtomicU64,
+    end: AtomicU64,
+    epoch: AtomicU64,
+}
+
+/// The longest lease: what a worker admits in a millisecond, at most,
+/// does without the shared word.
+const LEASE: u64 = 1_000_000;
+
+/// How long a lease runs under `terms`, 0 when leases do not pay.
+fn lease_span(terms: &GcraTerms) -> u64 {
+    let span = LEASE.min(terms.window / (4 * STRIPES as u64));
+    if span < 2 * terms.interval {
+        0
+    } else {
+        span
+    }
+}
+
+/// What a thread's claim on the TAT admitted.
+enum Claimed {
+    /// From the thread's lease, which holds `unused` nanoseconds more.
+    Leased { unused: u64 },
+    /// With the TAT, as the thread sees it, at `tat` after it.
+    At { tat: u64 },
 }
 
 impl GcraCell {
@@ -261,6 +322,9 @@ impl GcraCell {
             interval: AtomicU64::new(terms.interval),
             window: AtomicU64::new(terms.window),
             reciprocal: AtomicU64::new(terms.reciprocal),
+            span: AtomicU64::new(lease_span(&terms)),
+            epoch: AtomicU64::new(1),
+            leases: Box::default(),
             quota: Mutex::new(quota),
         }
     }
@@ -279,50 +343,114 @@ impl GcraCell {
         }
     }
 
+    /// Admits `cost` units at `now` from the calling thread's lease, a
+    /// new lease or the TAT itself; `Err` with the TAT to judge the
+    /// refusal on.
     #[inline]
-    fn check(&self, now: u64, cost: u32) -> Decision {
-        let terms = self.terms();
+    fn claim(&self, terms: &GcraTerms, epoch: u64, now: u64, cost: u32) -> Result<Claimed, u64> {
+        let price = u64::from(cost).saturating_mul(terms.interval);
+        let stripe = stripe::current();
+        let own = stripe.is_own().then(|| &self.leases[stripe.index()]);
+        let lease = own
+            .filter(|lease| lease.epoch.load(Ordering::Relaxed) == epoch)
+            .map(|lease| {
+                (
+                    lease.next.load(Ordering::Relaxed),
+                    lease.end.load(Ordering::Relaxed),
+                )
+            });
+        if let (Some(own), Some((next, end))) = (own, lease) {
+            let taken = next.max(now).saturating_add(price);
+            // A caller's time may be older than the lease (it read the
+            // clock, then waited): the request is judged at it all the same.
+            if taken <= end && taken - now <= terms.window {
+                own.next.store(taken, Ordering::Relaxed);
+                return Ok(Claimed::Leased {
+                    unused: end - taken,
+                });
+            }
+        }
+        let span = self.span.load(Ordering::Relaxed);
+        let may_lease = own.is_some() && price > 0 && span >= 2 * price;
         let mut current = self.tat.load(Ordering::Acquire);
         loop {
-            let (decision, next) = terms.decide(current, now, cost);
-            if !decision.allowed || next == current {
-                return decision;
+            // Where the TAT has not moved since the thread's lease, the
+            // time the lease has left is the thread's to go on from.
+            let base = match lease {
+                Some((next, end)) if end == current => next,
+                _ => current,
+            };
+            let taken = base.max(now).saturating_add(price);
+            let until = current.max(now).saturating_add(span);
+            let (stored, leased) = if may_lease && until - now <= terms.window / 2 {
+                (until, true)
+            } else if taken - now <= terms.window {
+                (taken, false)
+            } else {
+                return Err(base);
+            };
+            if price == 0 {
+                return Ok(Claimed::At { tat: base });
             }
-            match self
-                .tat
-                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return decision,
+            match self.tat.compare_exchange_weak(
+                current,
+                stored,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    if let Some(own) = own {
+                        // Without a new lease, an empty one at the TAT:
+                        // the next request goes on from it if no other did.
+                        own.next.store(taken, Ordering::Relaxed);
+                        own.end.store(stored, Ordering::Relaxed);
+                        own.epoch.store(epoch, Ordering::Relaxed);
+                    }
+                    return Ok(if leased {
+                        Claimed::Leased {
+                            unused: stored - taken,
+                        }
+                    } else {
+                        Claimed::At { tat: stored }
+                    });
+                }
                 Err(actual) => current = actual,
             }
+        }
+    }
+
+    #[inline]
+    fn check(&self, now: u64, cost: u32) -> Decision {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let terms = self.terms();
+        match self.claim(&terms, epoch, now, cost) {
+            Ok(claimed) => {
+                let tat = match claimed {
+                    Claimed::Leased { unused } => {
+                        self.tat.load(Ordering::Relaxed).saturating_sub(unused)
+                    }
+                    Claimed::At { tat } => tat,
+                };
+                terms.admitted(tat.max(now) - now)
+            }
+            Err(tat) => terms.decide(tat, now, cost).0,
         }
     }
 
     /// As [`check`](Self::check), with the decision's figures worked out
-    /// only for a refusal. (One loop for both, generic over the answer,
-    /// made this 40 % slower: the refusal's decision rode along the loop.)
+    /// only for a refusal.
     #[inline]
     fn admit(&self, now: u64, cost: u32) -> Result<(), RateLimited> {
+        let epoch = self.epoch.load(Ordering::Acquire);
         let terms = self.terms();
-        let mut current = self.tat.load(Ordering::Acquire);
-        loop {
-            let Some(next) = terms.admit(current, now, cost) else {
-                return Err(RateLimited::new(terms.decide(current, now, cost).0));
-            };
-            if next == current {
-                return Ok(());
-            }
-            match self
-                .tat
-                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Ok(()),
-                Err(actual) => current = actual,
-            }
+        match self.claim(&terms, epoch, now, cost) {
+            Ok(_) => Ok(()),
+            Err(tat) => Err(RateLimited::new(terms.decide(tat, now, cost).0)),
         }
     }
 
-    /// Rescales what was consumed to the new quota, then swaps the quota in.
+    /// Rescales what was consumed to the new quota, then swaps the quota
+    /// in; the leases taken before are void.
     fn set_quota(&self, quota: Quota, now: u64) {
         let mut current = self.quota.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.interval.load(Ordering::Relaxed);
@@ -338,6 +466,9 @@ impl GcraCell {
         self.interval.store(terms.interval, Ordering::Relaxed);
         self.window.store(terms.window, Ordering::Relaxed);
         self.reciprocal.store(terms.reciprocal, Ordering::Relaxed);
+        self.span.store(lease_span(&terms), Ordering::Relaxed);
+        // Release: a thread that sees the new epoch sees the new terms.
+        self.epoch.fetch_add(1, Ordering::Release);
         *current = quota;
     }
 }
@@ -449,8 +580,8 @@ impl<C: Clock> RateLimiter<C> {
 
     /// Admits one request or refuses it, as [`try_acquire`](Self::try_acquire)
     /// but without the figures of an admitted request's decision (what
-    /// `X-RateLimit-Remaining` needs), so GCRA's admission is its
-    /// compare-and-swap alone. A refusal carries the whole decision.
+    /// `X-RateLimit-Remaining` needs), so GCRA's admission is a write to
+    /// its lease or its TAT alone. A refusal carries the whole decision.
     pub fn admit(&self) -> Result<(), RateLimited> {
         self.admit_nanos(self.clock.now_nanos(), 1)
     }
