@@ -125,6 +125,18 @@ impl Stripe {
         }
     }
 
+    /// Adds `n` to `cell`, one of this stripe's counts, and returns what
+    /// it held before.
+    pub fn fetch_add(self, cell: &AtomicU64, n: u64) -> u64 {
+        if self.is_own() {
+            let before = cell.load(Ordering::Relaxed);
+            cell.store(before.wrapping_add(n), Ordering::Relaxed);
+            before
+        } else {
+            cell.fetch_add(n, Ordering::Relaxed)
+        }
+    }
+
     /// Sets `cell`, one of this stripe's, to `f` of it (unchanged when `f`
     /// says `None`).
     pub fn update(self, cell: &AtomicU64, mut f: impl FnMut(u64) -> Option<u64>) {

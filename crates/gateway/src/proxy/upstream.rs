@@ -1,7 +1,7 @@
 //! An upstream service: its endpoints with their health, and the policy
 //! pipeline every request to it runs through.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tidegate_client::headers::retry_after;
 
 use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
 use crate::observe::stats::Traffic;
-use crate::observe::striped::StripedGauge;
+use crate::observe::striped::{stripe, StripedGauge, STRIPES};
 use crate::proxy::client::{Destination, UpstreamResponse};
 use crate::proxy::pool::PoolGate;
 
@@ -102,6 +102,12 @@ impl std::error::Error for AttemptError {}
 /// The pipeline of one upstream.
 pub type UpstreamPipeline = Pipeline<UpstreamResponse, AttemptError>;
 
+/// A stripe's round-robin count, on a cache line (two, for adjacent-line
+/// prefetch) of its own.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Turn(AtomicU64);
+
 /// One endpoint and what the gateway knows of it.
 #[derive(Debug)]
 pub struct EndpointState {
@@ -112,8 +118,10 @@ pub struct EndpointState {
     /// `http://host:port`, for labels and status.
     pub label: String,
     healthy: AtomicBool,
-    /// Requests in flight to it.
-    pub in_flight: AtomicU64,
+    /// Attempts in flight to it, striped: every worker counts each of
+    /// its attempts, and only least-request balancing and the status API
+    /// read the sum.
+    pub in_flight: StripedGauge,
     /// `label` hashed, for consistent hashing.
     hash: u64,
     /// Errors in a row, for outlier detection.
@@ -125,29 +133,57 @@ pub struct EndpointState {
     ejections: AtomicU32,
 }
 
+/// A count that a [`Counted`] takes up and back down.
+pub trait Count {
+    /// One more.
+    fn up(&self);
+    /// One fewer.
+    fn down(&self);
+}
+
+impl Count for AtomicU64 {
+    fn up(&self) {
+        self.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn down(&self) {
+        self.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Count for StripedGauge {
+    fn up(&self) {
+        self.inc();
+    }
+
+    fn down(&self) {
+        self.dec();
+    }
+}
+
 /// One counted in a count until dropped: an attempt in its endpoint's
 /// `in_flight` (until answered, failed, or cancelled by a deadline or a
 /// client gone), a request waiting for a pooled connection.
 #[derive(Debug)]
-pub struct Counted<'a>(&'a AtomicU64);
+pub struct Counted<'a, C: Count = AtomicU64>(&'a C);
 
-impl<'a> Counted<'a> {
+impl<'a, C: Count> Counted<'a, C> {
     /// Counts one more in `count`.
-    pub(crate) fn new(count: &'a AtomicU64) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn new(count: &'a C) -> Self {
+        count.up();
         Counted(count)
     }
 }
 
-impl Drop for Counted<'_> {
+impl<C: Count> Drop for Counted<'_, C> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.down();
     }
 }
 
 impl EndpointState {
     /// Counts an attempt in flight to it until the guard drops.
-    pub fn attempting(&self) -> Counted<'_> {
+    pub fn attempting(&self) -> Counted<'_, StripedGauge> {
         Counted::new(&self.in_flight)
     }
 
@@ -183,7 +219,8 @@ pub struct Upstream {
     pub endpoints: Vec<EndpointState>,
     /// Whether requests may go over HTTP/2 (`http2`, or `auto` over TLS).
     may_be_http2: bool,
-    next: AtomicUsize,
+    /// Each stripe's round-robin turn (see [`Upstream::round_robin`]).
+    turns: Box<[Turn; STRIPES]>,
     /// The policies.
     pub pipeline: UpstreamPipeline,
     /// Requests in flight (until the response body ends).
@@ -256,7 +293,7 @@ impl Upstream {
                 endpoint: e.clone(),
                 to,
                 healthy: AtomicBool::new(true),
-                in_flight: AtomicU64::new(0),
+                in_flight: StripedGauge::default(),
                 errors: AtomicU32::new(0),
                 ejected_until: AtomicU64::new(0),
                 ejections: AtomicU32::new(0),
@@ -268,7 +305,7 @@ impl Upstream {
             config,
             may_be_http2: endpoints.iter().any(|e| e.to.may_be_http2()),
             endpoints,
-            next: AtomicUsize::new(0),
+            turns: Box::new(std::array::from_fn(|i| Turn(AtomicU64::new(i as u64)))),
             pipeline,
             in_flight: StripedGauge::default(),
             rejections: AtomicU32::new(0),
@@ -341,15 +378,22 @@ impl Upstream {
         fresh && self.endpoints[i].is_available(now)
     }
 
+    /// The next endpoint in turn. Each worker takes its turns from a
+    /// count of its own (its stripe's, which starts at the stripe's index,
+    /// so workers start on different endpoints), as each nginx worker
+    /// keeps its own round robin: one count that every worker added to
+    /// moved its cache line between cores on every request.
     fn round_robin(&self, tried: u64, now: &mut Now<'_>) -> Option<(usize, &EndpointState)> {
         let n = self.endpoints.len();
         // A retry does not take a turn: with two endpoints, one failing,
         // turns taken by retries would send every first attempt to the
         // failing one.
+        let stripe = stripe();
+        let turn = &self.turns[stripe.index()].0;
         let start = match tried {
-            0 => self.next.fetch_add(1, Ordering::Relaxed),
-            _ => self.next.load(Ordering::Relaxed),
-        };
+            0 => stripe.fetch_add(turn, 1),
+            _ => turn.load(Ordering::Relaxed),
+        } as usize;
         (0..n)
             .map(|i| (start + i) % n)
             .find(|&i| self.open(i, tried, now))
@@ -364,7 +408,7 @@ impl Upstream {
         }
         let a = rng::below(n) as usize;
         let b = ((a as u64 + 1 + rng::below(n - 1)) % n) as usize;
-        let load = |i: usize| self.endpoints[i].in_flight.load(Ordering::Relaxed);
+        let load = |i: usize| self.endpoints[i].in_flight.get();
         let i = match (self.open(a, tried, now), self.open(b, tried, now)) {
             (true, true) if load(b) < load(a) => b,
             (true, _) => a,
@@ -517,5 +561,58 @@ fn retry_on(result: &Result<UpstreamResponse, Error<AttemptError>>) -> RetryActi
             None => RetryAction::Retry,
         },
         _ => RetryAction::Return,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(endpoints: usize) -> Arc<Upstream> {
+        let list: Vec<String> = (0..endpoints)
+            .map(|i| format!("\"http://127.0.0.1:{}\"", 9000 + i))
+            .collect();
+        let text = format!(
+            "[[upstreams]]\nname = \"u\"\nendpoints = [{}]\n",
+            list.join(", ")
+        );
+        let config = crate::config::parse(&text, "test", []).unwrap();
+        Upstream::new(config.upstreams.into_iter().next().unwrap()).unwrap()
+    }
+
+    fn picks(upstream: &Upstream, n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| upstream.pick(|_| None, 0).unwrap().0)
+            .collect()
+    }
+
+    #[test]
+    fn each_thread_takes_every_endpoint_in_turn() {
+        let upstream = upstream(3);
+        let here = picks(&upstream, 6);
+        assert_eq!(&here[..3], &here[3..], "{here:?}");
+        let mut sorted = here[..3].to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [0, 1, 2]);
+        let there = std::thread::scope(|s| s.spawn(|| picks(&upstream, 3)).join().unwrap());
+        let mut sorted = there.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [0, 1, 2], "{there:?}");
+        // A retry does not take a turn: it goes to the next endpoint
+        // not yet tried.
+        let first = upstream.pick(|_| None, 0).unwrap().0;
+        let retry = upstream.pick(|_| None, 1 << first).unwrap().0;
+        assert_ne!(retry, first);
+        assert_eq!(upstream.pick(|_| None, 0).unwrap().0, (first + 1) % 3);
+    }
+
+    #[test]
+    fn an_attempt_counted_on_one_thread_and_ended_on_another_leaves_none() {
+        let upstream = upstream(1);
+        let endpoint = &upstream.endpoints[0];
+        let attempts: Vec<_> = (0..3).map(|_| endpoint.attempting()).collect();
+        assert_eq!(endpoint.in_flight.get(), 3);
+        std::thread::scope(|s| s.spawn(move || drop(attempts)).join().unwrap());
+        assert_eq!(endpoint.in_flight.get(), 0);
     }
 }

@@ -298,7 +298,7 @@ const LEASE: u64 = 1_000_000;
 /// How long a lease runs under `terms`, 0 when leases do not pay.
 fn lease_span(terms: &GcraTerms) -> u64 {
     let span = LEASE.min(terms.window / (4 * STRIPES as u64));
-    if span < 2 * terms.interval {
+    if terms.interval > span / 2 {
         0
     } else {
         span
@@ -371,7 +371,7 @@ impl GcraCell {
             }
         }
         let span = self.span.load(Ordering::Relaxed);
-        let may_lease = own.is_some() && price > 0 && span >= 2 * price;
+        let may_lease = own.is_some() && price > 0 && price <= span / 2;
         let mut current = self.tat.load(Ordering::Acquire);
         loop {
             // Where the TAT has not moved since the thread's lease, the
