@@ -114,21 +114,14 @@ impl Stripe {
 
     /// Adds `n` to `cell`, one of this stripe's counts.
     pub fn add(self, cell: &AtomicU64, n: u64) {
-        if self.is_own() {
-            // No other thread writes it: readers see the old count or the new.
-            cell.store(
-                cell.load(Ordering::Relaxed).wrapping_add(n),
-                Ordering::Relaxed,
-            );
-        } else {
-            cell.fetch_add(n, Ordering::Relaxed);
-        }
+        self.fetch_add(cell, n);
     }
 
     /// Adds `n` to `cell`, one of this stripe's counts, and returns what
     /// it held before.
     pub fn fetch_add(self, cell: &AtomicU64, n: u64) -> u64 {
         if self.is_own() {
+            // No other thread writes it: readers see the old count or the new.
             let before = cell.load(Ordering::Relaxed);
             cell.store(before.wrapping_add(n), Ordering::Relaxed);
             before

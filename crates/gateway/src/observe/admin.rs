@@ -294,7 +294,7 @@ pub fn services_json(gateway: &Gateway) -> Value {
                     "url": e.label,
                     "healthy": e.is_healthy(),
                     "ejected": u.is_ejected(i),
-                    "in_flight": e.in_flight.get().max(0),
+                    "in_flight": e.in_flight.get(),
                 })
             })
             .collect();

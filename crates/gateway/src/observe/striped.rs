@@ -24,7 +24,7 @@ const MAX_BUCKETS: usize = 24;
 /// One cache line (two, for adjacent-line prefetch) per stripe.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Line(AtomicU64);
+pub(crate) struct Line(pub(crate) AtomicU64);
 
 /// A counter, striped. Clones share it.
 #[derive(Debug, Clone, Default)]

@@ -16,7 +16,7 @@ use tidegate_client::headers::retry_after;
 
 use crate::config::{Endpoint, LoadBalancing, OutlierDetection, UpstreamConfig};
 use crate::observe::stats::Traffic;
-use crate::observe::striped::{stripe, StripedGauge, STRIPES};
+use crate::observe::striped::{stripe, Line, StripedGauge, STRIPES};
 use crate::proxy::client::{Destination, UpstreamResponse};
 use crate::proxy::pool::PoolGate;
 
@@ -101,12 +101,6 @@ impl std::error::Error for AttemptError {}
 
 /// The pipeline of one upstream.
 pub type UpstreamPipeline = Pipeline<UpstreamResponse, AttemptError>;
-
-/// A stripe's round-robin count, on a cache line (two, for adjacent-line
-/// prefetch) of its own.
-#[derive(Debug)]
-#[repr(align(128))]
-struct Turn(AtomicU64);
 
 /// One endpoint and what the gateway knows of it.
 #[derive(Debug)]
@@ -220,7 +214,7 @@ pub struct Upstream {
     /// Whether requests may go over HTTP/2 (`http2`, or `auto` over TLS).
     may_be_http2: bool,
     /// Each stripe's round-robin turn (see [`Upstream::round_robin`]).
-    turns: Box<[Turn; STRIPES]>,
+    turns: Box<[Line; STRIPES]>,
     /// The policies.
     pub pipeline: UpstreamPipeline,
     /// Requests in flight (until the response body ends).
@@ -305,7 +299,7 @@ impl Upstream {
             config,
             may_be_http2: endpoints.iter().any(|e| e.to.may_be_http2()),
             endpoints,
-            turns: Box::new(std::array::from_fn(|i| Turn(AtomicU64::new(i as u64)))),
+            turns: Box::new(std::array::from_fn(|i| Line(AtomicU64::new(i as u64)))),
             pipeline,
             in_flight: StripedGauge::default(),
             rejections: AtomicU32::new(0),
